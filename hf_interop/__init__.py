@@ -1,0 +1,84 @@
+"""hf_interop: make language-model checkpoints work together.
+
+Distillation, adaptation, ensembles and merges on top of Hugging Face Transformers. The public API is listed
+in `__all__`; heavy libraries (torch, transformers, datasets) are imported only when a name is first used, so
+`import hf_interop` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_LAZY_IMPORTS: dict[str, str] = {
+    # loading and data
+    "load_causal_lm": "loading",
+    "load_tokenizer": "loading",
+    "load_default_teacher": "loading",
+    "default_teacher_path": "loading",
+    "dequantize_gguf_model": "loading",
+    "ModelLoadingError": "loading",
+    "load_builtin_corpus": "data",
+    "pack_dataset": "data",
+    "evaluate_perplexity": "evaluation",
+    # distillation
+    "DistillationConfig": "distillation_config",
+    "DistillationTrainer": "distillation_trainer",
+    "cache_teacher_logits": "teacher_cache",
+    "TeacherLogitsCache": "teacher_cache",
+    # fusion
+    "EnsembleConfig": "ensemble",
+    "EnsembleForCausalLM": "ensemble",
+    "EnsembleForSequenceClassification": "ensemble",
+    "fit_ensemble_weights": "ensemble",
+    "merge_checkpoints": "merge",
+    "greedy_soup": "merge",
+    "merge_lora_adapters": "merge",
+    # adaptation
+    "build_lora_config": "adapters",
+    "export_merged_model": "adapters",
+    "init_student_from_teacher": "student_init",
+    # around it
+    "render_model_card": "model_card",
+    "write_model_card": "model_card",
+    "push_output_to_hub": "hub",
+    "write_lineage_manifest": "hub",
+}
+
+_SUBMODULES = {
+    "losses",
+    "callbacks",
+    "metrics",
+    "loading",
+    "data",
+    "evaluation",
+    "ensemble",
+    "merge",
+    "adapters",
+    "student_init",
+    "teacher_cache",
+    "model_card",
+    "hub",
+    "cli",
+    "utils",
+}
+
+__all__ = sorted([*_LAZY_IMPORTS, "losses", "callbacks", "metrics", "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_IMPORTS:
+        module = importlib.import_module(f".{_LAZY_IMPORTS[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'hf_interop' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,141 @@
+"""The embedded default corpus and causal-LM packing.
+
+The builtin corpus is Python's own language reference (`pydoc_data.topics`), present on every CPython: 79
+documents, about 465 KB of English. It needs no download, so demos and tests run anywhere.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict
+    from transformers import PreTrainedTokenizerBase
+
+
+def builtin_documents() -> list[tuple[str, str]]:
+    """`(title, text)` pairs of the builtin corpus, sorted by title."""
+    from pydoc_data.topics import topics
+
+    return sorted((title, text.strip()) for title, text in topics.items() if text.strip())
+
+
+def load_builtin_corpus(validation_fraction: float = 0.1, test_fraction: float = 0.1, seed: int = 0) -> DatasetDict:
+    """Train/validation/test splits of the builtin corpus, deterministic for a given `seed`.
+
+    Whole documents go to one split (no document straddles two), assigned after a seeded shuffle until each
+    held-out split holds at least its fraction of the characters.
+
+    Args:
+        validation_fraction (`float`, *optional*, defaults to 0.1): share of characters for `validation`.
+        test_fraction (`float`, *optional*, defaults to 0.1): share of characters for `test`.
+        seed (`int`, *optional*, defaults to 0): shuffle seed.
+
+    Returns:
+        `datasets.DatasetDict` with splits `train`, `validation`, `test`, columns `title` and `text`.
+    """
+    from datasets import Dataset, DatasetDict
+
+    for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 < value < 0.5:
+            raise ValueError(f"{name} must be in (0, 0.5), got {value}.")
+    documents = builtin_documents()
+    order = list(range(len(documents)))
+    random.Random(seed).shuffle(order)
+    total_chars = sum(len(text) for _, text in documents)
+    splits: dict[str, list[int]] = {"test": [], "validation": [], "train": []}
+    targets = {"test": test_fraction * total_chars, "validation": validation_fraction * total_chars}
+    filled = {"test": 0, "validation": 0}
+    for index in order:
+        for split in ("test", "validation"):
+            if filled[split] < targets[split]:
+                splits[split].append(index)
+                filled[split] += len(documents[index][1])
+                break
+        else:
+            splits["train"].append(index)
+    return DatasetDict(
+        {
+            split: Dataset.from_dict(
+                {
+                    "title": [documents[i][0] for i in sorted(indices)],
+                    "text": [documents[i][1] for i in sorted(indices)],
+                }
+            )
+            for split, indices in (
+                ("train", splits["train"]),
+                ("validation", splits["validation"]),
+                ("test", splits["test"]),
+            )
+        }
+    )
+
+
+def pack_dataset(
+    dataset: Dataset | DatasetDict,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int = 128,
+    text_column: str = "text",
+    add_eos: bool = True,
+    max_blocks: int | None = None,
+    num_proc: int | None = None,
+) -> Any:
+    """Tokenize a text dataset and pack it into fixed-length blocks for causal LM training.
+
+    Documents are concatenated (separated by the EOS token when `add_eos`) and cut into blocks of `block_size`
+    tokens; the last partial block is dropped. Each row has `input_ids`, `attention_mask` and `labels` (a copy
+    of `input_ids`; the model shifts them), so it feeds `Trainer` and the distillation trainers directly.
+
+    Args:
+        dataset (`Dataset` or `DatasetDict`): text data with a `text_column`.
+        tokenizer (`PreTrainedTokenizerBase`): the tokenizer of the model that will train on the blocks.
+        block_size (`int`, *optional*, defaults to 128): tokens per block.
+        text_column (`str`, *optional*, defaults to `"text"`): the column holding the text.
+        add_eos (`bool`, *optional*, defaults to `True`): put the EOS token after every document.
+        max_blocks (`int`, *optional*): keep only the first `max_blocks` blocks (per split).
+        num_proc (`int`, *optional*): worker processes for tokenization.
+    """
+    from datasets import DatasetDict
+
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2 (a causal LM needs an input and a target), got {block_size}.")
+    if isinstance(dataset, DatasetDict):
+        return DatasetDict(
+            {
+                split: pack_dataset(part, tokenizer, block_size, text_column, add_eos, max_blocks, num_proc)
+                for split, part in dataset.items()
+            }
+        )
+    if text_column not in dataset.column_names:
+        raise ValueError(
+            f"text_column {text_column!r} is not a column of the dataset (columns: {dataset.column_names}); "
+            "pass text_column=... ."
+        )
+    eos_id = tokenizer.eos_token_id
+    if add_eos and eos_id is None:
+        raise ValueError("add_eos=True but the tokenizer has no eos_token; set tokenizer.eos_token or add_eos=False.")
+
+    def tokenize_and_pack(batch: dict[str, list]) -> dict[str, list]:
+        encoded = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
+        stream: list[int] = []
+        for ids in encoded:
+            stream.extend(ids)
+            if add_eos:
+                stream.append(eos_id)
+        usable = len(stream) // block_size * block_size
+        blocks = [stream[start : start + block_size] for start in range(0, usable, block_size)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": blocks}
+
+    # One map batch holds the whole split, so packing crosses document boundaries the same way on every run.
+    packed = dataset.map(
+        tokenize_and_pack,
+        batched=True,
+        batch_size=len(dataset) if num_proc is None else max(1, len(dataset) // num_proc),
+        remove_columns=dataset.column_names,
+        num_proc=num_proc,
+        desc=f"Packing into blocks of {block_size}",
+    )
+    if max_blocks is not None:
+        packed = packed.select(range(min(max_blocks, len(packed))))
+    return packed
