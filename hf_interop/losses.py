@@ -1,0 +1,574 @@
+"""Knowledge-distillation losses over next-token distributions.
+
+Every function takes logits (or hidden states) that are ALREADY ALIGNED with `labels`: position `i` predicts
+`labels[..., i]`, the caller does the causal shift. Tokens whose label is `ignore_index` (-100) are left out
+everywhere: they never reach the divergence, the statistics or the normaliser. Teacher inputs never get
+gradients. Computation runs in float32 (bfloat16/float16 inputs are upcast), or in float64 when the student
+input is float64 (used by the reference tests).
+
+Three forms share the same math:
+
+- [`distillation_loss`]: dense, over full `(..., vocab)` logits of both models; the reference.
+- [`chunked_distillation_loss`]: from final hidden states plus each model's output head; valid tokens are
+  processed `chunk_size` at a time, so neither model's full `(batch, seq, vocab)` logits tensor ever exists.
+- [`sparse_distillation_loss`] / [`chunked_sparse_distillation_loss`]: from a cached top-k teacher distribution
+  plus its leftover tail mass (see `hf_interop.teacher_cache`).
+
+Divergences (`loss_type`), with `p_t`/`p_s` the teacher/student distributions at temperature `T`:
+
+- `forward_kl`: KL(p_t || p_s), Hinton et al. KD (https://huggingface.co/papers/1503.02531). Mode covering.
+- `reverse_kl`: KL(p_s || p_t). Mode seeking (MiniLLM, https://huggingface.co/papers/2306.08543).
+- `jsd`: generalized Jensen-Shannon divergence of GKD (https://huggingface.co/papers/2306.13649) with
+  `m = beta * p_t + (1 - beta) * p_s` and `beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)` for `0 < beta < 1`.
+  The endpoints are defined as the divergences the family interpolates: `beta = 0` is exactly forward KL and
+  `beta = 1` exactly reverse KL (the formula itself would collapse to 0 there). `beta = 0.5` is the symmetric JSD.
+- `skew_kl`: KL(p_t || a p_t + (1 - a) p_s) and `skew_reverse_kl`: KL(p_s || (1 - a) p_s + a p_t), DistiLLM
+  (https://huggingface.co/papers/2402.03898), `a = skew_alpha`.
+- `tvd`: total variation distance `0.5 * sum |p_t - p_s|`.
+- `mse`: mean over the vocabulary of `(z_s / T - z_t / T) ** 2` on the logits themselves.
+
+The `T ** 2` factor (Hinton: keeps gradient magnitudes comparable across temperatures) is on by default for
+`forward_kl` only; `scale_by_temperature_squared` switches it for any loss type.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hf_interop.logging_utils import get_logger
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+logger = get_logger(__name__)
+
+LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse")
+SPARSE_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+
+_ALL_IGNORED_WARNING = (
+    "every label in this batch equals ignore_index, so the distillation loss is 0.0 for it; check the labels "
+    "(e.g. a prompt mask that covers whole sequences) if this happens often."
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_loss_arguments(
+    loss_type: str,
+    temperature: float,
+    jsd_beta: float,
+    skew_alpha: float,
+    kd_ratio: float,
+    allowed: tuple[str, ...] = LOSS_TYPES,
+) -> None:
+    if loss_type not in allowed:
+        raise ValueError(f"loss_type={loss_type!r} is not supported here; use one of {list(allowed)}.")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(
+            f"temperature={temperature!r} must be a finite number > 0 (1.0 leaves the logits as they are)."
+        )
+    for name, value in (("jsd_beta", jsd_beta), ("skew_alpha", skew_alpha), ("kd_ratio", kd_ratio)):
+        if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+            raise ValueError(f"{name}={value!r} must be a number in [0, 1].")
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive int (e.g. 1024 tokens per chunk).")
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    return torch.float64 if tensor.dtype == torch.float64 else torch.float32
+
+
+def _flatten_labels(labels: Tensor, leading_shape: torch.Size, argument: str) -> Tensor:
+    if tuple(labels.shape) != tuple(leading_shape):
+        raise ValueError(
+            f"labels has shape {tuple(labels.shape)} but {argument} has leading shape {tuple(leading_shape)}; "
+            "pass labels aligned with the logits (shift them for causal LMs: position i predicts labels[..., i])."
+        )
+    return labels.reshape(-1)
+
+
+def _resolve_vocab(student_vocab: int, teacher_vocab: int, shared_vocab_size: int | None) -> int:
+    if shared_vocab_size is None:
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                f"student vocab size {student_vocab} != teacher vocab size {teacher_vocab}; if both models share a "
+                "tokenizer and only the embedding matrices are padded, pass shared_vocab_size=<tokenizer length> to "
+                "compare the first shared_vocab_size columns; different tokenizers need cross-tokenizer distillation."
+            )
+        return student_vocab
+    if not isinstance(shared_vocab_size, int) or not 1 <= shared_vocab_size <= min(student_vocab, teacher_vocab):
+        raise ValueError(
+            f"shared_vocab_size={shared_vocab_size!r} must be an int in [1, min(student vocab {student_vocab}, "
+            f"teacher vocab {teacher_vocab})]; use the tokenizer length both models share."
+        )
+    return shared_vocab_size
+
+
+def _normalizer(num_items_in_batch: int | Tensor | None, num_valid_tokens: int) -> int | Tensor:
+    if num_items_in_batch is None:
+        return num_valid_tokens
+    if isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(
+                f"num_items_in_batch has shape {tuple(num_items_in_batch.shape)}; pass one count (an int or a "
+                "0-d tensor): the number of valid tokens in the whole global batch."
+            )
+        return num_items_in_batch.reshape(())
+    if not isinstance(num_items_in_batch, int) or num_items_in_batch < 0:
+        raise ValueError(
+            f"num_items_in_batch={num_items_in_batch!r} must be a non-negative int or tensor: the number of valid "
+            "tokens in the whole global batch (what transformers.Trainer passes to compute_loss)."
+        )
+    return num_items_in_batch
+
+
+def _check_labels_in_vocab(valid_labels: Tensor, vocab_size: int) -> None:
+    if valid_labels.numel() and (int(valid_labels.min()) < 0 or int(valid_labels.max()) >= vocab_size):
+        raise ValueError(
+            f"labels hold ids in [{int(valid_labels.min())}, {int(valid_labels.max())}] outside the student vocabulary "
+            f"[0, {vocab_size}); mark positions to skip with ignore_index and check the tokenizer matches the model."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# divergences
+
+
+def _kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """sum_v p (log p - log q) over the last dim, with 0 * log 0 = 0 and no NaN gradients where p = 0."""
+    p = log_p.exp()
+    difference = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    return (p * difference).sum(-1)
+
+
+def _log_mixture(log_p: Tensor, log_q: Tensor, weight_p: float) -> Tensor:
+    """log(weight_p * p + (1 - weight_p) * q), computed in log space so tiny probabilities do not underflow."""
+    if weight_p == 0.0:
+        return log_q
+    if weight_p == 1.0:
+        return log_p
+    return torch.logaddexp(log_p + math.log(weight_p), log_q + math.log1p(-weight_p))
+
+
+def _divergence_from_log_probs(
+    student_log_probs: Tensor, teacher_log_probs: Tensor, loss_type: str, jsd_beta: float, skew_alpha: float
+) -> Tensor:
+    """Per-row divergence between two (normalised) log-distributions over the last dim."""
+    if loss_type == "forward_kl":
+        return _kl_from_log_probs(teacher_log_probs, student_log_probs)
+    if loss_type == "reverse_kl":
+        return _kl_from_log_probs(student_log_probs, teacher_log_probs)
+    if loss_type == "jsd":
+        if jsd_beta == 0.0:
+            return _kl_from_log_probs(teacher_log_probs, student_log_probs)
+        if jsd_beta == 1.0:
+            return _kl_from_log_probs(student_log_probs, teacher_log_probs)
+        log_mixture = _log_mixture(teacher_log_probs, student_log_probs, jsd_beta)
+        return jsd_beta * _kl_from_log_probs(teacher_log_probs, log_mixture) + (1.0 - jsd_beta) * _kl_from_log_probs(
+            student_log_probs, log_mixture
+        )
+    if loss_type == "skew_kl":
+        return _kl_from_log_probs(teacher_log_probs, _log_mixture(teacher_log_probs, student_log_probs, skew_alpha))
+    if loss_type == "skew_reverse_kl":
+        return _kl_from_log_probs(student_log_probs, _log_mixture(teacher_log_probs, student_log_probs, skew_alpha))
+    if loss_type == "tvd":
+        return 0.5 * (teacher_log_probs.exp() - student_log_probs.exp()).abs().sum(-1)
+    raise ValueError(f"loss_type={loss_type!r} is not a divergence between distributions; use one of {LOSS_TYPES}.")
+
+
+def _temperature_factor(loss_type: str, temperature: float, scale_by_temperature_squared: bool | None) -> float:
+    if scale_by_temperature_squared is None:
+        scale_by_temperature_squared = loss_type == "forward_kl"
+    return float(temperature) ** 2 if scale_by_temperature_squared else 1.0
+
+
+def _token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_type: str,
+    temperature: float,
+    jsd_beta: float,
+    skew_alpha: float,
+    scale_by_temperature_squared: bool | None,
+) -> Tensor:
+    dtype = _compute_dtype(student_logits)
+    student = student_logits.to(dtype)
+    teacher = teacher_logits.detach().to(dtype)
+    if temperature != 1.0:
+        student = student / temperature
+        teacher = teacher / temperature
+    if loss_type == "mse":
+        per_token = (student - teacher).pow(2).mean(-1)
+    else:
+        per_token = _divergence_from_log_probs(
+            F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), loss_type, jsd_beta, skew_alpha
+        )
+    factor = _temperature_factor(loss_type, temperature, scale_by_temperature_squared)
+    return per_token * factor if factor != 1.0 else per_token
+
+
+def token_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_type: str = "forward_kl",
+    *,
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    scale_by_temperature_squared: bool | None = None,
+) -> Tensor:
+    """Per-token divergence between student and teacher next-token distributions.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(..., vocab)`):
+            Student logits; gradients flow through them.
+        teacher_logits (`torch.Tensor` of shape `(..., vocab)`):
+            Teacher logits; detached.
+        loss_type (`str`, *optional*, defaults to `"forward_kl"`):
+            One of `LOSS_TYPES` (see the module docstring for each definition).
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Divides both models' logits before the softmax.
+        jsd_beta (`float`, *optional*, defaults to `0.5`):
+            Teacher weight in the JSD mixture; `0` is exactly forward KL, `1` exactly reverse KL.
+        skew_alpha (`float`, *optional*, defaults to `0.1`):
+            Teacher weight in the skewed mixture of `skew_kl` / `skew_reverse_kl`.
+        scale_by_temperature_squared (`bool`, *optional*):
+            Multiply by `temperature ** 2`. Defaults to `True` for `forward_kl` and `False` otherwise.
+
+    Returns:
+        `torch.Tensor` of shape `(...)`: the divergence of each token, in float32 (float64 for float64 input).
+    """
+    _check_loss_arguments(loss_type, temperature, jsd_beta, skew_alpha, 0.0)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits shape {tuple(student_logits.shape)} != teacher_logits shape "
+            f"{tuple(teacher_logits.shape)}; slice both to the shared vocabulary first."
+        )
+    return _token_divergence(
+        student_logits, teacher_logits, loss_type, temperature, jsd_beta, skew_alpha, scale_by_temperature_squared
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# outputs and statistics
+
+
+@dataclass
+class DistillationLossOutput:
+    """What every distillation loss returns.
+
+    Attributes:
+        loss (`torch.Tensor`):
+            `kd_ratio * kd_loss + (1 - kd_ratio) * ce_loss` (0-d); what the trainer backpropagates.
+        kd_loss (`torch.Tensor`):
+            Sum of the per-token divergence over valid tokens divided by the normaliser. In the chunked forms it is
+            detached (only `loss` carries gradients there).
+        ce_loss (`torch.Tensor` or `None`):
+            Cross-entropy of the student on `labels` with the same normaliser; `None` when not computed. Detached in
+            the chunked forms.
+        num_valid_tokens (`int`):
+            Number of tokens whose label is not `ignore_index` (local to this call).
+        top1_agreement (`float`):
+            Fraction of valid tokens where the student's and the teacher's argmax agree.
+        teacher_entropy (`float`):
+            Mean entropy (nats, temperature 1) of the teacher over valid tokens. For the sparse forms: the entropy
+            of the k+1 bucket distribution at the cache temperature (a lower bound of the full entropy).
+        student_entropy (`float`):
+            Mean entropy (nats, temperature 1) of the student over valid tokens.
+    """
+
+    loss: Tensor
+    kd_loss: Tensor
+    ce_loss: Tensor | None
+    num_valid_tokens: int
+    top1_agreement: float
+    teacher_entropy: float
+    student_entropy: float
+
+
+def _entropy_from_logits(logits: Tensor) -> Tensor:
+    log_probs = F.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+class _Statistics:
+    """Detached running sums of the logged statistics (one host sync at the end)."""
+
+    def __init__(self) -> None:
+        self.top1_matches: Tensor | float = 0.0
+        self.teacher_entropy: Tensor | float = 0.0
+        self.student_entropy: Tensor | float = 0.0
+
+    @torch.no_grad()
+    def add(self, student_logits: Tensor, teacher_argmax: Tensor, teacher_entropy: Tensor) -> None:
+        student = student_logits.detach().to(_compute_dtype(student_logits))
+        self.top1_matches = self.top1_matches + (student.argmax(-1) == teacher_argmax).sum()
+        self.teacher_entropy = self.teacher_entropy + teacher_entropy.sum()
+        self.student_entropy = self.student_entropy + _entropy_from_logits(student).sum()
+
+    def means(self, count: int) -> tuple[float, float, float]:
+        if count == 0:
+            return 0.0, 0.0, 0.0
+        return (
+            float(self.top1_matches) / count,
+            float(self.teacher_entropy) / count,
+            float(self.student_entropy) / count,
+        )
+
+
+def _zero_loss(connected_to: Tensor) -> Tensor:
+    # a 0-d zero that is part of the graph (backward works, gradients are exactly 0, never NaN)
+    return connected_to.reshape(-1)[:0].sum().to(_compute_dtype(connected_to))
+
+
+def _finish(
+    kd_sum: Tensor,
+    ce_sum: Tensor | None,
+    total_sum: Tensor,
+    normalizer: int | Tensor,
+    num_valid_tokens: int,
+    statistics: _Statistics,
+) -> DistillationLossOutput:
+    if isinstance(normalizer, torch.Tensor):
+        normalizer = normalizer.to(device=total_sum.device, dtype=total_sum.dtype)
+    elif normalizer == 0:
+        normalizer = 1  # sums are 0 here: no valid token
+    top1, teacher_entropy, student_entropy = statistics.means(num_valid_tokens)
+    return DistillationLossOutput(
+        loss=total_sum / normalizer,
+        kd_loss=kd_sum / normalizer,
+        ce_loss=None if ce_sum is None else ce_sum / normalizer,
+        num_valid_tokens=num_valid_tokens,
+        top1_agreement=top1,
+        teacher_entropy=teacher_entropy,
+        student_entropy=student_entropy,
+    )
+
+
+def _check_finite_teacher(teacher_logits: Tensor, argument: str = "teacher_logits") -> None:
+    finite = torch.isfinite(teacher_logits)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"{argument} hold {bad} non-finite values (NaN or inf) on valid tokens; the teacher's forward pass "
+            "overflowed or its weights are broken (try teacher_dtype='float32' or 'bfloat16' instead of 'float16')."
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# dense form
+
+
+def distillation_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor,
+    *,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    scale_by_temperature_squared: bool | None = None,
+    kd_ratio: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | Tensor | None = None,
+    shared_vocab_size: int | None = None,
+    compute_ce_loss: bool = True,
+) -> DistillationLossOutput:
+    """Distillation loss over full logits of student and teacher (the dense reference form).
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, seq, vocab_s)` or `(tokens, vocab_s)`):
+            Student logits aligned with `labels`.
+        teacher_logits (`torch.Tensor` of shape `(batch, seq, vocab_t)` or `(tokens, vocab_t)`):
+            Teacher logits aligned with `labels`; never receive gradients.
+        labels (`torch.LongTensor` of shape `(batch, seq)` or `(tokens,)`):
+            Target ids; positions equal to `ignore_index` are excluded.
+        loss_type (`str`, *optional*, defaults to `"forward_kl"`):
+            One of `LOSS_TYPES`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            KD temperature, applied to both models (not to the cross-entropy term).
+        jsd_beta (`float`, *optional*, defaults to `0.5`):
+            Teacher weight in the JSD mixture (`0` = forward KL, `1` = reverse KL, exactly).
+        skew_alpha (`float`, *optional*, defaults to `0.1`):
+            Skew of `skew_kl` / `skew_reverse_kl`.
+        scale_by_temperature_squared (`bool`, *optional*):
+            Multiply the divergence by `temperature ** 2`; defaults to `True` for `forward_kl` only.
+        kd_ratio (`float`, *optional*, defaults to `1.0`):
+            Weight of the KD term; `1 - kd_ratio` weighs the cross-entropy on `labels`.
+        ignore_index (`int`, *optional*, defaults to `-100`):
+            Label value of positions to skip.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+            Normaliser: the number of valid tokens in the whole global batch (across gradient-accumulation steps
+            and processes), so the result does not depend on how the batch is split. Defaults to the local number
+            of valid tokens.
+        shared_vocab_size (`int`, *optional*):
+            Compare only the first `shared_vocab_size` columns (same tokenizer, padded embedding matrices). Required
+            when the two vocab sizes differ.
+        compute_ce_loss (`bool`, *optional*, defaults to `True`):
+            Compute the student's cross-entropy (over its full vocabulary). Needed when `kd_ratio < 1`.
+
+    Returns:
+        [`DistillationLossOutput`]. When every label is `ignore_index`, the losses are a differentiable 0.0 and a
+        warning is logged.
+
+    Raises:
+        `ValueError`: bad arguments or shapes, or non-finite teacher logits on valid tokens.
+    """
+    _check_loss_arguments(loss_type, temperature, jsd_beta, skew_alpha, kd_ratio)
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+        raise ValueError(
+            f"student_logits shape {tuple(student_logits.shape)} and teacher_logits shape "
+            f"{tuple(teacher_logits.shape)} differ before the vocab dim; both must be aligned with labels."
+        )
+    if not compute_ce_loss and kd_ratio < 1.0:
+        raise ValueError(f"kd_ratio={kd_ratio} < 1 weighs in the cross-entropy; pass compute_ce_loss=True.")
+    student_vocab, teacher_vocab = student_logits.shape[-1], teacher_logits.shape[-1]
+    vocab = _resolve_vocab(student_vocab, teacher_vocab, shared_vocab_size)
+    flat_labels = _flatten_labels(labels, student_logits.shape[:-1], "student_logits")
+    valid = (flat_labels != ignore_index).nonzero().squeeze(-1)
+    num_valid = int(valid.numel())
+    normalizer = _normalizer(num_items_in_batch, num_valid)
+    statistics = _Statistics()
+
+    if num_valid == 0:
+        logger.warning_once(_ALL_IGNORED_WARNING)
+        zero = _zero_loss(student_logits)
+        return _finish(zero, zero if compute_ce_loss else None, zero, normalizer, 0, statistics)
+
+    student = student_logits.reshape(-1, student_vocab).index_select(0, valid)
+    teacher = teacher_logits.detach().reshape(-1, teacher_vocab).index_select(0, valid)
+    valid_labels = flat_labels.index_select(0, valid)
+    _check_finite_teacher(teacher)
+    if compute_ce_loss:
+        _check_labels_in_vocab(valid_labels, student_vocab)
+
+    kd_tokens = _token_divergence(
+        student[:, :vocab],
+        teacher[:, :vocab],
+        loss_type,
+        temperature,
+        jsd_beta,
+        skew_alpha,
+        scale_by_temperature_squared,
+    )
+    kd_sum = kd_tokens.sum()
+    ce_sum = None
+    if compute_ce_loss:
+        ce_sum = F.cross_entropy(student.to(_compute_dtype(student)), valid_labels, reduction="sum")
+    total_sum = kd_sum if kd_ratio == 1.0 else kd_ratio * kd_sum + (1.0 - kd_ratio) * ce_sum
+    with torch.no_grad():
+        teacher_compared = teacher[:, :vocab].to(_compute_dtype(student))
+        statistics.add(student[:, :vocab], teacher_compared.argmax(-1), _entropy_from_logits(teacher_compared))
+    return _finish(kd_sum, ce_sum, total_sum, normalizer, num_valid, statistics)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# output heads
+
+
+class OutputHead(nn.Module):
+    """hidden `(..., hidden)` -> logits `(..., vocab)` of a causal LM: its output embeddings plus post-processing.
+
+    Holds a reference to the model's own output-embedding module (so gradients reach `lm_head`, or the input
+    embeddings when they are tied), then applies the family's logit post-processing in the order the model does:
+    a multiplier (`logit_scale` of Cohere, `output_multiplier`, `logits_scaling` of HyperCLOVA X), a divisor
+    (`logits_scaling` of Granite), then final-logit softcapping `cap * tanh(logits / cap)` (Gemma 2/3).
+    """
+
+    def __init__(
+        self,
+        output_embeddings: nn.Module,
+        multiplier: float | None = None,
+        divisor: float | None = None,
+        softcap: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.output_embeddings = output_embeddings
+        self.multiplier = multiplier
+        self.divisor = divisor
+        self.softcap = softcap
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        logits = self.output_embeddings(hidden_states)
+        if self.multiplier is not None and self.multiplier != 1.0:
+            logits = logits * self.multiplier
+        if self.divisor is not None and self.divisor != 1.0:
+            logits = logits / self.divisor
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"multiplier={self.multiplier}, divisor={self.divisor}, softcap={self.softcap}"
+
+
+def output_logits_fn(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The function that turns final hidden states of `model` into its logits, as its forward does.
+
+    Args:
+        model (`transformers.PreTrainedModel` or `peft.PeftModel`):
+            A causal LM; a `PeftModel` is unwrapped (adapters on `lm_head` stay active).
+
+    Returns:
+        [`OutputHead`]: an `nn.Module` mapping `(..., hidden)` to `(..., vocab)`. Its parameters are the model's
+        own (not copies), so gradients flow into `lm_head` or the tied input embeddings.
+
+    Raises:
+        `ValueError`: the model has no output embeddings (e.g. an ensemble: pass its logits instead).
+    """
+    base = model
+    if hasattr(base, "get_base_model") and callable(base.get_base_model):
+        base = base.get_base_model()
+    output_embeddings = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if output_embeddings is None:
+        raise ValueError(
+            f"{type(model).__name__} has no output embeddings (get_output_embeddings() is None); pass its "
+            "logits as teacher_logits instead of teacher_hidden + teacher_head."
+        )
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    model_type = str(getattr(text_config, "model_type", "") or getattr(config, "model_type", ""))
+    multiplier = 1.0
+    divisor = None
+    logit_scale = getattr(base, "logit_scale", None)  # Cohere keeps it on the model
+    if isinstance(logit_scale, (int, float)):
+        multiplier *= float(logit_scale)
+    output_multiplier = getattr(text_config, "output_multiplier", None)
+    if isinstance(output_multiplier, (int, float)):
+        multiplier *= float(output_multiplier)
+    logits_scaling = getattr(text_config, "logits_scaling", None)
+    if isinstance(logits_scaling, (int, float)):
+        if model_type.startswith("hyperclovax"):
+            multiplier *= float(logits_scaling)
+        else:  # Granite family divides
+            divisor = float(logits_scaling)
+    softcap = getattr(text_config, "final_logit_softcapping", None)
+    return OutputHead(
+        output_embeddings,
+        multiplier=multiplier if multiplier != 1.0 else None,
+        divisor=divisor,
+        softcap=float(softcap) if softcap else None,
+    )
+
+
+def _head_parameters(head: Callable[[Tensor], Tensor]) -> list[nn.Parameter]:
+    if not isinstance(head, nn.Module):
+        return []
+    unique: dict[int, nn.Parameter] = {}
+    for parameter in head.parameters():
+        if parameter.requires_grad:
+            unique.setdefault(id(parameter), parameter)
+    return list(unique.values())

@@ -1,0 +1,412 @@
+"""Distillation losses: every divergence against a naive float64 reference, properties, masking, normalisation,
+the chunked and sparse forms against the dense one, output heads of real model classes, bad inputs."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from hf_interop import logging_utils, losses
+from hf_interop.losses import (
+    LOSS_TYPES,
+    DistillationLossOutput,
+    distillation_loss,
+    token_divergence,
+)
+
+N_TOKENS, VOCAB, HIDDEN = 37, 101, 16
+DIVERGENCE_TYPES = tuple(t for t in LOSS_TYPES if t != "mse")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# naive float64 reference: explicit probabilities, one formula per loss type, loops over tokens
+
+
+def reference_token_divergence(student, teacher, loss_type, temperature=1.0, jsd_beta=0.5, skew_alpha=0.1, scale=None):
+    s = student.double() / temperature
+    t = teacher.double() / temperature
+    p_s = torch.softmax(s, -1)
+    p_t = torch.softmax(t, -1)
+
+    def kl(p, q):
+        return (p * (torch.log(p) - torch.log(q))).sum(-1)
+
+    if loss_type == "forward_kl" or (loss_type == "jsd" and jsd_beta == 0):
+        value = kl(p_t, p_s)
+    elif loss_type == "reverse_kl" or (loss_type == "jsd" and jsd_beta == 1):
+        value = kl(p_s, p_t)
+    elif loss_type == "jsd":
+        m = jsd_beta * p_t + (1 - jsd_beta) * p_s
+        value = jsd_beta * kl(p_t, m) + (1 - jsd_beta) * kl(p_s, m)
+    elif loss_type == "skew_kl":
+        value = kl(p_t, skew_alpha * p_t + (1 - skew_alpha) * p_s)
+    elif loss_type == "skew_reverse_kl":
+        value = kl(p_s, (1 - skew_alpha) * p_s + skew_alpha * p_t)
+    elif loss_type == "tvd":
+        value = 0.5 * (p_t - p_s).abs().sum(-1)
+    elif loss_type == "mse":
+        value = ((s - t) ** 2).mean(-1)
+    else:
+        raise AssertionError(loss_type)
+    if scale is None:
+        scale = loss_type == "forward_kl"
+    return value * (temperature**2 if scale else 1.0)
+
+
+def reference_loss(student, teacher, labels, loss_type, kd_ratio=1.0, normalizer=None, vocab=None, **kwargs):
+    """Loop over tokens; returns (loss, kd_loss, ce_loss) in float64."""
+    student = student.reshape(-1, student.shape[-1])
+    teacher = teacher.reshape(-1, teacher.shape[-1])
+    labels = labels.reshape(-1)
+    vocab = vocab or student.shape[-1]
+    kd_sum = student.new_zeros((), dtype=torch.float64)
+    ce_sum = student.new_zeros((), dtype=torch.float64)
+    count = 0
+    for i in range(labels.numel()):
+        if labels[i] == -100:
+            continue
+        count += 1
+        kd_sum = kd_sum + reference_token_divergence(student[i, :vocab], teacher[i, :vocab], loss_type, **kwargs)
+        ce_sum = ce_sum - torch.log(torch.softmax(student[i].double(), -1)[labels[i]])
+    normalizer = normalizer if normalizer is not None else count
+    kd, ce = kd_sum / normalizer, ce_sum / normalizer
+    return kd_ratio * kd + (1 - kd_ratio) * ce, kd, ce
+
+
+def make_inputs(seed=0, n=N_TOKENS, vocab=VOCAB, teacher_vocab=None, dtype=torch.float64, scale=3.0, ignore=0.25):
+    generator = torch.Generator().manual_seed(seed)
+    student = (torch.randn(n, vocab, generator=generator, dtype=dtype) * scale).requires_grad_()
+    teacher = torch.randn(n, teacher_vocab or vocab, generator=generator, dtype=dtype) * scale
+    labels = torch.randint(0, vocab, (n,), generator=generator)
+    labels[torch.rand(n, generator=generator) < ignore] = -100
+    return student, teacher, labels
+
+
+def assert_close64(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-10)
+
+
+LOSS_CASES = [
+    ("forward_kl", {}),
+    ("forward_kl", {"temperature": 2.0}),
+    ("reverse_kl", {"temperature": 0.7}),
+    ("jsd", {}),
+    ("jsd", {"jsd_beta": 0.2, "temperature": 1.5}),
+    ("jsd", {"jsd_beta": 0.0}),
+    ("jsd", {"jsd_beta": 1.0}),
+    ("skew_kl", {"skew_alpha": 0.1}),
+    ("skew_kl", {"skew_alpha": 0.5, "temperature": 2.0}),
+    ("skew_reverse_kl", {"skew_alpha": 0.3}),
+    ("tvd", {}),
+    ("tvd", {"temperature": 2.0}),
+    ("mse", {}),
+    ("mse", {"temperature": 2.0, "scale_by_temperature_squared": True}),
+]
+
+
+def _case_id(case):
+    loss_type, kwargs = case
+    return loss_type + "".join(f"-{k}={v}" for k, v in kwargs.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dense form against the reference
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=_case_id)
+def test_token_divergence_matches_reference_values_and_gradients(case):
+    loss_type, kwargs = case
+    student, teacher, _ = make_inputs()
+    scale = kwargs.pop("scale_by_temperature_squared", None)
+    ours = token_divergence(student, teacher, loss_type, scale_by_temperature_squared=scale, **kwargs)
+    expected = reference_token_divergence(student, teacher, loss_type, scale=scale, **kwargs)
+    assert ours.dtype == torch.float64 and ours.shape == (N_TOKENS,)
+    assert_close64(ours, expected)
+    weights = torch.rand(N_TOKENS, dtype=torch.float64)
+    (grad,) = torch.autograd.grad((ours * weights).sum(), student)
+    (expected_grad,) = torch.autograd.grad((expected * weights).sum(), student)
+    assert_close64(grad, expected_grad)
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=_case_id)
+def test_distillation_loss_matches_reference_with_ce_masking_and_normalizer(case):
+    loss_type, kwargs = case
+    student, teacher, labels = make_inputs(seed=1)
+    scale = kwargs.pop("scale_by_temperature_squared", None)
+    out = distillation_loss(
+        student.view(1, N_TOKENS, VOCAB),
+        teacher.view(1, N_TOKENS, VOCAB),
+        labels.view(1, N_TOKENS),
+        loss_type=loss_type,
+        kd_ratio=0.7,
+        num_items_in_batch=50,
+        scale_by_temperature_squared=scale,
+        **kwargs,
+    )
+    loss, kd, ce = reference_loss(
+        student, teacher, labels, loss_type, kd_ratio=0.7, normalizer=50, scale=scale, **kwargs
+    )
+    assert isinstance(out, DistillationLossOutput)
+    assert out.num_valid_tokens == int((labels != -100).sum())
+    assert_close64(out.loss, loss)
+    assert_close64(out.kd_loss, kd)
+    assert_close64(out.ce_loss, ce)
+    (grad,) = torch.autograd.grad(out.loss, student)
+    (expected_grad,) = torch.autograd.grad(loss, student)
+    assert_close64(grad, expected_grad)
+    assert torch.all(grad[labels == -100] == 0)
+
+
+def test_float32_and_bfloat16_inputs_are_computed_in_float32():
+    student, teacher, labels = make_inputs(seed=2)
+    expected = reference_loss(student, teacher, labels, "forward_kl")[0]
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 3e-2)):
+        out = distillation_loss(student.detach().to(dtype), teacher.to(dtype), labels)
+        assert out.loss.dtype == torch.float32
+        assert abs(out.loss.item() - expected.item()) <= tolerance * expected.item()
+
+
+def test_statistics_match_reference():
+    student, teacher, labels = make_inputs(seed=3)
+    out = distillation_loss(student, teacher, labels)
+    valid = labels != -100
+    s, t = student.detach()[valid], teacher[valid]
+    assert out.top1_agreement == pytest.approx((s.argmax(-1) == t.argmax(-1)).double().mean().item())
+    entropy = lambda x: -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1).mean().item()  # noqa: E731
+    assert out.teacher_entropy == pytest.approx(entropy(t), rel=1e-9)
+    assert out.student_entropy == pytest.approx(entropy(s), rel=1e-9)
+    identical = distillation_loss(teacher.clone().requires_grad_(), teacher, labels)
+    assert identical.top1_agreement == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# properties
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_zero_loss_and_zero_gradient_for_identical_inputs(loss_type):
+    _, teacher, labels = make_inputs(seed=4)
+    student = teacher.clone().requires_grad_()
+    out = distillation_loss(student, teacher, labels, loss_type=loss_type, temperature=1.7, compute_ce_loss=False)
+    assert abs(out.loss.item()) < 1e-12
+    (grad,) = torch.autograd.grad(out.loss, student)
+    assert grad.abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_divergences_are_non_negative_even_for_peaked_distributions(loss_type):
+    student, teacher, _ = make_inputs(seed=5, scale=30.0)
+    values = token_divergence(student, teacher, loss_type, temperature=0.5)
+    assert torch.isfinite(values).all()
+    assert values.min().item() >= -1e-12
+    assert values.max().item() > 0.1  # different inputs: clearly positive
+
+
+def test_jsd_is_symmetric_at_half_and_not_elsewhere():
+    student, teacher, _ = make_inputs(seed=6)
+    student = student.detach()
+    forward = token_divergence(student, teacher, "jsd", jsd_beta=0.5)
+    swapped = token_divergence(teacher, student, "jsd", jsd_beta=0.5)
+    torch.testing.assert_close(forward, swapped, rtol=1e-12, atol=1e-14)
+    asymmetric = token_divergence(student, teacher, "jsd", jsd_beta=0.2)
+    asymmetric_swapped = token_divergence(teacher, student, "jsd", jsd_beta=0.2)
+    assert (asymmetric - asymmetric_swapped).abs().max() > 1e-4
+    # the generalized JSD is bounded by log 2 at beta = 0.5 (with T^2 off)
+    assert forward.max().item() <= math.log(2) + 1e-12
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_endpoints_equal_forward_and_reverse_kl_exactly(temperature):
+    student, teacher, _ = make_inputs(seed=7)
+    kwargs = {"temperature": temperature, "scale_by_temperature_squared": False}
+    assert torch.equal(
+        token_divergence(student, teacher, "jsd", jsd_beta=0.0, **kwargs),
+        token_divergence(student, teacher, "forward_kl", **kwargs),
+    )
+    assert torch.equal(
+        token_divergence(student, teacher, "jsd", jsd_beta=1.0, **kwargs),
+        token_divergence(student, teacher, "reverse_kl", **kwargs),
+    )
+    # not a collapsing limit: the endpoint values are far from 0
+    assert token_divergence(student, teacher, "jsd", jsd_beta=0.0, **kwargs).min() > 1e-3
+
+
+def test_skew_kl_endpoints():
+    student, teacher, _ = make_inputs(seed=8)
+    torch.testing.assert_close(
+        token_divergence(student, teacher, "skew_kl", skew_alpha=0.0), token_divergence(student, teacher, "forward_kl")
+    )
+    torch.testing.assert_close(
+        token_divergence(student, teacher, "skew_reverse_kl", skew_alpha=1.0),
+        token_divergence(student, teacher, "reverse_kl"),
+    )
+    assert token_divergence(student, teacher, "skew_kl", skew_alpha=1.0).abs().max() == 0
+    assert token_divergence(student, teacher, "skew_reverse_kl", skew_alpha=0.0).abs().max() == 0
+
+
+def test_temperature_squared_switch():
+    student, teacher, _ = make_inputs(seed=9)
+    plain = token_divergence(student, teacher, "forward_kl", temperature=2.0, scale_by_temperature_squared=False)
+    default = token_divergence(student, teacher, "forward_kl", temperature=2.0)
+    torch.testing.assert_close(default, 4.0 * plain, rtol=1e-12, atol=0)
+    reverse_default = token_divergence(student, teacher, "reverse_kl", temperature=2.0)
+    reverse_plain = token_divergence(
+        student, teacher, "reverse_kl", temperature=2.0, scale_by_temperature_squared=False
+    )
+    reverse_scaled = token_divergence(
+        student, teacher, "reverse_kl", temperature=2.0, scale_by_temperature_squared=True
+    )
+    assert torch.equal(reverse_default, reverse_plain)
+    torch.testing.assert_close(reverse_scaled, 4.0 * reverse_plain, rtol=1e-12, atol=0)
+    # temperature divides BOTH models' logits
+    torch.testing.assert_close(plain, token_divergence(student / 2, teacher / 2, "forward_kl"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# masking and normalisation
+
+
+def test_ignored_positions_do_not_matter_even_if_teacher_is_nan_there():
+    student, teacher, labels = make_inputs(seed=10, ignore=0.4)
+    reference = distillation_loss(student, teacher, labels, kd_ratio=0.5)
+    changed_student = student.detach().clone()
+    changed_teacher = teacher.clone()
+    ignored = labels == -100
+    changed_student[ignored] = torch.randn_like(changed_student[ignored]) * 10
+    changed_teacher[ignored] = float("nan")
+    changed_student.requires_grad_()
+    changed = distillation_loss(changed_student, changed_teacher, labels, kd_ratio=0.5)
+    assert torch.equal(changed.loss, reference.loss)
+    (grad,) = torch.autograd.grad(changed.loss, changed_student)
+    assert torch.all(grad[ignored] == 0)
+
+
+def test_gradient_accumulation_and_process_split_give_the_same_loss_and_gradient():
+    generator = torch.Generator().manual_seed(11)
+    student = torch.randn(8, 9, VOCAB, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(8, 9, VOCAB, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, VOCAB, (8, 9), generator=generator)
+    labels[torch.rand(8, 9, generator=generator) < 0.3] = -100  # uneven valid counts per micro-batch
+    labels[3] = -100  # one whole sequence padded
+    total_valid = int((labels != -100).sum())
+    full = distillation_loss(student, teacher, labels, kd_ratio=0.6)
+    (full_grad,) = torch.autograd.grad(full.loss, student)
+    accumulated = 0.0
+    for i in range(0, 8, 2):
+        part = distillation_loss(
+            student[i : i + 2], teacher[i : i + 2], labels[i : i + 2], kd_ratio=0.6,
+            num_items_in_batch=torch.tensor(total_valid),
+        )  # fmt: skip
+        accumulated = accumulated + part.loss
+    (accumulated_grad,) = torch.autograd.grad(accumulated, student)
+    assert_close64(accumulated, full.loss)
+    assert_close64(accumulated_grad, full_grad)
+
+
+def test_all_labels_ignored_gives_differentiable_zero_and_a_warning(caplog):
+    student, teacher, labels = make_inputs(seed=12)
+    labels[:] = -100
+    logging_utils._warned.discard(losses._ALL_IGNORED_WARNING)
+    with caplog.at_level(logging.WARNING, logger="hf_interop.losses"):
+        out = distillation_loss(student, teacher, labels, kd_ratio=0.5)
+    assert "ignore_index" in caplog.text
+    assert out.loss.item() == 0.0 and out.kd_loss.item() == 0.0 and out.ce_loss.item() == 0.0
+    assert out.num_valid_tokens == 0 and out.top1_agreement == 0.0
+    (grad,) = torch.autograd.grad(out.loss, student)
+    assert torch.all(grad == 0)
+    with_global = distillation_loss(student, teacher, labels, num_items_in_batch=10)
+    assert with_global.loss.item() == 0.0 and not torch.isnan(with_global.loss)
+
+
+def test_custom_ignore_index():
+    student, teacher, labels = make_inputs(seed=13)
+    relabelled = labels.clone()
+    relabelled[labels == -100] = -1
+    torch.testing.assert_close(
+        distillation_loss(student, teacher, relabelled, ignore_index=-1, kd_ratio=0.5).loss,
+        distillation_loss(student, teacher, labels, kd_ratio=0.5).loss,
+    )
+
+
+def test_shared_vocab_size_compares_the_first_columns_and_ce_uses_the_full_student_vocab():
+    student, teacher, labels = make_inputs(seed=14, vocab=VOCAB, teacher_vocab=VOCAB + 27)
+    out = distillation_loss(student, teacher, labels, shared_vocab_size=96, kd_ratio=0.5, loss_type="jsd")
+    loss, _, _ = reference_loss(student, teacher, labels, "jsd", kd_ratio=0.5, vocab=96)
+    assert_close64(out.loss, loss)
+    (grad,) = torch.autograd.grad(out.loss, student)
+    (expected_grad,) = torch.autograd.grad(loss, student)
+    assert_close64(grad, expected_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad inputs
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"loss_type": "kl"}, "loss_type='kl'"),
+        ({"temperature": 0.0}, "temperature=0.0"),
+        ({"temperature": -1.0}, "temperature=-1.0"),
+        ({"temperature": float("nan")}, "temperature=nan"),
+        ({"jsd_beta": 1.5}, "jsd_beta=1.5"),
+        ({"skew_alpha": -0.1}, "skew_alpha=-0.1"),
+        ({"kd_ratio": 2.0}, "kd_ratio=2.0"),
+        ({"kd_ratio": 0.5, "compute_ce_loss": False}, "compute_ce_loss=True"),
+        ({"num_items_in_batch": -3}, "num_items_in_batch=-3"),
+        ({"shared_vocab_size": VOCAB + 1}, f"shared_vocab_size={VOCAB + 1}"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(kwargs, match):
+    student, teacher, labels = make_inputs(seed=15)
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace("[", r"\[")):
+        distillation_loss(student, teacher, labels, **kwargs)
+
+
+def test_bad_shapes_and_vocab_mismatch_raise_clear_errors():
+    student, teacher, labels = make_inputs(seed=16, teacher_vocab=VOCAB + 3)
+    with pytest.raises(
+        ValueError, match=rf"student vocab size {VOCAB} != teacher vocab size {VOCAB + 3}.*shared_vocab"
+    ):
+        distillation_loss(student, teacher, labels)
+    student, teacher, labels = make_inputs(seed=16)
+    with pytest.raises(ValueError, match="labels has shape"):
+        distillation_loss(student, teacher, labels[:-1])
+    with pytest.raises(ValueError, match="differ before the vocab dim"):
+        distillation_loss(student, teacher[:-1], labels)
+    bad_labels = labels.clone()
+    bad_labels[0] = VOCAB + 5
+    with pytest.raises(ValueError, match="outside the student vocabulary"):
+        distillation_loss(student, teacher, bad_labels)
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_teacher_logits_on_valid_tokens_raise(bad_value):
+    student, teacher, labels = make_inputs(seed=17)
+    teacher = teacher.clone()
+    teacher[int((labels != -100).nonzero()[0]), 3] = bad_value
+    with pytest.raises(ValueError, match="teacher_logits hold 1 non-finite"):
+        distillation_loss(student, teacher, labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output heads
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_output_logits_fn_reproduces_model_logits_and_reaches_the_head_weight(family):
+    from helpers import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(family, vocab_size=96)
+    input_ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(0))
+    outputs = model(input_ids, output_hidden_states=True)
+    head = losses.output_logits_fn(model)
+    torch.testing.assert_close(head(outputs.hidden_states[-1]), outputs.logits, rtol=1e-5, atol=1e-5)
+    head(outputs.hidden_states[-1].detach()).sum().backward()
+    weight = model.get_output_embeddings().weight
+    assert weight.grad is not None and weight.grad.abs().sum() > 0
+    if model.config.tie_word_embeddings:
+        assert model.get_input_embeddings().weight.grad is weight.grad
