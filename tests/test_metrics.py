@@ -86,7 +86,7 @@ def _kl_reference(p_logits, q_logits, temperature=1.0):
     p_logits = torch.tensor(p_logits, dtype=torch.float64) / temperature
     q_logits = torch.tensor(q_logits, dtype=torch.float64) / temperature
     total = 0.0
-    for p_row, q_row in zip(p_logits, q_logits):
+    for p_row, q_row in zip(p_logits, q_logits, strict=True):
         p = torch.exp(p_row) / torch.exp(p_row).sum()
         q = torch.exp(q_row) / torch.exp(q_row).sum()
         total += float((p * torch.log(p / q)).sum())

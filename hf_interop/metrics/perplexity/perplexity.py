@@ -118,7 +118,7 @@ class Perplexity(evaluate.Metric):
                 tokens_per_text.extend((targets != -100).sum(dim=1).cpu().tolist())
         if was_training:
             model.train()
-        perplexities = [math.exp(nll / count) for nll, count in zip(nll_per_text, tokens_per_text)]
+        perplexities = [math.exp(nll / count) for nll, count in zip(nll_per_text, tokens_per_text, strict=True)]
         total_tokens = int(sum(tokens_per_text))
         return {
             "perplexities": perplexities,
