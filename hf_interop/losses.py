@@ -572,3 +572,292 @@ def _head_parameters(head: Callable[[Tensor], Tensor]) -> list[nn.Parameter]:
         if parameter.requires_grad:
             unique.setdefault(id(parameter), parameter)
     return list(unique.values())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# chunked form
+
+
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+class _ChunkRunner:
+    """Computes one chunk's loss from student hidden states and keeps detached running sums for the output.
+
+    `kd_per_token(student_logits, start, end)` returns the chunk's per-token divergences (with graph to the student
+    logits), the teacher's argmax, the teacher's entropy and the number of vocab columns compared.
+    """
+
+    def __init__(
+        self,
+        student_head: Callable[[Tensor], Tensor],
+        valid_labels: Tensor,
+        chunk_size: int,
+        kd_ratio: float,
+        compute_ce_loss: bool,
+        kd_per_token: Callable[[Tensor, int, int], tuple[Tensor, Tensor, Tensor, int]],
+    ) -> None:
+        self.student_head = student_head
+        self.valid_labels = valid_labels
+        self.chunk_size = chunk_size
+        self.kd_ratio = kd_ratio
+        self.compute_ce_loss = compute_ce_loss
+        self.kd_per_token = kd_per_token
+        self.kd_sum: Tensor | float = 0.0
+        self.ce_sum: Tensor | float = 0.0
+        self.statistics = _Statistics()
+        self.labels_checked = False
+
+    def chunk_bounds(self, num_tokens: int) -> list[tuple[int, int]]:
+        return [(start, min(start + self.chunk_size, num_tokens)) for start in range(0, num_tokens, self.chunk_size)]
+
+    def chunk_loss(self, hidden_chunk: Tensor, start: int, end: int, record: bool = True) -> Tensor:
+        student_logits = self.student_head(hidden_chunk)
+        dtype = _compute_dtype(student_logits)
+        kd_tokens, teacher_argmax, teacher_entropy, vocab = self.kd_per_token(student_logits, start, end)
+        kd = kd_tokens.sum()
+        ce = None
+        if self.compute_ce_loss:
+            labels = self.valid_labels[start:end]
+            if not self.labels_checked:
+                _check_labels_in_vocab(self.valid_labels, student_logits.shape[-1])
+                self.labels_checked = True
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_ratio < 1.0):
+                ce = F.cross_entropy(student_logits.to(dtype), labels, reduction="sum")
+        total = kd if self.kd_ratio == 1.0 else self.kd_ratio * kd + (1.0 - self.kd_ratio) * ce
+        if record:
+            self.kd_sum = self.kd_sum + kd.detach()
+            if ce is not None:
+                self.ce_sum = self.ce_sum + ce.detach()
+            self.statistics.add(student_logits[..., :vocab], teacher_argmax, teacher_entropy)
+        return total
+
+
+class _FusedChunkedLoss(torch.autograd.Function):
+    """Chunk loop that computes each chunk's gradients right away (w.r.t. the hidden chunk and the head's
+    parameters) and stores only those: the student's logits never outlive their chunk, and backward is a scale."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, runner: _ChunkRunner, need_hidden_grad: bool, *parameters: Tensor) -> Tensor:
+        grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
+        parameter_grads: list[Tensor | None] = [None] * len(parameters)
+        total = None
+        for start, end in runner.chunk_bounds(hidden.shape[0]):
+            hidden_chunk = hidden[start:end].detach()
+            if need_hidden_grad:
+                hidden_chunk.requires_grad_(True)
+            with torch.enable_grad():
+                chunk_total = runner.chunk_loss(hidden_chunk, start, end)
+            inputs = ([hidden_chunk] if need_hidden_grad else []) + list(parameters)
+            if inputs and chunk_total.requires_grad:
+                grads = torch.autograd.grad(chunk_total, inputs, allow_unused=True)
+                if need_hidden_grad:
+                    grad_hidden[start:end] = grads[0]
+                    grads = grads[1:]
+                for index, grad in enumerate(grads):
+                    if grad is None:
+                        continue
+                    grad = grad.float() if _low_precision(grad.dtype) else grad
+                    parameter_grads[index] = grad if parameter_grads[index] is None else parameter_grads[index] + grad
+            total = chunk_total.detach() if total is None else total + chunk_total.detach()
+        ctx.grad_hidden = grad_hidden
+        ctx.parameter_grads = parameter_grads
+        ctx.parameter_dtypes = [parameter.dtype for parameter in parameters]
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        grad_hidden = None
+        if ctx.grad_hidden is not None:
+            grad_hidden = ctx.grad_hidden * grad_total.to(ctx.grad_hidden.dtype)
+        parameter_grads = [
+            None if grad is None else (grad * grad_total.to(grad.dtype)).to(dtype)
+            for grad, dtype in zip(ctx.parameter_grads, ctx.parameter_dtypes, strict=True)
+        ]
+        ctx.grad_hidden = ctx.parameter_grads = None
+        return (grad_hidden, None, None, *parameter_grads)
+
+
+def _run_chunks(
+    student_hidden: Tensor, runner: _ChunkRunner, student_head: Callable[[Tensor], Tensor], fused_backward: bool
+) -> Tensor:
+    parameters = _head_parameters(student_head)
+    need_hidden_grad = student_hidden.requires_grad
+    if not torch.is_grad_enabled() or not (need_hidden_grad or parameters):
+        with torch.no_grad():
+            chunk_totals = [
+                runner.chunk_loss(student_hidden[s:e], s, e) for s, e in runner.chunk_bounds(len(student_hidden))
+            ]
+        return torch.stack(chunk_totals).sum()
+    if fused_backward:
+        return _FusedChunkedLoss.apply(student_hidden, runner, need_hidden_grad, *parameters)
+    from torch.utils.checkpoint import checkpoint
+
+    def run_chunk(hidden_chunk: Tensor, start: int, end: int) -> Tensor:
+        # the recomputation in backward must not count the chunk's statistics twice
+        return runner.chunk_loss(hidden_chunk, start, end, record=not recomputing[0])
+
+    recomputing = [False]
+    totals = []
+    for start, end in runner.chunk_bounds(len(student_hidden)):
+        totals.append(checkpoint(run_chunk, student_hidden[start:end], start, end, use_reentrant=False))
+    recomputing[0] = True
+    return torch.stack(totals).sum()
+
+
+def _select_valid(
+    labels: Tensor, leading_shape: torch.Size, argument: str, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    flat_labels = _flatten_labels(labels, leading_shape, argument)
+    valid = (flat_labels != ignore_index).nonzero().squeeze(-1)
+    return valid, flat_labels.index_select(0, valid)
+
+
+def _zero_output(
+    student_hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    normalizer: int | Tensor,
+    compute_ce_loss: bool,
+) -> DistillationLossOutput:
+    logger.warning_once(_ALL_IGNORED_WARNING)
+    zero = _zero_loss(student_hidden)
+    for parameter in _head_parameters(student_head):
+        # keep the head in the graph so data-parallel wrappers see a (zero) gradient for it
+        zero = zero + _zero_loss(parameter)
+    return _finish(zero, zero.detach() if compute_ce_loss else None, zero, normalizer, 0, _Statistics())
+
+
+def chunked_distillation_loss(
+    student_hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    labels: Tensor,
+    *,
+    teacher_hidden: Tensor | None = None,
+    teacher_head: Callable[[Tensor], Tensor] | None = None,
+    teacher_logits: Tensor | None = None,
+    chunk_size: int = 1024,
+    shared_vocab_size: int | None = None,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    scale_by_temperature_squared: bool | None = None,
+    kd_ratio: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | Tensor | None = None,
+    compute_ce_loss: bool = True,
+    fused_backward: bool = True,
+) -> DistillationLossOutput:
+    """Memory-efficient [`distillation_loss`] from final hidden states and output heads.
+
+    Valid tokens are gathered and processed `chunk_size` at a time: each chunk's student logits are computed,
+    used and dropped, the teacher's chunk is computed under `no_grad`, so neither model's full `(batch, seq,
+    vocab)` logits tensor exists. Values and gradients equal the dense form's (to float32 rounding).
+
+    Args:
+        student_hidden (`torch.Tensor` of shape `(batch, seq, hidden)` or `(tokens, hidden)`):
+            Final hidden states of the student (after its final norm), aligned with `labels`.
+        student_head (`Callable`):
+            hidden -> logits of the student, usually `output_logits_fn(student)`. When it is an `nn.Module`, its
+            parameters that require grad (lm_head, or the tied input embeddings) receive their gradients.
+        labels (`torch.LongTensor` of shape `(batch, seq)` or `(tokens,)`):
+            Target ids; positions equal to `ignore_index` are skipped before any logits are computed.
+        teacher_hidden (`torch.Tensor`, *optional*):
+            Final hidden states of the teacher, same leading shape; used with `teacher_head`.
+        teacher_head (`Callable`, *optional*):
+            hidden -> logits of the teacher (`output_logits_fn(teacher)`), run under `no_grad`.
+        teacher_logits (`torch.Tensor`, *optional*):
+            Precomputed teacher logits (or log-probabilities, e.g. of an ensemble) of shape `(..., vocab_t)`,
+            instead of `teacher_hidden` + `teacher_head`. Never receive gradients.
+        chunk_size (`int`, *optional*, defaults to `1024`):
+            Valid tokens per chunk; higher is a little faster and uses more memory (about
+            `chunk_size * vocab * 4 bytes` times a small factor).
+        fused_backward (`bool`, *optional*, defaults to `True`):
+            Compute each chunk's gradients during the forward pass (fastest: the student head runs once per chunk).
+            `False` uses `torch.utils.checkpoint` per chunk instead (the head and the teacher chunk run again in
+            backward): use it when the head's parameters are sharded and only materialised inside a module call
+            (DeepSpeed ZeRO-3, FSDP).
+        shared_vocab_size, loss_type, temperature, jsd_beta, skew_alpha, scale_by_temperature_squared, kd_ratio,
+        ignore_index, num_items_in_batch, compute_ce_loss:
+            As in [`distillation_loss`].
+
+    Returns:
+        [`DistillationLossOutput`]; only `loss` carries gradients (`kd_loss` and `ce_loss` are detached, for logs).
+    """
+    _check_loss_arguments(loss_type, temperature, jsd_beta, skew_alpha, kd_ratio)
+    _check_chunk_size(chunk_size)
+    if not compute_ce_loss and kd_ratio < 1.0:
+        raise ValueError(f"kd_ratio={kd_ratio} < 1 weighs in the cross-entropy; pass compute_ce_loss=True.")
+    if teacher_logits is not None and (teacher_hidden is not None or teacher_head is not None):
+        raise ValueError(
+            "pass either teacher_logits or teacher_hidden + teacher_head, not both (teacher_logits was given along "
+            "with teacher_hidden/teacher_head)."
+        )
+    if teacher_logits is None and (teacher_hidden is None or teacher_head is None):
+        raise ValueError(
+            "the teacher is missing: pass teacher_hidden and teacher_head (e.g. output_logits_fn(teacher)), or "
+            f"precomputed teacher_logits (got teacher_hidden={'set' if teacher_hidden is not None else None}, "
+            f"teacher_head={'set' if teacher_head is not None else None})."
+        )
+    teacher_input = teacher_logits if teacher_logits is not None else teacher_hidden
+    teacher_argument = "teacher_logits" if teacher_logits is not None else "teacher_hidden"
+    if teacher_input.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"{teacher_argument} shape {tuple(teacher_input.shape)} and student_hidden shape "
+            f"{tuple(student_hidden.shape)} differ before the last dim; both must be aligned with labels."
+        )
+    valid, valid_labels = _select_valid(labels, student_hidden.shape[:-1], "student_hidden", ignore_index)
+    num_valid = int(valid.numel())
+    normalizer = _normalizer(num_items_in_batch, num_valid)
+    if num_valid == 0:
+        return _zero_output(student_hidden, student_head, normalizer, compute_ce_loss)
+
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, valid)
+    teacher_flat = teacher_input.detach().reshape(-1, teacher_input.shape[-1])
+    if teacher_logits is None:
+        teacher_flat = teacher_flat.index_select(0, valid)
+    non_finite = [0]
+
+    def kd_per_token(student_logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        with torch.no_grad():
+            if teacher_logits is not None:
+                teacher_chunk = teacher_flat.index_select(0, valid[start:end])
+            else:
+                teacher_chunk = teacher_head(teacher_flat[start:end])
+            vocab = _resolve_vocab(student_logits.shape[-1], teacher_chunk.shape[-1], shared_vocab_size)
+            teacher_chunk = teacher_chunk[..., :vocab].to(_compute_dtype(student_logits))
+            finite = torch.isfinite(teacher_chunk)
+            non_finite[0] = non_finite[0] + (~finite).sum()
+            # a non-finite teacher is reported after the loop (one host sync); keep the arithmetic NaN-free meanwhile
+            teacher_chunk = torch.where(finite, teacher_chunk, torch.zeros_like(teacher_chunk))
+            teacher_argmax = teacher_chunk.argmax(-1)
+            teacher_entropy = _entropy_from_logits(teacher_chunk)
+        kd_tokens = _token_divergence(
+            student_logits[..., :vocab],
+            teacher_chunk,
+            loss_type,
+            temperature,
+            jsd_beta,
+            skew_alpha,
+            scale_by_temperature_squared,
+        )
+        return kd_tokens, teacher_argmax, teacher_entropy, vocab
+
+    runner = _ChunkRunner(student_head, valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_per_token)
+    total_sum = _run_chunks(hidden, runner, student_head, fused_backward)
+    bad = int(non_finite[0])
+    if bad:
+        source = "teacher_logits" if teacher_logits is not None else "the teacher head's logits"
+        raise ValueError(
+            f"{source} hold {bad} non-finite values (NaN or inf) on valid tokens; the teacher's forward pass "
+            "overflowed or its weights are broken (try teacher_dtype='float32' or 'bfloat16' instead of 'float16')."
+        )
+    return _finish(
+        torch.as_tensor(runner.kd_sum, device=total_sum.device, dtype=total_sum.dtype),
+        torch.as_tensor(runner.ce_sum, device=total_sum.device, dtype=total_sum.dtype) if compute_ce_loss else None,
+        total_sum,
+        normalizer,
+        num_valid,
+        runner.statistics,
+    )

@@ -410,3 +410,245 @@ def test_output_logits_fn_reproduces_model_logits_and_reaches_the_head_weight(fa
     assert weight.grad is not None and weight.grad.abs().sum() > 0
     if model.config.tie_word_embeddings:
         assert model.get_input_embeddings().weight.grad is weight.grad
+
+
+@pytest.mark.parametrize(
+    "config_name, overrides",
+    [
+        ("Gemma2Config", {"head_dim": 16, "final_logit_softcapping": 0.5}),
+        ("Gemma3TextConfig", {"head_dim": 16, "final_logit_softcapping": 0.5}),
+        ("CohereConfig", {"logit_scale": 0.3}),
+        ("GraniteConfig", {"logits_scaling": 4.0}),
+    ],
+)
+def test_output_logits_fn_applies_softcapping_and_logit_scales(config_name, overrides):
+    import transformers
+
+    config = getattr(transformers, config_name)(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        eos_token_id=1,
+        **overrides,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    input_ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(0))
+    outputs = model(input_ids, output_hidden_states=True)
+    hidden = outputs.hidden_states[-1]
+    head = losses.output_logits_fn(model)
+    torch.testing.assert_close(head(hidden), outputs.logits, rtol=1e-5, atol=1e-6)
+    # the post-processing matters: the plain lm_head gives different logits
+    assert (model.get_output_embeddings()(hidden) - outputs.logits).abs().max() > 1e-3
+    if "final_logit_softcapping" in overrides:
+        assert head(hidden * 100).abs().max() <= overrides["final_logit_softcapping"]
+
+
+def test_output_logits_fn_unwraps_peft_models_and_rejects_models_without_a_head():
+    from helpers import build_tiny_causal_lm
+    from peft import LoraConfig, get_peft_model
+
+    model = build_tiny_causal_lm("qwen2", vocab_size=96)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    head = losses.output_logits_fn(peft_model)
+    assert head.output_embeddings is model.get_output_embeddings()
+
+    class NoHead(torch.nn.Module):
+        def get_output_embeddings(self):
+            return None
+
+    with pytest.raises(ValueError, match="teacher_logits"):
+        losses.output_logits_fn(NoHead())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# chunked form against the dense form
+
+
+def make_hidden_inputs(seed=0, n=N_TOKENS, hidden=HIDDEN, vocab=VOCAB, teacher_vocab=None, ignore=0.25):
+    generator = torch.Generator().manual_seed(seed)
+    student_head = torch.nn.Linear(hidden, vocab, bias=False, dtype=torch.float64)
+    teacher_head = torch.nn.Linear(hidden + 3, teacher_vocab or vocab, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        student_head.weight.copy_(torch.randn(student_head.weight.shape, generator=generator, dtype=torch.float64))
+        teacher_head.weight.copy_(torch.randn(teacher_head.weight.shape, generator=generator, dtype=torch.float64))
+    student_hidden = torch.randn(n, hidden, generator=generator, dtype=torch.float64).requires_grad_()
+    teacher_hidden = torch.randn(n, hidden + 3, generator=generator, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (n,), generator=generator)
+    labels[torch.rand(n, generator=generator) < ignore] = -100
+    return student_hidden, student_head, teacher_hidden, teacher_head, labels
+
+
+def dense_reference_and_grads(student_hidden, student_head, teacher_hidden, teacher_head, labels, **kwargs):
+    out = distillation_loss(student_head(student_hidden), teacher_head(teacher_hidden).detach(), labels, **kwargs)
+    grads = torch.autograd.grad(out.loss, [student_hidden, student_head.weight])
+    return out, grads
+
+
+def assert_same_output(chunked, dense):
+    assert_close64(chunked.loss, dense.loss.detach())
+    assert_close64(chunked.kd_loss, dense.kd_loss.detach())
+    if dense.ce_loss is None:
+        assert chunked.ce_loss is None
+    else:
+        assert_close64(chunked.ce_loss, dense.ce_loss.detach())
+    assert chunked.num_valid_tokens == dense.num_valid_tokens
+    assert chunked.top1_agreement == pytest.approx(dense.top1_agreement)
+    assert chunked.teacher_entropy == pytest.approx(dense.teacher_entropy, rel=1e-9)
+    assert chunked.student_entropy == pytest.approx(dense.student_entropy, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", LOSS_CASES, ids=_case_id)
+def test_chunked_equals_dense_values_and_gradients_for_every_loss_type(case):
+    loss_type, kwargs = case
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = make_hidden_inputs(seed=20)
+    kwargs = {"loss_type": loss_type, "kd_ratio": 0.75, "num_items_in_batch": 40, **kwargs}
+    dense, dense_grads = dense_reference_and_grads(
+        student_hidden, student_head, teacher_hidden, teacher_head, labels, **kwargs
+    )
+    chunked = losses.chunked_distillation_loss(
+        student_hidden, student_head, labels, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+        chunk_size=7, **kwargs,
+    )  # fmt: skip
+    assert_same_output(chunked, dense)
+    grads = torch.autograd.grad(chunked.loss, [student_hidden, student_head.weight])
+    for grad, expected in zip(grads, dense_grads, strict=True):
+        assert_close64(grad, expected)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 29, 1024])
+@pytest.mark.parametrize("fused_backward", [True, False])
+def test_chunked_equals_dense_for_odd_chunk_sizes_both_backward_modes_and_3d_inputs(chunk_size, fused_backward):
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = make_hidden_inputs(seed=21, n=36)
+    kwargs = {"loss_type": "jsd", "jsd_beta": 0.3, "temperature": 1.5, "kd_ratio": 0.5}
+    dense, dense_grads = dense_reference_and_grads(
+        student_hidden, student_head, teacher_hidden, teacher_head, labels, **kwargs
+    )
+    chunked = losses.chunked_distillation_loss(
+        student_hidden.view(4, 9, HIDDEN), student_head, labels.view(4, 9), teacher_hidden=teacher_hidden.view(4, 9, -1),
+        teacher_head=teacher_head, chunk_size=chunk_size, fused_backward=fused_backward, **kwargs,
+    )  # fmt: skip
+    assert_same_output(chunked, dense)
+    grads = torch.autograd.grad(chunked.loss, [student_hidden, student_head.weight])
+    for grad, expected in zip(grads, dense_grads, strict=True):
+        assert_close64(grad, expected)
+
+
+def test_chunked_with_precomputed_teacher_logits_and_shared_vocab_size():
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = make_hidden_inputs(
+        seed=22, teacher_vocab=VOCAB + 11
+    )
+    kwargs = {"loss_type": "forward_kl", "temperature": 2.0, "kd_ratio": 0.4, "shared_vocab_size": VOCAB - 5}
+    dense, dense_grads = dense_reference_and_grads(
+        student_hidden, student_head, teacher_hidden, teacher_head, labels, **kwargs
+    )
+    teacher_logits = teacher_head(teacher_hidden).detach()
+    for teacher_kwargs in (
+        {"teacher_logits": teacher_logits},
+        {"teacher_hidden": teacher_hidden, "teacher_head": teacher_head},
+    ):
+        chunked = losses.chunked_distillation_loss(
+            student_hidden, student_head, labels, chunk_size=8, **teacher_kwargs, **kwargs
+        )
+        assert_same_output(chunked, dense)
+        grads = torch.autograd.grad(chunked.loss, [student_hidden, student_head.weight])
+        for grad, expected in zip(grads, dense_grads, strict=True):
+            assert_close64(grad, expected)
+    assert teacher_head.weight.grad is None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_chunked_gradients_reach_tied_and_untied_heads_of_real_models(family):
+    from helpers import build_tiny_causal_lm
+
+    vocab = 96
+    input_ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = input_ids[:, 1:].clone()
+    labels[0, :4] = -100
+    teacher = build_tiny_causal_lm(family, vocab_size=vocab, seed=7)
+    with torch.no_grad():
+        teacher_hidden = teacher(input_ids, output_hidden_states=True).hidden_states[-1][:, :-1]
+
+    def gradients(use_chunked: bool):
+        student = build_tiny_causal_lm(family, vocab_size=vocab, seed=3).train()
+        outputs = student(input_ids, output_hidden_states=True)
+        if use_chunked:
+            out = losses.chunked_distillation_loss(
+                outputs.hidden_states[-1][:, :-1], losses.output_logits_fn(student), labels,
+                teacher_hidden=teacher_hidden, teacher_head=losses.output_logits_fn(teacher), chunk_size=5, kd_ratio=0.5,
+            )  # fmt: skip
+        else:
+            out = distillation_loss(outputs.logits[:, :-1], teacher.lm_head(teacher_hidden), labels, kd_ratio=0.5)
+        out.loss.backward()
+        return out.loss.item(), {name: p.grad.clone() for name, p in student.named_parameters()}, student
+
+    dense_loss, dense_grads, _ = gradients(False)
+    chunked_loss, chunked_grads, student = gradients(True)
+    assert chunked_loss == pytest.approx(dense_loss, rel=1e-5)
+    assert dense_grads.keys() == chunked_grads.keys()
+    for name in dense_grads:
+        torch.testing.assert_close(chunked_grads[name], dense_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    head_weight = student.get_output_embeddings().weight
+    assert head_weight.grad.abs().sum() > 0
+    assert (head_weight is student.get_input_embeddings().weight) == (family == "llama")
+
+
+def test_chunked_loss_without_grad_and_in_low_precision():
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = make_hidden_inputs(seed=23)
+    dense, _ = dense_reference_and_grads(student_hidden, student_head, teacher_hidden, teacher_head, labels)
+    with torch.no_grad():
+        evaluated = losses.chunked_distillation_loss(
+            student_hidden,
+            student_head,
+            labels,
+            teacher_hidden=teacher_hidden,
+            teacher_head=teacher_head,
+            chunk_size=8,
+        )
+    assert_close64(evaluated.loss, dense.loss.detach())
+    bf16_head = torch.nn.Linear(HIDDEN, VOCAB, bias=False).to(torch.bfloat16)
+    bf16_head.weight.data.copy_(student_head.weight.data)
+    hidden = student_hidden.detach().to(torch.bfloat16).requires_grad_()
+    out = losses.chunked_distillation_loss(
+        hidden,
+        bf16_head,
+        labels,
+        teacher_hidden=teacher_hidden.float(),
+        teacher_head=teacher_head.float(),
+        chunk_size=8,
+    )
+    assert out.loss.dtype == torch.float32
+    assert out.loss.item() == pytest.approx(dense.loss.item(), rel=0.05)
+    out.loss.backward()
+    assert hidden.grad.dtype == torch.bfloat16 and bf16_head.weight.grad.dtype == torch.bfloat16
+
+
+def test_chunked_all_ignored_and_bad_inputs():
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = make_hidden_inputs(seed=24)
+    teacher = {"teacher_hidden": teacher_hidden, "teacher_head": teacher_head}
+    all_ignored = torch.full_like(labels, -100)
+    out = losses.chunked_distillation_loss(student_hidden, student_head, all_ignored, **teacher)
+    assert out.loss.item() == 0.0 and out.num_valid_tokens == 0
+    out.loss.backward()
+    assert torch.all(student_hidden.grad == 0) and torch.all(student_head.weight.grad == 0)
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        losses.chunked_distillation_loss(student_hidden, student_head, labels, chunk_size=0, **teacher)
+    with pytest.raises(ValueError, match="teacher is missing"):
+        losses.chunked_distillation_loss(student_hidden, student_head, labels, teacher_hidden=teacher_hidden)
+    with pytest.raises(ValueError, match="not both"):
+        losses.chunked_distillation_loss(
+            student_hidden, student_head, labels, teacher_logits=torch.zeros(N_TOKENS, VOCAB), **teacher
+        )
+    with pytest.raises(ValueError, match="loss_type='kl'"):
+        losses.chunked_distillation_loss(student_hidden, student_head, labels, loss_type="kl", **teacher)
+    bad_teacher = teacher_head(teacher_hidden).detach()
+    bad_teacher[int((labels != -100).nonzero()[-1])] = float("nan")
+    with pytest.raises(ValueError, match=f"teacher_logits hold {VOCAB} non-finite"):
+        losses.chunked_distillation_loss(student_hidden, student_head, labels, teacher_logits=bad_teacher)
+    with pytest.raises(ValueError, match="student vocab size"):
+        losses.chunked_distillation_loss(
+            student_hidden, student_head, labels, teacher_logits=torch.zeros(N_TOKENS, VOCAB + 1)
+        )
