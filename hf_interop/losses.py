@@ -52,6 +52,7 @@ logger = get_logger(__name__)
 LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse")
 SPARSE_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 
+_TAIL_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # about -87.3
 _ALL_IGNORED_WARNING = (
     "every label in this batch equals ignore_index, so the distillation loss is 0.0 for it; check the labels "
     "(e.g. a prompt mask that covers whole sequences) if this happens often."
@@ -853,6 +854,345 @@ def chunked_distillation_loss(
             f"{source} hold {bad} non-finite values (NaN or inf) on valid tokens; the teacher's forward pass "
             "overflowed or its weights are broken (try teacher_dtype='float32' or 'bfloat16' instead of 'float16')."
         )
+    return _finish(
+        torch.as_tensor(runner.kd_sum, device=total_sum.device, dtype=total_sum.dtype),
+        torch.as_tensor(runner.ce_sum, device=total_sum.device, dtype=total_sum.dtype) if compute_ce_loss else None,
+        total_sum,
+        normalizer,
+        num_valid,
+        runner.statistics,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sparse forms (cached top-k teacher distribution + tail bucket)
+
+
+def _flatten_sparse_teacher(
+    teacher_topk_ids: Tensor, teacher_topk_logprobs: Tensor, teacher_tail_logprob: Tensor, leading_shape: torch.Size
+) -> tuple[Tensor, Tensor, Tensor]:
+    if teacher_topk_ids.shape != teacher_topk_logprobs.shape or tuple(teacher_topk_ids.shape[:-1]) != tuple(
+        leading_shape
+    ):
+        raise ValueError(
+            f"teacher_topk_ids shape {tuple(teacher_topk_ids.shape)} and teacher_topk_logprobs shape "
+            f"{tuple(teacher_topk_logprobs.shape)} must both be {(*leading_shape, 'k')} (aligned with labels)."
+        )
+    if tuple(teacher_tail_logprob.shape) != tuple(leading_shape):
+        raise ValueError(
+            f"teacher_tail_logprob shape {tuple(teacher_tail_logprob.shape)} must be {tuple(leading_shape)} "
+            "(one tail log-mass per token, aligned with labels)."
+        )
+    top_k = teacher_topk_ids.shape[-1]
+    return (
+        teacher_topk_ids.reshape(-1, top_k),
+        teacher_topk_logprobs.detach().reshape(-1, top_k),
+        teacher_tail_logprob.detach().reshape(-1),
+    )
+
+
+def _check_sparse_teacher(ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor, vocab: int) -> None:
+    """Checks on the valid rows of a cached teacher (small tensors: `(tokens, k)`)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(
+            f"teacher_topk_ids hold ids in [{int(ids.min())}, {int(ids.max())}] outside the compared vocabulary "
+            f"[0, {vocab}); the cache was made with another tokenizer, or pass shared_vocab_size=<teacher vocab>."
+        )
+    for name, tensor in (("teacher_topk_logprobs", topk_logprobs), ("teacher_tail_logprob", tail_logprob)):
+        bad = torch.isnan(tensor) | (tensor == float("inf"))
+        if bool(bad.any()):
+            raise ValueError(
+                f"{name} hold {int(bad.sum())} NaN/+inf values on valid tokens; the teacher cache is corrupt "
+                "(rebuild it with cache_teacher_logits)."
+            )
+
+
+def _sparse_bucket_log_probs(
+    student_logits: Tensor,
+    ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    temperature: float,
+    cache_temperature: float,
+    teacher_vocab_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Student and teacher as k+1 buckets (the teacher's top-k ids, then everything else), as log-probabilities."""
+    dtype = _compute_dtype(student_logits)
+    scaled = student_logits.to(dtype)
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    log_normalizer = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    student_top = scaled.gather(-1, ids) - log_normalizer
+    # the student's tail: log of its mass outside the teacher's ids, summed directly (no 1 - sum cancellation);
+    # a very negative finite fill (not -inf) keeps the gradient finite when the top-k covers the whole vocabulary
+    outside = scaled.scatter(-1, ids, torch.finfo(dtype).min)
+    student_tail = torch.logsumexp(outside, dim=-1) - log_normalizer.squeeze(-1)
+    student_buckets = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
+
+    top_k = ids.shape[-1]
+    teacher_top = topk_logprobs.to(dtype)
+    teacher_tail = tail_logprob.to(dtype)
+    tail_tokens = teacher_vocab_size - top_k
+    if tail_tokens <= 0:
+        teacher_tail = torch.full_like(teacher_tail, -math.inf)
+    else:
+        # a cache rounds a tiny tail to log(0) = -inf; a floor at float32's smallest normal keeps reverse KL finite
+        teacher_tail = teacher_tail.clamp_min(_TAIL_FLOOR)
+    if temperature != cache_temperature:
+        # Re-tempering: p_T(v) is proportional to p_cache(v) ** (cache_temperature / temperature), exact for the top-k
+        # ids. The tail's individual probabilities are unknown; we spread the tail mass uniformly over its
+        # `vocab - k` tokens (the maximum-entropy assumption), which gives the tail weight
+        # (vocab - k) ** (1 - r) * tail ** r. This is exact for a uniform tail, an upper bound of the true
+        # re-tempered tail when temperature > cache_temperature and a lower bound when it is smaller (Jensen).
+        ratio = cache_temperature / temperature
+        teacher_top = teacher_top * ratio
+        if tail_tokens > 0:
+            teacher_tail = teacher_tail * ratio + (1.0 - ratio) * math.log(tail_tokens)
+    # renormalising also absorbs the float16 rounding of a cache, so the buckets always sum to exactly 1
+    teacher_buckets = F.log_softmax(torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1), dim=-1)
+    return student_buckets, teacher_buckets
+
+
+def _sparse_kd_per_token(
+    student_logits: Tensor,
+    ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    loss_type: str,
+    temperature: float,
+    cache_temperature: float,
+    jsd_beta: float,
+    scale_by_temperature_squared: bool | None,
+    vocab: int,
+    teacher_vocab_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    student_buckets, teacher_buckets = _sparse_bucket_log_probs(
+        student_logits[..., :vocab],
+        ids,
+        topk_logprobs,
+        tail_logprob,
+        temperature,
+        cache_temperature,
+        teacher_vocab_size,
+    )
+    kd_tokens = _divergence_from_log_probs(student_buckets, teacher_buckets, loss_type, jsd_beta, 0.0)
+    factor = _temperature_factor(loss_type, temperature, scale_by_temperature_squared)
+    if factor != 1.0:
+        kd_tokens = kd_tokens * factor
+    with torch.no_grad():
+        teacher_argmax = ids.gather(-1, topk_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+        cached = F.log_softmax(
+            torch.cat([topk_logprobs, tail_logprob.unsqueeze(-1)], dim=-1).to(kd_tokens.dtype), dim=-1
+        )
+        teacher_entropy = -(cached.exp() * torch.where(torch.isneginf(cached), 0.0, cached)).sum(-1)
+    return kd_tokens, teacher_argmax, teacher_entropy
+
+
+def _check_sparse_arguments(
+    loss_type: str, temperature: float, cache_temperature: float, jsd_beta: float, kd_ratio: float
+) -> None:
+    _check_loss_arguments(loss_type, temperature, jsd_beta, 0.0, kd_ratio, allowed=SPARSE_LOSS_TYPES)
+    if not (
+        isinstance(cache_temperature, (int, float)) and math.isfinite(cache_temperature) and cache_temperature > 0
+    ):
+        raise ValueError(
+            f"cache_temperature={cache_temperature!r} must be a finite number > 0: the temperature the teacher cache "
+            "was made with (its manifest's 'temperature')."
+        )
+
+
+def _resolve_sparse_vocab(
+    student_vocab: int, shared_vocab_size: int | None, teacher_vocab_size: int | None, top_k: int
+) -> tuple[int, int]:
+    vocab = _resolve_vocab(student_vocab, student_vocab, shared_vocab_size)
+    if teacher_vocab_size is None:
+        teacher_vocab_size = vocab
+    if not isinstance(teacher_vocab_size, int) or teacher_vocab_size < top_k:
+        raise ValueError(
+            f"teacher_vocab_size={teacher_vocab_size!r} must be an int >= top_k ({top_k}): the vocabulary size of the "
+            "teacher that made the cache (its manifest's 'vocab_size')."
+        )
+    return vocab, teacher_vocab_size
+
+
+def sparse_distillation_loss(
+    student_logits: Tensor,
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_tail_logprob: Tensor,
+    labels: Tensor,
+    *,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    cache_temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    scale_by_temperature_squared: bool | None = None,
+    kd_ratio: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | Tensor | None = None,
+    shared_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    compute_ce_loss: bool = True,
+) -> DistillationLossOutput:
+    """Distillation loss against a cached sparse teacher: its top-k log-probabilities plus the leftover tail mass.
+
+    Both distributions become k+1 buckets: the teacher's top-k token ids, and a tail bucket holding everything
+    else (for the student: its probability mass outside those ids, computed exactly). The divergence is taken
+    between these bucket distributions; with k equal to the vocabulary size it is exactly the dense loss.
+
+    Re-tempering: the cache stores log-probabilities at `cache_temperature`. For another training `temperature`,
+    the top-k buckets are re-tempered exactly (`p_T ∝ p_cache ** (cache_temperature / temperature)`); the tail is
+    assumed to spread uniformly over the `teacher_vocab_size - k` tokens outside the top-k (maximum entropy), which
+    is exact for a uniform tail and otherwise over-estimates the re-tempered tail mass when
+    `temperature > cache_temperature` (under-estimates it when smaller). Cache at the training temperature to
+    avoid the approximation.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, seq, vocab)` or `(tokens, vocab)`):
+            Student logits aligned with `labels`.
+        teacher_topk_ids (`torch.Tensor` of shape `(..., k)`):
+            Token ids of the teacher's top-k (any integer dtype, e.g. uint16 from the cache).
+        teacher_topk_logprobs (`torch.Tensor` of shape `(..., k)`):
+            The teacher's log-probabilities of those ids at `cache_temperature` (e.g. float16 from the cache).
+        teacher_tail_logprob (`torch.Tensor` of shape `(...)`):
+            `log(1 - sum(top-k probabilities))`.
+        labels (`torch.LongTensor` of shape `(batch, seq)` or `(tokens,)`):
+            Target ids; positions equal to `ignore_index` (and whatever the cache holds there) are skipped.
+        loss_type (`str`, *optional*, defaults to `"forward_kl"`):
+            One of `SPARSE_LOSS_TYPES`.
+        cache_temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature the cache was computed at (its manifest's `temperature`).
+        shared_vocab_size (`int`, *optional*):
+            Compare over the student's first `shared_vocab_size` logits (padded student embeddings).
+        teacher_vocab_size (`int`, *optional*):
+            Teacher vocabulary size, used only by the re-tempering of the tail; defaults to the compared vocabulary.
+        skew_alpha (`float`, *optional*):
+            Accepted for a uniform call signature; unused (skew losses have no sparse form here).
+        temperature, jsd_beta, scale_by_temperature_squared, kd_ratio, ignore_index, num_items_in_batch,
+        compute_ce_loss:
+            As in [`distillation_loss`].
+
+    Returns:
+        [`DistillationLossOutput`]; `teacher_entropy` is the entropy of the k+1 cached buckets (a lower bound).
+    """
+    _check_sparse_arguments(loss_type, temperature, cache_temperature, jsd_beta, kd_ratio)
+    if not compute_ce_loss and kd_ratio < 1.0:
+        raise ValueError(f"kd_ratio={kd_ratio} < 1 weighs in the cross-entropy; pass compute_ce_loss=True.")
+    leading_shape = student_logits.shape[:-1]
+    student_vocab = student_logits.shape[-1]
+    ids, topk_logprobs, tail_logprob = _flatten_sparse_teacher(
+        teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob, leading_shape
+    )
+    vocab, teacher_vocab_size = _resolve_sparse_vocab(
+        student_vocab, shared_vocab_size, teacher_vocab_size, ids.shape[-1]
+    )
+    valid, valid_labels = _select_valid(labels, leading_shape, "student_logits", ignore_index)
+    num_valid = int(valid.numel())
+    normalizer = _normalizer(num_items_in_batch, num_valid)
+    statistics = _Statistics()
+    if num_valid == 0:
+        logger.warning_once(_ALL_IGNORED_WARNING)
+        zero = _zero_loss(student_logits)
+        return _finish(zero, zero if compute_ce_loss else None, zero, normalizer, 0, statistics)
+
+    student = student_logits.reshape(-1, student_vocab).index_select(0, valid)
+    ids = ids.index_select(0, valid).long()
+    topk_logprobs = topk_logprobs.index_select(0, valid)
+    tail_logprob = tail_logprob.index_select(0, valid)
+    _check_sparse_teacher(ids, topk_logprobs, tail_logprob, vocab)
+    if compute_ce_loss:
+        _check_labels_in_vocab(valid_labels, student_vocab)
+    kd_tokens, teacher_argmax, teacher_entropy = _sparse_kd_per_token(
+        student, ids, topk_logprobs, tail_logprob, loss_type, temperature, cache_temperature, jsd_beta,
+        scale_by_temperature_squared, vocab, teacher_vocab_size,
+    )  # fmt: skip
+    kd_sum = kd_tokens.sum()
+    ce_sum = None
+    if compute_ce_loss:
+        ce_sum = F.cross_entropy(student.to(_compute_dtype(student)), valid_labels, reduction="sum")
+    total_sum = kd_sum if kd_ratio == 1.0 else kd_ratio * kd_sum + (1.0 - kd_ratio) * ce_sum
+    statistics.add(student[:, :vocab], teacher_argmax, teacher_entropy)
+    return _finish(kd_sum, ce_sum, total_sum, normalizer, num_valid, statistics)
+
+
+def chunked_sparse_distillation_loss(
+    student_hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    teacher_topk_ids: Tensor,
+    teacher_topk_logprobs: Tensor,
+    teacher_tail_logprob: Tensor,
+    labels: Tensor,
+    *,
+    chunk_size: int = 1024,
+    loss_type: str = "forward_kl",
+    temperature: float = 1.0,
+    cache_temperature: float = 1.0,
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    scale_by_temperature_squared: bool | None = None,
+    kd_ratio: float = 1.0,
+    ignore_index: int = -100,
+    num_items_in_batch: int | Tensor | None = None,
+    shared_vocab_size: int | None = None,
+    teacher_vocab_size: int | None = None,
+    compute_ce_loss: bool = True,
+    fused_backward: bool = True,
+) -> DistillationLossOutput:
+    """Memory-efficient [`sparse_distillation_loss`] from the student's final hidden states and output head.
+
+    Valid tokens are processed `chunk_size` at a time, as in [`chunked_distillation_loss`]; the cached teacher
+    tensors are small (`(..., k)`) and are sliced per chunk. Same values and gradients as the dense sparse form.
+
+    Args:
+        student_hidden (`torch.Tensor` of shape `(batch, seq, hidden)` or `(tokens, hidden)`):
+            Final hidden states of the student, aligned with `labels`.
+        student_head (`Callable`):
+            hidden -> logits, usually `output_logits_fn(student)`.
+        chunk_size, fused_backward:
+            As in [`chunked_distillation_loss`].
+        teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob, labels, and the other keyword arguments:
+            As in [`sparse_distillation_loss`].
+
+    Returns:
+        [`DistillationLossOutput`]; only `loss` carries gradients.
+    """
+    _check_sparse_arguments(loss_type, temperature, cache_temperature, jsd_beta, kd_ratio)
+    _check_chunk_size(chunk_size)
+    if not compute_ce_loss and kd_ratio < 1.0:
+        raise ValueError(f"kd_ratio={kd_ratio} < 1 weighs in the cross-entropy; pass compute_ce_loss=True.")
+    leading_shape = student_hidden.shape[:-1]
+    ids, topk_logprobs, tail_logprob = _flatten_sparse_teacher(
+        teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob, leading_shape
+    )
+    valid, valid_labels = _select_valid(labels, leading_shape, "student_hidden", ignore_index)
+    num_valid = int(valid.numel())
+    normalizer = _normalizer(num_items_in_batch, num_valid)
+    if num_valid == 0:
+        return _zero_output(student_hidden, student_head, normalizer, compute_ce_loss)
+
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, valid)
+    ids = ids.index_select(0, valid).long()
+    topk_logprobs = topk_logprobs.index_select(0, valid)
+    tail_logprob = tail_logprob.index_select(0, valid)
+    resolved: dict[str, int] = {}
+
+    def kd_per_token(student_logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        if not resolved:
+            vocab, vocab_t = _resolve_sparse_vocab(
+                student_logits.shape[-1], shared_vocab_size, teacher_vocab_size, ids.shape[-1]
+            )
+            _check_sparse_teacher(ids, topk_logprobs, tail_logprob, vocab)
+            resolved.update(vocab=vocab, teacher_vocab_size=vocab_t)
+        kd_tokens, teacher_argmax, teacher_entropy = _sparse_kd_per_token(
+            student_logits, ids[start:end], topk_logprobs[start:end], tail_logprob[start:end], loss_type, temperature,
+            cache_temperature, jsd_beta, scale_by_temperature_squared, resolved["vocab"],
+            resolved["teacher_vocab_size"],
+        )  # fmt: skip
+        return kd_tokens, teacher_argmax, teacher_entropy, resolved["vocab"]
+
+    runner = _ChunkRunner(student_head, valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_per_token)
+    total_sum = _run_chunks(hidden, runner, student_head, fused_backward)
     return _finish(
         torch.as_tensor(runner.kd_sum, device=total_sum.device, dtype=total_sum.dtype),
         torch.as_tensor(runner.ce_sum, device=total_sum.device, dtype=total_sum.dtype) if compute_ce_loss else None,
