@@ -13,6 +13,7 @@ error naming the field before anything is written.
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import re
@@ -130,8 +131,13 @@ def _is_hub_id(name: str) -> bool:
 
 def _plain(value: Any) -> Any:
     """A YAML-safe version of `value` (numbers, strings, lists, dicts); anything else becomes its `str`."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
+    if isinstance(value, enum.Enum):  # e.g. transformers' SchedulerType, a str subclass yaml would tag
+        return _plain(value.value)
+    if value is None:
+        return None
+    for plain_type in (bool, int, str):  # subclasses become the plain type, which yaml.safe_dump writes untagged
+        if isinstance(value, plain_type):
+            return plain_type(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, Mapping):
