@@ -235,11 +235,12 @@ class _DeviceBridgeHead(nn.Module):
         return self.head(hidden_states.to(self.head_device)).to(hidden_states.device)
 
 
-class _ProjectionGradientSync(TrainerCallback):
-    """Averages the gradients of the learned hidden-state projections across processes before each optimizer step.
+class _ProjectionGradients(TrainerCallback):
+    """Gradient bookkeeping for the learned hidden-state projections, which live outside the student.
 
-    The projections live outside the student (so they never enter its saved checkpoint), hence outside DDP, which
-    would otherwise let each process train its own copy.
+    Keeping them out of the student keeps them out of its saved checkpoint, but also out of what the Trainer manages
+    for the model: it zeroes only `model`'s gradients after each optimizer step, and DDP averages only the model's
+    gradients across processes. This callback does both for the projections.
     """
 
     def __init__(self, projections: nn.Module) -> None:
@@ -254,6 +255,9 @@ class _ProjectionGradientSync(TrainerCallback):
             if parameter.grad is not None:
                 dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
                 parameter.grad /= dist.get_world_size()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.projections.zero_grad(set_to_none=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -557,8 +561,8 @@ class DistillationTrainer(Trainer):
                 "equal width, set hidden_loss_weight=0, or train without DeepSpeed/FSDP."
             )
         projections.to(self.args.device)
-        if has_parameters and self.args.world_size > 1:
-            self.add_callback(_ProjectionGradientSync(projections))
+        if has_parameters:
+            self.add_callback(_ProjectionGradients(projections))
         return projections
 
     def _deepspeed_stage(self) -> int:
