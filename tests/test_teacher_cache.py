@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
-from helpers import build_tiny_causal_lm
 
 from hf_interop import TeacherLogitsCache, cache_teacher_logits, load_causal_lm
 from hf_interop.teacher_cache import (
