@@ -1,0 +1,40 @@
+"""Logit-level ensembles of checkpoints that share a tokenizer: causal LMs that work with `generate()`, and
+sequence classifiers with voting or stacking.
+
+- :mod:`.combination`: the combination rules (pure functions over member log-probabilities).
+- :mod:`.causal_lm`: :class:`EnsembleConfig`, :class:`EnsembleForCausalLM` (one KV cache per member).
+- :mod:`.weights`: :func:`fit_ensemble_weights` (member weights by held-out NLL, PackLLM-style initialisation).
+- :mod:`.classification`: :class:`EnsembleForSequenceClassification`.
+"""
+
+from .causal_lm import EnsembleCache, EnsembleConfig, EnsembleForCausalLM, LoraAdapterMember
+from .combination import COMBINATIONS, combine_log_probs, contrastive, maximum, mixture, product
+from .members import plan_member_placement
+
+__all__ = [
+    "COMBINATIONS",
+    "EnsembleCache",
+    "EnsembleConfig",
+    "EnsembleForCausalLM",
+    "EnsembleForSequenceClassification",
+    "LoraAdapterMember",
+    "combine_log_probs",
+    "contrastive",
+    "fit_ensemble_weights",
+    "maximum",
+    "mixture",
+    "plan_member_placement",
+    "product",
+]
+
+
+def __getattr__(name: str):
+    if name == "fit_ensemble_weights":
+        from .weights import fit_ensemble_weights
+
+        return fit_ensemble_weights
+    if name == "EnsembleForSequenceClassification":
+        from .classification import EnsembleForSequenceClassification
+
+        return EnsembleForSequenceClassification
+    raise AttributeError(f"module 'hf_interop.ensemble' has no attribute {name!r}")

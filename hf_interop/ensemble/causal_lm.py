@@ -1,0 +1,1049 @@
+"""`EnsembleForCausalLM`: several causal LMs sharing a tokenizer, combined at the logit level, usable with generate().
+
+Each member keeps its own KV cache inside an :class:`EnsembleCache` that `generate()` carries between steps like
+any other cache, so a step feeds each member only the new token: generating T tokens costs about the sum of the
+members' own generate() instead of re-encoding the whole text every step (as DeePEn and UniTE do). Beam search
+reorders every member's cache; sampling, greedy search and streamers work unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..logging_utils import get_logger
+from ..utils import atomic_write_text
+from .combination import COMBINATIONS, check_contrastive_settings, check_weights, combine_log_probs
+from .members import (
+    check_member_path,
+    check_no_remote_code,
+    check_tokenizers_compatible,
+    dispatch_loaded_model,
+    input_device,
+    member_spec,
+    resolved_revision,
+)
+
+logger = get_logger(__name__)
+
+ENSEMBLE_MODEL_TYPE = "hf_interop_ensemble"
+VOTING_RULES = ("soft", "hard", "weighted", "stacking")
+
+
+class EnsembleConfig(PreTrainedConfig):
+    r"""Configuration of a logit-level ensemble (:class:`EnsembleForCausalLM`, :class:`EnsembleForSequenceClassification`).
+
+    Holds what is needed to rebuild the ensemble, never member weights: which checkpoints (pinned revisions), their
+    weights and how their distributions are combined.
+
+    Args:
+        members (`list[dict]`, *optional*):
+            One `{"name_or_path": str, "revision": str | None}` per member (hub id with a pinned commit, or a local
+            folder). Plain strings are accepted and turned into such dicts.
+        weights (`list[float]`, *optional*):
+            Non-negative member weights, one per member, normalised to sum to one; uniform when omitted.
+        combination (`str`, *optional*, defaults to `"mixture"`):
+            Causal LM rule: `"mixture"` (weighted mean of probabilities), `"product"` (weighted mean of
+            log-probabilities, renormalised), `"max"` (per-token maximum, renormalised) or `"contrastive"` (first
+            member the expert, second the amateur).
+        contrastive_alpha (`float`, *optional*, defaults to 0.1):
+            Plausibility cut-off of `"contrastive"`: tokens below `alpha` times the expert's top probability are
+            dropped. Higher keeps fewer tokens.
+        contrastive_amateur_weight (`float`, *optional*, defaults to 1.0):
+            How strongly `"contrastive"` subtracts the amateur's log-probabilities.
+        member_device_maps (`list`, *optional*):
+            One Accelerate device map per member (`"cpu"`, `"cuda:1"`, `{"": 0}`, a module map, `"auto"`, or `None`).
+        combine_device (`str`, *optional*):
+            Device where member log-probabilities are combined; defaults to the first member's input device.
+        member_dtype (`str`, *optional*):
+            dtype members are loaded in (`"float32"`, `"bfloat16"`, ...); each checkpoint's own when omitted.
+        lora_base_model (`dict`, *optional*):
+            `{"name_or_path", "revision"}` of the base model when the members are LoRA adapters of it (one copy of
+            the base weights is loaded and the adapters are switched per member).
+        vocab_size (`int`, *optional*):
+            Size of the shared vocabulary the combined distribution covers (the tokenizer's length); members with
+            padded embedding rows are cut to it. Filled in when the ensemble is built.
+        voting (`str`, *optional*, defaults to `"soft"`):
+            Classification rule of :class:`EnsembleForSequenceClassification`: `"soft"`, `"hard"`, `"weighted"` or
+            `"stacking"`.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Must stay `False`: ensembles never run code shipped with a checkpoint. Present so that a config asking
+            for it is refused with a clear error.
+    """
+
+    model_type = ENSEMBLE_MODEL_TYPE
+
+    members: list | None = None
+    weights: list | None = None
+    combination: str = "mixture"
+    contrastive_alpha: float = 0.1
+    contrastive_amateur_weight: float = 1.0
+    member_device_maps: list | None = None
+    combine_device: str | None = None
+    member_dtype: str | None = None
+    lora_base_model: dict | None = None
+    vocab_size: int | None = None
+    voting: str = "soft"
+    trust_remote_code: bool = False
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        check_no_remote_code(self.trust_remote_code, "EnsembleConfig")
+        if kwargs.get("auto_map"):
+            raise ValueError(
+                f"this ensemble config carries auto_map={kwargs['auto_map']!r} (custom code); hf_interop ensembles "
+                "never load remote code. Remove auto_map from config.json."
+            )
+        if self.members is not None:
+            self.members = [member_spec(member, index) for index, member in enumerate(self.members)]
+            check_weights(self.weights, len(self.members))
+            if self.member_device_maps is not None and len(self.member_device_maps) != len(self.members):
+                raise ValueError(
+                    f"member_device_maps has {len(self.member_device_maps)} entries but there are "
+                    f"{len(self.members)} members; give one device map (or None) per member."
+                )
+        if self.weights is not None:
+            self.weights = [float(weight) for weight in self.weights]
+        if self.combination not in COMBINATIONS:
+            raise ValueError(
+                f"combination {self.combination!r} is not supported; use one of {', '.join(COMBINATIONS)}."
+            )
+        check_contrastive_settings(self.contrastive_alpha, self.contrastive_amateur_weight)
+        if self.voting not in VOTING_RULES:
+            raise ValueError(f"voting {self.voting!r} is not supported; use one of {', '.join(VOTING_RULES)}.")
+        super().__post_init__(**kwargs)
+
+
+class EnsembleCache(Cache):
+    """One cache per member, carried by `generate()` as a single `Cache`.
+
+    Every cache operation `generate()` performs (length queries, beam reordering, cropping, batch selection) is
+    applied to each member's cache on that cache's own device.
+    """
+
+    is_compileable = False
+
+    def __init__(self, member_caches: Sequence[Cache | None]):
+        # No Cache.__init__: this container owns no layers of its own.
+        self.member_caches = list(member_caches)
+        self.offloading = False
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}(member_caches={self.member_caches})"
+
+    def _present(self) -> list[Cache]:
+        return [cache for cache in self.member_caches if cache is not None]
+
+    @property
+    def layers(self) -> list:
+        return [layer for cache in self._present() for layer in getattr(cache, "layers", [])]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        lengths = [cache.get_seq_length() for cache in self._present()]
+        return lengths[0] if lengths else 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        lengths = [cache.get_max_length() for cache in self._present()]
+        bounded = [length for length in lengths if length is not None and length >= 0]
+        return min(bounded) if bounded else -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for cache in self._present():
+            cache.reorder_cache(beam_idx)
+
+    def reset(self) -> None:
+        for cache in self._present():
+            cache.reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for cache in self._present():
+            cache.crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for cache in self._present():
+            cache.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for cache in self._present():
+            cache.batch_select_indices(indices)
+
+    def activate_past_recording(self) -> None:
+        for cache in self._present():
+            cache.activate_past_recording()
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self._present()) and all(cache.is_initialized for cache in self._present())
+
+    @property
+    def is_croppable(self) -> bool:
+        return all(cache.is_croppable for cache in self._present())
+
+    @property
+    def batch_size(self) -> int:
+        sizes = [cache.batch_size for cache in self._present()]
+        return sizes[0] if sizes else -1
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [flag for cache in self._present() for flag in cache.is_sliding]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [flag for cache in self._present() for flag in cache.is_linear]
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [flag for cache in self._present() for flag in cache.is_dummy]
+
+
+class LoraAdapterMember(nn.Module):
+    """One LoRA adapter of a shared `peft.PeftModel` seen as a causal LM: activates its adapter, then runs the model.
+
+    All views of one ensemble hold the same `PeftModel`, so the base weights exist once.
+    """
+
+    def __init__(self, peft_model: nn.Module, adapter_name: str):
+        super().__init__()
+        self.peft_model = peft_model
+        self.adapter_name = adapter_name
+        self.config = peft_model.get_base_model().config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.peft_model.get_base_model().get_input_embeddings()
+
+    def generation_model(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.peft_model.active_adapter != self.adapter_name:
+            self.peft_model.set_adapter(self.adapter_name, inference_mode=True)
+        return self.peft_model(*args, **kwargs)
+
+
+def _generation_model(member: nn.Module) -> nn.Module:
+    return member.generation_model() if isinstance(member, LoraAdapterMember) else member
+
+
+def _accepts(module: nn.Module, argument: str) -> bool:
+    target = _generation_model(module)
+    try:
+        return argument in inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _output_vocab_size(member: nn.Module) -> int | None:
+    config = getattr(member, "config", None)
+    if config is None:
+        return None
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "vocab_size", None)
+
+
+class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
+    r"""A logit-level ensemble of causal LMs that share a tokenizer, behaving like one `PreTrainedModel`.
+
+    `forward` returns a `CausalLMOutputWithPast` whose `logits` are the combined distribution's **log-probabilities**
+    over the shared vocabulary (`softmax(logits)` is the ensemble's next-token distribution), so `generate()`,
+    pipelines, `Trainer.evaluate` and distillation trainers use it like any causal LM. `get_output_embeddings()`
+    returns `None`: there is no single LM head, a distillation trainer must take the full `logits`.
+
+    Build it with :meth:`from_members` (names, paths, loaded models or `(model, tokenizer)` pairs),
+    :meth:`from_lora_adapters` (several LoRA adapters of one base), or `EnsembleForCausalLM(config)` /
+    :meth:`from_pretrained` (members loaded from the config with :func:`hf_interop.load_causal_lm`,
+    `trust_remote_code=False`).
+
+    Example:
+
+    ```python
+    >>> from hf_interop import EnsembleForCausalLM
+    >>> ensemble = EnsembleForCausalLM.from_members(["./student-seed0", "./student-seed1"], combination="product")
+    >>> ids = ensemble.tokenizer("The with statement", return_tensors="pt").input_ids
+    >>> ensemble.generate(ids, max_new_tokens=20)
+    ```
+    """
+
+    config_class = EnsembleConfig
+    base_model_prefix = "ensemble"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def __init__(
+        self,
+        config: EnsembleConfig,
+        members: Sequence[Any] | None = None,
+        tokenizer: Any = None,
+        *,
+        device_map: str | None = None,
+        max_memory: dict | None = None,
+        token: str | bool | None = None,
+    ):
+        if not isinstance(config, EnsembleConfig):
+            raise TypeError(f"config must be an EnsembleConfig, got {type(config).__name__}.")
+        check_no_remote_code(config.trust_remote_code, "EnsembleConfig")
+        loaded, tokenizers, names = _prepare_members(config, members, device_map, max_memory, token)
+        super().__init__(config)
+        self.members = nn.ModuleList(loaded)
+        for member in self.members:
+            member.eval()
+            for parameter in member.parameters():
+                parameter.requires_grad_(False)
+        if tokenizer is None:
+            tokenizer = next((candidate for candidate in tokenizers if candidate is not None), None)
+        self.tokenizer = tokenizer
+        check_tokenizers_compatible(
+            [*tokenizers, tokenizer] if tokenizer is not None else tokenizers, [*names, "tokenizer"]
+        )
+        self._set_shared_vocab_size(tokenizer, names)
+        self._member_devices = [input_device(member) for member in self.members]
+        self._combine_device = (
+            torch.device(config.combine_device) if config.combine_device else self._member_devices[0]
+        )
+        self._logits_to_keep_support = [_accepts(member, "logits_to_keep") for member in self.members]
+        self.generation_config = _generation_config_from(self.members[0], tokenizer)
+        self.post_init()
+        self.eval()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Construction
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_members(
+        cls,
+        members: Sequence[Any],
+        weights: Sequence[float] | None = None,
+        combination: str = "mixture",
+        *,
+        tokenizer: Any = None,
+        revisions: Sequence[str | None] | None = None,
+        member_device_maps: Sequence[Any] | None = None,
+        device_map: str | None = None,
+        max_memory: dict | None = None,
+        combine_device: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        contrastive_alpha: float = 0.1,
+        contrastive_amateur_weight: float = 1.0,
+        trust_remote_code: bool = False,
+        token: str | bool | None = None,
+    ) -> EnsembleForCausalLM:
+        """Build an ensemble from member names/paths, loaded models, or `(model, tokenizer)` pairs.
+
+        Everything that can be checked without weights is checked first (member count, weights, combination,
+        paths, `trust_remote_code`), so a bad argument fails before any member is loaded.
+
+        Args:
+            members (`list`): hub ids, local folders, `{"name_or_path", "revision"}` dicts, loaded causal LMs, or
+                `(model, tokenizer)` pairs as returned by :func:`hf_interop.load_causal_lm`.
+            weights (`list[float]`, *optional*): non-negative, one per member; uniform when omitted.
+            combination (`str`, *optional*, defaults to `"mixture"`): `"mixture"`, `"product"`, `"max"` or
+                `"contrastive"`.
+            tokenizer (*optional*): the shared tokenizer; defaults to the first member's.
+            revisions (`list[str | None]`, *optional*): revision per member (for hub ids given as strings).
+            member_device_maps (`list`, *optional*): an Accelerate device map per member.
+            device_map (`str`, *optional*): `"auto"` spreads whole members over the GPUs within `max_memory`, with
+                CPU offload as the fallback (see :func:`hf_interop.ensemble.members.plan_member_placement`).
+            max_memory (`dict`, *optional*): budgets for `device_map="auto"`, e.g. `{0: "20GiB", "cpu": "60GiB"}`.
+            combine_device (`str`, *optional*): where log-probabilities are combined (default: first member's).
+            dtype (`str` or `torch.dtype`, *optional*): dtype members are loaded in.
+            contrastive_alpha (`float`, *optional*, defaults to 0.1): plausibility cut-off of `"contrastive"`.
+            contrastive_amateur_weight (`float`, *optional*, defaults to 1.0): amateur strength of `"contrastive"`.
+            trust_remote_code (`bool`, *optional*, defaults to `False`): must stay `False` (refused otherwise).
+            token (`str` or `bool`, *optional*): Hub token for private members.
+        """
+        check_no_remote_code(trust_remote_code, "EnsembleForCausalLM.from_members")
+        members = list(members) if members is not None else []
+        if not members:
+            raise ValueError("members is empty; an ensemble needs at least one member (hub id, path or model).")
+        if revisions is not None and len(revisions) != len(members):
+            raise ValueError(
+                f"revisions has {len(revisions)} entries for {len(members)} members; give one per member."
+            )
+        specs: list[dict[str, Any]] = []
+        for index, member in enumerate(members):
+            model = member[0] if isinstance(member, tuple) else member
+            if isinstance(model, nn.Module):
+                specs.append(_spec_of_loaded(model))
+            else:
+                specs.append(member_spec(member, index, revisions[index] if revisions else None))
+        config = EnsembleConfig(
+            members=specs,
+            weights=list(weights) if weights is not None else None,
+            combination=combination,
+            contrastive_alpha=contrastive_alpha,
+            contrastive_amateur_weight=contrastive_amateur_weight,
+            member_device_maps=list(member_device_maps) if member_device_maps is not None else None,
+            combine_device=str(combine_device) if combine_device is not None else None,
+            member_dtype=_dtype_name(dtype),
+        )
+        return cls(
+            config, members=members, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory, token=token
+        )
+
+    @classmethod
+    def from_lora_adapters(
+        cls,
+        base_model: Any,
+        adapters: Sequence[str | os.PathLike],
+        weights: Sequence[float] | None = None,
+        combination: str = "mixture",
+        *,
+        tokenizer: Any = None,
+        base_revision: str | None = None,
+        dtype: str | torch.dtype | None = None,
+        contrastive_alpha: float = 0.1,
+        contrastive_amateur_weight: float = 1.0,
+    ) -> EnsembleForCausalLM:
+        """Several peft LoRA adapters of one base model as members, with one copy of the base weights.
+
+        Each member activates its adapter (`set_adapter`) before running the shared `PeftModel`; each keeps its own
+        KV cache. Outputs equal those of the separately merged models.
+
+        Args:
+            base_model (`str`, `os.PathLike` or `PreTrainedModel`): the base checkpoint, or the loaded base model
+                (then it is wrapped in place by peft).
+            adapters (`list[str]`): local folders (or hub ids) of LoRA adapters trained on that base.
+            weights, combination, tokenizer, dtype, contrastive_alpha, contrastive_amateur_weight: as in
+                :meth:`from_members`.
+            base_revision (`str`, *optional*): revision of a hub `base_model`.
+        """
+        adapters = [str(adapter) for adapter in adapters]
+        if not adapters:
+            raise ValueError("adapters is empty; pass at least one LoRA adapter folder.")
+        for index, adapter in enumerate(adapters):
+            check_member_path({"name_or_path": adapter}, index)
+            if os.path.isdir(adapter) and not (Path(adapter) / "adapter_config.json").is_file():
+                raise ValueError(
+                    f"adapters[{index}] {adapter!r} has no adapter_config.json; pass folders written by "
+                    "PeftModel.save_pretrained."
+                )
+        if isinstance(base_model, nn.Module):
+            base_spec = _spec_of_loaded(base_model)
+        else:
+            base_spec = member_spec(base_model, 0, base_revision)
+            check_member_path(base_spec, 0)
+        config = EnsembleConfig(
+            members=[{"name_or_path": adapter, "revision": None} for adapter in adapters],
+            weights=list(weights) if weights is not None else None,
+            combination=combination,
+            contrastive_alpha=contrastive_alpha,
+            contrastive_amateur_weight=contrastive_amateur_weight,
+            member_dtype=_dtype_name(dtype),
+            lora_base_model=base_spec,
+        )
+        members = _load_lora_members(config, base_model if isinstance(base_model, nn.Module) else None)
+        if tokenizer is None and not isinstance(base_model, nn.Module):
+            from ..loading import load_tokenizer
+
+            tokenizer = load_tokenizer(base_spec["name_or_path"], revision=base_spec["revision"])
+        return cls(config, members=members, tokenizer=tokenizer)
+
+    def _set_shared_vocab_size(self, tokenizer: Any, names: Sequence[str]) -> None:
+        output_sizes = [_output_vocab_size(member) for member in self.members]
+        known = [size for size in output_sizes if size is not None]
+        shared = len(tokenizer) if tokenizer is not None else (min(known) if known else None)
+        if shared is None:
+            raise ValueError("cannot tell the vocabulary size: pass the shared tokenizer (tokenizer=...).")
+        for index, size in enumerate(output_sizes):
+            if size is not None and size < shared:
+                raise ValueError(
+                    f"members[{index}] ({names[index]!r}) predicts {size} tokens but the shared tokenizer has {shared}; "
+                    "every member must cover the whole shared vocabulary. Resize its embeddings or drop it."
+                )
+        if tokenizer is None and len(set(known)) > 1:
+            logger.warning(
+                f"members have output sizes {known} and no tokenizer was given; combining over the first {shared} "
+                "ids. Pass (model, tokenizer) pairs so the token maps can be checked."
+            )
+        self.config.vocab_size = int(shared)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Model API
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go and member log-probabilities are combined."""
+        return self._combine_device
+
+    @property
+    def num_members(self) -> int:
+        return len(self.members)
+
+    @property
+    def member_weights(self) -> torch.Tensor:
+        """Normalised member weights (uniform when the config has none)."""
+        if self.config.weights is None:
+            return torch.full((self.num_members,), 1.0 / self.num_members)
+        weights = torch.tensor(self.config.weights, dtype=torch.float32)
+        return weights / weights.sum()
+
+    def set_member_weights(self, weights: Sequence[float] | torch.Tensor) -> None:
+        """Replace the member weights (validated, stored normalised in the config)."""
+        values = weights.detach().cpu().tolist() if isinstance(weights, torch.Tensor) else list(weights)
+        check_weights(values, self.num_members)
+        total = sum(values)
+        self.config.weights = [float(value) / total for value in values]
+
+    def get_input_embeddings(self) -> None:
+        return None
+
+    def get_output_embeddings(self) -> None:
+        """`None`: each member has its own head; use the returned `logits` (log-probabilities) instead."""
+        return None
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        raise NotImplementedError("an ensemble has no input embeddings of its own; change the members instead.")
+
+    def init_weights(self) -> None:
+        # Members arrive trained; post_init must not re-initialise (or tie) any of their weights.
+        return None
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def new_cache(self) -> EnsembleCache:
+        """An empty cache to pass as `past_key_values` (members fill their own on the first forward)."""
+        return EnsembleCache([None] * self.num_members)
+
+    def _prepare_cache_for_generation(
+        self,
+        generation_config: GenerationConfig,
+        model_kwargs: dict,
+        generation_mode: Any,
+        batch_size: int,
+        max_cache_length: int,
+    ) -> None:
+        # generate() would build one DynamicCache from this (layer-less) config; build one cache per member instead,
+        # each the way that member's own generate() would, and carry them together.
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None:
+            if not isinstance(user_cache, EnsembleCache):
+                raise ValueError(
+                    f"past_key_values is a {type(user_cache).__name__}; an ensemble needs an EnsembleCache (one cache "
+                    "per member): pass ensemble.new_cache() or leave past_key_values unset."
+                )
+            user_cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        caches: list[Cache | None] = []
+        for member in self.members:
+            model = _generation_model(member)
+            member_kwargs: dict[str, Any] = {}
+            if isinstance(model, GenerationMixin) and hasattr(model, "_prepare_cache_for_generation"):
+                model._prepare_cache_for_generation(
+                    generation_config, member_kwargs, generation_mode, batch_size, max_cache_length
+                )
+            caches.append(member_kwargs.get("past_key_values"))
+        model_kwargs["past_key_values"] = EnsembleCache(caches)
+
+    def member_log_probs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: EnsembleCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
+    ) -> tuple[torch.Tensor, list[Cache | None]]:
+        """Each member's normalised log-probabilities over the shared vocabulary, stacked on the combine device.
+
+        Returns:
+            `(log_probs, caches)`: `log_probs` of shape `(num_members, batch, positions, vocab_size)` in float32 and
+            each member's cache (`None` where `use_cache` is off).
+        """
+        member_caches = past_key_values.member_caches if past_key_values is not None else [None] * self.num_members
+        vocab_size = self.config.vocab_size
+        log_probs, caches = [], []
+        for index, member in enumerate(self.members):
+            device = self._member_devices[index]
+            kwargs: dict[str, Any] = {
+                "input_ids": input_ids.to(device),
+                "attention_mask": attention_mask.to(device) if attention_mask is not None else None,
+                "use_cache": use_cache,
+                "return_dict": True,
+            }
+            if position_ids is not None:
+                kwargs["position_ids"] = position_ids.to(device)
+            if use_cache:
+                kwargs["past_key_values"] = member_caches[index]
+            keep_in_member = self._logits_to_keep_support[index] and not (
+                isinstance(logits_to_keep, int) and logits_to_keep == 0
+            )
+            if keep_in_member:
+                kwargs["logits_to_keep"] = logits_to_keep
+            outputs = member(**kwargs)
+            logits = outputs.logits
+            if not keep_in_member and isinstance(logits_to_keep, int) and logits_to_keep > 0:
+                logits = logits[:, -logits_to_keep:]
+            elif not keep_in_member and isinstance(logits_to_keep, torch.Tensor):
+                logits = logits[:, logits_to_keep.to(logits.device)]
+            logits = logits[..., :vocab_size].to(device=self._combine_device, dtype=torch.float32)
+            log_probs.append(torch.log_softmax(logits, dim=-1))
+            caches.append(getattr(outputs, "past_key_values", None) if use_cache else None)
+        return torch.stack(log_probs, dim=0), caches
+
+    def combine(self, member_log_probs: torch.Tensor) -> torch.Tensor:
+        """The configured combination rule applied to stacked member log-probabilities."""
+        return combine_log_probs(
+            member_log_probs,
+            self.config.combination,
+            self.member_weights.to(member_log_probs.device),
+            self.config.contrastive_alpha,
+            self.config.contrastive_amateur_weight,
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: EnsembleCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        r"""Combined next-token log-probabilities of the members.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch, length)`): token ids of the shared tokenizer.
+            attention_mask, position_ids: passed to every member.
+            past_key_values (`EnsembleCache`, *optional*): one cache per member (what `generate()` carries).
+            inputs_embeds: not supported (members have different embeddings).
+            labels (`torch.LongTensor`, *optional*): targets for the causal LM loss (shifted inside; -100 ignored).
+            use_cache (`bool`, *optional*): return the members' caches in an `EnsembleCache`.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0): compute only the last positions.
+
+        Returns:
+            `CausalLMOutputWithPast` with `logits` = combined **log-probabilities** `(batch, positions, vocab_size)`
+            and `loss` = mean negative log-likelihood of `labels` under the ensemble.
+        """
+        if inputs_embeds is not None:
+            raise ValueError(
+                "inputs_embeds is not supported by an ensemble: its members embed tokens differently. Pass input_ids."
+            )
+        if input_ids is None:
+            raise ValueError("input_ids is required.")
+        if past_key_values is not None and not isinstance(past_key_values, EnsembleCache):
+            raise ValueError(
+                f"past_key_values is a {type(past_key_values).__name__}; pass the EnsembleCache returned by a previous "
+                "call (or ensemble.new_cache())."
+            )
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        use_cache = bool(use_cache)
+        member_log_probs, caches = self.member_log_probs(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache, logits_to_keep
+        )
+        combined = self.combine(member_log_probs)
+        cache_out = None
+        if use_cache:
+            cache_out = past_key_values if past_key_values is not None else EnsembleCache(caches)
+            cache_out.member_caches = caches
+        loss = None
+        if labels is not None:
+            loss = causal_lm_nll(combined, labels.to(combined.device), kwargs.get("num_items_in_batch"))
+        return CausalLMOutputWithPast(loss=loss, logits=combined, past_key_values=cache_out)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving, loading, publishing
+    # ------------------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write the ensemble config (members with pinned revisions, weights, rule), generation config, the shared
+        tokenizer and a model card. Member weights are not copied: :meth:`from_pretrained` loads them from the
+        recorded hub ids / folders.
+        """
+        if push_to_hub:
+            raise ValueError("use ensemble.push_to_hub(repo_id) to publish; save_pretrained only writes a folder.")
+        for index, spec in enumerate(self.config.members or []):
+            if not spec.get("name_or_path"):
+                raise ValueError(
+                    f"members[{index}] was given as an in-memory model with no name_or_path, so a saved ensemble could "
+                    "not load it again. Save that model first (model.save_pretrained(folder)) and build the ensemble "
+                    "from the folder."
+                )
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.config.architectures = [self.__class__.__name__]
+        atomic_write_text(save_directory / "config.json", self.config.to_json_string(use_diff=True))
+        atomic_write_text(save_directory / "generation_config.json", self.generation_config.to_json_string())
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+        self._write_card(save_directory)
+
+    def _write_card(self, save_directory: Path) -> None:
+        weights = self.member_weights.tolist()
+        members = [
+            {"name_or_path": spec["name_or_path"], "revision": spec.get("revision"), "weight": round(weight, 6)}
+            for spec, weight in zip(self.config.members, weights, strict=True)
+        ]
+        metadata: dict[str, Any] = {"members": members, "combination": self.config.combination}
+        if self.config.lora_base_model:
+            metadata["base_model"] = self.config.lora_base_model["name_or_path"]
+        write_ensemble_card(save_directory, metadata)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        trust_remote_code: bool = False,
+        device_map: str | None = None,
+        max_memory: dict | None = None,
+        member_device_maps: Sequence[Any] | None = None,
+        dtype: str | torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> EnsembleForCausalLM:
+        """Rebuild a saved ensemble: read its config, then load each member (trust_remote_code=False)."""
+        check_no_remote_code(trust_remote_code, "EnsembleForCausalLM.from_pretrained")
+        config = kwargs.pop("config", None)
+        if not isinstance(config, EnsembleConfig):
+            config = load_ensemble_config(pretrained_model_name_or_path, revision=revision, token=token)
+        if member_device_maps is not None:
+            config.member_device_maps = list(member_device_maps)
+        if dtype is not None:
+            config.member_dtype = _dtype_name(dtype)
+        tokenizer = _load_saved_tokenizer(pretrained_model_name_or_path, revision)
+        if config.lora_base_model:
+            members = _load_lora_members(config, None)
+            model = cls(config, members=members, tokenizer=tokenizer)
+        else:
+            model = cls(config, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory, token=token)
+        model.name_or_path = str(pretrained_model_name_or_path)
+        return model
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Publish the ensemble config, generation config, tokenizer and card (no member weights) to `repo_id`.
+
+        Members should be hub ids with pinned revisions so others can rebuild the ensemble; local-path members are
+        published as given, with a warning.
+        """
+        from huggingface_hub import HfApi
+
+        local = [spec["name_or_path"] for spec in self.config.members if os.path.exists(spec["name_or_path"])]
+        if local:
+            logger.warning(
+                f"members {local} are local paths; the published ensemble can only be rebuilt where those folders "
+                "exist. Push the members to the Hub and rebuild the ensemble from their hub ids to share it."
+            )
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                commit_message=commit_message or "Upload hf_interop ensemble config",
+                revision=revision,
+                create_pr=create_pr,
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def causal_lm_nll(
+    log_probs: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean negative log-likelihood of `labels` (shifted: position t predicts label t+1, -100 ignored)."""
+    shift_log_probs = log_probs[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    nll = torch.nn.functional.nll_loss(
+        shift_log_probs.reshape(-1, shift_log_probs.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum().clamp_min(1)
+    if isinstance(count, torch.Tensor):
+        count = count.to(nll.device)
+    return nll / count
+
+
+def write_ensemble_card(save_directory: Path, metadata: dict[str, Any]) -> None:
+    """README.md through :func:`hf_interop.write_model_card` (`kind="ensemble"`), or a plain card without it."""
+    try:
+        from ..model_card import write_model_card
+    except ImportError:
+        write_model_card = None
+    if write_model_card is not None:
+        write_model_card(save_directory, kind="ensemble", **metadata)
+        return
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [hf_interop, ensemble]",
+        "---",
+        "",
+        "# hf_interop ensemble",
+        "",
+        f"A logit-level ensemble combined by the `{metadata.get('combination')}` rule.",
+        "",
+        "| member | revision | weight |",
+        "|---|---|---|",
+    ]
+    for member in metadata["members"]:
+        lines.append(f"| {member['name_or_path']} | {member.get('revision') or 'not pinned'} | {member['weight']} |")
+    atomic_write_text(save_directory / "README.md", "\n".join(lines) + "\n")
+
+
+def load_ensemble_config(
+    name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None
+) -> EnsembleConfig:
+    """Read an ensemble's config.json (folder or hub id), refusing anything that is not an ensemble config."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+
+    name_or_path = str(name_or_path)
+    if os.path.isdir(name_or_path):
+        config_path = Path(name_or_path) / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"{name_or_path!r} has no config.json; it is not a saved ensemble.")
+    elif os.path.exists(name_or_path):
+        raise ValueError(
+            f"{name_or_path!r} is a file; pass the folder written by EnsembleForCausalLM.save_pretrained."
+        )
+    else:
+        from ..loading import looks_like_hub_id
+
+        if not looks_like_hub_id(name_or_path):
+            raise ValueError(f"path {name_or_path!r} does not exist; pass a saved ensemble folder or a hub id.")
+        config_path = Path(hf_hub_download(name_or_path, "config.json", revision=revision, token=token))
+    data = json.loads(config_path.read_text(encoding="utf-8"))
+    if data.get("model_type") != ENSEMBLE_MODEL_TYPE:
+        raise ValueError(
+            f"{name_or_path!r} holds a {data.get('model_type')!r} config, not an hf_interop ensemble "
+            f"({ENSEMBLE_MODEL_TYPE!r}); load it with hf_interop.load_causal_lm or use it as a member."
+        )
+    check_no_remote_code(data.get("trust_remote_code"), f"config.json of {name_or_path!r}")
+    data.pop("model_type", None)
+    data.pop("transformers_version", None)
+    return EnsembleConfig(**data)
+
+
+def _load_saved_tokenizer(name_or_path: str | os.PathLike, revision: str | None) -> Any:
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    try:
+        from ..loading import load_tokenizer
+
+        return load_tokenizer(str(name_or_path), revision=revision)
+    except (OSError, ValueError):
+        return None
+
+
+def _dtype_name(dtype: Any) -> str | None:
+    if dtype is None:
+        return None
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    return str(dtype)
+
+
+def _spec_of_loaded(model: nn.Module) -> dict[str, Any]:
+    if isinstance(model, LoraAdapterMember):
+        return {"name_or_path": model.adapter_name, "revision": None}
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    name = str(name or "")
+    if name and os.path.exists(name):
+        name = str(Path(name).resolve())
+    return {"name_or_path": name, "revision": resolved_revision(model, None)}
+
+
+def _generation_config_from(member: nn.Module, tokenizer: Any) -> GenerationConfig:
+    source = getattr(_generation_model(member), "generation_config", None)
+    values: dict[str, Any] = {}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        value = getattr(source, key, None) if source is not None else None
+        if value is None and tokenizer is not None:
+            value = getattr(tokenizer, key, None)
+        if value is not None:
+            values[key] = value
+    if "pad_token_id" not in values and "eos_token_id" in values:
+        eos = values["eos_token_id"]
+        values["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
+    return GenerationConfig(**values)
+
+
+def _prepare_members(
+    config: EnsembleConfig,
+    members: Sequence[Any] | None,
+    device_map: str | None,
+    max_memory: dict | None,
+    token: str | bool | None,
+) -> tuple[list[nn.Module], list[Any], list[str]]:
+    """Validate everything cheap first, then load or place the members. Returns models, tokenizers, names."""
+    from ..loading import load_causal_lm
+    from ..utils import resolve_dtype
+
+    specs = config.members or []
+    if members is None and not specs:
+        raise ValueError("EnsembleConfig.members is empty; an ensemble needs at least one member.")
+    if members is not None and len(members) == 0:
+        raise ValueError("members is empty; an ensemble needs at least one member (hub id, path or model).")
+    count = len(members) if members is not None else len(specs)
+    check_weights(config.weights, count)
+    if config.combination == "contrastive" and count != 2:
+        raise ValueError(
+            f"combination='contrastive' needs exactly 2 members (expert first, amateur second); got {count}."
+        )
+    if device_map is not None and config.member_device_maps is not None:
+        raise ValueError("pass either device_map='auto' (placement of whole members) or member_device_maps, not both.")
+    if device_map is not None and device_map != "auto":
+        raise ValueError(
+            f"device_map={device_map!r} is not understood for an ensemble; use 'auto' (with max_memory) to spread "
+            "members, or member_device_maps=[...] to place each member yourself."
+        )
+    entries: list[Any] = list(members) if members is not None else list(specs)
+    to_load: list[int] = []
+    for index, entry in enumerate(entries):
+        model = entry[0] if isinstance(entry, tuple) else entry
+        if isinstance(model, nn.Module):
+            continue
+        spec = member_spec(entry, index) if not isinstance(entry, dict) else member_spec(entry, index)
+        check_member_path(spec, index)
+        entries[index] = spec
+        to_load.append(index)
+    dtype = resolve_dtype(config.member_dtype)
+    device_maps: list[Any] = list(config.member_device_maps) if config.member_device_maps else [None] * count
+    extra_memory: list[dict | None] = [None] * count
+    if device_map == "auto":
+        device_maps, extra_memory = _auto_placement(entries, max_memory, dtype)
+
+    loaded: list[nn.Module] = []
+    tokenizers: list[Any] = []
+    names: list[str] = []
+    for index, entry in enumerate(entries):
+        if index in to_load:
+            spec = entry
+            member_map = device_maps[index]
+            if member_map == "auto" and extra_memory[index] is not None:
+                from .members import auto_device_map
+
+                member_map = auto_device_map(spec["name_or_path"], spec.get("revision"), extra_memory[index], dtype)
+            model, tokenizer = load_causal_lm(
+                spec["name_or_path"],
+                revision=spec.get("revision"),
+                gguf_file=spec.get("gguf_file"),
+                dtype=dtype,
+                device_map=member_map,
+                trust_remote_code=False,
+                token=token,
+            )
+            spec["revision"] = resolved_revision(model, spec.get("revision"))
+            if config.members is not None and index < len(config.members):
+                config.members[index] = spec
+            name = spec["name_or_path"]
+        else:
+            model, tokenizer = (entry[0], entry[1]) if isinstance(entry, tuple) else (entry, None)
+            if device_maps[index] is not None:
+                model = dispatch_loaded_model(model, device_maps[index], extra_memory[index])
+            name = (config.members[index]["name_or_path"] if config.members else "") or f"member {index}"
+        loaded.append(model)
+        tokenizers.append(tokenizer)
+        names.append(name)
+    return loaded, tokenizers, names
+
+
+def _auto_placement(
+    entries: Sequence[Any], max_memory: dict | None, dtype: Any
+) -> tuple[list[Any], list[dict | None]]:
+    """Per-member device maps for `device_map="auto"`: whole members on GPUs, then split with CPU offload."""
+    from accelerate.utils import get_max_memory
+
+    from .members import local_weight_bytes, meta_model_size, plan_member_placement
+
+    budgets = get_max_memory(max_memory)
+    sizes = []
+    for entry in entries:
+        model = entry[0] if isinstance(entry, tuple) else entry
+        if isinstance(model, nn.Module):
+            sizes.append(sum(p.numel() * p.element_size() for p in model.parameters()))
+        else:
+            size = local_weight_bytes(entry["name_or_path"]) if dtype is None else None
+            sizes.append(
+                size if size is not None else meta_model_size(entry["name_or_path"], entry.get("revision"), dtype)
+            )
+    plans = plan_member_placement(sizes, budgets)
+    device_maps = [plan["device_map"] for plan in plans]
+    memories = [plan.get("max_memory") for plan in plans]
+    logger.info(f"Placed ensemble members (sizes {sizes} bytes) as {device_maps}.")
+    return device_maps, memories
+
+
+def _load_lora_members(config: EnsembleConfig, base_model: nn.Module | None) -> list[nn.Module]:
+    """Load the base once, attach every adapter to it, and return one view per adapter."""
+    from peft import PeftModel
+
+    from ..loading import load_causal_lm
+    from ..utils import resolve_dtype
+
+    if base_model is None:
+        spec = config.lora_base_model
+        check_member_path(spec, 0)
+        base_model, _ = load_causal_lm(
+            spec["name_or_path"],
+            revision=spec.get("revision"),
+            dtype=resolve_dtype(config.member_dtype),
+            trust_remote_code=False,
+            load_tokenizer_too=False,
+        )
+    adapters = [spec["name_or_path"] for spec in config.members]
+    names = [f"member_{index}" for index in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(base_model, adapters[0], adapter_name=names[0], is_trainable=False)
+    for name, adapter in zip(names[1:], adapters[1:], strict=True):
+        peft_model.load_adapter(adapter, adapter_name=name, is_trainable=False)
+    peft_model.eval()
+    return [LoraAdapterMember(peft_model, name) for name in names]
+
+
+def register_auto_classes() -> None:
+    """Let `AutoConfig` / `AutoModelForCausalLM.from_pretrained(folder)` open saved ensembles."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(ENSEMBLE_MODEL_TYPE, EnsembleConfig)
+        AutoModelForCausalLM.register(EnsembleConfig, EnsembleForCausalLM)
+    except ValueError:  # already registered (module reloaded)
+        pass
+
+
+register_auto_classes()

@@ -1,0 +1,284 @@
+"""Member handling shared by the ensemble models: specs, validation before loading, token-map checks, placement."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..logging_utils import get_logger
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+logger = get_logger(__name__)
+
+# Texts whose encodings must agree between members: words, code, whitespace runs, digits, accents, CJK, emoji.
+PROBE_TEXTS = (
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "def mean(values):\n    return sum(values) / len(values)\n",
+    "  two leading spaces,\ta tab,\n\nand blank lines   ",
+    "1234567890 3.14159 -42 1e-9 0x1F",
+    "naïve café in Zürich, Ελληνικά, 東京タワー, emoji 😀👍",
+    "<html><body class='x'>{\"key\": [1, 2]}</body></html>",
+)
+
+CROSS_TOKENIZER_HINT = (
+    "A logit-level ensemble needs members that share one token-to-id map. For members with different tokenizers "
+    "use cross-tokenizer ensembling, which aligns vocabularies first (DeePEn, https://huggingface.co/papers/2404.12715; "
+    "UniTE, https://huggingface.co/papers/2410.03777), or pick members that share a tokenizer."
+)
+
+
+def member_spec(member: Any, index: int, revision: str | None = None) -> dict[str, Any]:
+    """`{"name_or_path", "revision"}` for a member given by name/path or as such a dict."""
+    if isinstance(member, dict):
+        if "name_or_path" not in member:
+            raise ValueError(
+                f"members[{index}] is a dict without 'name_or_path' ({member!r}); use "
+                "{'name_or_path': 'org/name' or '/path', 'revision': '<commit>'}."
+            )
+        spec = {"name_or_path": str(member["name_or_path"]), "revision": member.get("revision")}
+        if member.get("gguf_file"):
+            spec["gguf_file"] = member["gguf_file"]
+        return spec
+    if isinstance(member, (str, os.PathLike)):
+        return {"name_or_path": str(member), "revision": revision}
+    raise TypeError(
+        f"members[{index}] has type {type(member).__name__}; pass a hub id, a local path, a "
+        "{'name_or_path', 'revision'} dict, a loaded model, or a (model, tokenizer) pair."
+    )
+
+
+def check_member_path(spec: dict[str, Any], index: int) -> None:
+    """Fail before loading anything when a member is a local path that does not exist."""
+    from ..loading import looks_like_hub_id
+
+    name = spec["name_or_path"]
+    if not name:
+        raise ValueError(f"members[{index}] has an empty name_or_path; pass a hub id or a local checkpoint folder.")
+    if os.path.exists(name):
+        return
+    if looks_like_hub_id(name) and not name.endswith(".gguf"):
+        return
+    raise ValueError(
+        f"members[{index}] path {name!r} does not exist. Pass an existing checkpoint folder, a .gguf file, or a hub "
+        "id such as 'org/name' (with revision='<commit>' to pin it)."
+    )
+
+
+def check_no_remote_code(trust_remote_code: Any, where: str) -> None:
+    if trust_remote_code:
+        raise ValueError(
+            f"{where} asks for trust_remote_code={trust_remote_code!r}. Ensembles load every member with "
+            "trust_remote_code=False so that no checkpoint can run its own code; drop the setting, or load the member "
+            "yourself (after reviewing its code) and pass the loaded model."
+        )
+
+
+def resolved_revision(model: Any, spec_revision: str | None) -> str | None:
+    """The commit a hub member was loaded from (pins branches such as 'main'); `None` for local folders."""
+    commit = getattr(getattr(model, "config", None), "_commit_hash", None)
+    return commit or spec_revision
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Token maps
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_tokenizers_compatible(tokenizers: Sequence[PreTrainedTokenizerBase | None], names: Sequence[str]) -> None:
+    """Raise `ValueError` unless every tokenizer maps the same tokens to the same ids and encodes probes alike.
+
+    Members without a tokenizer (`None`) are skipped. The message lists differing tokens (first 10) and points to
+    cross-tokenizer ensembling.
+    """
+    present = [(index, tokenizer) for index, tokenizer in enumerate(tokenizers) if tokenizer is not None]
+    if len(present) < 2:
+        return
+    reference_index, reference = present[0]
+    reference_vocab = reference.get_vocab()
+    for index, tokenizer in present[1:]:
+        vocab = tokenizer.get_vocab()
+        if vocab != reference_vocab:
+            differing = sorted(
+                token for token in set(reference_vocab) | set(vocab) if reference_vocab.get(token) != vocab.get(token)
+            )
+            examples = ", ".join(
+                f"{token!r} (id {reference_vocab.get(token, 'missing')} vs {vocab.get(token, 'missing')})"
+                for token in differing[:10]
+            )
+            raise ValueError(
+                f"members[{index}] ({names[index]!r}) does not share the token-to-id map of members[{reference_index}] "
+                f"({names[reference_index]!r}): {len(differing)} tokens differ (vocabulary sizes {len(reference_vocab)} "
+                f"and {len(vocab)}), e.g. {examples}. {CROSS_TOKENIZER_HINT}"
+            )
+        for text in PROBE_TEXTS:
+            expected = reference(text, add_special_tokens=False)["input_ids"]
+            found = tokenizer(text, add_special_tokens=False)["input_ids"]
+            if expected != found:
+                raise ValueError(
+                    f"members[{index}] ({names[index]!r}) has the same vocabulary as members[{reference_index}] but "
+                    f"encodes {text!r} differently ({found[:12]} vs {expected[:12]}): its normaliser or "
+                    f"pre-tokenizer differs. {CROSS_TOKENIZER_HINT}"
+                )
+        for attribute in ("eos_token_id", "bos_token_id"):
+            if getattr(tokenizer, attribute, None) != getattr(reference, attribute, None):
+                logger.warning(
+                    f"members[{index}] {attribute}={getattr(tokenizer, attribute, None)} differs from members"
+                    f"[{reference_index}] ({getattr(reference, attribute, None)}); generation uses members"
+                    f"[{reference_index}]'s."
+                )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Devices and placement
+# --------------------------------------------------------------------------------------------------------------
+
+
+def input_device(model: torch.nn.Module) -> torch.device:
+    """Device a member's inputs must be on: its input embeddings' device, or the execution device of an
+    Accelerate hook when the weights are offloaded (meta)."""
+    import torch
+
+    candidates: list[torch.nn.Module] = []
+    try:
+        embeddings = model.get_input_embeddings()
+        if embeddings is not None:
+            candidates.append(embeddings)
+    except (NotImplementedError, AttributeError):
+        pass
+    candidates.append(model)
+    for module in candidates:
+        hook = getattr(module, "_hf_hook", None)
+        execution_device = getattr(hook, "execution_device", None)
+        if execution_device is not None:
+            return torch.device(
+                execution_device if not isinstance(execution_device, int) else f"cuda:{execution_device}"
+            )
+        for parameter in module.parameters():
+            if parameter.device.type != "meta":
+                return parameter.device
+    return torch.device("cpu")
+
+
+def parse_memory(value: int | str) -> int:
+    from accelerate.utils import convert_file_size_to_int
+
+    return convert_file_size_to_int(value)
+
+
+def plan_member_placement(member_sizes: Sequence[int], max_memory: dict[int | str, int | str]) -> list[dict[str, Any]]:
+    """Spread whole members over accelerators within `max_memory`, splitting (with CPU offload) only what must be.
+
+    Members are placed largest first, each whole on the accelerator with the most budget left that can hold it. A
+    member no single accelerator can hold gets `device_map="auto"` with the budgets still left (accelerators first,
+    then `"cpu"`), so Accelerate splits it and offloads the rest to CPU memory. With no accelerator budget every
+    member goes to `"cpu"`.
+
+    Args:
+        member_sizes (`list[int]`): bytes of each member's weights.
+        max_memory (`dict`): budget per device, e.g. `{0: "20GiB", 1: "20GiB", "cpu": "64GiB"}` (Accelerate's format).
+
+    Returns:
+        `list[dict]`, one per member: `{"device_map": {"": device}}` or `{"device_map": "auto", "max_memory": {...}}`.
+
+    Raises:
+        `ValueError` when the members do not fit in the budgets together.
+    """
+    budgets = {key: parse_memory(value) for key, value in max_memory.items() if key != "disk"}
+    accelerators = [key for key in budgets if key != "cpu"]
+    plans: list[dict[str, Any] | None] = [None] * len(member_sizes)
+    order = sorted(range(len(member_sizes)), key=lambda index: -member_sizes[index])
+    for index in order:
+        size = member_sizes[index]
+        fitting = [key for key in accelerators if budgets[key] >= size]
+        if fitting:
+            device = max(fitting, key=lambda key: budgets[key])
+            budgets[device] -= size
+            plans[index] = {"device_map": {"": device}}
+            continue
+        if not accelerators:
+            if budgets.get("cpu", 0) < size:
+                raise ValueError(
+                    f"member {index} needs {size / 2**20:.1f} MiB but max_memory leaves {budgets.get('cpu', 0) / 2**20:.1f} "
+                    f"MiB of CPU memory ({max_memory}); raise max_memory['cpu'] or use fewer/smaller members."
+                )
+            budgets["cpu"] -= size
+            plans[index] = {"device_map": {"": "cpu"}}
+            continue
+        available = {key: budget for key, budget in budgets.items() if budget > 0}
+        if sum(available.values()) < size:
+            raise ValueError(
+                f"member {index} needs {size / 2**20:.1f} MiB but only {sum(available.values()) / 2**20:.1f} MiB are "
+                f"left in max_memory={max_memory} after the other members; raise the budgets (or add CPU memory)."
+            )
+        plans[index] = {"device_map": "auto", "max_memory": dict(available)}
+        remaining = size
+        for key in [*accelerators, "cpu"]:
+            if key not in budgets or remaining <= 0:
+                continue
+            used = min(budgets[key], remaining)
+            budgets[key] -= used
+            remaining -= used
+    return plans  # type: ignore[return-value]
+
+
+def meta_model_size(name_or_path: str, revision: str | None, dtype: Any = None) -> int:
+    """Bytes of a causal LM's weights, computed from its config on the meta device (no weights read)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    element_size = torch.tensor([], dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else None
+    total = 0
+    for parameter in model.parameters():
+        total += parameter.numel() * (element_size or parameter.element_size())
+    return total
+
+
+def auto_device_map(name_or_path: str, revision: str | None, max_memory: dict, dtype: Any = None) -> dict[str, Any]:
+    """Accelerate's module-level device map for one member within `max_memory` (computed on the meta device)."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(name_or_path, revision=revision, trust_remote_code=False)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    if "disk" in set(device_map.values()):
+        raise ValueError(
+            f"member {name_or_path!r} does not fit in max_memory={max_memory} even with CPU offload; raise the budgets."
+        )
+    return device_map
+
+
+def dispatch_loaded_model(model: torch.nn.Module, device_map: Any, max_memory: dict | None = None) -> torch.nn.Module:
+    """Place an already-loaded member with Accelerate (`"cpu"`, `"cuda:1"`, `{"": 0}`, a module map, or `"auto"`)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if device_map is None:
+        return model
+    if isinstance(device_map, (str, int)) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return model.to(device_map if isinstance(device_map, str) else f"cuda:{device_map}")
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        target = device_map[""]
+        return model.to(target if isinstance(target, str) else f"cuda:{target}")
+    if isinstance(device_map, str):
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    return dispatch_model(model, device_map=device_map)
+
+
+def local_weight_bytes(folder: str | os.PathLike) -> int | None:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    files = list(folder.glob("*.safetensors"))
+    return sum(file.stat().st_size for file in files) if files else None

@@ -1,0 +1,785 @@
+"""Logit-level ensembles: combination rules, generate() with one cache per member, placement, saving, learned
+weights, LoRA ensembles on one base, and sequence-classification voting/stacking."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import build_tiny_causal_lm
+
+from hf_interop.ensemble import (
+    EnsembleConfig,
+    EnsembleForCausalLM,
+    combine_log_probs,
+    contrastive,
+    maximum,
+    mixture,
+    plan_member_placement,
+    product,
+)
+
+PROMPT = "The with statement is used to"
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus_tokenizer):
+    return corpus_tokenizer
+
+
+@pytest.fixture(scope="module")
+def members(tokenizer):
+    """Three tiny random members of different families sharing the corpus tokenizer."""
+    return [
+        build_tiny_causal_lm(family, len(tokenizer), seed=seed, tokenizer=tokenizer)
+        for seed, family in enumerate(("llama", "qwen2", "gpt2"))
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained_member(tokenizer, packed_corpus):
+    """A tiny Llama trained for 60 steps on the corpus: clearly better than random members."""
+    model = build_tiny_causal_lm("llama", len(tokenizer), seed=7, tokenizer=tokenizer)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = packed_corpus["train"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        rows = train[torch.randint(len(train), (16,), generator=generator).tolist()]
+        input_ids = torch.tensor(rows["input_ids"])
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def _prompt(tokenizer, texts=(PROMPT,)):
+    tokenizer.padding_side = "left"
+    return tokenizer(list(texts), return_tensors="pt", padding=True)
+
+
+def _reference_log_probs(models, input_ids, attention_mask=None, vocab_size=None):
+    """Each model's float64 log-softmax over the (first `vocab_size`) logits, stacked."""
+    with torch.no_grad():
+        outputs = []
+        for model in models:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.double()
+            if vocab_size is not None:
+                logits = logits[..., :vocab_size]
+            outputs.append(torch.log_softmax(logits, dim=-1))
+    return torch.stack(outputs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Combination rules vs float64 references
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _random_log_probs(num_members=3, shape=(2, 5, 11), seed=0, with_minus_inf=True):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(num_members, *shape, generator=generator, dtype=torch.float64) * 2
+    if with_minus_inf:
+        logits[0, ..., 3] = -math.inf  # a token member 0 rules out
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _naive(rule, log_probs, weights, alpha=0.1, beta=1.0):
+    """Per-position, per-token loops in float64 over plain Python floats."""
+    num_members, *batch_shape, vocab = log_probs.shape
+    out = torch.empty(*batch_shape, vocab, dtype=torch.float64)
+    flat_in = log_probs.reshape(num_members, -1, vocab)
+    flat_out = out.view(-1, vocab)
+    w = [value / sum(weights) for value in weights]
+    for position in range(flat_in.shape[1]):
+        probs = [[math.exp(flat_in[m, position, v].item()) for v in range(vocab)] for m in range(num_members)]
+        if rule == "mixture":
+            scores = [sum(w[m] * probs[m][v] for m in range(num_members)) for v in range(vocab)]
+        elif rule == "product":
+            scores = [
+                math.prod(probs[m][v] ** w[m] if w[m] > 0 else 1.0 for m in range(num_members)) for v in range(vocab)
+            ]
+        elif rule == "max":
+            scores = [max(w[m] * probs[m][v] for m in range(num_members)) for v in range(vocab)]
+        else:  # contrastive: expert 0, amateur 1
+            top = max(probs[0])
+            scores = [
+                math.exp(math.log(probs[0][v]) - beta * math.log(probs[1][v])) if probs[0][v] >= alpha * top else 0.0
+                for v in range(vocab)
+            ]
+        total = sum(scores)
+        for v in range(vocab):
+            flat_out[position, v] = math.log(scores[v] / total) if scores[v] > 0 else -math.inf
+    return out
+
+
+@pytest.mark.parametrize("rule", ["mixture", "product", "max"])
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 0.3, 0.2], [0.0, 2.0, 1.0]])
+def test_combination_rules_match_float64_reference(rule, weights):
+    log_probs = _random_log_probs()
+    expected = _naive(rule, log_probs, weights)
+    for candidate in (log_probs, log_probs.float()):
+        result = combine_log_probs(candidate, rule, weights)
+        assert result.shape == log_probs.shape[1:]
+        torch.testing.assert_close(
+            result.double().exp(), expected.exp(), atol=1e-6 if candidate.dtype == torch.float32 else 1e-12, rtol=0
+        )
+        # normalised everywhere
+        torch.testing.assert_close(
+            result.double().exp().sum(-1), torch.ones(log_probs.shape[1:-1], dtype=torch.float64)
+        )
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.1, 1.0), (0.5, 0.5), (1.0, 1.0)])
+def test_contrastive_matches_reference_and_keeps_only_plausible_tokens(alpha, beta):
+    log_probs = _random_log_probs(num_members=2, with_minus_inf=False)
+    expected = _naive("contrastive", log_probs, [1.0, 1.0], alpha, beta)
+    result = contrastive(log_probs[0], log_probs[1], alpha=alpha, amateur_weight=beta)
+    torch.testing.assert_close(result.exp(), expected.exp(), atol=1e-12, rtol=0)
+    implausible = log_probs[0] < log_probs[0].amax(-1, keepdim=True) + math.log(alpha)
+    assert torch.all(result[implausible] == -math.inf)
+    if alpha == 1.0:  # only the expert's argmax survives
+        assert torch.equal(result.argmax(-1), log_probs[0].argmax(-1))
+
+
+def test_rules_properties_identical_members_single_member_and_gradients():
+    member = _random_log_probs(num_members=1, with_minus_inf=False)[0]
+    identical = torch.stack([member, member, member])
+    for rule in ("mixture", "product", "max"):
+        torch.testing.assert_close(combine_log_probs(identical, rule, [0.2, 0.3, 0.5]), member)
+        torch.testing.assert_close(combine_log_probs(member[None], rule), member)
+    # a zero weight switches a member off exactly
+    log_probs = _random_log_probs()
+    for rule in ("mixture", "product", "max"):
+        torch.testing.assert_close(combine_log_probs(log_probs, rule, [0.0, 1.0, 0.0]), log_probs[1])
+    # gradients flow to weights (fitting) and inputs (distillation through an ensemble)
+    weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64, requires_grad=True)
+    inputs = _random_log_probs(shape=(2, 4), with_minus_inf=False).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda w, x: mixture(x, w), (weights, inputs))
+    assert torch.autograd.gradcheck(lambda w, x: product(x, w), (weights, inputs))
+    assert torch.autograd.gradcheck(lambda x: maximum(x, [1.0, 1.0, 1.0]), (inputs,))
+
+
+@pytest.mark.parametrize(
+    "weights,match",
+    [
+        ([1.0, 1.0], "has 2 entries"),
+        ([1.0, -1.0, 1.0], "must be >= 0"),
+        ([1.0, float("nan"), 1.0], "finite"),
+        ([0.0, 0.0, 0.0], "all zero"),
+    ],
+)
+def test_bad_weights_are_refused_by_the_rules(weights, match):
+    with pytest.raises(ValueError, match=match):
+        mixture(_random_log_probs(), weights)
+
+
+def test_unknown_rule_and_bad_contrastive_settings():
+    with pytest.raises(ValueError, match="use one of mixture, product, max, contrastive"):
+        combine_log_probs(_random_log_probs(), "average")
+    with pytest.raises(ValueError, match="exactly 2 members"):
+        combine_log_probs(_random_log_probs(), "contrastive")
+    with pytest.raises(ValueError, match=r"contrastive_alpha must be in \(0, 1\]"):
+        contrastive(*_random_log_probs(2), alpha=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The causal LM ensemble: contract, validation, compatibility
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("combination", ["mixture", "product", "max"])
+def test_forward_returns_combined_log_probs_over_shared_vocab(members, tokenizer, combination):
+    weights = [0.5, 0.3, 0.2]
+    ensemble = EnsembleForCausalLM.from_members([(m, tokenizer) for m in members], weights, combination)
+    inputs = _prompt(tokenizer, [PROMPT, "Assignment statements"])
+    output = ensemble(**inputs, labels=inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100))
+    assert ensemble.get_output_embeddings() is None
+    assert ensemble.config.vocab_size == len(tokenizer) == output.logits.shape[-1]
+    reference = _naive_combination(combination, _reference_log_probs(members, **inputs), weights)
+    torch.testing.assert_close(output.logits.double().exp(), reference.exp(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(output.logits.exp().sum(-1), torch.ones(output.logits.shape[:2]))
+    labels = inputs["input_ids"][:, 1:]
+    keep = inputs["attention_mask"][:, 1:] == 1
+    expected_loss = -reference[:, :-1].gather(-1, labels[..., None]).squeeze(-1)[keep].mean()
+    assert output.loss.item() == pytest.approx(expected_loss.item(), abs=1e-5)
+
+
+def _naive_combination(rule, log_probs, weights):
+    w = torch.tensor(weights, dtype=torch.float64)
+    w = (w / w.sum()).view(-1, *([1] * (log_probs.dim() - 1)))
+    if rule == "mixture":
+        return torch.log((w * log_probs.exp()).sum(0))
+    if rule == "product":
+        return torch.log_softmax((w * log_probs).sum(0), -1)
+    return torch.log_softmax(torch.log((w * log_probs.exp()).amax(0)), -1)
+
+
+def test_padded_embedding_rows_combine_over_the_tokenizer_length(members, tokenizer):
+    padded = build_tiny_causal_lm("llama", len(tokenizer) + 24, seed=5, tokenizer=tokenizer)
+    ensemble = EnsembleForCausalLM.from_members([(members[0], tokenizer), (padded, tokenizer)], combination="mixture")
+    inputs = _prompt(tokenizer)
+    logits = ensemble(**inputs).logits
+    assert logits.shape[-1] == len(tokenizer) == ensemble.config.vocab_size
+    reference = _reference_log_probs([members[0], padded], **inputs, vocab_size=len(tokenizer))
+    torch.testing.assert_close(logits.double(), torch.logsumexp(reference + math.log(0.5), 0), atol=1e-5, rtol=0)
+    too_small = build_tiny_causal_lm("llama", len(tokenizer) - 12, seed=5)
+    with pytest.raises(ValueError, match="must cover the whole shared vocabulary"):
+        EnsembleForCausalLM.from_members([(members[0], tokenizer), too_small])
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(corpus):
+    """A BPE tokenizer with a different vocabulary (384 tokens) and one with the same vocab but another pre-tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512, special_tokens=["<pad>", "<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus["train"]["text"], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<pad>")
+
+
+def test_members_with_different_token_maps_are_refused(members, tokenizer, other_tokenizer):
+    with pytest.raises(ValueError, match="cross-tokenizer ensembling") as error:
+        EnsembleForCausalLM.from_members([(members[0], tokenizer), (members[1], other_tokenizer)])
+    assert "'<pad>' (id 1 vs 0)" in str(error.value) and "tokens differ" in str(error.value)
+
+
+def test_same_vocabulary_but_different_encoding_is_refused(members, tokenizer, tmp_path):
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path)
+    changed = AutoTokenizer.from_pretrained(tmp_path)
+    changed.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    with pytest.raises(ValueError, match="encodes .* differently.*cross-tokenizer"):
+        EnsembleForCausalLM.from_members([(members[0], tokenizer), (members[1], changed)])
+
+
+def _forbid_loading(monkeypatch):
+    import hf_interop.loading
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a member was loaded before the arguments were validated")
+
+    monkeypatch.setattr(hf_interop.loading, "load_causal_lm", fail)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"members": []}, "members is empty"),
+        ({"weights": [1.0]}, "weights has 1 entries"),
+        ({"weights": [1.0, -0.5]}, "must be >= 0"),
+        ({"weights": [float("nan"), 1.0]}, "finite"),
+        ({"weights": [0.0, 0.0]}, "all zero"),
+        ({"members": "missing"}, "does not exist"),
+        ({"trust_remote_code": True}, "trust_remote_code=False"),
+        ({"combination": "vote"}, "combination 'vote' is not supported"),
+        ({"combination": "contrastive", "members": "three"}, "exactly 2 members"),
+    ],
+)
+def test_bad_inputs_fail_before_any_member_is_loaded(tiny_model_dirs, tmp_path, monkeypatch, kwargs, match):
+    _forbid_loading(monkeypatch)
+    good = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["qwen2"])]
+    kwargs = dict(kwargs)
+    if kwargs.get("members") == "missing":
+        kwargs["members"] = [good[0], str(tmp_path / "no_such_checkpoint")]
+    elif kwargs.get("members") == "three":
+        kwargs["members"] = good + good[:1]
+    kwargs.setdefault("members", good)
+    with pytest.raises(ValueError, match=match):
+        EnsembleForCausalLM.from_members(**kwargs)
+
+
+def test_config_asking_for_remote_code_is_refused(tmp_path, tiny_model_dirs, monkeypatch):
+    _forbid_loading(monkeypatch)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        EnsembleConfig(members=[str(tiny_model_dirs["llama"])], trust_remote_code=True)
+    folder = tmp_path / "ensemble"
+    folder.mkdir()
+    config = {
+        "model_type": "hf_interop_ensemble",
+        "members": [str(tiny_model_dirs["llama"])],
+        "trust_remote_code": True,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        EnsembleForCausalLM.from_pretrained(folder)
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        EnsembleForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. generate(): one KV cache per member
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ensemble3(members, tokenizer):
+    return EnsembleForCausalLM.from_members([(m, tokenizer) for m in members], [0.5, 0.3, 0.2], "mixture")
+
+
+def _naive_greedy(models, rule, weights, input_ids, steps):
+    """Re-encode the whole text every step (no cache), combine in float64, take the argmax."""
+    sequence = input_ids.clone()
+    for _ in range(steps):
+        log_probs = _reference_log_probs(models, sequence)[:, :, -1]
+        next_token = _naive_combination(rule, log_probs, weights).argmax(-1)
+        sequence = torch.cat([sequence, next_token[:, None]], dim=-1)
+    return sequence
+
+
+@pytest.mark.parametrize("combination", ["mixture", "product"])
+def test_cached_greedy_equals_no_cache_recomputation(members, tokenizer, combination):
+    ensemble = EnsembleForCausalLM.from_members([(m, tokenizer) for m in members], [0.5, 0.3, 0.2], combination)
+    inputs = _prompt(tokenizer)
+    cached = ensemble.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    uncached = ensemble.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False)
+    naive = _naive_greedy(members, combination, [0.5, 0.3, 0.2], inputs["input_ids"], 12)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, naive)
+
+
+def test_cache_makes_each_step_feed_one_token_to_each_member(ensemble3, tokenizer):
+    seen = [[] for _ in ensemble3.members]
+    handles = [
+        member.register_forward_pre_hook(
+            lambda module, args, kwargs, i=i: seen[i].append(kwargs["input_ids"].shape[1]), with_kwargs=True
+        )
+        for i, member in enumerate(ensemble3.members)
+    ]
+    try:
+        inputs = _prompt(tokenizer)
+        ensemble3.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    prompt_length = inputs["input_ids"].shape[1]
+    for lengths in seen:  # prefill once, then one token per step: linear, not quadratic, in the output length
+        assert lengths == [prompt_length] + [1] * 9
+
+
+def test_cached_sampling_with_fixed_seed_equals_no_cache(ensemble3, tokenizer):
+    inputs = _prompt(tokenizer, [PROMPT, "A class definition"])
+    torch.manual_seed(123)
+    cached = ensemble3.generate(**inputs, max_new_tokens=12, do_sample=True, top_k=0, temperature=1.0)
+    torch.manual_seed(123)
+    uncached = ensemble3.generate(
+        **inputs, max_new_tokens=12, do_sample=True, top_k=0, temperature=1.0, use_cache=False
+    )
+    assert torch.equal(cached, uncached)
+    torch.manual_seed(124)
+    other = ensemble3.generate(**inputs, max_new_tokens=12, do_sample=True, top_k=0, temperature=1.0)
+    assert not torch.equal(cached, other)  # it really samples
+
+
+def test_cached_beam_search_reorders_every_member_cache(ensemble3, tokenizer):
+    inputs = _prompt(tokenizer, [PROMPT, "A class definition"])
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, num_beams=4, num_return_sequences=2, do_sample=False)
+    cached = ensemble3.generate(**inputs, **kwargs)
+    uncached = ensemble3.generate(**inputs, **kwargs, use_cache=False)
+    assert cached.shape == (4, inputs["input_ids"].shape[1] + 8)
+    assert torch.equal(cached, uncached)
+
+
+def test_text_streamer_streams_the_generated_text(ensemble3, tokenizer):
+    from transformers import TextStreamer
+
+    class Collect(TextStreamer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pieces = []
+
+        def on_finalized_text(self, text, stream_end=False):
+            self.pieces.append(text)
+
+    streamer = Collect(tokenizer, skip_prompt=True)
+    inputs = _prompt(tokenizer)
+    output = ensemble3.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False, streamer=streamer)
+    generated = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :])
+    assert "".join(streamer.pieces) == generated and generated
+
+
+def test_contrastive_generation_equals_reference(members, tokenizer):
+    ensemble = EnsembleForCausalLM.from_members(
+        [(members[0], tokenizer), (members[1], tokenizer)], combination="contrastive", contrastive_alpha=0.2
+    )
+    inputs = _prompt(tokenizer)
+    output = ensemble.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    sequence = inputs["input_ids"]
+    for _ in range(6):
+        log_probs = _reference_log_probs(members[:2], sequence)[:, :, -1]
+        scores = contrastive(log_probs[0], log_probs[1], alpha=0.2)
+        sequence = torch.cat([sequence, scores.argmax(-1)[:, None]], dim=-1)
+    assert torch.equal(output, sequence)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Placement with Accelerate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_plan_member_placement_spreads_members_and_falls_back_to_cpu_offload():
+    mib = 2**20
+    plans = plan_member_placement([80 * mib, 60 * mib, 50 * mib], {0: "100MiB", 1: "100MiB", "cpu": "1GiB"})
+    assert plans[0] == {"device_map": {"": 0}} and plans[1] == {"device_map": {"": 1}}
+    assert plans[2]["device_map"] == "auto" and plans[2]["max_memory"] == {0: 20 * mib, 1: 40 * mib, "cpu": 2**30}
+    assert plan_member_placement([10, 20], {"cpu": 100}) == [{"device_map": {"": "cpu"}}] * 2
+    with pytest.raises(ValueError, match="raise the budgets"):
+        plan_member_placement([300 * mib], {0: "100MiB", "cpu": "100MiB"})
+
+
+def test_member_offloaded_with_accelerate_hooks_gives_the_same_generation(members, tokenizer, ensemble3):
+    import copy
+
+    from accelerate import cpu_offload
+
+    offloaded = cpu_offload(copy.deepcopy(members[1]), execution_device="cpu")
+    assert any(p.device.type == "meta" for p in offloaded.parameters())
+    ensemble = EnsembleForCausalLM.from_members(
+        [(members[0], tokenizer), (offloaded, tokenizer), (members[2], tokenizer)], [0.5, 0.3, 0.2]
+    )
+    inputs = _prompt(tokenizer)
+    torch.testing.assert_close(ensemble(**inputs).logits, ensemble3(**inputs).logits)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(ensemble.generate(**inputs, **kwargs), ensemble3.generate(**inputs, **kwargs))
+
+
+def test_member_device_maps_and_auto_placement_load_on_cpu(tiny_model_dirs, tokenizer):
+    paths = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"])]
+    module_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    placed = EnsembleForCausalLM.from_members(paths, member_device_maps=[module_map, "cpu"])
+    auto = EnsembleForCausalLM.from_members(paths, device_map="auto", max_memory={"cpu": "2GiB"})
+    inputs = _prompt(tokenizer)
+    assert all(device.type == "cpu" for device in placed._member_devices)
+    torch.testing.assert_close(placed(**inputs).logits, auto(**inputs).logits)
+    assert auto.device.type == "cpu"
+    with pytest.raises(ValueError, match="not both"):
+        EnsembleForCausalLM.from_members(paths, member_device_maps=["cpu", "cpu"], device_map="auto")
+
+
+@pytest.mark.gpu
+def test_members_on_gpu_and_cpu_combine_on_one_device(tiny_model_dirs, tokenizer):
+    paths = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["qwen2"])]
+    mixed = EnsembleForCausalLM.from_members(paths, member_device_maps=["cuda:0", "cpu"], combine_device="cuda:0")
+    reference = EnsembleForCausalLM.from_members(paths)
+    inputs = _prompt(tokenizer)
+    logits = mixed(**{k: v.cuda() for k, v in inputs.items()}).logits
+    assert logits.device.type == "cuda"
+    torch.testing.assert_close(logits.cpu(), reference(**inputs).logits, atol=1e-4, rtol=0)
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    cached = mixed.generate(**{k: v.cuda() for k, v in inputs.items()}, **kwargs)
+    uncached = mixed.generate(**{k: v.cuda() for k, v in inputs.items()}, **kwargs, use_cache=False)
+    assert torch.equal(cached, uncached)
+    auto = EnsembleForCausalLM.from_members(paths, device_map="auto")
+    assert all(device.type == "cuda" for device in auto._member_devices)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Saving, loading, publishing
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_save_and_from_pretrained_round_trip(tiny_model_dirs, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    # (the tiny qwen2 folder's tokenizer loads as Qwen2Tokenizer with another pre-tokenizer, so it is not compatible)
+    paths = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"])]
+    ensemble = EnsembleForCausalLM.from_members(paths, [0.7, 0.3], "product")
+    ensemble.save_pretrained(tmp_path / "ens")
+    files = {path.name for path in (tmp_path / "ens").iterdir()}
+    assert {"config.json", "README.md", "generation_config.json", "tokenizer.json"} <= files
+    assert not any(name.endswith((".safetensors", ".bin")) for name in files)  # no member weights
+    saved = json.loads((tmp_path / "ens" / "config.json").read_text())
+    assert saved["combination"] == "product" and saved["weights"] == pytest.approx([0.7, 0.3])
+    assert [member["name_or_path"] for member in saved["members"]] == paths
+    card = (tmp_path / "ens" / "README.md").read_text()
+    assert "product" in card and paths[0] in card
+    for reloaded in (
+        EnsembleForCausalLM.from_pretrained(tmp_path / "ens"),
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ens"),
+    ):
+        assert isinstance(reloaded, EnsembleForCausalLM)
+        inputs = _prompt(tokenizer)
+        torch.testing.assert_close(reloaded(**inputs).logits, ensemble(**inputs).logits)
+
+
+def test_save_refuses_in_memory_members(members, tokenizer, tmp_path):
+    ensemble = EnsembleForCausalLM.from_members([(members[0], tokenizer), (members[1], tokenizer)])
+    with pytest.raises(ValueError, match="in-memory model"):
+        ensemble.save_pretrained(tmp_path / "ens")
+
+
+def test_push_to_hub_uploads_config_and_card_not_weights(tiny_model_dirs, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    class FakeRepo:
+        repo_id = "someone/ensemble"
+
+    def create_repo(self, repo_id, **kwargs):
+        uploaded["created"] = repo_id
+        return FakeRepo()
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        uploaded["repo_id"] = repo_id
+        uploaded["files"] = sorted(path.name for path in Path(folder_path).iterdir())
+        uploaded["config"] = json.loads((Path(folder_path) / "config.json").read_text())
+        return "commit-url"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    ensemble = EnsembleForCausalLM.from_members([str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"])])
+    assert ensemble.push_to_hub("someone/ensemble") == "commit-url"
+    assert uploaded["repo_id"] == "someone/ensemble"
+    assert "config.json" in uploaded["files"] and "README.md" in uploaded["files"]
+    assert not any(name.endswith((".safetensors", ".bin")) for name in uploaded["files"])
+    assert uploaded["config"]["model_type"] == "hf_interop_ensemble" and len(uploaded["config"]["members"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Learned weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_learned_weights_lower_held_out_nll_than_uniform(members, trained_member, tokenizer, packed_corpus):
+    from hf_interop import evaluate_perplexity, fit_ensemble_weights
+
+    pairs = [(trained_member, tokenizer), (members[0], tokenizer), (members[1], tokenizer)]
+    validation = packed_corpus["validation"].select(range(24))
+    test = packed_corpus["test"].select(range(24))
+    uniform = EnsembleForCausalLM.from_members(pairs)
+    learned = EnsembleForCausalLM.from_members(pairs)
+    fit = fit_ensemble_weights(learned, validation, max_steps=200)
+    assert fit.nll < fit.uniform_nll and fit.nll <= fit.initial_nll
+    assert fit.weights[0] > 0.8 and learned.config.weights == pytest.approx(fit.weights)
+    # PackLLM-style initialisation already favours the member with the lowest perplexity
+    assert fit.initial_weights[0] == max(fit.initial_weights)
+    uniform_test = evaluate_perplexity(uniform, test, show_progress=False)["loss"]
+    learned_test = evaluate_perplexity(learned, test, show_progress=False)["loss"]
+    assert learned_test < uniform_test - 0.1
+    # the product rule fits too (full distributions kept)
+    fit_product = fit_ensemble_weights(learned, validation.select(range(8)), combination="product", max_steps=100)
+    assert fit_product.nll < fit_product.uniform_nll
+
+
+def test_fit_rejects_bad_arguments(ensemble3, packed_corpus):
+    from hf_interop import fit_ensemble_weights
+
+    validation = packed_corpus["validation"].select(range(4))
+    with pytest.raises(ValueError, match="no member weights to fit"):
+        fit_ensemble_weights(ensemble3, validation, combination="contrastive")
+    with pytest.raises(ValueError, match="init has 2 entries"):
+        fit_ensemble_weights(ensemble3, validation, init=[0.5, 0.5], apply=False)
+    with pytest.raises(ValueError, match="max_cache_bytes"):
+        fit_ensemble_weights(ensemble3, validation, combination="product", max_cache_bytes=1000, apply=False)
+    with pytest.raises(ValueError, match="no 'input_ids'"):
+        fit_ensemble_weights(ensemble3, validation.rename_column("input_ids", "ids"), apply=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. LoRA ensembles on one base
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_setup(tiny_model_dirs, tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = tiny_model_dirs["llama"]
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        base = AutoModelForCausalLM.from_pretrained(base_dir)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        peft_model = get_peft_model(base, config)
+        folder = tmp_path_factory.mktemp(f"adapter_{seed}")
+        peft_model.save_pretrained(folder)
+        adapters.append(str(folder))
+    return str(base_dir), adapters
+
+
+def test_lora_ensemble_stores_base_once_and_equals_merged_models(lora_setup, tokenizer):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base_dir, adapters = lora_setup
+    ensemble = EnsembleForCausalLM.from_lora_adapters(base_dir, adapters, weights=[0.6, 0.4], combination="mixture")
+    base_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(base_dir).parameters())
+    adapter_parameters = sum(p.numel() for n, p in ensemble.named_parameters() if "lora_" in n)
+    assert sum(p.numel() for p in ensemble.parameters()) == base_parameters + adapter_parameters
+    assert ensemble.members[0].peft_model is ensemble.members[1].peft_model
+    merged = []
+    for adapter in adapters:
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter).merge_and_unload()
+        merged.append(model.eval())
+    inputs = _prompt(tokenizer)
+    reference = _naive_combination("mixture", _reference_log_probs(merged, **inputs), [0.6, 0.4])
+    torch.testing.assert_close(ensemble(**inputs).logits.double(), reference, atol=1e-4, rtol=0)
+    assert not torch.allclose(_reference_log_probs(merged[:1], **inputs), _reference_log_probs(merged[1:], **inputs))
+    kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(ensemble.generate(**inputs, **kwargs), ensemble.generate(**inputs, **kwargs, use_cache=False))
+
+
+def test_lora_ensemble_round_trip(lora_setup, tokenizer, tmp_path):
+    base_dir, adapters = lora_setup
+    ensemble = EnsembleForCausalLM.from_lora_adapters(base_dir, adapters, combination="product")
+    ensemble.save_pretrained(tmp_path / "lora_ens")
+    reloaded = EnsembleForCausalLM.from_pretrained(tmp_path / "lora_ens")
+    inputs = _prompt(tokenizer)
+    torch.testing.assert_close(reloaded(**inputs).logits, ensemble(**inputs).logits)
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        EnsembleForCausalLM.from_lora_adapters(base_dir, [base_dir])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Sequence classification: voting and stacking
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_hard_vote_tie_rule():
+    from hf_interop.ensemble.classification import hard_vote
+
+    # 2 members, 3 classes: member 0 votes class 2, member 1 votes class 0 -> tie; soft vote prefers class 0.
+    member_logits = torch.tensor([[[0.0, 0.0, 0.2]], [[3.0, 0.0, 0.0]]])
+    logits, winners = hard_vote(member_logits)
+    assert winners.tolist() == [0] and logits.argmax(-1).tolist() == [0]
+    torch.testing.assert_close(logits.exp(), torch.tensor([[0.5 + 1e-6, 1e-12, 0.5]]), atol=1e-7, rtol=0)
+    # exact tie in votes and soft probabilities -> the lowest class index
+    symmetric = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]])
+    assert hard_vote(symmetric)[1].tolist() == [0]
+    # weighted votes: the heavier member wins
+    assert hard_vote(member_logits, [0.7, 0.3])[1].tolist() == [2]
+
+
+@pytest.fixture(scope="module")
+def classifiers(tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    models = []
+    for seed in range(3):
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_labels=3,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        models.append(LlamaForSequenceClassification(config).eval())
+    return models
+
+
+@pytest.fixture(scope="module")
+def classification_data(corpus, tokenizer, classifiers):
+    """Sentences labelled by member 0's prediction: a task only member 0 solves, so stacking must find it."""
+    from datasets import Dataset
+
+    texts = [
+        line.strip() for text in corpus["train"]["text"][:20] for line in text.split("\n") if len(line.strip()) > 20
+    ][:160]
+    encoded = tokenizer(texts, truncation=True, max_length=24)
+    with torch.no_grad():
+        labels = [int(classifiers[0](input_ids=torch.tensor([ids])).logits.argmax()) for ids in encoded["input_ids"]]
+    dataset = Dataset.from_dict(
+        {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "label": labels}
+    )
+    return dataset.select(range(100)), dataset.select(range(100, len(dataset)))
+
+
+def test_soft_and_weighted_voting_match_references(classifiers, tokenizer):
+    from hf_interop import EnsembleForSequenceClassification
+
+    inputs = _prompt(tokenizer, [PROMPT, "Assignment statements bind names"])
+    member_logits = torch.stack([model(**inputs).logits.detach() for model in classifiers])
+    soft = EnsembleForSequenceClassification.from_members(classifiers, voting="soft", weights=[0.5, 0.25, 0.25])
+    expected = torch.log((torch.tensor([0.5, 0.25, 0.25])[:, None, None] * member_logits.softmax(-1)).sum(0))
+    torch.testing.assert_close(soft(**inputs).logits, expected, atol=1e-6, rtol=0)
+    weighted = EnsembleForSequenceClassification.from_members(classifiers, voting="weighted", weights=[0.6, 0.2, 0.2])
+    assert torch.equal(weighted(**inputs).logits.argmax(-1), member_logits[0].argmax(-1))  # member 0 outvotes the rest
+    with pytest.raises(ValueError, match="needs weights"):
+        EnsembleForSequenceClassification.from_members(classifiers, voting="weighted")
+
+
+def test_stacking_learns_from_held_out_data_and_works_with_trainer(
+    classifiers, classification_data, tokenizer, tmp_path
+):
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from hf_interop import EnsembleForSequenceClassification
+
+    held_out, evaluation = classification_data
+    ensemble = EnsembleForSequenceClassification.from_members([(m, tokenizer) for m in classifiers], voting="hard")
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_eval_batch_size=16, report_to=[], use_cpu=True
+    )
+
+    def accuracy(prediction):
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    tokenizer.padding_side = "right"
+    trainer = Trainer(
+        model=ensemble,
+        args=args,
+        eval_dataset=evaluation,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy,
+    )
+    hard_accuracy = trainer.evaluate()["eval_accuracy"]
+    fit = ensemble.fit_stacking(held_out, l2=0.0)
+    assert ensemble.config.voting == "stacking" and fit["accuracy"] > 0.9
+    metrics = trainer.evaluate()
+    assert metrics["eval_accuracy"] > max(0.85, hard_accuracy) and math.isfinite(metrics["eval_loss"])
+    prediction = trainer.predict(evaluation)
+    batch = DataCollatorWithPadding(tokenizer)(
+        [{k: evaluation[i][k] for k in ("input_ids", "attention_mask")} for i in range(16)]
+    )
+    torch.testing.assert_close(
+        torch.tensor(prediction.predictions[:16]), ensemble(**batch).logits.detach(), atol=1e-5, rtol=0
+    )
+
+
+def test_classifiers_with_different_label_sets_are_refused(classifiers, tokenizer):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from hf_interop import EnsembleForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_labels=2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with pytest.raises(ValueError, match="different numbers of labels"):
+        EnsembleForSequenceClassification.from_members([classifiers[0], LlamaForSequenceClassification(config)])
+    with pytest.raises(ValueError, match="members is empty"):
+        EnsembleForSequenceClassification.from_members([])
