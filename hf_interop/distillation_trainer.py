@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 PROJECTIONS_FILE = "distillation_projections.safetensors"
+# what `TeacherLogitsCache.collate` returns (the loss inputs); the dataset columns are `cache.columns`
 TEACHER_CACHE_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
 LOGGED_METRICS = ("kd_loss", "ce_loss", "hidden_loss", "top1_agreement", "teacher_entropy", "student_entropy")
 IGNORE_INDEX = -100
@@ -216,11 +217,16 @@ class _TeacherCacheCollator:
         self.cache = cache
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        plain = [{key: value for key, value in f.items() if key not in TEACHER_CACHE_COLUMNS} for f in features]
+        columns = _cache_dataset_columns(self.cache)
+        plain = [{key: value for key, value in f.items() if key not in columns} for f in features]
         batch = dict(self.base(plain))
-        if all(column in features[0] for column in TEACHER_CACHE_COLUMNS):
+        if all(column in features[0] for column in columns):  # evaluation rows may carry no cache
             batch.update(self.cache.collate(features))
         return batch
+
+
+def _cache_dataset_columns(cache: Any) -> tuple[str, ...]:
+    return tuple(getattr(cache, "columns", TEACHER_CACHE_COLUMNS))
 
 
 class _DeviceBridgeHead(nn.Module):
@@ -358,6 +364,10 @@ class DistillationTrainer(Trainer):
                 train_dataset = self.teacher_cache.attach(train_dataset)
             manifest = self.teacher_cache.manifest
             self.teacher_name_or_path = manifest.get("teacher") or manifest.get("teacher_name_or_path")
+            cache_vocab = manifest.get("vocab_size")
+            if cache_vocab is not None and int(cache_vocab) != _vocab_size(model) and processing_class is not None:
+                # same tokenizer (check_compatible compared fingerprints), padded embeddings on one side
+                self.shared_vocab_size = len(_tokenizer_of(processing_class))
         else:
             if teacher_model is None and args.teacher_model_name_or_path is not None:
                 teacher_model = args.teacher_model_name_or_path
@@ -640,7 +650,8 @@ class DistillationTrainer(Trainer):
         # not arguments of the model's forward but are needed by the loss.
         super()._set_signature_columns_if_needed()
         if self.teacher_cache is not None:
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *TEACHER_CACHE_COLUMNS]))
+            columns = _cache_dataset_columns(self.teacher_cache)
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *columns]))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, plus the learned hidden-state projections as their own parameter group."""
@@ -930,7 +941,10 @@ class DistillationTrainer(Trainer):
                 return result.loss, outputs, {"ce_loss": result.ce_loss}
             sparse_kwargs = {
                 **loss_kwargs,
+                "skew_alpha": args.skew_alpha,
                 "cache_temperature": float(self.teacher_cache.manifest.get("temperature", 1.0)),
+                "teacher_vocab_size": self.teacher_cache.manifest.get("vocab_size"),
+                "shared_vocab_size": self.shared_vocab_size,
             }
             shifted = [cached[name] for name in TEACHER_CACHE_COLUMNS]
             if chunked:

@@ -682,3 +682,55 @@ def test_real_smollm2_teacher_trains_student_and_stays_bit_identical(
     logged = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
     # a real teacher is confident where a random student is not
     assert logged[0]["teacher_entropy"] < logged[0]["student_entropy"]
+
+
+# ---------------------------------------------------------------------------------------------- teacher cache
+
+
+def test_teacher_logits_cache_replaces_the_teacher(tmp_path, corpus_tokenizer, teacher, train_rows):
+    teacher_cache = pytest.importorskip("hf_interop.teacher_cache")
+    vocab = len(corpus_tokenizer)
+    # top_k = the whole vocabulary: the cached distribution is the teacher's, up to float16 storage
+    teacher_cache.cache_teacher_logits(
+        teacher, train_rows, tmp_path / "cache", top_k=vocab, tokenizer=corpus_tokenizer, show_progress=False
+    )
+    live = DistillationTrainer(
+        model=make_student(corpus_tokenizer),
+        teacher_model=teacher,
+        args=make_args(tmp_path / "live", kd_ratio=1.0, loss_chunk_size=16),
+        train_dataset=train_rows,
+        processing_class=corpus_tokenizer,
+    )
+    student = make_student(corpus_tokenizer)
+    before = weights(student)
+    cached = DistillationTrainer(
+        model=student,
+        args=make_args(
+            tmp_path / "cached", kd_ratio=1.0, loss_chunk_size=16, teacher_logits_path=str(tmp_path / "cache")
+        ),
+        train_dataset=train_rows,
+        processing_class=corpus_tokenizer,
+    )
+    assert cached.teacher_model is None and cached.teacher_cache is not None
+    live_batch, cached_batch = first_batch(live), first_batch(cached)
+    assert torch.equal(live_batch["input_ids"], cached_batch["input_ids"])
+    assert cached_batch["teacher_topk_ids"].shape == (4, 63, vocab)
+    live.model.eval()
+    cached.model.eval()
+    with torch.no_grad():
+        live_loss = float(live.compute_loss(live.model, live_batch))
+        cached_loss = float(cached.compute_loss(cached.model, cached_batch))
+    # same positions (causal shift) and same distributions, so the same KD loss
+    assert cached_loss == pytest.approx(live_loss, rel=2e-3)
+    cached.train()
+    assert any(not torch.equal(before[n], t) for n, t in student.state_dict().items())
+    assert all(entry["kd_loss"] > 0 for entry in cached.state.log_history if "kd_loss" in entry)
+
+    # the cache of other rows is refused before training, naming the fingerprint that differs
+    with pytest.raises(ValueError, match="dataset fingerprint"):
+        DistillationTrainer(
+            model=make_student(corpus_tokenizer),
+            args=make_args(tmp_path / "other", teacher_logits_path=str(tmp_path / "cache")),
+            train_dataset=train_rows.select(range(1, 9)),
+            processing_class=corpus_tokenizer,
+        )
