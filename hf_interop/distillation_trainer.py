@@ -11,6 +11,7 @@ gradient-accumulation steps or processes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
@@ -582,10 +583,13 @@ class DistillationTrainer(Trainer):
     def _place_teacher(self, teacher: nn.Module, args: DistillationConfig) -> nn.Module:
         teacher.eval()
         teacher.requires_grad_(False)
-        if getattr(teacher, "hf_device_map", None) is not None and args.teacher_device_map is not None:
-            return teacher  # loaded by name and already dispatched by Accelerate
+        device_map = getattr(teacher, "hf_device_map", None)
         if args.teacher_device_map is not None:
+            if device_map is not None:
+                return teacher  # loaded by name with the map: already dispatched by Accelerate
             return _dispatch(teacher, args.teacher_device_map, args.teacher_max_memory)
+        if device_map is not None and len({str(device) for device in device_map.values()}) > 1:
+            return teacher  # the caller spread it over several devices (from_pretrained(device_map=...)): keep that
         if self.is_deepspeed_enabled:  # pragma: no cover - needs DeepSpeed and GPUs
             return self._prepare_deepspeed_teacher(teacher)
         if self.is_fsdp_enabled:  # pragma: no cover - needs FSDP
@@ -1069,7 +1073,9 @@ class DistillationTrainer(Trainer):
         generating.eval()
         try:
             context = (
-                generating.disable_adapter() if generator == "teacher" and self.self_distillation else _null_context()
+                generating.disable_adapter()
+                if generator == "teacher" and self.self_distillation
+                else contextlib.nullcontext()
             )
             with context:
                 sequences = generating.generate(
@@ -1093,14 +1099,6 @@ def _statistics(result: Any) -> dict[str, Any]:
         "teacher_entropy": result.teacher_entropy,
         "student_entropy": result.student_entropy,
     }
-
-
-class _null_context:  # noqa: N801 - used like contextlib.nullcontext, without importing contextlib for one use
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def _tokenizer_next_to(model: nn.Module) -> Any:
