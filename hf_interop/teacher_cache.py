@@ -736,10 +736,11 @@ class TeacherLogitsCache:
         dataset (`datasets.Dataset`): the stored columns, one row per dataset row (memory-mapped Arrow).
     """
 
-    #: columns :meth:`attach` adds to a dataset (keep them through the Trainer's column pruning)
-    columns: tuple[str, ...] = (IDS_COLUMN, LOGPROBS_COLUMN)
-    #: keys of the dict :meth:`collate` returns
-    collated_keys: tuple[str, ...] = (IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN)
+    #: columns :meth:`attach` adds to a dataset (keep them through the Trainer's column pruning) and keys of the
+    #: dict :meth:`collate` returns
+    columns: tuple[str, ...] = (IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN)
+    #: columns stored on disk (the tail is derived from the log-probs)
+    stored_columns: tuple[str, ...] = (IDS_COLUMN, LOGPROBS_COLUMN)
 
     def __init__(self, path: Path, manifest: dict[str, Any], dataset: Dataset):
         self.path = path
@@ -889,15 +890,23 @@ class TeacherLogitsCache:
                 "matching ones."
             )
 
-    def attach(self, dataset: Dataset) -> Dataset:
+    def attach(self, dataset: Dataset, include_tail: bool = True) -> Dataset:
         """Return `dataset` with the cache's columns added, row for row (same rows, same order).
 
         Adds `teacher_topk_ids` and `teacher_topk_logprobs` (one flat list of `(S - 1) * top_k` values per row,
-        memory-mapped, read as numpy arrays); :meth:`collate` reshapes them and derives `teacher_tail_logprob`.
-        Call :meth:`check_compatible` first: `attach` checks row count and lengths only.
+        memory-mapped from the cache) and, with `include_tail`, `teacher_tail_logprob` (`S - 1` float32 values per
+        row). The tail is not stored on disk: it is derived here from the stored float16 log-probs and held in
+        memory (4 bytes per position, 1/64 of the cache at k=64). With `include_tail=False` nothing is held in
+        memory and :meth:`collate` derives the tail per batch instead; the values are identical. The cache columns
+        are read as numpy arrays (no per-value Python objects). Call :meth:`check_compatible` first: `attach`
+        itself checks only the row count and every row's length.
+
+        Args:
+            dataset (`datasets.Dataset`): the tokenized dataset the cache was made from.
+            include_tail (`bool`, *optional*, defaults to `True`): add the `teacher_tail_logprob` column.
         """
         import pyarrow.compute as pc
-        from datasets import concatenate_datasets
+        from datasets import Dataset, concatenate_datasets
 
         _check_input_ids_column(dataset)
         if len(dataset) != len(self):
@@ -918,29 +927,54 @@ class TeacherLogitsCache:
                         f"{value // self.top_k} positions for it (expected {dataset_lengths[row] - 1}); the cache "
                         "belongs to another dataset."
                     )
-        clashing = [name for name in self.columns if name in dataset.column_names]
+        added = [IDS_COLUMN, LOGPROBS_COLUMN] + ([TAIL_COLUMN] if include_tail else [])
+        clashing = [name for name in (IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN) if name in dataset.column_names]
         if clashing:
             dataset = dataset.remove_columns(clashing)
         previous_format = dataset.format
-        combined = concatenate_datasets([dataset.with_format(None), self.dataset.with_format(None)], axis=1)
+        parts = [dataset.with_format(None), self.dataset.with_format(None)]
+        if include_tail:
+            from datasets.table import InMemoryTable
+
+            parts.append(Dataset(InMemoryTable(self._tail_table())))
+        combined = concatenate_datasets(parts, axis=1)
         if previous_format["type"] is None:
-            combined = combined.with_format("numpy", columns=list(self.columns), output_all_columns=True)
+            combined = combined.with_format("numpy", columns=added, output_all_columns=True)
         else:
             columns = previous_format["columns"]
             combined = combined.with_format(
                 previous_format["type"],
-                columns=None if columns is None else [*columns, *self.columns],
+                columns=None if columns is None else [*columns, *added],
                 output_all_columns=previous_format["output_all_columns"],
                 **previous_format["format_kwargs"],
             )
         return combined
+
+    def _tail_table(self) -> Any:
+        """`teacher_tail_logprob` for every row, derived from the stored log-probs, as an in-memory Arrow table."""
+        import numpy as np
+        import pyarrow as pa
+        import torch
+
+        k = self.top_k
+        pieces = []
+        for chunk in self.dataset.data.column(LOGPROBS_COLUMN).chunks:
+            offsets = np.asarray(chunk.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+            values = chunk.flatten().to_numpy(zero_copy_only=False).astype(np.float16)  # a writable copy
+            tail = tail_logprob_from_topk(torch.from_numpy(values.reshape(-1, k))).numpy()
+            pieces.append(
+                pa.LargeListArray.from_arrays(pa.array((offsets - offsets[0]) // k, type=pa.int64()), pa.array(tail))
+            )
+        column = pa.chunked_array(pieces, type=pa.large_list(pa.float32()))
+        return pa.table({TAIL_COLUMN: column})
 
     def collate(self, features: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, torch.Tensor]:
         """Stack the cache columns of a batch of rows (from :meth:`attach`) into tensors.
 
         Rows of different lengths are padded to the longest (on `padding_side`, matching how the data collator
         pads `input_ids`); padded positions get id 0, log-prob `PAD_LOGPROB` (zero probability, finite) and a tail
-        of all the mass. They carry label -100, so no loss sees them.
+        log-prob of 0 (all the mass). They carry label -100, so no loss sees them. Rows without a
+        `teacher_tail_logprob` value (`attach(include_tail=False)`) get it derived from their log-probs.
 
         Returns:
             `dict` with `teacher_topk_ids` `(B, S-1, k)` int64, `teacher_topk_logprobs` `(B, S-1, k)` float32 and
@@ -954,7 +988,7 @@ class TeacherLogitsCache:
         if not features:
             raise ValueError("collate got an empty batch.")
         k = self.top_k
-        ids_rows, logprob_rows = [], []
+        ids_rows, logprob_rows, tail_rows = [], [], []
         for feature in features:
             if IDS_COLUMN not in feature or LOGPROBS_COLUMN not in feature:
                 raise KeyError(
@@ -963,23 +997,29 @@ class TeacherLogitsCache:
                 )
             ids_rows.append(_as_numpy(feature[IDS_COLUMN]).reshape(-1, k))
             logprob_rows.append(_as_numpy(feature[LOGPROBS_COLUMN]).reshape(-1, k))
+            tail_rows.append(_as_numpy(feature[TAIL_COLUMN]).reshape(-1) if TAIL_COLUMN in feature else None)
         width = max(row.shape[0] for row in ids_rows)
         ids = np.zeros((len(features), width, k), dtype=np.int64)
         logprobs = np.full((len(features), width, k), PAD_LOGPROB, dtype=np.float32)
-        for index, (row_ids, row_logprobs) in enumerate(zip(ids_rows, logprob_rows, strict=True)):
+        tails = np.zeros((len(features), width), dtype=np.float32)
+        for index, (row_ids, row_logprobs, row_tail) in enumerate(zip(ids_rows, logprob_rows, tail_rows, strict=True)):
             length = row_ids.shape[0]
             window = slice(0, length) if padding_side == "right" else slice(width - length, width)
             ids[index, window] = row_ids
             logprobs[index, window] = row_logprobs
-        ids_tensor = torch.from_numpy(ids)
-        logprobs_tensor = torch.from_numpy(logprobs)
-        tail = tail_logprob_from_topk(logprobs_tensor)
-        return {IDS_COLUMN: ids_tensor, LOGPROBS_COLUMN: logprobs_tensor, TAIL_COLUMN: tail}
+            if row_tail is None:
+                row_tail = tail_logprob_from_topk(torch.from_numpy(np.asarray(row_logprobs, dtype=np.float32))).numpy()
+            tails[index, window] = row_tail
+        return {
+            IDS_COLUMN: torch.from_numpy(ids),
+            LOGPROBS_COLUMN: torch.from_numpy(logprobs),
+            TAIL_COLUMN: torch.from_numpy(tails),
+        }
 
     def row(self, index: int) -> dict[str, torch.Tensor]:
         """Row `index` as tensors: ids `(S-1, k)` int64, log-probs `(S-1, k)` float32 (exactly the stored float16
         values) and the derived tail `(S-1,)` float32."""
-        batch = self.collate([self.dataset.with_format("numpy")[int(index)]])
+        batch = self.collate([self.dataset.with_format("numpy")[int(index)]])  # derives the tail
         return {key: value[0] for key, value in batch.items()}
 
     def report(

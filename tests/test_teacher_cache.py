@@ -238,6 +238,15 @@ def test_attach_and_collate_shapes_dtypes_and_order(single_process_cache, blocks
     # the columns survive the Trainer's column pruning (remove_columns keeps our numpy format)
     pruned = attached.remove_columns(["attention_mask"])
     assert cache.collate([pruned[0]])[IDS_COLUMN].shape == (1, 63, 8)
+    # without the in-memory tail column, collate derives the very same tail
+    lean = cache.attach(blocks, include_tail=False)
+    assert TAIL_COLUMN not in lean.column_names
+    lean_batch = cache.collate([lean[2], lean[9], lean[17]])
+    for key in cache.columns:
+        assert torch.equal(lean_batch[key], batch[key]), key
+    torch.testing.assert_close(
+        batch[TAIL_COLUMN], torch.log1p(-batch[LOGPROBS_COLUMN].double().exp().sum(-1)).float(), atol=1e-6, rtol=1e-6
+    )
     with pytest.raises(ValueError, match="rows"):
         cache.attach(blocks.select(range(5)))
     with pytest.raises(KeyError, match="attach the cache"):
@@ -249,8 +258,7 @@ def test_variable_length_rows_are_padded_like_the_inputs(tmp_path, tiny_teacher)
     rows = Dataset.from_dict({"input_ids": [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [3, 4, 5]]})
     cache = cache_teacher_logits(model, rows, tmp_path / "cache", top_k=4, batch_size=3, show_progress=False)
     assert cache.manifest["seq_length"] is None and cache.manifest["max_seq_length"] == 9
-    attached = cache.attach(rows)
-    for side in ("right", "left"):
+    for side, attached in (("right", cache.attach(rows)), ("left", cache.attach(rows, include_tail=False))):
         batch = cache.collate([attached[0], attached[1], attached[2]], padding_side=side)
         assert batch[IDS_COLUMN].shape == (3, 8, 4)
         real = slice(0, 2) if side == "right" else slice(6, 8)
