@@ -44,14 +44,14 @@ def members(tokenizer):
 
 @pytest.fixture(scope="module")
 def trained_member(tokenizer, packed_corpus):
-    """A tiny Llama trained for 60 steps on the corpus: clearly better than random members."""
+    """A tiny Llama trained for 40 steps on the corpus: clearly better than random members."""
     model = build_tiny_causal_lm("llama", len(tokenizer), seed=7, tokenizer=tokenizer)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     train = packed_corpus["train"]
     generator = torch.Generator().manual_seed(0)
-    for _ in range(60):
-        rows = train[torch.randint(len(train), (16,), generator=generator).tolist()]
+    for _ in range(40):
+        rows = train[torch.randint(len(train), (8,), generator=generator).tolist()]
         input_ids = torch.tensor(rows["input_ids"])
         loss = model(input_ids=input_ids, labels=input_ids).loss
         optimizer.zero_grad()
@@ -345,9 +345,9 @@ def _naive_greedy(models, rule, weights, input_ids, steps):
 def test_cached_greedy_equals_no_cache_recomputation(members, tokenizer, combination):
     ensemble = EnsembleForCausalLM.from_members([(m, tokenizer) for m in members], [0.5, 0.3, 0.2], combination)
     inputs = _prompt(tokenizer)
-    cached = ensemble.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-    uncached = ensemble.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=False, use_cache=False)
-    naive = _naive_greedy(members, combination, [0.5, 0.3, 0.2], inputs["input_ids"], 12)
+    cached = ensemble.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    uncached = ensemble.generate(**inputs, max_new_tokens=8, min_new_tokens=8, do_sample=False, use_cache=False)
+    naive = _naive_greedy(members, combination, [0.5, 0.3, 0.2], inputs["input_ids"], 8)
     assert torch.equal(cached, uncached)
     assert torch.equal(cached, naive)
 
@@ -567,8 +567,8 @@ def test_learned_weights_lower_held_out_nll_than_uniform(members, trained_member
     from hf_interop import evaluate_perplexity, fit_ensemble_weights
 
     pairs = [(trained_member, tokenizer), (members[0], tokenizer), (members[1], tokenizer)]
-    validation = packed_corpus["validation"].select(range(24))
-    test = packed_corpus["test"].select(range(24))
+    validation = packed_corpus["validation"].select(range(16))
+    test = packed_corpus["test"].select(range(16))
     uniform = EnsembleForCausalLM.from_members(pairs)
     learned = EnsembleForCausalLM.from_members(pairs)
     fit = fit_ensemble_weights(learned, validation, max_steps=200)
@@ -783,3 +783,44 @@ def test_classifiers_with_different_label_sets_are_refused(classifiers, tokenize
         EnsembleForSequenceClassification.from_members([classifiers[0], LlamaForSequenceClassification(config)])
     with pytest.raises(ValueError, match="members is empty"):
         EnsembleForSequenceClassification.from_members([])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. An ensemble as a distillation teacher
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_distillation_with_an_ensemble_teacher_trains_the_student_and_leaves_members_unchanged(
+    members, tokenizer, packed_corpus, tmp_path
+):
+    from hf_interop import DistillationConfig, DistillationTrainer
+
+    ensemble = EnsembleForCausalLM.from_members([(m, tokenizer) for m in members], [0.5, 0.3, 0.2], "product")
+    members_before = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]
+    student = build_tiny_causal_lm("llama", len(tokenizer), seed=11, tokenizer=tokenizer)
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "distil"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        kd_ratio=1.0,
+        logging_steps=1,
+    )
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=ensemble,
+        args=args,
+        train_dataset=packed_corpus["train"].select(range(8)),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    assert any(not torch.equal(student_before[k], v) for k, v in student.state_dict().items())
+    for member, before in zip(members, members_before, strict=True):
+        assert all(torch.equal(before[k], v) for k, v in member.state_dict().items())
+    kd_losses = [entry["kd_loss"] for entry in trainer.state.log_history if "kd_loss" in entry]
+    assert kd_losses and all(math.isfinite(loss) and loss > 0 for loss in kd_losses)

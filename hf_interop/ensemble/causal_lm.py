@@ -313,10 +313,6 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             [*tokenizers, tokenizer] if tokenizer is not None else tokenizers, [*names, "tokenizer"]
         )
         self._set_shared_vocab_size(tokenizer, names)
-        self._member_devices = [input_device(member) for member in self.members]
-        self._combine_device = (
-            torch.device(config.combine_device) if config.combine_device else self._member_devices[0]
-        )
         self._logits_to_keep_support = [_accepts(member, "logits_to_keep") for member in self.members]
         self.generation_config = _generation_config_from(self.members[0], tokenizer)
         self.post_init()
@@ -480,6 +476,17 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------------------------------------------------
 
     @property
+    def _member_devices(self) -> list[torch.device]:
+        # Looked up on every call: a Trainer or user may move members (`.to(...)`) after construction.
+        return [input_device(member) for member in self.members]
+
+    @property
+    def _combine_device(self) -> torch.device:
+        if self.config.combine_device:
+            return torch.device(self.config.combine_device)
+        return input_device(self.members[0])
+
+    @property
     def device(self) -> torch.device:
         """Where inputs go and member log-probabilities are combined."""
         return self._combine_device
@@ -573,9 +580,10 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         """
         member_caches = past_key_values.member_caches if past_key_values is not None else [None] * self.num_members
         vocab_size = self.config.vocab_size
+        combine_device = self._combine_device
         log_probs, caches = [], []
         for index, member in enumerate(self.members):
-            device = self._member_devices[index]
+            device = input_device(member)
             kwargs: dict[str, Any] = {
                 "input_ids": input_ids.to(device),
                 "attention_mask": attention_mask.to(device) if attention_mask is not None else None,
@@ -597,7 +605,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 logits = logits[:, -logits_to_keep:]
             elif not keep_in_member and isinstance(logits_to_keep, torch.Tensor):
                 logits = logits[:, logits_to_keep.to(logits.device)]
-            logits = logits[..., :vocab_size].to(device=self._combine_device, dtype=torch.float32)
+            logits = logits[..., :vocab_size].to(device=combine_device, dtype=torch.float32)
             log_probs.append(torch.log_softmax(logits, dim=-1))
             caches.append(getattr(outputs, "past_key_values", None) if use_cache else None)
         return torch.stack(log_probs, dim=0), caches

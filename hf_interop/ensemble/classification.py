@@ -144,7 +144,6 @@ class EnsembleForSequenceClassification(PreTrainedModel):
             )
             self.stacking_head.bias.zero_()
         self.stacking_head.requires_grad_(False)
-        self._member_devices = [_first_device(member) for member in self.members]
         self.post_init()
         self.eval()
 
@@ -196,8 +195,13 @@ class EnsembleForSequenceClassification(PreTrainedModel):
         return None
 
     @property
+    def _member_devices(self) -> list[torch.device]:
+        # Looked up on every call: Trainer moves the model after construction.
+        return [_first_device(member) for member in self.members]
+
+    @property
     def device(self) -> torch.device:
-        return self._member_devices[0]
+        return _first_device(self.members[0])
 
     @property
     def member_weights(self) -> torch.Tensor:
