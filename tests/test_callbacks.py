@@ -349,3 +349,33 @@ def test_schedule_of_missing_attribute_fails_before_training(tmp_path, student, 
     with pytest.raises(ValueError, match="TrainingArguments has no attribute 'temperature'"):
         trainer.train()
     assert trainer.state.global_step == 0
+
+
+def test_schedules_drive_the_distillation_trainer_loss(tmp_path, student, teacher, train_blocks, corpus_tokenizer):
+    from hf_interop import DistillationTrainer
+
+    class RecordingDistillationTrainer(DistillationTrainer):
+        def _distillation_loss(self, *args, **kwargs):
+            self.seen_temperatures.append(self.args.temperature)
+            return super()._distillation_loss(*args, **kwargs)
+
+    args = training_args(
+        tmp_path, args_class=DistillationConfig, max_steps=4, eval_strategy="no", save_strategy="no", loss_chunk_size=0
+    )
+    trainer = RecordingDistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        train_dataset=train_blocks,
+        processing_class=corpus_tokenizer,
+        callbacks=[temperature_schedule(4.0, 1.0), kd_ratio_schedule(1.0, 0.25, schedule="cosine")],
+    )
+    trainer.seen_temperatures = []
+    trainer.train()
+    assert trainer.seen_temperatures == pytest.approx([4.0, 3.0, 2.0, 1.0])
+    logged = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
+    expected_ratios = [scheduled_value(step, 4, 1.0, 0.25, "cosine") for step in range(4)]
+    assert [entry["kd_ratio"] for entry in logged] == pytest.approx(expected_ratios)
+    for entry, ratio in zip(logged, expected_ratios, strict=True):
+        # The trainer's own logged total is the mixture at the scheduled kd_ratio of that step.
+        assert entry["loss"] == pytest.approx(ratio * entry["kd_loss"] + (1 - ratio) * entry["ce_loss"], rel=1e-4)
