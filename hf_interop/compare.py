@@ -114,7 +114,11 @@ def check_checkpoint_arguments(checkpoints: list[str], names: list[str] | None =
     if duplicates:
         raise ValueError(f"checkpoint(s) {duplicates} are listed more than once; list each checkpoint once.")
     for checkpoint in checkpoints:
-        if not os.path.exists(checkpoint) and not looks_like_hub_id(checkpoint):
+        if (
+            checkpoint != DEFAULT_TEACHER_ALIAS
+            and not os.path.exists(checkpoint)
+            and not looks_like_hub_id(checkpoint)
+        ):
             raise ValueError(
                 f"checkpoint {checkpoint!r} does not exist; pass an existing folder, a .gguf file or a hub id."
             )
@@ -138,6 +142,19 @@ def _display_names(checkpoints: list[str]) -> list[str]:
     return checkpoints
 
 
+DEFAULT_TEACHER_ALIAS = "default_teacher"
+
+
+def resolve_model_alias(name_or_path: str | None) -> str | None:
+    """`"default_teacher"` -> the folder of the embedded SmolLM2-135M-Instruct teacher (converted once); other
+    names unchanged. Lets recipes and the CLI name the default teacher without knowing where it is cached."""
+    if name_or_path == DEFAULT_TEACHER_ALIAS:
+        from .loading import default_teacher_path
+
+        return str(default_teacher_path())
+    return name_or_path
+
+
 @dataclass
 class _Member:
     name: str
@@ -153,6 +170,7 @@ def load_comparison_model(checkpoint: str, dtype: Any = "float32") -> tuple[Any,
     (loaded onto its base model and merged)."""
     from .loading import load_causal_lm, load_tokenizer
 
+    checkpoint = resolve_model_alias(checkpoint)
     path = Path(checkpoint)
     if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
         import json
