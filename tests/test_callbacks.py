@@ -379,3 +379,26 @@ def test_schedules_drive_the_distillation_trainer_loss(tmp_path, student, teache
     for entry, ratio in zip(logged, expected_ratios, strict=True):
         # The trainer's own logged total is the mixture at the scheduled kd_ratio of that step.
         assert entry["loss"] == pytest.approx(ratio * entry["kd_loss"] + (1 - ratio) * entry["ce_loss"], rel=1e-4)
+
+
+def test_heldout_evaluation_with_an_ensemble_reference(student, teacher, heldout_blocks, corpus_tokenizer):
+    from hf_interop import EnsembleForCausalLM
+
+    ensemble = EnsembleForCausalLM.from_members(
+        [copy.deepcopy(student), teacher], weights=[0.5, 0.5], tokenizer=corpus_tokenizer
+    )
+    metrics = HeldOutEvaluationCallback(heldout_blocks, reference_model=ensemble, max_batches=1).compute(student)
+    with torch.no_grad():
+        input_ids = torch.tensor(heldout_blocks[:8]["input_ids"])
+        student_log_probs = torch.log_softmax(student(input_ids=input_ids).logits.double(), -1)[:, :-1]
+        teacher_log_probs = torch.log_softmax(teacher(input_ids=input_ids).logits.double(), -1)[:, :-1]
+    mixture = torch.log(0.5 * student_log_probs.exp() + 0.5 * teacher_log_probs.exp())
+    kl = (mixture.exp() * (mixture - student_log_probs)).sum(-1).mean()
+    agreement = (student_log_probs.argmax(-1) == mixture.argmax(-1)).double().mean()
+    assert metrics["kl_to_reference"] == pytest.approx(float(kl), rel=1e-4)
+    assert metrics["top1_agreement"] == pytest.approx(float(agreement))
+    assert (
+        0
+        < metrics["kl_to_reference"]
+        < float((teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1).mean())
+    )
