@@ -5,6 +5,7 @@
 - :class:`CheckpointEnsembleCallback`: keeps the last K saved checkpoints and reports the held-out perplexity of their
   logit ensemble and of their weight average next to the latest checkpoint's.
 - :class:`ModelCardCallback`: writes or updates `README.md` (a model card) in every checkpoint it saves.
+- :class:`HubPushCallback`: checks Hub access before the first step, then pushes each checkpoint to a branch.
 - :class:`ParameterScheduleCallback` (and the shortcuts :func:`temperature_schedule`, :func:`kd_ratio_schedule`):
   change a training knob such as the distillation temperature or `kd_ratio` at every step.
 
@@ -517,6 +518,88 @@ class ModelCardCallback(TrainerCallback):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Hub
+# ----------------------------------------------------------------------------------------------------------------
+
+# Checkpoint files that only resuming needs (and pickles, which safe loaders refuse): kept local, not pushed.
+CHECKPOINT_IGNORE_PATTERNS = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "training_args.bin")
+
+
+class HubPushCallback(TrainerCallback):
+    """Check Hub access before training starts, then push every saved checkpoint to a branch of `repo_id`.
+
+    `on_train_begin` runs :func:`hf_interop.hub.check_hub_access` (repo id, token, reachable Hub, write access), so a
+    missing token or an unreachable Hub stops the run before its first step instead of after hours of training.
+    Each save is then pushed as one commit to `revision` (files only needed to resume, such as `optimizer.pt`, stay
+    local). A failed push is logged and recorded in `failed`; training goes on and the local checkpoint is intact.
+
+    Args:
+        repo_id (`str`): target repository, `"namespace/name"`.
+        token (`str`, *optional*): Hub token; defaults to the stored one.
+        revision (`str`, *optional*, defaults to `"main"`): branch the checkpoints are committed to (created if
+            missing), e.g. `"training"` to keep `main` for the final model.
+        private (`bool`, *optional*): visibility if the repository is created.
+        push_checkpoints (`bool`, *optional*, defaults to `True`): `False` only runs the preflight check.
+        ignore_patterns (`list[str]`, *optional*): files left out of each push; defaults to the hf_interop temporary
+            files plus :data:`CHECKPOINT_IGNORE_PATTERNS`.
+    """
+
+    def __init__(
+        self,
+        repo_id: str,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        push_checkpoints: bool = True,
+        ignore_patterns: Sequence[str] | None = None,
+    ) -> None:
+        from .hub import DEFAULT_IGNORE_PATTERNS, check_repo_id
+
+        self.repo_id = check_repo_id(repo_id)
+        self.token = token
+        self.revision = revision or "main"
+        self.private = private
+        self.push_checkpoints = push_checkpoints
+        self.ignore_patterns = (
+            tuple(ignore_patterns)
+            if ignore_patterns is not None
+            else (*DEFAULT_IGNORE_PATTERNS, *CHECKPOINT_IGNORE_PATTERNS)
+        )
+        self.pushed: list[dict[str, Any]] = []
+        self.failed: list[tuple[int, str]] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from .hub import check_hub_access
+
+        if state.is_world_process_zero:
+            check_hub_access(self.repo_id, token=self.token, revision=self.revision)
+
+    def on_save(self, args, state, control, **kwargs):
+        if not (self.push_checkpoints and state.is_world_process_zero):
+            return
+        from .hub import push_output_to_hub
+
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not folder.is_dir():
+            return
+        try:
+            result = push_output_to_hub(
+                folder,
+                self.repo_id,
+                revision=self.revision,
+                token=self.token,
+                private=self.private,
+                commit_message=f"Checkpoint at step {state.global_step}",
+                ignore_patterns=self.ignore_patterns,
+            )
+        except Exception as error:  # the run must not die for a push; the checkpoint is on disk
+            logger.warning(f"could not push {folder} to {self.repo_id}: {error}")
+            self.failed.append((state.global_step, str(error)))
+            return
+        self.pushed.append({"step": state.global_step, **result})
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Schedules of training knobs
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -637,6 +720,7 @@ __all__ = [
     "HeldOutEvaluationCallback",
     "CheckpointEnsembleCallback",
     "ModelCardCallback",
+    "HubPushCallback",
     "ParameterScheduleCallback",
     "TemperatureScheduleCallback",
     "KDRatioScheduleCallback",

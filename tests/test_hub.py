@@ -25,6 +25,9 @@ from hf_interop.hub import (
     read_lineage_manifest,
 )
 
+# huggingface_hub's LFS upload hands httpx a file object as `data=`; httpx deprecates that spelling. Not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
+
 WRITE_TOKEN = "hf_emulator_write_token"
 READ_TOKEN = "hf_emulator_read_token"
 
@@ -328,3 +331,60 @@ def test_seeded_cache_loads_offline(monkeypatch, tmp_path, tiny_model_dirs):
     assert json.loads(manifest.read_text())["teachers"][0]["commit_hash"] == commit
     with pytest.raises(ModelLoadingError, match="not in the local Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_causal_lm("SeedOrg/not-seeded")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Inside a Trainer: preflight before the first step, a commit per checkpoint
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_trainer(output_dir, model_dir, packed_corpus, callback):
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return Trainer(
+        model=model, args=args, train_dataset=packed_corpus["train"].select(range(16)), callbacks=[callback]
+    )
+
+
+def test_hub_push_callback_pushes_each_checkpoint(hub_env, tmp_path, tiny_model_dirs, packed_corpus):
+    from hf_interop.callbacks import HubPushCallback
+
+    callback = HubPushCallback("alice/run", token=WRITE_TOKEN, revision="training")
+    trainer = _tiny_trainer(tmp_path / "run", tiny_model_dirs["llama"], packed_corpus, callback)
+    trainer.train()
+    assert callback.failed == []
+    assert [push["step"] for push in callback.pushed] == [2, 4]
+    assert hub_env.head("alice/run", "training") == callback.pushed[-1]["commit_hash"]
+    first = callback.pushed[0]["commit_hash"]
+    files = hub_env.repos["alice/run"].commits[first].files
+    assert "model.safetensors" in files and "trainer_state.json" in files
+    assert not any(name in files for name in ("optimizer.pt", "scheduler.pt", "training_args.bin"))  # resume-only
+    # Each commit is the checkpoint of its step.
+    pushed_model = AutoModelForCausalLM.from_pretrained("alice/run", revision=first)
+    local_model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "checkpoint-2")
+    assert torch.equal(pushed_model.lm_head.weight, local_model.lm_head.weight)
+
+
+def test_hub_push_callback_without_token_stops_before_the_first_step(
+    hub_env, tmp_path, tiny_model_dirs, packed_corpus
+):
+    from hf_interop.callbacks import HubPushCallback
+
+    trainer = _tiny_trainer(tmp_path / "run", tiny_model_dirs["llama"], packed_corpus, HubPushCallback("alice/run2"))
+    with pytest.raises(HubAccessError, match="no Hub token"):
+        trainer.train()
+    assert trainer.state.global_step == 0 and not list((tmp_path / "run").glob("checkpoint-*"))
+    assert hub_env.uploads() == []
+    with pytest.raises(ValueError, match="repo_id='bad id' is not a valid Hub repo id"):
+        HubPushCallback("bad id")
