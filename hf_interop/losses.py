@@ -319,6 +319,14 @@ class _Statistics:
         self.teacher_entropy = self.teacher_entropy + teacher_entropy.sum()
         self.student_entropy = self.student_entropy + _entropy_from_logits(student).sum()
 
+    @torch.no_grad()
+    def add_precomputed(
+        self, student_argmax: Tensor, teacher_argmax: Tensor, teacher_entropy: Tensor, student_entropy: Tensor
+    ) -> None:
+        self.top1_matches = self.top1_matches + (student_argmax == teacher_argmax).sum()
+        self.teacher_entropy = self.teacher_entropy + teacher_entropy.sum()
+        self.student_entropy = self.student_entropy + student_entropy.sum()
+
     def means(self, count: int) -> tuple[float, float, float]:
         if count == 0:
             return 0.0, 0.0, 0.0
@@ -583,64 +591,205 @@ def _low_precision(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-class _ChunkRunner:
-    """Computes one chunk's loss from student hidden states and keeps detached running sums for the output.
+def _weighted_softmax_backward(student_probs: Tensor, weighted: Tensor) -> Tensor:
+    """Gradient w.r.t. logits from `weighted = p_s * dL/dp_s`: the softmax Jacobian gives w - p_s * sum(w)."""
+    return weighted.sub_(student_probs * weighted.sum(-1, keepdim=True))
 
-    `kd_per_token(student_logits, start, end)` returns the chunk's per-token divergences (with graph to the student
-    logits), the teacher's argmax, the teacher's entropy and the number of vocab columns compared.
+
+def _row_dot(a: Tensor, b: Tensor) -> Tensor:
+    # sum(a * b, -1) as a batched dot product: one pass, no (rows, vocab) temporary
+    return torch.einsum("...v,...v->...", a, b)
+
+
+@dataclass
+class _ChunkDivergence:
+    values: Tensor
+    logit_grad: Tensor | None
+    teacher_entropy: Tensor | None = None
+    student_entropy: Tensor | None = None
+    student_log_probs: Tensor | None = None  # at temperature 1, when available (reused for cross-entropy)
+
+
+@torch.no_grad()
+def _divergence_and_logit_grad(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    loss_type: str,
+    temperature: float,
+    jsd_beta: float,
+    skew_alpha: float,
+    scale_by_temperature_squared: bool | None,
+    need_grad: bool,
+) -> _ChunkDivergence:
+    """Per-token divergence and its gradient w.r.t. the student logits, in closed form.
+
+    Same values as [`token_divergence`]; the gradient is what autograd would give, derived by hand so a chunk needs
+    a few `(chunk, vocab)` buffers (mostly updated in place) instead of autograd's saved graph. With `p`/`q` the
+    teacher/student probabilities at temperature `T`, `z` the student's scaled logits and `w = q * dL/dq`, the
+    softmax Jacobian gives `dL/dz = w - q * sum(w)`: forward KL `w = -p`; reverse KL `w = q (log q - log p)`; JSD
+    `w = (1 - b) q (log q - log m)`; skew KL `w = -(1 - a) p q / m`; skew reverse KL
+    `w = q (log q - log m) + q - (1 - a) q^2 / m`; TVD `w = q sign(q - p) / 2`.
+
+    At temperature 1 it also returns both entropies and the student's log-probabilities (they come for free).
+    """
+    factor = _temperature_factor(loss_type, temperature, scale_by_temperature_squared)
+    student = student_logits / temperature if temperature != 1.0 else student_logits
+    teacher = teacher_logits / temperature if temperature != 1.0 else teacher_logits
+    out = _ChunkDivergence(values=student.new_zeros(()), logit_grad=None)
+    if loss_type == "mse":
+        difference = student - teacher
+        out.values = _row_dot(difference, difference) / difference.shape[-1]
+        if need_grad:
+            out.logit_grad = difference.mul_(2.0 / difference.shape[-1])
+    else:
+        if loss_type == "jsd" and jsd_beta in (0.0, 1.0):
+            loss_type = "forward_kl" if jsd_beta == 0.0 else "reverse_kl"
+        student_log_probs = F.log_softmax(student, dim=-1)
+        teacher_log_probs = F.log_softmax(teacher, dim=-1)
+        student_probs = student_log_probs.exp()
+        teacher_probs = teacher_log_probs.exp()
+        teacher_negentropy = _row_dot(teacher_probs, teacher_log_probs)
+        if temperature == 1.0:
+            out.teacher_entropy = -teacher_negentropy
+            out.student_entropy = -_row_dot(student_probs, student_log_probs)
+            out.student_log_probs = student_log_probs
+        grad = None
+        if loss_type == "forward_kl":
+            out.values = teacher_negentropy - _row_dot(teacher_probs, student_log_probs)
+            if need_grad:
+                grad = student_probs.sub_(teacher_probs)
+        elif loss_type == "reverse_kl":
+            log_ratio = student_log_probs - teacher_log_probs
+            out.values = _row_dot(student_probs, log_ratio)
+            if need_grad:
+                grad = log_ratio.sub_(out.values.unsqueeze(-1)).mul_(student_probs)
+        elif loss_type == "jsd":
+            log_mixture = _log_mixture(teacher_log_probs, student_log_probs, jsd_beta)
+            kl_teacher = teacher_negentropy - _row_dot(teacher_probs, log_mixture)
+            log_ratio = log_mixture.neg_().add_(student_log_probs)  # log q - log m, in place
+            kl_student = _row_dot(student_probs, log_ratio)
+            out.values = jsd_beta * kl_teacher + (1.0 - jsd_beta) * kl_student
+            if need_grad:
+                grad = log_ratio.sub_(kl_student.unsqueeze(-1)).mul_(student_probs).mul_(1.0 - jsd_beta)
+        elif loss_type == "skew_kl":
+            log_mixture = _log_mixture(teacher_log_probs, student_log_probs, skew_alpha)
+            out.values = teacher_negentropy - _row_dot(teacher_probs, log_mixture)
+            if need_grad:
+                weighted = (student_log_probs - log_mixture).exp_().mul_(teacher_probs).mul_(-(1.0 - skew_alpha))
+                grad = _weighted_softmax_backward(student_probs, weighted)
+        elif loss_type == "skew_reverse_kl":
+            log_ratio = student_log_probs - _log_mixture(teacher_log_probs, student_log_probs, skew_alpha)
+            out.values = _row_dot(student_probs, log_ratio)
+            if need_grad:
+                weighted = (
+                    student_probs * log_ratio + student_probs - (1.0 - skew_alpha) * student_probs * log_ratio.exp()
+                )
+                grad = _weighted_softmax_backward(student_probs, weighted)
+        elif loss_type == "tvd":
+            difference = student_probs - teacher_probs
+            out.values = 0.5 * difference.abs().sum(-1)
+            if need_grad:
+                grad = _weighted_softmax_backward(student_probs, difference.sign_().mul_(student_probs).mul_(0.5))
+        else:
+            raise ValueError(f"loss_type={loss_type!r} is not supported; use one of {LOSS_TYPES}.")
+        out.logit_grad = grad
+    if factor != 1.0:
+        out.values = out.values * factor
+    if out.logit_grad is not None and factor / temperature != 1.0:
+        out.logit_grad = out.logit_grad.mul_(factor / temperature)
+    return out
+
+
+class _ChunkRunner:
+    """Loss of one chunk of student logits, its gradient w.r.t. those logits, and detached running sums.
+
+    `kd_value_and_grad(student_logits, start, end, need_grad)` gets the chunk's detached student logits (compute
+    dtype) and returns the per-token divergences, their summed gradient w.r.t. those logits (or `None`), the
+    teacher's argmax, the teacher's entropy, the student's entropy (or `None`: computed here) and the number of
+    vocab columns compared.
     """
 
     def __init__(
         self,
-        student_head: Callable[[Tensor], Tensor],
         valid_labels: Tensor,
         chunk_size: int,
         kd_ratio: float,
         compute_ce_loss: bool,
-        kd_per_token: Callable[[Tensor, int, int], tuple[Tensor, Tensor, Tensor, int]],
+        kd_value_and_grad: Callable[
+            [Tensor, int, int, bool], tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None, int]
+        ],
     ) -> None:
-        self.student_head = student_head
         self.valid_labels = valid_labels
         self.chunk_size = chunk_size
         self.kd_ratio = kd_ratio
         self.compute_ce_loss = compute_ce_loss
-        self.kd_per_token = kd_per_token
+        self.kd_value_and_grad = kd_value_and_grad
         self.kd_sum: Tensor | float = 0.0
         self.ce_sum: Tensor | float = 0.0
         self.statistics = _Statistics()
         self.labels_checked = False
+        self.cached_student_log_probs: Tensor | None = None
 
     def chunk_bounds(self, num_tokens: int) -> list[tuple[int, int]]:
         return [(start, min(start + self.chunk_size, num_tokens)) for start in range(0, num_tokens, self.chunk_size)]
 
-    def chunk_loss(self, hidden_chunk: Tensor, start: int, end: int, record: bool = True) -> Tensor:
-        student_logits = self.student_head(hidden_chunk)
-        dtype = _compute_dtype(student_logits)
-        kd_tokens, teacher_argmax, teacher_entropy, vocab = self.kd_per_token(student_logits, start, end)
+    @torch.no_grad()
+    def loss_and_logit_grad(
+        self, student_logits: Tensor, start: int, end: int, need_grad: bool, record: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        logits = student_logits.detach().to(_compute_dtype(student_logits))
+        self.cached_student_log_probs = None
+        kd_tokens, grad, teacher_argmax, teacher_entropy, student_entropy, vocab = self.kd_value_and_grad(
+            logits, start, end, need_grad
+        )
         kd = kd_tokens.sum()
+        total = kd
+        if need_grad and grad is not None and self.kd_ratio != 1.0:
+            grad = grad.mul_(self.kd_ratio)
+        student_log_probs = None
         ce = None
         if self.compute_ce_loss:
-            labels = self.valid_labels[start:end]
             if not self.labels_checked:
-                _check_labels_in_vocab(self.valid_labels, student_logits.shape[-1])
+                _check_labels_in_vocab(self.valid_labels, logits.shape[-1])
                 self.labels_checked = True
-            with torch.set_grad_enabled(torch.is_grad_enabled() and self.kd_ratio < 1.0):
-                ce = F.cross_entropy(student_logits.to(dtype), labels, reduction="sum")
-        total = kd if self.kd_ratio == 1.0 else self.kd_ratio * kd + (1.0 - self.kd_ratio) * ce
+            labels = self.valid_labels[start:end]
+            student_log_probs = self.cached_student_log_probs
+            if student_log_probs is None:
+                student_log_probs = F.log_softmax(logits, dim=-1)
+            ce = -student_log_probs.gather(-1, labels.unsqueeze(-1)).sum()
+            if self.kd_ratio != 1.0:
+                total = self.kd_ratio * kd + (1.0 - self.kd_ratio) * ce
+                if need_grad:
+                    ce_grad = student_log_probs.exp()
+                    ce_grad[torch.arange(len(labels), device=labels.device), labels] -= 1.0
+                    grad = (
+                        ce_grad.mul_(1.0 - self.kd_ratio)
+                        if grad is None
+                        else grad.add_(ce_grad, alpha=1.0 - self.kd_ratio)
+                    )
         if record:
-            self.kd_sum = self.kd_sum + kd.detach()
+            self.kd_sum = self.kd_sum + kd
             if ce is not None:
-                self.ce_sum = self.ce_sum + ce.detach()
-            self.statistics.add(student_logits[..., :vocab], teacher_argmax, teacher_entropy)
-        return total
+                self.ce_sum = self.ce_sum + ce
+            compared = logits[..., :vocab]
+            if student_entropy is not None:
+                pass
+            elif student_log_probs is not None and vocab == logits.shape[-1]:
+                student_entropy = -_row_dot(student_log_probs.exp(), student_log_probs)
+            else:
+                student_entropy = _entropy_from_logits(compared)
+            self.statistics.add_precomputed(compared.argmax(-1), teacher_argmax, teacher_entropy, student_entropy)
+        return total, grad
 
 
 class _FusedChunkedLoss(torch.autograd.Function):
     """Chunk loop that computes each chunk's gradients right away (w.r.t. the hidden chunk and the head's
-    parameters) and stores only those: the student's logits never outlive their chunk, and backward is a scale."""
+    parameters) and keeps only those: the student's logits never outlive their chunk, and backward is a scale."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, runner: _ChunkRunner, need_hidden_grad: bool, *parameters: Tensor) -> Tensor:
+    def forward(
+        ctx, hidden: Tensor, runner: _ChunkRunner, head: Callable, need_hidden_grad: bool, *parameters: Tensor
+    ) -> Tensor:
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         parameter_grads: list[Tensor | None] = [None] * len(parameters)
         total = None
@@ -649,10 +798,13 @@ class _FusedChunkedLoss(torch.autograd.Function):
             if need_hidden_grad:
                 hidden_chunk.requires_grad_(True)
             with torch.enable_grad():
-                chunk_total = runner.chunk_loss(hidden_chunk, start, end)
+                logits = head(hidden_chunk)
+            chunk_total, logit_grad = runner.loss_and_logit_grad(logits, start, end, need_grad=True)
             inputs = ([hidden_chunk] if need_hidden_grad else []) + list(parameters)
-            if inputs and chunk_total.requires_grad:
-                grads = torch.autograd.grad(chunk_total, inputs, allow_unused=True)
+            if logits.requires_grad and logit_grad is not None:
+                grads = torch.autograd.grad(
+                    logits, inputs, grad_outputs=logit_grad.to(logits.dtype), allow_unused=True
+                )
                 if need_hidden_grad:
                     grad_hidden[start:end] = grads[0]
                     grads = grads[1:]
@@ -660,8 +812,12 @@ class _FusedChunkedLoss(torch.autograd.Function):
                     if grad is None:
                         continue
                     grad = grad.float() if _low_precision(grad.dtype) else grad
-                    parameter_grads[index] = grad if parameter_grads[index] is None else parameter_grads[index] + grad
-            total = chunk_total.detach() if total is None else total + chunk_total.detach()
+                    if parameter_grads[index] is None:
+                        parameter_grads[index] = grad
+                    else:
+                        parameter_grads[index] += grad
+            del logits, logit_grad
+            total = chunk_total if total is None else total + chunk_total
         ctx.grad_hidden = grad_hidden
         ctx.parameter_grads = parameter_grads
         ctx.parameter_dtypes = [parameter.dtype for parameter in parameters]
@@ -677,7 +833,24 @@ class _FusedChunkedLoss(torch.autograd.Function):
             for grad, dtype in zip(ctx.parameter_grads, ctx.parameter_dtypes, strict=True)
         ]
         ctx.grad_hidden = ctx.parameter_grads = None
-        return (grad_hidden, None, None, *parameter_grads)
+        return (grad_hidden, None, None, None, *parameter_grads)
+
+
+class _ChunkLogitsLoss(torch.autograd.Function):
+    """One chunk's loss on its student logits, for the checkpointed path: the logit gradient it saves is dropped by
+    `torch.utils.checkpoint` and recomputed, with the logits, in backward."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, runner: _ChunkRunner, start: int, end: int, record: bool) -> Tensor:
+        total, logit_grad = runner.loss_and_logit_grad(logits, start, end, need_grad=True, record=record)
+        ctx.save_for_backward(logit_grad.to(logits.dtype) if logit_grad is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: Tensor):
+        (logit_grad,) = ctx.saved_tensors
+        grad = None if logit_grad is None else logit_grad * grad_total.to(logit_grad.dtype)
+        return grad, None, None, None, None
 
 
 def _run_chunks(
@@ -685,24 +858,25 @@ def _run_chunks(
 ) -> Tensor:
     parameters = _head_parameters(student_head)
     need_hidden_grad = student_hidden.requires_grad
+    bounds = runner.chunk_bounds(len(student_hidden))
     if not torch.is_grad_enabled() or not (need_hidden_grad or parameters):
         with torch.no_grad():
-            chunk_totals = [
-                runner.chunk_loss(student_hidden[s:e], s, e) for s, e in runner.chunk_bounds(len(student_hidden))
+            totals = [
+                runner.loss_and_logit_grad(student_head(student_hidden[s:e]), s, e, need_grad=False)[0]
+                for s, e in bounds
             ]
-        return torch.stack(chunk_totals).sum()
+        return torch.stack(totals).sum()
     if fused_backward:
-        return _FusedChunkedLoss.apply(student_hidden, runner, need_hidden_grad, *parameters)
+        return _FusedChunkedLoss.apply(student_hidden, runner, student_head, need_hidden_grad, *parameters)
     from torch.utils.checkpoint import checkpoint
+
+    recomputing = [False]
 
     def run_chunk(hidden_chunk: Tensor, start: int, end: int) -> Tensor:
         # the recomputation in backward must not count the chunk's statistics twice
-        return runner.chunk_loss(hidden_chunk, start, end, record=not recomputing[0])
+        return _ChunkLogitsLoss.apply(student_head(hidden_chunk), runner, start, end, not recomputing[0])
 
-    recomputing = [False]
-    totals = []
-    for start, end in runner.chunk_bounds(len(student_hidden)):
-        totals.append(checkpoint(run_chunk, student_hidden[start:end], start, end, use_reentrant=False))
+    totals = [checkpoint(run_chunk, student_hidden[s:e], s, e, use_reentrant=False) for s, e in bounds]
     recomputing[0] = True
     return torch.stack(totals).sum()
 
@@ -713,6 +887,13 @@ def _select_valid(
     flat_labels = _flatten_labels(labels, leading_shape, argument)
     valid = (flat_labels != ignore_index).nonzero().squeeze(-1)
     return valid, flat_labels.index_select(0, valid)
+
+
+def _take_rows(tensor: Tensor, valid: Tensor) -> Tensor:
+    """`tensor[valid]` for a 2-d tensor; a view when every row is valid (no copy, no scatter in backward)."""
+    if valid.numel() == tensor.shape[0]:
+        return tensor
+    return tensor.index_select(0, valid)
 
 
 def _zero_output(
@@ -814,45 +995,46 @@ def chunked_distillation_loss(
     if num_valid == 0:
         return _zero_output(student_hidden, student_head, normalizer, compute_ce_loss)
 
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, valid)
+    hidden = _take_rows(student_hidden.reshape(-1, student_hidden.shape[-1]), valid)
     teacher_flat = teacher_input.detach().reshape(-1, teacher_input.shape[-1])
     if teacher_logits is None:
-        teacher_flat = teacher_flat.index_select(0, valid)
-    non_finite = [0]
+        teacher_flat = _take_rows(teacher_flat, valid)
+    teacher_row_sums: list[Tensor] = []
 
-    def kd_per_token(student_logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, Tensor, int]:
-        with torch.no_grad():
-            if teacher_logits is not None:
-                teacher_chunk = teacher_flat.index_select(0, valid[start:end])
-            else:
-                teacher_chunk = teacher_head(teacher_flat[start:end])
-            vocab = _resolve_vocab(student_logits.shape[-1], teacher_chunk.shape[-1], shared_vocab_size)
-            teacher_chunk = teacher_chunk[..., :vocab].to(_compute_dtype(student_logits))
-            finite = torch.isfinite(teacher_chunk)
-            non_finite[0] = non_finite[0] + (~finite).sum()
-            # a non-finite teacher is reported after the loop (one host sync); keep the arithmetic NaN-free meanwhile
-            teacher_chunk = torch.where(finite, teacher_chunk, torch.zeros_like(teacher_chunk))
-            teacher_argmax = teacher_chunk.argmax(-1)
+    def kd_value_and_grad(
+        student_logits: Tensor, start: int, end: int, need_grad: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int]:
+        if teacher_logits is not None:
+            teacher_chunk = teacher_flat.index_select(0, valid[start:end])
+        else:
+            teacher_chunk = teacher_head(teacher_flat[start:end])
+        student_vocab = student_logits.shape[-1]
+        vocab = _resolve_vocab(student_vocab, teacher_chunk.shape[-1], shared_vocab_size)
+        teacher_chunk = teacher_chunk[..., :vocab].to(student_logits.dtype)
+        # one cheap reduction per chunk: the row sums are finite iff the teacher's logits are; a non-finite
+        # teacher is reported after the loop (a single host sync)
+        teacher_row_sums.append(teacher_chunk.sum(-1))
+        divergence = _divergence_and_logit_grad(
+            student_logits[..., :vocab], teacher_chunk, loss_type, temperature, jsd_beta, skew_alpha,
+            scale_by_temperature_squared, need_grad,
+        )  # fmt: skip
+        teacher_entropy = divergence.teacher_entropy
+        if teacher_entropy is None:
             teacher_entropy = _entropy_from_logits(teacher_chunk)
-        kd_tokens = _token_divergence(
-            student_logits[..., :vocab],
-            teacher_chunk,
-            loss_type,
-            temperature,
-            jsd_beta,
-            skew_alpha,
-            scale_by_temperature_squared,
-        )
-        return kd_tokens, teacher_argmax, teacher_entropy, vocab
+        grad = divergence.logit_grad
+        if grad is not None and vocab < student_vocab:
+            grad = F.pad(grad, (0, student_vocab - vocab))
+        if vocab == student_vocab and divergence.student_log_probs is not None:
+            runner.cached_student_log_probs = divergence.student_log_probs
+        return divergence.values, grad, teacher_chunk.argmax(-1), teacher_entropy, divergence.student_entropy, vocab
 
-    runner = _ChunkRunner(student_head, valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_per_token)
+    runner = _ChunkRunner(valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_value_and_grad)
     total_sum = _run_chunks(hidden, runner, student_head, fused_backward)
-    bad = int(non_finite[0])
-    if bad:
+    if not bool(torch.isfinite(torch.cat(teacher_row_sums)).all()):
         source = "teacher_logits" if teacher_logits is not None else "the teacher head's logits"
         raise ValueError(
-            f"{source} hold {bad} non-finite values (NaN or inf) on valid tokens; the teacher's forward pass "
-            "overflowed or its weights are broken (try teacher_dtype='float32' or 'bfloat16' instead of 'float16')."
+            f"{source} hold non-finite values (NaN or inf) on valid tokens; the teacher's forward pass overflowed "
+            "or its weights are broken (try teacher_dtype='float32' or 'bfloat16' instead of 'float16')."
         )
     return _finish(
         torch.as_tensor(runner.kd_sum, device=total_sum.device, dtype=total_sum.dtype),
@@ -1171,27 +1353,32 @@ def chunked_sparse_distillation_loss(
     if num_valid == 0:
         return _zero_output(student_hidden, student_head, normalizer, compute_ce_loss)
 
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, valid)
+    hidden = _take_rows(student_hidden.reshape(-1, student_hidden.shape[-1]), valid)
     ids = ids.index_select(0, valid).long()
     topk_logprobs = topk_logprobs.index_select(0, valid)
     tail_logprob = tail_logprob.index_select(0, valid)
     resolved: dict[str, int] = {}
 
-    def kd_per_token(student_logits: Tensor, start: int, end: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    def kd_value_and_grad(
+        student_logits: Tensor, start: int, end: int, need_grad: bool
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int]:
         if not resolved:
             vocab, vocab_t = _resolve_sparse_vocab(
                 student_logits.shape[-1], shared_vocab_size, teacher_vocab_size, ids.shape[-1]
             )
             _check_sparse_teacher(ids, topk_logprobs, tail_logprob, vocab)
             resolved.update(vocab=vocab, teacher_vocab_size=vocab_t)
-        kd_tokens, teacher_argmax, teacher_entropy = _sparse_kd_per_token(
-            student_logits, ids[start:end], topk_logprobs[start:end], tail_logprob[start:end], loss_type, temperature,
-            cache_temperature, jsd_beta, scale_by_temperature_squared, resolved["vocab"],
-            resolved["teacher_vocab_size"],
-        )  # fmt: skip
-        return kd_tokens, teacher_argmax, teacher_entropy, resolved["vocab"]
+        logits = student_logits.detach().requires_grad_(need_grad)
+        with torch.set_grad_enabled(need_grad):
+            kd_tokens, teacher_argmax, teacher_entropy = _sparse_kd_per_token(
+                logits, ids[start:end], topk_logprobs[start:end], tail_logprob[start:end], loss_type, temperature,
+                cache_temperature, jsd_beta, scale_by_temperature_squared, resolved["vocab"],
+                resolved["teacher_vocab_size"],
+            )  # fmt: skip
+            grad = torch.autograd.grad(kd_tokens.sum(), logits)[0] if need_grad else None
+        return kd_tokens.detach(), grad, teacher_argmax, teacher_entropy, None, resolved["vocab"]
 
-    runner = _ChunkRunner(student_head, valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_per_token)
+    runner = _ChunkRunner(valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_value_and_grad)
     total_sum = _run_chunks(hidden, runner, student_head, fused_backward)
     return _finish(
         torch.as_tensor(runner.kd_sum, device=total_sum.device, dtype=total_sum.dtype),

@@ -646,7 +646,7 @@ def test_chunked_all_ignored_and_bad_inputs():
         losses.chunked_distillation_loss(student_hidden, student_head, labels, loss_type="kl", **teacher)
     bad_teacher = teacher_head(teacher_hidden).detach()
     bad_teacher[int((labels != -100).nonzero()[-1])] = float("nan")
-    with pytest.raises(ValueError, match=f"teacher_logits hold {VOCAB} non-finite"):
+    with pytest.raises(ValueError, match="teacher_logits hold non-finite"):
         losses.chunked_distillation_loss(student_hidden, student_head, labels, teacher_logits=bad_teacher)
     with pytest.raises(ValueError, match="student vocab size"):
         losses.chunked_distillation_loss(
