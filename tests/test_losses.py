@@ -883,3 +883,21 @@ def test_sparse_all_ignored_and_bad_inputs():
         losses.sparse_distillation_loss(student, garbage_ids, topk_logprobs, tail, labels).loss,
         losses.sparse_distillation_loss(student, ids, topk_logprobs, tail, labels).loss,
     )
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl"])
+def test_chunked_equals_dense_when_every_token_is_valid(loss_type):
+    # no row gather on this path: hidden states go straight to the chunks
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = make_hidden_inputs(seed=25, ignore=0.0)
+    assert torch.all(labels != -100)
+    dense, dense_grads = dense_reference_and_grads(
+        student_hidden, student_head, teacher_hidden, teacher_head, labels, loss_type=loss_type, kd_ratio=0.9
+    )
+    chunked = losses.chunked_distillation_loss(
+        student_hidden, student_head, labels, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+        chunk_size=10, loss_type=loss_type, kd_ratio=0.9,
+    )  # fmt: skip
+    assert_same_output(chunked, dense)
+    grads = torch.autograd.grad(chunked.loss, [student_hidden, student_head.weight])
+    for grad, expected in zip(grads, dense_grads, strict=True):
+        assert_close64(grad, expected)
