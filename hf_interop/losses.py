@@ -859,14 +859,16 @@ def _run_chunks(
     parameters = _head_parameters(student_head)
     need_hidden_grad = student_hidden.requires_grad
     bounds = runner.chunk_bounds(len(student_hidden))
-    if not torch.is_grad_enabled() or not (need_hidden_grad or parameters):
+    # a plain callable may close over tensors that require grad: only checkpointing reaches those
+    is_module = isinstance(student_head, nn.Module)
+    if not torch.is_grad_enabled() or (is_module and not (need_hidden_grad or parameters)):
         with torch.no_grad():
             totals = [
                 runner.loss_and_logit_grad(student_head(student_hidden[s:e]), s, e, need_grad=False)[0]
                 for s, e in bounds
             ]
         return torch.stack(totals).sum()
-    if fused_backward:
+    if fused_backward and is_module:
         return _FusedChunkedLoss.apply(student_hidden, runner, student_head, need_hidden_grad, *parameters)
     from torch.utils.checkpoint import checkpoint
 
@@ -942,7 +944,8 @@ def chunked_distillation_loss(
             Final hidden states of the student (after its final norm), aligned with `labels`.
         student_head (`Callable`):
             hidden -> logits of the student, usually `output_logits_fn(student)`. When it is an `nn.Module`, its
-            parameters that require grad (lm_head, or the tied input embeddings) receive their gradients.
+            parameters that require grad (lm_head, or the tied input embeddings) receive their gradients through the
+            fused path. Any other callable runs under checkpointing, so tensors it closes over get gradients too.
         labels (`torch.LongTensor` of shape `(batch, seq)` or `(tokens,)`):
             Target ids; positions equal to `ignore_index` are skipped before any logits are computed.
         teacher_hidden (`torch.Tensor`, *optional*):

@@ -901,3 +901,18 @@ def test_chunked_equals_dense_when_every_token_is_valid(loss_type):
     grads = torch.autograd.grad(chunked.loss, [student_hidden, student_head.weight])
     for grad, expected in zip(grads, dense_grads, strict=True):
         assert_close64(grad, expected)
+
+
+def test_chunked_loss_with_a_plain_callable_head_gives_gradients_to_the_tensors_it_closes_over():
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = make_hidden_inputs(seed=26)
+    dense, dense_grads = dense_reference_and_grads(
+        student_hidden, student_head, teacher_hidden, teacher_head, labels, loss_type="jsd", kd_ratio=0.5
+    )
+    weight = student_head.weight
+    for hidden in (student_hidden, student_hidden.detach()):
+        chunked = losses.chunked_distillation_loss(
+            hidden, lambda h: h @ weight.T, labels, teacher_hidden=teacher_hidden,
+            teacher_head=lambda h: h @ teacher_head.weight.T, chunk_size=6, loss_type="jsd", kd_ratio=0.5,
+        )  # fmt: skip
+        assert_same_output(chunked, dense)
+        assert_close64(torch.autograd.grad(chunked.loss, weight)[0], dense_grads[1])
