@@ -744,8 +744,7 @@ class DistillationTrainer(Trainer):
                 sums[name] = sums.get(name, 0.0) + float(value) * num_valid_tokens
 
         if (
-            model.training
-            and not local_normalizer
+            not local_normalizer
             and self.args.average_tokens_across_devices
             and self.accelerator.num_processes > 1
         ):

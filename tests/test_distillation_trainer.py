@@ -734,3 +734,62 @@ def test_teacher_logits_cache_replaces_the_teacher(tmp_path, corpus_tokenizer, t
             train_dataset=train_rows.select(range(1, 9)),
             processing_class=corpus_tokenizer,
         )
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+_DDP_SCRIPT = """
+import sys
+import torch
+from datasets import load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_interop import DistillationConfig, DistillationTrainer
+
+student_dir, teacher_dir, data_dir, output_dir, batch_size = sys.argv[1:6]
+tokenizer = AutoTokenizer.from_pretrained(student_dir)
+student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+args = DistillationConfig(
+    output_dir=output_dir, max_steps=1, per_device_train_batch_size=int(batch_size), optim="sgd",
+    learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, loss_chunk_size=16, report_to="none",
+    use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
+)
+trainer = DistillationTrainer(
+    model=student, teacher_model=teacher, args=args, train_dataset=load_from_disk(data_dir), processing_class=tokenizer
+)
+trainer.train()
+if trainer.is_world_process_zero():
+    torch.save({name: tensor.clone() for name, tensor in student.state_dict().items()}, output_dir + "/weights.pt")
+"""
+
+
+def test_two_processes_of_4_equal_one_process_of_8(tmp_path, corpus_tokenizer, teacher_dir, train_rows):
+    """The global-batch normaliser across processes: DDP over gloo with 2 CPU ranks, launched by torchrun."""
+    import os
+    import subprocess
+    import sys
+
+    student_dir = tmp_path / "student"
+    make_student(corpus_tokenizer).save_pretrained(student_dir)
+    corpus_tokenizer.save_pretrained(student_dir)
+    rows = train_rows.select(range(8)).map(
+        lambda row, index: {"labels": [-100] * (7 * index) + list(row["labels"][7 * index :])}, with_indices=True
+    )
+    rows.save_to_disk(str(tmp_path / "data"))
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    outputs = {}
+    for processes, batch_size in ((2, 4), (1, 8)):
+        output_dir = tmp_path / f"out{processes}"
+        output_dir.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
+        command += ["--master_port", str(29500 + processes + os.getpid() % 1000), str(script)]
+        command += [str(student_dir), str(teacher_dir), str(tmp_path / "data"), str(output_dir), str(batch_size)]
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        outputs[processes] = torch.load(output_dir / "weights.pt")
+    initial = make_student(corpus_tokenizer).state_dict()
+    assert any(not torch.equal(initial[name], outputs[1][name]) for name in initial)
+    for name in outputs[1]:
+        torch.testing.assert_close(outputs[2][name], outputs[1][name], rtol=1e-5, atol=1e-6)

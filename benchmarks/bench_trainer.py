@@ -1,0 +1,202 @@
+"""Trainer step: hf_interop's DistillationTrainer vs TRL's GKDTrainer on the same off-policy forward-KL job.
+
+Teacher: the real SmolLM2-135M-Instruct (float32). Student: 4 layers of the teacher's architecture (hidden 576,
+vocabulary 49,152) initialised from the teacher's layers. Both trainers get the same student weights, the same
+packed batches of the builtin corpus, AdamW, no on-policy generation (TRL `lmbda=0`) and forward KL at temperature 1
+(TRL `beta=0`; hf_interop `loss_type="forward_kl"`, `kd_ratio=1`). Each trainer runs in its own subprocess so that
+peak memory is measured from a clean process; the parent prints one table with ratios.
+
+Run: `python benchmarks/bench_trainer.py` (about 3-5 minutes on 2 CPU cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import PeakRSS, max_rss_bytes, write_result
+
+BATCH_SIZE = 4
+BLOCK_SIZE = 128
+WARMUP_STEPS = 2
+TIMED_STEPS = 4
+STUDENT_LAYERS = 4
+
+
+def _student_and_data(work_dir: Path):
+    """The shared student checkpoint and packed rows (built once by the parent, loaded by both workers)."""
+    from hf_interop import init_student_from_teacher, load_builtin_corpus, load_default_teacher, pack_dataset
+
+    student_dir = work_dir / "student"
+    data_dir = work_dir / "data"
+    if not student_dir.exists():
+        teacher, tokenizer = load_default_teacher()
+        student = init_student_from_teacher(teacher, num_layers=STUDENT_LAYERS)
+        student.save_pretrained(student_dir)
+        tokenizer.save_pretrained(student_dir)
+        rows = pack_dataset(load_builtin_corpus()["train"], tokenizer, block_size=BLOCK_SIZE)
+        rows.select(range(BATCH_SIZE * (WARMUP_STEPS + TIMED_STEPS))).save_to_disk(str(data_dir))
+    return student_dir, data_dir
+
+
+class _StepTimer:
+    """A TrainerCallback that records the wall time of every optimizer step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                timer.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.durations.append(time.perf_counter() - timer.start)
+
+        self.durations: list[float] = []
+        self.callback = Callback()
+
+
+def _common_arguments(output_dir: Path) -> dict:
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=WARMUP_STEPS + TIMED_STEPS,
+        per_device_train_batch_size=BATCH_SIZE,
+        learning_rate=5e-5,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+
+
+def worker(kind: str, work_dir: Path) -> dict:
+    import torch
+    from datasets import load_from_disk
+
+    from hf_interop import load_causal_lm, load_default_teacher
+    from hf_interop.distillation_trainer import _PaddingCollator
+
+    torch.manual_seed(0)
+    teacher, tokenizer = load_default_teacher()
+    student, _ = load_causal_lm(work_dir / "student", dtype="float32")
+    rows = load_from_disk(str(work_dir / "data"))
+    timer = _StepTimer()
+    collator = _PaddingCollator(tokenizer.pad_token_id)
+    if kind == "hf_interop":
+        from hf_interop import DistillationConfig, DistillationTrainer
+
+        args = DistillationConfig(
+            loss_type="forward_kl", kd_ratio=1.0, temperature=1.0, **_common_arguments(work_dir / kind)
+        )
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            data_collator=collator,
+            callbacks=[timer.callback],
+        )
+    else:
+        from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+        args = GKDConfig(
+            lmbda=0.0,
+            beta=0.0,
+            temperature=1.0,
+            seq_kd=False,
+            max_length=BLOCK_SIZE,
+            **_common_arguments(work_dir / kind),
+        )
+        trainer = GKDTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=rows,
+            processing_class=tokenizer,
+            data_collator=collator,
+            callbacks=[timer.callback],
+        )
+    with PeakRSS() as peak:
+        trainer.train()
+    timed = timer.durations[WARMUP_STEPS:]
+    first_loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    return {
+        "samples_per_second": BATCH_SIZE * len(timed) / sum(timed),
+        "seconds_per_step": sum(timed) / len(timed),
+        "peak_rss_increase_bytes": peak.delta,
+        "max_rss_bytes": max_rss_bytes(),
+        "first_step_loss": first_loss,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--worker", choices=["hf_interop", "trl"])
+    parser.add_argument("--work_dir", default=None)
+    options = parser.parse_args()
+    if options.worker:
+        result = worker(options.worker, Path(options.work_dir))
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    import tempfile
+
+    import trl
+
+    work_dir = Path(options.work_dir or tempfile.mkdtemp(prefix="bench_trainer_"))
+    _student_and_data(work_dir)
+    results = {}
+    for kind in ("trl", "hf_interop"):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        process = subprocess.run(
+            [sys.executable, __file__, "--worker", kind, "--work_dir", str(work_dir)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+        if process.returncode != 0 or not lines:
+            sys.stderr.write(process.stdout[-4000:] + process.stderr[-4000:])
+            raise SystemExit(f"{kind} worker failed (exit {process.returncode})")
+        results[kind] = json.loads(lines[-1].removeprefix("RESULT "))
+
+    ours, theirs = results["hf_interop"], results["trl"]
+    mib = 2**20
+    markdown = (
+        f"Off-policy forward-KL distillation, SmolLM2-135M-Instruct teacher (float32) -> {STUDENT_LAYERS}-layer "
+        f"student initialised from it; batch {BATCH_SIZE} x {BLOCK_SIZE} tokens, AdamW, CPU float32; "
+        f"{TIMED_STEPS} timed steps after {WARMUP_STEPS} warm-up steps, each trainer in a fresh process; "
+        f"trl {trl.__version__} `GKDTrainer` with `lmbda=0, beta=0`. Timings from a machine shared with other jobs.\n\n"
+        "| trainer | samples/s | s/step | peak RSS increase during train (MiB) | process max RSS (MiB) | "
+        "first-step loss |\n|---|---|---|---|---|---|\n"
+    )
+    for name, result in (("TRL GKDTrainer", theirs), ("hf_interop DistillationTrainer", ours)):
+        markdown += (
+            f"| {name} | {result['samples_per_second']:.2f} | {result['seconds_per_step']:.2f} | "
+            f"{result['peak_rss_increase_bytes'] / mib:.0f} | {result['max_rss_bytes'] / mib:.0f} | "
+            f"{result['first_step_loss']:.4f} |\n"
+        )
+    speed = ours["samples_per_second"] / theirs["samples_per_second"]
+    memory = ours["peak_rss_increase_bytes"] / max(theirs["peak_rss_increase_bytes"], 1)
+    markdown += (
+        f"\nhf_interop / TRL: throughput x{speed:.2f}, peak memory increase x{memory:.2f} "
+        "(the same first-step loss shows both computed the same forward KL on the same batch).\n"
+    )
+    write_result("trainer", markdown, {"results": results, "throughput_ratio": speed, "memory_ratio": memory})
+
+
+if __name__ == "__main__":
+    main()
