@@ -113,6 +113,11 @@ def test_prediction_statistics_against_float64_reference_and_metric_modules():
     assert kl_metric["kl_divergence"] == pytest.approx(kl / count, rel=1e-5)
     agreement = hf_interop.metrics.load("top1_agreement").compute(predictions=flat_model, references=flat_reference)
     assert agreement["top1_agreement"] == pytest.approx(agree / count)
+    # Chunking over positions changes nothing.
+    chunked = prediction_statistics(logits, labels, reference, temperature=1.5, chunk_size=3)
+    assert {key: float(value) for key, value in chunked.items()} == pytest.approx(
+        {key: float(value) for key, value in statistics.items()}
+    )
     # Identical predictions: zero KL, full agreement.
     same = prediction_statistics(logits, labels, logits.clone())
     assert float(same["kl_sum"]) == pytest.approx(0.0, abs=1e-5)
