@@ -257,6 +257,9 @@ def build_card_data(kind: str, metadata: Mapping[str, Any]):
     if kind == "distilled":
         tags.append("knowledge-distillation")
     lineage: dict[str, Any] = {"kind": kind}
+    given_base_models = _as_list("base_model", metadata.get("base_model"))
+    if given_base_models:  # as given (local paths too), so read_card_lineage -> write_model_card round-trips
+        lineage["base_model"] = given_base_models[0] if len(given_base_models) == 1 else given_base_models
     if teachers:
         lineage["teachers"] = teachers
     if members:

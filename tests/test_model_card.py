@@ -116,6 +116,15 @@ def test_write_model_card_writes_readme_atomically_and_updates_it(tmp_path):
     assert read_card_lineage(output)["teachers"] == [TEACHER]
 
 
+def test_card_lineage_round_trips_into_a_new_card(tmp_path):
+    write_model_card(tmp_path, "finetuned", base_model="/local/student_init", hyperparameters={"max_steps": 3})
+    lineage = read_card_lineage(tmp_path)
+    assert lineage["base_model"] == "/local/student_init"  # local paths are kept in the lineage block
+    metadata = {key: lineage[key] for key in ("base_model", "hyperparameters")}
+    card = render_model_card("finetuned", metrics={"perplexity": 9.5}, **metadata)
+    assert read_card_lineage(card) == lineage
+
+
 @pytest.mark.parametrize(
     "kind, metadata, field",
     [
