@@ -522,6 +522,31 @@ def test_save_and_from_pretrained_round_trip(tiny_model_dirs, tokenizer, tmp_pat
         torch.testing.assert_close(reloaded(**inputs).logits, ensemble(**inputs).logits)
 
 
+def test_hub_id_member_is_saved_with_its_pinned_commit(tiny_model_dirs, tokenizer, tmp_path, monkeypatch):
+    """A member given as a hub id without a revision is recorded at the commit it was loaded from."""
+    import hashlib
+    import shutil
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub_cache"
+    commit = hashlib.sha1(b"ensemble member snapshot").hexdigest()
+    repo = cache / "models--SeedOrg--tiny-llama"
+    shutil.copytree(tiny_model_dirs["llama"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+
+    ensemble = EnsembleForCausalLM.from_members(["SeedOrg/tiny-llama", str(tiny_model_dirs["gpt2"])])
+    ensemble.save_pretrained(tmp_path / "ens")
+    saved = json.loads((tmp_path / "ens" / "config.json").read_text())["members"]
+    assert saved[0] == {"name_or_path": "SeedOrg/tiny-llama", "revision": commit}
+    assert saved[1]["revision"] is None  # a local folder has no commit to pin
+    assert commit in (tmp_path / "ens" / "README.md").read_text()
+
+
 def test_save_refuses_in_memory_members(members, tokenizer, tmp_path):
     ensemble = EnsembleForCausalLM.from_members([(members[0], tokenizer), (members[1], tokenizer)])
     with pytest.raises(ValueError, match="in-memory model"):

@@ -976,7 +976,7 @@ def _prepare_members(
                 trust_remote_code=False,
                 token=token,
             )
-            spec["revision"] = resolved_revision(model, spec.get("revision"))
+            spec["revision"] = resolved_revision(model, spec.get("revision"), spec["name_or_path"])
             if config.members is not None and index < len(config.members):
                 config.members[index] = spec
             name = spec["name_or_path"]

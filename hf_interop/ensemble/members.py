@@ -78,10 +78,22 @@ def check_no_remote_code(trust_remote_code: Any, where: str) -> None:
         )
 
 
-def resolved_revision(model: Any, spec_revision: str | None) -> str | None:
+def resolved_revision(model: Any, spec_revision: str | None, name_or_path: str | None = None) -> str | None:
     """The commit a hub member was loaded from (pins branches such as 'main'); `None` for local folders."""
     commit = getattr(getattr(model, "config", None), "_commit_hash", None)
-    return commit or spec_revision
+    if commit:
+        return commit
+    if name_or_path and not os.path.exists(name_or_path):
+        from ..loading import looks_like_hub_id, resolve_commit_hash
+
+        if looks_like_hub_id(name_or_path):
+            try:
+                return resolve_commit_hash(name_or_path, spec_revision) or spec_revision
+            except Exception as error:  # the commit is lineage, not a reason to fail a loaded ensemble
+                logger.warning(
+                    f"could not resolve the commit of {name_or_path!r} ({error}); recording {spec_revision!r}."
+                )
+    return spec_revision
 
 
 # --------------------------------------------------------------------------------------------------------------
