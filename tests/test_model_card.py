@@ -177,6 +177,15 @@ def test_bad_metadata_is_named(kind, metadata, message):
         render_model_card(kind, **metadata)
 
 
+def _has_build_backend() -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return int(version("setuptools").split(".")[0]) >= 77
+    except (PackageNotFoundError, ValueError):
+        return False
+
+
 def test_templates_and_metrics_ship_in_the_wheel(tmp_path):
     """A non-editable install must find the templates: build the wheel and look inside."""
     source = tmp_path / "src"
@@ -188,8 +197,11 @@ def test_templates_and_metrics_ship_in_the_wheel(tmp_path):
     shutil.copytree(REPO_ROOT / "hf_interop", source / "hf_interop", ignore=ignore)
     shutil.copytree(REPO_ROOT / "model_cards", source / "model_cards", ignore=ignore)
     wheel_dir = tmp_path / "wheel"
+    # Build with the venv's setuptools when it is recent enough (fast, offline); otherwise let pip fetch the build
+    # backend from the package index, as `pip install .` would (venvs of Python >= 3.12 ship no setuptools).
+    build_flags = ["--no-build-isolation"] if _has_build_backend() else []
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheel_dir), "."],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *build_flags, "-q", "-w", str(wheel_dir), "."],
         cwd=source,
         check=True,
         capture_output=True,
