@@ -284,7 +284,7 @@ def main() -> None:
         f"{BLOCK_SIZE} tokens (the first {num_train} train blocks), AdamW lr 1e-3 constant; KD = forward KL, "
         f"kd_ratio 1, T 1. Caching those {num_train} blocks at k=64 took {caching_seconds:.1f} s. Step time = median "
         f"of steps 3..{options.steps} of the Trainer's optimizer step; the cache's collate "
-        f"({collate * 1000:.1f} ms per batch, outside the Trainer's step timing) is added to its row. Held-out "
+        f"({collate * 1000:.2f} ms per batch, outside the Trainer's step timing) is added to its row. Held-out "
         f"perplexity on {options.validation_blocks} validation blocks.\n\n"
         "| student trained with | s/step | x CE-only step | held-out ppl | x online-KD ppl |\n|---|---|---|---|---|\n"
     )

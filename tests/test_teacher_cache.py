@@ -205,31 +205,19 @@ def test_float16_round_down_and_tail_properties():
     torch.testing.assert_close(tail_logprob_from_topk(top), expected.float())
 
 
-class MixtureTeacher(torch.nn.Module):
-    """Like `EnsembleForCausalLM`: `logits` are the log-probabilities of a weighted mixture of two causal LMs."""
+def test_an_ensemble_works_as_teacher(tmp_path, tiny_model_dirs, blocks):
+    from hf_interop import EnsembleForCausalLM
 
-    def __init__(self, first, second, first_weight: float):
-        super().__init__()
-        self.first, self.second, self.first_weight = first, second, first_weight
-        self.config = SimpleNamespace(vocab_size=first.config.vocab_size)
-
-    def forward(self, input_ids, attention_mask=None):
-        first = torch.log_softmax(self.first(input_ids=input_ids, attention_mask=attention_mask).logits, -1)
-        second = torch.log_softmax(self.second(input_ids=input_ids, attention_mask=attention_mask).logits, -1)
-        mixture = torch.logaddexp(first + math.log(self.first_weight), second + math.log(1 - self.first_weight))
-        return SimpleNamespace(logits=mixture)
-
-
-def test_an_ensemble_whose_logits_are_logprobs_works_as_teacher(tmp_path, tiny_model_dirs, blocks):
     first, tokenizer = load_causal_lm(tiny_model_dirs["llama"], dtype="float32")
     second, _ = load_causal_lm(tiny_model_dirs["qwen2"], dtype="float32", load_tokenizer_too=False)
-    ensemble = MixtureTeacher(first, second, first_weight=0.3)
+    ensemble = EnsembleForCausalLM.from_members([(first, tokenizer), (second, tokenizer)], [0.3, 0.7], "mixture")
     rows = blocks.select(range(4))
     cache = cache_teacher_logits(
         ensemble, rows, tmp_path / "cache", top_k=8, batch_size=4, tokenizer=tokenizer,
         teacher_name_or_path="mixture(llama, qwen2)", show_progress=False,
     )  # fmt: skip
-    assert cache.manifest["teacher"] == "mixture(llama, qwen2)" and cache.manifest["teacher_class"] == "MixtureTeacher"
+    assert cache.manifest["teacher"] == "mixture(llama, qwen2)"
+    assert cache.manifest["teacher_class"] == "EnsembleForCausalLM"
     input_ids = torch.tensor(rows["input_ids"])
     with torch.no_grad():
         first_p = torch.softmax(first(input_ids=input_ids).logits[:, :-1].double(), -1)
