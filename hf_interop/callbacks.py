@@ -479,21 +479,26 @@ def _card_metrics(state: TrainerState, prefix: str) -> dict[str, float]:
 
 
 class ModelCardCallback(TrainerCallback):
-    """Write (or update) a model card, `README.md`, into every checkpoint the Trainer saves, and into `output_dir`
-    when training ends.
+    """Write (or update) a model card, `README.md`, and a lineage manifest into every checkpoint the Trainer saves,
+    and into `output_dir` when training ends.
 
     The card records the run's hyperparameters (from the `TrainingArguments`, including `temperature` / `kd_ratio`
-    when present), the latest evaluation metrics as `model-index`, and the lineage you pass.
+    when present), the latest evaluation metrics as `model-index`, and the lineage you pass. The lineage manifest
+    (`hf_interop_lineage.json`, see :func:`hf_interop.write_lineage_manifest`) resolves hub ids to commit hashes once,
+    when training begins, so an unresolvable teacher stops the run before its first step.
 
     Args:
         kind (`str`, *optional*, defaults to `"finetuned"`): card kind (see :func:`hf_interop.render_model_card`);
             `"distilled"` needs `teachers=...`.
         metric_key_prefix (`str`, *optional*, defaults to `"eval"`): prefix of the evaluation keys to report.
-        **metadata: passed to :func:`hf_interop.write_model_card` (`base_model`, `teachers`, `datasets`, ...).
-            `hyperparameters` you pass are merged over the ones read from the arguments.
+        write_lineage (`bool`, *optional*, defaults to `True`): also write the lineage manifest.
+        **metadata: passed to :func:`hf_interop.write_model_card` (`base_model`, `teachers`, `members`,
+            `datasets`, ...). `hyperparameters` you pass are merged over the ones read from the arguments.
     """
 
-    def __init__(self, kind: str = "finetuned", metric_key_prefix: str = "eval", **metadata: Any) -> None:
+    def __init__(
+        self, kind: str = "finetuned", metric_key_prefix: str = "eval", write_lineage: bool = True, **metadata: Any
+    ) -> None:
         from .model_card import render_model_card
 
         # Render once now, so a missing field or a typo fails before training rather than at the first save.
@@ -501,19 +506,38 @@ class ModelCardCallback(TrainerCallback):
         self.kind = kind
         self.metric_key_prefix = metric_key_prefix
         self.metadata = metadata
+        self.write_lineage = write_lineage
+        self.lineage: dict[str, Any] | None = None
         self.written: list[Path] = []
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.write_lineage and state.is_world_process_zero and self.lineage is None:
+            from .hub import build_lineage_manifest
+
+            self.lineage = build_lineage_manifest(
+                kind=self.kind,
+                base_model=self.metadata.get("base_model"),
+                teachers=self.metadata.get("teachers"),
+                members=self.metadata.get("members"),
+                datasets=self.metadata.get("datasets"),
+            )
+
     def _write(self, folder: Path, args: TrainingArguments, state: TrainerState) -> None:
+        from .hub import LINEAGE_FILENAME, write_lineage_manifest
         from .model_card import write_model_card
 
+        if self.lineage is not None:
+            write_lineage_manifest(
+                folder, kind=self.kind, manifest=self.lineage, extra={"global_step": state.global_step}
+            )
         hyperparameters = {name: getattr(args, name) for name in _CARD_HYPERPARAMETERS if hasattr(args, name)}
         hyperparameters["global_step"] = state.global_step
         hyperparameters.update(self.metadata.get("hyperparameters") or {})
         metadata = {**self.metadata, "hyperparameters": hyperparameters}
         metrics = {**_card_metrics(state, self.metric_key_prefix), **(self.metadata.get("metrics") or {})}
         metadata["metrics"] = metrics or None
-        if (folder / "hf_interop_lineage.json").is_file():
-            metadata.setdefault("lineage_manifest", "hf_interop_lineage.json")
+        if (folder / LINEAGE_FILENAME).is_file():
+            metadata.setdefault("lineage_manifest", LINEAGE_FILENAME)
         self.written.append(write_model_card(folder, self.kind, **metadata))
 
     def on_save(self, args, state, control, **kwargs):

@@ -354,8 +354,7 @@ def _sources(field: str, sources: Any, role: str, strict: bool) -> list[dict[str
     return entries
 
 
-def write_lineage_manifest(
-    output_dir: str | os.PathLike,
+def build_lineage_manifest(
     *,
     kind: str,
     base_model: Any = None,
@@ -364,25 +363,8 @@ def write_lineage_manifest(
     datasets: Sequence[str] | str | None = None,
     extra: Mapping[str, Any] | None = None,
     strict: bool = True,
-) -> Path:
-    """Write `output_dir/hf_interop_lineage.json`: what the output was made from, with resolved commit hashes.
-
-    Args:
-        output_dir (`str` or `os.PathLike`): the output folder (created if needed).
-        kind (`str`): what the output is (`"distilled"`, `"lora"`, `"merged"`, `"ensemble"`, `"finetuned"`, ...).
-        base_model, teachers, members: a name/path, a dict `{"name_or_path", "revision", ...}` or a list of them.
-            Extra keys (e.g. a member's `"weight"`) are kept.
-        datasets (`str` or `list[str]`, *optional*): training data names.
-        extra (`dict`, *optional*): anything else worth keeping (e.g. the distillation config).
-        strict (`bool`, *optional*, defaults to `True`): raise `LineageError` when a hub id cannot be resolved;
-            `False` records it with `commit_hash=None` and the reason.
-
-    Returns:
-        `Path` of the manifest (written atomically).
-    """
-    output_dir = Path(output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output_dir {str(output_dir)!r} is a file; pass the output folder.")
+) -> dict[str, Any]:
+    """The lineage manifest as a dict (hub ids resolved now); :func:`write_lineage_manifest` writes it."""
     if isinstance(datasets, str):
         datasets = [datasets]
     manifest: dict[str, Any] = {
@@ -398,6 +380,55 @@ def write_lineage_manifest(
     }
     if extra:
         manifest["extra"] = dict(extra)
+    return manifest
+
+
+def write_lineage_manifest(
+    output_dir: str | os.PathLike,
+    *,
+    kind: str,
+    base_model: Any = None,
+    teachers: Any = None,
+    members: Any = None,
+    datasets: Sequence[str] | str | None = None,
+    extra: Mapping[str, Any] | None = None,
+    strict: bool = True,
+    manifest: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write `output_dir/hf_interop_lineage.json`: what the output was made from, with resolved commit hashes.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the output folder (created if needed).
+        kind (`str`): what the output is (`"distilled"`, `"lora"`, `"merged"`, `"ensemble"`, `"finetuned"`, ...).
+        base_model, teachers, members: a name/path, a dict `{"name_or_path", "revision", ...}` or a list of them.
+            Extra keys (e.g. a member's `"weight"`) are kept.
+        datasets (`str` or `list[str]`, *optional*): training data names.
+        extra (`dict`, *optional*): anything else worth keeping (e.g. the distillation config).
+        strict (`bool`, *optional*, defaults to `True`): raise `LineageError` when a hub id cannot be resolved;
+            `False` records it with `commit_hash=None` and the reason.
+        manifest (`dict`, *optional*): a manifest already built with :func:`build_lineage_manifest` (resolve once,
+            write at every checkpoint); the other arguments except `kind` and `extra` are then ignored.
+
+    Returns:
+        `Path` of the manifest (written atomically).
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output_dir {str(output_dir)!r} is a file; pass the output folder.")
+    if manifest is None:
+        manifest = build_lineage_manifest(
+            kind=kind,
+            base_model=base_model,
+            teachers=teachers,
+            members=members,
+            datasets=datasets,
+            extra=extra,
+            strict=strict,
+        )
+    else:
+        manifest = {**manifest, "kind": kind}
+        if extra:
+            manifest["extra"] = {**manifest.get("extra", {}), **extra}
     path = output_dir / LINEAGE_FILENAME
     atomic_write_json(path, manifest)
     return path

@@ -301,8 +301,22 @@ def test_model_card_callback_writes_a_card_in_every_checkpoint(tmp_path, student
         assert results["loss"] == pytest.approx(evaluation["eval_loss"])
         assert results["heldout_perplexity"] == pytest.approx(evaluation["eval_heldout_perplexity"])
         assert "runtime" not in results
+        lineage = json.loads((tmp_path / f"checkpoint-{step}" / "hf_interop_lineage.json").read_text())
+        assert lineage["teachers"][0]["commit_hash"] == "d" * 40 and lineage["extra"] == {"global_step": step}
+        assert "hf_interop_lineage.json" in card.text  # the card points at it
     assert (tmp_path / "README.md").is_file()  # and the run's own folder at the end
     assert len(callback.written) == 3
+
+
+def test_model_card_callback_unresolvable_teacher_stops_before_training(tmp_path, student, train_blocks):
+    from hf_interop.hub import LineageError
+
+    callback = ModelCardCallback(kind="distilled", teachers=["org/not-in-any-cache"])
+    args = training_args(tmp_path, eval_strategy="no")
+    trainer = Trainer(model=student, args=args, train_dataset=train_blocks, callbacks=[callback])
+    with pytest.raises(LineageError, match="teacher 'org/not-in-any-cache' could not be resolved"):
+        trainer.train()
+    assert trainer.state.global_step == 0
 
 
 def test_model_card_callback_bad_metadata_fails_at_construction():
