@@ -655,7 +655,8 @@ def _divergence_and_logit_grad(
             out.student_log_probs = student_log_probs
         grad = None
         if loss_type == "forward_kl":
-            out.values = teacher_negentropy - _row_dot(teacher_probs, student_log_probs)
+            # sum p (log p - log q) with the difference taken first (in place): no cancellation between two sums
+            out.values = _row_dot(teacher_probs, teacher_log_probs.sub_(student_log_probs))
             if need_grad:
                 grad = student_probs.sub_(teacher_probs)
         elif loss_type == "reverse_kl":
@@ -664,8 +665,8 @@ def _divergence_and_logit_grad(
             if need_grad:
                 grad = log_ratio.sub_(out.values.unsqueeze(-1)).mul_(student_probs)
         elif loss_type == "jsd":
-            log_mixture = _log_mixture(teacher_log_probs, student_log_probs, jsd_beta)
-            kl_teacher = teacher_negentropy - _row_dot(teacher_probs, log_mixture)
+            log_mixture = _log_mixture(teacher_log_probs, student_log_probs, jsd_beta)  # a new tensor: 0 < beta < 1
+            kl_teacher = _row_dot(teacher_probs, teacher_log_probs.sub_(log_mixture))
             log_ratio = log_mixture.neg_().add_(student_log_probs)  # log q - log m, in place
             kl_student = _row_dot(student_probs, log_ratio)
             out.values = jsd_beta * kl_teacher + (1.0 - jsd_beta) * kl_student
@@ -673,7 +674,7 @@ def _divergence_and_logit_grad(
                 grad = log_ratio.sub_(kl_student.unsqueeze(-1)).mul_(student_probs).mul_(1.0 - jsd_beta)
         elif loss_type == "skew_kl":
             log_mixture = _log_mixture(teacher_log_probs, student_log_probs, skew_alpha)
-            out.values = teacher_negentropy - _row_dot(teacher_probs, log_mixture)
+            out.values = _row_dot(teacher_probs, teacher_log_probs - log_mixture)
             if need_grad:
                 weighted = (student_log_probs - log_mixture).exp_().mul_(teacher_probs).mul_(-(1.0 - skew_alpha))
                 grad = _weighted_softmax_backward(student_probs, weighted)
