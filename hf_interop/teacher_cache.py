@@ -34,7 +34,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,8 @@ _SHARD_NAME = re.compile(r"^shard-(\d{5,})$")
 PAD_LOGPROB = -1.0e4
 # Flush buffered rows into one Arrow record batch every this many bytes (few batches = little metadata).
 _FLUSH_BYTES = 32 * 2**20
+# Positions per float32 log-softmax when reducing a row's logits to its top-k (bounds the temporary memory).
+_POSITIONS_PER_CHUNK = 256
 # Keys of cache_plan.json that a resumed run must reproduce exactly.
 _PLAN_KEYS = (
     "format_version",
@@ -314,8 +316,10 @@ def _teacher_topk(
     temperature: float,
     device: torch.device,
     vocab_size: int,
+    ids_dtype: str,
 ) -> list[tuple[Any, Any]]:
-    """Forward one batch; return per row `(ids (L-1, k) int64 numpy, logprobs (L-1, k) float16 numpy)`."""
+    """Forward one batch; return per row `(ids (L-1, k) numpy in ids_dtype, logprobs (L-1, k) float16 numpy)`."""
+    import numpy as np
     import torch
 
     lengths = [len(row) for row in input_ids]
@@ -328,6 +332,7 @@ def _teacher_topk(
             mask_tensor[index, : len(row)] = torch.tensor(attention_mask[index], dtype=torch.long)
         else:
             mask_tensor[index, : len(row)] = 1
+    rows = []
     with torch.no_grad():
         logits = teacher(input_ids=ids_tensor.to(device), attention_mask=mask_tensor.to(device)).logits
         if logits.dim() != 3 or logits.shape[:2] != ids_tensor.shape:
@@ -340,11 +345,16 @@ def _teacher_topk(
                 f"the teacher returned {logits.shape[-1]} logits per position but its config says vocab_size "
                 f"{vocab_size}; fix config.vocab_size so the cache records the right vocabulary."
             )
-        logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-        topk_logprobs, topk_ids = logprobs.topk(top_k, dim=-1)
-        topk_half = logprobs_to_float16_round_down(topk_logprobs).cpu().numpy()
-        topk_ids = topk_ids.cpu().numpy()
-    return [(topk_ids[index, : length - 1], topk_half[index, : length - 1]) for index, length in enumerate(lengths)]
+        for index, length in enumerate(lengths):
+            row_ids, row_logprobs = [], []
+            # float32 log-softmax over a few positions at a time: no (batch, sequence, vocab) float32 copy
+            for start in range(0, length - 1, _POSITIONS_PER_CHUNK):
+                piece = logits[index, start : min(start + _POSITIONS_PER_CHUNK, length - 1)].float()
+                values, ids = torch.log_softmax(piece / temperature, dim=-1).topk(top_k, dim=-1)
+                row_logprobs.append(logprobs_to_float16_round_down(values).cpu().numpy())
+                row_ids.append(ids.cpu().numpy().astype(ids_dtype))
+            rows.append((np.concatenate(row_ids), np.concatenate(row_logprobs)))
+    return rows
 
 
 def _write_shard(
@@ -352,9 +362,10 @@ def _write_shard(
     shard_index: int,
     start: int,
     end: int,
-    rows: list[tuple[Any, Any]],
+    rows: Iterable[tuple[Any, Any]],
     ids_dtype: str,
 ) -> dict[str, Any]:
+    """Write the rows `rows` yields (computed lazily: at most `_FLUSH_BYTES` are held) into shard `shard_index`."""
     import numpy as np
     import pyarrow as pa
 
@@ -363,27 +374,35 @@ def _write_shard(
     name = f"shard-{shard_index:05d}"
     with atomic_directory(output_dir / name) as tmp_dir:
         data_path = tmp_dir / SHARD_DATA_FILE
+        num_rows = num_predictions = 0
         with pa.OSFile(str(data_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
             buffered: list[tuple[Any, Any]] = []
             buffered_bytes = 0
-            for row_index, (ids, logprobs) in enumerate(rows):
+
+            def flush() -> None:
+                offsets = np.zeros(len(buffered) + 1, dtype=np.int64)
+                offsets[1:] = np.cumsum([ids.size for ids, _ in buffered])
+                flat_ids = np.concatenate([ids.reshape(-1) for ids, _ in buffered]).astype(ids_dtype, copy=False)
+                flat_logprobs = np.concatenate([lp.reshape(-1) for _, lp in buffered]).astype(np.float16, copy=False)
+                offsets_array = pa.array(offsets, type=pa.int64())
+                columns = [
+                    pa.LargeListArray.from_arrays(offsets_array, pa.array(flat_ids)),
+                    pa.LargeListArray.from_arrays(offsets_array, pa.array(flat_logprobs)),
+                ]
+                writer.write_batch(pa.record_batch(columns, schema=schema))
+
+            for ids, logprobs in rows:
                 buffered.append((ids, logprobs))
-                buffered_bytes += ids.size * (2 if ids_dtype == "uint16" else 4) + logprobs.size * 2
-                if buffered_bytes >= _FLUSH_BYTES or row_index == len(rows) - 1:
-                    offsets = np.zeros(len(buffered) + 1, dtype=np.int64)
-                    offsets[1:] = np.cumsum([ids.size for ids, _ in buffered])
-                    flat_ids = np.concatenate([ids.reshape(-1) for ids, _ in buffered]).astype(ids_dtype)
-                    flat_logprobs = np.concatenate([lp.reshape(-1) for _, lp in buffered]).astype(np.float16)
-                    offsets_array = pa.array(offsets, type=pa.int64())
-                    batch = pa.record_batch(
-                        [
-                            pa.LargeListArray.from_arrays(offsets_array, pa.array(flat_ids)),
-                            pa.LargeListArray.from_arrays(offsets_array, pa.array(flat_logprobs)),
-                        ],
-                        schema=schema,
-                    )
-                    writer.write_batch(batch)
+                buffered_bytes += ids.nbytes + logprobs.nbytes
+                num_rows += 1
+                num_predictions += ids.shape[0]
+                if buffered_bytes >= _FLUSH_BYTES:
+                    flush()
                     buffered, buffered_bytes = [], 0
+            if buffered:
+                flush()
+        if num_rows != end - start:
+            raise RuntimeError(f"shard {name} got {num_rows} rows, expected {end - start} (rows {start}..{end - 1}).")
         with open(data_path, "rb") as handle:
             os.fsync(handle.fileno())
         info = {
@@ -392,7 +411,7 @@ def _write_shard(
             "start": start,
             "end": end,
             "num_rows": end - start,
-            "num_predictions": int(sum(ids.shape[0] for ids, _ in rows)),
+            "num_predictions": int(num_predictions),
             "num_bytes": data_path.stat().st_size,
             "sha256": _sha256_file(data_path),
         }
@@ -646,12 +665,16 @@ def cache_teacher_logits(
     try:
         for shard in todo:
             start, end = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
-            rows: list[tuple[Any, Any]] = []
-            for batch_start in range(start, end, batch_size):
-                input_ids, attention_mask = _rows_batch(reading, batch_start, min(batch_start + batch_size, end))
-                rows.extend(_teacher_topk(teacher, input_ids, attention_mask, top_k, temperature, device, vocab_size))
-                progress.update(1)
-            _write_shard(output_dir, shard, start, end, rows, ids_dtype)
+
+            def shard_rows(start: int = start, end: int = end) -> Iterator[tuple[Any, Any]]:
+                for batch_start in range(start, end, batch_size):
+                    input_ids, attention_mask = _rows_batch(reading, batch_start, min(batch_start + batch_size, end))
+                    yield from _teacher_topk(
+                        teacher, input_ids, attention_mask, top_k, temperature, device, vocab_size, ids_dtype
+                    )
+                    progress.update(1)
+
+            _write_shard(output_dir, shard, start, end, shard_rows(), ids_dtype)
     finally:
         progress.close()
         if was_training and hasattr(teacher, "train"):
