@@ -24,7 +24,7 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,15 +67,56 @@ _SAFETENSORS_DTYPES = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `ceil(density * numel)` entries of largest magnitude, zero the rest (TIES' trim step)."""
+def trim_threshold(delta: torch.Tensor, density: float, magnitudes_given: bool = False) -> torch.Tensor:
+    """Magnitude of the `ceil(density * numel)`-th largest entry of `delta` (TIES keeps entries at or above it).
+
+    With `magnitudes_given=True`, `delta` already holds absolute values (saves a copy of a large tensor).
+    """
+
+    keep = max(1, math.ceil(density * delta.numel()))
+    magnitudes = (delta if magnitudes_given else delta.abs()).reshape(-1)
+    return _kth_largest(magnitudes, keep)
+
+
+def _kth_largest(values: torch.Tensor, k: int, sample_size: int = 2**16, margin: float = 0.01) -> torch.Tensor:
+    """Exact k-th largest entry of a 1-D tensor without sorting (or copying) all of it.
+
+    A seeded random sample brackets the answer between two values; two counting passes confirm the bracket, and
+    only the entries inside it (about `2 * margin` of the tensor) go through `kthvalue`. If the bracket misses
+    (very unlikely), the whole tensor goes through `kthvalue`.
+    """
+    import torch
+
+    count = values.numel()
+    if count <= 4 * sample_size:
+        return torch.kthvalue(values, count - k + 1).values
+    generator = torch.Generator().manual_seed(0)
+    sample = values[torch.randint(0, count, (sample_size,), generator=generator)].sort().values
+    below = (count - k) / count  # fraction of entries below the answer
+    low_index = math.floor((below - margin) * sample_size)
+    high_index = math.ceil((below + margin) * sample_size)
+    low = sample[low_index] if low_index >= 0 else values.new_tensor(-math.inf)
+    high = sample[high_index] if high_index < sample_size else values.new_tensor(math.inf)
+    num_above_high = int((values > high).sum())
+    if int((values >= low).sum()) >= k > num_above_high:
+        inside = values[(values >= low) & (values <= high)]
+        rank = k - num_above_high  # the answer's rank from the top among the entries inside the bracket
+        return torch.kthvalue(inside, inside.numel() - rank + 1).values
+    return torch.kthvalue(values, count - k + 1).values
+
+
+def magnitude_trim(delta: torch.Tensor, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """Keep the `ceil(density * numel)` entries of largest magnitude, zero the rest (TIES' trim step).
+
+    Entries tied with the smallest kept magnitude are all kept. `threshold` (from :func:`trim_threshold` on the
+    whole tensor) lets a slice of a tensor be trimmed exactly as the whole tensor would be.
+    """
     import torch
 
     if density >= 1.0:
         return delta
-    keep = max(1, math.ceil(density * delta.numel()))
-    magnitudes = delta.abs().flatten()
-    threshold = torch.kthvalue(magnitudes, delta.numel() - keep + 1).values
+    if threshold is None:
+        threshold = trim_threshold(delta, density)
     return torch.where(delta.abs() >= threshold, delta, torch.zeros_like(delta))
 
 
@@ -99,29 +140,43 @@ def _disjoint_merge(deltas: list[torch.Tensor], weights: list[float]) -> torch.T
     their weighted sum; entries where no delta agrees become 0."""
     import torch
 
-    weighted = torch.stack([weight * delta for weight, delta in zip(weights, deltas, strict=True)])
-    elected_sign = torch.sign(weighted.sum(dim=0))
-    agrees = (torch.sign(torch.stack(deltas)) == elected_sign) & (elected_sign != 0)
-    weight_column = torch.tensor(weights, dtype=weighted.dtype).view(-1, *([1] * deltas[0].dim()))
-    numerator = (weighted * agrees).sum(dim=0)
-    denominator = (weight_column * agrees).sum(dim=0)
-    return torch.where(denominator != 0, numerator / torch.where(denominator != 0, denominator, 1), 0.0)
+    numerator = torch.zeros_like(deltas[0])
+    for weight, delta in zip(weights, deltas, strict=True):
+        numerator += weight * delta
+    elected_sign = torch.sign(numerator)
+    numerator.zero_()
+    denominator = torch.zeros_like(deltas[0])
+    for weight, delta in zip(weights, deltas, strict=True):
+        agrees = (torch.sign(delta) == elected_sign) & (elected_sign != 0)
+        numerator += torch.where(agrees, weight * delta, 0.0)
+        denominator += agrees * weight
+    return torch.where(denominator != 0, numerator / torch.where(denominator != 0, denominator, 1.0), 0.0)
+
+
+def slerp_coefficients(
+    t: float, dot: float, first_norm: float, second_norm: float, dot_threshold: float = 0.9995
+) -> tuple[float, float]:
+    """`(c0, c1)` with slerp(t, a, b) = c0 * a + c1 * b, from the dot product and norms of a and b.
+
+    Linear interpolation `(1 - t, t)` when either vector is zero or they are (anti)parallel (|cos| > threshold).
+    """
+    if first_norm == 0 or second_norm == 0:
+        return 1 - t, t
+    cosine = max(-1.0, min(1.0, dot / (first_norm * second_norm)))
+    if abs(cosine) > dot_threshold:
+        return 1 - t, t
+    omega = math.acos(cosine)
+    sin_omega = math.sin(omega)
+    return math.sin((1 - t) * omega) / sin_omega, math.sin(t * omega) / sin_omega
 
 
 def slerp(t: float, first: torch.Tensor, second: torch.Tensor, dot_threshold: float = 0.9995) -> torch.Tensor:
     """Spherical interpolation between two tensors seen as flat vectors; linear when they are (anti)parallel."""
-    import torch
-
-    first_flat, second_flat = first.flatten(), second.flatten()
-    first_norm, second_norm = first_flat.norm(), second_flat.norm()
-    if first_norm == 0 or second_norm == 0:
-        return (1 - t) * first + t * second
-    cosine = torch.clamp((first_flat / first_norm) @ (second_flat / second_norm), -1.0, 1.0)
-    if cosine.abs() > dot_threshold:
-        return (1 - t) * first + t * second
-    omega = torch.arccos(cosine)
-    sin_omega = torch.sin(omega)
-    return (torch.sin((1 - t) * omega) / sin_omega) * first + (torch.sin(t * omega) / sin_omega) * second
+    first_flat, second_flat = first.double().flatten(), second.double().flatten()
+    c0, c1 = slerp_coefficients(
+        t, float(first_flat @ second_flat), float(first_flat.norm()), float(second_flat.norm()), dot_threshold
+    )
+    return c0 * first + c1 * second
 
 
 def merge_tensors(
@@ -132,8 +187,10 @@ def merge_tensors(
     density: float = DEFAULT_DENSITY,
     slerp_t: float = 0.5,
     dare_masks: Sequence[torch.Tensor] | None = None,
+    trim_thresholds: Sequence[torch.Tensor] | None = None,
+    slerp_weights: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """Merge one tensor across checkpoints (already converted to the compute dtype).
+    """Merge one tensor (or one slice of it) across checkpoints, in the dtype of `tensors`.
 
     Args:
         method (`str`): one of `MERGE_METHODS`.
@@ -145,12 +202,21 @@ def merge_tensors(
         density (`float`, *optional*, defaults to 0.5): kept fraction (`ties`) or keep probability (`dare_*`).
         slerp_t (`float`, *optional*, defaults to 0.5): interpolation point of `slerp` (0 gives the first tensor).
         dare_masks (`list[torch.Tensor]`, *optional*): keep masks of `dare_*`, one per tensor.
+        trim_thresholds (`list[torch.Tensor]`, *optional*): per-tensor TIES thresholds computed on whole tensors
+            (:func:`trim_threshold`), when `tensors` are slices.
+        slerp_weights (`tuple[float, float]`, *optional*): :func:`slerp_coefficients` of whole tensors, when
+            `tensors` are slices.
     """
     if method == "linear":
         total = sum(weights)
-        return sum(weight / total * tensor for weight, tensor in zip(weights, tensors, strict=True))
+        merged = (weights[0] / total) * tensors[0]
+        for weight, tensor in zip(weights[1:], tensors[1:], strict=True):
+            merged += (weight / total) * tensor
+        return merged
     if method == "slerp":
-        return slerp(slerp_t, tensors[0], tensors[1])
+        if slerp_weights is None:
+            return slerp(slerp_t, tensors[0], tensors[1])
+        return slerp_weights[0] * tensors[0] + slerp_weights[1] * tensors[1]
     if base is None:
         raise ValueError(f"merge method {method!r} needs the base model's tensor.")
     deltas = [tensor - base for tensor in tensors]
@@ -159,33 +225,133 @@ def merge_tensors(
             raise ValueError(f"merge method {method!r} needs dare_masks (see dare_keep_mask).")
         deltas = [delta * mask / density for delta, mask in zip(deltas, dare_masks, strict=True)]
     if method in ("task_arithmetic", "dare_linear"):
-        return base + sum(weight * delta for weight, delta in zip(weights, deltas, strict=True))
+        merged = base.clone()
+        for weight, delta in zip(weights, deltas, strict=True):
+            merged += weight * delta
+        return merged
     if method == "ties":
-        deltas = [magnitude_trim(delta, density) for delta in deltas]
+        thresholds = trim_thresholds or [None] * len(deltas)
+        deltas = [
+            magnitude_trim(delta, density, threshold) for delta, threshold in zip(deltas, thresholds, strict=True)
+        ]
     if method in ("ties", "dare_ties"):
         return base + _disjoint_merge(deltas, list(weights))
     raise ValueError(f"method {method!r} is not one of {list(MERGE_METHODS)}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints on disk: reading headers and tensors, writing shards as tensors arrive
+# Chunked merging: the same math over row blocks, so no more than a few blocks are in memory
+# ----------------------------------------------------------------------------------------------------------------
+
+# Elements per row block and per input (1M float32 = 4 MiB): the math holds ~15 such blocks at once, so this
+# keeps the working set near 60 MiB while blocks stay large enough to be fast.
+CHUNK_ELEMENTS = 2**20
+
+RowReader = Callable[[int, int], "torch.Tensor"]  # (start_row, end_row) -> those rows of a tensor
+
+
+def _merge_tensor_in_chunks(
+    name: str,
+    shape: tuple[int, ...],
+    readers: list[RowReader],
+    base_reader: RowReader | None,
+    method: str,
+    weights: list[float],
+    density: float,
+    seed: int,
+    slerp_t: float,
+    emit: Callable[[torch.Tensor], None],
+) -> None:
+    """Merge tensor `name` block of rows by block of rows, passing each merged block (input dtype) to `emit`.
+
+    `readers` must return fresh tensors (they are modified in place).
+
+    Whole-tensor quantities are computed first: TIES thresholds (one input and the base at a time), the SLERP
+    angle (accumulated over blocks) and DARE masks (seeded per tensor name), so block-wise results equal
+    whole-tensor results.
+    """
+    import torch
+
+    num_rows = shape[0] if len(shape) > 0 else 1
+    row_elements = max(1, math.prod(shape[1:])) if len(shape) > 0 else 1
+    rows_per_chunk = max(1, CHUNK_ELEMENTS // row_elements)
+    first_block = readers[0](0, min(num_rows, rows_per_chunk))
+    output_dtype = first_block.dtype
+    if not output_dtype.is_floating_point:  # integer buffers are copied from the first checkpoint, not averaged
+        for start in range(0, num_rows, rows_per_chunk):
+            emit(readers[0](start, min(num_rows, start + rows_per_chunk)))
+        return
+    del first_block
+    compute_dtype = torch.float64 if output_dtype == torch.float64 else torch.float32
+
+    def block(reader: RowReader, start: int, end: int) -> torch.Tensor:
+        return reader(start, end).to(compute_dtype)
+
+    thresholds = None
+    if method == "ties" and density < 1.0:
+        base_full = block(base_reader, 0, num_rows)
+        thresholds = []
+        for reader in readers:  # one whole input at a time; the delta's magnitudes are taken in place
+            magnitudes = block(reader, 0, num_rows).sub_(base_full).abs_()
+            thresholds.append(trim_threshold(magnitudes, density, magnitudes_given=True))
+            del magnitudes
+        del base_full
+    masks = None
+    if method in ("dare_linear", "dare_ties"):
+        masks = [dare_keep_mask(shape, density, seed, name, index) for index in range(len(readers))]
+        masks = [mask.reshape(num_rows, -1) if len(shape) > 0 else mask.reshape(1, 1) for mask in masks]
+    slerp_weights = None
+    if method == "slerp":
+        dot = first_square = second_square = 0.0
+        for start in range(0, num_rows, rows_per_chunk):
+            end = min(num_rows, start + rows_per_chunk)
+            first, second = block(readers[0], start, end).double(), block(readers[1], start, end).double()
+            dot += float((first * second).sum())
+            first_square += float((first * first).sum())
+            second_square += float((second * second).sum())
+        slerp_weights = slerp_coefficients(slerp_t, dot, math.sqrt(first_square), math.sqrt(second_square))
+
+    for start in range(0, num_rows, rows_per_chunk):
+        end = min(num_rows, start + rows_per_chunk)
+        tensors = [block(reader, start, end) for reader in readers]
+        base = block(base_reader, start, end) if base_reader is not None else None
+        block_masks = None
+        if masks is not None:
+            block_masks = [mask[start:end].reshape(tensors[0].shape) for mask in masks]
+        merged = merge_tensors(
+            method,
+            tensors,
+            weights,
+            base=base,
+            density=density,
+            slerp_t=slerp_t,
+            dare_masks=block_masks,
+            trim_thresholds=thresholds,
+            slerp_weights=slerp_weights,
+        )
+        emit(merged.to(output_dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints on disk: reading tensors (or row blocks of them), writing shards as blocks arrive
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class _SafetensorsCheckpoint:
-    """Tensor names, shapes and dtypes of a safetensors checkpoint folder, and one-tensor-at-a-time reads."""
+    """Tensor names, shapes and dtypes of a safetensors checkpoint folder, and reads of row blocks.
+
+    Reads use plain file reads into freshly allocated tensors rather than a memory map, so the bytes of a
+    tensor that was merged do not stay resident in the process.
+    """
 
     def __init__(self, folder: str | os.PathLike, role: str):
-        from safetensors import safe_open
-
         self.folder = Path(folder)
         self.role = role
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{role} {str(folder)!r} is not a folder; pass a checkpoint folder.")
         index_path = self.folder / "model.safetensors.index.json"
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
         else:
             files = sorted(
                 path.name for path in self.folder.glob("*.safetensors") if not path.name.startswith("adapter")
@@ -195,29 +361,61 @@ class _SafetensorsCheckpoint:
                 f"{role} {str(folder)!r} has no *.safetensors weights (pickle .bin weights are not merged: convert "
                 "them with `model.save_pretrained(path, safe_serialization=True)`)."
             )
-        self._handles = {name: safe_open(str(self.folder / name), framework="pt") for name in files}
         self.file_of: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
-        for file_name, handle in self._handles.items():
-            for tensor_name in handle.keys():
-                tensor_slice = handle.get_slice(tensor_name)
+        self._offsets: dict[str, int] = {}
+        for file_name in files:
+            with open(self.folder / file_name, "rb") as handle:
+                (header_length,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(header_length))
+            for tensor_name, entry in header.items():
+                if tensor_name == "__metadata__":
+                    continue
+                if entry["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(
+                        f"tensor {tensor_name!r} in {str(self.folder / file_name)!r} has dtype {entry['dtype']}, "
+                        f"which merges do not handle (supported: {', '.join(_SAFETENSORS_DTYPES)})."
+                    )
                 self.file_of[tensor_name] = file_name
-                self.shapes[tensor_name] = tuple(tensor_slice.get_shape())
-                self.dtypes[tensor_name] = _SAFETENSORS_DTYPES.get(tensor_slice.get_dtype(), tensor_slice.get_dtype())
+                self.shapes[tensor_name] = tuple(entry["shape"])
+                self.dtypes[tensor_name] = _SAFETENSORS_DTYPES[entry["dtype"]]
+                self._offsets[tensor_name] = 8 + header_length + entry["data_offsets"][0]
         config_path = self.folder / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
 
+    def reader(self, name: str) -> RowReader:
+        import torch
+
+        shape = self.shapes[name]
+        dtype = getattr(torch, self.dtypes[name])
+
+        def read(start: int, end: int) -> torch.Tensor:
+            rows = shape[1:] if len(shape) > 0 else ()
+            row_shape = (end - start, *rows) if len(shape) > 0 else ()
+            tensor = torch.empty(row_shape, dtype=dtype)
+            row_bytes = math.prod(rows) * tensor.element_size() if len(shape) > 0 else 0
+            with open(self.folder / self.file_of[name], "rb") as handle:
+                handle.seek(self._offsets[name] + start * row_bytes)
+                if tensor.numel():
+                    buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+                    if handle.readinto(buffer) != buffer.nbytes:
+                        raise OSError(f"{str(self.folder)!r} ended early while reading tensor {name!r}.")
+            return tensor
+
+        return read
+
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.file_of[name]].get_tensor(name)
+        shape = self.shapes[name]
+        return self.reader(name)(0, shape[0] if shape else 1)
 
 
 class _ShardWriter:
-    """Writes one safetensors file whose tensor list is known up front, tensor by tensor, without buffering.
+    """Writes one safetensors file whose tensor list is known up front, block by block, without buffering.
 
     The safetensors format is an 8-byte little-endian header length, a JSON header with each tensor's dtype,
     shape and byte offsets, then the raw bytes in header order; knowing every shape before merging lets the
-    header be written first and each merged tensor be appended (and freed) as soon as it is computed.
+    header be written first and each merged block be appended (and freed) as soon as it is computed.
     """
 
     _CODES = {value: key for key, value in _SAFETENSORS_DTYPES.items()}
@@ -227,6 +425,7 @@ class _ShardWriter:
 
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
+        self._sizes = []
         for name, dtype, shape in entries:
             num_bytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
             header[name] = {
@@ -234,30 +433,48 @@ class _ShardWriter:
                 "shape": list(shape),
                 "data_offsets": [offset, offset + num_bytes],
             }
+            self._sizes.append(num_bytes)
             offset += num_bytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
         self.path = path
         self.total_bytes = offset
-        self._expected = [(name, dtype, shape) for name, dtype, shape in entries]
-        self._position = 0
-        self._handle = open(path, "wb")
+        self._entries = entries
+        self._position = -1
+        self._written = 0
+        self._handle = open(path, "wb")  # noqa: SIM115 - closed in close()
         self._handle.write(struct.pack("<Q", len(encoded)))
         self._handle.write(encoded)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def begin(self, name: str) -> None:
+        self._finish_current()
+        self._position += 1
+        if self._position >= len(self._entries) or self._entries[self._position][0] != name:
+            raise RuntimeError(f"shard {self.path.name}: {name!r} written out of order.")
+        self._written = 0
+
+    def write_block(self, tensor: torch.Tensor) -> None:
         import torch
 
-        expected_name, dtype, shape = self._expected[self._position]
-        if name != expected_name or tuple(tensor.shape) != shape or tensor.dtype != getattr(torch, dtype):
-            raise RuntimeError(f"shard writer expected {expected_name} {dtype} {shape}, got {name} {tensor.dtype}.")
+        expected_dtype = getattr(torch, self._entries[self._position][1])
+        if tensor.dtype != expected_dtype:
+            raise RuntimeError(f"shard {self.path.name}: got {tensor.dtype}, expected {expected_dtype}.")
         flat = tensor.detach().cpu().contiguous().reshape(-1)
-        self._handle.write(flat.view(torch.uint8).numpy().data if flat.numel() else b"")
-        self._position += 1
+        if flat.numel():
+            self._handle.write(flat.view(torch.uint8).numpy().data)
+        self._written += flat.numel() * flat.element_size()
+
+    def _finish_current(self) -> None:
+        if self._position >= 0 and self._written != self._sizes[self._position]:
+            name = self._entries[self._position][0]
+            raise RuntimeError(
+                f"shard {self.path.name}: {name!r} got {self._written} of {self._sizes[self._position]} bytes."
+            )
 
     def close(self) -> None:
-        if self._position != len(self._expected):
-            raise RuntimeError(f"shard {self.path.name} got {self._position} of {len(self._expected)} tensors.")
+        self._finish_current()
+        if self._position != len(self._entries) - 1:
+            raise RuntimeError(f"shard {self.path.name} got {self._position + 1} of {len(self._entries)} tensors.")
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
@@ -393,21 +610,37 @@ def _check_same_tokenizers(sources: list[_SafetensorsCheckpoint]) -> Path | None
     """Folder whose tokenizer the merge ships; raises if two checkpoints' tokenizers differ."""
     from transformers import AutoTokenizer
 
+    with_tokenizer = [source for source in sources if _has_tokenizer(source.folder)]
+    if not with_tokenizer:
+        return None
+    file_names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+    def file_digest(folder: Path) -> list[str | None]:
+        return [
+            hashlib.sha256((folder / name).read_bytes()).hexdigest() if (folder / name).is_file() else None
+            for name in file_names
+        ]
+
+    # Byte-identical tokenizer files (the usual case for runs of one base) need no loading.
+    first_digest = file_digest(with_tokenizer[0].folder)
+    if all(file_digest(source.folder) == first_digest for source in with_tokenizer[1:]):
+        return with_tokenizer[0].folder
     reference = None
     reference_folder = None
-    for source in sources:
-        if not _has_tokenizer(source.folder):
-            continue
+    for source in with_tokenizer:
         tokenizer = AutoTokenizer.from_pretrained(source.folder)
-        signature = (tokenizer.get_vocab(), tokenizer.all_special_tokens)
+        vocab = tokenizer.get_vocab()
+        # A content hash (not the object) is kept, so only one tokenizer is in memory at a time.
+        digest = hashlib.sha256(json.dumps([sorted(vocab.items()), tokenizer.all_special_tokens]).encode()).hexdigest()
+        signature = (digest, len(vocab))
+        del tokenizer, vocab
         if reference is None:
             reference, reference_folder = signature, source.folder
         elif signature != reference:
-            vocab, other_vocab = reference[0], signature[0]
             detail = (
-                f"vocabulary sizes {len(other_vocab)} vs {len(vocab)}"
-                if len(vocab) != len(other_vocab)
-                else "different token ids or special tokens"
+                f"vocabulary sizes {signature[1]} vs {reference[1]}"
+                if signature[1] != reference[1]
+                else "same size, different token ids or special tokens"
             )
             raise ValueError(
                 f"the tokenizer of {source.role} {str(source.folder)!r} differs from that of "
@@ -430,46 +663,32 @@ def merge_state_dicts(
     seed: int = 0,
     slerp_t: float = 0.5,
 ) -> dict[str, torch.Tensor]:
-    """In-memory version of :func:`merge_checkpoints` over state dicts (same math, same DARE masks)."""
+    """In-memory version of :func:`merge_checkpoints` over state dicts (same math, blocks and DARE masks)."""
+    import torch
+
     weights, density = _check_method_arguments(method, len(state_dicts), weights, base, density, slerp_t)
-    return {
-        name: _merge_named_tensor(
+
+    def reader_of(tensor: torch.Tensor) -> RowReader:
+        # Fresh copies, like reads from disk: the merge works on its blocks in place.
+        return lambda start, end: (tensor[start:end] if tensor.dim() > 0 else tensor).clone()
+
+    merged = {}
+    for name in state_dicts[0]:
+        blocks: list[torch.Tensor] = []
+        _merge_tensor_in_chunks(
             name,
-            [state[name] for state in state_dicts],
-            None if base is None else base[name],
+            tuple(state_dicts[0][name].shape),
+            [reader_of(state[name]) for state in state_dicts],
+            None if base is None else reader_of(base[name]),
             method,
             weights,
             density,
             seed,
             slerp_t,
+            blocks.append,
         )
-        for name in state_dicts[0]
-    }
-
-
-def _merge_named_tensor(
-    name: str,
-    tensors: list[torch.Tensor],
-    base: torch.Tensor | None,
-    method: str,
-    weights: list[float],
-    density: float,
-    seed: int,
-    slerp_t: float,
-) -> torch.Tensor:
-    import torch
-
-    output_dtype = tensors[0].dtype
-    if not output_dtype.is_floating_point:  # integer buffers are copied, not averaged
-        return tensors[0]
-    compute_dtype = torch.float64 if output_dtype == torch.float64 else torch.float32
-    tensors = [tensor.to(compute_dtype) for tensor in tensors]
-    base = None if base is None else base.to(compute_dtype)
-    masks = None
-    if method in ("dare_linear", "dare_ties"):
-        masks = [dare_keep_mask(tensors[0].shape, density, seed, name, index) for index in range(len(tensors))]
-    merged = merge_tensors(method, tensors, weights, base=base, density=density, slerp_t=slerp_t, dare_masks=masks)
-    return merged.to(output_dtype)
+        merged[name] = torch.cat(blocks) if state_dicts[0][name].dim() > 0 else blocks[0]
+    return merged
 
 
 def merge_checkpoints(
@@ -562,19 +781,20 @@ def merge_checkpoints(
                 tmp_dir / file_name, [(name, first.dtypes[name], first.shapes[name]) for name in shard_names]
             )
             for name in shard_names:
-                merged = _merge_named_tensor(
+                writer.begin(name)
+                _merge_tensor_in_chunks(
                     name,
-                    [source.get(name) for source in sources],
-                    base_source.get(name) if base_source is not None else None,
+                    first.shapes[name],
+                    [source.reader(name) for source in sources],
+                    base_source.reader(name) if base_source is not None else None,
                     method,
                     weights,
                     density,
                     seed,
                     slerp_t,
+                    writer.write_block,
                 )
-                writer.write(name, merged)
                 weight_map[name] = file_name
-                del merged
                 progress.update(1)
             writer.close()
             total_size += writer.total_bytes

@@ -144,6 +144,19 @@ def test_merge_properties():
     assert (dare_mean / 400 - a).abs().mean() < 0.1 < (base + 0.5 * (a - base) - a).abs().mean()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_trim_threshold_is_the_exact_kth_largest_magnitude_on_large_tensors(dtype):
+    from hf_interop.merge import trim_threshold
+
+    values = torch.randn(1_000_003, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    values[:500_000] = -values[500_003:]  # every magnitude twice
+    values[:1000] = 0.0
+    for density in (1e-5, 0.2, 0.5, 0.999):
+        keep = math.ceil(density * values.numel())
+        expected = torch.kthvalue(values.abs(), values.numel() - keep + 1).values
+        assert torch.equal(trim_threshold(values, density), expected), density
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Checkpoints on disk
 # ---------------------------------------------------------------------------------------------------------------
@@ -193,6 +206,37 @@ def test_each_method_matches_float64_reference_and_streamed_equals_in_memory(
     assert lineage["method"] == method and len(lineage["checkpoints"]) == len(children)
     readme = (out / "README.md").read_text()
     assert "merge" in readme and method in readme
+
+
+@pytest.mark.parametrize("method,density,weights", METHOD_CASES, ids=[case[0] for case in METHOD_CASES])
+def test_row_block_merging_equals_whole_tensor_merging(
+    family_checkpoints, tmp_path, monkeypatch, method, density, weights
+):
+    import hf_interop.merge
+
+    children = family_checkpoints["children"][:2] if method == "slerp" else family_checkpoints["children"]
+    base = None if method in ("linear", "slerp") else family_checkpoints["base"]
+    states = [_state(child) for child in children]
+    base_state = _state(base) if base is not None else None
+    whole = merge_state_dicts(states, method, weights, base_state, density=density, seed=3, slerp_t=0.6)
+    monkeypatch.setattr(hf_interop.merge, "CHUNK_ELEMENTS", 4096)  # the 512x64 embedding is read in 8 blocks
+    out = merge_checkpoints(
+        children,
+        method,
+        weights,
+        base,
+        density=density,
+        seed=3,
+        slerp_t=0.6,
+        output_dir=tmp_path / "m",
+        show_progress=False,
+    )
+    blocked = _state(out)
+    for name in whole:
+        if method == "slerp":  # the angle is summed block by block: equal up to float rounding
+            torch.testing.assert_close(blocked[name], whole[name], rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(blocked[name], whole[name]), name
 
 
 def test_sharded_output_loads_like_a_single_file(family_checkpoints, tmp_path):
