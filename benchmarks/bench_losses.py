@@ -18,6 +18,8 @@ cells that would overrun `--time-budget-s` are skipped and say so. On Linux the 
 
     python benchmarks/bench_losses.py                        # 1k, 4k, 16k tokens
     python benchmarks/bench_losses.py --tokens 1024 4096 --memory-budget-gb 3 --time-budget-s 480
+    python benchmarks/bench_losses.py --tokens 1024 4096 16384 --losses jsd --methods naive hf_interop \
+        --result-name losses_jsd_large     # a slow machine: the JSD cells the default run had no time for
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--memory-budget-gb", type=float, default=3.0, help="skip dense methods predicted above this")
     parser.add_argument("--time-budget-s", type=float, default=480.0, help="skip cells that would overrun this")
+    parser.add_argument("--result-name", default="losses", help="results/<name>.md; name partial runs differently")
     args = parser.parse_args()
 
     if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -257,7 +260,7 @@ def main() -> None:
             {"tokens": key[0], "method": key[1], "loss_type": key[2], **value} for key, value in results.items()
         ],
     }
-    write_result("losses", markdown, data)
+    write_result(args.result_name, markdown, data)
 
 
 if __name__ == "__main__":
