@@ -222,6 +222,13 @@ def _write_card(
     write_model_card(folder, kind, **metadata)
 
 
+def _write_lineage(folder: Path, kind: str, base_model: str | None, adapter: dict[str, Any]) -> None:
+    """`hf_interop_lineage.json` next to the weights: the base model (commit hash for hub ids) and the LoRA setup."""
+    from .hub import write_lineage_manifest
+
+    write_lineage_manifest(folder, kind=kind, base_model=base_model, extra={"lora": adapter}, strict=False)
+
+
 def _check_peft_model(peft_model: Any, function: str) -> None:
     from peft import PeftModel
 
@@ -263,6 +270,7 @@ def save_adapter_checkpoint(
         _write_card(
             tmp_dir, "lora", output_dir.name, _base_model_name(peft_model), card_metadata, _adapter_summary(peft_model)
         )
+        _write_lineage(tmp_dir, "lora", _base_model_name(peft_model), _adapter_summary(peft_model))
     return output_dir
 
 
@@ -320,5 +328,6 @@ def export_merged_model(
             {"hyperparameters": hyperparameters, **card_metadata},
             {},
         )
+        _write_lineage(tmp_dir, "finetuned", base_model_name, adapter)
     logger.info(f"Saved the merged model ({adapter['target_modules']} adapted) to {output_dir}")
     return merged

@@ -711,8 +711,8 @@ def merge_checkpoints(
     read from every checkpoint (safetensors, one tensor at a time), merged by :func:`merge_tensors` in float32
     (float64 for float64 checkpoints), cast back to its dtype and appended to the output shard at once, so peak
     memory is a few tensors rather than N models. The output folder gets the weights, the first checkpoint's
-    config and generation config, the shared tokenizer, a `merged` model card and `merge_lineage.json`, all
-    written to a temporary folder renamed into place when complete.
+    config and generation config, the shared tokenizer, a `merged` model card and `hf_interop_lineage.json`
+    (inputs and settings), all written to a temporary folder renamed into place when complete.
 
     Args:
         checkpoints (`list` of `str` or `os.PathLike`): checkpoint folders with safetensors weights.
@@ -817,7 +817,7 @@ def merge_checkpoints(
             "seed": seed if method.startswith("dare") else None,
             "slerp_t": slerp_t if method == "slerp" else None,
         }
-        atomic_write_json(tmp_dir / "merge_lineage.json", lineage)
+        _write_merge_lineage(tmp_dir, lineage)
         _write_merge_card(tmp_dir, output_dir.name, lineage)
     logger.info(f"Merged checkpoint written to {output_dir}")
     return output_dir
@@ -835,6 +835,24 @@ def _copy_tokenizer_files(source: Path | None, target: Path) -> None:
             shutil.copyfile(path, target / path.name)
 
 
+def _write_merge_lineage(folder: Path, lineage: dict[str, Any]) -> None:
+    """`hf_interop_lineage.json`: the inputs (local paths, or hub ids with commit hashes) and the merge settings."""
+    from .hub import write_lineage_manifest
+
+    members = [
+        {"name_or_path": path, "weight": weight}
+        for path, weight in zip(lineage["checkpoints"], lineage["weights"], strict=True)
+    ]
+    write_lineage_manifest(
+        folder,
+        kind="merged",
+        base_model=lineage["base"],
+        members=members,
+        extra={key: value for key, value in lineage.items() if key not in ("checkpoints", "weights", "base")},
+        strict=False,
+    )
+
+
 def _write_merge_card(folder: Path, model_name: str, lineage: dict[str, Any]) -> None:
     members = [
         {"name_or_path": path, "weight": weight}
@@ -846,7 +864,7 @@ def _write_merge_card(folder: Path, model_name: str, lineage: dict[str, Any]) ->
         "merge_method": lineage["method"],
         "hyperparameters": hyperparameters,
         "model_name": model_name,
-        "lineage_manifest": "merge_lineage.json",
+        "lineage_manifest": "hf_interop_lineage.json",
     }
     if lineage["base"] is not None:
         metadata["base_model"] = lineage["base"]
@@ -948,8 +966,9 @@ def greedy_soup(
                 for path in selected[0].iterdir():
                     if path.is_file() and (path.suffix == ".safetensors" or _COPIED_FILES.match(path.name)):
                         shutil.copyfile(path, tmp_dir / path.name)
-                atomic_write_json(
-                    tmp_dir / "merge_lineage.json", {"method": "greedy_soup", "checkpoints": [str(selected[0])]}
+                _write_merge_lineage(
+                    tmp_dir,
+                    {"method": "greedy_soup", "checkpoints": [str(selected[0])], "weights": [1.0], "base": None},
                 )
         else:
             merge_checkpoints(

@@ -150,6 +150,11 @@ def test_merged_export_equals_adapter_applied_outputs(trained_lora, tmp_path, in
     readme = (tmp_path / "merged" / "README.md").read_text()
     assert "finetuned" in readme and str(trained_lora["base_dir"]) in readme
     assert not (tmp_path / "merged" / "adapter_config.json").exists()
+    lineage = json.loads((tmp_path / "merged" / "hf_interop_lineage.json").read_text())
+    assert lineage["kind"] == "finetuned" and lineage["base_model"][0]["local_path"] == str(
+        trained_lora["base_dir"].resolve()
+    )
+    assert lineage["extra"]["lora"]["r"] == 4
     with pytest.raises(FileExistsError, match="overwrite=True"):
         export_merged_model(peft_model, tmp_path / "merged")
 

@@ -202,8 +202,10 @@ def test_each_method_matches_float64_reference_and_streamed_equals_in_memory(
 
     model, tokenizer = load_causal_lm(out)
     assert tokenizer is not None and model.config.model_type == "llama"
-    lineage = json.loads((out / "merge_lineage.json").read_text())
-    assert lineage["method"] == method and len(lineage["checkpoints"]) == len(children)
+    lineage = json.loads((out / "hf_interop_lineage.json").read_text())
+    assert lineage["kind"] == "merged" and lineage["extra"]["method"] == method
+    assert [member["weight"] for member in lineage["members"]] == (weights or [1.0, 1.0])
+    assert [member["local_path"] for member in lineage["members"]] == [str(child.resolve()) for child in children]
     readme = (out / "README.md").read_text()
     assert "merge" in readme and method in readme
 
