@@ -88,12 +88,16 @@ class DistillationConfig(TrainingArguments):
         lmbda (`float`, *optional*, defaults to `0.0`):
             Probability, in [0, 1], that a training step replaces the batch's continuations with text the student
             generates from each row's prompt (on-policy distillation, GKD https://huggingface.co/papers/2306.13649).
+            Drawn once per optimizer step from `(seed, step)`, so resumed runs draw the same. Generated steps are
+            normalised per micro-batch (the mean of micro-batch means), since the global token count of generated
+            text is unknown before generation.
         seq_kd (`bool`, *optional*, defaults to `False`):
             On the steps that are not on-policy, train on continuations the teacher generates (sequence-level KD,
             https://huggingface.co/papers/1606.07947).
         generation_prompt_length (`int`, *optional*, defaults to `32`):
-            Without a `prompts` column in the batch, the first `generation_prompt_length` tokens of each row are the
-            prompt that generation continues. Prompt tokens are never training targets on generated steps.
+            The prompt that generation continues: a row whose labels mask a leading prompt (prompt/completion data,
+            labels -100 on the prompt) uses that prompt; other rows (plain text) use their first
+            `generation_prompt_length` tokens. Prompt tokens are never training targets on generated steps.
         max_new_tokens (`int`, *optional*, defaults to `64`):
             Tokens generated per row on on-policy / sequence-level steps. Everything after the first EOS is masked.
         generation_temperature (`float`, *optional*, defaults to `1.0`):
@@ -203,7 +207,7 @@ class DistillationConfig(TrainingArguments):
     )
     generation_prompt_length: int = field(
         default=32,
-        metadata={"help": "Without a `prompts` column: the first N tokens of each row are the generation prompt."},
+        metadata={"help": "Prompt length for generation on rows without a label-masked prompt: their first N tokens."},
     )
     max_new_tokens: int = field(
         default=64,

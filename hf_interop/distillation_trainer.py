@@ -340,6 +340,8 @@ class DistillationTrainer(Trainer):
         if peft_config is not None:
             model = self._wrap_with_peft(model, peft_config, args)
 
+        self._check_hidden_layer_map(model, args)  # cheap checks first, before a teacher is loaded
+
         # ---- the teacher: a cache, a live model, or the student's own base (self-distillation) ----
         self.teacher_model: nn.Module | None = None
         self.teacher_cache = None
@@ -390,7 +392,6 @@ class DistillationTrainer(Trainer):
                 self.teacher_name_or_path = self.teacher_name_or_path or _model_name(teacher_model)
                 self._check_teacher(model, teacher_model, processing_class, teacher_processing_class, args)
                 self.teacher_model = teacher_model
-        self._check_hidden_layer_map(model, args)
 
         if data_collator is None:
             data_collator = _PaddingCollator(self._pad_token_id(model, processing_class))
@@ -501,7 +502,7 @@ class DistillationTrainer(Trainer):
         if teacher_tokenizer is None:
             teacher_tokenizer = _tokenizer_next_to(teacher)
         if student_tokenizer is not None and teacher_tokenizer is not None:
-            if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            if not _tokenizers_agree(student_tokenizer, teacher_tokenizer):
                 raise ValueError(
                     f"teacher vocab_size {teacher_vocab} (tokenizer of {len(teacher_tokenizer)} tokens) and student "
                     f"vocab_size {student_vocab} (tokenizer of {len(student_tokenizer)} tokens): their tokenizers map "
@@ -518,7 +519,7 @@ class DistillationTrainer(Trainer):
                 "teacher_processing_class=<teacher tokenizer> so the trainer can check that they map tokens to the "
                 'same ids; if the tokenizers differ, use cross-tokenizer distillation (`loss_type="uld"`).'
             )
-        shared = len(student_tokenizer)
+        shared = min(len(student_tokenizer), len(teacher_tokenizer))
         if shared > min(student_vocab, teacher_vocab):
             raise ValueError(
                 f"the shared tokenizer has {shared} tokens but the teacher has vocab_size {teacher_vocab} and the "
@@ -743,11 +744,7 @@ class DistillationTrainer(Trainer):
             if value is not None:
                 sums[name] = sums.get(name, 0.0) + float(value) * num_valid_tokens
 
-        if (
-            not local_normalizer
-            and self.args.average_tokens_across_devices
-            and self.accelerator.num_processes > 1
-        ):
+        if not local_normalizer and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # num_items_in_batch counts every process's tokens and DDP averages gradients over processes: undo the
             # average so each process contributes its token sum / global count.
             loss = loss * self.accelerator.num_processes
@@ -1098,6 +1095,15 @@ def _statistics(result: Any) -> dict[str, Any]:
         "teacher_entropy": result.teacher_entropy,
         "student_entropy": result.student_entropy,
     }
+
+
+def _tokenizers_agree(first: Any, second: Any) -> bool:
+    """Whether every token of the smaller vocabulary has the same id in the other (added tokens may extend one)."""
+    first_vocab, second_vocab = first.get_vocab(), second.get_vocab()
+    small, large = (
+        (first_vocab, second_vocab) if len(first_vocab) <= len(second_vocab) else (second_vocab, first_vocab)
+    )
+    return all(large.get(token) == index for token, index in small.items())
 
 
 def _tokenizer_next_to(model: nn.Module) -> Any:

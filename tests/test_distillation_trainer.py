@@ -419,16 +419,23 @@ def test_peft_config_wraps_student_with_lora(tmp_path, corpus_tokenizer, teacher
     trainer.train()
 
 
-def test_padded_teacher_vocab_compares_shared_tokenizer_length(tmp_path, corpus_tokenizer, train_rows):
+def test_padded_teacher_vocab_compares_shared_tokenizer_length(
+    tmp_path, corpus_tokenizer, corpus_tokenizer_dir, train_rows
+):
+    from transformers import AutoTokenizer
+
     vocab = len(corpus_tokenizer)
     padded_teacher = build_tiny_causal_lm("qwen2", vocab + 64, seed=2, tokenizer=corpus_tokenizer)
+    # the teacher's tokenizer is the student's plus an added token: the same ids for every shared token
+    teacher_tokenizer = AutoTokenizer.from_pretrained(corpus_tokenizer_dir)
+    teacher_tokenizer.add_tokens(["<teacher_only>"])
     trainer = DistillationTrainer(
         model=make_student(corpus_tokenizer),
         teacher_model=padded_teacher,
         args=make_args(tmp_path, loss_chunk_size=16),
         train_dataset=train_rows,
         processing_class=corpus_tokenizer,
-        teacher_processing_class=corpus_tokenizer,
+        teacher_processing_class=teacher_tokenizer,
     )
     assert trainer.shared_vocab_size == vocab
     batch = first_batch(trainer)
@@ -793,3 +800,45 @@ def test_two_processes_of_4_equal_one_process_of_8(tmp_path, corpus_tokenizer, t
     assert any(not torch.equal(initial[name], outputs[1][name]) for name in initial)
     for name in outputs[1]:
         torch.testing.assert_close(outputs[2][name], outputs[1][name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- GPU (skipped without CUDA)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_training_with_teacher_by_path(tmp_path, corpus_tokenizer, teacher_dir, train_rows):
+    student = make_student(corpus_tokenizer)
+    trainer = DistillationTrainer(
+        model=student,
+        args=make_args(
+            tmp_path,
+            use_cpu=False,
+            bf16=True,
+            teacher_model_name_or_path=str(teacher_dir),
+            teacher_dtype="bfloat16",
+            teacher_device_map={"": "cuda:0"},
+        ),
+        train_dataset=train_rows,
+        processing_class=corpus_tokenizer,
+    )
+    assert next(trainer.teacher_model.parameters()).device.type == "cuda"
+    assert trainer.teacher_model.dtype == torch.bfloat16
+    trainer.train()
+    assert all(entry["kd_loss"] == entry["kd_loss"] for entry in trainer.state.log_history if "kd_loss" in entry)
+
+
+@pytest.mark.gpu
+def test_gpu_teacher_on_its_own_device(tmp_path, corpus_tokenizer, teacher, train_rows):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    student = make_student(corpus_tokenizer)
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_args(tmp_path, use_cpu=False, teacher_device_map={"": "cuda:1"}, loss_chunk_size=16),
+        train_dataset=train_rows,
+        processing_class=corpus_tokenizer,
+    )
+    assert next(trainer.teacher_model.parameters()).device == torch.device("cuda:1")
+    assert next(trainer.model.parameters()).device == torch.device("cuda:0")
+    trainer.train()
