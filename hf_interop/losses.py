@@ -1114,8 +1114,22 @@ def _sparse_bucket_log_probs(
     outside = scaled.scatter(-1, ids, torch.finfo(dtype).min)
     student_tail = torch.logsumexp(outside, dim=-1) - log_normalizer.squeeze(-1)
     student_buckets = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
+    teacher_buckets = _teacher_bucket_log_probs(
+        topk_logprobs, tail_logprob, temperature, cache_temperature, teacher_vocab_size, dtype
+    )
+    return student_buckets, teacher_buckets
 
-    top_k = ids.shape[-1]
+
+def _teacher_bucket_log_probs(
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    temperature: float,
+    cache_temperature: float,
+    teacher_vocab_size: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The cached teacher as k+1 bucket log-probabilities at the training temperature (re-tempered if needed)."""
+    top_k = topk_logprobs.shape[-1]
     teacher_top = topk_logprobs.to(dtype)
     teacher_tail = tail_logprob.to(dtype)
     tail_tokens = teacher_vocab_size - top_k
@@ -1135,8 +1149,70 @@ def _sparse_bucket_log_probs(
         if tail_tokens > 0:
             teacher_tail = teacher_tail * ratio + (1.0 - ratio) * math.log(tail_tokens)
     # renormalising also absorbs the float16 rounding of a cache, so the buckets always sum to exactly 1
-    teacher_buckets = F.log_softmax(torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1), dim=-1)
-    return student_buckets, teacher_buckets
+    return F.log_softmax(torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1), dim=-1)
+
+
+@torch.no_grad()
+def _sparse_teacher_statistics(ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor, dtype: torch.dtype):
+    teacher_argmax = ids.gather(-1, topk_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
+    cached = F.log_softmax(torch.cat([topk_logprobs, tail_logprob.unsqueeze(-1)], dim=-1).to(dtype), dim=-1)
+    teacher_entropy = -(cached.exp() * torch.where(torch.isneginf(cached), 0.0, cached)).sum(-1)
+    return teacher_argmax, teacher_entropy
+
+
+@torch.no_grad()
+def _sparse_divergence_and_logit_grad(
+    student_logits: Tensor,
+    ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    loss_type: str,
+    temperature: float,
+    cache_temperature: float,
+    jsd_beta: float,
+    scale_by_temperature_squared: bool | None,
+    teacher_vocab_size: int,
+    need_grad: bool,
+) -> _ChunkDivergence:
+    """Sparse divergence per token and its gradient w.r.t. the student logits, without autograd over the vocab.
+
+    Autograd runs only on the small `(tokens, k + 1)` bucket tensor, giving `g = dL/db` for the student's bucket
+    log-probabilities `b`. With `q = softmax(z)`, `b_j = z_{id_j} - lse(z)` and `b_tail = log(Q_tail)`,
+    `Q_tail = sum of q outside the ids`, the chain rule gives `dL/dz_v = g_j - G q_v` at `v = id_j` and
+    `q_v (g_tail / Q_tail - G)` elsewhere, with `G = sum(g)`.
+    """
+    dtype = student_logits.dtype
+    scaled = student_logits / temperature if temperature != 1.0 else student_logits
+    log_probs = F.log_softmax(scaled, dim=-1)
+    student_top = log_probs.gather(-1, ids)
+    # the student's tail: log of its mass outside the teacher's ids, summed directly (no 1 - sum cancellation)
+    student_tail = torch.logsumexp(log_probs.scatter(-1, ids, torch.finfo(dtype).min), dim=-1)
+    teacher_buckets = _teacher_bucket_log_probs(
+        topk_logprobs, tail_logprob, temperature, cache_temperature, teacher_vocab_size, dtype
+    )
+    student_buckets = torch.cat([student_top, student_tail.unsqueeze(-1)], dim=-1)
+    factor = _temperature_factor(loss_type, temperature, scale_by_temperature_squared)
+    with torch.enable_grad():
+        student_buckets.requires_grad_(need_grad)
+        values = _divergence_from_log_probs(student_buckets, teacher_buckets, loss_type, jsd_beta, 0.0)
+        if factor != 1.0:
+            values = values * factor
+        bucket_grad = torch.autograd.grad(values.sum(), student_buckets)[0] if need_grad else None
+    out = _ChunkDivergence(values=values.detach(), logit_grad=None)
+    probs = log_probs.exp()
+    if temperature == 1.0:
+        out.student_entropy = -_row_dot(probs, log_probs)
+        out.student_log_probs = log_probs
+    if need_grad:
+        total = bucket_grad.sum(-1, keepdim=True)
+        tail_grad = bucket_grad[..., -1:]
+        tail_mass = student_tail.unsqueeze(-1).exp()
+        # where the student's tail mass underflows to 0 the tail holds no token whose probability is above 0
+        per_tail_mass = torch.where(tail_mass > 0, tail_grad / tail_mass, torch.zeros_like(tail_grad))
+        grad = probs.mul_(per_tail_mass - total)
+        grad.scatter_(-1, ids, bucket_grad[..., :-1] - student_top.exp() * total)
+        out.logit_grad = grad.div_(temperature) if temperature != 1.0 else grad
+    return out
 
 
 def _sparse_kd_per_token(
@@ -1165,12 +1241,7 @@ def _sparse_kd_per_token(
     factor = _temperature_factor(loss_type, temperature, scale_by_temperature_squared)
     if factor != 1.0:
         kd_tokens = kd_tokens * factor
-    with torch.no_grad():
-        teacher_argmax = ids.gather(-1, topk_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
-        cached = F.log_softmax(
-            torch.cat([topk_logprobs, tail_logprob.unsqueeze(-1)], dim=-1).to(kd_tokens.dtype), dim=-1
-        )
-        teacher_entropy = -(cached.exp() * torch.where(torch.isneginf(cached), 0.0, cached)).sum(-1)
+    teacher_argmax, teacher_entropy = _sparse_teacher_statistics(ids, topk_logprobs, tail_logprob, kd_tokens.dtype)
     return kd_tokens, teacher_argmax, teacher_entropy
 
 
@@ -1372,15 +1443,22 @@ def chunked_sparse_distillation_loss(
             )
             _check_sparse_teacher(ids, topk_logprobs, tail_logprob, vocab)
             resolved.update(vocab=vocab, teacher_vocab_size=vocab_t)
-        logits = student_logits.detach().requires_grad_(need_grad)
-        with torch.set_grad_enabled(need_grad):
-            kd_tokens, teacher_argmax, teacher_entropy = _sparse_kd_per_token(
-                logits, ids[start:end], topk_logprobs[start:end], tail_logprob[start:end], loss_type, temperature,
-                cache_temperature, jsd_beta, scale_by_temperature_squared, resolved["vocab"],
-                resolved["teacher_vocab_size"],
-            )  # fmt: skip
-            grad = torch.autograd.grad(kd_tokens.sum(), logits)[0] if need_grad else None
-        return kd_tokens.detach(), grad, teacher_argmax, teacher_entropy, None, resolved["vocab"]
+        vocab = resolved["vocab"]
+        chunk_ids, chunk_logprobs, chunk_tail = ids[start:end], topk_logprobs[start:end], tail_logprob[start:end]
+        student_vocab = student_logits.shape[-1]
+        divergence = _sparse_divergence_and_logit_grad(
+            student_logits[..., :vocab], chunk_ids, chunk_logprobs, chunk_tail, loss_type, temperature,
+            cache_temperature, jsd_beta, scale_by_temperature_squared, resolved["teacher_vocab_size"], need_grad,
+        )  # fmt: skip
+        grad = divergence.logit_grad
+        if grad is not None and vocab < student_vocab:
+            grad = F.pad(grad, (0, student_vocab - vocab))
+        if vocab == student_vocab and divergence.student_log_probs is not None:
+            runner.cached_student_log_probs = divergence.student_log_probs
+        teacher_argmax, teacher_entropy = _sparse_teacher_statistics(
+            chunk_ids, chunk_logprobs, chunk_tail, student_logits.dtype
+        )
+        return divergence.values, grad, teacher_argmax, teacher_entropy, divergence.student_entropy, vocab
 
     runner = _ChunkRunner(valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_value_and_grad)
     total_sum = _run_chunks(hidden, runner, student_head, fused_backward)

@@ -798,11 +798,12 @@ def test_sparse_loss_grows_towards_the_dense_loss_as_k_grows(loss_type):
     assert_close64(previous, dense)
 
 
+@pytest.mark.parametrize("top_k", [9, VOCAB])
 @pytest.mark.parametrize("case", SPARSE_CASES, ids=_case_id)
-def test_chunked_sparse_equals_sparse_values_and_gradients(case):
+def test_chunked_sparse_equals_sparse_values_and_gradients(case, top_k):
     loss_type, kwargs = case
     student_hidden, student_head, teacher_hidden, teacher_head, labels = make_hidden_inputs(seed=34)
-    ids, topk_logprobs, tail = make_cache(teacher_head(teacher_hidden).detach(), top_k=9)
+    ids, topk_logprobs, tail = make_cache(teacher_head(teacher_hidden).detach(), top_k=top_k)
     common = {"loss_type": loss_type, "kd_ratio": 0.7, "num_items_in_batch": 33, **kwargs}
     dense = losses.sparse_distillation_loss(student_head(student_hidden), ids, topk_logprobs, tail, labels, **common)
     dense_grads = torch.autograd.grad(dense.loss, [student_hidden, student_head.weight])
@@ -916,3 +917,20 @@ def test_chunked_loss_with_a_plain_callable_head_gives_gradients_to_the_tensors_
         )  # fmt: skip
         assert_same_output(chunked, dense)
         assert_close64(torch.autograd.grad(chunked.loss, weight)[0], dense_grads[1])
+
+
+def test_chunked_sparse_with_a_padded_student_vocab_matches_the_dense_sparse_form():
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = make_hidden_inputs(seed=38, vocab=VOCAB + 7)
+    labels = labels.clamp(max=VOCAB - 1)
+    teacher_logits = (teacher_hidden[:, :HIDDEN] @ student_head.weight[:VOCAB].T).detach() * 1.5
+    ids, topk_logprobs, tail = make_cache(teacher_logits, top_k=10)
+    common = {"loss_type": "jsd", "kd_ratio": 0.5, "shared_vocab_size": VOCAB, "temperature": 2.0}
+    dense = losses.sparse_distillation_loss(student_head(student_hidden), ids, topk_logprobs, tail, labels, **common)
+    dense_grads = torch.autograd.grad(dense.loss, [student_hidden, student_head.weight])
+    chunked = losses.chunked_sparse_distillation_loss(
+        student_hidden, student_head, ids, topk_logprobs, tail, labels, chunk_size=8, **common
+    )
+    assert_same_output(chunked, dense)
+    grads = torch.autograd.grad(chunked.loss, [student_hidden, student_head.weight])
+    for grad, expected in zip(grads, dense_grads, strict=True):
+        assert_close64(grad, expected)
