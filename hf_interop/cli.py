@@ -105,6 +105,12 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max_documents", type=int, default=None, help="Score only the first N rows (default: all).")
     parser.add_argument("--dtype", default="float32", help="Dtype the models are loaded in (default: %(default)s).")
     parser.add_argument(
+        "--ensemble_members",
+        nargs="+",
+        default=None,
+        help="Names (see --names) of the models mixed into the ensemble (default: all sharing a tokenizer).",
+    )
+    parser.add_argument(
         "--output_dir", default=None, help="Folder for report.json, report.md and heatmap.png (default: print only)."
     )
     _add_overwrite_and_progress(parser)
@@ -137,6 +143,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
             output_dir=args.output_dir,
             overwrite_output_dir=args.overwrite_output_dir,
             show_progress=not args.no_progress,
+            ensemble_members=args.ensemble_members,
         )
         print(format_report(report), end="")
         if args.output_dir:

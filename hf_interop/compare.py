@@ -274,6 +274,7 @@ def compare_checkpoints(
     overwrite_output_dir: bool = False,
     show_progress: bool = True,
     models: list[tuple[Any, Any]] | None = None,
+    ensemble_members: list[str] | None = None,
 ) -> dict[str, Any]:
     """Score two or more causal LMs on the same text and compare them (see the module docstring).
 
@@ -306,6 +307,9 @@ def compare_checkpoints(
             tqdm progress bars.
         models (`list[tuple[model, tokenizer]]`, *optional*):
             Already-loaded `(model, tokenizer)` pairs to compare instead of loading `checkpoints`.
+        ensemble_members (`list[str]`, *optional*):
+            Names of the models mixed into the ensemble (two or more sharing a tokenizer); defaults to every model
+            of each tokenizer group.
 
     Returns:
         `dict`: the report (`models`, `top1_agreement`, `symmetric_kl`, `ensembles`, `dataset`), JSON-serialisable.
@@ -320,6 +324,12 @@ def compare_checkpoints(
         if len(models) < 2:
             raise ValueError(f"compare needs at least 2 models, got {len(models)}; pass two or more.")
         display_names = list(names) if names is not None else _display_names([str(c) for c in checkpoints])
+    if ensemble_members is not None:
+        unknown = [name for name in ensemble_members if name not in display_names]
+        if unknown or len(set(ensemble_members)) < 2:
+            raise ValueError(
+                f"ensemble_members {ensemble_members} must name two or more of the compared models {display_names}."
+            )
     if block_size < 2:
         raise ValueError(f"block_size must be >= 2, got {block_size}.")
     if batch_size < 1:
@@ -382,6 +392,14 @@ def compare_checkpoints(
             groups.append([index])
 
     num_models = len(members)
+    ensemble_indices = {
+        index for index, member in enumerate(members) if ensemble_members is None or member.name in ensemble_members
+    }
+    if ensemble_members is not None and not any(len(ensemble_indices & set(group)) >= 2 for group in groups):
+        raise ValueError(
+            f"ensemble_members {ensemble_members} do not share a tokenizer (groups: "
+            f"{[[members[i].name for i in group] for group in groups]}); a token-level mixture needs one vocabulary."
+        )
     agreement: list[list[float | None]] = [[None] * num_models for _ in range(num_models)]
     symmetric_kl: list[list[float | None]] = [[None] * num_models for _ in range(num_models)]
     ensembles: list[dict[str, Any]] = []
@@ -408,31 +426,39 @@ def compare_checkpoints(
                 targets = labels[:, 1:]
                 valid = targets != -100
                 safe_targets = targets.clamp(min=0)
-                log_probs = [_log_probs(members[i].model, input_ids, attention_mask) for i in group]
-                shared_vocab = min(lp.shape[-1] for lp in log_probs)
-                for position, index in enumerate(group):
-                    token_log_probs = log_probs[position].gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)
+                valid_targets = safe_targets[valid]
+                # Only the valid positions of each member are kept: (valid tokens, vocab) per member.
+                member_log_probs = []
+                for index in group:
+                    log_probs = _log_probs(members[index].model, input_ids, attention_mask)[valid]
                     stats = members[index].stats
-                    stats["nll_sum"] += float(-(token_log_probs.double() * valid).sum())
+                    stats["nll_sum"] += float(-log_probs.gather(-1, valid_targets[:, None]).double().sum())
                     stats["num_tokens"] += int(valid.sum())
-                    stats["correct"] += int(((log_probs[position].argmax(-1) == targets) & valid).sum())
+                    stats["correct"] += int((log_probs.argmax(-1) == valid_targets).sum())
+                    member_log_probs.append(log_probs)
+                    del log_probs
                 if len(group) < 2:
                     continue
-                # Pairwise and ensemble figures over the shared vocabulary, renormalised (padded embedding rows).
-                shared_valid = torch.stack(
-                    [torch.log_softmax(lp[valid][:, :shared_vocab], dim=-1) for lp in log_probs]
-                )
-                del log_probs
-                top1 = shared_valid.argmax(-1)  # shared_valid: (members, valid tokens, vocab)
+                # Pairwise and ensemble figures over the shared vocabulary (members may pad their embeddings).
+                shared_vocab = min(lp.shape[-1] for lp in member_log_probs)
+                if any(lp.shape[-1] != shared_vocab for lp in member_log_probs):
+                    member_log_probs = [torch.log_softmax(lp[:, :shared_vocab], dim=-1) for lp in member_log_probs]
+                top1 = [lp.argmax(-1) for lp in member_log_probs]
                 for a in range(len(group)):
-                    probs_a = shared_valid[a].exp()
+                    probs_a = member_log_probs[a].exp()
                     for b in range(len(group)):
                         pair_agree[a, b] += float((top1[a] == top1[b]).sum())
                         if a != b:
-                            kl = (probs_a * (shared_valid[a] - shared_valid[b])).sum(-1)
+                            kl = (probs_a * (member_log_probs[a] - member_log_probs[b])).sum(-1)
                             pair_kl[a, b] += float(kl.double().sum())
-                mixture = torch.logsumexp(shared_valid - math.log(len(group)), dim=0)
-                ensemble_nll += float(-mixture.gather(-1, safe_targets[valid].unsqueeze(-1)).double().sum())
+                    del probs_a
+                chosen = [position for position, index in enumerate(group) if index in ensemble_indices]
+                if len(chosen) >= 2:
+                    mixture = member_log_probs[chosen[0]] - math.log(len(chosen))
+                    for position in chosen[1:]:
+                        mixture = torch.logaddexp(mixture, member_log_probs[position] - math.log(len(chosen)))
+                    ensemble_nll += float(-mixture.gather(-1, valid_targets[:, None]).double().sum())
+                del member_log_probs
             for index in group:
                 stats = members[index].stats
                 stats["num_bytes"] = num_bytes
@@ -443,14 +469,16 @@ def compare_checkpoints(
                         symmetric_kl[index_a][index_b] = (
                             0.0 if a == b else float(pair_kl[a, b] + pair_kl[b, a]) / 2 / num_targets
                         )
-                best = min(group, key=lambda i: members[i].stats["nll_sum"])
+            chosen_members = [index for index in group if index in ensemble_indices]
+            if len(chosen_members) >= 2:
+                best = min(chosen_members, key=lambda i: members[i].stats["nll_sum"])
                 ensemble_loss = ensemble_nll / num_targets
                 best_loss = members[best].stats["nll_sum"] / num_targets
                 ensembles.append(
                     {
-                        "members": [members[i].name for i in group],
+                        "members": [members[i].name for i in chosen_members],
                         "combination": "mixture",
-                        "weights": [1.0 / len(group)] * len(group),
+                        "weights": [1.0 / len(chosen_members)] * len(chosen_members),
                         "tokenizer_group": group_id,
                         "num_tokens": num_targets,
                         "loss": ensemble_loss,

@@ -129,6 +129,28 @@ def test_compare_matches_float64_reference(tiny_model_dirs, second_seed_dir, oth
     assert "llama_seed1" in text and "n/a" in text and "mixture ensemble" in text
 
 
+def test_ensemble_of_chosen_members(tiny_model_dirs, second_seed_dir, short_texts):
+    checkpoints = [tiny_model_dirs["llama"], tiny_model_dirs["gpt2"], second_seed_dir]
+    report = compare_checkpoints(
+        [str(c) for c in checkpoints],
+        Dataset.from_dict({"text": short_texts}),
+        names=["llama", "gpt2", "seed1"],
+        ensemble_members=["gpt2", "seed1"],
+        block_size=512,
+        show_progress=False,
+    )
+    references = [_reference_log_probs(folder, short_texts) for folder in checkpoints[1:]]
+    nll = sum(
+        float(-torch.logsumexp(torch.stack([a[0], b[0]]) - math.log(2), 0).gather(-1, a[1][:, None]).sum())
+        for a, b in zip(*references, strict=True)
+    )
+    (ensemble,) = report["ensembles"]
+    assert ensemble["members"] == ["gpt2", "seed1"] and ensemble["weights"] == [0.5, 0.5]
+    assert ensemble["perplexity"] == pytest.approx(math.exp(nll / report["models"][0]["num_tokens"]), rel=1e-5)
+    with pytest.raises(ValueError, match="ensemble_members"):
+        compare_checkpoints([str(c) for c in checkpoints], ensemble_members=["gpt2", "nobody"])
+
+
 def test_windows_predict_every_token_once(corpus_tokenizer, short_texts):
     windows, num_targets, num_bytes = build_scoring_windows(short_texts, corpus_tokenizer, block_size=7)
     ids = [corpus_tokenizer(text, add_special_tokens=False)["input_ids"] for text in short_texts]
