@@ -137,9 +137,14 @@ def dataset_fingerprint(dataset: Dataset) -> str:
         lengths_hash.update(pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
         ids_hash.update(pc.list_flatten(ids).to_numpy(zero_copy_only=False).astype("<i8").tobytes())
         if "attention_mask" in columns:
-            for offset, mask in enumerate(table.column("attention_mask").to_pylist()):
-                if mask is not None and min(mask, default=1) == 0:
-                    mask_hash.update(np.asarray([start + offset, *mask], dtype="<i8").tobytes())
+            masks = table.column("attention_mask").combine_chunks()
+            values = pc.list_flatten(masks).to_numpy(zero_copy_only=False).astype("<i8")
+            if values.size and values.min() == 0:
+                offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(masks).to_numpy(zero_copy_only=False))])
+                for offset in range(len(masks)):
+                    mask = values[offsets[offset] : offsets[offset + 1]]
+                    if mask.size and mask.min() == 0:
+                        mask_hash.update(np.asarray([start + offset], dtype="<i8").tobytes() + mask.tobytes())
     combined = hashlib.sha256(b"hf_interop-dataset-v1")
     for part in (lengths_hash, ids_hash, mask_hash):
         combined.update(part.digest())
