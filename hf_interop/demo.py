@@ -48,7 +48,8 @@ class DemoSettings:
     lora_steps: int = 20
     lora_r: int = 8
     compare_documents: int = 4  # test-split documents of the interoperability report
-    eval_batch_size: int = 8
+    compare_characters: int = 4000  # first characters of each of them
+    eval_batch_size: int = 4
     output_dir: str = "demo_outputs"
     show_progress: bool = True
     seed: int = 0
@@ -152,7 +153,11 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
             hyperparameters={"num_layers": settings.student_num_layers, "layer_selection": "uniform"},
         )
         evaluate("student, untrained", student, final(init_dir))
-        compare_models = [("teacher", teacher), ("student_init", student)]
+        # Models are freed after each step (peak memory stays near one teacher + one training student) and loaded
+        # back from their folders for the report.
+        del teacher, student
+        gc.collect()
+        compare_models = [("teacher", teacher_dir), ("student_init", init_dir)]
 
         histories: dict[str, list[dict[str, Any]]] = {}
 
@@ -195,8 +200,8 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
             metrics={"perplexity": ce_row["perplexity"]},
             hyperparameters={"max_steps": settings.train_steps, "learning_rate": settings.learning_rate},
         )
-        compare_models.append(("student_ce", ce_student))
-        del trainer
+        compare_models.append(("student_ce", stage / "student_ce"))
+        del trainer, ce_student
         gc.collect()
 
         step(f"4b. Distilled from the cache (kd_ratio=1): {settings.train_steps} steps")
@@ -205,8 +210,8 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         trainer.save_model()
         distilled_row = evaluate("student, distilled", distilled, final(stage / "student_distilled"))
         _add_metrics_to_card(stage / "student_distilled", "distilled", {"perplexity": distilled_row["perplexity"]})
-        compare_models.append(("student_distilled", distilled))
-        del trainer
+        compare_models.append(("student_distilled", stage / "student_distilled"))
+        del trainer, distilled
         gc.collect()
 
         step(f"5. LoRA-adapted variant of the distilled student: r={settings.lora_r}, {settings.lora_steps} steps")
@@ -221,8 +226,8 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         lora_merged = export_merged_model(peft_model, stage / "student_lora_merged", tokenizer)
         lora_row = evaluate("student, distilled + LoRA", lora_merged, final(stage / "student_lora_merged"))
         _add_metrics_to_card(stage / "student_lora_merged", "finetuned", {"perplexity": lora_row["perplexity"]})
-        compare_models.append(("student_lora", lora_merged))
-        del trainer, peft_model
+        compare_models.append(("student_lora", stage / "student_lora_merged"))
+        del trainer, peft_model, lora_merged, lora_base
         gc.collect()
         shutil.rmtree(stage / "student_lora_run", ignore_errors=True)  # only trainer state; the adapter is saved
 
@@ -238,13 +243,16 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         gc.collect()
 
         step(f"7. Interoperability report on {settings.compare_documents} test documents")
-        test_documents = corpus["test"].select(range(min(settings.compare_documents, len(corpus["test"]))))
+        from datasets import Dataset
+
+        texts = corpus["test"]["text"][: settings.compare_documents]
         report = compare_checkpoints(
-            [name for name, _ in compare_models],
-            test_documents,
-            models=[(model, tokenizer) for _, model in compare_models],
+            [str(path) for _, path in compare_models],
+            Dataset.from_dict({"text": [text[: settings.compare_characters] for text in texts]}),
+            names=[name for name, _ in compare_models],
+            ensemble_members=["student_ce", "student_distilled", "student_lora"],
             block_size=settings.block_size,
-            batch_size=settings.eval_batch_size,
+            batch_size=2,  # 5 models' (tokens, vocab) log-probs are held at once
             output_dir=stage / "compare",
             show_progress=settings.show_progress,
         )
@@ -262,8 +270,6 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
         table = format_demo_table(rows)
         atomic_write_json(stage / "summary.json", summary)
         atomic_write_text(stage / "summary.md", table)
-        del teacher, student, ce_student, distilled, lora_merged, compare_models
-        gc.collect()
 
     print()
     print(table, end="")
