@@ -129,8 +129,8 @@ def make_step(method: str, loss_type: str, inputs):
     return step
 
 
-def measure(step, inputs, device) -> tuple[float, int, float]:
-    """(seconds, peak bytes above the start, loss value) of one forward+backward."""
+def measure(step, inputs, device) -> tuple[float, float, int, float]:
+    """(wall seconds, process CPU seconds, peak bytes above the start, loss value) of one forward+backward."""
     import torch
 
     student_hidden, student_head = inputs[0], inputs[1]
@@ -141,16 +141,16 @@ def measure(step, inputs, device) -> tuple[float, int, float]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start_bytes = torch.cuda.memory_allocated()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         value = step()
         torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        return seconds, torch.cuda.max_memory_allocated() - start_bytes, value
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        return seconds, cpu_seconds, torch.cuda.max_memory_allocated() - start_bytes, value
     with PeakRSS() as peak:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         value = step()
-        seconds = time.perf_counter() - start
-    return seconds, peak.delta, value
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    return seconds, cpu_seconds, peak.delta, value
 
 
 def main() -> None:
@@ -200,6 +200,8 @@ def main() -> None:
             results[key] = {"status": f"not run: needs ~{predicted_bytes / 2**30:.1f} GB > {args.memory_budget_gb} GB"}
             results[key]["extrapolated_peak_bytes"] = predicted_bytes
             results[key]["extrapolated_seconds"] = predicted_seconds
+            if base and base.get("cpu_seconds") is not None:
+                results[key]["extrapolated_cpu_seconds"] = base["cpu_seconds"] * scale
             continue
         elapsed = time.perf_counter() - began
         if predicted_seconds and elapsed + predicted_seconds > args.time_budget_s:
@@ -210,22 +212,30 @@ def main() -> None:
             gc.collect()
             inputs_by_size[num_tokens] = build_inputs(num_tokens, device)
         inputs = inputs_by_size[num_tokens]
-        seconds, peak_bytes, value = measure(make_step(method, loss, inputs), inputs, device)
-        results[key] = {"status": "ok", "seconds": seconds, "peak_bytes": peak_bytes, "loss": value}
+        seconds, cpu_seconds, peak_bytes, value = measure(make_step(method, loss, inputs), inputs, device)
+        results[key] = {
+            "status": "ok",
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds,
+            "peak_bytes": peak_bytes,
+            "loss": value,
+        }
         print(
             f"{num_tokens:>6} {loss:<10} {method:<12} {seconds:8.2f} s {peak_bytes / 2**20:9.0f} MiB  loss {value:.6f}"
         )
 
     # the naive reference for the ratios: measured, else extrapolated linearly from the smallest size (marked ~)
     rows = [
-        "| tokens | loss | method | peak memory (MiB) | time (s) | memory vs naive | time vs naive | loss value |",
-        "|---:|---|---|---:|---:|---:|---:|---:|",
+        "| tokens | loss | method | peak memory (MiB) | time (s) | CPU time (s) | memory vs naive | time vs naive | "
+        "CPU time vs naive | loss value |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for num_tokens in sizes:
         for loss in args.losses:
             naive = results.get((num_tokens, "naive", loss), {})
             naive_bytes = naive.get("peak_bytes") or naive.get("extrapolated_peak_bytes")
             naive_seconds = naive.get("seconds") or naive.get("extrapolated_seconds")
+            naive_cpu_seconds = naive.get("cpu_seconds") or naive.get("extrapolated_cpu_seconds")
             naive_mark = "" if naive.get("status") == "ok" else "~"
             for method in args.methods:
                 cell = results.get((num_tokens, method, loss), {"status": "not run"})
@@ -235,13 +245,16 @@ def main() -> None:
                         if cell.get("extrapolated_peak_bytes")
                         else "-"
                     )
-                    rows.append(f"| {num_tokens} | {loss} | {method} | {memory} | - | - | - | {cell['status']} |")
+                    rows.append(
+                        f"| {num_tokens} | {loss} | {method} | {memory} | - | - | - | - | - | {cell['status']} |"
+                    )
                     continue
                 memory_ratio = f"{naive_mark}{cell['peak_bytes'] / naive_bytes:.2f}" if naive_bytes else "-"
                 time_ratio = f"{naive_mark}{cell['seconds'] / naive_seconds:.2f}" if naive_seconds else "-"
+                cpu_ratio = f"{naive_mark}{cell['cpu_seconds'] / naive_cpu_seconds:.2f}" if naive_cpu_seconds else "-"
                 rows.append(
                     f"| {num_tokens} | {loss} | {method} | {cell['peak_bytes'] / 2**20:.0f} | {cell['seconds']:.2f} | "
-                    f"{memory_ratio} | {time_ratio} | {cell['loss']:.6f} |"
+                    f"{cell['cpu_seconds']:.2f} | {memory_ratio} | {time_ratio} | {cpu_ratio} | {cell['loss']:.6f} |"
                 )
     note = (
         f"Forward+backward of the KD loss from hidden states (hidden {HIDDEN}, vocab {VOCAB}); student hidden states "
@@ -249,7 +262,8 @@ def main() -> None:
         + ("CUDA max allocated above the start." if device.type == "cuda" else "peak RSS above the start (CPU).")
         + " One timed run per cell after a small warm-up. `~` = ratio against the naive cost extrapolated linearly "
         "from the smallest size (the naive case was not run there). Timings taken on a machine shared with other "
-        "jobs: compare ratios within one run, not absolute seconds."
+        "jobs: compare ratios within one run, not absolute seconds; the process CPU time (all threads) is less "
+        "sensitive to the other jobs than the wall time."
     )
     markdown = note + "\n\n" + "\n".join(rows)
     data = {
