@@ -396,6 +396,20 @@ def test_split_texts_into_chunks(corpus, gpt2_tokenizer):
     assert max(lengths) <= 51 and len(chunks) > 2
 
 
+@pytest.mark.gpu
+def test_hybrid_loss_on_cuda_equals_cpu(gpt2_tokenizer, corpus_tokenizer):
+    collator = CrossTokenizerDistillationCollator(corpus_tokenizer, gpt2_tokenizer, max_length=32)
+    batch = collator([{"text": text} for text in TEXTS[:3]])
+    index = SpanAlignmentIndex.from_batch(batch)
+    mapping = build_vocabulary_mapping(corpus_tokenizer, gpt2_tokenizer)
+    torch.manual_seed(6)
+    student = torch.randn(*batch["input_ids"].shape, 512)
+    teacher = torch.randn(*batch["teacher_input_ids"].shape, 50257)
+    on_cpu = span_aligned_distillation_loss(student, teacher, index, mapping).loss
+    on_gpu = span_aligned_distillation_loss(student.cuda(), teacher.cuda(), index, mapping).loss
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # trainer
 
@@ -438,6 +452,9 @@ def test_trainer_updates_student_and_leaves_teacher_untouched(tmp_path, corpus, 
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 3 and all(math.isfinite(entry["loss"]) for entry in logs)
     assert all(0.0 < entry["matched_span_fraction"] <= 1.0 and entry["kd_loss"] > 0 for entry in logs)
+    trainer.save_model(str(tmp_path / "final"))
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert "cross_tokenizer" in card and (tmp_path / "final" / "config.json").is_file()
 
 
 def test_trainer_and_config_errors(tmp_path, corpus, corpus_tokenizer, gpt2_tokenizer):
@@ -569,7 +586,7 @@ def test_distil_smollm2_into_gpt2_tokenizer_student(tmp_path, smollm2, gpt2_toke
     teacher, teacher_tokenizer = smollm2
     student = build_tiny_causal_lm("gpt2", len(gpt2_tokenizer), seed=0, tokenizer=gpt2_tokenizer)
     train = split_texts_into_chunks(corpus["train"].select(range(2)), gpt2_tokenizer, max_tokens=32)
-    checksum = sum(float(p.double().sum()) for p in teacher.parameters())
+    checksum = sum(float(p.detach().double().sum()) for p in teacher.parameters())
     args = CrossTokenizerDistillationConfig(
         output_dir=str(tmp_path / "out"),
         max_steps=2,
@@ -595,7 +612,7 @@ def test_distil_smollm2_into_gpt2_tokenizer_student(tmp_path, smollm2, gpt2_toke
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2 and logs[0]["matched_span_fraction"] > 0.7
-    assert sum(float(p.double().sum()) for p in teacher.parameters()) == checksum
+    assert sum(float(p.detach().double().sum()) for p in teacher.parameters()) == checksum
 
 
 @pytest.mark.slow
@@ -617,4 +634,4 @@ def test_ensemble_with_smollm2_and_a_gpt2_tokenizer_member(smollm2, gpt2_tokeniz
     assert text == teacher_tokenizer.decode(reference[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in text
     mixed = CrossTokenizerEnsemble([(teacher, teacher_tokenizer), (student, gpt2_tokenizer)], weights=[0.7, 0.3])
-    assert isinstance(mixed.generate(prompt, max_new_tokens=6), str)
+    assert isinstance(mixed.generate(prompt, max_new_tokens=3), str)
