@@ -189,3 +189,18 @@ def test_export_refuses_a_model_without_adapters(tiny_model_dirs, tmp_path):
     model, _ = load_causal_lm(tiny_model_dirs["llama"], load_tokenizer_too=False)
     with pytest.raises(TypeError, match="needs a peft.PeftModel"):
         export_merged_model(model, tmp_path / "out")
+
+
+def test_in_place_export_merges_the_given_model(tiny_model_dirs, tmp_path, input_ids):
+    from peft import get_peft_model
+
+    model, _ = load_causal_lm(tiny_model_dirs["qwen2"])
+    config = build_lora_config(r=2, model=model, init_lora_weights=False)
+    peft_model = get_peft_model(model, config).eval()
+    with torch.no_grad():
+        adapted_logits = peft_model(input_ids=input_ids).logits
+    merged = export_merged_model(peft_model, tmp_path / "merged", in_place=True)
+    assert merged is peft_model.get_base_model()  # no second copy was made
+    reloaded, _ = load_causal_lm(tmp_path / "merged", load_tokenizer_too=False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=input_ids).logits, adapted_logits, rtol=1e-4, atol=1e-4)
