@@ -19,7 +19,7 @@ cells that would overrun `--time-budget-s` are skipped and say so. On Linux the 
     python benchmarks/bench_losses.py                        # 1k, 4k, 16k tokens
     python benchmarks/bench_losses.py --tokens 1024 4096 --memory-budget-gb 3 --time-budget-s 480
     python benchmarks/bench_losses.py --tokens 1024 4096 16384 --losses jsd --methods naive hf_interop \
-        --result-name losses_jsd_large     # a slow machine: the JSD cells the default run had no time for
+        --time-budget-s 600 --result-name losses_jsd_large   # slow machine: the JSD cells the default run skips
 """
 
 from __future__ import annotations

@@ -29,6 +29,11 @@ Divergences (`loss_type`), with `p_t`/`p_s` the teacher/student distributions at
 
 The `T ** 2` factor (Hinton: keeps gradient magnitudes comparable across temperatures) is on by default for
 `forward_kl` only; `scale_by_temperature_squared` switches it for any loss type.
+
+How the chunked forms stay cheap: for each chunk the student head runs once, the divergence and its gradient
+w.r.t. the chunk's logits are computed in closed form (no autograd graph over `(chunk, vocab)` buffers), and that
+gradient is pushed through the head right away into the hidden states and the head's weights; backward then only
+scales what was stored. The dense and sparse forms use plain autograd and serve as the reference in the tests.
 """
 
 from __future__ import annotations
@@ -1007,7 +1012,7 @@ def chunked_distillation_loss(
 
     def kd_value_and_grad(
         student_logits: Tensor, start: int, end: int, need_grad: bool
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int]:
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None, int]:
         if teacher_logits is not None:
             teacher_chunk = teacher_flat.index_select(0, valid[start:end])
         else:
@@ -1436,7 +1441,7 @@ def chunked_sparse_distillation_loss(
 
     def kd_value_and_grad(
         student_logits: Tensor, start: int, end: int, need_grad: bool
-    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, int]:
+    ) -> tuple[Tensor, Tensor | None, Tensor, Tensor, Tensor | None, int]:
         if not resolved:
             vocab, vocab_t = _resolve_sparse_vocab(
                 student_logits.shape[-1], shared_vocab_size, teacher_vocab_size, ids.shape[-1]
