@@ -365,6 +365,8 @@ class DistillScriptArguments(DataArguments):
 
     def check(self) -> None:
         super().check()
+        check_model_argument("student_model_name_or_path", self.student_model_name_or_path)
+        check_model_argument("init_from", self.init_from)
         if (self.student_model_name_or_path is None) == (self.student_num_layers is None):
             raise ValueError(
                 f"give exactly one of student_model_name_or_path ({self.student_model_name_or_path!r}) and "
@@ -400,6 +402,7 @@ class AdaptScriptArguments(DataArguments):
         super().check()
         if not self.model_name_or_path:
             raise ValueError("model_name_or_path is required: the model to adapt (folder, hub id or .gguf).")
+        check_model_argument("model_name_or_path", self.model_name_or_path)
 
 
 @dataclass
@@ -520,10 +523,24 @@ class CacheTeacherScriptArguments(DataArguments):
         super().check()
         if not self.teacher_model_name_or_path:
             raise ValueError("teacher_model_name_or_path is required: the teacher whose logits are cached.")
+        check_model_argument("teacher_model_name_or_path", self.teacher_model_name_or_path)
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder the cache is written to.")
         if self.top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
+
+
+def check_model_argument(name: str, value: str | None) -> None:
+    """Before anything loads: a model option must name an existing path, a hub id or `default_teacher`."""
+    from .compare import DEFAULT_TEACHER_ALIAS
+    from .loading import looks_like_hub_id
+
+    if value is None or value == DEFAULT_TEACHER_ALIAS or os.path.exists(value) or looks_like_hub_id(value):
+        return
+    raise ValueError(
+        f"{name} {value!r} does not exist; pass an existing checkpoint folder, a .gguf file, a hub id ('org/name') "
+        "or 'default_teacher'."
+    )
 
 
 def _recipe_parser(dataclass_types: Sequence[type], prog: str, description: str) -> Any:
@@ -694,6 +711,7 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
     from .loading import load_causal_lm
 
     script_args.check()
+    check_model_argument("teacher_model_name_or_path", config.teacher_model_name_or_path)
     if config.teacher_model_name_or_path is None and config.teacher_logits_path is None:
         raise ValueError(
             "no teacher: set teacher_model_name_or_path (a checkpoint) or teacher_logits_path (a cache written by "

@@ -144,6 +144,10 @@ def test_distill_through_cli_and_its_errors(tiny_model_dirs, second_seed_dir, tm
     assert main(bad) == EXIT_BAD_INPUT
     assert "student_model_name_or_path" in _one_error_line(capsys)
     assert not (tmp_path / "x").exists()
+    # A teacher that does not exist: named before anything loads.
+    missing = ["distill", "--student_model_name_or_path", str(second_seed_dir), "--output_dir", str(tmp_path / "y")]
+    assert main([*missing, "--teacher_model_name_or_path", "./no/such/teacher"]) == EXIT_BAD_INPUT
+    assert "teacher_model_name_or_path './no/such/teacher' does not exist" in _one_error_line(capsys)
 
 
 def test_card_subcommand(tmp_path, capsys):

@@ -212,7 +212,7 @@ def test_existing_output_dir_is_refused_before_loading(recipe_outputs):
     before = sorted(p.name for p in output_dir.iterdir())
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
         distill.main(
-            ["--config", _config("distill", "config_kd.yaml"), "--teacher_model_name_or_path", "/does/not/matter"]
+            ["--config", _config("distill", "config_kd.yaml"), "--teacher_model_name_or_path", str(output_dir)]
             + ["--student_num_layers", "1", "--output_dir", str(output_dir), *TINY_TRAINING]
         )
     assert sorted(p.name for p in output_dir.iterdir()) == before
