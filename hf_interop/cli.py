@@ -1,7 +1,12 @@
-"""The `hf-interop` command line.
+"""The `hf-interop` command line, and the code the recipe scripts in `recipes/` share with it.
 
 Each subcommand parses its options, validates them before any model is loaded, and calls the same Python API
-a user would. Exit codes: 0 success, 2 bad input (argparse and our own checks), 1 any other failure.
+a user would. `distill`, `adapt`, `ensemble`, `merge` and `cache-teacher` parse `HfArgumentParser` dataclasses plus
+`--config file.yaml` exactly like `recipes/<name>.py` (both call :func:`run_recipe`), so a recipe and its command
+run the same code. Outputs are written to a staging folder that becomes the output folder only on success.
+
+Exit codes: 0 success, 2 bad input (argparse and our own checks: the message names the option, the value and the
+fix), 1 any other failure. Every error is ONE line on stderr: `hf-interop COMMAND: error: MESSAGE`.
 """
 
 from __future__ import annotations
@@ -941,11 +946,9 @@ def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any
 
     script_args.check()
     output_dir = Path(script_args.output_dir)
-    if output_dir.exists() and not script_args.overwrite_output_dir and not (output_dir / "manifest.json").exists():
-        # An interrupted cache of the same job (shards, no manifest yet) resumes; anything else is refused below by
-        # cache_teacher_logits itself. A complete cache is a finished previous run: refuse without the flag.
-        pass
-    elif output_dir.exists() and not script_args.overwrite_output_dir:
+    # A complete cache (manifest.json) is a finished earlier run: refused without the flag. A partial cache of the
+    # same job (shards, no manifest yet) resumes; cache_teacher_logits itself refuses folders holding anything else.
+    if (output_dir / "manifest.json").exists() and not script_args.overwrite_output_dir:
         raise FileExistsError(
             f"output folder {str(output_dir)!r} already holds a complete teacher cache; pass --overwrite_output_dir "
             "to recompute it, or choose another output_dir."

@@ -168,3 +168,24 @@ def test_card_subcommand(tmp_path, capsys):
     assert "'distiled' is not a card kind" in _one_error_line(capsys)
     assert main(["card", str(folder), "--kind", "merged", "--metrics", "{oops"]) == EXIT_BAD_INPUT
     assert "--metrics" in _one_error_line(capsys)
+
+
+def test_staged_output_dir_replaces_only_on_success(tmp_path):
+    from hf_interop.cli import staged_output_dir
+
+    target = tmp_path / "run"
+    with staged_output_dir(target) as stage:
+        assert stage.name == "run" and not target.exists()  # the staging folder carries the final name
+        (stage / "weights").write_text("first")
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        with staged_output_dir(target):
+            pass
+    with pytest.raises(RuntimeError):
+        with staged_output_dir(target, overwrite=True) as stage:
+            (stage / "weights").write_text("half")
+            raise RuntimeError("killed mid-run")
+    assert (target / "weights").read_text() == "first"
+    with staged_output_dir(target, overwrite=True) as stage:
+        (stage / "weights").write_text("second")
+    assert (target / "weights").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]

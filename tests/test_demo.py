@@ -118,11 +118,14 @@ def test_saved_ensemble_loads_back(tiny_demo):
     assert ensemble.num_members == 3
 
 
-def test_rerun_replaces_previous_output_atomically(tiny_demo):
+def test_failed_rerun_keeps_previous_output(tiny_demo, tmp_path):
+    """A re-run replaces the previous demo output only when it succeeds: one that fails leaves it as it was."""
+    import dataclasses
+
     settings, _, output_dir = tiny_demo
-    marker = output_dir / "left_from_previous_run.txt"
-    marker.write_text("old")
-    settings.train_steps, settings.lora_steps = 1, 1
-    run_demo(settings)
-    assert not marker.exists() and (output_dir / "student_distilled" / "model.safetensors").is_file()
+    before = sorted(p.name for p in output_dir.iterdir())
+    broken = dataclasses.replace(settings, teacher=str(tmp_path / "no_such_teacher"))
+    with pytest.raises(ValueError, match="no_such_teacher"):
+        run_demo(broken)
+    assert sorted(p.name for p in output_dir.iterdir()) == before
     assert not [p for p in output_dir.parent.iterdir() if p.name.startswith((".tmp", ".old"))]
