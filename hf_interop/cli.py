@@ -1086,7 +1086,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exit_request:  # --help (0) or an argparse error (2, already printed)
             return int(exit_request.code or 0)
     try:
-        return args.handler(args)
+        with _terminate_like_interrupt():
+            return args.handler(args)
     except SystemExit as exit_request:  # a recipe parser's --help (0) or error (2, already printed)
         return int(exit_request.code or 0)
     except (ValueError, FileNotFoundError, FileExistsError) as error:
@@ -1099,6 +1100,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.debug("hf-interop failed", exc_info=True)
         _print_error(args.command, error, prefix=f"{type(error).__name__}: ")
         return EXIT_FAILURE
+
+
+@contextlib.contextmanager
+def _terminate_like_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM (`kill`, a scheduler's time limit) raises KeyboardInterrupt, so staging folders
+    are cleaned up and the exit is the documented one-line `interrupted` with code 1, as for Ctrl-C."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_error(command: str, error: BaseException, prefix: str = "") -> None:

@@ -189,3 +189,38 @@ def test_staged_output_dir_replaces_only_on_success(tmp_path):
         (stage / "weights").write_text("second")
     assert (target / "weights").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_killed_run_leaves_no_partial_output(tiny_model_dirs, second_seed_dir, tmp_path):
+    """SIGTERM in the middle of training: exit code 1, one `interrupted` line, no output and no staging folder."""
+    import signal
+    import threading
+    import time
+
+    script = shutil.which("hf-interop", path=str(Path(sys.executable).parent))
+    argv = [script, "distill", "--student_model_name_or_path", str(second_seed_dir)]
+    argv += ["--teacher_model_name_or_path", str(tiny_model_dirs["llama"]), "--output_dir", str(tmp_path / "run")]
+    argv += ["--max_steps", "100000", "--block_size", "32", "--max_train_blocks", "8", "--eval_split", "none"]
+    argv += ["--report_to", "none", "--logging_steps", "1", "--disable_tqdm", "true", "--save_strategy", "no"]
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    stdout_lines: list[str] = []
+    reader = threading.Thread(target=lambda: stdout_lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        # Kill it once training has logged a step (the staging folder exists and holds a loaded student).
+        while time.monotonic() < deadline and process.poll() is None and not any("'loss'" in x for x in stdout_lines):
+            time.sleep(0.2)
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-run-")], "no staging folder"
+        process.send_signal(signal.SIGTERM)
+        stderr = process.stderr.read()
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "hf-interop distill: interrupted"
+    assert list(tmp_path.iterdir()) == []
