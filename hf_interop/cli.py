@@ -54,15 +54,27 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         help="Run the walk-through on the embedded default (SmolLM2-135M teacher, builtin corpus).",
         description="Run the walk-through on the embedded default: no arguments needed.",
     )
-    parser.add_argument(
-        "--output_dir", default="demo_outputs", help="Where outputs are written (default: %(default)s)."
-    )
+    from .demo import DemoSettings
+
+    # Every numeric knob of DemoSettings is an option; the defaults are what `make demo` runs.
+    for setting in dataclasses.fields(DemoSettings):
+        if "help" in setting.metadata:
+            parser.add_argument(
+                f"--{setting.name}",
+                type=type(setting.default),
+                default=setting.default,
+                help=f"{setting.metadata['help']} (default: %(default)s)",
+            )
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
 
     def handler(args: argparse.Namespace) -> int:
-        from .demo import DemoSettings, run_demo
+        from .demo import run_demo
 
-        run_demo(DemoSettings(output_dir=args.output_dir, show_progress=not args.no_progress))
+        values = {s.name: getattr(args, s.name) for s in dataclasses.fields(DemoSettings) if "help" in s.metadata}
+        for name in ("num_train_blocks", "num_eval_blocks", "top_k", "student_num_layers", "train_steps"):
+            if values[name] < 1:
+                raise ValueError(f"--{name} must be >= 1, got {values[name]}.")
+        run_demo(DemoSettings(**values, show_progress=not args.no_progress))
         return EXIT_OK
 
     parser.set_defaults(handler=handler)

@@ -37,22 +37,24 @@ class DemoSettings:
 
     teacher: str | None = None  # checkpoint folder; None: the embedded SmolLM2-135M-Instruct
     corpus: Any = None  # DatasetDict with train/validation/test and a "text" column; None: the builtin corpus
-    block_size: int = 128
-    num_train_blocks: int = 256  # training blocks the teacher is cached on
-    num_eval_blocks: int = 48  # held-out (validation) blocks behind the table
-    top_k: int = 32  # cached teacher log-probabilities per position
-    student_num_layers: int = 8  # of the teacher's 30 layers, evenly spread
-    train_steps: int = 60  # optimizer steps of each student run (CE-only and distilled alike)
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    lora_steps: int = 20
-    lora_r: int = 8
-    compare_documents: int = 4  # test-split documents of the interoperability report
-    compare_characters: int = 4000  # first characters of each of them
-    eval_batch_size: int = 4
-    output_dir: str = "demo_outputs"
+    block_size: int = field(default=128, metadata={"help": "Tokens per block."})
+    num_train_blocks: int = field(default=256, metadata={"help": "Training blocks the teacher is cached on."})
+    num_eval_blocks: int = field(default=48, metadata={"help": "Held-out (validation) blocks behind the table."})
+    top_k: int = field(default=32, metadata={"help": "Cached teacher log-probabilities per position."})
+    student_num_layers: int = field(default=8, metadata={"help": "Teacher layers the student keeps (evenly spread)."})
+    train_steps: int = field(
+        default=60, metadata={"help": "Optimizer steps of each student run (CE-only, distilled)."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Training blocks per step."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine decay)."})
+    lora_steps: int = field(default=20, metadata={"help": "Steps of the LoRA variant."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank of the variant."})
+    compare_documents: int = field(default=4, metadata={"help": "Test documents of the interoperability report."})
+    compare_characters: int = field(default=4000, metadata={"help": "First characters of each report document."})
+    eval_batch_size: int = field(default=4, metadata={"help": "Blocks per forward pass when evaluating."})
+    output_dir: str = field(default="demo_outputs", metadata={"help": "Output folder (replaced on success)."})
     show_progress: bool = True
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seed of data order and initialisation."})
     extra: dict = field(default_factory=dict)  # recorded in summary.json (e.g. which machine)
 
 
