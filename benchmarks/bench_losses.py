@@ -221,7 +221,8 @@ def main() -> None:
             "loss": value,
         }
         print(
-            f"{num_tokens:>6} {loss:<10} {method:<12} {seconds:8.2f} s {peak_bytes / 2**20:9.0f} MiB  loss {value:.6f}"
+            f"{num_tokens:>6} {loss:<10} {method:<12} {seconds:8.2f} s {cpu_seconds:8.2f} CPU s "
+            f"{peak_bytes / 2**20:9.0f} MiB  loss {value:.6f}"
         )
 
     # the naive reference for the ratios: measured, else extrapolated linearly from the smallest size (marked ~)
