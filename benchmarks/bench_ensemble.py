@@ -8,7 +8,8 @@ and the real SmolLM2-135M teacher with two tiny students sharing its tokenizer.
 Part 2 (quality): perplexity on the builtin corpus' test split of each student, the uniform mixture and product
 ensembles, and ensembles whose weights `fit_ensemble_weights` learned on the validation split.
 
-Run: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_ensemble.py` (about 5-8 minutes on 2 CPU cores).
+Run: `HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_ensemble.py [--skip_teacher] [--work_dir DIR]` (a few
+minutes on 2 idle CPU cores; trained students are kept in the work dir and reused).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from _common import PeakRSS, time_call, write_result
 
 NEW_TOKENS = 128
 STUDENT_FAMILIES = ("llama", "qwen2", "gpt2")
-TRAIN_STEPS = 150
+TRAIN_STEPS = 80
 TRAIN_BATCH = 8
 
 
@@ -49,12 +50,12 @@ def student_config(family, vocab_size, tokenizer):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab_size, n_embd=128, n_layer=3, n_head=4, n_positions=512, **ids)
+        return GPT2Config(vocab_size=vocab_size, n_embd=96, n_layer=2, n_head=4, n_positions=512, **ids)
     common = dict(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=384,
-        num_hidden_layers=3,
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
@@ -85,7 +86,7 @@ def train_student(family, seed, tokenizer, blocks):
     return model.eval()
 
 
-def time_generation(name, pairs, prompt_ids):
+def time_generation(name, pairs, prompt_ids, repeats=3):
     """Seconds for NEW_TOKENS greedy tokens: ensemble (cached), members' own generate (sum), ensemble without cache."""
     import torch
 
@@ -94,20 +95,15 @@ def time_generation(name, pairs, prompt_ids):
     ensemble = EnsembleForCausalLM.from_members(pairs, combination="mixture")
     kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
     attention_mask = torch.ones_like(prompt_ids)
+    outputs = {}
+
+    def run(key, model, **extra):
+        outputs[key] = model.generate(prompt_ids, attention_mask=attention_mask, **kwargs, **extra)
+
     with torch.no_grad():
-        cached = ensemble.generate(prompt_ids, attention_mask=attention_mask, **kwargs)
-        uncached = ensemble.generate(prompt_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        same = bool(torch.equal(cached, uncached))
-        ensemble_s = time_call(lambda: ensemble.generate(prompt_ids, attention_mask=attention_mask, **kwargs))
-        member_s = [
-            time_call(lambda model=model: model.generate(prompt_ids, attention_mask=attention_mask, **kwargs))
-            for model, _ in pairs
-        ]
-        no_cache_s = time_call(
-            lambda: ensemble.generate(prompt_ids, attention_mask=attention_mask, use_cache=False, **kwargs),
-            repeats=1,
-            warmup=0,
-        )
+        ensemble_s = time_call(lambda: run("cached", ensemble), repeats=repeats)
+        member_s = [time_call(lambda model=model: run("member", model), repeats=repeats) for model, _ in pairs]
+        no_cache_s = time_call(lambda: run("no_cache", ensemble, use_cache=False), repeats=1, warmup=0)
     return {
         "members": name,
         "ensemble_s": ensemble_s,
@@ -116,11 +112,34 @@ def time_generation(name, pairs, prompt_ids):
         "no_cache_s": no_cache_s,
         "ratio_vs_sum": ensemble_s / sum(member_s),
         "speedup_vs_no_cache": no_cache_s / ensemble_s,
-        "cached_equals_no_cache": same,
+        "cached_equals_no_cache": bool(torch.equal(outputs["cached"], outputs["no_cache"])),
     }
 
 
+def load_or_train_students(work_dir, tokenizer, blocks, start):
+    """Students are saved under `work_dir` (atomically) and reused by later runs."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_interop.utils import atomic_directory
+
+    students = []
+    for seed, family in enumerate(STUDENT_FAMILIES):
+        folder = work_dir / f"student_{family}_seed{seed}_steps{TRAIN_STEPS}"
+        if (folder / "config.json").is_file():
+            students.append(AutoModelForCausalLM.from_pretrained(folder).eval())
+            continue
+        student = train_student(family, seed, tokenizer, blocks["train"])
+        with atomic_directory(folder, overwrite=True) as tmp:
+            student.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        students.append(student)
+        print(f"trained student {family} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return students
+
+
 def main() -> None:
+    import argparse
+
     import torch
 
     from hf_interop import (
@@ -131,97 +150,118 @@ def main() -> None:
         load_default_teacher,
         pack_dataset,
     )
+    from hf_interop.ensemble.combination import combine_log_probs
     from hf_interop.ensemble.weights import collect_member_log_probs
+    from hf_interop.utils import hf_interop_cache_dir
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work_dir", default=str(hf_interop_cache_dir() / "bench_ensemble"))
+    parser.add_argument("--skip_teacher", action="store_true", help="skip the SmolLM2 generation timing")
+    cli = parser.parse_args()
+    from pathlib import Path
+
+    work_dir = Path(cli.work_dir)
     torch.manual_seed(0)
     start = time.perf_counter()
     corpus = load_builtin_corpus()
     tokenizer = train_corpus_tokenizer(corpus)
     blocks = pack_dataset(corpus, tokenizer, block_size=128)
-    students = []
-    for seed, family in enumerate(STUDENT_FAMILIES):
-        students.append(train_student(family, seed, tokenizer, blocks["train"]))
-        print(f"trained student {family} ({time.perf_counter() - start:.0f} s)", flush=True)
+    students = load_or_train_students(work_dir, tokenizer, blocks, start)
     train_s = time.perf_counter() - start
     pairs = [(student, tokenizer) for student in students]
 
     # ---------------------------------------------------------------- part 2: held-out perplexity
     validation, test = blocks["validation"], blocks["test"]
+    # Members' full test distributions, computed once; every ensemble's perplexity follows from them exactly.
+    reference = EnsembleForCausalLM.from_members(pairs)
+    test_log_probs, test_targets = collect_member_log_probs(reference, test, batch_size=16, full_distribution=True)
+
+    def perplexity_from(combination, weights):
+        combined = combine_log_probs(test_log_probs, combination, weights)
+        return math.exp(-combined.gather(-1, test_targets[:, None]).double().mean().item())
+
     rows = []
-
-    def perplexity(model):
-        return evaluate_perplexity(model, test, batch_size=16, show_progress=False)["perplexity"]
-
-    for family, student in zip(STUDENT_FAMILIES, students, strict=True):
-        rows.append({"model": f"student {family}", "weights": "-", "perplexity": perplexity(student)})
+    for index, family in enumerate(STUDENT_FAMILIES):
+        nll = -test_log_probs[index].gather(-1, test_targets[:, None]).double().mean().item()
+        rows.append({"model": f"student {family}", "weights": "-", "perplexity": math.exp(nll)})
     best_member = min(row["perplexity"] for row in rows)
     for combination in ("mixture", "product"):
-        uniform = EnsembleForCausalLM.from_members(pairs, combination=combination)
-        rows.append({"model": f"{combination}, uniform", "weights": "1/3 each", "perplexity": perplexity(uniform)})
+        rows.append(
+            {
+                "model": f"{combination}, uniform",
+                "weights": "1/3 each",
+                "perplexity": perplexity_from(combination, None),
+            }
+        )
     fits = {}
+    fit_start = time.perf_counter()
     for combination in ("mixture", "product"):
         learned = EnsembleForCausalLM.from_members(pairs, combination=combination)
-        fit = fit_ensemble_weights(learned, validation, max_tokens=20000 if combination == "mixture" else 4000)
-        fits[combination] = fit
+        fits[combination] = fit_ensemble_weights(
+            learned, validation, max_tokens=20000 if combination == "mixture" else 4000
+        )
         rows.append(
             {
                 "model": f"{combination}, learned",
-                "weights": ", ".join(f"{weight:.2f}" for weight in fit.weights),
-                "perplexity": perplexity(learned),
+                "weights": ", ".join(f"{weight:.2f}" for weight in fits[combination].weights),
+                "perplexity": perplexity_from(combination, fits[combination].weights),
             }
         )
-    # PackLLM-style initial weights alone (no optimisation)
-    packllm = EnsembleForCausalLM.from_members(pairs, weights=fits["mixture"].initial_weights)
+        if combination == "mixture":
+            # the same number through the real forward pass (generate()-ready model, not the cached tensors)
+            forward_ppl = evaluate_perplexity(learned, test, batch_size=16, show_progress=False)["perplexity"]
+    fit_s = time.perf_counter() - fit_start
     rows.append(
         {
-            "model": "mixture, PackLLM init",
+            "model": "mixture, PackLLM init only",
             "weights": ", ".join(f"{weight:.2f}" for weight in fits["mixture"].initial_weights),
-            "perplexity": perplexity(packllm),
+            "perplexity": perplexity_from("mixture", fits["mixture"].initial_weights),
         }
     )
-    fit_start = time.perf_counter()
-    log_probs, _ = collect_member_log_probs(packllm, validation, max_tokens=20000)
-    collect_s = time.perf_counter() - fit_start
-
     print(f"perplexities done ({time.perf_counter() - start:.0f} s)", flush=True)
 
     # ---------------------------------------------------------------- part 1: generation speed
-    prompt_text = test[0]["input_ids"][:24]
-    prompt = torch.tensor([prompt_text])
-    sizes = ", ".join(f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M" for student in students)
+    prompt = torch.tensor([test[0]["input_ids"][:24]])
+    sizes = ", ".join(f"{sum(p.numel() for p in student.parameters()) / 1e6:.2f}M" for student in students)
     speed = [time_generation(f"3 corpus students (llama, qwen2, gpt2: {sizes} params)", pairs, prompt)]
-    with PeakRSS() as memory:
-        teacher, teacher_tokenizer = load_default_teacher()
+    print(f"student generation timed ({time.perf_counter() - start:.0f} s)", flush=True)
+    memory_note = ""
+    if not cli.skip_teacher:
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        tiny = []
-        for seed in (1, 2):
-            torch.manual_seed(seed)
-            config = LlamaConfig(
-                vocab_size=len(teacher_tokenizer),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                tie_word_embeddings=True,
-                bos_token_id=teacher_tokenizer.bos_token_id,
-                eos_token_id=teacher_tokenizer.eos_token_id,
+        with PeakRSS() as memory:
+            teacher, teacher_tokenizer = load_default_teacher()
+            tiny = []
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                config = LlamaConfig(
+                    vocab_size=len(teacher_tokenizer),
+                    hidden_size=64,
+                    intermediate_size=128,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    num_key_value_heads=2,
+                    tie_word_embeddings=True,
+                    bos_token_id=teacher_tokenizer.bos_token_id,
+                    eos_token_id=teacher_tokenizer.eos_token_id,
+                )
+                tiny.append(LlamaForCausalLM(config).eval())
+            teacher_prompt = teacher_tokenizer("The with statement is used to", return_tensors="pt").input_ids
+            speed.append(
+                time_generation(
+                    "SmolLM2-135M + 2 tiny random students on its tokenizer",
+                    [(teacher, teacher_tokenizer)] + [(model, teacher_tokenizer) for model in tiny],
+                    teacher_prompt,
+                    repeats=2,
+                )
             )
-            tiny.append(LlamaForCausalLM(config).eval())
-        teacher_prompt = teacher_tokenizer("The with statement is used to", return_tensors="pt").input_ids
-        speed.append(
-            time_generation(
-                "SmolLM2-135M + 2 tiny students on its tokenizer",
-                [(teacher, teacher_tokenizer)] + [(model, teacher_tokenizer) for model in tiny],
-                teacher_prompt,
-            )
-        )
+        memory_note = f" SmolLM2 part peak RSS +{memory.delta / 2**30:.2f} GiB."
     total_s = time.perf_counter() - start
 
     lines = [
-        f"Greedy generation of {NEW_TOKENS} new tokens, batch 1, float32, median of 3 (no-cache: 1 run). "
-        "Shared 2-core machine (other jobs were running), so absolute times are noisy; ratios come from one run.",
+        f"Greedy generation of {NEW_TOKENS} new tokens, batch 1, float32, median of 3 (SmolLM2 set: of 2; no-cache: "
+        "1 run). Taken on a shared 2-core machine while other jobs ran (load average 12-19), so absolute times are "
+        "noisy; each row's numbers come from the same run.",
         "",
         "| members | ensemble (cached) s | sum of members' own generate() s | no-cache re-encoding s | "
         "ensemble / sum | no-cache / ensemble | cached == no-cache tokens |",
@@ -236,9 +276,10 @@ def main() -> None:
         "",
         "Targets: ensemble <= 1.15x the sum of its members' generate(); >= 5x faster than re-encoding without a cache.",
         "",
-        f"Held-out perplexity on the builtin corpus' test split ({len(test)} blocks of 128 tokens, 2048-token BPE "
-        f"trained on the train split). Students: 3 families x seeds 0-2, {TRAIN_STEPS} AdamW steps of {TRAIN_BATCH} x 128 "
-        "tokens each; weights learned on the validation split (members frozen, log-probs collected once).",
+        f"Held-out perplexity on the builtin corpus' test split ({test_targets.numel()} tokens in {len(test)} blocks of "
+        f"128, 2048-token BPE trained on the train split). Students: 3 families x seeds 0-2, {TRAIN_STEPS} AdamW "
+        f"steps of {TRAIN_BATCH} x 128 tokens each; weights learned on the validation split (members frozen, their "
+        "log-probs collected once; mixture on 20k tokens, product on 4k).",
         "",
         "| model | weights | test perplexity | vs best member |",
         "|---|---|---|---|",
@@ -248,29 +289,28 @@ def main() -> None:
             f"| {row['model']} | {row['weights']} | {row['perplexity']:.2f} | "
             f"{(row['perplexity'] / best_member - 1) * 100:+.1f}% |"
         )
+    learned_mixture = next(row["perplexity"] for row in rows if row["model"] == "mixture, learned")
     lines += [
         "",
         "Target: a learned-weight 3-member ensemble below its best member.",
         "",
-        f"Collecting 3 members' target log-probs on {log_probs.shape[1]} validation tokens took {collect_s:.1f} s; "
-        f"the weight fit itself ({fits['mixture'].num_tokens} tokens, 300 Adam steps) is a fraction of a second. "
-        f"Training the students took {train_s:.0f} s; whole benchmark {total_s:.0f} s; SmolLM2 part peak RSS "
-        f"+{memory.delta / 2**30:.2f} GiB.",
+        f"Check: the learned mixture through `EnsembleForCausalLM.forward` (evaluate_perplexity) gives "
+        f"{forward_ppl:.3f} vs {learned_mixture:.3f} from the collected member log-probs. Fitting both weight sets "
+        f"(collecting validation log-probs included) took {fit_s:.1f} s; training the students {train_s:.0f} s "
+        f"(0 when reused from the work dir); whole benchmark {total_s:.0f} s.{memory_note}",
     ]
     data = {
         "speed": speed,
         "perplexity": rows,
         "best_member_perplexity": best_member,
+        "learned_mixture_forward_perplexity": forward_ppl,
         "fits": {
-            name: {"weights": fit.weights, "initial_weights": fit.initial_weights, "nll": fit.nll}
+            name: {"weights": fit.weights, "initial_weights": fit.initial_weights, "validation_nll": fit.nll}
             for name, fit in fits.items()
         },
         "train_seconds": train_s,
         "total_seconds": total_s,
         "learned_below_best_member": min(row["perplexity"] for row in rows if "learned" in row["model"]) < best_member,
-        "learned_mixture_ppl_log_ratio": math.log(
-            next(row["perplexity"] for row in rows if row["model"] == "mixture, learned") / best_member
-        ),
     }
     write_result("ensemble", "\n".join(lines), data)
 

@@ -412,6 +412,16 @@ def test_text_streamer_streams_the_generated_text(ensemble3, tokenizer):
     assert "".join(streamer.pieces) == generated and generated
 
 
+def test_text_generation_pipeline_accepts_the_ensemble(ensemble3, tokenizer):
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=ensemble3, tokenizer=tokenizer)
+    text = generator(PROMPT, max_new_tokens=6, min_new_tokens=6, do_sample=False)[0]["generated_text"]
+    inputs = tokenizer(PROMPT, return_tensors="pt")
+    expected = ensemble3.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert text == tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
 def test_contrastive_generation_equals_reference(members, tokenizer):
     ensemble = EnsembleForCausalLM.from_members(
         [(members[0], tokenizer), (members[1], tokenizer)], combination="contrastive", contrastive_alpha=0.2
@@ -787,6 +797,27 @@ def test_stacking_learns_from_held_out_data_and_works_with_trainer(
     torch.testing.assert_close(
         torch.tensor(prediction.predictions[:16]), ensemble(**batch).logits.detach(), atol=1e-5, rtol=0
     )
+
+
+def test_classification_ensemble_round_trip_keeps_the_stacking_head(
+    classifiers, classification_data, tokenizer, tmp_path
+):
+    from hf_interop import EnsembleForSequenceClassification
+
+    paths = []
+    for index, model in enumerate(classifiers):
+        folder = tmp_path / f"classifier_{index}"
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        paths.append(str(folder))
+    ensemble = EnsembleForSequenceClassification.from_members(paths, voting="soft")
+    ensemble.fit_stacking(classification_data[0].select(range(40)), l2=1e-2)
+    ensemble.save_pretrained(tmp_path / "ens")
+    assert not any(name.endswith(".bin") for name in (p.name for p in (tmp_path / "ens").iterdir()))
+    reloaded = EnsembleForSequenceClassification.from_pretrained(tmp_path / "ens")
+    assert reloaded.config.voting == "stacking"
+    inputs = _prompt(tokenizer, [PROMPT, "Assignment statements bind names"])
+    torch.testing.assert_close(reloaded(**inputs).logits, ensemble(**inputs).logits)
 
 
 def test_classifiers_with_different_label_sets_are_refused(classifiers, tokenizer):

@@ -946,7 +946,7 @@ def _prepare_members(
         model = entry[0] if isinstance(entry, tuple) else entry
         if isinstance(model, nn.Module):
             continue
-        spec = member_spec(entry, index) if not isinstance(entry, dict) else member_spec(entry, index)
+        spec = member_spec(entry, index)
         check_member_path(spec, index)
         entries[index] = spec
         to_load.append(index)
