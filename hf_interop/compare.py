@@ -629,8 +629,14 @@ def _table(columns: list[str], rows: list[list[str]]) -> list[str]:
 def plot_heatmap(report: dict[str, Any], path: str | os.PathLike) -> None:
     """Save the top-1 agreement and symmetric KL matrices side by side as a PNG (matplotlib, Agg; no display)."""
     import numpy as np
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            "the heatmap of `compare --output_dir` needs matplotlib: pip install 'hf_interop[demo]' (or matplotlib)."
+        ) from error
 
     names = report["names"]
     size = max(4.0, 0.9 * len(names) + 2.5)
