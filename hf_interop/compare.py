@@ -336,6 +336,14 @@ def compare_checkpoints(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     if max_documents is not None and max_documents < 1:
         raise ValueError(f"max_documents must be >= 1 (or None for all rows), got {max_documents}.")
+    if output_dir is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ImportError(
+                "output_dir needs matplotlib for heatmap.png: pip install 'hf_interop[demo]' (or matplotlib), or "
+                "leave output_dir unset to print the report only."
+            )
     if output_dir is not None and Path(output_dir).exists() and not overwrite_output_dir:
         raise FileExistsError(
             f"output folder {str(output_dir)!r} already exists; pass overwrite_output_dir=True (CLI: "
