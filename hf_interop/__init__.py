@@ -46,6 +46,11 @@ _LAZY_IMPORTS: dict[str, str] = {
     "write_model_card": "model_card",
     "push_output_to_hub": "hub",
     "write_lineage_manifest": "hub",
+    "check_hub_access": "hub",
+    # across tokenizers
+    "load_gpt2_tokenizer": "cross_tokenizer",
+    "CrossTokenizerDistillationConfig": "cross_tokenizer",
+    "CrossTokenizerDistillationTrainer": "cross_tokenizer",
 }
 
 _SUBMODULES = {
@@ -62,6 +67,8 @@ _SUBMODULES = {
     "teacher_cache",
     "model_card",
     "hub",
+    "compare",
+    "cross_tokenizer",
     "cli",
     "utils",
 }
