@@ -33,7 +33,7 @@ import re
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .distillation_config import DistillationConfig
 from .distillation_trainer import DistillationTrainer
@@ -1282,6 +1282,8 @@ class CrossTokenizerDistillationConfig(DistillationConfig):
     teacher_start_token: str = field(
         default="auto", metadata={"help": "Token before each row's teacher tokens: auto (BOS, else EOS), '' = none."}
     )
+    allowed_loss_types: ClassVar[tuple[str, ...]] = CROSS_TOKENIZER_LOSS_TYPES
+
     max_vocab_union_size: int = field(
         default=DEFAULT_MAX_VOCAB_UNION_SIZE,
         metadata={"help": "Largest allowed union of the two vocabularies (memory cap)."},
@@ -1293,12 +1295,7 @@ class CrossTokenizerDistillationConfig(DistillationConfig):
                 f"loss_type={self.loss_type!r} is not available across tokenizers; use one of "
                 f"{list(CROSS_TOKENIZER_LOSS_TYPES)}."
             )
-        # DistillationConfig checks every other field; it does not know the cross-tokenizer loss names.
-        loss_type, self.loss_type = self.loss_type, "forward_kl"
-        try:
-            super()._check_distillation_fields()
-        finally:
-            self.loss_type = loss_type
+        super()._check_distillation_fields()
         for name in ("matched_weight", "unmatched_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0; use 0.0 to turn that part off.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
@@ -232,15 +232,19 @@ class DistillationConfig(TrainingArguments):
         self._check_distillation_fields()
         super().__post_init__()
 
+    # Loss names this config accepts; `CrossTokenizerDistillationConfig` accepts its own set instead.
+    allowed_loss_types: ClassVar[tuple[str, ...]] = DISTILLATION_LOSS_TYPES
+
     def _check_distillation_fields(self) -> None:
-        if self.loss_type in _CROSS_TOKENIZER_LOSS_TYPES:
+        if self.loss_type in _CROSS_TOKENIZER_LOSS_TYPES and self.loss_type not in self.allowed_loss_types:
             raise ValueError(
-                f"loss_type={self.loss_type!r} (cross-tokenizer distillation) is not implemented in hf_interop yet; "
-                f"use a teacher that shares the student's tokenizer with one of {list(DISTILLATION_LOSS_TYPES)}."
+                f"loss_type={self.loss_type!r} is cross-tokenizer distillation: use "
+                "`hf_interop.CrossTokenizerDistillationConfig` with `hf_interop.CrossTokenizerDistillationTrainer`, "
+                f"or a teacher that shares the student's tokenizer with one of {list(DISTILLATION_LOSS_TYPES)}."
             )
-        if self.loss_type not in DISTILLATION_LOSS_TYPES:
+        if self.loss_type not in self.allowed_loss_types:
             raise ValueError(
-                f"loss_type={self.loss_type!r} is not a known divergence; use one of {list(DISTILLATION_LOSS_TYPES)}."
+                f"loss_type={self.loss_type!r} is not a known divergence; use one of {list(self.allowed_loss_types)}."
             )
         if not self.temperature > 0:  # also rejects NaN
             raise ValueError(

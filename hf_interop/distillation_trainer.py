@@ -508,7 +508,7 @@ class DistillationTrainer(Trainer):
                     f"vocab_size {student_vocab} (tokenizer of {len(student_tokenizer)} tokens): their tokenizers map "
                     "tokens to different ids, so their next-token distributions cannot be compared position by "
                     "position. Use a teacher that shares the student's tokenizer, or cross-tokenizer distillation "
-                    '(`loss_type="uld"`, Universal Logit Distillation; not implemented in hf_interop yet).'
+                    '(`hf_interop.CrossTokenizerDistillationTrainer`, `loss_type="uld"` or `"gold"`).'
                 )
         if student_vocab == teacher_vocab:
             return
@@ -517,7 +517,7 @@ class DistillationTrainer(Trainer):
                 f"teacher vocab_size {teacher_vocab} != student vocab_size {student_vocab}. If both use the same "
                 "tokenizer (embeddings padded to a multiple), pass processing_class=<student tokenizer> and "
                 "teacher_processing_class=<teacher tokenizer> so the trainer can check that they map tokens to the "
-                'same ids; if the tokenizers differ, use cross-tokenizer distillation (`loss_type="uld"`).'
+                'same ids; if the tokenizers differ, use `hf_interop.CrossTokenizerDistillationTrainer` (`loss_type="uld"`).'
             )
         shared = min(len(student_tokenizer), len(teacher_tokenizer))
         if shared > min(student_vocab, teacher_vocab):

@@ -120,3 +120,14 @@ def test_distillation_hyperparameters_hold_only_relevant_settings(tmp_path):
     assert hyperparameters["loss_type"] == "jsd" and hyperparameters["jsd_beta"] == 0.3
     assert hyperparameters["temperature"] == 2.0
     assert "skew_alpha" not in hyperparameters and "lmbda" not in hyperparameters
+
+
+def test_cross_tokenizer_loss_types_point_to_the_cross_tokenizer_config(tmp_path):
+    from hf_interop import CrossTokenizerDistillationConfig
+
+    with pytest.raises(ValueError, match="CrossTokenizerDistillationConfig"):
+        DistillationConfig(output_dir=str(tmp_path), loss_type="uld")
+    config = CrossTokenizerDistillationConfig(output_dir=str(tmp_path), loss_type="uld")
+    assert config.loss_type == "uld"
+    with pytest.raises(ValueError, match="not available across tokenizers"):
+        CrossTokenizerDistillationConfig(output_dir=str(tmp_path), loss_type="tvd")
