@@ -1,6 +1,7 @@
 """`make bench`: run every `bench_*.py` in this folder and write `RESULTS.md` from their result files.
 
 Usage: `python benchmarks/run_all.py [name ...]` (names without the `bench_` prefix; default: all).
+`--stitch-only` rewrites `RESULTS.md` from the existing result files without running anything.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 
 def main(argv: list[str]) -> int:
-    scripts = sorted(BENCH_DIR.glob("bench_*.py"))
+    stitch_only = "--stitch-only" in argv
+    argv = [arg for arg in argv if arg != "--stitch-only"]
+    scripts = [] if stitch_only else sorted(BENCH_DIR.glob("bench_*.py"))
     if argv:
         scripts = [s for s in scripts if s.stem.removeprefix("bench_") in argv]
     failed = []
