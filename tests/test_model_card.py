@@ -219,6 +219,13 @@ def test_templates_and_metrics_ship_in_the_wheel(tmp_path):
         for path in (REPO_ROOT / "hf_interop" / "metrics").glob("*/*.py")
     )
     assert shipped == expected
+    # Every module of the package ships (a subpackage missing from pyproject's `packages` would be left out).
+    source_modules = {
+        path.relative_to(REPO_ROOT).as_posix()
+        for path in (REPO_ROOT / "hf_interop").rglob("*.py")
+        if "__pycache__" not in path.parts
+    }
+    assert source_modules <= names, sorted(source_modules - names)
 
     # Installed from the wheel (not editable), the package still finds and renders its templates.
     target = tmp_path / "site"
