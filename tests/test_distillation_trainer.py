@@ -355,13 +355,10 @@ def test_teacher_without_output_head_gives_full_logits_to_the_chunked_loss(
 
 
 def test_ensemble_teacher(tmp_path, corpus_tokenizer, teacher, train_rows):
-    ensemble_module = pytest.importorskip("hf_interop.ensemble")
-    if not hasattr(ensemble_module, "EnsembleForCausalLM"):
-        pytest.skip("EnsembleForCausalLM has not landed")
+    from hf_interop import EnsembleForCausalLM
+
     other = build_tiny_causal_lm("qwen2", len(corpus_tokenizer), seed=5, tokenizer=corpus_tokenizer)
-    ensemble = ensemble_module.EnsembleForCausalLM.from_members(
-        [(teacher, corpus_tokenizer), (other, corpus_tokenizer)]
-    )
+    ensemble = EnsembleForCausalLM.from_members([(teacher, corpus_tokenizer), (other, corpus_tokenizer)])
     assert ensemble.get_output_embeddings() is None
     student = make_student(corpus_tokenizer)
     before = weights(student)
