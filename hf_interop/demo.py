@@ -30,7 +30,7 @@ logger = get_logger(__name__)
 
 @dataclass
 class DemoSettings:
-    """Knobs of the demo; the defaults are what `make demo` runs (about 6 minutes on 2 CPU cores).
+    """Knobs of the demo; the defaults are what `make demo` runs on 2 CPU cores.
 
     Tests point `teacher` and `corpus` at tiny models and texts; everything else works the same.
     """
@@ -38,16 +38,16 @@ class DemoSettings:
     teacher: str | None = None  # checkpoint folder; None: the embedded SmolLM2-135M-Instruct
     corpus: Any = None  # DatasetDict with train/validation/test and a "text" column; None: the builtin corpus
     block_size: int = field(default=128, metadata={"help": "Tokens per block."})
-    num_train_blocks: int = field(default=256, metadata={"help": "Training blocks the teacher is cached on."})
-    num_eval_blocks: int = field(default=48, metadata={"help": "Held-out (validation) blocks behind the table."})
+    num_train_blocks: int = field(default=160, metadata={"help": "Training blocks the teacher is cached on."})
+    num_eval_blocks: int = field(default=32, metadata={"help": "Held-out (validation) blocks behind the table."})
     top_k: int = field(default=32, metadata={"help": "Cached teacher log-probabilities per position."})
     student_num_layers: int = field(default=8, metadata={"help": "Teacher layers the student keeps (evenly spread)."})
     train_steps: int = field(
-        default=60, metadata={"help": "Optimizer steps of each student run (CE-only, distilled)."}
+        default=40, metadata={"help": "Optimizer steps of each student run (CE-only, distilled)."}
     )
     batch_size: int = field(default=8, metadata={"help": "Training blocks per step."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate (cosine decay)."})
-    lora_steps: int = field(default=20, metadata={"help": "Steps of the LoRA variant."})
+    lora_steps: int = field(default=10, metadata={"help": "Steps of the LoRA variant."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank of the variant."})
     compare_documents: int = field(default=4, metadata={"help": "Test documents of the interoperability report."})
     compare_characters: int = field(default=4000, metadata={"help": "First characters of each report document."})
