@@ -47,7 +47,7 @@ class _MemberState:
     byte_token_ids: dict[int, int]
     ids: list[int] = field(default_factory=list)
     cache: Any = None
-    cached_length: int = 0
+    cached_ids: list[int] = field(default_factory=list)  # the token ids the KV cache holds keys/values for
     num_forward_tokens: int = 0
 
 
@@ -191,23 +191,30 @@ class CrossTokenizerEnsemble:
     def _next_token_log_probs(self, member: _MemberState) -> torch.Tensor:
         import torch
 
-        # Reuse the KV cache for the longest prefix whose token ids did not change; run only the rest.
-        keep = min(member.cached_length, len(member.ids) - 1)
+        from .ensemble.members import input_device
+
+        # Reuse the KV cache for the longest prefix whose token ids did not change (a re-encoded tail may have
+        # rewritten ids the cache already holds); run only the rest. At least the last id is run to get its logits.
+        keep = min(_common_prefix_length(member.cached_ids, member.ids), len(member.ids) - 1)
         if member.cache is not None and keep < member.cache.get_seq_length():
+            tokens_to_remove = member.cache.get_seq_length() - keep
             if keep > 0 and getattr(member.cache, "is_croppable", True):
-                member.cache.crop(member.cache.get_seq_length() - keep)
+                try:
+                    member.cache.crop(-tokens_to_remove)  # transformers 5: a negative count removes that many
+                except (ValueError, RuntimeError):  # e.g. a sliding-window layer past its window: start again
+                    member.cache = None
             else:
-                member.cache, keep = None, 0
+                member.cache = None
         if member.cache is None:
             keep = 0
-        device = next(member.model.parameters()).device
+        device = input_device(member.model)
         new_ids = torch.tensor([member.ids[keep:]], dtype=torch.long, device=device)
         attention_mask = torch.ones(1, len(member.ids), dtype=torch.long, device=device)
         outputs = member.model(
             input_ids=new_ids, attention_mask=attention_mask, past_key_values=member.cache, use_cache=True
         )
         member.cache = outputs.past_key_values
-        member.cached_length = len(member.ids)
+        member.cached_ids = list(member.ids)
         member.num_forward_tokens += new_ids.shape[1]
         logits = outputs.logits[0, -1].float()
         if member.suppressed_ids:
@@ -234,9 +241,114 @@ class CrossTokenizerEnsemble:
 
     # ---- public API ---------------------------------------------------------------------------------------------
 
+    def set_weights(self, weights: list[float]) -> None:
+        """Replace the mixture weights (non-negative, one per member, normalised to sum to 1)."""
+        weights = [float(weight) for weight in weights]
+        if len(weights) != len(self.members):
+            raise ValueError(
+                f"weights has {len(weights)} entries for {len(self.members)} members; give one per member."
+            )
+        if any(not weight >= 0 for weight in weights) or sum(weights) <= 0:
+            raise ValueError(f"weights={weights} must be >= 0 with a positive sum.")
+        self.weights = [weight / sum(weights) for weight in weights]
+
     def reset(self) -> None:
+        """Forget the current sequences and drop every member's KV cache (frees its memory)."""
         for member in self.members:
-            member.ids, member.cache, member.cached_length, member.num_forward_tokens = [], None, 0, 0
+            member.ids, member.cache, member.cached_ids, member.num_forward_tokens = [], None, [], 0
+
+    def release_caches(self) -> None:
+        """Drop every member's KV cache (frees its memory); the next step re-runs each member's whole sequence."""
+        for member in self.members:
+            member.cache, member.cached_ids = None, []
+
+    def begin(self, member_prompt_ids: list[list[int]]) -> None:
+        """Start a generation from each member's own token ids of the same prompt (caches are dropped).
+
+        Args:
+            member_prompt_ids (`list[list[int]]`): one non-empty id list per member, in the members' order.
+        """
+        if len(member_prompt_ids) != len(self.members):
+            raise ValueError(
+                f"member_prompt_ids has {len(member_prompt_ids)} entries for {len(self.members)} members; give each "
+                "member its own token ids of the prompt."
+            )
+        self.reset()
+        for index, (member, ids) in enumerate(zip(self.members, member_prompt_ids, strict=True)):
+            ids = [int(token_id) for token_id in ids]
+            if not ids:
+                raise ValueError(
+                    f"member_prompt_ids[{index}] is empty: the prompt tokenises to nothing with "
+                    f"{type(member.tokenizer).__name__}; give a prompt with some text."
+                )
+            member.ids = ids
+
+    def next_piece(
+        self,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        allow_end_of_sequence: bool = True,
+    ) -> bytes | None:
+        """One ensemble step after :meth:`begin`: pool the candidates, mix, choose, and extend every member.
+
+        Args:
+            do_sample (`bool`, *optional*, defaults to `False`): sample from the mixture instead of taking its argmax.
+            temperature (`float`, *optional*, defaults to 1.0): sampling temperature of the mixture (> 0).
+            top_k (`int`, *optional*): when sampling, keep only the `top_k` most likely pooled candidates.
+            top_p (`float`, *optional*): when sampling, keep the smallest set of pooled candidates whose mixture
+                probability reaches `top_p` (nucleus sampling over the candidates).
+            generator (`torch.Generator`, *optional*): random generator of the sampling; torch's global one when
+                omitted (so `torch.manual_seed` makes a run reproducible).
+            allow_end_of_sequence (`bool`, *optional*, defaults to `True`): when `False`, end of sequence is not a
+                candidate (to reach a minimum length).
+
+        Returns:
+            The chosen text piece as UTF-8 bytes (possibly an incomplete character), or `None` when the mixture
+            chose end of sequence (members are left unchanged then).
+        """
+        import torch
+
+        with torch.no_grad():
+            all_log_probs = [self._next_token_log_probs(member) for member in self.members]
+        candidates: dict[Any, None] = {}
+        for member, log_probs in zip(self.members, all_log_probs, strict=True):
+            k = min(self.top_k, log_probs.numel())
+            for token_id in log_probs.topk(k).indices.tolist():
+                if not torch.isfinite(log_probs[token_id]):
+                    continue
+                key = _END_OF_SEQUENCE if token_id in member.eos_ids else member.id_to_piece[token_id]
+                if key == _END_OF_SEQUENCE and not allow_end_of_sequence:
+                    continue
+                if key is not None:
+                    candidates.setdefault(key, None)
+        candidate_list = list(candidates)
+        if not candidate_list:
+            return None
+        mixture = sum(
+            weight * self._score(member, log_probs, candidate_list)
+            for weight, member, log_probs in zip(self.weights, self.members, all_log_probs, strict=True)
+        )
+        if do_sample:
+            choice = _sample_candidate(mixture, temperature, top_k, top_p, generator)
+        else:
+            choice = int(torch.argmax(mixture))
+        piece = candidate_list[choice]
+        if piece == _END_OF_SEQUENCE:
+            return None
+        for member in self.members:
+            self._extend(member, piece)
+        return piece
+
+    def member_token_ids(self, index: int) -> list[int]:
+        """Member `index`'s current token ids (prompt and generated text, as it re-encoded them)."""
+        return list(self.members[index].ids)
+
+    def encode_bytes(self, index: int, data: bytes) -> list[int]:
+        """Member `index`'s token ids for `data` (UTF-8 bytes; an incomplete last character uses byte tokens)."""
+        return self._encode_bytes(self.members[index], data)
 
     def generate(
         self,
@@ -256,7 +368,8 @@ class CrossTokenizerEnsemble:
                 Ensemble steps, each adding one text piece (one token of the member whose token was chosen).
             do_sample (`bool`, *optional*, defaults to `False`): sample from the mixture instead of taking its argmax.
             temperature (`float`, *optional*, defaults to 1.0): sampling temperature of the mixture (> 0).
-            seed (`int`, *optional*): seed of the sampling generator, for reproducible sampling.
+            seed (`int`, *optional*): seed of the sampling generator, for reproducible sampling; torch's global
+                generator is used when omitted.
             stop_at_eos (`bool`, *optional*, defaults to `True`): stop when the mixture picks end of sequence.
             add_special_tokens (`bool`, *optional*, defaults to `True`):
                 Let each tokenizer add its own special tokens (e.g. BOS) to the prompt, as `tokenizer(prompt)` does.
@@ -272,48 +385,51 @@ class CrossTokenizerEnsemble:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0.")
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be > 0; 1.0 samples the mixture as it is.")
-        self.reset()
+        prompt_ids = []
         for member in self.members:
-            member.ids = list(member.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
-            if not member.ids:
+            ids = list(member.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+            if not ids:
                 raise ValueError(f"prompt {prompt!r} tokenises to nothing with {type(member.tokenizer).__name__}.")
+            prompt_ids.append(ids)
+        self.begin(prompt_ids)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         output = bytearray()
-        with torch.no_grad():
-            for _ in range(max_new_tokens):
-                all_log_probs = [self._next_token_log_probs(member) for member in self.members]
-                candidates: dict[Any, None] = {}
-                for member, log_probs in zip(self.members, all_log_probs, strict=True):
-                    k = min(self.top_k, log_probs.numel())
-                    for token_id in log_probs.topk(k).indices.tolist():
-                        if not torch.isfinite(log_probs[token_id]):
-                            continue
-                        key = _END_OF_SEQUENCE if token_id in member.eos_ids else member.id_to_piece[token_id]
-                        if key is not None:
-                            candidates.setdefault(key, None)
-                candidate_list = list(candidates)
-                if not candidate_list:
+        for _ in range(max_new_tokens):
+            piece = self.next_piece(do_sample=do_sample, temperature=temperature, generator=generator)
+            if piece is None:
+                if stop_at_eos:
                     break
-                mixture = sum(
-                    weight * self._score(member, log_probs, candidate_list)
-                    for weight, member, log_probs in zip(self.weights, self.members, all_log_probs, strict=True)
-                )
-                if do_sample:
-                    tempered = mixture.clamp_min(1e-30).pow(1.0 / temperature)
-                    choice = int(torch.multinomial(tempered / tempered.sum(), 1, generator=generator))
-                else:
-                    choice = int(torch.argmax(mixture))
-                piece = candidate_list[choice]
-                if piece == _END_OF_SEQUENCE:
-                    if stop_at_eos:
-                        break
-                    continue
-                output.extend(piece)
-                for member in self.members:
-                    self._extend(member, piece)
+                continue
+            output.extend(piece)
         return output.decode("utf-8", errors="replace")
 
     @property
     def forward_token_counts(self) -> list[int]:
         """Tokens each member ran through its model during the last `generate` (prompt included)."""
         return [member.num_forward_tokens for member in self.members]
+
+
+def _sample_candidate(
+    mixture: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> int:
+    """Index of a candidate drawn from the tempered mixture, after the optional top-k / top-p cuts."""
+    import torch
+
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0; 1.0 samples the mixture as it is.")
+    probs = mixture.clamp_min(1e-30).pow(1.0 / temperature)
+    probs = probs / probs.sum()
+    if top_k is not None and 0 < top_k < probs.numel():
+        cutoff = probs.topk(top_k).values[-1]
+        probs = torch.where(probs >= cutoff, probs, torch.zeros_like(probs))
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass of the candidates ranked above each one
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        keep[order] = before < top_p * probs.sum()
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
