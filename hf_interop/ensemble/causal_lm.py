@@ -1,13 +1,22 @@
-"""`EnsembleForCausalLM`: several causal LMs sharing a tokenizer, combined at the logit level, usable with generate().
+"""`EnsembleForCausalLM`: several causal LMs combined into one model usable with generate().
 
-Each member keeps its own KV cache inside an :class:`EnsembleCache` that `generate()` carries between steps like
-any other cache, so a step feeds each member only the new token: generating T tokens costs about the sum of the
-members' own generate() instead of re-encoding the whole text every step (as DeePEn and UniTE do). Beam search
-reorders every member's cache; sampling, greedy search and streamers work unchanged.
+Members that share a tokenizer are combined at the logit level. Each member keeps its own KV cache inside an
+:class:`EnsembleCache` that `generate()` carries between steps like any other cache, so a step feeds each member only
+the new token: generating T tokens costs about the sum of the members' own generate() instead of re-encoding the whole
+text every step (as DeePEn and UniTE do). Beam search reorders every member's cache; sampling, greedy search and
+streamers work unchanged.
+
+Members whose tokenizers differ are combined at the level of text pieces when the ensemble is built with
+`cross_tokenizer=True`: `generate()` then runs :class:`hf_interop.cross_tokenizer_ensemble.CrossTokenizerEnsemble`'s
+engine (union of the members' top-k candidates pooled by byte string, weighted mixture, each member re-encoding the
+chosen text with a look-behind window and keeping its own KV cache for the unchanged prefix) and returns ids of the
+ensemble's tokenizer, like any `generate()`. There are no logits over one vocabulary in that mode, so `forward()`
+refuses with a pointer to `generate()`.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import tempfile
@@ -38,6 +47,81 @@ logger = get_logger(__name__)
 
 ENSEMBLE_MODEL_TYPE = "hf_interop_ensemble"
 VOTING_RULES = ("soft", "hard", "weighted", "stacking")
+
+CAUSAL_LM_CROSS_TOKENIZER_HINT = (
+    "To ensemble members whose tokenizers differ, pass cross_tokenizer=True to EnsembleForCausalLM.from_members "
+    "(cross-tokenizer ensembling at the level of text pieces, UniTE-style, https://huggingface.co/papers/2410.03777: "
+    "generate() only, combination='mixture'), or pick members that share a tokenizer."
+)
+
+# generate() options a cross-tokenizer ensemble honours; anything else set to a non-neutral value is refused.
+_CROSS_TOKENIZER_GENERATION_OPTIONS = frozenset(
+    {
+        "max_length",
+        "max_new_tokens",
+        "min_new_tokens",
+        "do_sample",
+        "temperature",
+        "top_k",
+        "top_p",
+        "eos_token_id",
+        "pad_token_id",
+        "bos_token_id",
+        "decoder_start_token_id",
+        "use_cache",
+        "return_dict_in_generate",
+        "cache_implementation",
+        "cache_config",
+        "max_cache_len",
+        "compile_config",
+        "disable_compile",
+        "transformers_version",
+        "_from_model_config",
+    }
+)
+_NEUTRAL_GENERATION_VALUES = {
+    "min_length": 0,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "num_return_sequences": 1,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "min_p": 0.0,
+    "diversity_penalty": 0.0,
+    "guidance_scale": 1.0,
+}
+# Only meaningful to an assistant or to beam search; a copied generation config may carry their defaults.
+_IGNORED_GENERATION_VALUES = frozenset(
+    {
+        "early_stopping",
+        "num_assistant_tokens",
+        "num_assistant_tokens_schedule",
+        "assistant_confidence_threshold",
+        "assistant_lookbehind",
+        "target_lookbehind",
+        "is_assistant",
+    }
+)
+# generate() arguments that are not generation-config fields and that a cross-tokenizer ensemble cannot honour.
+_UNSUPPORTED_GENERATE_ARGUMENTS = (
+    "logits_processor",
+    "stopping_criteria",
+    "prefix_allowed_tokens_fn",
+    "assistant_model",
+    "streamer",
+    "negative_prompt_ids",
+    "negative_prompt_attention_mask",
+    "custom_generate",
+    "inputs_embeds",
+    "past_key_values",
+    "position_ids",
+)
 
 
 class EnsembleConfig(PreTrainedConfig):
@@ -73,6 +157,17 @@ class EnsembleConfig(PreTrainedConfig):
         vocab_size (`int`, *optional*):
             Size of the shared vocabulary the combined distribution covers (the tokenizer's length); members with
             padded embedding rows are cut to it. Filled in when the ensemble is built.
+        cross_tokenizer (`bool`, *optional*, defaults to `False`):
+            Let :class:`EnsembleForCausalLM` combine members whose tokenizers differ, at the level of text pieces
+            (see :class:`hf_interop.cross_tokenizer_ensemble.CrossTokenizerEnsemble`). Only `generate()` works then
+            (no logits over one vocabulary), with `combination="mixture"`. Off by default: members with different
+            tokenizers are refused with an error that names this option, so a mismatch is never silently slower.
+        cross_tokenizer_top_k (`int`, *optional*, defaults to 10):
+            With `cross_tokenizer`: candidates each member proposes per step; every member scores the union. Higher
+            approximates the full mixture better and costs more scoring per step.
+        cross_tokenizer_look_behind (`int`, *optional*, defaults to 8):
+            With `cross_tokenizer`: tokens a member re-encodes together with a chosen piece its vocabulary lacks as
+            one token, so merges across the boundary come out as its tokenizer writes them.
         voting (`str`, *optional*, defaults to `"soft"`):
             Classification rule of :class:`EnsembleForSequenceClassification`: `"soft"`, `"hard"`, `"weighted"` or
             `"stacking"`.
@@ -93,6 +188,9 @@ class EnsembleConfig(PreTrainedConfig):
     member_dtype: str | None = None
     lora_base_model: dict | None = None
     vocab_size: int | None = None
+    cross_tokenizer: bool = False
+    cross_tokenizer_top_k: int = 10
+    cross_tokenizer_look_behind: int = 8
     voting: str = "soft"
     trust_remote_code: bool = False
     use_cache: bool = True
@@ -120,6 +218,7 @@ class EnsembleConfig(PreTrainedConfig):
                 f"combination {self.combination!r} is not supported; use one of {', '.join(COMBINATIONS)}."
             )
         check_contrastive_settings(self.contrastive_alpha, self.contrastive_amateur_weight)
+        _check_cross_tokenizer_settings(self)
         if self.voting not in VOTING_RULES:
             raise ValueError(f"voting {self.voting!r} is not supported; use one of {', '.join(VOTING_RULES)}.")
         super().__post_init__(**kwargs)
@@ -309,10 +408,20 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         if tokenizer is None:
             tokenizer = next((candidate for candidate in tokenizers if candidate is not None), None)
         self.tokenizer = tokenizer
-        check_tokenizers_compatible(
-            [*tokenizers, tokenizer] if tokenizer is not None else tokenizers, [*names, "tokenizer"]
-        )
-        self._set_shared_vocab_size(tokenizer, names)
+        self._cross_tokenizer_engine = None
+        self._tokenizer_member_index: int | None = None
+        if config.cross_tokenizer:
+            self._cross_tokenizer_engine, self._tokenizer_member_index = _build_cross_tokenizer_engine(
+                config, loaded, tokenizers, names, tokenizer
+            )
+            self.config.vocab_size = len(tokenizer)
+        else:
+            check_tokenizers_compatible(
+                [*tokenizers, tokenizer] if tokenizer is not None else tokenizers,
+                [*names, "tokenizer"],
+                hint=CAUSAL_LM_CROSS_TOKENIZER_HINT,
+            )
+            self._set_shared_vocab_size(tokenizer, names)
         self._logits_to_keep_support = [_accepts(member, "logits_to_keep") for member in self.members]
         self.generation_config = _generation_config_from(self.members[0], tokenizer)
         self.post_init()
@@ -338,6 +447,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: str | torch.dtype | None = None,
         contrastive_alpha: float = 0.1,
         contrastive_amateur_weight: float = 1.0,
+        cross_tokenizer: bool = False,
+        cross_tokenizer_top_k: int = 10,
+        cross_tokenizer_look_behind: int = 8,
         trust_remote_code: bool = False,
         token: str | bool | None = None,
     ) -> EnsembleForCausalLM:
@@ -362,8 +474,22 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             dtype (`str` or `torch.dtype`, *optional*): dtype members are loaded in.
             contrastive_alpha (`float`, *optional*, defaults to 0.1): plausibility cut-off of `"contrastive"`.
             contrastive_amateur_weight (`float`, *optional*, defaults to 1.0): amateur strength of `"contrastive"`.
+            cross_tokenizer (`bool`, *optional*, defaults to `False`): accept members whose tokenizers differ and
+                combine them at the level of text pieces (`generate()` only, `"mixture"` only; see
+                :class:`EnsembleConfig`). Each member needs its own tokenizer (a path holding one, or a pair); the
+                ensemble's tokenizer (`tokenizer`, defaulting to the first member's) must be one member's.
+            cross_tokenizer_top_k (`int`, *optional*, defaults to 10): candidates each member proposes per step.
+            cross_tokenizer_look_behind (`int`, *optional*, defaults to 8): tokens re-encoded with a new piece.
             trust_remote_code (`bool`, *optional*, defaults to `False`): must stay `False` (refused otherwise).
             token (`str` or `bool`, *optional*): Hub token for private members.
+
+        Example (members with different tokenizers):
+
+        ```python
+        >>> ensemble = EnsembleForCausalLM.from_members(["./llama-student", "./gpt2-student"], cross_tokenizer=True)
+        >>> ids = ensemble.tokenizer("The with statement", return_tensors="pt").input_ids  # the first member's ids
+        >>> ensemble.generate(ids, max_new_tokens=20)
+        ```
         """
         check_no_remote_code(trust_remote_code, "EnsembleForCausalLM.from_members")
         members = list(members) if members is not None else []
@@ -376,6 +502,12 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         specs: list[dict[str, Any]] = []
         for index, member in enumerate(members):
             model = member[0] if isinstance(member, tuple) else member
+            if cross_tokenizer and isinstance(member, nn.Module):
+                raise ValueError(
+                    f"members[{index}] is a loaded {type(member).__name__} without its tokenizer; cross_tokenizer=True "
+                    "needs each member's own tokenizer: pass (model, tokenizer) pairs, or checkpoint folders / hub "
+                    "ids that hold a tokenizer."
+                )
             if isinstance(model, nn.Module):
                 specs.append(_spec_of_loaded(model))
             else:
@@ -389,6 +521,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             member_device_maps=list(member_device_maps) if member_device_maps is not None else None,
             combine_device=str(combine_device) if combine_device is not None else None,
             member_dtype=_dtype_name(dtype),
+            cross_tokenizer=cross_tokenizer,
+            cross_tokenizer_top_k=cross_tokenizer_top_k,
+            cross_tokenizer_look_behind=cross_tokenizer_look_behind,
         )
         return cls(
             config, members=members, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory, token=token
@@ -578,6 +713,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             `(log_probs, caches)`: `log_probs` of shape `(num_members, batch, positions, vocab_size)` in float32 and
             each member's cache (`None` where `use_cache` is off).
         """
+        self._refuse_in_cross_tokenizer_mode("member_log_probs()")
         member_caches = past_key_values.member_caches if past_key_values is not None else [None] * self.num_members
         vocab_size = self.config.vocab_size
         combine_device = self._combine_device
@@ -648,6 +784,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             `CausalLMOutputWithPast` with `logits` = combined **log-probabilities** `(batch, positions, vocab_size)`
             and `loss` = mean negative log-likelihood of `labels` under the ensemble.
         """
+        self._refuse_in_cross_tokenizer_mode("forward()")
         if inputs_embeds is not None:
             raise ValueError(
                 "inputs_embeds is not supported by an ensemble: its members embed tokens differently. Pass input_ids."
@@ -673,6 +810,180 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = causal_lm_nll(combined, labels.to(combined.device), kwargs.get("num_items_in_batch"))
         return CausalLMOutputWithPast(loss=loss, logits=combined, past_key_values=cache_out)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Members with different tokenizers (cross_tokenizer=True)
+    # ------------------------------------------------------------------------------------------------------------
+
+    @property
+    def is_cross_tokenizer(self) -> bool:
+        """Whether the members' tokenizers may differ (combined over text pieces by `generate()` only)."""
+        return bool(self.config.cross_tokenizer)
+
+    def _refuse_in_cross_tokenizer_mode(self, what: str) -> None:
+        if self.config.cross_tokenizer:
+            raise NotImplementedError(
+                f"{what} is not available for an ensemble built with cross_tokenizer=True: its members' tokenizers "
+                "differ, so there are no logits over one vocabulary (each member's distribution is only combined "
+                "with the others over pooled text pieces while generating). Use ensemble.generate(input_ids, ...), "
+                "or build the ensemble from members that share a tokenizer to get logits, losses and evaluation."
+            )
+
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`GenerationMixin.generate`, or, for a cross-tokenizer ensemble, generation over pooled text pieces.
+
+        Members that share a tokenizer use transformers' own `generate()` (every strategy, one cache per member).
+
+        With `cross_tokenizer=True`, `inputs` (or `input_ids`) are ids of the ensemble's tokenizer (`ensemble.tokenizer`,
+        a member's), left-padded when batched with their `attention_mask`. Each row is run alone: the member whose
+        tokenizer is the ensemble's starts from exactly these ids, every other member from its own encoding of the
+        decoded prompt (special tokens skipped, its own added), then the cross-tokenizer engine adds one text piece per
+        step. The result is like `generate()`'s: the prompt ids unchanged, followed by the generated text in ids of the
+        ensemble's tokenizer (those the member with that tokenizer followed), then `eos_token_id` if the mixture chose
+        end of sequence (any member's EOS), and `pad_token_id` after a row that ended early.
+
+        Honoured options: `max_new_tokens` (counted in tokens of the ensemble's tokenizer, as `generate()` counts; a last
+        piece that would overshoot is cut) or `max_length`; `min_new_tokens` (end of sequence is not a candidate before); `do_sample` with `temperature`, `top_k`, `top_p` (applied
+        to the mixture over the pooled candidates; seed with `torch.manual_seed` for reproducible samples);
+        `eos_token_id` / `pad_token_id` (the ids written); `return_dict_in_generate` (`sequences` only). Anything else
+        (beam search, several return sequences, penalties, processors, streamers, scores) raises a `ValueError`
+        naming it.
+        """
+        if not self.config.cross_tokenizer:
+            return super().generate(inputs, generation_config, **kwargs)
+        return self._generate_across_tokenizers(inputs, generation_config, **kwargs)
+
+    def _generate_across_tokenizers(
+        self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, **kwargs: Any
+    ) -> Any:
+        input_ids = kwargs.pop("input_ids", None)
+        if inputs is not None and input_ids is not None:
+            raise ValueError("pass the prompt ids once: either inputs (first argument) or input_ids, not both.")
+        input_ids = inputs if inputs is not None else input_ids
+        attention_mask = kwargs.pop("attention_mask", None)
+        kwargs.pop("synced_gpus", None)  # a single process runs every member; nothing to synchronise
+        for name in _UNSUPPORTED_GENERATE_ARGUMENTS:
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"generate() of a cross-tokenizer ensemble does not support {name}; drop it (the ensemble picks "
+                    "text pieces, not ids of one vocabulary, so processors, streamers and caches do not apply)."
+                )
+            kwargs.pop(name, None)
+        settings = _cross_tokenizer_generation_settings(
+            copy.deepcopy(generation_config if generation_config is not None else self.generation_config), kwargs
+        )
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(
+                f"input_ids must be a 2-D tensor (batch, length) of the ensemble tokenizer's ids with at least one "
+                f"token, got {shape}; encode with ensemble.tokenizer(texts, return_tensors='pt')."
+            )
+        vocab_size = len(self.tokenizer)
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+            raise ValueError(
+                f"input_ids holds id {int(input_ids.max()) if int(input_ids.max()) >= vocab_size else int(input_ids.min())}"
+                f" outside the ensemble tokenizer's {vocab_size} ids; encode the prompt with ensemble.tokenizer."
+            )
+        pad_token_id, eos_token_id = settings["pad_token_id"], settings["eos_token_id"]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+            if pad_token_id is not None and pad_token_id != eos_token_id and input_ids.shape[0] > 1:
+                attention_mask = (input_ids != pad_token_id).long()
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
+                "pass the mask the tokenizer returned with the ids."
+            )
+        max_new_tokens = settings["max_new_tokens"]
+        if max_new_tokens is None:
+            max_new_tokens = settings["max_length"] - input_ids.shape[1]
+            if max_new_tokens <= 0:
+                raise ValueError(
+                    f"max_length={settings['max_length']} leaves no room after the {input_ids.shape[1]}-token prompt; "
+                    "pass max_new_tokens=N instead."
+                )
+        prompts = []
+        for row in range(input_ids.shape[0]):
+            mask = attention_mask[row].bool().tolist()
+            if not any(mask):
+                raise ValueError(f"attention_mask row {row} is all zeros: that prompt is empty; drop it.")
+            first = mask.index(True)
+            if not all(mask[first:]):
+                raise ValueError(
+                    f"attention_mask row {row} is right-padded (a 0 after a 1); a cross-tokenizer ensemble continues "
+                    "each prompt from its end: pad on the left (tokenizer.padding_side = 'left')."
+                )
+            prompts.append(input_ids[row, first:].tolist())
+
+        engine = self._cross_tokenizer_engine
+        engine.set_weights(self.member_weights.tolist())
+        generated_rows = []
+        try:
+            for row, prompt_ids in enumerate(prompts):
+                generated_rows.append(self._generate_row(row, prompt_ids, max_new_tokens, settings))
+        finally:
+            engine.release_caches()
+        width = max(len(generated) for generated in generated_rows)
+        fill = pad_token_id if pad_token_id is not None else eos_token_id
+        if fill is None and any(len(generated) < width for generated in generated_rows):
+            raise ValueError(
+                "rows ended at different lengths and neither pad_token_id nor eos_token_id is set; pass pad_token_id."
+            )
+        padded = [generated + [fill] * (width - len(generated)) for generated in generated_rows]
+        new_ids = torch.tensor(padded, dtype=input_ids.dtype, device=input_ids.device).reshape(len(padded), width)
+        sequences = torch.cat([input_ids, new_ids], dim=1)
+        if settings["return_dict_in_generate"]:
+            from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+            return GenerateDecoderOnlyOutput(sequences=sequences)
+        return sequences
+
+    def _generate_row(
+        self, row: int, prompt_ids: list[int], max_new_tokens: int, settings: dict[str, Any]
+    ) -> list[int]:
+        """Ids of the ensemble's tokenizer generated after one (unpadded) prompt."""
+        engine = self._cross_tokenizer_engine
+        reference = self._tokenizer_member_index
+        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        member_prompt_ids = []
+        for index, member_tokenizer in enumerate(engine_tokenizers(engine)):
+            if index == reference:
+                member_prompt_ids.append(prompt_ids)
+                continue
+            ids = list(member_tokenizer(text, add_special_tokens=True)["input_ids"])
+            if not ids:
+                raise ValueError(
+                    f"prompt row {row} ({text!r}) tokenises to nothing with members[{index}]'s tokenizer; give a "
+                    "prompt with some text."
+                )
+            member_prompt_ids.append(ids)
+        engine.begin(member_prompt_ids)
+        generated: list[int] = []
+        text_bytes = bytearray()
+        while len(generated) < max_new_tokens:
+            piece = engine.next_piece(
+                do_sample=settings["do_sample"],
+                temperature=settings["temperature"],
+                top_k=settings["top_k"],
+                top_p=settings["top_p"],
+                allow_end_of_sequence=len(generated) >= settings["min_new_tokens"],
+            )
+            if piece is None:
+                if settings["eos_token_id"] is not None:
+                    generated.append(settings["eos_token_id"])
+                break
+            text_bytes.extend(piece)
+            ids = engine.member_token_ids(reference)
+            if ids[: len(prompt_ids)] == prompt_ids:
+                generated = ids[len(prompt_ids) :]
+            else:  # the member re-encoded across the prompt's end: keep the prompt ids, encode the new text alone
+                generated = engine.encode_bytes(reference, bytes(text_bytes))
+        return generated[:max_new_tokens]
 
     # ------------------------------------------------------------------------------------------------------------
     # Saving, loading, publishing
@@ -911,6 +1222,150 @@ def _generation_config_from(member: nn.Module, tokenizer: Any) -> GenerationConf
     return GenerationConfig(**values)
 
 
+def engine_tokenizers(engine: Any) -> list[Any]:
+    """The members' tokenizers of a :class:`CrossTokenizerEnsemble`, in order."""
+    return [member.tokenizer for member in engine.members]
+
+
+def _check_cross_tokenizer_settings(config: EnsembleConfig) -> None:
+    if not isinstance(config.cross_tokenizer, bool):
+        raise ValueError(f"cross_tokenizer must be True or False, got {config.cross_tokenizer!r}.")
+    top_k, look_behind = config.cross_tokenizer_top_k, config.cross_tokenizer_look_behind
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(
+            f"cross_tokenizer_top_k={top_k!r} must be an integer >= 1 (candidates each member proposes per step)."
+        )
+    if isinstance(look_behind, bool) or not isinstance(look_behind, int) or look_behind < 0:
+        raise ValueError(
+            f"cross_tokenizer_look_behind={look_behind!r} must be an integer >= 0 (tokens re-encoded with a new piece)."
+        )
+    if not config.cross_tokenizer:
+        return
+    if config.combination != "mixture":
+        raise ValueError(
+            f"combination={config.combination!r} is not available with cross_tokenizer=True: members with different "
+            "vocabularies are combined as a weighted mixture over pooled text pieces. Use combination='mixture', or "
+            "members that share a tokenizer for the other rules."
+        )
+    if config.lora_base_model:
+        raise ValueError(
+            "cross_tokenizer=True with LoRA adapters of one base: the adapters share the base's tokenizer, so drop "
+            "cross_tokenizer (the logit-level ensemble is exact and faster)."
+        )
+
+
+def _build_cross_tokenizer_engine(
+    config: EnsembleConfig,
+    members: Sequence[nn.Module],
+    tokenizers: Sequence[Any],
+    names: Sequence[str],
+    tokenizer: Any,
+) -> tuple[Any, int]:
+    """The :class:`CrossTokenizerEnsemble` that generates for a cross-tokenizer ensemble, and the index of the member
+    whose tokenizer is the ensemble's (its ids are the ensemble's input and output ids)."""
+    from ..cross_tokenizer_ensemble import CrossTokenizerEnsemble
+
+    for index, member_tokenizer in enumerate(tokenizers):
+        if member_tokenizer is None:
+            raise ValueError(
+                f"members[{index}] ({names[index]!r}) has no tokenizer; cross_tokenizer=True needs each member's own "
+                "tokenizer: pass (model, tokenizer) pairs, or checkpoint folders / hub ids that hold a tokenizer."
+            )
+    tokenizer_member = next((index for index, candidate in enumerate(tokenizers) if candidate is tokenizer), None)
+    if tokenizer_member is None:
+        for index, candidate in enumerate(tokenizers):
+            try:
+                check_tokenizers_compatible([candidate, tokenizer], [names[index], "tokenizer"])
+            except ValueError:
+                continue
+            tokenizer_member = index
+            break
+    if tokenizer_member is None:
+        raise ValueError(
+            f"tokenizer={type(tokenizer).__name__} (vocabulary of {len(tokenizer)}) is not the tokenizer of any member. "
+            "With cross_tokenizer=True the ensemble's input and output ids are one member's ids: leave tokenizer unset "
+            "(the first member's) or pass one member's tokenizer."
+        )
+    try:
+        check_tokenizers_compatible(tokenizers, names)
+    except ValueError:
+        pass
+    else:
+        logger.warning(
+            "cross_tokenizer=True but all members share one tokenizer; the logit-level ensemble (cross_tokenizer=False) "
+            "is exact, faster and also gives forward() logits."
+        )
+    weights = config.weights if config.weights is not None else [1.0] * len(members)
+    engine = CrossTokenizerEnsemble(
+        list(zip(members, tokenizers, strict=True)),
+        weights=list(weights),
+        top_k=config.cross_tokenizer_top_k,
+        look_behind=config.cross_tokenizer_look_behind,
+    )
+    return engine, tokenizer_member
+
+
+def _cross_tokenizer_generation_settings(
+    generation_config: GenerationConfig, kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The options a cross-tokenizer `generate()` honours, after refusing any it cannot (named in the error)."""
+    unused = generation_config.update(**kwargs)
+    if unused:
+        raise ValueError(
+            f"generate() of a cross-tokenizer ensemble does not take {sorted(unused)}; it accepts input_ids, "
+            "attention_mask and generation options (max_new_tokens, do_sample, temperature, top_k, top_p, ...)."
+        )
+    do_sample = bool(generation_config.do_sample)
+    for name, value in generation_config.to_dict().items():
+        if value is None or value is False or name in _CROSS_TOKENIZER_GENERATION_OPTIONS:
+            continue
+        if name in _IGNORED_GENERATION_VALUES:
+            continue
+        if name in _NEUTRAL_GENERATION_VALUES and value == _NEUTRAL_GENERATION_VALUES[name]:
+            continue
+        if name == "min_p" and not do_sample:
+            continue
+        if isinstance(value, (dict, list)) and not value:
+            continue
+        raise ValueError(
+            f"generate() of a cross-tokenizer ensemble cannot honour {name}={value!r}: it runs greedy search or "
+            "sampling (temperature, top_k, top_p) over the members' pooled candidates, one sequence per prompt. Drop "
+            f"{name}, or use members that share a tokenizer (cross_tokenizer=False) for the full generate()."
+        )
+    num_beams = generation_config.num_beams
+    if num_beams not in (None, 1):
+        raise ValueError(f"num_beams={num_beams} is not supported with cross_tokenizer=True; use num_beams=1.")
+    temperature = 1.0 if generation_config.temperature is None else float(generation_config.temperature)
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0 when sampling; 1.0 samples the mixture as it is.")
+    top_k = generation_config.top_k if do_sample else None
+    top_p = generation_config.top_p if do_sample else None
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 keeps every pooled candidate).")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1].")
+    max_new_tokens = generation_config.max_new_tokens
+    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
+    min_new_tokens = generation_config.min_new_tokens
+    if min_new_tokens is not None and (not isinstance(min_new_tokens, int) or min_new_tokens < 0):
+        raise ValueError(f"min_new_tokens={min_new_tokens!r} must be an integer >= 0.")
+    eos = generation_config.eos_token_id
+    pad = generation_config.pad_token_id
+    return {
+        "max_new_tokens": max_new_tokens,
+        "max_length": generation_config.max_length if generation_config.max_length is not None else 20,
+        "min_new_tokens": min_new_tokens or 0,
+        "do_sample": do_sample,
+        "temperature": temperature,
+        "top_k": top_k or None,
+        "top_p": top_p,
+        "eos_token_id": eos[0] if isinstance(eos, (list, tuple)) else eos,
+        "pad_token_id": pad[0] if isinstance(pad, (list, tuple)) else pad,
+        "return_dict_in_generate": bool(generation_config.return_dict_in_generate),
+    }
+
+
 def _prepare_members(
     config: EnsembleConfig,
     members: Sequence[Any] | None,
@@ -946,7 +1401,13 @@ def _prepare_members(
         model = entry[0] if isinstance(entry, tuple) else entry
         if isinstance(model, nn.Module):
             continue
-        spec = member_spec(entry, index)
+        # A name/path entry keeps the revision recorded for it in the config (from_members(..., revisions=[...]) puts
+        # it there), so the member is loaded at, and recorded with, the pinned commit instead of the default branch.
+        recorded = (config.members or [])[index] if config.members and index < len(config.members) else None
+        pinned = None
+        if isinstance(entry, (str, os.PathLike)) and recorded and recorded.get("name_or_path") == str(entry):
+            pinned = recorded.get("revision")
+        spec = member_spec(entry, index, pinned)
         check_member_path(spec, index)
         entries[index] = spec
         to_load.append(index)

@@ -33,14 +33,23 @@ CROSS_TOKENIZER_HINT = (
 
 
 def member_spec(member: Any, index: int, revision: str | None = None) -> dict[str, Any]:
-    """`{"name_or_path", "revision"}` for a member given by name/path or as such a dict."""
+    """`{"name_or_path", "revision"}` for a member given by name/path or as such a dict.
+
+    `revision` applies to a name/path, and to a dict that pins none itself (a dict pinning another one is refused).
+    """
     if isinstance(member, dict):
         if "name_or_path" not in member:
             raise ValueError(
                 f"members[{index}] is a dict without 'name_or_path' ({member!r}); use "
                 "{'name_or_path': 'org/name' or '/path', 'revision': '<commit>'}."
             )
-        spec = {"name_or_path": str(member["name_or_path"]), "revision": member.get("revision")}
+        own_revision = member.get("revision")
+        if own_revision is not None and revision is not None and own_revision != revision:
+            raise ValueError(
+                f"members[{index}] pins revision {own_revision!r} but revisions[{index}] is {revision!r}; give the "
+                "revision in one place only."
+            )
+        spec = {"name_or_path": str(member["name_or_path"]), "revision": own_revision or revision}
         if member.get("gguf_file"):
             spec["gguf_file"] = member["gguf_file"]
         return spec
@@ -101,11 +110,13 @@ def resolved_revision(model: Any, spec_revision: str | None, name_or_path: str |
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_tokenizers_compatible(tokenizers: Sequence[PreTrainedTokenizerBase | None], names: Sequence[str]) -> None:
+def check_tokenizers_compatible(
+    tokenizers: Sequence[PreTrainedTokenizerBase | None], names: Sequence[str], hint: str = CROSS_TOKENIZER_HINT
+) -> None:
     """Raise `ValueError` unless every tokenizer maps the same tokens to the same ids and encodes probes alike.
 
-    Members without a tokenizer (`None`) are skipped. The message lists differing tokens (first 10) and points to
-    cross-tokenizer ensembling.
+    Members without a tokenizer (`None`) are skipped. The message lists differing tokens (first 10) and ends with
+    `hint` (by default: a pointer to cross-tokenizer ensembling).
     """
     present = [(index, tokenizer) for index, tokenizer in enumerate(tokenizers) if tokenizer is not None]
     if len(present) < 2:
@@ -125,7 +136,7 @@ def check_tokenizers_compatible(tokenizers: Sequence[PreTrainedTokenizerBase | N
             raise ValueError(
                 f"members[{index}] ({names[index]!r}) does not share the token-to-id map of members[{reference_index}] "
                 f"({names[reference_index]!r}): {len(differing)} tokens differ (vocabulary sizes {len(reference_vocab)} "
-                f"and {len(vocab)}), e.g. {examples}. {CROSS_TOKENIZER_HINT}"
+                f"and {len(vocab)}), e.g. {examples}. {hint}"
             )
         for text in PROBE_TEXTS:
             expected = reference(text, add_special_tokens=False)["input_ids"]
@@ -134,7 +145,7 @@ def check_tokenizers_compatible(tokenizers: Sequence[PreTrainedTokenizerBase | N
                 raise ValueError(
                     f"members[{index}] ({names[index]!r}) has the same vocabulary as members[{reference_index}] but "
                     f"encodes {text!r} differently ({found[:12]} vs {expected[:12]}): its normaliser or "
-                    f"pre-tokenizer differs. {CROSS_TOKENIZER_HINT}"
+                    f"pre-tokenizer differs. {hint}"
                 )
         for attribute in ("eos_token_id", "bos_token_id"):
             if getattr(tokenizer, attribute, None) != getattr(reference, attribute, None):
