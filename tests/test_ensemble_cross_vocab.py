@@ -147,6 +147,24 @@ def test_member_with_all_the_weight_reproduces_its_own_greedy_generate(pairs, co
     assert text and reference_text.startswith(text)
 
 
+def test_sampling_filters_apply_to_the_pooled_candidates(ensemble, corpus_tokenizer):
+    inputs = _ids(corpus_tokenizer)
+    greedy = ensemble.generate(**inputs, max_new_tokens=8)
+    torch.manual_seed(0)
+    assert torch.equal(ensemble.generate(**inputs, max_new_tokens=8, do_sample=True, top_k=1), greedy)
+    torch.manual_seed(0)
+    assert torch.equal(ensemble.generate(**inputs, max_new_tokens=8, do_sample=True, top_p=1e-6), greedy)
+
+
+def test_text_generation_pipeline_accepts_the_cross_tokenizer_ensemble(ensemble, corpus_tokenizer):
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=ensemble, tokenizer=corpus_tokenizer)
+    text = generator(OTHER_PROMPT, max_new_tokens=6, do_sample=False)[0]["generated_text"]
+    expected = ensemble.generate(**_ids(corpus_tokenizer, OTHER_PROMPT), max_new_tokens=6)
+    assert text == corpus_tokenizer.decode(expected[0], skip_special_tokens=True)
+
+
 def test_left_padded_batch_equals_each_prompt_alone(ensemble, corpus_tokenizer):
     corpus_tokenizer.padding_side = "left"
     batch = corpus_tokenizer([PROMPT, OTHER_PROMPT], return_tensors="pt", padding=True)

@@ -1,8 +1,10 @@
 """Logit-level ensembles of checkpoints that share a tokenizer: causal LMs that work with `generate()`, and
-sequence classifiers with voting or stacking.
+sequence classifiers with voting or stacking. Causal LMs whose tokenizers differ ensemble too, at the level of text
+pieces, with `EnsembleForCausalLM.from_members(..., cross_tokenizer=True)` (`generate()` only).
 
 - :mod:`.combination`: the combination rules (pure functions over member log-probabilities).
-- :mod:`.causal_lm`: :class:`EnsembleConfig`, :class:`EnsembleForCausalLM` (one KV cache per member).
+- :mod:`.causal_lm`: :class:`EnsembleConfig`, :class:`EnsembleForCausalLM` (one KV cache per member; with
+  `cross_tokenizer=True`, generation through :class:`hf_interop.cross_tokenizer_ensemble.CrossTokenizerEnsemble`).
 - :mod:`.weights`: :func:`fit_ensemble_weights` (member weights by held-out NLL, PackLLM-style initialisation).
 - :mod:`.classification`: :class:`EnsembleForSequenceClassification`.
 """

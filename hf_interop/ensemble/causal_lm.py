@@ -362,6 +362,10 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     pipelines, `Trainer.evaluate` and distillation trainers use it like any causal LM. `get_output_embeddings()`
     returns `None`: there is no single LM head, a distillation trainer must take the full `logits`.
 
+    Members whose tokenizers differ are accepted with `cross_tokenizer=True` (see :class:`EnsembleConfig`): then
+    `generate()` combines them over pooled text pieces and returns ids of the ensemble's tokenizer (the first
+    member's unless another member's is given), and `forward()` raises (no logits over one vocabulary).
+
     Build it with :meth:`from_members` (names, paths, loaded models or `(model, tokenizer)` pairs),
     :meth:`from_lora_adapters` (several LoRA adapters of one base), or `EnsembleForCausalLM(config)` /
     :meth:`from_pretrained` (members loaded from the config with :func:`hf_interop.load_causal_lm`,
