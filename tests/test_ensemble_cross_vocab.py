@@ -310,7 +310,7 @@ def test_config_refuses_cross_tokenizer_with_lora_adapters():
         EnsembleConfig(members=["a"], cross_tokenizer="yes")
 
 
-def test_ensemble_tokenizer_must_be_a_members(pairs, corpus):
+def test_ensemble_tokenizer_must_be_one_members_and_may_be_any_members(pairs, corpus):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -321,9 +321,20 @@ def test_ensemble_tokenizer_must_be_a_members(pairs, corpus):
     stranger = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
     with pytest.raises(ValueError, match="is not the tokenizer of any member"):
         EnsembleForCausalLM.from_members(pairs, tokenizer=stranger, cross_tokenizer=True)
-    # the second member's tokenizer is accepted: ids are then GPT-2 ids
-    gpt2_ids = EnsembleForCausalLM.from_members(pairs, [0.0, 1.0], tokenizer=pairs[1][1], cross_tokenizer=True)
-    assert gpt2_ids._tokenizer_member_index == 1
+    # the second member's tokenizer is accepted: ids (EOS and padding included) are then GPT-2 ids, and with all the
+    # weight on that member the ensemble writes exactly its own greedy ids
+    gpt2, gpt2_tokenizer = pairs[1]
+    gpt2_ids = EnsembleForCausalLM.from_members(pairs, [0.0, 1.0], tokenizer=gpt2_tokenizer, cross_tokenizer=True)
+    assert gpt2_ids.generation_config.eos_token_id == gpt2_tokenizer.eos_token_id == 50256
+    inputs = _ids(gpt2_tokenizer)
+    reference = gpt2.generate(
+        **inputs,
+        max_new_tokens=10,
+        do_sample=False,
+        suppress_tokens=_suppressed(gpt2_ids, 1),
+        pad_token_id=gpt2_tokenizer.eos_token_id,
+    )
+    assert torch.equal(gpt2_ids.generate(**inputs, max_new_tokens=10), reference)
 
 
 @pytest.mark.parametrize(

@@ -427,7 +427,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             )
             self._set_shared_vocab_size(tokenizer, names)
         self._logits_to_keep_support = [_accepts(member, "logits_to_keep") for member in self.members]
-        self.generation_config = _generation_config_from(self.members[0], tokenizer)
+        # Special-token ids come from the member whose ids the ensemble reads and writes (the first one's by default).
+        generation_source = self.members[self._tokenizer_member_index or 0]
+        self.generation_config = _generation_config_from(generation_source, tokenizer)
         self.post_init()
         self.eval()
 
