@@ -265,6 +265,16 @@ def test_save_and_from_pretrained_round_trip_gives_identical_generations(member_
         assert torch.equal(reloaded.generate(**inputs, max_new_tokens=8), expected)
 
 
+@pytest.mark.gpu
+def test_members_on_gpu_and_cpu_generate_like_on_cpu(member_dirs, corpus_tokenizer):
+    on_cpu = EnsembleForCausalLM.from_members(member_dirs, cross_tokenizer=True)
+    mixed = EnsembleForCausalLM.from_members(member_dirs, member_device_maps=["cuda:0", "cpu"], cross_tokenizer=True)
+    inputs = _ids(corpus_tokenizer)
+    output = mixed.generate(**{key: value.cuda() for key, value in inputs.items()}, max_new_tokens=8)
+    assert output.device.type == "cuda"
+    assert torch.equal(output.cpu(), on_cpu.generate(**inputs, max_new_tokens=8))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------------------
