@@ -890,10 +890,11 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 f"token, got {shape}; encode with ensemble.tokenizer(texts, return_tensors='pt')."
             )
         vocab_size = len(self.tokenizer)
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size:
+        outside = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
+        if outside.numel():
             raise ValueError(
-                f"input_ids holds id {int(input_ids.max()) if int(input_ids.max()) >= vocab_size else int(input_ids.min())}"
-                f" outside the ensemble tokenizer's {vocab_size} ids; encode the prompt with ensemble.tokenizer."
+                f"input_ids holds id {int(outside[0])} outside the ensemble tokenizer's {vocab_size} ids; encode the "
+                "prompt with ensemble.tokenizer."
             )
         pad_token_id, eos_token_id = settings["pad_token_id"], settings["eos_token_id"]
         if attention_mask is None:
