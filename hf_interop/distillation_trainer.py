@@ -277,8 +277,9 @@ class DistillationTrainer(Trainer):
     The teacher is frozen, kept in eval mode, run under `torch.no_grad()` and never wrapped for distributed
     training. It is placed through Accelerate: on the student's device by default, on its own device(s) with
     `args.teacher_device_map` (e.g. `{"": "cuda:1"}`, or `"auto"` with `args.teacher_max_memory`), sharded like the
-    student under DeepSpeed ZeRO-3 and prepared in evaluation mode under FSDP (those two use the dense loss, because
-    output heads are sharded outside the forward pass).
+    student under DeepSpeed ZeRO-3, and whole on every process under FSDP (prepared in evaluation mode, never
+    sharded). Those two use the dense loss, because the student's output head is sharded outside the forward pass.
+    FSDP2 also runs on several CPU processes (gloo, `use_cpu=True` under `torchrun`).
 
     Args:
         model (`PreTrainedModel`, `PeftModel` or `str`):
@@ -593,8 +594,10 @@ class DistillationTrainer(Trainer):
             return teacher  # the caller spread it over several devices (from_pretrained(device_map=...)): keep that
         if self.is_deepspeed_enabled:  # pragma: no cover - needs DeepSpeed and GPUs
             return self._prepare_deepspeed_teacher(teacher)
-        if self.is_fsdp_enabled:  # pragma: no cover - needs FSDP
-            teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        if self.is_fsdp_enabled:
+            # evaluation mode: mixed precision only, never sharded or wrapped (each process holds the whole frozen
+            # teacher, as under DDP); placed explicitly, because Accelerate places no model itself under FSDP
+            teacher = self.accelerator.prepare_model(teacher, device_placement=True, evaluation_mode=True)
             teacher.eval()
             return teacher
         return teacher.to(self.args.device)
@@ -649,6 +652,50 @@ class DistillationTrainer(Trainer):
         )
 
     # ---------------------------------------------------------------- Trainer hooks
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's Accelerator, with FSDP really enabled when it was asked for on CPU processes.
+
+        Accelerate enables FSDP only for accelerator devices (`AcceleratorState` switches to FSDP from GPU-like
+        distributed types, not from `MULTI_CPU`), so `fsdp`/`fsdp_config` (or `ACCELERATE_USE_FSDP=true`) with
+        `use_cpu=True` under `torchrun` would silently train with DDP. PyTorch's FSDP2 (`fully_shard`) runs on a CPU
+        device mesh over gloo: the state is switched to FSDP the way Accelerate does it on GPUs, and the Accelerator
+        is built again on top of it.
+        """
+        super().create_accelerator_and_postprocess()
+        plugin = self._cpu_fsdp_plugin()
+        if plugin is None:
+            return
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        state = self.accelerator.state
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+        super().create_accelerator_and_postprocess()
+        logger.info(f"FSDP{plugin.fsdp_version} on {state.num_processes} CPU processes (gloo).")
+
+    def _cpu_fsdp_plugin(self) -> Any:
+        """The FSDP plugin asked for when Accelerate left several CPU processes on DDP (`MULTI_CPU`), else `None`."""
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        if self.accelerator.state.distributed_type != DistributedType.MULTI_CPU:
+            return None
+        if self.args.fsdp_plugin_args is not None:
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` sets
+        else:
+            return None
+        if plugin.fsdp_version != 2:
+            raise ValueError(
+                f"fsdp_version={plugin.fsdp_version} on CPU processes: only FSDP2 (fully_shard) runs on CPUs here; set "
+                "fsdp_config={'version': 2} (or fsdp_version: 2 in the accelerate config), or train on GPUs."
+            )
+        return plugin
 
     def _set_signature_columns_if_needed(self) -> None:
         # Private hook, overridden so that the Trainer's column pruning keeps the cached teacher columns, which are
@@ -789,6 +836,9 @@ class DistillationTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Private hook, overridden so that every save (checkpoints and the final model) also stores the learned
         # hidden-state projections next to the student, which resuming needs and the student's own files exclude.
+        # Under FSDP it also drops the extra copies of tied weights from the gathered state dict.
+        if state_dict is not None and self.is_fsdp_enabled:
+            state_dict = self._without_tied_copies(state_dict)
         super()._save(output_dir, state_dict=state_dict)
         if not any(True for _ in self.hidden_projections.parameters()):
             return
@@ -802,6 +852,21 @@ class DistillationTrainer(Trainer):
         }
         save_file(tensors, tmp_path, metadata={"hidden_layer_map": str(self.args.hidden_layer_map)})
         os.replace(tmp_path, path)
+
+    def _without_tied_copies(self, state_dict: dict) -> dict:
+        """`state_dict` keeping one name per tied parameter (e.g. `model.embed_tokens.weight`, not `lm_head.weight`).
+
+        A state dict gathered from FSDP shards holds a separate tensor for every name of a tied parameter, so
+        `save_pretrained`, which recognises tied weights by shared memory, would save each copy.
+        """
+        first_names: dict[int, str] = {}
+        copies = set()
+        for name, parameter in self.accelerator.unwrap_model(self.model).named_parameters(remove_duplicate=False):
+            if id(parameter) in first_names:
+                copies.add(name)
+            else:
+                first_names[id(parameter)] = name
+        return {name: tensor for name, tensor in state_dict.items() if name not in copies}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # Private hook, overridden so that resuming restores the learned hidden-state projections saved by `_save`.
@@ -820,8 +885,21 @@ class DistillationTrainer(Trainer):
         self.hidden_projections.load_state_dict(load_file(path, device=str(self.args.device)))
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the student (and projections); the final save (not checkpoints) also writes a model card."""
-        super().save_model(output_dir, _internal_call=_internal_call)
+        """Save the student (and projections); the final save (not checkpoints) also writes a model card.
+
+        Under FSDP with `SHARDED_STATE_DICT` the Trainer's final save writes no weights at all; here the final save
+        gathers the whole student (a collective: every process calls it) so that `from_pretrained` loads it.
+        """
+        if (
+            not _internal_call
+            and self.is_fsdp_enabled
+            and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        ):
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+            if self.args.push_to_hub:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        else:
+            super().save_model(output_dir, _internal_call=_internal_call)
         if not _internal_call and self.args.should_save:
             self._write_model_card(output_dir if output_dir is not None else self.args.output_dir)
 

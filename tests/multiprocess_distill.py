@@ -1,18 +1,32 @@
 """Launched by `tests/test_multiprocess.py` (e.g. `torchrun --nproc_per_node 2 tests/multiprocess_distill.py ...`).
 
 Runs the distill recipe (the same code as `recipes/distill.py` and `hf-interop distill`) and, per rank, writes
-`REPORT_DIR/rank<R>.json` (what the trainer looked like: world size, how the student and teacher were wrapped, who
-saved) and `REPORT_DIR/rank<R>.log` (everything the rank printed), so the test can check DDP behaviour from outside.
+`REPORT_DIR/rank<R>.json` (what the trainer looked like: world size, engine, how the student and teacher were wrapped
+or sharded, a digest of the teacher's weights, who saved) and `REPORT_DIR/rank<R>.log` (everything the rank printed),
+so the test can check DDP and FSDP behaviour from outside.
 
 Usage: multiprocess_distill.py REPORT_DIR [distill options...]
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 from pathlib import Path
+
+
+def weights_digest(module) -> str:
+    """SHA-256 of a module's parameters and buffers (name, dtype, shape, bytes), in state-dict order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def main() -> None:
@@ -57,17 +71,29 @@ def main() -> None:
     report_recipe_result("distill", result)
     trainer = result["trainer"]
     teacher = trainer.teacher_model
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
     report = {
         "rank": rank,
         "num_processes": trainer.accelerator.num_processes,
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
+        "distributed_type": str(trainer.accelerator.distributed_type).rsplit(".", 1)[-1],
+        "is_fsdp2": bool(trainer.accelerator.is_fsdp2),
+        "use_chunked_loss": trainer.use_chunked_loss,
         "student_wrapper": type(trainer.model_wrapped).__name__,
+        "student_is_fsdp_module": isinstance(trainer.model, FSDPModule),
+        "student_sharded": any(isinstance(p, DTensor) for p in trainer.model.parameters()),
         "teacher_class": type(teacher).__name__,
         "teacher_is_ddp": isinstance(teacher, torch.nn.parallel.DistributedDataParallel),
+        "teacher_is_fsdp_module": any(isinstance(m, FSDPModule) for m in teacher.modules()),
+        "teacher_sharded": any(isinstance(p, DTensor) for p in teacher.parameters()),
+        "teacher_digest": weights_digest(teacher),
         "teacher_requires_grad": any(p.requires_grad for p in teacher.parameters()),
         "teacher_training": teacher.training,
         "writes": [write for write in writes if write["is_main_process"]],
         "global_step": trainer.state.global_step,
+        "log_history": trainer.state.log_history,
     }
     (report_dir / f"rank{rank}.json").write_text(json.dumps(report, indent=2))
 

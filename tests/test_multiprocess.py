@@ -1,9 +1,10 @@
-"""Distillation on 2 CPU processes (gloo): same weights as one process with the same global batch, a teacher that is
-never DDP-wrapped, and only the main process logging and saving.
+"""Distillation on 2 CPU processes (gloo), under DDP and under FSDP2: the same weights as one process with the same
+global batch, a teacher that is never wrapped or sharded, and only the main process logging and saving.
 
-`accelerate launch --cpu --num_processes 2` silently runs ONE process, so the test launches
-`torchrun --nproc_per_node 2 tests/multiprocess_distill.py` (see recipes/README.md). FSDP and DeepSpeed ZeRO-3 need
-GPUs here: their tests are marked `gpu` and hold the exact commands.
+`accelerate launch --cpu --num_processes 2` silently runs ONE process, so DDP is launched with
+`torchrun --nproc_per_node 2 tests/multiprocess_distill.py ... --use_cpu true`, and FSDP with
+`accelerate launch --config_file recipes/accelerate_configs/fsdp_cpu.yaml ... --use_cpu true` (see recipes/README.md).
+DeepSpeed ZeRO-3 (and FSDP on GPUs) need GPUs: those tests are marked `gpu` and hold the exact commands.
 """
 
 from __future__ import annotations
@@ -75,50 +76,87 @@ def _torchrun() -> list[str]:
     return [launcher] if launcher else [sys.executable, "-m", "torch.distributed.run"]
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_model_dirs, student_dir):
-    root = tmp_path_factory.mktemp("multiprocess")
-    teacher_dir = tiny_model_dirs["llama"]
+def _launch(command: list[str], root: Path, timeout: int = 300) -> dict:
+    """Run a 2-rank launch of `multiprocess_distill.py` (reports under `root / "reports"`); per-rank reports and logs."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS_DIR)}
+    launched = _run(command, env=env, cwd=root, timeout=timeout)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    reports = {rank: json.loads((root / "reports" / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    logs = {rank: (root / "reports" / f"rank{rank}.log").read_text() for rank in (0, 1)}
+    return {"root": root, "reports": reports, "logs": logs}
+
+
+def _single_process(output_dir: Path, options: list[str]) -> dict:
+    from hf_interop.cli import run_recipe
+
+    single = run_recipe("distill", options, prog="test")
+    assert single["trainer"].accelerator.num_processes == 1
+    return {"output_dir": output_dir, "log_history": single["trainer"].state.log_history}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_model_dirs, student_dir):
+    """The reference: one process with the whole global batch (the chunked loss, as DDP uses)."""
+    output_dir = tmp_path_factory.mktemp("one_process") / "out"
+    return _single_process(
+        output_dir, _distill_options(student_dir, tiny_model_dirs["llama"], output_dir, GLOBAL_BATCH)
+    )
+
+
+@pytest.fixture(scope="module")
+def one_process_dense(tmp_path_factory, tiny_model_dirs, student_dir):
+    """The reference for FSDP, which computes the loss from full logits: one process with the dense loss."""
+    output_dir = tmp_path_factory.mktemp("one_process_dense") / "out"
+    options = _distill_options(student_dir, tiny_model_dirs["llama"], output_dir, GLOBAL_BATCH)
+    return _single_process(output_dir, [*options, "--loss_chunk_size", "0"])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dirs, student_dir, one_process):
+    root = tmp_path_factory.mktemp("multiprocess")
     # --standalone: a local rendezvous on a free port (parallel test runs do not collide).
     command = [*_torchrun(), "--standalone", "--nproc_per_node", "2", str(TESTS_DIR / "multiprocess_distill.py")]
     command += [str(root / "reports")]
-    command += _distill_options(student_dir, teacher_dir, root / "two_processes", GLOBAL_BATCH // 2)
-    launched = _run(command, env=env, cwd=root, timeout=300)
-    assert launched.returncode == 0, launched.stderr[-3000:]
-
-    from hf_interop.cli import run_recipe
-
-    single = run_recipe(
-        "distill", _distill_options(student_dir, teacher_dir, root / "one_process", GLOBAL_BATCH), prog="test"
-    )
-    assert single["trainer"].accelerator.num_processes == 1
-    reports = {rank: json.loads((root / "reports" / f"rank{rank}.json").read_text()) for rank in (0, 1)}
-    logs = {rank: (root / "reports" / f"rank{rank}.log").read_text() for rank in (0, 1)}
-    return {"root": root, "reports": reports, "logs": logs, "student_dir": student_dir}
+    command += _distill_options(student_dir, tiny_model_dirs["llama"], root / "two_processes", GLOBAL_BATCH // 2)
+    return {**_launch(command, root), "one_process": one_process, "student_dir": student_dir}
 
 
-def test_two_ranks_really_ran_ddp_with_a_plain_teacher(runs):
-    for rank, report in runs["reports"].items():
-        assert report["num_processes"] == 2 and report["backend"] == "gloo" and report["global_step"] == 3
-        assert report["student_wrapper"] == "DistributedDataParallel", "the student must be trained through DDP"
-        assert not report["teacher_is_ddp"] and report["teacher_class"] == "LlamaForCausalLM"
-        assert not report["teacher_requires_grad"] and not report["teacher_training"], rank
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, tiny_model_dirs, student_dir, one_process_dense):
+    """FSDP2 on 2 CPU ranks, launched exactly as recipes/README.md says (fsdp_cpu.yaml, `--use_cpu true`)."""
+    root = tmp_path_factory.mktemp("fsdp_cpu")
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    command = [accelerate, "launch", "--config_file", str(REPO / "recipes" / "accelerate_configs" / "fsdp_cpu.yaml")]
+    command += ["--main_process_port", "0", str(TESTS_DIR / "multiprocess_distill.py"), str(root / "reports")]
+    command += _distill_options(student_dir, tiny_model_dirs["llama"], root / "two_processes", GLOBAL_BATCH // 2)
+    return {**_launch(command, root), "one_process": one_process_dense, "student_dir": student_dir}
 
 
-def test_weights_match_single_process_with_same_global_batch(runs):
-    root = runs["root"]
-    two = load_file(str(root / "two_processes" / "model.safetensors"))
-    one = load_file(str(root / "one_process" / "model.safetensors"))
+def _max_weight_difference(runs: dict) -> float:
+    """Largest |two ranks - one process| over all saved weights, after checking that training moved them at all."""
+    two = load_file(str(runs["root"] / "two_processes" / "model.safetensors"))
+    one = load_file(str(runs["one_process"]["output_dir"] / "model.safetensors"))
     initial = load_file(str(runs["student_dir"] / "model.safetensors"))
     assert two.keys() == one.keys()
+    assert all(two[name].shape == one[name].shape for name in one), "the saved model must be whole, not a shard"
     largest_update = max(float((one[name] - initial[name]).abs().max()) for name in one)
     assert largest_update > 1e-4, "training must move the weights for the comparison to mean anything"
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    return max(float((two[name] - one[name]).abs().max()) for name in one)
 
 
-def test_only_the_main_process_logs_and_saves(runs):
+def _assert_same_losses_and_gradient_norms(runs: dict) -> None:
+    """Adam's update hardly depends on the gradient's scale, so the weights alone would not catch gradients that are
+    averaged wrongly over processes: the logged global gradient norm and the losses do."""
+
+    def steps(history):
+        return [(entry["loss"], entry["grad_norm"], entry["kd_loss"]) for entry in history if "grad_norm" in entry]
+
+    two, one = steps(runs["reports"][0]["log_history"]), steps(runs["one_process"]["log_history"])
+    assert len(two) == len(one) == 3
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-7)
+
+
+def _assert_only_main_process_logs_and_saves(runs: dict) -> None:
     reports, logs = runs["reports"], runs["logs"]
     assert reports[1]["writes"] == [], "rank 1 wrote files"
     calls = {
@@ -134,6 +172,68 @@ def test_only_the_main_process_logs_and_saves(runs):
         root / "two_processes" / "README.md"
     ).is_file()
     assert not [p.name for p in root.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_two_ranks_really_ran_ddp_with_a_plain_teacher(runs):
+    for rank, report in runs["reports"].items():
+        assert report["num_processes"] == 2 and report["backend"] == "gloo" and report["global_step"] == 3
+        assert report["student_wrapper"] == "DistributedDataParallel", "the student must be trained through DDP"
+        assert not report["teacher_is_ddp"] and report["teacher_class"] == "LlamaForCausalLM"
+        assert not report["teacher_requires_grad"] and not report["teacher_training"], rank
+
+
+def test_weights_match_single_process_with_same_global_batch(runs):
+    _assert_same_losses_and_gradient_norms(runs)
+    difference = _max_weight_difference(runs)  # measured: 6e-8 (2 CPU ranks, float32)
+    assert difference <= 1e-5, difference
+
+
+def test_only_the_main_process_logs_and_saves(runs):
+    _assert_only_main_process_logs_and_saves(runs)
+
+
+def test_fsdp2_on_two_cpu_ranks_shards_the_student_not_the_teacher(fsdp_runs, tiny_model_dirs):
+    from multiprocess_distill import weights_digest
+
+    from hf_interop import load_causal_lm
+
+    teacher, _ = load_causal_lm(str(tiny_model_dirs["llama"]))
+    for rank, report in fsdp_runs["reports"].items():
+        assert report["num_processes"] == 2 and report["backend"] == "gloo" and report["global_step"] == 3, rank
+        # really FSDP2: the student is a fully_shard module whose parameters are DTensor shards (not DDP)
+        assert report["distributed_type"] == "FSDP" and report["is_fsdp2"], report
+        assert report["student_is_fsdp_module"] and report["student_sharded"], report
+        assert report["student_wrapper"] != "DistributedDataParallel"
+        # the student's output head is sharded outside its forward, so the dense loss replaces the chunked one
+        assert not report["use_chunked_loss"]
+        # the teacher: whole on every rank, frozen, in eval mode, never wrapped or sharded
+        assert report["teacher_class"] == "LlamaForCausalLM" and not report["teacher_is_ddp"]
+        assert not report["teacher_is_fsdp_module"] and not report["teacher_sharded"], report
+        assert not report["teacher_requires_grad"] and not report["teacher_training"], rank
+        # every rank holds the checkpoint's exact weights (none got an empty copy from rank-0-only loading)
+        assert report["teacher_digest"] == weights_digest(teacher), rank
+
+
+def test_fsdp2_weights_match_single_process_and_the_gathered_model_loads(fsdp_runs):
+    from transformers import AutoModelForCausalLM
+
+    _assert_same_losses_and_gradient_norms(fsdp_runs)
+    # Against one process with the same (dense) loss, measured max |difference| 2e-8: float32 rounding of a different
+    # summation order (reduce-scatter of shards vs one backward). The chunked loss of the DDP reference alone moves
+    # the weights by 3e-6 from the dense one after 3 Adam steps, hence the dense reference and the tighter bound.
+    difference = _max_weight_difference(fsdp_runs)
+    assert difference <= 1e-6, difference
+    folder = fsdp_runs["root"] / "two_processes"
+    model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    saved = load_file(str(folder / "model.safetensors"))
+    for name, parameter in model.named_parameters():
+        if name in saved:
+            torch.testing.assert_close(parameter.detach(), saved[name], atol=0, rtol=0)
+
+
+def test_fsdp2_only_the_main_process_logs_and_saves(fsdp_runs):
+    _assert_only_main_process_logs_and_saves(fsdp_runs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
