@@ -132,6 +132,17 @@ def fsdp_runs(tmp_path_factory, tiny_model_dirs, student_dir, one_process_dense)
     return {**_launch(command, root), "one_process": one_process_dense, "student_dir": student_dir}
 
 
+@pytest.fixture(scope="module")
+def fsdp_torchrun_runs(tmp_path_factory, tiny_model_dirs, student_dir, one_process_dense):
+    """FSDP2 asked for through the training arguments (`--fsdp --fsdp_config JSON`) under torchrun, full state dict."""
+    root = tmp_path_factory.mktemp("fsdp_torchrun")
+    command = [*_torchrun(), "--standalone", "--nproc_per_node", "2", str(TESTS_DIR / "multiprocess_distill.py")]
+    command += [str(root / "reports")]
+    command += _distill_options(student_dir, tiny_model_dirs["llama"], root / "two_processes", GLOBAL_BATCH // 2)
+    command += ["--fsdp", "--fsdp_config", json.dumps({"version": 2, "state_dict_type": "FULL_STATE_DICT"})]
+    return {**_launch(command, root), "one_process": one_process_dense, "student_dir": student_dir}
+
+
 def _max_weight_difference(runs: dict) -> float:
     """Largest |two ranks - one process| over all saved weights, after checking that training moved them at all."""
     two = load_file(str(runs["root"] / "two_processes" / "model.safetensors"))
@@ -236,6 +247,37 @@ def test_fsdp2_only_the_main_process_logs_and_saves(fsdp_runs):
     _assert_only_main_process_logs_and_saves(fsdp_runs)
 
 
+def test_fsdp2_through_training_arguments_under_torchrun(fsdp_torchrun_runs):
+    for rank, report in fsdp_torchrun_runs["reports"].items():
+        assert report["distributed_type"] == "FSDP" and report["is_fsdp2"] and report["student_sharded"], rank
+        assert not report["teacher_sharded"] and not report["teacher_requires_grad"], rank
+    _assert_same_losses_and_gradient_norms(fsdp_torchrun_runs)
+    difference = _max_weight_difference(fsdp_torchrun_runs)  # measured: 2e-8, as with fsdp_cpu.yaml
+    assert difference <= 1e-6, difference
+    _assert_only_main_process_logs_and_saves(fsdp_torchrun_runs)
+
+
+def test_fsdp1_on_cpu_processes_is_refused_with_a_clear_error():
+    # FSDP1 (FullyShardedDataParallel) fails on CPU ranks inside torch ("Inconsistent compute device and
+    # `device_id`"): the trainer refuses it before any model is wrapped, naming the setting and the fix.
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from hf_interop import DistillationTrainer
+
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(state=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)),
+        args=SimpleNamespace(fsdp_plugin_args={"fsdp_version": 1, "sync_module_states": False}),
+    )
+    with pytest.raises(ValueError, match=r"fsdp_version=1 on CPU processes.*'version': 2"):
+        DistillationTrainer._cpu_fsdp_plugin(trainer)
+    trainer.args.fsdp_plugin_args = {"fsdp_version": 2}
+    assert DistillationTrainer._cpu_fsdp_plugin(trainer).fsdp_version == 2
+    trainer.accelerator.state.distributed_type = DistributedType.MULTI_GPU  # Accelerate enables FSDP itself there
+    assert DistillationTrainer._cpu_fsdp_plugin(trainer) is None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Sharded engines: need GPUs here (documented commands; run on a machine with 2+ CUDA devices)
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,7 +303,9 @@ def _launch_on_gpus(config_file: str, tmp_path, tiny_model_dirs, student_dir) ->
 def test_fsdp_two_gpus(tmp_path, tiny_model_dirs, student_dir):
     reports = _launch_on_gpus("fsdp.yaml", tmp_path, tiny_model_dirs, student_dir)
     assert all(r["num_processes"] == 2 and not r["teacher_requires_grad"] for r in reports.values())
+    assert all(r["is_fsdp2"] and r["student_sharded"] and not r["teacher_sharded"] for r in reports.values())
     assert reports[1]["writes"] == [] and (tmp_path / "out" / "README.md").is_file()
+    assert (tmp_path / "out" / "model.safetensors").is_file(), "the final model is gathered under SHARDED_STATE_DICT"
 
 
 @pytest.mark.gpu
