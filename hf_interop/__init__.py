@@ -47,6 +47,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "push_output_to_hub": "hub",
     "write_lineage_manifest": "hub",
     "check_hub_access": "hub",
+    "compare_checkpoints": "compare",
+    "run_demo": "demo",
     # across tokenizers
     "load_gpt2_tokenizer": "cross_tokenizer",
     "CrossTokenizerDistillationConfig": "cross_tokenizer",
@@ -71,6 +73,11 @@ _SUBMODULES = {
     "compare",
     "cross_tokenizer",
     "cli",
+    "demo",
+    "distillation_config",
+    "distillation_trainer",
+    "cross_tokenizer_ensemble",
+    "logging_utils",
     "utils",
 }
 
