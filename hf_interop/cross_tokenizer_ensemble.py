@@ -2,7 +2,7 @@
 
 Members with different vocabularies cannot average logits column by column. :class:`CrossTokenizerEnsemble`
 generates text instead: at every step each member proposes its `top_k` most likely next tokens, the proposals are
-pooled by the text they stand for (their byte strings; UniTE, https://huggingface.co/papers/2412.15874, combines
+pooled by the text they stand for (their byte strings; UniTE, https://huggingface.co/papers/2410.03777, combines
 the union of top-k candidates this way), every member scores every pooled candidate, and the weighted mixture of
 the members' candidate distributions picks the next text piece. Each member then extends its own token sequence
 with that piece and keeps its KV cache for the part of its sequence that did not change.
