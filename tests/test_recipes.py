@@ -42,7 +42,7 @@ def test_recipe_layout():
         assert (RECIPES_DIR / script).is_file()
     for folder in [RECIPES_DIR, *{p.parent.parent for p in CONFIGS}]:
         assert (folder / "README.md").is_file(), f"{folder} has no README.md"
-    for name in ("ddp", "fsdp", "deepspeed_zero3"):
+    for name in ("ddp", "fsdp", "fsdp_cpu", "deepspeed_zero3"):
         assert (RECIPES_DIR / "accelerate_configs" / f"{name}.yaml").is_file()
 
 
@@ -68,9 +68,9 @@ def test_accelerate_configs_load():
 
     kinds = {
         name: load_config_from_file(str(RECIPES_DIR / "accelerate_configs" / f"{name}.yaml")).distributed_type.value
-        for name in ("ddp", "fsdp", "deepspeed_zero3")
+        for name in ("ddp", "fsdp", "fsdp_cpu", "deepspeed_zero3")
     }
-    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED"}
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "fsdp_cpu": "FSDP", "deepspeed_zero3": "DEEPSPEED"}
 
 
 def test_unknown_yaml_key_names_key_and_file(tmp_path, capsys):
