@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 # Kept in sync with `hf_interop.losses.LOSS_TYPES`; listed here so that building a config never imports torch math.
 DISTILLATION_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse")
 HIDDEN_LOSS_TYPES = ("mse", "cosine")
+SPARSE_TAIL_TYPES = ("bucket", "teacher_marginal")
 _CROSS_TOKENIZER_LOSS_TYPES = ("uld", "gold")
 
 
@@ -82,6 +83,13 @@ class DistillationConfig(TrainingArguments):
         teacher_logits_path (`str`, *optional*):
             Folder of a teacher cache written by [`cache_teacher_logits`] (top-k teacher log-probabilities of the
             training set). When set, no teacher is loaded or run: the loss uses the cached distributions.
+        sparse_tail (`str`, *optional*, defaults to `"bucket"`):
+            How a teacher cache's tail (the probability mass outside its top-k) is used; only with
+            `teacher_logits_path`. `"bucket"`: one bucket, matched by the student's total mass outside the top-k ids
+            (the student's shape inside the tail is left free; cheapest). `"teacher_marginal"`: the tail mass is
+            spread over the other tokens in proportion to the teacher's mean distribution over the cache
+            ([`TeacherLogitsCache.tail_prior_logprobs`]) and the divergence is taken over the whole vocabulary
+            (a `(chunk, vocabulary)` teacher tensor per loss chunk, no teacher forward).
 
         > Generation (on-policy and sequence-level distillation)
 
@@ -194,6 +202,14 @@ class DistillationConfig(TrainingArguments):
     teacher_logits_path: str | None = field(
         default=None,
         metadata={"help": "Folder of a teacher cache (cache_teacher_logits); no teacher is run when it is set."},
+    )
+    sparse_tail: str = field(
+        default="bucket",
+        metadata={
+            "help": "With teacher_logits_path: 'bucket' (the tail outside the top-k is one bucket) or "
+            "'teacher_marginal' (the tail spread like the teacher's mean distribution over the cache).",
+            "choices": list(SPARSE_TAIL_TYPES),
+        },
     )
 
     # ---- generation ----
@@ -309,6 +325,13 @@ class DistillationConfig(TrainingArguments):
                 f"training set, but lmbda={self.lmbda} / seq_kd={self.seq_kd} train on newly generated text; use a "
                 "live teacher for on-policy or sequence-level distillation, or set lmbda=0 and seq_kd=False."
             )
+        if self.sparse_tail not in SPARSE_TAIL_TYPES:
+            raise ValueError(f"sparse_tail={self.sparse_tail!r} is not known; use one of {list(SPARSE_TAIL_TYPES)}.")
+        if self.sparse_tail != "bucket" and self.teacher_logits_path is None:
+            raise ValueError(
+                f"sparse_tail={self.sparse_tail!r} shapes the tail of a teacher cache, but teacher_logits_path is "
+                "not set; set teacher_logits_path to a cache folder, or leave sparse_tail='bucket' with a live teacher."
+            )
         if self.teacher_logits_path is not None and self.hidden_loss_weight > 0:
             raise ValueError(
                 f"hidden_loss_weight={self.hidden_loss_weight} needs the teacher's hidden states, which a teacher "
@@ -325,6 +348,8 @@ class DistillationConfig(TrainingArguments):
             names.append("skew_alpha")
         if self.hidden_loss_weight > 0:
             names += ["hidden_loss_weight", "hidden_layer_map", "hidden_loss_type"]
+        if self.teacher_logits_path is not None:
+            names.append("sparse_tail")
         if self.lmbda > 0 or self.seq_kd:
             names += ["lmbda", "seq_kd", "max_new_tokens", "generation_temperature"]
         names += ["learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps"]

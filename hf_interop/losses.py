@@ -12,7 +12,8 @@ Three forms share the same math:
 - [`chunked_distillation_loss`]: from final hidden states plus each model's output head; valid tokens are
   processed `chunk_size` at a time, so neither model's full `(batch, seq, vocab)` logits tensor ever exists.
 - [`sparse_distillation_loss`] / [`chunked_sparse_distillation_loss`]: from a cached top-k teacher distribution
-  plus its leftover tail mass (see `hf_interop.teacher_cache`).
+  plus its leftover tail mass (see `hf_interop.teacher_cache`), either as k+1 buckets or, with a tail prior, with
+  the tail spread over the vocabulary like the prior.
 
 Divergences (`loss_type`), with `p_t`/`p_s` the teacher/student distributions at temperature `T`:
 
@@ -1157,6 +1158,55 @@ def _teacher_bucket_log_probs(
     return F.log_softmax(torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1), dim=-1)
 
 
+def _check_tail_prior(tail_prior_logprobs: Tensor, vocab: int) -> None:
+    if tail_prior_logprobs.dim() != 1 or tail_prior_logprobs.shape[0] != vocab:
+        raise ValueError(
+            f"teacher_tail_prior_logprobs shape {tuple(tail_prior_logprobs.shape)} must be ({vocab},): one "
+            "log-probability per token of the compared vocabulary (e.g. TeacherLogitsCache.tail_prior_logprobs())."
+        )
+    if not bool(torch.isfinite(tail_prior_logprobs).all()):
+        raise ValueError(
+            "teacher_tail_prior_logprobs hold NaN or infinite values; every token needs a finite log-probability "
+            "(a probability > 0), e.g. TeacherLogitsCache.tail_prior_logprobs()."
+        )
+
+
+def _resolve_tail_prior(tail_prior_logprobs: Tensor | None, vocab: int, top_k: int) -> Tensor | None:
+    """The checked prior, or `None` when there is none or no tail to spread (top-k = whole vocabulary)."""
+    if tail_prior_logprobs is None:
+        return None
+    _check_tail_prior(tail_prior_logprobs, vocab)
+    return tail_prior_logprobs.detach() if top_k < vocab else None
+
+
+def _teacher_dense_log_probs(
+    ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    tail_prior_logprobs: Tensor,
+    temperature: float,
+    cache_temperature: float,
+    dtype: torch.dtype,
+) -> Tensor:
+    """The cached teacher over the whole vocabulary, its tail spread in proportion to a prior; at `temperature`.
+
+    At the cache's temperature the top-k ids keep their cached probabilities and every other token `v` gets
+    `tail * prior(v) / prior(outside the top-k)`. Re-tempering raises that whole distribution to the power
+    `cache_temperature / temperature` and renormalises (exact under the prior's assumption about the tail).
+    """
+    vocab = tail_prior_logprobs.shape[0]
+    # at the cache temperature: normalised k+1 buckets (absorbs float16 rounding; floors an underflowed tail)
+    buckets = _teacher_bucket_log_probs(topk_logprobs, tail_logprob, 1.0, 1.0, vocab, dtype)
+    log_prior = tail_prior_logprobs.to(device=ids.device, dtype=dtype).expand(ids.shape[0], vocab)
+    # log of the prior's mass outside each row's top-k, summed directly (no 1 - sum cancellation)
+    log_prior_outside = torch.logsumexp(log_prior.scatter(-1, ids, -math.inf), dim=-1, keepdim=True)
+    dense = log_prior + (buckets[..., -1:] - log_prior_outside)
+    dense = dense.scatter(-1, ids, buckets[..., :-1])
+    if temperature != cache_temperature:
+        dense = F.log_softmax(dense * (cache_temperature / temperature), dim=-1)
+    return dense
+
+
 @torch.no_grad()
 def _sparse_teacher_statistics(ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor, dtype: torch.dtype):
     teacher_argmax = ids.gather(-1, topk_logprobs.argmax(-1, keepdim=True)).squeeze(-1)
@@ -1178,6 +1228,7 @@ def _sparse_divergence_and_logit_grad(
     scale_by_temperature_squared: bool | None,
     teacher_vocab_size: int,
     need_grad: bool,
+    tail_prior_logprobs: Tensor | None = None,
 ) -> _ChunkDivergence:
     """Sparse divergence per token and its gradient w.r.t. the student logits, without autograd over the vocab.
 
@@ -1185,8 +1236,20 @@ def _sparse_divergence_and_logit_grad(
     log-probabilities `b`. With `q = softmax(z)`, `b_j = z_{id_j} - lse(z)` and `b_tail = log(Q_tail)`,
     `Q_tail = sum of q outside the ids`, the chain rule gives `dL/dz_v = g_j - G q_v` at `v = id_j` and
     `q_v (g_tail / Q_tail - G)` elsewhere, with `G = sum(g)`.
+
+    With `tail_prior_logprobs` the teacher is spread over the whole vocabulary (see `_teacher_dense_log_probs`) and
+    the divergence and its gradient are the dense closed forms of [`chunked_distillation_loss`].
     """
     dtype = student_logits.dtype
+    if tail_prior_logprobs is not None:
+        teacher = _teacher_dense_log_probs(
+            ids, topk_logprobs, tail_logprob, tail_prior_logprobs, temperature, cache_temperature, dtype
+        )
+        if temperature != 1.0:
+            teacher = teacher.mul_(temperature)  # `_divergence_and_logit_grad` divides teacher logits by it
+        return _divergence_and_logit_grad(
+            student_logits, teacher, loss_type, temperature, jsd_beta, 0.0, scale_by_temperature_squared, need_grad
+        )
     scaled = student_logits / temperature if temperature != 1.0 else student_logits
     log_probs = F.log_softmax(scaled, dim=-1)
     student_top = log_probs.gather(-1, ids)
@@ -1232,17 +1295,28 @@ def _sparse_kd_per_token(
     scale_by_temperature_squared: bool | None,
     vocab: int,
     teacher_vocab_size: int,
+    tail_prior_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    student_buckets, teacher_buckets = _sparse_bucket_log_probs(
-        student_logits[..., :vocab],
-        ids,
-        topk_logprobs,
-        tail_logprob,
-        temperature,
-        cache_temperature,
-        teacher_vocab_size,
-    )
-    kd_tokens = _divergence_from_log_probs(student_buckets, teacher_buckets, loss_type, jsd_beta, 0.0)
+    if tail_prior_logprobs is not None:
+        dtype = _compute_dtype(student_logits)
+        scaled = student_logits[..., :vocab].to(dtype)
+        if temperature != 1.0:
+            scaled = scaled / temperature
+        teacher = _teacher_dense_log_probs(
+            ids, topk_logprobs, tail_logprob, tail_prior_logprobs, temperature, cache_temperature, dtype
+        )
+        kd_tokens = _divergence_from_log_probs(F.log_softmax(scaled, dim=-1), teacher, loss_type, jsd_beta, 0.0)
+    else:
+        student_buckets, teacher_buckets = _sparse_bucket_log_probs(
+            student_logits[..., :vocab],
+            ids,
+            topk_logprobs,
+            tail_logprob,
+            temperature,
+            cache_temperature,
+            teacher_vocab_size,
+        )
+        kd_tokens = _divergence_from_log_probs(student_buckets, teacher_buckets, loss_type, jsd_beta, 0.0)
     factor = _temperature_factor(loss_type, temperature, scale_by_temperature_squared)
     if factor != 1.0:
         kd_tokens = kd_tokens * factor
@@ -1296,12 +1370,21 @@ def sparse_distillation_loss(
     shared_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
     compute_ce_loss: bool = True,
+    teacher_tail_prior_logprobs: Tensor | None = None,
 ) -> DistillationLossOutput:
     """Distillation loss against a cached sparse teacher: its top-k log-probabilities plus the leftover tail mass.
 
     Both distributions become k+1 buckets: the teacher's top-k token ids, and a tail bucket holding everything
     else (for the student: its probability mass outside those ids, computed exactly). The divergence is taken
-    between these bucket distributions; with k equal to the vocabulary size it is exactly the dense loss.
+    between these bucket distributions; with k equal to the vocabulary size it is exactly the dense loss. The
+    buckets match the teacher's top-k probabilities and the student's total mass outside them, but leave the
+    student's distribution INSIDE the tail unconstrained (it keeps its own shape, scaled to the tail mass).
+
+    With `teacher_tail_prior_logprobs`, the teacher's tail mass at each position is instead spread over the tokens
+    outside its top-k in proportion to a prior (usually the teacher's average next-token distribution over the
+    cache, [`TeacherLogitsCache.tail_prior_logprobs`]) and the divergence is taken over the whole vocabulary. This
+    gives the student's tail a shape to learn (which tokens are frequent at all), at the cost of a dense
+    `(tokens, vocab)` teacher tensor per chunk (no teacher forward).
 
     Re-tempering: the cache stores log-probabilities at `cache_temperature`. For another training `temperature`,
     the top-k buckets are re-tempered exactly (`p_T ∝ p_cache ** (cache_temperature / temperature)`); the tail is
@@ -1331,6 +1414,11 @@ def sparse_distillation_loss(
             Teacher vocabulary size, used only by the re-tempering of the tail; defaults to the compared vocabulary.
         skew_alpha (`float`, *optional*):
             Accepted for a uniform call signature; unused (skew losses have no sparse form here).
+        teacher_tail_prior_logprobs (`torch.Tensor` of shape `(vocab,)`, *optional*):
+            Log-probabilities (any normalisation; all finite) over the compared vocabulary that shape the teacher's
+            tail (see above). `None` (default): k+1 buckets. Re-tempering then raises the whole spread teacher
+            distribution to the power `cache_temperature / temperature` (exact if the prior's assumption holds) and
+            `teacher_vocab_size` is unused.
         temperature, jsd_beta, scale_by_temperature_squared, kd_ratio, ignore_index, num_items_in_batch,
         compute_ce_loss:
             As in [`distillation_loss`].
@@ -1363,11 +1451,12 @@ def sparse_distillation_loss(
     topk_logprobs = topk_logprobs.index_select(0, valid)
     tail_logprob = tail_logprob.index_select(0, valid)
     _check_sparse_teacher(ids, topk_logprobs, tail_logprob, vocab)
+    tail_prior = _resolve_tail_prior(teacher_tail_prior_logprobs, vocab, ids.shape[-1])
     if compute_ce_loss:
         _check_labels_in_vocab(valid_labels, student_vocab)
     kd_tokens, teacher_argmax, teacher_entropy = _sparse_kd_per_token(
         student, ids, topk_logprobs, tail_logprob, loss_type, temperature, cache_temperature, jsd_beta,
-        scale_by_temperature_squared, vocab, teacher_vocab_size,
+        scale_by_temperature_squared, vocab, teacher_vocab_size, tail_prior,
     )  # fmt: skip
     kd_sum = kd_tokens.sum()
     ce_sum = None
@@ -1400,6 +1489,7 @@ def chunked_sparse_distillation_loss(
     teacher_vocab_size: int | None = None,
     compute_ce_loss: bool = True,
     fused_backward: bool = True,
+    teacher_tail_prior_logprobs: Tensor | None = None,
 ) -> DistillationLossOutput:
     """Memory-efficient [`sparse_distillation_loss`] from the student's final hidden states and output head.
 
@@ -1413,7 +1503,8 @@ def chunked_sparse_distillation_loss(
             hidden -> logits, usually `output_logits_fn(student)`.
         chunk_size, fused_backward:
             As in [`chunked_distillation_loss`].
-        teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob, labels, and the other keyword arguments:
+        teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob, labels, teacher_tail_prior_logprobs, and
+        the other keyword arguments:
             As in [`sparse_distillation_loss`].
 
     Returns:
@@ -1438,6 +1529,7 @@ def chunked_sparse_distillation_loss(
     topk_logprobs = topk_logprobs.index_select(0, valid)
     tail_logprob = tail_logprob.index_select(0, valid)
     resolved: dict[str, int] = {}
+    resolved_prior: list[Tensor | None] = []
 
     def kd_value_and_grad(
         student_logits: Tensor, start: int, end: int, need_grad: bool
@@ -1448,12 +1540,14 @@ def chunked_sparse_distillation_loss(
             )
             _check_sparse_teacher(ids, topk_logprobs, tail_logprob, vocab)
             resolved.update(vocab=vocab, teacher_vocab_size=vocab_t)
+            resolved_prior.append(_resolve_tail_prior(teacher_tail_prior_logprobs, vocab, ids.shape[-1]))
         vocab = resolved["vocab"]
         chunk_ids, chunk_logprobs, chunk_tail = ids[start:end], topk_logprobs[start:end], tail_logprob[start:end]
         student_vocab = student_logits.shape[-1]
         divergence = _sparse_divergence_and_logit_grad(
             student_logits[..., :vocab], chunk_ids, chunk_logprobs, chunk_tail, loss_type, temperature,
             cache_temperature, jsd_beta, scale_by_temperature_squared, resolved["teacher_vocab_size"], need_grad,
+            resolved_prior[0],
         )  # fmt: skip
         grad = divergence.logit_grad
         if grad is not None and vocab < student_vocab:

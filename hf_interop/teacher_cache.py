@@ -774,6 +774,7 @@ class TeacherLogitsCache:
         self.path = path
         self.manifest = manifest
         self.dataset = dataset
+        self._tail_prior: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -995,6 +996,53 @@ class TeacherLogitsCache:
             )
         column = pa.chunked_array(pieces, type=pa.large_list(pa.float32()))
         return pa.table({TAIL_COLUMN: column})
+
+    def tail_prior_logprobs(self) -> torch.Tensor:
+        """The teacher's mean next-token distribution over every cached position, estimated from the cache alone.
+
+        Each cached position contributes its stored top-k probabilities and spreads its tail mass evenly over the
+        other `vocab_size - top_k` tokens, so every token gets a probability > 0; the result is their mean. Passed
+        as `teacher_tail_prior_logprobs` to the sparse losses (`DistillationConfig.sparse_tail="teacher_marginal"`),
+        it shapes the teacher's tail: a token the teacher often ranks high elsewhere gets more of a position's
+        tail mass than one it never ranks. Reads every stored log-prob once (computed on the first call, then
+        kept on this object).
+
+        Returns:
+            `torch.Tensor` of shape `(vocab_size,)`, float32 log-probabilities (they sum to 1 in probability).
+        """
+        import numpy as np
+        import torch
+
+        if self._tail_prior is not None:
+            return self._tail_prior
+        k, vocab = self.top_k, self.vocab_size
+        tail_tokens = vocab - k
+        totals = torch.zeros(vocab, dtype=torch.float64)
+        spread = 0.0  # tail mass each token outside a position's top-k receives, summed over positions
+        num_positions = 0
+        for batch in self.dataset.data.to_batches():
+            ids_column, logprobs_column = batch.column(IDS_COLUMN), batch.column(LOGPROBS_COLUMN)
+            ids = torch.from_numpy(ids_column.flatten().to_numpy(zero_copy_only=False).astype(np.int64))
+            values = logprobs_column.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
+            logprobs = torch.from_numpy(values).reshape(-1, k)
+            if not logprobs.numel():
+                continue
+            probs = logprobs.double().exp()
+            num_positions += probs.shape[0]
+            if tail_tokens > 0:
+                per_tail_token = tail_logprob_from_topk(logprobs).double().exp() / tail_tokens
+                spread += float(per_tail_token.sum())
+                # a position's top-k ids get their probability instead of that position's even share of the tail
+                probs = probs - per_tail_token.unsqueeze(-1)
+            totals.index_add_(0, ids, probs.reshape(-1))
+        if num_positions == 0:
+            raise ValueError(
+                f"cache {str(self.path)!r} holds no cached positions; there is no distribution to average."
+            )
+        mean = (totals + spread).div_(num_positions)
+        # a token no position ranked, in a cache whose every tail rounded to 0, would get log(0): floor it
+        self._tail_prior = mean.clamp_min_(torch.finfo(torch.float32).tiny).log_().float()
+        return self._tail_prior
 
     def collate(self, features: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, torch.Tensor]:
         """Stack the cache columns of a batch of rows (from :meth:`attach`) into tensors.
