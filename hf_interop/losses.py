@@ -1384,7 +1384,9 @@ def sparse_distillation_loss(
     outside its top-k in proportion to a prior (usually the teacher's average next-token distribution over the
     cache, [`TeacherLogitsCache.tail_prior_logprobs`]) and the divergence is taken over the whole vocabulary. This
     gives the student's tail a shape to learn (which tokens are frequent at all), at the cost of a dense
-    `(tokens, vocab)` teacher tensor per chunk (no teacher forward).
+    `(tokens, vocab)` teacher tensor per chunk (no teacher forward). It helps students far from the teacher (random
+    initialisation); a student initialised from the teacher already has a context-dependent tail, which a fixed
+    prior overrides, so the buckets do better there (`benchmarks/results/teacher_cache.md`).
 
     Re-tempering: the cache stores log-probabilities at `cache_temperature`. For another training `temperature`,
     the top-k buckets are re-tempered exactly (`p_T ∝ p_cache ** (cache_temperature / temperature)`); the tail is
