@@ -149,9 +149,9 @@ def size_and_coverage(teacher, tokenizer, rows, work_dir: Path, sample_rows: int
 
 def train_variants(
     variants, teacher, tokenizer, student, train_rows, validation_rows, cache_dir: Path, work_dir: Path, steps: int,
-    learning_rate: float, kd_ratio: float,
+    learning_rate: float, kd_ratio: float, seed: int = 0,
 ) -> dict[str, dict]:  # fmt: skip
-    """Train a copy of `student` per variant on the same batches; step times and held-out perplexity."""
+    """Train a copy of `student` per variant on the same batches (drawn with `seed`); step times and held-out ppl."""
     from transformers import Trainer, TrainingArguments
 
     from hf_interop import DistillationConfig, DistillationTrainer, evaluate_perplexity
@@ -167,8 +167,8 @@ def train_variants(
         report_to="none",
         use_cpu=True,
         disable_tqdm=True,
-        seed=0,
-        data_seed=0,
+        seed=seed,
+        data_seed=seed,
         dataloader_num_workers=0,
     )
     kd = dict(loss_type="forward_kl", kd_ratio=kd_ratio, temperature=1.0)
