@@ -86,7 +86,7 @@ def test_conversion_is_cached_and_reused(gemma_dir, gemma):
 @needs_gemma
 def test_alignment_of_gemma_against_smollm2_and_gpt2(gemma, smollm2_tokenizer, gpt2_tokenizer):
     _, gemma_tokenizer = gemma
-    for student_tokenizer, low in ((smollm2_tokenizer, 0.5), (gpt2_tokenizer, 0.5)):
+    for student_tokenizer, low in ((smollm2_tokenizer, 0.6), (gpt2_tokenizer, 0.4)):
         alignments = align_texts(TEXTS, student_tokenizer, gemma_tokenizer)
         student_tokens = matched = 0
         for alignment in alignments:
@@ -106,7 +106,8 @@ def test_alignment_of_gemma_against_smollm2_and_gpt2(gemma, smollm2_tokenizer, g
             matched += alignment.num_matched
         fraction = matched / student_tokens
         name = type(student_tokenizer).__name__
-        # measured: 0.75 of SmolLM2's and 0.78 of GPT-2's tokens are matched one-to-one by a Gemma token
+        # measured here: 0.72 of SmolLM2's and 0.52 of GPT-2's tokens are matched one-to-one by a Gemma token
+        # (0.80 and 0.67 on 20 validation documents); GPT-2 splits whitespace runs and numbers differently
         assert low < fraction < 1.0, f"{name}: matched fraction {fraction:.3f} of {student_tokens} student tokens"
 
 
@@ -163,12 +164,12 @@ def test_smollm2_and_gemma_ensemble(smollm2, gemma):
 
     # all the weight on Gemma: Gemma's own greedy text, written in SmolLM2's ids
     ensemble = EnsembleForCausalLM.from_members(members, [0.0, 1.0], cross_tokenizer=True, cross_tokenizer_top_k=4)
-    output = ensemble.generate(**inputs, max_new_tokens=6)
+    output = ensemble.generate(**inputs, max_new_tokens=4)
     text = smol_tokenizer.decode(output[0, prompt_length:])
     gemma_inputs = gemma_tokenizer(prompt, return_tensors="pt")
     suppressed = ensemble._cross_tokenizer_engine.members[1].suppressed_ids
     reference = gemma_model.generate(
-        **gemma_inputs, max_new_tokens=10, do_sample=False, suppress_tokens=suppressed, pad_token_id=0
+        **gemma_inputs, max_new_tokens=8, do_sample=False, suppress_tokens=suppressed, pad_token_id=0
     )
     reference_text = gemma_tokenizer.decode(reference[0, gemma_inputs["input_ids"].shape[1] :])
     assert text.strip() and reference_text.startswith(text), (text, reference_text)
@@ -176,10 +177,10 @@ def test_smollm2_and_gemma_ensemble(smollm2, gemma):
 
     # all the weight on SmolLM2: exactly SmolLM2's own greedy ids
     ensemble.set_member_weights([1.0, 0.0])
-    output = ensemble.generate(**inputs, max_new_tokens=6)
+    output = ensemble.generate(**inputs, max_new_tokens=4)
     reference = smol.generate(
         **inputs,
-        max_new_tokens=6,
+        max_new_tokens=4,
         do_sample=False,
         suppress_tokens=ensemble._cross_tokenizer_engine.members[0].suppressed_ids,
         pad_token_id=smol_tokenizer.pad_token_id,
@@ -187,9 +188,9 @@ def test_smollm2_and_gemma_ensemble(smollm2, gemma):
     assert torch.equal(output, reference)
 
     ensemble.set_member_weights([0.5, 0.5])
-    mixed = ensemble.generate(**inputs, max_new_tokens=6)
+    mixed = ensemble.generate(**inputs, max_new_tokens=4)
     new = mixed[0, prompt_length:]
-    assert 0 < len(new) <= 6 and int(mixed.max()) < len(smol_tokenizer)
+    assert 0 < len(new) <= 4 and int(mixed.max()) < len(smol_tokenizer)
     assert smol_tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
@@ -200,7 +201,7 @@ def test_gemma_held_out_perplexity(gemma, corpus):
     from hf_interop.evaluation import evaluate_perplexity
 
     model, tokenizer = gemma
-    blocks = pack_dataset(corpus["validation"], tokenizer, block_size=63, max_blocks=6)
+    blocks = pack_dataset(corpus["validation"], tokenizer, block_size=63, max_blocks=4)
     # Gemma's predictions need <bos> first (without it the perplexity is ~10x higher): put it before each block
     bos = tokenizer.bos_token_id
     rows = {
