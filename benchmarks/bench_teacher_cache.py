@@ -28,9 +28,7 @@ fixed manifest overhead).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import functools
 import statistics
 import tempfile
 import time
@@ -97,30 +95,6 @@ class _StepTimer:
         self.callback = Callback()
 
 
-@contextlib.contextmanager
-def _tail_prior_wiring(trainer, cache_dir: Path):
-    """Makes sure the sparse loss gets the cache's tail prior; yields how.
-
-    `DistillationTrainer` passes `TeacherLogitsCache.tail_prior_logprobs()` itself when it reads
-    `DistillationConfig.sparse_tail` (attribute `teacher_tail_prior`). A trainer without that wiring gets the same
-    prior bound as `teacher_tail_prior_logprobs` to the loss functions it calls, for the duration of the run.
-    """
-    from hf_interop import TeacherLogitsCache, losses
-
-    if getattr(trainer, "teacher_tail_prior", None) is not None:
-        yield "DistillationConfig.sparse_tail"
-        return
-    prior = TeacherLogitsCache.load(cache_dir).tail_prior_logprobs()
-    originals = (losses.sparse_distillation_loss, losses.chunked_sparse_distillation_loss)
-    losses.sparse_distillation_loss, losses.chunked_sparse_distillation_loss = (
-        functools.partial(function, teacher_tail_prior_logprobs=prior) for function in originals
-    )
-    try:
-        yield "loss keyword teacher_tail_prior_logprobs (trainer wiring of sparse_tail pending)"
-    finally:
-        losses.sparse_distillation_loss, losses.chunked_sparse_distillation_loss = originals
-
-
 def size_and_coverage(teacher, tokenizer, rows, work_dir: Path, sample_rows: int) -> list[dict]:
     from hf_interop import cache_teacher_logits
     from hf_interop.loading import DEFAULT_TEACHER_HUB_ID
@@ -181,7 +155,6 @@ def train_variants(
         trainer_kwargs = dict(
             model=model, train_dataset=train_rows, data_collator=collator, callbacks=[timer.callback]
         )
-        wiring = contextlib.nullcontext("")
         if variant == "ce_only":
             trainer = Trainer(args=TrainingArguments(output_dir=output_dir, **common), **trainer_kwargs)
         elif variant.startswith("cache_k64"):
@@ -195,8 +168,6 @@ def train_variants(
                 processing_class=tokenizer,
                 **trainer_kwargs,
             )
-            if variant.endswith("marginal"):
-                wiring = _tail_prior_wiring(trainer, cache_dir)
         else:
             trainer = DistillationTrainer(
                 teacher_model=teacher,
@@ -204,10 +175,9 @@ def train_variants(
                 processing_class=tokenizer,
                 **trainer_kwargs,
             )
-        with wiring as how:
-            start = time.perf_counter()
-            trainer.train()
-            wall = time.perf_counter() - start
+        start = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - start
         timed = timer.durations[2:] or timer.durations  # two warm-up steps
         perplexity = evaluate_perplexity(model, validation_rows, batch_size=8, show_progress=False)["perplexity"]
         results[variant] = {
@@ -216,8 +186,6 @@ def train_variants(
             "train_wall_seconds": wall,
             "validation_perplexity": perplexity,
         }
-        if how:
-            results[variant]["tail_prior_wiring"] = how
         print(f"{variant}: {results[variant]}", flush=True)
         del trainer, model
     return results
@@ -353,14 +321,13 @@ def main() -> None:
     features = [attached[index] for index in range(BATCH_SIZE)]
     collate = time_call(lambda: cache.collate(features), repeats=5)
     prior_seconds = time_call(lambda: TeacherLogitsCache.load(cache_dir).tail_prior_logprobs(), repeats=1)
-    wiring = training["random"]["cache_k64_marginal"].get("tail_prior_wiring", "")
     markdown += (
         f"\n**Training.** KD = forward KL, kd_ratio {options.kd_ratio:g}, T 1; AdamW lr {options.learning_rate:g} "
         f"constant; batches of {BATCH_SIZE} x {BLOCK_SIZE} tokens drawn with the same seed from the first {num_train} "
         f'train blocks, whose k=64 cache took {caching_seconds:.1f} s. `sparse_tail="teacher_marginal"` spreads '
         "each position's cached tail mass over the tokens outside its top-k like the teacher's mean distribution "
         f"over the cache (`TeacherLogitsCache.tail_prior_logprobs`, {prior_seconds * 1000:.0f} ms to compute; passed via "
-        f"{wiring or 'the trainer'}). Step time = median of steps 3.. of the Trainer's optimizer step; the cache's "
+        f"DistillationConfig.sparse_tail). Step time = median of steps 3.. of the Trainer's optimizer step; the cache's "
         f"collate ({collate * 1000:.2f} ms per batch, outside the Trainer's step timing) is added to its rows. "
         f"Held-out perplexity on {options.validation_blocks} validation blocks.\n"
     )

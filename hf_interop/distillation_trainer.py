@@ -349,6 +349,7 @@ class DistillationTrainer(Trainer):
         self.self_distillation = False
         self.teacher_name_or_path: str | None = None
         self.shared_vocab_size: int | None = None
+        self.teacher_tail_prior = None  # sparse_tail="teacher_marginal": the cache's mean teacher distribution
         if args.teacher_logits_path is not None:
             if teacher_model is not None or args.teacher_model_name_or_path is not None:
                 raise ValueError(
@@ -372,6 +373,9 @@ class DistillationTrainer(Trainer):
             if cache_vocab is not None and int(cache_vocab) != _vocab_size(model) and processing_class is not None:
                 # same tokenizer (check_compatible compared fingerprints), padded embeddings on one side
                 self.shared_vocab_size = len(_tokenizer_of(processing_class))
+            if args.sparse_tail == "teacher_marginal":
+                prior = self.teacher_cache.tail_prior_logprobs()
+                self.teacher_tail_prior = prior[: self.shared_vocab_size] if self.shared_vocab_size else prior
         else:
             if teacher_model is None and args.teacher_model_name_or_path is not None:
                 teacher_model = args.teacher_model_name_or_path
@@ -1023,6 +1027,9 @@ class DistillationTrainer(Trainer):
                 "cache_temperature": float(self.teacher_cache.manifest.get("temperature", 1.0)),
                 "teacher_vocab_size": self.teacher_cache.manifest.get("vocab_size"),
                 "shared_vocab_size": self.shared_vocab_size,
+                "teacher_tail_prior_logprobs": (
+                    None if self.teacher_tail_prior is None else self.teacher_tail_prior.to(shift_labels.device)
+                ),
             }
             shifted = [cached[name] for name in TEACHER_CACHE_COLUMNS]
             if chunked:

@@ -14,7 +14,7 @@ from helpers import build_tiny_causal_lm
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from hf_interop import DistillationConfig, DistillationTrainer
+from hf_interop import DistillationConfig, DistillationTrainer, losses
 from hf_interop.distillation_trainer import (
     PROJECTIONS_FILE,
     _left_padded_prompts,
@@ -740,6 +740,56 @@ def test_teacher_logits_cache_replaces_the_teacher(tmp_path, corpus_tokenizer, t
         )
 
 
+def test_sparse_tail_teacher_marginal_uses_the_cache_prior(tmp_path, corpus_tokenizer, teacher, train_rows):
+    teacher_cache = pytest.importorskip("hf_interop.teacher_cache")
+    cache = teacher_cache.cache_teacher_logits(
+        teacher, train_rows, tmp_path / "cache", top_k=8, tokenizer=corpus_tokenizer, show_progress=False
+    )
+
+    def trainer_with(sparse_tail, chunk):
+        return DistillationTrainer(
+            model=make_student(corpus_tokenizer),
+            args=make_args(
+                tmp_path / f"{sparse_tail}{chunk}",
+                kd_ratio=1.0,
+                loss_chunk_size=chunk,
+                sparse_tail=sparse_tail,
+                teacher_logits_path=str(tmp_path / "cache"),
+            ),  # fmt: skip
+            train_dataset=train_rows,
+            processing_class=corpus_tokenizer,
+        )
+
+    marginal, bucket = trainer_with("teacher_marginal", 16), trainer_with("bucket", 16)
+    assert bucket.teacher_tail_prior is None
+    prior = teacher_cache.TeacherLogitsCache.load(tmp_path / "cache").tail_prior_logprobs()
+    torch.testing.assert_close(marginal.teacher_tail_prior, prior, rtol=0, atol=0)
+    torch.testing.assert_close(cache.tail_prior_logprobs(), prior, rtol=0, atol=0)
+
+    batch = first_batch(marginal)
+    marginal.model.eval()
+    bucket.model.eval()
+    with torch.no_grad():
+        marginal_loss = float(marginal.compute_loss(marginal.model, batch))
+        bucket_loss = float(bucket.compute_loss(bucket.model, batch))
+        # the same loss computed directly from the cached columns with the prior passed by hand
+        logits = marginal.model(input_ids=batch["input_ids"]).logits[:, :-1]
+        shifted = [batch[name] for name in ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")]
+        expected = losses.sparse_distillation_loss(
+            logits, *shifted, batch["labels"][:, 1:], kd_ratio=1.0, teacher_tail_prior_logprobs=prior
+        ).loss
+    assert marginal_loss == pytest.approx(float(expected), rel=1e-4)
+    # the same student weights (seed 0) and batch: only the tail model differs, and it changes the loss
+    assert marginal_loss != pytest.approx(bucket_loss, rel=1e-3)
+    # the dense (unchunked) path uses the prior too
+    dense = trainer_with("teacher_marginal", 0)
+    dense.model.eval()
+    with torch.no_grad():
+        assert float(dense.compute_loss(dense.model, batch)) == pytest.approx(marginal_loss, rel=1e-4)
+    marginal.train()
+    assert all(entry["kd_loss"] > 0 for entry in marginal.state.log_history if "kd_loss" in entry)
+
+
 # ---------------------------------------------------------------------------------------------- two processes
 
 _DDP_SCRIPT = """
@@ -747,7 +797,7 @@ import sys
 import torch
 from datasets import load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from hf_interop import DistillationConfig, DistillationTrainer
+from hf_interop import DistillationConfig, DistillationTrainer, losses
 
 student_dir, teacher_dir, data_dir, output_dir, batch_size = sys.argv[1:6]
 tokenizer = AutoTokenizer.from_pretrained(student_dir)
