@@ -19,6 +19,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "load_tokenizer": "loading",
     "load_default_teacher": "loading",
     "default_teacher_path": "loading",
+    "load_gemma3_270m": "loading",
+    "gemma3_270m_path": "loading",
     "dequantize_gguf_model": "loading",
     "ModelLoadingError": "loading",
     "load_builtin_corpus": "data",

@@ -72,6 +72,17 @@ def load_builtin_corpus(validation_fraction: float = 0.1, test_fraction: float =
     )
 
 
+def tokenizer_adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether `tokenizer` puts its BOS token before every text it encodes (Gemma, Llama 2/3 do; GPT-2, SmolLM2
+    do not), i.e. whether its model was trained to see BOS first."""
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None:
+        return False
+    with_special = tokenizer("x", add_special_tokens=True)["input_ids"]
+    without = tokenizer("x", add_special_tokens=False)["input_ids"]
+    return len(with_special) > len(without) and with_special[0] == bos_id
+
+
 def pack_dataset(
     dataset: Dataset | DatasetDict,
     tokenizer: PreTrainedTokenizerBase,
@@ -80,11 +91,15 @@ def pack_dataset(
     add_eos: bool = True,
     max_blocks: int | None = None,
     num_proc: int | None = None,
+    add_bos: bool | None = None,
 ) -> Any:
     """Tokenize a text dataset and pack it into fixed-length blocks for causal LM training.
 
     Documents are concatenated (separated by the EOS token when `add_eos`) and cut into blocks of `block_size`
-    tokens; the last partial block is dropped. Each row has `input_ids`, `attention_mask` and `labels` (a copy
+    tokens; the last partial block is dropped. For models that expect a BOS token first (the tokenizer puts one
+    before every text it encodes, as Gemma's does), every block starts with BOS followed by `block_size - 1`
+    text tokens: without it such models predict far worse (Gemma-3-270M: held-out perplexity ~16 with BOS,
+    ~260 without). Each row has `input_ids`, `attention_mask` and `labels` (a copy
     of `input_ids`; the model shifts them), so it feeds `Trainer` and the distillation trainers directly.
 
     Args:
@@ -95,6 +110,8 @@ def pack_dataset(
         add_eos (`bool`, *optional*, defaults to `True`): put the EOS token after every document.
         max_blocks (`int`, *optional*): keep only the first `max_blocks` blocks (per split).
         num_proc (`int`, *optional*): worker processes for tokenization.
+        add_bos (`bool`, *optional*): start every block with the BOS token. Default: when the tokenizer itself
+            adds BOS to what it encodes (`tokenizer("x")` starts with `bos_token_id`).
     """
     from datasets import DatasetDict
 
@@ -103,7 +120,7 @@ def pack_dataset(
     if isinstance(dataset, DatasetDict):
         return DatasetDict(
             {
-                split: pack_dataset(part, tokenizer, block_size, text_column, add_eos, max_blocks, num_proc)
+                split: pack_dataset(part, tokenizer, block_size, text_column, add_eos, max_blocks, num_proc, add_bos)
                 for split, part in dataset.items()
             }
         )
@@ -115,6 +132,13 @@ def pack_dataset(
     eos_id = tokenizer.eos_token_id
     if add_eos and eos_id is None:
         raise ValueError("add_eos=True but the tokenizer has no eos_token; set tokenizer.eos_token or add_eos=False.")
+    bos_id = tokenizer.bos_token_id
+    if add_bos is None:
+        add_bos = tokenizer_adds_bos(tokenizer)
+    elif add_bos and bos_id is None:
+        raise ValueError("add_bos=True but the tokenizer has no bos_token; set tokenizer.bos_token or add_bos=False.")
+    prefix = [bos_id] if add_bos else []
+    text_per_block = block_size - len(prefix)
 
     def tokenize_and_pack(batch: dict[str, list]) -> dict[str, list]:
         encoded = tokenizer(batch[text_column], add_special_tokens=False, verbose=False)["input_ids"]
@@ -123,8 +147,8 @@ def pack_dataset(
             stream.extend(ids)
             if add_eos:
                 stream.append(eos_id)
-        usable = len(stream) // block_size * block_size
-        blocks = [stream[start : start + block_size] for start in range(0, usable, block_size)]
+        usable = len(stream) // text_per_block * text_per_block
+        blocks = [prefix + stream[start : start + text_per_block] for start in range(0, usable, text_per_block)]
         return {"input_ids": blocks, "attention_mask": [[1] * block_size for _ in blocks], "labels": blocks}
 
     # One map batch holds the whole split, so packing crosses document boundaries the same way on every run.

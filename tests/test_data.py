@@ -55,3 +55,54 @@ def test_pack_bad_inputs(corpus, corpus_tokenizer):
         pack_dataset(corpus["test"], corpus_tokenizer, text_column="body")
     with pytest.raises(ValueError, match="block_size"):
         pack_dataset(corpus["test"], corpus_tokenizer, block_size=1)
+
+
+def _bos_adding_copy(tokenizer):
+    """The corpus tokenizer, made to put its BOS token before every text (as Gemma's and Llama's do)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    bos_tokenizer = copy.deepcopy(tokenizer)
+    bos = bos_tokenizer.bos_token or bos_tokenizer.eos_token
+    bos_tokenizer.bos_token = bos
+    bos_id = bos_tokenizer.convert_tokens_to_ids(bos)
+    bos_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    assert bos_tokenizer("x")["input_ids"][0] == bos_id
+    return bos_tokenizer
+
+
+def test_pack_starts_every_block_with_bos_when_the_tokenizer_adds_it(corpus, corpus_tokenizer):
+    from hf_interop.data import tokenizer_adds_bos
+
+    split = corpus["validation"]
+    bos_tokenizer = _bos_adding_copy(corpus_tokenizer)
+    assert tokenizer_adds_bos(bos_tokenizer) and not tokenizer_adds_bos(corpus_tokenizer)
+    bos_id = bos_tokenizer.bos_token_id
+    packed = pack_dataset(split, bos_tokenizer, block_size=32)  # auto: follows the tokenizer
+    stream = []
+    for text in split["text"]:
+        stream.extend(corpus_tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(corpus_tokenizer.eos_token_id)
+    assert len(packed) == len(stream) // 31
+    assert all(len(row) == 32 and row[0] == bos_id for row in packed["input_ids"])
+    # the text after each BOS continues the stream without gaps or repeats
+    assert [token for row in packed["input_ids"] for token in row[1:]] == stream[: 31 * len(packed)]
+    assert packed[0]["labels"] == packed[0]["input_ids"]
+    # explicit choices override the tokenizer
+    assert pack_dataset(split, bos_tokenizer, block_size=32, add_bos=False)["input_ids"] == pack_dataset(
+        split, corpus_tokenizer, block_size=32
+    )["input_ids"]
+    forced = pack_dataset(split, corpus_tokenizer, block_size=32, add_bos=True, max_blocks=3)
+    assert all(row[0] == corpus_tokenizer.bos_token_id for row in forced["input_ids"])
+
+
+def test_pack_add_bos_without_a_bos_token_is_refused(corpus, corpus_tokenizer):
+    import copy
+
+    no_bos = copy.deepcopy(corpus_tokenizer)
+    no_bos.bos_token = None
+    with pytest.raises(ValueError, match="add_bos=True but the tokenizer has no bos_token"):
+        pack_dataset(corpus["test"], no_bos, add_bos=True)

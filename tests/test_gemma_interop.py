@@ -201,15 +201,11 @@ def test_gemma_held_out_perplexity(gemma, corpus):
     from hf_interop.evaluation import evaluate_perplexity
 
     model, tokenizer = gemma
-    blocks = pack_dataset(corpus["validation"], tokenizer, block_size=63, max_blocks=4)
-    # Gemma's predictions need <bos> first (without it the perplexity is ~10x higher): put it before each block
-    bos = tokenizer.bos_token_id
-    rows = {
-        "input_ids": [[bos, *ids] for ids in blocks["input_ids"]],
-        "labels": [[-100, *ids] for ids in blocks["input_ids"]],
-    }
-    from datasets import Dataset
-
-    result = evaluate_perplexity(model, Dataset.from_dict(rows), batch_size=1, show_progress=False)
-    # measured 27.7 on 16 blocks of 128; a broken conversion (wrong norms, rope, softcap) gives hundreds or more
+    # Gemma's tokenizer adds <bos>, so pack_dataset starts every block with it by default
+    blocks = pack_dataset(corpus["validation"], tokenizer, block_size=64, max_blocks=4)
+    assert all(row[0] == tokenizer.bos_token_id for row in blocks["input_ids"])
+    result = evaluate_perplexity(model, blocks, batch_size=1, show_progress=False)
+    without_bos = pack_dataset(corpus["validation"], tokenizer, block_size=64, max_blocks=4, add_bos=False)
+    no_bos_result = evaluate_perplexity(model, without_bos, batch_size=1, show_progress=False)
+    assert no_bos_result["perplexity"] > 3 * result["perplexity"], (result, no_bos_result)
     assert 5 < result["perplexity"] < 60, result
