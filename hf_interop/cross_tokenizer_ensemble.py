@@ -219,7 +219,9 @@ class CrossTokenizerEnsemble:
         logits = outputs.logits[0, -1].float()
         if member.suppressed_ids:
             logits[member.suppressed_ids] = float("-inf")
-        return torch.log_softmax(logits, dim=-1)
+        # candidates are pooled and scored on the CPU: members may live on different devices, and the scoring
+        # indexes single tokens, which is cheaper there than as tiny device reads
+        return torch.log_softmax(logits, dim=-1).cpu()
 
     def _score(self, member: _MemberState, log_probs: torch.Tensor, candidates: list[Any]) -> torch.Tensor:
         import torch

@@ -488,7 +488,8 @@ def test_member_device_maps_and_auto_placement_load_on_cpu(tiny_model_dirs, toke
 
 @pytest.mark.gpu
 def test_members_on_gpu_and_cpu_combine_on_one_device(tiny_model_dirs, tokenizer):
-    paths = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["qwen2"])]
+    # (the tiny qwen2 folder's tokenizer pre-tokenizes differently, so it is not compatible: gpt2 instead)
+    paths = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"])]
     mixed = EnsembleForCausalLM.from_members(paths, member_device_maps=["cuda:0", "cpu"], combine_device="cuda:0")
     reference = EnsembleForCausalLM.from_members(paths)
     inputs = _prompt(tokenizer)
