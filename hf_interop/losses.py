@@ -818,11 +818,12 @@ class _FusedChunkedLoss(torch.autograd.Function):
                 for index, grad in enumerate(grads):
                     if grad is None:
                         continue
-                    grad = grad.float() if _low_precision(grad.dtype) else grad
                     if parameter_grads[index] is None:
-                        parameter_grads[index] = grad
+                        parameter_grads[index] = grad.float() if _low_precision(grad.dtype) else grad
                     else:
-                        parameter_grads[index] += grad
+                        # in place with type promotion: a bfloat16 chunk gradient adds into the float32 sum
+                        # without a float32 copy of it (the head's gradient is vocab x hidden per chunk)
+                        parameter_grads[index].add_(grad)
             del logits, logit_grad
             total = chunk_total if total is None else total + chunk_total
         ctx.grad_hidden = grad_hidden
