@@ -92,9 +92,10 @@ def test_pack_starts_every_block_with_bos_when_the_tokenizer_adds_it(corpus, cor
     assert [token for row in packed["input_ids"] for token in row[1:]] == stream[: 31 * len(packed)]
     assert packed[0]["labels"] == packed[0]["input_ids"]
     # explicit choices override the tokenizer
-    assert pack_dataset(split, bos_tokenizer, block_size=32, add_bos=False)["input_ids"] == pack_dataset(
-        split, corpus_tokenizer, block_size=32
-    )["input_ids"]
+    assert (
+        pack_dataset(split, bos_tokenizer, block_size=32, add_bos=False)["input_ids"]
+        == pack_dataset(split, corpus_tokenizer, block_size=32)["input_ids"]
+    )
     forced = pack_dataset(split, corpus_tokenizer, block_size=32, add_bos=True, max_blocks=3)
     assert all(row[0] == corpus_tokenizer.bos_token_id for row in forced["input_ids"])
 
