@@ -603,8 +603,10 @@ def _weighted_softmax_backward(student_probs: Tensor, weighted: Tensor) -> Tenso
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    # sum(a * b, -1) as a batched dot product: one pass, no (rows, vocab) temporary
-    return torch.einsum("...v,...v->...", a, b)
+    # sum(a * b, -1) as a batched dot product: one pass, no (rows, vocab) temporary. Autocast would run einsum in
+    # bfloat16/float16 (a trainer with bf16=True computes the loss under autocast): these sums stay in their dtype.
+    with torch.autocast(a.device.type, enabled=False):
+        return torch.einsum("...v,...v->...", a, b)
 
 
 @dataclass

@@ -740,6 +740,37 @@ def test_teacher_logits_cache_replaces_the_teacher(tmp_path, corpus_tokenizer, t
         )
 
 
+def test_bf16_runs_the_teacher_and_heads_under_autocast_and_keeps_the_loss(
+    tmp_path, corpus_tokenizer, teacher, train_rows
+):
+    """bf16=True must reach the teacher's forward and the chunked loss's heads (Accelerate autocasts only the
+    student's own forward), while the loss itself matches the float32 run up to bfloat16 rounding."""
+    seen: list[torch.dtype] = []
+    first_linear = next(module for module in teacher.modules() if isinstance(module, nn.Linear))
+    handle = first_linear.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    try:
+        losses_by_precision = {}
+        for bf16 in (False, True):
+            trainer = DistillationTrainer(
+                model=make_student(corpus_tokenizer),
+                teacher_model=teacher,
+                args=make_args(tmp_path / f"bf16{bf16}", bf16=bf16, kd_ratio=0.5, loss_chunk_size=16),
+                train_dataset=train_rows,
+                processing_class=corpus_tokenizer,
+            )
+            batch = first_batch(trainer)
+            seen.clear()
+            with trainer.compute_loss_context_manager():
+                loss = trainer.compute_loss(trainer.model, batch)
+            assert seen and set(seen) == {torch.bfloat16 if bf16 else torch.float32}
+            assert loss.dtype == torch.float32  # the divergence is summed in float32 under autocast too
+            losses_by_precision[bf16] = float(loss)
+    finally:
+        handle.remove()
+    assert losses_by_precision[True] == pytest.approx(losses_by_precision[False], rel=3e-2)
+    assert teacher.dtype == torch.float32  # autocast, not a cast of the teacher's weights
+
+
 def test_sparse_tail_teacher_marginal_uses_the_cache_prior(tmp_path, corpus_tokenizer, teacher, train_rows):
     teacher_cache = pytest.importorskip("hf_interop.teacher_cache")
     cache = teacher_cache.cache_teacher_logits(
@@ -817,6 +848,15 @@ if trainer.is_world_process_zero():
 """
 
 
+def _free_loopback_port() -> int:
+    """A port the OS reports free right now (a fixed or pid-derived one can collide with a lingering rendezvous)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_processes_of_4_equal_one_process_of_8(tmp_path, corpus_tokenizer, teacher_dir, train_rows):
     """The global-batch normaliser across processes: DDP over gloo with 2 CPU ranks, launched by torchrun."""
     import os
@@ -838,10 +878,10 @@ def test_two_processes_of_4_equal_one_process_of_8(tmp_path, corpus_tokenizer, t
         output_dir = tmp_path / f"out{processes}"
         output_dir.mkdir()
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-        command += ["--master_port", str(29500 + processes + os.getpid() % 1000), str(script)]
+        command += ["--master_port", str(_free_loopback_port()), str(script)]
         command += [str(student_dir), str(teacher_dir), str(tmp_path / "data"), str(output_dir), str(batch_size)]
         completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
-        assert completed.returncode == 0, completed.stderr[-3000:]
+        assert completed.returncode == 0, completed.stderr[-6000:]
         outputs[processes] = torch.load(output_dir / "weights.pt")
     initial = make_student(corpus_tokenizer).state_dict()
     assert any(not torch.equal(initial[name], outputs[1][name]) for name in initial)

@@ -991,3 +991,21 @@ def test_chunked_loss_on_cuda_matches_dense_and_uses_less_memory(loss_type):
     ):
         assert (chunked_grad - dense_grad).norm() <= 2e-2 * dense_grad.norm()
     assert chunked_peak < 0.5 * dense_peak
+
+
+def test_chunked_loss_under_autocast_keeps_float32_sums():
+    """Trainers with bf16=True compute the loss under autocast: the heads may run in bfloat16, the sums must not."""
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(40, 16, generator=generator, requires_grad=True)
+    student_head = torch.nn.Linear(16, 300, bias=False)
+    teacher_head = torch.nn.Linear(16, 300, bias=False).requires_grad_(False)
+    teacher_hidden = torch.randn(40, 16, generator=generator)
+    labels = torch.randint(0, 300, (40,), generator=generator)
+    kwargs = dict(teacher_hidden=teacher_hidden, teacher_head=teacher_head, loss_type="jsd", chunk_size=16)
+    reference = losses.chunked_distillation_loss(hidden, student_head, labels, **kwargs).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert losses._row_dot(torch.rand(4, 8), torch.rand(4, 8)).dtype == torch.float32
+        mixed = losses.chunked_distillation_loss(hidden, student_head, labels, **kwargs).loss
+    assert mixed.dtype == torch.float32
+    # only the bfloat16 head matmuls differ
+    assert mixed.item() == pytest.approx(reference.item(), rel=2e-2)
