@@ -4,9 +4,11 @@ Teacher: the real SmolLM2-135M-Instruct (float32). Student: 4 layers of the teac
 vocabulary 49,152) initialised from the teacher's layers. Both trainers get the same student weights, the same
 packed batches of the builtin corpus, AdamW, no on-policy generation (TRL `lmbda=0`) and forward KL at temperature 1
 (TRL `beta=0`; hf_interop `loss_type="forward_kl"`, `kd_ratio=1`). Each trainer runs in its own subprocess so that
-peak memory is measured from a clean process; the parent prints one table with ratios.
+peak memory is measured from a clean process; the parent prints one table with ratios. Both trainers run in
+float32, then both under bfloat16 autocast; the precision is always set explicitly, since TRL's configs default to
+`bf16=True` (on this CPU that alone made TRL's teacher forward about 2.5x faster than a float32 one).
 
-Run: `python benchmarks/bench_trainer.py` (about 3-5 minutes on 2 CPU cores).
+Run: `python benchmarks/bench_trainer.py` (about 7 minutes on 2 idle CPU cores).
 """
 
 from __future__ import annotations
@@ -24,11 +26,19 @@ from _common import PeakRSS, max_rss_bytes, write_result
 BATCH_SIZE = 4
 BLOCK_SIZE = 128
 WARMUP_STEPS = 1
-TIMED_STEPS = 3
+TIMED_STEPS = 6
 STUDENT_LAYERS = 4
-ROUNDS = int(os.environ.get("BENCH_TRAINER_ROUNDS", 2))  # interleaved rounds; the best round of each trainer counts
-# (worker kind, loss_chunk_size): TRL, then hf_interop at its default chunk size and at a small one
-VARIANTS = (("trl", 0), ("hf_interop", 1024), ("hf_interop", 128))
+ROUNDS = int(os.environ.get("BENCH_TRAINER_ROUNDS", 3))  # interleaved rounds; the best round of each trainer counts
+# (worker kind, loss_chunk_size, precision): TRL, then hf_interop at its default chunk size and at a small one, in
+# float32; then both under bfloat16 autocast (`bf16=True`). Precision is set explicitly for both trainers: TRL's
+# configs default to bf16=True, ours to False, and comparing those defaults would compare precisions, not trainers.
+VARIANTS = (
+    ("trl", 0, "fp32"),
+    ("hf_interop", 1024, "fp32"),
+    ("hf_interop", 128, "fp32"),
+    ("trl", 0, "bf16"),
+    ("hf_interop", 1024, "bf16"),
+)
 
 
 def _student_and_data(work_dir: Path):
@@ -66,8 +76,9 @@ class _StepTimer:
         self.callback = Callback()
 
 
-def _common_arguments(output_dir: Path) -> dict:
+def _common_arguments(output_dir: Path, precision: str) -> dict:
     return dict(
+        bf16=precision == "bf16",
         output_dir=str(output_dir),
         max_steps=WARMUP_STEPS + TIMED_STEPS,
         per_device_train_batch_size=BATCH_SIZE,
@@ -83,7 +94,7 @@ def _common_arguments(output_dir: Path) -> dict:
     )
 
 
-def worker(kind: str, work_dir: Path, chunk_size: int) -> dict:
+def worker(kind: str, work_dir: Path, chunk_size: int, precision: str) -> dict:
     import torch
     from datasets import load_from_disk
 
@@ -104,7 +115,7 @@ def worker(kind: str, work_dir: Path, chunk_size: int) -> dict:
             kd_ratio=1.0,
             temperature=1.0,
             loss_chunk_size=chunk_size,
-            **_common_arguments(work_dir / kind),
+            **_common_arguments(work_dir / kind, precision),
         )
         trainer = DistillationTrainer(
             model=student,
@@ -124,7 +135,7 @@ def worker(kind: str, work_dir: Path, chunk_size: int) -> dict:
             temperature=1.0,
             seq_kd=False,
             max_length=BLOCK_SIZE,
-            **_common_arguments(work_dir / kind),
+            **_common_arguments(work_dir / kind, precision),
         )
         trainer = GKDTrainer(
             model=student,
@@ -148,7 +159,7 @@ def worker(kind: str, work_dir: Path, chunk_size: int) -> dict:
     }
 
 
-def _run_worker(kind: str, chunk_size: int, work_dir: Path) -> dict:
+def _run_worker(kind: str, chunk_size: int, precision: str, work_dir: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
         sys.executable,
@@ -157,6 +168,8 @@ def _run_worker(kind: str, chunk_size: int, work_dir: Path) -> dict:
         kind,
         "--chunk_size",
         str(chunk_size),
+        "--precision",
+        precision,
         "--work_dir",
         str(work_dir),
     ]
@@ -172,10 +185,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--worker", choices=["hf_interop", "trl"])
     parser.add_argument("--chunk_size", type=int, default=1024)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--work_dir", default=None)
     options = parser.parse_args()
     if options.worker:
-        result = worker(options.worker, Path(options.work_dir), options.chunk_size)
+        result = worker(options.worker, Path(options.work_dir), options.chunk_size, options.precision)
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -185,10 +199,10 @@ def main() -> None:
 
     work_dir = Path(options.work_dir or tempfile.mkdtemp(prefix="bench_trainer_"))
     _student_and_data(work_dir)
-    rounds: dict[tuple[str, int], list[dict]] = {variant: [] for variant in VARIANTS}
+    rounds: dict[tuple[str, int, str], list[dict]] = {variant: [] for variant in VARIANTS}
     for _ in range(ROUNDS):  # interleaved, so a load change on the shared machine hits every variant alike
-        for kind, chunk_size in VARIANTS:
-            rounds[(kind, chunk_size)].append(_run_worker(kind, chunk_size, work_dir))
+        for kind, chunk_size, precision in VARIANTS:
+            rounds[(kind, chunk_size, precision)].append(_run_worker(kind, chunk_size, precision, work_dir))
     best = {
         variant: {
             **max(runs, key=lambda run: run["samples_per_second"]),
@@ -198,36 +212,41 @@ def main() -> None:
         for variant, runs in rounds.items()
     }
 
-    theirs = best[VARIANTS[0]]
+    theirs = {precision: best[variant] for variant in VARIANTS if variant[0] == "trl" for precision in [variant[2]]}
     mib = 2**20
     markdown = (
         f"Off-policy forward-KL distillation, SmolLM2-135M-Instruct teacher (float32) -> {STUDENT_LAYERS}-layer "
         f"student initialised from its layers; batch {BATCH_SIZE} x {BLOCK_SIZE} tokens (about "
-        f"{BATCH_SIZE * (BLOCK_SIZE - 1)} valid targets), AdamW, CPU float32; {TIMED_STEPS} timed steps after "
+        f"{BATCH_SIZE * (BLOCK_SIZE - 1)} valid targets), AdamW, CPU; float32, then both trainers under bfloat16 "
+        f"autocast (`bf16=True`, float32 weights; each ratio is against TRL at the same precision); {TIMED_STEPS} "
+        "timed steps after "
         f"{WARMUP_STEPS} warm-up step, each run in a fresh process, {ROUNDS} interleaved rounds (best throughput, "
         f"lowest memory of each); trl {trl.__version__} `GKDTrainer` with `lmbda=0, beta=0`. Timings come from a "
-        "machine shared with other jobs (load average above 10 on 2 cores while measuring), so the throughput "
-        "ratio is rough; memory is not affected.\n\n"
-        "| trainer | loss chunk (tokens) | samples/s | s/step | peak RSS increase during train (MiB) | "
+        "2-core machine that other jobs may share, so throughput ratios are rough; memory is not affected.\n\n"
+        "| trainer | precision | loss chunk (tokens) | samples/s | s/step | peak RSS increase during train (MiB) | "
         "process max RSS (MiB) | first-step loss | throughput vs TRL | memory increase vs TRL |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     ratios = {}
-    for (kind, chunk_size), result in best.items():
+    for (kind, chunk_size, precision), result in best.items():
         name = "TRL GKDTrainer" if kind == "trl" else "hf_interop DistillationTrainer"
-        speed = result["samples_per_second"] / theirs["samples_per_second"]
-        memory = result["peak_rss_increase_bytes"] / max(theirs["peak_rss_increase_bytes"], 1)
-        ratios[f"{kind}_{chunk_size}"] = {"throughput": speed, "memory": memory}
+        reference = theirs[precision]
+        speed = result["samples_per_second"] / reference["samples_per_second"]
+        memory = result["peak_rss_increase_bytes"] / max(reference["peak_rss_increase_bytes"], 1)
+        ratios[f"{kind}_{chunk_size}_{precision}"] = {"throughput": speed, "memory": memory}
         markdown += (
-            f"| {name} | {chunk_size if kind != 'trl' else 'dense'} | {result['samples_per_second']:.2f} | "
+            f"| {name} | {precision} | {chunk_size if kind != 'trl' else 'dense'} | {result['samples_per_second']:.2f} | "
             f"{result['seconds_per_step']:.2f} | {result['peak_rss_increase_bytes'] / mib:.0f} | "
             f"{result['max_rss_bytes'] / mib:.0f} | {result['first_step_loss']:.4f} | x{speed:.2f} | x{memory:.2f} |\n"
         )
-    markdown += "\nThe same first-step loss shows that all runs computed the same forward KL on the same batch.\n"
+    markdown += (
+        "\nWithin one precision, the same first-step loss shows that the runs computed the same forward KL on the "
+        "same batch.\n"
+    )
     write_result(
         "trainer",
         markdown,
-        {"runs": {f"{k}_{c}": runs for (k, c), runs in rounds.items()}, "ratios": ratios},
+        {"runs": {f"{k}_{c}_{p}": runs for (k, c, p), runs in rounds.items()}, "ratios": ratios},
     )
 
 
