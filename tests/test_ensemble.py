@@ -352,6 +352,31 @@ def test_cached_greedy_equals_no_cache_recomputation(members, tokenizer, combina
     assert torch.equal(cached, naive)
 
 
+def test_cached_generate_scores_equal_no_cache_scores(ensemble3, tokenizer):
+    """Every step's logits, not only the argmax: tiny random members pick the same greedy tokens with or without
+    their history, so equal sequences alone missed a cache that generate() handed over under a name the ensemble
+    ignored (transformers 5.24 passes `cache=`, earlier releases `past_key_values=`)."""
+    inputs = _prompt(tokenizer)
+    kwargs = dict(
+        max_new_tokens=6, min_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    cached = ensemble3.generate(**inputs, **kwargs)
+    uncached = ensemble3.generate(**inputs, **kwargs, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert len(cached.logits) == 6
+    for step, (with_cache, without_cache) in enumerate(zip(cached.logits, uncached.logits, strict=True)):
+        torch.testing.assert_close(with_cache, without_cache, atol=1e-4, rtol=0, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("argument", ["past_key_values", "cache"])
+def test_forward_continues_from_a_cache_passed_under_either_name(ensemble3, tokenizer, argument):
+    input_ids = _prompt(tokenizer)["input_ids"]
+    prefix = ensemble3(input_ids=input_ids[:, :-1], use_cache=True)
+    step = ensemble3(input_ids=input_ids[:, -1:], use_cache=True, **{argument: prefix.past_key_values})
+    full = ensemble3(input_ids=input_ids, use_cache=False)
+    torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], atol=1e-4, rtol=0)
+
+
 def test_cache_makes_each_step_feed_one_token_to_each_member(ensemble3, tokenizer):
     seen = [[] for _ in ensemble3.members]
     handles = [

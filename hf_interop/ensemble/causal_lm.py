@@ -124,6 +124,20 @@ _UNSUPPORTED_GENERATE_ARGUMENTS = (
 )
 
 
+def _cache_argument() -> str:
+    """The keyword under which `generate()` hands a model its cache: `cache` from the transformers releases that
+    renamed it (`past_key_values` still works there with a deprecation warning until 5.40), `past_key_values`
+    before. The ensemble reads both and passes members the one their forward expects."""
+    try:
+        parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+CACHE_ARGUMENT = _cache_argument()
+
+
 class EnsembleConfig(PreTrainedConfig):
     r"""Configuration of a logit-level ensemble (:class:`EnsembleForCausalLM`, :class:`EnsembleForSequenceClassification`).
 
@@ -332,6 +346,12 @@ class LoraAdapterMember(nn.Module):
         if self.peft_model.active_adapter != self.adapter_name:
             self.peft_model.set_adapter(self.adapter_name, inference_mode=True)
         return self.peft_model(*args, **kwargs)
+
+
+def _output_cache(outputs: Any) -> Cache | None:
+    """A member's returned cache, under either name the installed transformers uses for it."""
+    cache = getattr(outputs, "past_key_values", None)
+    return cache if cache is not None else getattr(outputs, "cache", None)
 
 
 def _generation_model(member: nn.Module) -> nn.Module:
@@ -682,7 +702,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> None:
         # generate() would build one DynamicCache from this (layer-less) config; build one cache per member instead,
         # each the way that member's own generate() would, and carry them together.
-        user_cache = model_kwargs.get("past_key_values")
+        user_cache = model_kwargs.get("cache")
+        if user_cache is None:
+            user_cache = model_kwargs.get("past_key_values")
         if user_cache is not None:
             if not isinstance(user_cache, EnsembleCache):
                 raise ValueError(
@@ -701,8 +723,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 model._prepare_cache_for_generation(
                     generation_config, member_kwargs, generation_mode, batch_size, max_cache_length
                 )
-            caches.append(member_kwargs.get("past_key_values"))
-        model_kwargs["past_key_values"] = EnsembleCache(caches)
+            caches.append(member_kwargs.get(CACHE_ARGUMENT, member_kwargs.get("past_key_values")))
+        model_kwargs[CACHE_ARGUMENT] = EnsembleCache(caches)
 
     def member_log_probs(
         self,
@@ -735,7 +757,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             if position_ids is not None:
                 kwargs["position_ids"] = position_ids.to(device)
             if use_cache:
-                kwargs["past_key_values"] = member_caches[index]
+                kwargs[CACHE_ARGUMENT] = member_caches[index]
             keep_in_member = self._logits_to_keep_support[index] and not (
                 isinstance(logits_to_keep, int) and logits_to_keep == 0
             )
@@ -749,7 +771,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 logits = logits[:, logits_to_keep.to(logits.device)]
             logits = logits[..., :vocab_size].to(device=combine_device, dtype=torch.float32)
             log_probs.append(torch.log_softmax(logits, dim=-1))
-            caches.append(getattr(outputs, "past_key_values", None) if use_cache else None)
+            caches.append(_output_cache(outputs) if use_cache else None)
         return torch.stack(log_probs, dim=0), caches
 
     def combine(self, member_log_probs: torch.Tensor) -> torch.Tensor:
@@ -797,6 +819,10 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if input_ids is None:
             raise ValueError("input_ids is required.")
+        # generate() of newer transformers passes the cache as `cache` (see CACHE_ARGUMENT); accept either name
+        cache = kwargs.pop("cache", None)
+        if cache is not None:
+            past_key_values = cache
         if past_key_values is not None and not isinstance(past_key_values, EnsembleCache):
             raise ValueError(
                 f"past_key_values is a {type(past_key_values).__name__}; pass the EnsembleCache returned by a previous "
