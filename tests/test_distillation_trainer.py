@@ -764,7 +764,7 @@ def test_bf16_runs_the_teacher_and_heads_under_autocast_and_keeps_the_loss(
                 loss = trainer.compute_loss(trainer.model, batch)
             assert seen and set(seen) == {torch.bfloat16 if bf16 else torch.float32}
             assert loss.dtype == torch.float32  # the divergence is summed in float32 under autocast too
-            losses_by_precision[bf16] = float(loss)
+            losses_by_precision[bf16] = loss.item()
     finally:
         handle.remove()
     assert losses_by_precision[True] == pytest.approx(losses_by_precision[False], rel=3e-2)

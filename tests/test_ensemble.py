@@ -413,10 +413,13 @@ def test_cached_sampling_with_fixed_seed_equals_no_cache(ensemble3, tokenizer):
 def test_cached_beam_search_reorders_every_member_cache(ensemble3, tokenizer):
     inputs = _prompt(tokenizer, [PROMPT, "A class definition"])
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, num_beams=4, num_return_sequences=2, do_sample=False)
+    kwargs.update(output_scores=True, return_dict_in_generate=True)
     cached = ensemble3.generate(**inputs, **kwargs)
     uncached = ensemble3.generate(**inputs, **kwargs, use_cache=False)
-    assert cached.shape == (4, inputs["input_ids"].shape[1] + 8)
-    assert torch.equal(cached, uncached)
+    assert cached.sequences.shape == (4, inputs["input_ids"].shape[1] + 8)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    # the beams' scores sum every step's log-probabilities: a cache not reordered with its beam changes them
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-4, rtol=0)
 
 
 def test_text_streamer_streams_the_generated_text(ensemble3, tokenizer):
