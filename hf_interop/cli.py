@@ -1038,6 +1038,17 @@ def run_recipe(name: str, argv: Sequence[str] | None = None, prog: str | None = 
     return runner(*parsed)
 
 
+def leave_process_group() -> None:
+    """End of a launched run (recipes, `hf-interop`): the ranks leave the process group together. A rank that exits
+    while another is still tearing down gloo can abort at exit ("terminate called without an active exception")
+    after a successful run. Nothing to do in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _add_recipe_stub(subparsers: argparse._SubParsersAction, name: str) -> None:
     """The recipe subcommands parse their own options (HfArgumentParser); this entry lists them in `--help`."""
     description = RECIPES[name][2]
@@ -1088,6 +1099,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def handler(_: argparse.Namespace) -> int:
             report_recipe_result(command, run_recipe(command, argv[1:]))
+            leave_process_group()
             return EXIT_OK
 
         args = argparse.Namespace(command=command, handler=handler)

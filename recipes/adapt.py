@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hf_interop.cli import report_recipe_result, run_recipe
+from hf_interop.cli import leave_process_group, report_recipe_result, run_recipe
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = run_recipe("adapt", argv, prog="recipes/adapt.py")
     report_recipe_result("adapt", result)
+    leave_process_group()
     return result
 
 

@@ -96,6 +96,9 @@ def main() -> None:
         "log_history": trainer.state.log_history,
     }
     (report_dir / f"rank{rank}.json").write_text(json.dumps(report, indent=2))
+    from hf_interop.cli import leave_process_group
+
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -845,16 +845,18 @@ trainer = DistillationTrainer(
 trainer.train()
 if trainer.is_world_process_zero():
     torch.save({name: tensor.clone() for name, tensor in student.state_dict().items()}, output_dir + "/weights.pt")
+# leave the process group together, then skip interpreter teardown: with torch 2.13 on CPU a rank sometimes aborts
+# in C++ static destruction after a complete run ("terminate called without an active exception", about 1 in 4 runs
+# of this script), which is not what this test checks
+trainer.accelerator.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+import os
+
+os._exit(0)
 """
-
-
-def _free_loopback_port() -> int:
-    """A port the OS reports free right now (a fixed or pid-derived one can collide with a lingering rendezvous)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_processes_of_4_equal_one_process_of_8(tmp_path, corpus_tokenizer, teacher_dir, train_rows):
@@ -877,8 +879,9 @@ def test_two_processes_of_4_equal_one_process_of_8(tmp_path, corpus_tokenizer, t
     for processes, batch_size in ((2, 4), (1, 8)):
         output_dir = tmp_path / f"out{processes}"
         output_dir.mkdir()
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes)]
-        command += ["--master_port", str(_free_loopback_port()), str(script)]
+        # --standalone: a c10d rendezvous on a port it picks (like tests/test_multiprocess.py)
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        command += [str(script)]
         command += [str(student_dir), str(teacher_dir), str(tmp_path / "data"), str(output_dir), str(batch_size)]
         completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
         assert completed.returncode == 0, completed.stderr[-6000:]
