@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import shutil
 import statistics
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import _common
 from _common import write_result
+from bench_losses import BETA
 
 RESULT_NAME = "gpu"
 SKIP_MESSAGE = "no CUDA device: skipped, recorded GPU results kept"
@@ -100,7 +100,6 @@ SMOKE = {
     "generate_repeats": 1,
 }
 LOSS_METHODS = ("naive", "trl_gkd", "hf_dense", "hf_chunked")
-BETA = {"forward_kl": 0.0, "jsd": 0.5}
 MIB = 2**20
 
 
@@ -187,73 +186,11 @@ def loss_inputs(tokens: int, sizes: dict, device, dtype):
 
 
 def loss_step(method: str, loss_type: str, inputs):
-    """A closure running forward + backward of one method; returns the loss as a 0-d tensor (no sync)."""
-    import torch
-    import torch.nn.functional as F
+    """`bench_losses.make_step` (the same naive / TRL / hf_interop steps as the CPU benchmark); `hf_chunked` is its
+    `hf_interop`. Returns the loss as a 0-d tensor (no sync)."""
+    from bench_losses import make_step
 
-    student_hidden, student_head, teacher_hidden, teacher_head, labels = inputs
-    beta = BETA[loss_type]
-    num_tokens = student_hidden.shape[0]
-
-    def full_logits():
-        student_logits = student_head(student_hidden)
-        with torch.no_grad():
-            teacher_logits = teacher_head(teacher_hidden)
-        return student_logits, teacher_logits
-
-    if method == "naive":
-
-        def step():
-            student_logits, teacher_logits = full_logits()
-            student_log_probs = F.log_softmax(student_logits.float(), dim=-1)
-            teacher_log_probs = F.log_softmax(teacher_logits.float(), dim=-1)
-            if loss_type == "forward_kl":
-                loss = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True) / num_tokens
-            else:
-                log_mixture = torch.logaddexp(student_log_probs, teacher_log_probs) - math.log(2.0)
-                loss = (
-                    0.5 * F.kl_div(log_mixture, teacher_log_probs, reduction="sum", log_target=True)
-                    + 0.5 * F.kl_div(log_mixture, student_log_probs, reduction="sum", log_target=True)
-                ) / num_tokens
-            loss.backward()
-            return loss.detach()
-
-    elif method == "trl_gkd":
-        from trl.experimental.gkd.gkd_trainer import GKDTrainer
-
-        def step():
-            student_logits, teacher_logits = full_logits()
-            loss = GKDTrainer.generalized_jsd_loss(
-                student_logits.unsqueeze(0), teacher_logits.unsqueeze(0), labels.unsqueeze(0), beta=beta
-            )
-            loss.backward()
-            return loss.detach()
-
-    elif method == "hf_dense":
-        from hf_interop.losses import distillation_loss
-
-        def step():
-            student_logits, teacher_logits = full_logits()
-            out = distillation_loss(
-                student_logits, teacher_logits, labels, loss_type=loss_type, jsd_beta=0.5, compute_ce_loss=False
-            )
-            out.loss.backward()
-            return out.loss.detach()
-
-    elif method == "hf_chunked":
-        from hf_interop.losses import chunked_distillation_loss
-
-        def step():
-            out = chunked_distillation_loss(
-                student_hidden, student_head, labels, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                loss_type=loss_type, jsd_beta=0.5, compute_ce_loss=False,
-            )  # fmt: skip
-            out.loss.backward()
-            return out.loss.detach()
-
-    else:
-        raise ValueError(f"unknown method {method!r}")
-    return step
+    return make_step("hf_interop" if method == "hf_chunked" else method, loss_type, inputs)
 
 
 def measure_loss_cell(step, inputs, device, repeats: int) -> dict:

@@ -57,7 +57,11 @@ def build_inputs(num_tokens: int, device):
 
 
 def make_step(method: str, loss_type: str, inputs):
-    """A closure running forward + backward of `method`; returns the loss value."""
+    """A closure running forward + backward of `method`; returns the loss as a 0-d tensor (no device sync).
+
+    Methods: `naive` (both logits, float32 log-softmax + `F.kl_div`), `trl_gkd` (TRL's `generalized_jsd_loss` on full
+    logits), `trl_chunked` (TRL's chunked divergence), `hf_dense` (`distillation_loss` on full logits) and
+    `hf_interop` (`chunked_distillation_loss`, never full logits). `bench_gpu.py` uses the same steps."""
     import torch
     import torch.nn.functional as F
 
@@ -75,8 +79,8 @@ def make_step(method: str, loss_type: str, inputs):
 
         def step():
             student_logits, teacher_logits = full_logits()
-            student_log_probs = F.log_softmax(student_logits, dim=-1)
-            teacher_log_probs = F.log_softmax(teacher_logits, dim=-1)
+            student_log_probs = F.log_softmax(student_logits.float(), dim=-1)
+            teacher_log_probs = F.log_softmax(teacher_logits.float(), dim=-1)
             if loss_type == "forward_kl":
                 loss = F.kl_div(student_log_probs, teacher_log_probs, reduction="sum", log_target=True) / num_tokens
             else:
@@ -86,7 +90,7 @@ def make_step(method: str, loss_type: str, inputs):
                     + 0.5 * F.kl_div(log_mixture, student_log_probs, reduction="sum", log_target=True)
                 ) / num_tokens
             loss.backward()
-            return loss.item()
+            return loss.detach()
 
     elif method == "trl_gkd":
         from trl.experimental.gkd.gkd_trainer import GKDTrainer
@@ -97,7 +101,7 @@ def make_step(method: str, loss_type: str, inputs):
                 student_logits.unsqueeze(0), teacher_logits.unsqueeze(0), labels.unsqueeze(0), beta=beta
             )
             loss.backward()
-            return loss.item()
+            return loss.detach()
 
     elif method == "trl_chunked":
         from trl.trainer.distillation_trainer import _chunked_divergence_loss
@@ -110,7 +114,18 @@ def make_step(method: str, loss_type: str, inputs):
                 mask, beta,
             )  # fmt: skip
             loss.backward()
-            return loss.item()
+            return loss.detach()
+
+    elif method == "hf_dense":
+        from hf_interop.losses import distillation_loss
+
+        def step():
+            student_logits, teacher_logits = full_logits()
+            out = distillation_loss(
+                student_logits, teacher_logits, labels, loss_type=loss_type, jsd_beta=0.5, compute_ce_loss=False
+            )
+            out.loss.backward()
+            return out.loss.detach()
 
     elif method == "hf_interop":
         from hf_interop.losses import chunked_distillation_loss
@@ -122,7 +137,7 @@ def make_step(method: str, loss_type: str, inputs):
                 compute_ce_loss=False,
             )  # fmt: skip
             out.loss.backward()
-            return out.loss.item()
+            return out.loss.detach()
 
     else:
         raise ValueError(f"unknown method {method!r}; use one of {METHODS}")
@@ -142,13 +157,13 @@ def measure(step, inputs, device) -> tuple[float, float, int, float]:
         torch.cuda.reset_peak_memory_stats()
         start_bytes = torch.cuda.memory_allocated()
         start, cpu_start = time.perf_counter(), time.process_time()
-        value = step()
+        value = float(step())
         torch.cuda.synchronize()
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         return seconds, cpu_seconds, torch.cuda.max_memory_allocated() - start_bytes, value
     with PeakRSS() as peak:
         start, cpu_start = time.perf_counter(), time.process_time()
-        value = step()
+        value = float(step())
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     return seconds, cpu_seconds, peak.delta, value
 
