@@ -191,8 +191,7 @@ class CrossTokenizerEnsemble:
     def _next_token_log_probs(self, member: _MemberState) -> torch.Tensor:
         import torch
 
-        from .ensemble.causal_lm import CACHE_ARGUMENT, _output_cache
-        from .ensemble.members import input_device
+        from .ensemble.members import cache_argument, input_device, output_cache
 
         # Reuse the KV cache for the longest prefix whose token ids did not change (a re-encoded tail may have
         # rewritten ids the cache already holds); run only the rest. At least the last id is run to get its logits.
@@ -212,9 +211,9 @@ class CrossTokenizerEnsemble:
         new_ids = torch.tensor([member.ids[keep:]], dtype=torch.long, device=device)
         attention_mask = torch.ones(1, len(member.ids), dtype=torch.long, device=device)
         outputs = member.model(
-            input_ids=new_ids, attention_mask=attention_mask, use_cache=True, **{CACHE_ARGUMENT: member.cache}
+            input_ids=new_ids, attention_mask=attention_mask, use_cache=True, **{cache_argument(): member.cache}
         )
-        member.cache = _output_cache(outputs)
+        member.cache = output_cache(outputs)
         member.cached_ids = list(member.ids)
         member.num_forward_tokens += new_ids.shape[1]
         logits = outputs.logits[0, -1].float()

@@ -727,6 +727,12 @@ class DistillationTrainer(Trainer):
             optimizer.add_param_group({"params": parameters, "weight_decay": self.args.weight_decay})
         return optimizer
 
+    def _tail_prior_on(self, device: torch.device) -> torch.Tensor | None:
+        """The cache's tail prior (`sparse_tail="teacher_marginal"`) on `device`, moved there once, not every step."""
+        if self.teacher_tail_prior is not None and self.teacher_tail_prior.device != device:
+            self.teacher_tail_prior = self.teacher_tail_prior.to(device)
+        return self.teacher_tail_prior
+
     def compute_loss_context_manager(self) -> contextlib.ExitStack:
         """The Trainer's context plus the run's mixed-precision autocast (`bf16`/`fp16`) around the whole loss.
 
@@ -1039,9 +1045,7 @@ class DistillationTrainer(Trainer):
                 "cache_temperature": float(self.teacher_cache.manifest.get("temperature", 1.0)),
                 "teacher_vocab_size": self.teacher_cache.manifest.get("vocab_size"),
                 "shared_vocab_size": self.shared_vocab_size,
-                "teacher_tail_prior_logprobs": (
-                    None if self.teacher_tail_prior is None else self.teacher_tail_prior.to(shift_labels.device)
-                ),
+                "teacher_tail_prior_logprobs": self._tail_prior_on(shift_labels.device),
             }
             shifted = [cached[name] for name in TEACHER_CACHE_COLUMNS]
             if chunked:

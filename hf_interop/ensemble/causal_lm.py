@@ -34,12 +34,14 @@ from ..logging_utils import get_logger
 from ..utils import atomic_write_text
 from .combination import COMBINATIONS, check_contrastive_settings, check_weights, combine_log_probs
 from .members import (
+    cache_argument,
     check_member_path,
     check_no_remote_code,
     check_tokenizers_compatible,
     dispatch_loaded_model,
     input_device,
     member_spec,
+    output_cache,
     resolved_revision,
 )
 
@@ -122,20 +124,6 @@ _UNSUPPORTED_GENERATE_ARGUMENTS = (
     "past_key_values",
     "position_ids",
 )
-
-
-def _cache_argument() -> str:
-    """The keyword under which `generate()` hands a model its cache: `cache` from the transformers releases that
-    renamed it (`past_key_values` still works there with a deprecation warning until 5.40), `past_key_values`
-    before. The ensemble reads both and passes members the one their forward expects."""
-    try:
-        parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-CACHE_ARGUMENT = _cache_argument()
 
 
 class EnsembleConfig(PreTrainedConfig):
@@ -346,12 +334,6 @@ class LoraAdapterMember(nn.Module):
         if self.peft_model.active_adapter != self.adapter_name:
             self.peft_model.set_adapter(self.adapter_name, inference_mode=True)
         return self.peft_model(*args, **kwargs)
-
-
-def _output_cache(outputs: Any) -> Cache | None:
-    """A member's returned cache, under either name the installed transformers uses for it."""
-    cache = getattr(outputs, "past_key_values", None)
-    return cache if cache is not None else getattr(outputs, "cache", None)
 
 
 def _generation_model(member: nn.Module) -> nn.Module:
@@ -723,8 +705,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 model._prepare_cache_for_generation(
                     generation_config, member_kwargs, generation_mode, batch_size, max_cache_length
                 )
-            caches.append(member_kwargs.get(CACHE_ARGUMENT, member_kwargs.get("past_key_values")))
-        model_kwargs[CACHE_ARGUMENT] = EnsembleCache(caches)
+            caches.append(member_kwargs.get(cache_argument(), member_kwargs.get("past_key_values")))
+        model_kwargs[cache_argument()] = EnsembleCache(caches)
 
     def member_log_probs(
         self,
@@ -757,7 +739,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             if position_ids is not None:
                 kwargs["position_ids"] = position_ids.to(device)
             if use_cache:
-                kwargs[CACHE_ARGUMENT] = member_caches[index]
+                kwargs[cache_argument()] = member_caches[index]
             keep_in_member = self._logits_to_keep_support[index] and not (
                 isinstance(logits_to_keep, int) and logits_to_keep == 0
             )
@@ -771,7 +753,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 logits = logits[:, logits_to_keep.to(logits.device)]
             logits = logits[..., :vocab_size].to(device=combine_device, dtype=torch.float32)
             log_probs.append(torch.log_softmax(logits, dim=-1))
-            caches.append(_output_cache(outputs) if use_cache else None)
+            caches.append(output_cache(outputs) if use_cache else None)
         return torch.stack(log_probs, dim=0), caches
 
     def combine(self, member_log_probs: torch.Tensor) -> torch.Tensor:
@@ -819,7 +801,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if input_ids is None:
             raise ValueError("input_ids is required.")
-        # generate() of newer transformers passes the cache as `cache` (see CACHE_ARGUMENT); accept either name
+        # generate() of newer transformers passes the cache as `cache` (see members.cache_argument); accept either name
         cache = kwargs.pop("cache", None)
         if cache is not None:
             past_key_values = cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -159,6 +160,28 @@ def check_tokenizers_compatible(
 # --------------------------------------------------------------------------------------------------------------
 # Devices and placement
 # --------------------------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def cache_argument() -> str:
+    """The keyword under which `generate()` hands a model its cache: `cache` from the transformers releases that
+    renamed it (`past_key_values` still works there with a deprecation warning until 5.40), `past_key_values`
+    before. Ensembles accept both and pass members this one."""
+    import inspect
+
+    from transformers import GenerationMixin
+
+    try:
+        parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def output_cache(outputs: Any) -> Any:
+    """A model output's cache, under either name the installed transformers gives it."""
+    cache = getattr(outputs, "past_key_values", None)
+    return cache if cache is not None else getattr(outputs, "cache", None)
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
