@@ -98,8 +98,8 @@ def pack_dataset(
     Documents are concatenated (separated by the EOS token when `add_eos`) and cut into blocks of `block_size`
     tokens; the last partial block is dropped. For models that expect a BOS token first (the tokenizer puts one
     before every text it encodes, as Gemma's does), every block starts with BOS followed by `block_size - 1`
-    text tokens: without it such models predict far worse (Gemma-3-270M: held-out perplexity ~16 with BOS,
-    ~260 without). Each row has `input_ids`, `attention_mask` and `labels` (a copy
+    text tokens: without it such models predict far worse (Gemma-3-270M on 16 validation blocks of 128 tokens:
+    held-out perplexity 29.8 with BOS, 214.1 without). Each row has `input_ids`, `attention_mask` and `labels` (a copy
     of `input_ids`; the model shifts them), so it feeds `Trainer` and the distillation trainers directly.
 
     Args:
