@@ -20,6 +20,7 @@ from hf_interop.ensemble import (
     plan_member_placement,
     product,
 )
+from hf_interop.ensemble.members import output_cache
 
 PROMPT = "The with statement is used to"
 
@@ -366,6 +367,29 @@ def test_cached_generate_scores_equal_no_cache_scores(ensemble3, tokenizer):
     assert len(cached.logits) == 6
     for step, (with_cache, without_cache) in enumerate(zip(cached.logits, uncached.logits, strict=True)):
         torch.testing.assert_close(with_cache, without_cache, atol=1e-4, rtol=0, msg=f"step {step}")
+
+
+def test_generate_and_cached_forward_log_no_cache_name_deprecation(ensemble3, tokenizer):
+    """transformers 5.24 renamed `past_key_values` to `cache` and warns (once per process) when a model output is
+    built or read under the old name; the ensemble's own calls must not trip that warning for its users."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    transformers_logger = hf_logging.get_logger("transformers")
+    transformers_logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # earlier tests may already have used up the once-only warning
+    try:
+        inputs = _prompt(tokenizer)
+        ensemble3.generate(**inputs, max_new_tokens=3, do_sample=False)
+        step = ensemble3(input_ids=inputs["input_ids"][:, :-1], use_cache=True)
+        ensemble3(input_ids=inputs["input_ids"][:, -1:], use_cache=True, cache=output_cache(step))
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert not [message for message in records if "deprecated" in message], records
 
 
 @pytest.mark.parametrize("argument", ["past_key_values", "cache"])

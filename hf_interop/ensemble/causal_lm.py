@@ -42,6 +42,7 @@ from .members import (
     input_device,
     member_spec,
     output_cache,
+    output_cache_field,
     resolved_revision,
 )
 
@@ -823,7 +824,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = causal_lm_nll(combined, labels.to(combined.device), kwargs.get("num_items_in_batch"))
-        return CausalLMOutputWithPast(loss=loss, logits=combined, past_key_values=cache_out)
+        return CausalLMOutputWithPast(loss=loss, logits=combined, **{output_cache_field(): cache_out})
 
     # ------------------------------------------------------------------------------------------------------------
     # Members with different tokenizers (cross_tokenizer=True)

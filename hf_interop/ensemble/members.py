@@ -179,9 +179,19 @@ def cache_argument() -> str:
 
 
 def output_cache(outputs: Any) -> Any:
-    """A model output's cache, under either name the installed transformers gives it."""
-    cache = getattr(outputs, "past_key_values", None)
-    return cache if cache is not None else getattr(outputs, "cache", None)
+    """A model output's cache, under either name the installed transformers gives it (`cache` first: reading
+    `past_key_values` where it was renamed logs a deprecation warning)."""
+    cache = getattr(outputs, "cache", None)
+    return cache if cache is not None else getattr(outputs, "past_key_values", None)
+
+
+def output_cache_field() -> str:
+    """The field under which the installed transformers' model outputs carry a cache (`cache` or
+    `past_key_values`), so outputs we build do not trip its deprecation warning."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
 
 
 def input_device(model: torch.nn.Module) -> torch.device:
