@@ -1,7 +1,9 @@
 """Session fixtures: offline guard, builtin corpus, a tokenizer trained on it, tiny models, the real teacher.
 
 Everything here is offline. The environment is pinned to offline mode before any Hugging Face library is
-imported, and any socket connection to a non-loopback address fails loudly instead of hanging.
+imported, and any socket connection to (or name lookup of) a non-loopback address fails loudly instead of hanging.
+Libraries catch such errors and retry with backoff (huggingface_hub waits ~23 s per call), which turns a stray
+request into a silently slow test, so every blocked attempt is also recorded and fails the test that made it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import pytest  # noqa: E402
 
 _real_connect = socket.socket.connect
 _real_connect_ex = socket.socket.connect_ex
+_real_getaddrinfo = socket.getaddrinfo
+_blocked_attempts: list[str] = []
 
 
 def _is_local(address) -> bool:
@@ -37,20 +41,43 @@ def _is_local(address) -> bool:
         return False
 
 
+def _refuse(what: str) -> RuntimeError:
+    _blocked_attempts.append(what)
+    return RuntimeError(f"test tried to reach the network ({what}); tests must stay offline")
+
+
 def _guarded_connect(self, address):
     if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address):
-        raise RuntimeError(f"test tried to reach the network at {address!r}; tests must stay offline")
+        raise _refuse(f"connect to {address!r}")
     return _real_connect(self, address)
 
 
 def _guarded_connect_ex(self, address):
     if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_local(address):
-        raise RuntimeError(f"test tried to reach the network at {address!r}; tests must stay offline")
+        raise _refuse(f"connect to {address!r}")
     return _real_connect_ex(self, address)
+
+
+def _guarded_getaddrinfo(host, *args, **kwargs):
+    name = host.decode() if isinstance(host, bytes) else host
+    if name is not None and name != socket.gethostname() and not _is_local((name, 0)):
+        raise _refuse(f"name lookup of {name!r}")  # not an OSError: HTTP clients do not retry it
+    return _real_getaddrinfo(host, *args, **kwargs)
 
 
 socket.socket.connect = _guarded_connect
 socket.socket.connect_ex = _guarded_connect_ex
+socket.getaddrinfo = _guarded_getaddrinfo
+
+
+@pytest.fixture(autouse=True)
+def _no_network_attempts():
+    """Fail a test whose code tried the network even when a library swallowed the refusal and carried on."""
+    del _blocked_attempts[:]
+    yield
+    attempts, _blocked_attempts[:] = list(_blocked_attempts), []
+    if attempts:
+        pytest.fail(f"tried to reach the network {len(attempts)} time(s): {sorted(set(attempts))}", pytrace=False)
 
 
 def pytest_collection_modifyitems(config, items):

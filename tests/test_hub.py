@@ -63,6 +63,11 @@ def _point_hub_client_at(monkeypatch, tmp_path, endpoint: str, offline: bool = F
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_stored_token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no_stored_tokens"))
+    # transformers (5.2x) keeps one HfApi, built on first use with the endpoint of that moment: once any earlier test
+    # had loaded a tokenizer, its listing calls went to huggingface.co and sat through ~23 s of retries each.
+    import transformers.utils.hub as transformers_hub
+
+    monkeypatch.setattr(transformers_hub, "_hf_api", None, raising=False)
 
 
 @pytest.fixture
