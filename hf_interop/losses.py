@@ -621,13 +621,15 @@ class _ChunkDivergence:
 @torch.no_grad()
 def _divergence_and_logit_grad(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Tensor | None,
     loss_type: str,
     temperature: float,
     jsd_beta: float,
     skew_alpha: float,
     scale_by_temperature_squared: bool | None,
     need_grad: bool,
+    teacher_log_probs: Tensor | None = None,
+    teacher_probs: Tensor | None = None,
 ) -> _ChunkDivergence:
     """Per-token divergence and its gradient w.r.t. the student logits, in closed form.
 
@@ -639,10 +641,15 @@ def _divergence_and_logit_grad(
     `w = q (log q - log m) + q - (1 - a) q^2 / m`; TVD `w = q sign(q - p) / 2`.
 
     At temperature 1 it also returns both entropies and the student's log-probabilities (they come for free).
+
+    A teacher already normalised at `temperature` can be given as `teacher_log_probs` (then `teacher_logits` is
+    unused; it is updated in place) and, optionally, its `teacher_probs`, which skips those passes over the chunk.
     """
     factor = _temperature_factor(loss_type, temperature, scale_by_temperature_squared)
     student = student_logits / temperature if temperature != 1.0 else student_logits
-    teacher = teacher_logits / temperature if temperature != 1.0 else teacher_logits
+    teacher = None
+    if teacher_log_probs is None:
+        teacher = teacher_logits / temperature if temperature != 1.0 else teacher_logits
     out = _ChunkDivergence(values=student.new_zeros(()), logit_grad=None)
     if loss_type == "mse":
         difference = student - teacher
@@ -653,9 +660,11 @@ def _divergence_and_logit_grad(
         if loss_type == "jsd" and jsd_beta in (0.0, 1.0):
             loss_type = "forward_kl" if jsd_beta == 0.0 else "reverse_kl"
         student_log_probs = F.log_softmax(student, dim=-1)
-        teacher_log_probs = F.log_softmax(teacher, dim=-1)
+        if teacher_log_probs is None:
+            teacher_log_probs = F.log_softmax(teacher, dim=-1)
         student_probs = student_log_probs.exp()
-        teacher_probs = teacher_log_probs.exp()
+        if teacher_probs is None:
+            teacher_probs = teacher_log_probs.exp()
         teacher_negentropy = _row_dot(teacher_probs, teacher_log_probs)
         if temperature == 1.0:
             out.teacher_entropy = -teacher_negentropy
@@ -1190,24 +1199,33 @@ def _teacher_dense_log_probs(
     temperature: float,
     cache_temperature: float,
     dtype: torch.dtype,
-) -> Tensor:
+    with_probs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """The cached teacher over the whole vocabulary, its tail spread in proportion to a prior; at `temperature`.
 
     At the cache's temperature the top-k ids keep their cached probabilities and every other token `v` gets
     `tail * prior(v) / prior(outside the top-k)`. Re-tempering raises that whole distribution to the power
     `cache_temperature / temperature` and renormalises (exact under the prior's assumption about the tail).
+    With `with_probs` it returns `(log_probs, probs)`; at the cache's temperature both are built from the prior's
+    probabilities (computed once per vocabulary, not per row) without an exponential over the `(rows, vocab)` grid.
     """
     vocab = tail_prior_logprobs.shape[0]
+    rows = ids.shape[0]
     # at the cache temperature: normalised k+1 buckets (absorbs float16 rounding; floors an underflowed tail)
     buckets = _teacher_bucket_log_probs(topk_logprobs, tail_logprob, 1.0, 1.0, vocab, dtype)
-    log_prior = tail_prior_logprobs.to(device=ids.device, dtype=dtype).expand(ids.shape[0], vocab)
-    # log of the prior's mass outside each row's top-k, summed directly (no 1 - sum cancellation)
-    log_prior_outside = torch.logsumexp(log_prior.scatter(-1, ids, -math.inf), dim=-1, keepdim=True)
-    dense = log_prior + (buckets[..., -1:] - log_prior_outside)
-    dense = dense.scatter(-1, ids, buckets[..., :-1])
+    log_prior = tail_prior_logprobs.to(device=ids.device, dtype=dtype)
+    # The prior's mass outside each row's ids, summed directly (no 1 - sum cancellation). That grid of prior
+    # probabilities, rescaled per row, is the teacher's probabilities outside the ids.
+    probs = log_prior.exp().expand(rows, vocab).clone().scatter_(-1, ids, 0.0)
+    outside = probs.sum(-1, keepdim=True)
+    log_scale = buckets[..., -1:] - outside.log()
+    dense = (log_prior + log_scale).scatter_(-1, ids, buckets[..., :-1])
     if temperature != cache_temperature:
         dense = F.log_softmax(dense * (cache_temperature / temperature), dim=-1)
-    return dense
+        return (dense, dense.exp()) if with_probs else dense
+    if not with_probs:
+        return dense
+    return dense, probs.mul_(log_scale.exp()).scatter_(-1, ids, buckets[..., :-1].exp())
 
 
 @torch.no_grad()
@@ -1245,19 +1263,33 @@ def _sparse_divergence_and_logit_grad(
     """
     dtype = student_logits.dtype
     if tail_prior_logprobs is not None:
-        teacher = _teacher_dense_log_probs(
-            ids, topk_logprobs, tail_logprob, tail_prior_logprobs, temperature, cache_temperature, dtype
+        teacher_log_probs, teacher_probs = _teacher_dense_log_probs(
+            ids, topk_logprobs, tail_logprob, tail_prior_logprobs, temperature, cache_temperature, dtype, True
         )
-        if temperature != 1.0:
-            teacher = teacher.mul_(temperature)  # `_divergence_and_logit_grad` divides teacher logits by it
         return _divergence_and_logit_grad(
-            student_logits, teacher, loss_type, temperature, jsd_beta, 0.0, scale_by_temperature_squared, need_grad
-        )
+            student_logits, None, loss_type, temperature, jsd_beta, 0.0, scale_by_temperature_squared, need_grad,
+            teacher_log_probs=teacher_log_probs, teacher_probs=teacher_probs,
+        )  # fmt: skip
     scaled = student_logits / temperature if temperature != 1.0 else student_logits
     log_probs = F.log_softmax(scaled, dim=-1)
     student_top = log_probs.gather(-1, ids)
-    # the student's tail: log of its mass outside the teacher's ids, summed directly (no 1 - sum cancellation)
-    student_tail = torch.logsumexp(log_probs.scatter(-1, ids, torch.finfo(dtype).min), dim=-1)
+    probs = log_probs.exp()
+    out = _ChunkDivergence(values=scaled.new_zeros(()), logit_grad=None)
+    if temperature == 1.0:
+        out.student_entropy = -_row_dot(probs, log_probs)
+        out.student_log_probs = log_probs
+    # The student's tail: its mass outside the teacher's ids, summed directly (no 1 - sum cancellation) from `probs`
+    # with the ids' entries zeroed (the gradient below overwrites those entries). One read of the chunk, where a
+    # log-sum-exp over a scattered copy took four passes and two exponentials per entry.
+    tail_mass = probs.scatter_(-1, ids, 0.0).sum(-1)
+    student_tail = tail_mass.log()
+    # Below this the sum is made of subnormal probabilities and loses precision (or underflows to 0, log = -inf):
+    # those rows take the log-sum-exp of their log-probabilities, which stays exact at any magnitude.
+    finfo = torch.finfo(dtype)
+    imprecise = (tail_mass < scaled.shape[-1] * finfo.tiny / finfo.eps).nonzero().squeeze(-1)
+    if imprecise.numel():
+        rows = log_probs.index_select(0, imprecise).scatter_(-1, ids.index_select(0, imprecise), finfo.min)
+        student_tail.index_copy_(0, imprecise, torch.logsumexp(rows, dim=-1))
     teacher_buckets = _teacher_bucket_log_probs(
         topk_logprobs, tail_logprob, temperature, cache_temperature, teacher_vocab_size, dtype
     )
@@ -1269,18 +1301,23 @@ def _sparse_divergence_and_logit_grad(
         if factor != 1.0:
             values = values * factor
         bucket_grad = torch.autograd.grad(values.sum(), student_buckets)[0] if need_grad else None
-    out = _ChunkDivergence(values=values.detach(), logit_grad=None)
-    probs = log_probs.exp()
-    if temperature == 1.0:
-        out.student_entropy = -_row_dot(probs, log_probs)
-        out.student_log_probs = log_probs
+    out.values = values.detach()
     if need_grad:
         total = bucket_grad.sum(-1, keepdim=True)
         tail_grad = bucket_grad[..., -1:]
-        tail_mass = student_tail.unsqueeze(-1).exp()
-        # where the student's tail mass underflows to 0 the tail holds no token whose probability is above 0
+        tail_mass = tail_mass.unsqueeze(-1)
         per_tail_mass = torch.where(tail_mass > 0, tail_grad / tail_mass, torch.zeros_like(tail_grad))
         grad = probs.mul_(per_tail_mass - total)
+        if imprecise.numel():
+            # There 1 / tail mass can overflow (forward KL: inf * a subnormal probability, 0 * inf = NaN): take the
+            # within-tail distribution q_v / Q_tail from log-probabilities instead. The ids' entries are overwritten
+            # below, whatever they hold here.
+            rows_log_probs = log_probs.index_select(0, imprecise)
+            within_tail = rows_log_probs.sub(student_tail.index_select(0, imprecise).unsqueeze(-1)).exp_()
+            rows_grad = within_tail.mul_(tail_grad.index_select(0, imprecise)).sub_(
+                rows_log_probs.exp_().mul_(total.index_select(0, imprecise))
+            )
+            grad.index_copy_(0, imprecise, rows_grad)
         grad.scatter_(-1, ids, bucket_grad[..., :-1] - student_top.exp() * total)
         out.logit_grad = grad.div_(temperature) if temperature != 1.0 else grad
     return out

@@ -819,6 +819,34 @@ def test_chunked_sparse_equals_sparse_values_and_gradients(case, top_k):
             assert_close64(grad, expected)
 
 
+@pytest.mark.parametrize("loss_type", ["forward_kl", "jsd"])
+def test_chunked_sparse_in_float32_keeps_a_student_tail_that_underflows(loss_type):
+    # The float32 chunk sums the student's probabilities outside the teacher's ids; where they are subnormal (log-
+    # probability below about -87) or underflow to 0, that sum is imprecise or 0 (log = -inf), and those rows must
+    # fall back to a log-sum-exp. Reference: the autograd sparse loss in float64.
+    student, teacher, labels = make_inputs(seed=37, ignore=0.0)
+    ids, topk_logprobs, tail = make_cache(teacher, top_k=11)
+    logits = student.detach().clone()
+    outside = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, ids, False)
+    for row, level in ((0, -95.0), (1, -200.0), (2, -1e4), (3, -95.0)):  # subnormal, underflowed, far beyond
+        logits[row] = torch.where(outside[row], level + logits[row] * 0.1, logits[row])
+    reference_logits = logits.clone().requires_grad_()
+    expected = losses.sparse_distillation_loss(reference_logits, ids, topk_logprobs, tail, labels, loss_type=loss_type)
+    (expected_grad,) = torch.autograd.grad(expected.loss, reference_logits)
+    assert torch.isfinite(expected.loss)
+
+    hidden = logits.float().requires_grad_()
+    head = torch.nn.Linear(VOCAB, VOCAB, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(VOCAB))
+    out = losses.chunked_sparse_distillation_loss(
+        hidden, head, ids, topk_logprobs.float(), tail.float(), labels, loss_type=loss_type, chunk_size=16
+    )
+    (grad,) = torch.autograd.grad(out.loss, hidden)
+    torch.testing.assert_close(out.loss.double(), expected.loss.detach(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_sparse_loss_reads_cache_dtypes_and_padded_student_vocab():
     # the cache stores uint16 ids and float16 log-probs; the student embedding may be padded past the tokenizer
     student, teacher, labels = make_inputs(seed=35, vocab=VOCAB + 7)
