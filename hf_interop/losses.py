@@ -665,9 +665,8 @@ def _divergence_and_logit_grad(
         student_probs = student_log_probs.exp()
         if teacher_probs is None:
             teacher_probs = teacher_log_probs.exp()
-        teacher_negentropy = _row_dot(teacher_probs, teacher_log_probs)
-        if temperature == 1.0:
-            out.teacher_entropy = -teacher_negentropy
+        if temperature == 1.0:  # statistics at temperature 1 only (the callers compute their own otherwise)
+            out.teacher_entropy = -_row_dot(teacher_probs, teacher_log_probs)
             out.student_entropy = -_row_dot(student_probs, student_log_probs)
             out.student_log_probs = student_log_probs
         grad = None
