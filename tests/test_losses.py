@@ -847,6 +847,52 @@ def test_chunked_sparse_in_float32_keeps_a_student_tail_that_underflows(loss_typ
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("scales", [(100.0, 100.0), (300.0, 3.0), (3.0, 300.0)], ids=["both-peaked", "student", "teacher"])
+@pytest.mark.parametrize("loss_type", DIVERGENCE_TYPES)
+def test_chunked_float32_losses_match_float64_at_extreme_logit_scales(loss_type, scales):
+    # Very confident models put probabilities below float32's range on most of the vocabulary: the chunked closed
+    # forms (dense and, where defined, sparse) must stay finite and match the float64 autograd losses there.
+    generator = torch.Generator().manual_seed(38)
+    student = torch.randn(N_TOKENS, VOCAB, generator=generator, dtype=torch.float64) * scales[0]
+    teacher = torch.randn(N_TOKENS, VOCAB, generator=generator, dtype=torch.float64) * scales[1]
+    labels = torch.randint(0, VOCAB, (N_TOKENS,), generator=generator)
+    identity = torch.nn.Linear(VOCAB, VOCAB, bias=False)
+    with torch.no_grad():
+        identity.weight.copy_(torch.eye(VOCAB))
+    ids, topk_logprobs, tail = make_cache(teacher, top_k=9)
+    cases = [
+        (
+            lambda logits: distillation_loss(logits, teacher, labels, loss_type=loss_type, kd_ratio=0.8),
+            lambda hidden: losses.chunked_distillation_loss(
+                hidden, identity, labels, teacher_logits=teacher.float(), loss_type=loss_type, kd_ratio=0.8,
+                chunk_size=8,
+            ),
+        )
+    ]  # fmt: skip
+    if loss_type in losses.SPARSE_LOSS_TYPES:
+        cases.append(
+            (
+                lambda logits: losses.sparse_distillation_loss(
+                    logits, ids, topk_logprobs, tail, labels, loss_type=loss_type, kd_ratio=0.8
+                ),
+                lambda hidden: losses.chunked_sparse_distillation_loss(
+                    hidden, identity, ids, topk_logprobs.float(), tail.float(), labels, loss_type=loss_type,
+                    kd_ratio=0.8, chunk_size=8,
+                ),
+            )
+        )  # fmt: skip
+    for reference_loss, chunked_loss in cases:
+        logits = student.clone().requires_grad_()
+        expected = reference_loss(logits)
+        (expected_grad,) = torch.autograd.grad(expected.loss, logits)
+        hidden = student.float().requires_grad_()
+        out = chunked_loss(hidden)
+        (grad,) = torch.autograd.grad(out.loss, hidden)
+        assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+        torch.testing.assert_close(out.loss.double(), expected.loss.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-3, atol=1e-6)
+
+
 def test_sparse_loss_reads_cache_dtypes_and_padded_student_vocab():
     # the cache stores uint16 ids and float16 log-probs; the student embedding may be padded past the tokenizer
     student, teacher, labels = make_inputs(seed=35, vocab=VOCAB + 7)
