@@ -847,7 +847,9 @@ def test_chunked_sparse_in_float32_keeps_a_student_tail_that_underflows(loss_typ
     torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("scales", [(100.0, 100.0), (300.0, 3.0), (3.0, 300.0)], ids=["both-peaked", "student", "teacher"])
+@pytest.mark.parametrize(
+    "scales", [(100.0, 100.0), (300.0, 3.0), (3.0, 300.0)], ids=["both-peaked", "student", "teacher"]
+)
 @pytest.mark.parametrize("loss_type", DIVERGENCE_TYPES)
 def test_chunked_float32_losses_match_float64_at_extreme_logit_scales(loss_type, scales):
     # Very confident models put probabilities below float32's range on most of the vocabulary: the chunked closed
