@@ -58,9 +58,19 @@ def _guarded_connect_ex(self, address):
     return _real_connect_ex(self, address)
 
 
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name.split("%")[0])
+    except ValueError:
+        return False
+    return True
+
+
 def _guarded_getaddrinfo(host, *args, **kwargs):
+    # Host names only: an address literal (or "" / None, a local bind) needs no lookup, and connecting to a
+    # non-loopback address is refused by the connect guard above.
     name = host.decode() if isinstance(host, bytes) else host
-    if name is not None and name != socket.gethostname() and not _is_local((name, 0)):
+    if name and name not in ("localhost", socket.gethostname()) and not _is_ip_literal(name):
         raise _refuse(f"name lookup of {name!r}")  # not an OSError: HTTP clients do not retry it
     return _real_getaddrinfo(host, *args, **kwargs)
 
