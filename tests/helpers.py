@@ -1,6 +1,9 @@
-"""Builders shared by the test modules (tiny random causal LMs of several families)."""
+"""Builders shared by the test modules (tiny random causal LMs of several families) and a log capture."""
 
 from __future__ import annotations
+
+import contextlib
+import logging
 
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
@@ -51,3 +54,21 @@ def build_tiny_causal_lm(family: str, vocab_size: int, seed: int = 0, tokenizer=
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
+
+
+@contextlib.contextmanager
+def transformers_log():
+    """Collect the messages transformers logs inside the block, once-only warnings included (their cache is
+    cleared first: an earlier test may already have used them up)."""
+    from transformers.utils import logging as hf_logging
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    transformers_logger = hf_logging.get_logger("transformers")
+    transformers_logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()
+    try:
+        yield messages
+    finally:
+        transformers_logger.removeHandler(handler)

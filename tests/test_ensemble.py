@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import build_tiny_causal_lm
+from helpers import build_tiny_causal_lm, transformers_log
 
 from hf_interop.ensemble import (
     EnsembleConfig,
@@ -372,24 +372,12 @@ def test_cached_generate_scores_equal_no_cache_scores(ensemble3, tokenizer):
 def test_generate_and_cached_forward_log_no_cache_name_deprecation(ensemble3, tokenizer):
     """transformers 5.24 renamed `past_key_values` to `cache` and warns (once per process) when a model output is
     built or read under the old name; the ensemble's own calls must not trip that warning for its users."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    records: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    transformers_logger = hf_logging.get_logger("transformers")
-    transformers_logger.addHandler(handler)
-    logging.Logger.warning_once.cache_clear()  # earlier tests may already have used up the once-only warning
-    try:
+    with transformers_log() as messages:
         inputs = _prompt(tokenizer)
         ensemble3.generate(**inputs, max_new_tokens=3, do_sample=False)
         step = ensemble3(input_ids=inputs["input_ids"][:, :-1], use_cache=True)
         ensemble3(input_ids=inputs["input_ids"][:, -1:], use_cache=True, cache=output_cache(step))
-    finally:
-        transformers_logger.removeHandler(handler)
-    assert not [message for message in records if "deprecated" in message], records
+    assert not [message for message in messages if "deprecated" in message], messages
 
 
 @pytest.mark.parametrize("argument", ["past_key_values", "cache"])

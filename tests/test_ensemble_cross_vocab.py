@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import build_tiny_causal_lm
+from helpers import build_tiny_causal_lm, transformers_log
 
 from hf_interop.cross_tokenizer import load_gpt2_tokenizer, token_byte_strings
 from hf_interop.cross_tokenizer_ensemble import CrossTokenizerEnsemble
@@ -76,6 +76,13 @@ def test_members_with_different_tokenizers_need_the_option_and_the_error_names_i
 # ----------------------------------------------------------------------------------------------------------------
 # generate()
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def test_generate_logs_no_cache_name_deprecation(ensemble, corpus_tokenizer):
+    # the cross-tokenizer engine keeps one cache per member and reads it from each member's output
+    with transformers_log() as messages:
+        ensemble.generate(**_ids(corpus_tokenizer), max_new_tokens=4, do_sample=False)
+    assert not [message for message in messages if "deprecated" in message], messages
 
 
 def test_generate_returns_the_prompt_then_valid_ids_of_the_ensemble_tokenizer(ensemble, corpus_tokenizer):
