@@ -1076,6 +1076,14 @@ def report_recipe_result(name: str, result: dict[str, Any]) -> None:
         print("  fitted weights: " + ", ".join(f"{w:.3f}" for w in result["fitted_weights"]))
 
 
+def run_recipe_main(name: str, argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """A whole launched recipe run: parse and run (:func:`run_recipe`), report, then leave the process group."""
+    result = run_recipe(name, argv, prog)
+    report_recipe_result(name, result)
+    leave_process_group()
+    return result
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-interop",
@@ -1098,8 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = argv[0]
 
         def handler(_: argparse.Namespace) -> int:
-            report_recipe_result(command, run_recipe(command, argv[1:]))
-            leave_process_group()
+            run_recipe_main(command, argv[1:])
             return EXIT_OK
 
         args = argparse.Namespace(command=command, handler=handler)

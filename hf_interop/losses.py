@@ -643,7 +643,8 @@ def _divergence_and_logit_grad(
     At temperature 1 it also returns both entropies and the student's log-probabilities (they come for free).
 
     A teacher already normalised at `temperature` can be given as `teacher_log_probs` (then `teacher_logits` is
-    unused; it is updated in place) and, optionally, its `teacher_probs`, which skips those passes over the chunk.
+    unused, and `teacher_log_probs` is overwritten in place) and, optionally, its `teacher_probs`: that skips the
+    teacher's log-softmax and exponential over the chunk.
     """
     factor = _temperature_factor(loss_type, temperature, scale_by_temperature_squared)
     student = student_logits / temperature if temperature != 1.0 else student_logits

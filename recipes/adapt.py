@@ -11,14 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hf_interop.cli import leave_process_group, report_recipe_result, run_recipe
+from hf_interop.cli import run_recipe_main
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    result = run_recipe("adapt", argv, prog="recipes/adapt.py")
-    report_recipe_result("adapt", result)
-    leave_process_group()
-    return result
+    return run_recipe_main("adapt", argv, prog="recipes/adapt.py")
 
 
 if __name__ == "__main__":

@@ -185,6 +185,7 @@ def output_cache(outputs: Any) -> Any:
     return cache if cache is not None else getattr(outputs, "past_key_values", None)
 
 
+@functools.cache
 def output_cache_field() -> str:
     """The field under which the installed transformers' model outputs carry a cache (`cache` or
     `past_key_values`), so outputs we build do not trip its deprecation warning."""
