@@ -60,6 +60,7 @@ _LAZY_IMPORTS: dict[str, str] = {
 
 _SUBMODULES = {
     "losses",
+    "distill",
     "callbacks",
     "metrics",
     "loading",

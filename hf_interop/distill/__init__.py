@@ -1,0 +1,1 @@
+"""Distillation: the config and trainer pairs, collators, the teacher cache, student initialisation."""
