@@ -75,6 +75,7 @@ _SUBMODULES = {
     "hub",
     "compare",
     "cross_tokenizer",
+    "text_alignment",
     "cli",
     "demo",
     "distillation_config",
