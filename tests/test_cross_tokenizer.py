@@ -75,14 +75,14 @@ def test_gpt2_tokenizer_is_gpt2_and_matches_tiktoken(gpt2_tokenizer):
 
 
 def test_gpt2_tokenizer_is_converted_once_into_the_cache(tmp_path, monkeypatch):
-    from hf_interop import cross_tokenizer
+    from hf_interop import loading
 
     target = tmp_path / "gpt2"
     tokenizer = load_gpt2_tokenizer(cache_dir=target)
     assert (target / "tokenizer.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # written atomically
     # a second call loads the cached folder: the whisper asset is not needed any more
-    monkeypatch.setattr(cross_tokenizer, "_gpt2_tiktoken_file", lambda: pytest.fail("converted twice"))
+    monkeypatch.setattr(loading, "_gpt2_tiktoken_file", lambda: pytest.fail("converted twice"))
     again = load_gpt2_tokenizer(cache_dir=target)
     assert again("Hello world")["input_ids"] == tokenizer("Hello world")["input_ids"] == [15496, 995]
 
