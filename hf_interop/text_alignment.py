@@ -19,8 +19,9 @@ import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedTokenizerBase
 
 
@@ -146,8 +147,6 @@ class VocabularyMapping:
 
     def unmatched_masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean masks `(student (V_s,), teacher (V_t,))`, `True` on ids outside the matched vocabulary."""
-        import torch
-
         key = str(device)
         if key not in self._masks:
             student_mask = torch.ones(self.student_vocab_size, dtype=torch.bool, device=device)
@@ -181,8 +180,6 @@ def build_vocabulary_mapping(
         max_vocab_union_size (`int`, *optional*, defaults to `DEFAULT_MAX_VOCAB_UNION_SIZE` = 2**20):
             Refuse vocabulary pairs whose union is larger (see the constant's note on memory).
     """
-    import torch
-
     student_vocab_size = student_vocab_size or len(student_tokenizer)
     teacher_vocab_size = teacher_vocab_size or len(teacher_tokenizer)
     upper_bound = student_vocab_size + teacher_vocab_size
@@ -500,8 +497,6 @@ def build_span_alignment_index(
     token is prepended); the logits predicting it are at position `k + offset - 1`. Spans whose first token has no
     predicting position (the text's first token without a start token) are skipped.
     """
-    import torch
-
     lists: dict[str, list[int]] = {name: [] for name in SpanAlignmentIndex.FIELDS}
     for batch_index, alignment in enumerate(alignments):
         student_base = batch_index * student_length + student_offset - 1

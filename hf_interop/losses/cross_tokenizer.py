@@ -11,14 +11,13 @@ the product scales every entry alike it does not change the sorting ULD relies o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from ..text_alignment import SpanAlignmentIndex, VocabularyMapping
-
-if TYPE_CHECKING:
-    import torch
-
 
 MATCHED_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")
 #: `"uld"` compares every span (matched ones too) by the ULD distance, as the original ULD paper does.
@@ -86,8 +85,6 @@ def uld_loss(
 
 def _upcast(tensor: torch.Tensor) -> torch.Tensor:
     """float32 for the math (bfloat16/float16 inputs are upcast); float64 stays float64 (reference tests)."""
-    import torch
-
     return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
@@ -98,8 +95,6 @@ def _check_temperature(temperature: float) -> None:
 
 def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per row, with 0 * log 0 = 0 and no NaN gradients where p is 0."""
-    import torch
-
     p = log_p.exp()
     support = p > 0
     log_p = torch.where(support, log_p, torch.zeros_like(log_p))
@@ -110,8 +105,6 @@ def _kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor
 def _matched_bucket_log_probs(
     log_probs: torch.Tensor, matched_ids: torch.Tensor, unmatched_mask: torch.Tensor, with_rest: bool
 ) -> torch.Tensor:
-    import torch
-
     matched = log_probs.index_select(-1, matched_ids)
     if not with_rest:  # renormalise over the matched vocabulary
         return matched - matched.logsumexp(-1, keepdim=True)
@@ -153,10 +146,6 @@ def matched_vocabulary_divergence(
     Returns:
         `torch.Tensor` of shape `(N,)`.
     """
-    import math
-
-    import torch
-
     if loss_type not in MATCHED_LOSS_TYPES:
         raise ValueError(
             f"loss_type={loss_type!r} is not supported on matched tokens; use one of {MATCHED_LOSS_TYPES}."
@@ -229,8 +218,6 @@ def _merged_span_probs(
     temperature: float,
 ) -> torch.Tensor:
     """Base distribution of each span times the product of its later tokens' conditional probabilities."""
-    import torch
-
     base = (_upcast(flat_logits[base_rows]) / temperature).softmax(-1)
     if continuation_rows.numel() == 0:
         return base
@@ -275,8 +262,6 @@ def span_aligned_distillation_loss(
         uld_top_k (`int`, *optional*): see :func:`uld_distance` (`None`: exact).
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): global normalizer.
     """
-    import torch
-
     _check_temperature(temperature)
     if loss_type not in SPAN_LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not supported here; use one of {SPAN_LOSS_TYPES}.")
@@ -392,8 +377,6 @@ def cross_tokenizer_distillation_loss(
         **span_loss_kwargs: `loss_type`, `temperature`, `jsd_beta`, `matched_weight`, `unmatched_weight`,
             `uld_top_k`, `scale_by_temperature_squared` of :func:`span_aligned_distillation_loss`.
     """
-    import torch
-
     if not 0.0 <= kd_ratio <= 1.0:
         raise ValueError(f"kd_ratio={kd_ratio} is outside [0, 1]; 1.0 is pure distillation, 0.0 plain training.")
     shift_logits = student_logits[:, :-1]
