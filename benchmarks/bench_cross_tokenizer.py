@@ -93,14 +93,15 @@ def main() -> None:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from hf_interop import load_builtin_corpus, load_default_teacher
-    from hf_interop.cross_tokenizer import (
-        CrossTokenizerDistillationCollator,
+    from hf_interop import (
         CrossTokenizerDistillationConfig,
         CrossTokenizerDistillationTrainer,
+        load_builtin_corpus,
+        load_default_teacher,
         load_gpt2_tokenizer,
-        split_texts_into_chunks,
     )
+    from hf_interop.distill.cross_tokenizer_collator import CrossTokenizerDistillationCollator
+    from hf_interop.text_alignment import split_texts_into_chunks
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     corpus = load_builtin_corpus()

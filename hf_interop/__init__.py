@@ -52,9 +52,9 @@ _LAZY_IMPORTS: dict[str, str] = {
     "compare_checkpoints": "compare",
     "run_demo": "demo",
     # across tokenizers
-    "load_gpt2_tokenizer": "cross_tokenizer",
-    "CrossTokenizerDistillationConfig": "cross_tokenizer",
-    "CrossTokenizerDistillationTrainer": "cross_tokenizer",
+    "load_gpt2_tokenizer": "loading",
+    "CrossTokenizerDistillationConfig": "distill.cross_tokenizer_config",
+    "CrossTokenizerDistillationTrainer": "distill.cross_tokenizer_trainer",
     "CrossTokenizerEnsemble": "cross_tokenizer_ensemble",
 }
 
@@ -75,6 +75,7 @@ _SUBMODULES = {
     "hub",
     "compare",
     "cross_tokenizer",
+    "text_alignment",
     "cli",
     "demo",
     "distillation_config",

@@ -460,3 +460,100 @@ def load_gemma3_270m(
     """Gemma-3-270M (268M parameters, vocabulary 262,144), converted once by :func:`gemma3_270m_path`."""
     model, tokenizer = load_causal_lm(gemma3_270m_path(), dtype=dtype, device_map=device_map)
     return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The real GPT-2 tokenizer, offline
+# --------------------------------------------------------------------------------------------------------------
+# Rebuilt from the `gpt2.tiktoken` file that the `openai-whisper` package carries, so a real second vocabulary
+# (50,257 tokens) is available offline for cross-tokenizer distillation and ensembles.
+
+#: GPT-2's pre-tokenisation regex (tiktoken's `r50k_base` pattern).
+GPT2_SPLIT_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOS_TOKEN = "<|endoftext|>"
+GPT2_TOKENIZER_DIRNAME = "gpt2-tokenizer-from-openai-whisper"
+_GPT2_INSTALL_HINT = "pip install --no-deps openai-whisper tiktoken"
+
+
+def _gpt2_tiktoken_file() -> Path:
+    # find_spec locates the package without importing it (importing whisper would import its model code).
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(
+            "load_gpt2_tokenizer needs the `gpt2.tiktoken` file shipped by the `openai-whisper` package, which is not "
+            f"installed. Run `{_GPT2_INSTALL_HINT}` (--no-deps skips whisper's own heavy dependencies)."
+        )
+    path = Path(spec.submodule_search_locations[0]) / "assets" / "gpt2.tiktoken"
+    if not path.is_file():
+        raise ImportError(
+            f"openai-whisper is installed but {path} is missing; reinstall it with `{_GPT2_INSTALL_HINT}`."
+        )
+    if importlib.util.find_spec("tiktoken") is None:
+        raise ImportError(
+            f"load_gpt2_tokenizer needs `tiktoken` to read {path.name}, which is not installed. "
+            f"Run `{_GPT2_INSTALL_HINT}`."
+        )
+    return path
+
+
+def _check_gpt2_tokenizer(tokenizer: PreTrainedTokenizerBase, where: str) -> None:
+    hello = tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    if len(tokenizer) != GPT2_VOCAB_SIZE or hello != [15496] or tokenizer.eos_token_id != 50256:
+        raise ValueError(
+            f"the GPT-2 tokenizer at {where} is not GPT-2's (size {len(tokenizer)}, 'Hello' -> {hello}, eos id "
+            f"{tokenizer.eos_token_id}); delete that folder so it is rebuilt, or reinstall with `{_GPT2_INSTALL_HINT}`."
+        )
+
+
+def load_gpt2_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """The real GPT-2 tokenizer (50,257 tokens), rebuilt offline from `openai-whisper`'s `gpt2.tiktoken`.
+
+    The tiktoken BPE ranks are converted once with `transformers.convert_slow_tokenizer.TikTokenConverter` into a
+    fast tokenizer (ids identical to GPT-2's: `"Hello"` -> 15496, `<|endoftext|>` = 50256, which is also its BOS
+    and UNK token; GPT-2 has no padding token, so none is set). The converted folder is written atomically under
+    `hf_interop_cache_dir()` and loaded from there afterwards.
+
+    Args:
+        cache_dir (`str` or `Path`, *optional*):
+            Folder for the converted tokenizer; defaults to `hf_interop_cache_dir() / "gpt2-tokenizer-from-openai-whisper"`.
+
+    Returns:
+        A fast tokenizer (`PreTrainedTokenizerFast` / `TokenizersBackend`) with offset mapping support.
+
+    Raises:
+        `ImportError`: when `openai-whisper` or `tiktoken` is missing (the message gives the install command).
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    target = Path(cache_dir) if cache_dir is not None else hf_interop_cache_dir() / GPT2_TOKENIZER_DIRNAME
+    if (target / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(target)
+        _check_gpt2_tokenizer(tokenizer, str(target))
+        return tokenizer
+    tiktoken_file = _gpt2_tiktoken_file()
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converter = TikTokenConverter(
+        vocab_file=str(tiktoken_file), pattern=GPT2_SPLIT_PATTERN, extra_special_tokens=[GPT2_EOS_TOKEN]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=converter.converted(),
+        bos_token=GPT2_EOS_TOKEN,
+        eos_token=GPT2_EOS_TOKEN,
+        unk_token=GPT2_EOS_TOKEN,
+        model_max_length=1024,
+    )
+    _check_gpt2_tokenizer(tokenizer, str(tiktoken_file))
+    try:
+        with atomic_directory(target, overwrite=False) as tmp_dir:
+            tokenizer.save_pretrained(tmp_dir)
+            source = {
+                "source_package": "openai-whisper",
+                "file": "whisper/assets/gpt2.tiktoken",
+                "converter": "tiktoken",
+            }
+            (tmp_dir / "hf_interop_source.json").write_text(json.dumps(source, indent=2) + "\n")
+    except FileExistsError:
+        pass  # another process converted it at the same time; both results are identical
+    return AutoTokenizer.from_pretrained(target)
