@@ -36,9 +36,9 @@ _LAZY_IMPORTS: dict[str, str] = {
     "EnsembleForCausalLM": "ensemble",
     "EnsembleForSequenceClassification": "ensemble",
     "fit_ensemble_weights": "ensemble",
-    "merge_checkpoints": "merge",
-    "greedy_soup": "merge",
-    "merge_lora_adapters": "merge",
+    "merge_checkpoints": "merge.checkpoints",
+    "greedy_soup": "merge.checkpoints",
+    "merge_lora_adapters": "merge.checkpoints",
     # adaptation
     "build_lora_config": "adapters",
     "export_merged_model": "adapters",

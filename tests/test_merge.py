@@ -214,14 +214,13 @@ def test_each_method_matches_float64_reference_and_streamed_equals_in_memory(
 def test_row_block_merging_equals_whole_tensor_merging(
     family_checkpoints, tmp_path, monkeypatch, method, density, weights
 ):
-    import hf_interop.merge
-
     children = family_checkpoints["children"][:2] if method == "slerp" else family_checkpoints["children"]
     base = None if method in ("linear", "slerp") else family_checkpoints["base"]
     states = [_state(child) for child in children]
     base_state = _state(base) if base is not None else None
     whole = merge_state_dicts(states, method, weights, base_state, density=density, seed=3, slerp_t=0.6)
-    monkeypatch.setattr(hf_interop.merge, "CHUNK_ELEMENTS", 4096)  # the 512x64 embedding is read in 8 blocks
+    # the 512x64 embedding is read in 8 blocks
+    monkeypatch.setattr("hf_interop.merge.checkpoints.CHUNK_ELEMENTS", 4096)
     out = merge_checkpoints(
         children,
         method,

@@ -28,8 +28,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .logging_utils import get_logger
-from .utils import atomic_directory, atomic_write_json
+from ..logging_utils import get_logger
+from ..utils import atomic_directory, atomic_write_json
 
 if TYPE_CHECKING:
     import torch
@@ -837,7 +837,7 @@ def _copy_tokenizer_files(source: Path | None, target: Path) -> None:
 
 def _write_merge_lineage(folder: Path, lineage: dict[str, Any]) -> None:
     """`hf_interop_lineage.json`: the inputs (local paths, or hub ids with commit hashes) and the merge settings."""
-    from .hub import write_lineage_manifest
+    from ..hub import write_lineage_manifest
 
     members = [
         {"name_or_path": path, "weight": weight}
@@ -869,7 +869,7 @@ def _write_merge_card(folder: Path, model_name: str, lineage: dict[str, Any]) ->
     if lineage["base"] is not None:
         metadata["base_model"] = lineage["base"]
     try:
-        from .model_card import write_model_card
+        from ..model_card import write_model_card
     except ImportError:
         logger.warning("hf_interop.model_card is unavailable; the merge has no model card.")
         return
@@ -905,8 +905,8 @@ def greedy_soup(
     """
     from safetensors.torch import load_file
 
-    from .evaluation import evaluate_perplexity
-    from .loading import load_causal_lm
+    from ..evaluation import evaluate_perplexity
+    from ..loading import load_causal_lm
 
     checkpoints = [Path(path) for path in checkpoints]
     if len(checkpoints) < 1:
