@@ -37,8 +37,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "EnsembleForSequenceClassification": "ensemble",
     "fit_ensemble_weights": "ensemble",
     "merge_checkpoints": "merge.checkpoints",
-    "greedy_soup": "merge.checkpoints",
-    "merge_lora_adapters": "merge.checkpoints",
+    "greedy_soup": "merge.soup",
+    "merge_lora_adapters": "merge.lora",
     # adaptation
     "build_lora_config": "adapters",
     "export_merged_model": "adapters",

@@ -220,7 +220,7 @@ def test_row_block_merging_equals_whole_tensor_merging(
     base_state = _state(base) if base is not None else None
     whole = merge_state_dicts(states, method, weights, base_state, density=density, seed=3, slerp_t=0.6)
     # the 512x64 embedding is read in 8 blocks
-    monkeypatch.setattr("hf_interop.merge.checkpoints.CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr("hf_interop.merge.streaming.CHUNK_ELEMENTS", 4096)
     out = merge_checkpoints(
         children,
         method,
