@@ -46,9 +46,9 @@ _LAZY_IMPORTS: dict[str, str] = {
     # around it
     "render_model_card": "model_card",
     "write_model_card": "model_card",
-    "push_output_to_hub": "hub",
-    "write_lineage_manifest": "hub",
-    "check_hub_access": "hub",
+    "push_output_to_hub": "hub.push",
+    "write_lineage_manifest": "hub.push",
+    "check_hub_access": "hub.push",
     "compare_checkpoints": "compare",
     "run_demo": "demo",
     # across tokenizers

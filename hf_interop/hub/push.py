@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .logging_utils import get_logger
-from .utils import atomic_write_json
+from ..logging_utils import get_logger
+from ..utils import atomic_write_json
 
 logger = get_logger(__name__)
 
@@ -304,7 +304,7 @@ def resolve_source(
     40-hex `revision` is taken as is. Local folders get `commit_hash=None` and their absolute path; when the folder
     carries its own lineage manifest, it is nested under `"lineage"` so the chain is kept.
     """
-    from .loading import looks_like_hub_id, resolve_commit_hash
+    from ..loading import looks_like_hub_id, resolve_commit_hash
 
     name = os.fspath(name_or_path)
     entry: dict[str, Any] = {"role": role, "name_or_path": name, "revision": revision, "commit_hash": None}
