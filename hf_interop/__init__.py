@@ -44,8 +44,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "export_merged_model": "adapters",
     "init_student_from_teacher": "student_init",
     # around it
-    "render_model_card": "model_card",
-    "write_model_card": "model_card",
+    "render_model_card": "hub.cards",
+    "write_model_card": "hub.cards",
     "push_output_to_hub": "hub.push",
     "write_lineage_manifest": "hub.push",
     "check_hub_access": "hub.push",
