@@ -47,7 +47,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     "render_model_card": "hub.cards",
     "write_model_card": "hub.cards",
     "push_output_to_hub": "hub.push",
-    "write_lineage_manifest": "hub.push",
+    "write_lineage_manifest": "hub.lineage",
     "check_hub_access": "hub.push",
     "compare_checkpoints": "compare",
     "run_demo": "demo",
