@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..hub.outputs import write_output_metadata
 from ..logging_utils import get_logger
 from ..utils import atomic_directory, atomic_write_json
 from .methods import DEFAULT_DENSITY, MERGE_METHODS, METHODS_NEEDING_BASE, METHODS_USING_DENSITY
@@ -350,8 +351,7 @@ def merge_checkpoints(
             "seed": seed if method.startswith("dare") else None,
             "slerp_t": slerp_t if method == "slerp" else None,
         }
-        _write_merge_lineage(tmp_dir, lineage)
-        _write_merge_card(tmp_dir, output_dir.name, lineage)
+        _write_merge_metadata(tmp_dir, lineage, model_name=output_dir.name)
     logger.info(f"Merged checkpoint written to {output_dir}")
     return output_dir
 
@@ -368,42 +368,32 @@ def _copy_tokenizer_files(source: Path | None, target: Path) -> None:
             shutil.copyfile(path, target / path.name)
 
 
-def _write_merge_lineage(folder: Path, lineage: dict[str, Any]) -> None:
-    """`hf_interop_lineage.json`: the inputs (local paths, or hub ids with commit hashes) and the merge settings."""
-    from ..hub import write_lineage_manifest
-
+def _write_merge_metadata(folder: Path, settings: dict[str, Any], model_name: str | None) -> None:
+    """`hf_interop_lineage.json` (the inputs: local paths, or hub ids with commit hashes; and the merge settings)
+    and, when `model_name` is given, the `merged` model card that names it."""
     members = [
         {"name_or_path": path, "weight": weight}
-        for path, weight in zip(lineage["checkpoints"], lineage["weights"], strict=True)
+        for path, weight in zip(settings["checkpoints"], settings["weights"], strict=True)
     ]
-    write_lineage_manifest(
+    card = None
+    if model_name is not None:
+        hyperparameters = {key: settings[key] for key in ("density", "seed", "slerp_t") if settings[key] is not None}
+        card = {
+            "members": members,
+            "merge_method": settings["method"],
+            "hyperparameters": hyperparameters,
+            "model_name": model_name,
+        }
+        if settings["base"] is not None:
+            card["base_model"] = settings["base"]
+    write_output_metadata(
         folder,
-        kind="merged",
-        base_model=lineage["base"],
-        members=members,
-        extra={key: value for key, value in lineage.items() if key not in ("checkpoints", "weights", "base")},
-        strict=False,
+        "merged",
+        card=card,
+        lineage={
+            "base_model": settings["base"],
+            "members": members,
+            "extra": {key: value for key, value in settings.items() if key not in ("checkpoints", "weights", "base")},
+            "strict": False,
+        },
     )
-
-
-def _write_merge_card(folder: Path, model_name: str, lineage: dict[str, Any]) -> None:
-    members = [
-        {"name_or_path": path, "weight": weight}
-        for path, weight in zip(lineage["checkpoints"], lineage["weights"], strict=True)
-    ]
-    hyperparameters = {key: lineage[key] for key in ("density", "seed", "slerp_t") if lineage[key] is not None}
-    metadata: dict[str, Any] = {
-        "members": members,
-        "merge_method": lineage["method"],
-        "hyperparameters": hyperparameters,
-        "model_name": model_name,
-        "lineage_manifest": "hf_interop_lineage.json",
-    }
-    if lineage["base"] is not None:
-        metadata["base_model"] = lineage["base"]
-    try:
-        from ..model_card import write_model_card
-    except ImportError:
-        logger.warning("hf_interop.model_card is unavailable; the merge has no model card.")
-        return
-    write_model_card(folder, "merged", **metadata)

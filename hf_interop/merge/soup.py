@@ -14,7 +14,7 @@ from .checkpoints import (
     _COPIED_FILES,
     _check_same_tensors,
     _check_same_tokenizers,
-    _write_merge_lineage,
+    _write_merge_metadata,
     merge_checkpoints,
 )
 from .streaming import _SafetensorsCheckpoint
@@ -116,9 +116,10 @@ def greedy_soup(
                 for path in selected[0].iterdir():
                     if path.is_file() and (path.suffix == ".safetensors" or _COPIED_FILES.match(path.name)):
                         shutil.copyfile(path, tmp_dir / path.name)
-                _write_merge_lineage(
+                _write_merge_metadata(
                     tmp_dir,
                     {"method": "greedy_soup", "checkpoints": [str(selected[0])], "weights": [1.0], "base": None},
+                    model_name=None,
                 )
         else:
             merge_checkpoints(
