@@ -251,7 +251,7 @@ def merge_checkpoints(
     Args:
         checkpoints (`list` of `str` or `os.PathLike`): checkpoint folders with safetensors weights.
         method (`str`, *optional*, defaults to `"linear"`): one of `linear`, `task_arithmetic`, `ties`,
-            `dare_linear`, `dare_ties`, `slerp` (see the module docstring).
+            `dare_linear`, `dare_ties`, `slerp` (see `hf_interop.merge.methods`).
         weights (`list[float]`, *optional*): one per checkpoint; defaults to equal weights (1.0 each, which
             `linear` normalises to an average).
         base (`str` or `os.PathLike`, *optional*): the model the checkpoints were fine-tuned from; required by
@@ -274,21 +274,13 @@ def merge_checkpoints(
     >>> merge_checkpoints(["run_a", "run_b"], "ties", base="base_model", density=0.3, output_dir="merged")
     ```
     """
-    from tqdm.auto import tqdm
-
     if isinstance(checkpoints, (str, os.PathLike)):
         raise ValueError("checkpoints must be a list of checkpoint folders, not a single path.")
     checkpoints = [Path(path) for path in checkpoints]
     weights, density = _check_method_arguments(method, len(checkpoints), weights, base, density, slerp_t)
     output_dir = Path(output_dir)
     max_shard_bytes = _parse_size(max_shard_size)
-    if output_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"output_dir {str(output_dir)!r} already exists; pass overwrite=True to replace it or choose another."
-        )
-    inputs = [*checkpoints, *([Path(base)] if base is not None else [])]
-    if any(output_dir.resolve() == path.resolve() for path in inputs):
-        raise ValueError(f"output_dir {str(output_dir)!r} is one of the inputs; write the merge to a new folder.")
+    _check_output_dir(output_dir, [*checkpoints, *([Path(base)] if base is not None else [])], overwrite)
 
     sources = [_SafetensorsCheckpoint(path, f"checkpoint {index}") for index, path in enumerate(checkpoints)]
     base_source = _SafetensorsCheckpoint(base, "base") if base is not None else None
@@ -302,42 +294,18 @@ def merge_checkpoints(
         f"Merging {len(checkpoints)} checkpoints with {method!r}: {len(names)} tensors, {len(shards)} shard(s)."
     )
     with atomic_directory(output_dir, overwrite=overwrite) as tmp_dir:
-        weight_map = {}
-        total_size = 0
-        progress = tqdm(total=len(names), desc=f"Merging ({method})", disable=not show_progress, leave=False)
-        for shard_index, shard_names in enumerate(shards):
-            file_name = (
-                "model.safetensors"
-                if len(shards) == 1
-                else f"model-{shard_index + 1:05d}-of-{len(shards):05d}.safetensors"
-            )
-            writer = _ShardWriter(
-                tmp_dir / file_name, [(name, first.dtypes[name], first.shapes[name]) for name in shard_names]
-            )
-            for name in shard_names:
-                writer.begin(name)
-                _merge_tensor_in_chunks(
-                    name,
-                    first.shapes[name],
-                    [source.reader(name) for source in sources],
-                    base_source.reader(name) if base_source is not None else None,
-                    method,
-                    weights,
-                    density,
-                    seed,
-                    slerp_t,
-                    writer.write_block,
-                )
-                weight_map[name] = file_name
-                progress.update(1)
-            writer.close()
-            total_size += writer.total_bytes
-        progress.close()
-        if len(shards) > 1:
-            atomic_write_json(
-                tmp_dir / "model.safetensors.index.json",
-                {"metadata": {"total_size": total_size}, "weight_map": weight_map},
-            )
+        _write_merged_shards(
+            tmp_dir,
+            shards,
+            sources,
+            base_source,
+            method=method,
+            weights=weights,
+            density=density,
+            seed=seed,
+            slerp_t=slerp_t,
+            show_progress=show_progress,
+        )
         for file_name in ("config.json", "generation_config.json"):
             if (first.folder / file_name).is_file():
                 shutil.copyfile(first.folder / file_name, tmp_dir / file_name)
@@ -354,6 +322,72 @@ def merge_checkpoints(
         _write_merge_metadata(tmp_dir, lineage, model_name=output_dir.name)
     logger.info(f"Merged checkpoint written to {output_dir}")
     return output_dir
+
+
+def _check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    if output_dir.exists() and not overwrite:
+        raise FileExistsError(
+            f"output_dir {str(output_dir)!r} already exists; pass overwrite=True to replace it or choose another."
+        )
+    if any(output_dir.resolve() == path.resolve() for path in inputs):
+        raise ValueError(f"output_dir {str(output_dir)!r} is one of the inputs; write the merge to a new folder.")
+
+
+def _write_merged_shards(
+    folder: Path,
+    shards: list[list[str]],
+    sources: list[_SafetensorsCheckpoint],
+    base_source: _SafetensorsCheckpoint | None,
+    *,
+    method: str,
+    weights: list[float],
+    density: float,
+    seed: int,
+    slerp_t: float,
+    show_progress: bool,
+) -> None:
+    """Merge every tensor into the planned shards of `folder` (plus the index of a sharded checkpoint)."""
+    from tqdm.auto import tqdm
+
+    first = sources[0]
+    weight_map = {}
+    total_size = 0
+    progress = tqdm(
+        total=sum(len(names) for names in shards), desc=f"Merging ({method})", disable=not show_progress, leave=False
+    )
+    for shard_index, shard_names in enumerate(shards):
+        file_name = (
+            "model.safetensors"
+            if len(shards) == 1
+            else f"model-{shard_index + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
+        writer = _ShardWriter(
+            folder / file_name, [(name, first.dtypes[name], first.shapes[name]) for name in shard_names]
+        )
+        for name in shard_names:
+            writer.begin(name)
+            _merge_tensor_in_chunks(
+                name,
+                first.shapes[name],
+                [source.reader(name) for source in sources],
+                base_source.reader(name) if base_source is not None else None,
+                method,
+                weights,
+                density,
+                seed,
+                slerp_t,
+                writer.write_block,
+            )
+            weight_map[name] = file_name
+            progress.update(1)
+        writer.close()
+        total_size += writer.total_bytes
+    progress.close()
+    if len(shards) > 1:
+        atomic_write_json(
+            folder / "model.safetensors.index.json",
+            {"metadata": {"total_size": total_size}, "weight_map": weight_map},
+        )
 
 
 def _copy_tokenizer_files(source: Path | None, target: Path) -> None:
