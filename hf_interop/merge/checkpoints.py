@@ -15,7 +15,9 @@ import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from ..hub.outputs import write_output_metadata
 from ..logging_utils import get_logger
@@ -29,9 +31,6 @@ from .streaming import (
     _SafetensorsCheckpoint,
     _ShardWriter,
 )
-
-if TYPE_CHECKING:
-    import torch
 
 logger = get_logger(__name__)
 
@@ -198,8 +197,6 @@ def merge_state_dicts(
     slerp_t: float = 0.5,
 ) -> dict[str, torch.Tensor]:
     """In-memory version of :func:`merge_checkpoints` over state dicts (same math, blocks and DARE masks)."""
-    import torch
-
     weights, density = _check_method_arguments(method, len(state_dicts), weights, base, density, slerp_t)
 
     def reader_of(tensor: torch.Tensor) -> RowReader:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
+import torch
 
 MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
 METHODS_NEEDING_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
@@ -50,8 +48,6 @@ def _kth_largest(values: torch.Tensor, k: int, sample_size: int = 2**16, margin:
     only the entries inside it (about `2 * margin` of the tensor) go through `kthvalue`. If the bracket misses
     (very unlikely), the whole tensor goes through `kthvalue`.
     """
-    import torch
-
     count = values.numel()
     if count <= 4 * sample_size:
         return torch.kthvalue(values, count - k + 1).values
@@ -76,8 +72,6 @@ def magnitude_trim(delta: torch.Tensor, density: float, threshold: torch.Tensor 
     Entries tied with the smallest kept magnitude are all kept. `threshold` (from :func:`trim_threshold` on the
     whole tensor) lets a slice of a tensor be trimmed exactly as the whole tensor would be.
     """
-    import torch
-
     if density >= 1.0:
         return delta
     if threshold is None:
@@ -93,8 +87,6 @@ def dare_keep_mask(
     The seed depends on the tensor's name, not on the order tensors are processed in, so a streamed merge and an
     in-memory merge drop exactly the same entries.
     """
-    import torch
-
     digest = hashlib.sha256(f"{seed}:{tensor_name}:{model_index}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     return torch.rand(tuple(shape), generator=generator) < density
@@ -103,8 +95,6 @@ def dare_keep_mask(
 def _disjoint_merge(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """TIES' sign election and disjoint mean: average, per entry, the weighted deltas that agree with the sign of
     their weighted sum; entries where no delta agrees become 0."""
-    import torch
-
     numerator = torch.zeros_like(deltas[0])
     for weight, delta in zip(weights, deltas, strict=True):
         numerator += weight * delta

@@ -10,12 +10,11 @@ import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
 
 from .methods import dare_keep_mask, merge_tensors, slerp_coefficients, trim_threshold
-
-if TYPE_CHECKING:
-    import torch
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64",
@@ -62,8 +61,6 @@ def _merge_tensor_in_chunks(
     angle (accumulated over blocks) and DARE masks (seeded per tensor name), so block-wise results equal
     whole-tensor results.
     """
-    import torch
-
     num_rows = shape[0] if len(shape) > 0 else 1
     row_elements = max(1, math.prod(shape[1:])) if len(shape) > 0 else 1
     rows_per_chunk = max(1, CHUNK_ELEMENTS // row_elements)
@@ -177,8 +174,6 @@ class _SafetensorsCheckpoint:
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
 
     def reader(self, name: str) -> RowReader:
-        import torch
-
         shape = self.shapes[name]
         dtype = getattr(torch, self.dtypes[name])
 
@@ -213,8 +208,6 @@ class _ShardWriter:
     _CODES = {value: key for key, value in _SAFETENSORS_DTYPES.items()}
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]):
-        import torch
-
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         self._sizes = []
@@ -246,8 +239,6 @@ class _ShardWriter:
         self._written = 0
 
     def write_block(self, tensor: torch.Tensor) -> None:
-        import torch
-
         expected_dtype = getattr(torch, self._entries[self._position][1])
         if tensor.dtype != expected_dtype:
             raise RuntimeError(f"shard {self.path.name}: got {tensor.dtype}, expected {expected_dtype}.")
@@ -286,8 +277,6 @@ def _parse_size(size: int | str) -> int:
 def _plan_shards(
     names: list[str], dtypes: dict[str, str], shapes: dict[str, tuple[int, ...]], max_shard_bytes: int
 ) -> list[list[str]]:
-    import torch
-
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:
