@@ -17,7 +17,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from hf_interop import render_model_card, write_model_card
 from hf_interop.model_card import CARD_KINDS, ModelCardError, read_card_lineage, required_fields, template_text
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TEACHER = {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "a" * 40}
 MEMBERS = [
     {"name_or_path": "org/member-a", "revision": "b" * 40, "weight": 0.25},

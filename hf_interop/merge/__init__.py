@@ -1,0 +1,41 @@
+"""Weight-space fusion: merging checkpoints of one architecture, greedy soups, and LoRA adapter combinations.
+
+- `methods.py`: the math, pure functions over tensors (:func:`merge_tensors` and the methods it dispatches to).
+- `streaming.py`: safetensors reads by row blocks, shard writes, and the chunked merge of one tensor.
+- `checkpoints.py`: :func:`merge_checkpoints` (folders, streamed) and :func:`merge_state_dicts` (in memory).
+- `soup.py`: :func:`greedy_soup`. `lora.py`: :func:`merge_lora_adapters`.
+"""
+
+from .checkpoints import merge_checkpoints, merge_state_dicts
+from .lora import LORA_COMBINATIONS, merge_lora_adapters
+from .methods import (
+    DEFAULT_DENSITY,
+    MERGE_METHODS,
+    METHODS_NEEDING_BASE,
+    METHODS_USING_DENSITY,
+    dare_keep_mask,
+    magnitude_trim,
+    merge_tensors,
+    slerp,
+    slerp_coefficients,
+    trim_threshold,
+)
+from .soup import greedy_soup
+
+__all__ = [
+    "DEFAULT_DENSITY",
+    "LORA_COMBINATIONS",
+    "MERGE_METHODS",
+    "METHODS_NEEDING_BASE",
+    "METHODS_USING_DENSITY",
+    "dare_keep_mask",
+    "greedy_soup",
+    "magnitude_trim",
+    "merge_checkpoints",
+    "merge_lora_adapters",
+    "merge_state_dicts",
+    "merge_tensors",
+    "slerp",
+    "slerp_coefficients",
+    "trim_threshold",
+]
