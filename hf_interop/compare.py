@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .data import BUILTIN_DATASET, check_dataset_argument, load_text_dataset  # noqa: F401
+from .loading import DEFAULT_TEACHER_ALIAS, resolve_model_alias
 from .logging_utils import get_logger
 from .utils import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -33,71 +35,6 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 logger = get_logger(__name__)
-
-BUILTIN_DATASET = "builtin"
-_DATA_FILE_TYPES = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def load_text_dataset(dataset: str, split: str = "validation") -> Dataset:
-    """Resolve a dataset argument of the CLI and recipes into a `datasets.Dataset`.
-
-    Args:
-        dataset (`str`):
-            `"builtin"` (the builtin corpus, see :func:`hf_interop.load_builtin_corpus`), a folder written by
-            `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a `.txt` / `.json` / `.jsonl` / `.csv` /
-            `.parquet` file (loaded with `datasets.load_dataset`, offline).
-        split (`str`, *optional*, defaults to `"validation"`):
-            Split to take from the builtin corpus or a saved `DatasetDict`; ignored for a single file or a saved
-            `Dataset`.
-    """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    if dataset == BUILTIN_DATASET:
-        from .data import load_builtin_corpus
-
-        corpus = load_builtin_corpus()
-        if split not in corpus:
-            raise ValueError(f"split {split!r} is not in the builtin corpus; use one of {list(corpus)}.")
-        return corpus[split]
-    path = Path(dataset)
-    if path.is_dir():
-        loaded = load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"split {split!r} is not in the dataset at {dataset!r}; use one of {list(loaded)}.")
-            return loaded[split]
-        assert isinstance(loaded, Dataset)
-        return loaded
-    if path.is_file():
-        kind = _DATA_FILE_TYPES.get(path.suffix.lower())
-        if kind is None:
-            raise ValueError(
-                f"dataset file {dataset!r} has an unknown extension; use one of {sorted(_DATA_FILE_TYPES)}, a folder "
-                "written by save_to_disk, or 'builtin'."
-            )
-        return load_dataset(kind, data_files=str(path), split="train")
-    raise ValueError(
-        f"dataset {dataset!r} is neither 'builtin', an existing folder (save_to_disk) nor a data file; check the path."
-    )
-
-
-def check_dataset_argument(dataset: str) -> None:
-    """Cheap check (no loading) that `dataset` can be resolved by :func:`load_text_dataset`."""
-    if dataset == BUILTIN_DATASET:
-        return
-    path = Path(dataset)
-    if path.is_dir():
-        return
-    if path.is_file():
-        if path.suffix.lower() not in _DATA_FILE_TYPES:
-            raise ValueError(
-                f"dataset file {dataset!r} has an unknown extension; use one of {sorted(_DATA_FILE_TYPES)}, a folder "
-                "written by save_to_disk, or 'builtin'."
-            )
-        return
-    raise ValueError(
-        f"dataset {dataset!r} is neither 'builtin', an existing folder (save_to_disk) nor a data file; check the path."
-    )
 
 
 def check_checkpoint_arguments(checkpoints: list[str], names: list[str] | None = None) -> list[str]:
@@ -140,19 +77,6 @@ def _display_names(checkpoints: list[str]) -> list[str]:
         return names
     # Same folder names under different parents: fall back to the paths as given.
     return checkpoints
-
-
-DEFAULT_TEACHER_ALIAS = "default_teacher"
-
-
-def resolve_model_alias(name_or_path: str | None) -> str | None:
-    """`"default_teacher"` -> the folder of the embedded SmolLM2-135M-Instruct teacher (converted once); other
-    names unchanged. Lets recipes and the CLI name the default teacher without knowing where it is cached."""
-    if name_or_path == DEFAULT_TEACHER_ALIAS:
-        from .loading import default_teacher_path
-
-        return str(default_teacher_path())
-    return name_or_path
 
 
 @dataclass

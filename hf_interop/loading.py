@@ -29,6 +29,17 @@ DEFAULT_TEACHER_NAME = "SmolLM2-135M-Instruct"
 # The Hub repository the GGUF was quantized from; recorded as lineage in cards and manifests.
 DEFAULT_TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
+DEFAULT_TEACHER_ALIAS = "default_teacher"
+
+
+def resolve_model_alias(name_or_path: str | None) -> str | None:
+    """`"default_teacher"` -> the folder of the embedded SmolLM2-135M-Instruct teacher (converted once); other
+    names unchanged. Lets recipes and the CLI name the default teacher without knowing where it is cached."""
+    if name_or_path == DEFAULT_TEACHER_ALIAS:
+        return str(default_teacher_path())
+    return name_or_path
+
+
 _HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "training_args.bin")
 
