@@ -42,7 +42,7 @@ _SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_mod
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pure math: statistics of next-token predictions
+# Pure math: parameter schedules (the statistics of next-token predictions live in evaluation.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -108,9 +108,9 @@ def _batches(dataset: Dataset, batch_size: int, max_batches: int | None) -> Iter
 
 
 def _forward_logits(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    from .evaluation import _model_device
+    from .evaluation import model_device
 
-    device = _model_device(model)
+    device = model_device(model)
     mask = batch["attention_mask"]
     return model(
         input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device) if mask is not None else None

@@ -176,9 +176,9 @@ def _batches(windows: list[list[int]], batch_size: int, pad_id: int):
 def _log_probs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     import torch
 
-    from .evaluation import _model_device
+    from .evaluation import model_device
 
-    device = _model_device(model)
+    device = model_device(model)
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
     return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
 
@@ -475,9 +475,9 @@ def multiple_choice_accuracy(model: Any, tokenizer: Any, dataset: Dataset) -> fl
     """
     import torch
 
-    from .evaluation import _model_device
+    from .evaluation import model_device
 
-    device = _model_device(model)
+    device = model_device(model)
     context = _context_token_id(tokenizer)
     correct = 0
     prompts = dataset["prompt"] if "prompt" in dataset.column_names else [""] * len(dataset)

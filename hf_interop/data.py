@@ -1,4 +1,4 @@
-"""The embedded default corpus and causal-LM packing.
+"""The embedded default corpus, causal-LM packing, and the dataset argument of the CLI and recipes.
 
 The builtin corpus is Python's own language reference (`pydoc_data.topics`), present on every CPython: 79
 documents, about 465 KB of English. It needs no download, so demos and tests run anywhere.

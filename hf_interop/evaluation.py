@@ -1,4 +1,5 @@
-"""Held-out evaluation of causal LMs: perplexity and throughput, used by the demo, callbacks and reports."""
+"""Held-out evaluation of causal LMs: perplexity, throughput and the statistics of next-token predictions (NLL, KL
+and top-1 agreement to a reference, mixtures), used by the demo, callbacks and reports."""
 
 from __future__ import annotations
 
@@ -12,16 +13,24 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: Any) -> torch.device:
+    """Device a model's inputs go to: its `device` attribute, else its first parameter not on `meta`, else CPU.
+
+    Works for any object with a `device` (an ensemble, a wrapped model), not only for `torch.nn.Module`s.
+    """
     import torch
 
     device = getattr(model, "device", None)
     if isinstance(device, torch.device) and device.type != "meta":
         return device
-    for parameter in model.parameters():
-        if parameter.device.type != "meta":
-            return parameter.device
+    if isinstance(model, torch.nn.Module):
+        for parameter in model.parameters():
+            if parameter.device.type != "meta":
+                return parameter.device
     return torch.device("cpu")
+
+
+_model_device = model_device  # the private name other modules imported before the public one
 
 
 def evaluate_perplexity(
@@ -53,7 +62,7 @@ def evaluate_perplexity(
 
     if len(dataset) == 0:
         raise ValueError("evaluate_perplexity got an empty dataset; pack some text first (hf_interop.pack_dataset).")
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64)
