@@ -91,7 +91,8 @@ def _check_heldout_dataset(dataset: Any, argument: str) -> None:
         raise ValueError(f"{argument} is empty; pack some held-out text (hf_interop.pack_dataset).")
 
 
-def _batches(dataset: Dataset, batch_size: int, max_batches: int | None) -> Iterator[dict[str, torch.Tensor]]:
+def _heldout_batches(dataset: Dataset, batch_size: int, max_batches: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Rows of a packed held-out dataset as CPU tensors, `batch_size` at a time (labels -100 where the mask is 0)."""
     import torch
 
     num_batches = math.ceil(len(dataset) / batch_size)
@@ -213,7 +214,7 @@ class HeldOutEvaluationCallback(TrainerCallback):
         reference_nll, was_training = 0.0, model.training
         model.eval()
         with torch.no_grad():
-            for batch in _batches(self.eval_dataset, self.batch_size, self.max_batches):
+            for batch in _heldout_batches(self.eval_dataset, self.batch_size, self.max_batches):
                 logits = _forward_logits(model, batch)
                 reference_logits = None
                 if self.reference_model is not None:
@@ -301,7 +302,7 @@ class CheckpointEnsembleCallback(TrainerCallback):
 
         pieces = []
         with torch.no_grad():
-            for batch in _batches(self.eval_dataset, self.batch_size, self.max_batches):
+            for batch in _heldout_batches(self.eval_dataset, self.batch_size, self.max_batches):
                 pieces.append(target_log_probs(_forward_logits(model, batch), batch["labels"]))
         return torch.cat(pieces)
 

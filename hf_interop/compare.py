@@ -157,7 +157,8 @@ def build_scoring_windows(texts: list[str], tokenizer: Any, block_size: int) -> 
     return windows, num_targets, num_bytes
 
 
-def _batches(windows: list[list[int]], batch_size: int, pad_id: int):
+def _padded_window_batches(windows: list[list[int]], batch_size: int, pad_id: int):
+    """Scoring windows, `batch_size` at a time, right-padded into `(input_ids, attention_mask, labels)` tensors."""
     import torch
 
     for start in range(0, len(windows), batch_size):
@@ -351,7 +352,7 @@ def compare_checkpoints(
             pair_agree = torch.zeros(len(group), len(group), dtype=torch.float64)
             pair_kl = torch.zeros(len(group), len(group), dtype=torch.float64)
             ensemble_nll = 0.0
-            batches = _batches(windows, batch_size, pad_id)
+            batches = _padded_window_batches(windows, batch_size, pad_id)
             total = math.ceil(len(windows) / batch_size)
             label = f"Scoring {', '.join(members[i].name for i in group)}"
             for input_ids, attention_mask, labels in tqdm(batches, total=total, desc=label, disable=not show_progress):
