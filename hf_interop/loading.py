@@ -18,6 +18,7 @@ from .logging_utils import get_logger
 from .utils import atomic_directory, hf_interop_cache_dir, resolve_dtype
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = get_logger(__name__)
@@ -226,7 +227,7 @@ def load_causal_lm(
         )
         model = dequantize_gguf_model(model, dtype=dtype if dtype not in (None, "auto") else None)
         if device_map is not None:
-            model = _dispatch(model, device_map)
+            model = dispatch_loaded_model(model, device_map)
     else:
         if is_local:
             _check_local_folder(Path(name_or_path), allow_pickle=allow_pickle)
@@ -284,17 +285,44 @@ def _check_gguf_is_causal_lm(architecture: str | None, path: Path) -> None:
         )
 
 
-def _dispatch(model: PreTrainedModel, device_map: Any) -> PreTrainedModel:
-    """Place an already-loaded model with Accelerate (used after GGUF dequantization)."""
-    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return model.to(device_map)
+# Accelerate's placement strategies; any other string names one device ("cpu", "cuda:1", "mps").
+_PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def dispatch_loaded_model(model: torch.nn.Module, device_map: Any, max_memory: dict | None = None) -> torch.nn.Module:
+    """Place an already-loaded model with Accelerate, where `from_pretrained(device_map=...)` would have put it.
+
+    Used for models that exist before they are placed: a dequantized GGUF model, and a teacher or ensemble member
+    passed as an object together with a device map.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model to place.
+        device_map (`str`, `int` or `dict`):
+            `None` (leave the model where it is); one device (`"cpu"`, `"cuda:1"`, a GPU index, or `{"": device}`),
+            to which the whole model moves; a map of module names to devices; or a strategy (`"auto"`,
+            `"balanced"`, `"balanced_low_0"`, `"sequential"`) for which Accelerate infers the map within
+            `max_memory`.
+        max_memory (`dict`, *optional*):
+            Per-device budgets for an inferred map, e.g. `{0: "10GiB", "cpu": "30GiB"}`; defaults to what is free.
+    """
+    if device_map is None:
+        return model
+    if isinstance(device_map, (str, int)) and device_map not in _PLACEMENT_STRATEGIES:
+        return model.to(_one_device(device_map))
     if isinstance(device_map, dict) and set(device_map) == {""}:
-        return model.to(device_map[""])
+        return model.to(_one_device(device_map[""]))
     from accelerate import dispatch_model, infer_auto_device_map
 
     if isinstance(device_map, str):
-        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     return dispatch_model(model, device_map=device_map)
+
+
+def _one_device(device: Any) -> Any:
+    # A bare GPU index means a CUDA device, as in `from_pretrained(device_map=0)`.
+    return f"cuda:{device}" if isinstance(device, int) else device
 
 
 def _check_hub_id(repo_id: str, revision: str | None, token: Any, gguf_file: str | None) -> None:
