@@ -86,3 +86,26 @@ def test_ensemble_log_probs_is_the_log_of_mean_probability():
     log_probs = [torch.log(torch.tensor([0.5, 0.1], dtype=torch.float64)), torch.log(torch.tensor([0.1, 0.3]))]
     expected = torch.log(torch.tensor([0.3, 0.2], dtype=torch.float64))
     assert torch.allclose(ensemble_log_probs([log_probs[0], log_probs[1].double()]), expected)
+
+
+def test_prediction_math_keeps_its_old_home_in_callbacks():
+    import hf_interop.callbacks
+    import hf_interop.evaluation
+
+    for name in ("prediction_statistics", "target_log_probs", "ensemble_log_probs"):
+        assert getattr(hf_interop.callbacks, name) is getattr(hf_interop.evaluation, name)
+
+
+def test_model_device_reads_the_device_attribute_then_the_parameters():
+    from hf_interop.evaluation import model_device
+
+    assert model_device(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    with torch.device("meta"):
+        on_meta = torch.nn.Linear(2, 2)
+    assert model_device(on_meta) == torch.device("cpu")  # nothing but meta: inputs go to the CPU
+
+    class Wrapped:  # an ensemble or wrapper that says where its inputs go
+        device = torch.device("cuda", 3)
+
+    assert model_device(Wrapped()) == torch.device("cuda", 3)
+    assert model_device(object()) == torch.device("cpu")  # not a Module, no device: the CPU
