@@ -55,7 +55,8 @@ def build_setup():
 def main() -> None:
     import hf_interop.metrics
     from hf_interop import evaluate_perplexity
-    from hf_interop.callbacks import CheckpointEnsembleCallback, HeldOutEvaluationCallback, prediction_statistics
+    from hf_interop.callbacks import CheckpointEnsembleCallback, HeldOutEvaluationCallback
+    from hf_interop.evaluation import prediction_statistics
 
     start = time.perf_counter()
     blocks, student, reference = build_setup()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import TrainerCallback
 
+from .evaluation import ensemble_log_probs, prediction_statistics, target_log_probs
 from .logging_utils import get_logger
 from .utils import atomic_write_json
 
@@ -41,88 +42,8 @@ _SPEED_SUFFIXES = ("_runtime", "_samples_per_second", "_steps_per_second", "_mod
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pure math: statistics of next-token predictions
+# Pure math: parameter schedules (the statistics of next-token predictions live in evaluation.py)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def prediction_statistics(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    reference_logits: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    ignore_index: int = -100,
-    chunk_size: int = 1024,
-) -> dict[str, torch.Tensor]:
-    """Sums over the valid positions of one batch: NLL of the labels and, with a reference, KL and top-1 agreement.
-
-    Causal shift: position `t` of `logits` predicts `labels[:, t + 1]`. Sums (not means) are returned so batches add
-    up exactly; divide by `num_tokens` at the end. Positions are processed `chunk_size` at a time, so the float32
-    temporaries stay at a few `(chunk_size, vocab)` buffers whatever the batch (49k-token vocabularies included).
-
-    Args:
-        logits (`torch.Tensor` of shape `(batch, seq, vocab)`): the model's logits.
-        labels (`torch.Tensor` of shape `(batch, seq)`): target ids, `ignore_index` where nothing is scored.
-        reference_logits (`torch.Tensor` of shape `(batch, seq, vocab)`, *optional*): the reference model's logits or
-            log-probabilities at the same positions (an ensemble returns log-probabilities; softmax is the same).
-        temperature (`float`, *optional*, defaults to 1.0): both logits are divided by it for the KL.
-        ignore_index (`int`, *optional*, defaults to -100): label value of positions that are not scored.
-        chunk_size (`int`, *optional*, defaults to 1024): positions per chunk.
-
-    Returns:
-        `dict` of float64 scalars: `nll_sum`, `num_tokens`, and with a reference `kl_sum` (KL(reference || model) in
-        nats) and `agreement_count` (positions where both argmaxes agree).
-    """
-    import torch
-
-    shift_logits = logits[:, :-1]
-    shift_labels = labels[:, 1:].to(shift_logits.device)
-    valid = shift_labels != ignore_index
-    if reference_logits is not None and reference_logits.shape[-1] != logits.shape[-1]:
-        raise ValueError(
-            f"reference logits have vocabulary {reference_logits.shape[-1]} but the model's have {logits.shape[-1]}; "
-            "the reference model must share the model's vocabulary (same tokenizer and vocab_size)."
-        )
-    selected_logits = shift_logits[valid]
-    targets = shift_labels[valid]
-    selected_reference = (
-        reference_logits[:, :-1].to(shift_logits.device)[valid] if reference_logits is not None else None
-    )
-    zero = torch.zeros((), dtype=torch.float64, device=shift_logits.device)
-    statistics = {"nll_sum": zero.clone(), "num_tokens": valid.sum().double()}
-    if selected_reference is not None:
-        statistics.update(kl_sum=zero.clone(), agreement_count=zero.clone())
-    for start in range(0, selected_logits.shape[0], chunk_size):
-        chunk = selected_logits[start : start + chunk_size].float()
-        log_probs = torch.log_softmax(chunk, dim=-1)
-        statistics["nll_sum"] -= log_probs.gather(-1, targets[start : start + chunk_size, None]).double().sum()
-        if selected_reference is None:
-            continue
-        reference = selected_reference[start : start + chunk_size].float()
-        if temperature != 1.0:
-            log_probs = torch.log_softmax(chunk / temperature, dim=-1)
-        reference_log_probs = torch.log_softmax(reference / temperature, dim=-1)
-        kl = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(dim=-1)
-        statistics["kl_sum"] += kl.double().sum()
-        statistics["agreement_count"] += (chunk.argmax(-1) == reference.argmax(-1)).double().sum()
-    return statistics
-
-
-def target_log_probs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Log-probability (float64) the model gives each valid next token, flattened over the batch in row order."""
-    import torch
-
-    shift_labels = labels[:, 1:].to(logits.device)
-    valid = shift_labels != ignore_index
-    log_probs = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
-    return log_probs.gather(-1, shift_labels[valid].unsqueeze(-1)).squeeze(-1).double().cpu()
-
-
-def ensemble_log_probs(member_log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Log of the average probability of several models (a uniform mixture): logsumexp_k(log p_k) - log K."""
-    import torch
-
-    stacked = torch.stack(list(member_log_probs))
-    return torch.logsumexp(stacked, dim=0) - math.log(stacked.shape[0])
 
 
 def scheduled_value(
@@ -170,7 +91,8 @@ def _check_heldout_dataset(dataset: Any, argument: str) -> None:
         raise ValueError(f"{argument} is empty; pack some held-out text (hf_interop.pack_dataset).")
 
 
-def _batches(dataset: Dataset, batch_size: int, max_batches: int | None) -> Iterator[dict[str, torch.Tensor]]:
+def _heldout_batches(dataset: Dataset, batch_size: int, max_batches: int | None) -> Iterator[dict[str, torch.Tensor]]:
+    """Rows of a packed held-out dataset as CPU tensors, `batch_size` at a time (labels -100 where the mask is 0)."""
     import torch
 
     num_batches = math.ceil(len(dataset) / batch_size)
@@ -187,9 +109,9 @@ def _batches(dataset: Dataset, batch_size: int, max_batches: int | None) -> Iter
 
 
 def _forward_logits(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
-    from .evaluation import _model_device
+    from .evaluation import model_device
 
-    device = _model_device(model)
+    device = model_device(model)
     mask = batch["attention_mask"]
     return model(
         input_ids=batch["input_ids"].to(device), attention_mask=mask.to(device) if mask is not None else None
@@ -292,7 +214,7 @@ class HeldOutEvaluationCallback(TrainerCallback):
         reference_nll, was_training = 0.0, model.training
         model.eval()
         with torch.no_grad():
-            for batch in _batches(self.eval_dataset, self.batch_size, self.max_batches):
+            for batch in _heldout_batches(self.eval_dataset, self.batch_size, self.max_batches):
                 logits = _forward_logits(model, batch)
                 reference_logits = None
                 if self.reference_model is not None:
@@ -380,7 +302,7 @@ class CheckpointEnsembleCallback(TrainerCallback):
 
         pieces = []
         with torch.no_grad():
-            for batch in _batches(self.eval_dataset, self.batch_size, self.max_batches):
+            for batch in _heldout_batches(self.eval_dataset, self.batch_size, self.max_batches):
                 pieces.append(target_log_probs(_forward_logits(model, batch), batch["labels"]))
         return torch.cat(pieces)
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .data import BUILTIN_DATASET, check_dataset_argument, load_text_dataset  # noqa: F401
+from .loading import DEFAULT_TEACHER_ALIAS, resolve_model_alias
 from .logging_utils import get_logger
 from .utils import atomic_directory, atomic_write_json, atomic_write_text
 
@@ -33,71 +35,6 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 logger = get_logger(__name__)
-
-BUILTIN_DATASET = "builtin"
-_DATA_FILE_TYPES = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def load_text_dataset(dataset: str, split: str = "validation") -> Dataset:
-    """Resolve a dataset argument of the CLI and recipes into a `datasets.Dataset`.
-
-    Args:
-        dataset (`str`):
-            `"builtin"` (the builtin corpus, see :func:`hf_interop.load_builtin_corpus`), a folder written by
-            `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a `.txt` / `.json` / `.jsonl` / `.csv` /
-            `.parquet` file (loaded with `datasets.load_dataset`, offline).
-        split (`str`, *optional*, defaults to `"validation"`):
-            Split to take from the builtin corpus or a saved `DatasetDict`; ignored for a single file or a saved
-            `Dataset`.
-    """
-    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
-
-    if dataset == BUILTIN_DATASET:
-        from .data import load_builtin_corpus
-
-        corpus = load_builtin_corpus()
-        if split not in corpus:
-            raise ValueError(f"split {split!r} is not in the builtin corpus; use one of {list(corpus)}.")
-        return corpus[split]
-    path = Path(dataset)
-    if path.is_dir():
-        loaded = load_from_disk(str(path))
-        if isinstance(loaded, DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"split {split!r} is not in the dataset at {dataset!r}; use one of {list(loaded)}.")
-            return loaded[split]
-        assert isinstance(loaded, Dataset)
-        return loaded
-    if path.is_file():
-        kind = _DATA_FILE_TYPES.get(path.suffix.lower())
-        if kind is None:
-            raise ValueError(
-                f"dataset file {dataset!r} has an unknown extension; use one of {sorted(_DATA_FILE_TYPES)}, a folder "
-                "written by save_to_disk, or 'builtin'."
-            )
-        return load_dataset(kind, data_files=str(path), split="train")
-    raise ValueError(
-        f"dataset {dataset!r} is neither 'builtin', an existing folder (save_to_disk) nor a data file; check the path."
-    )
-
-
-def check_dataset_argument(dataset: str) -> None:
-    """Cheap check (no loading) that `dataset` can be resolved by :func:`load_text_dataset`."""
-    if dataset == BUILTIN_DATASET:
-        return
-    path = Path(dataset)
-    if path.is_dir():
-        return
-    if path.is_file():
-        if path.suffix.lower() not in _DATA_FILE_TYPES:
-            raise ValueError(
-                f"dataset file {dataset!r} has an unknown extension; use one of {sorted(_DATA_FILE_TYPES)}, a folder "
-                "written by save_to_disk, or 'builtin'."
-            )
-        return
-    raise ValueError(
-        f"dataset {dataset!r} is neither 'builtin', an existing folder (save_to_disk) nor a data file; check the path."
-    )
 
 
 def check_checkpoint_arguments(checkpoints: list[str], names: list[str] | None = None) -> list[str]:
@@ -140,19 +77,6 @@ def _display_names(checkpoints: list[str]) -> list[str]:
         return names
     # Same folder names under different parents: fall back to the paths as given.
     return checkpoints
-
-
-DEFAULT_TEACHER_ALIAS = "default_teacher"
-
-
-def resolve_model_alias(name_or_path: str | None) -> str | None:
-    """`"default_teacher"` -> the folder of the embedded SmolLM2-135M-Instruct teacher (converted once); other
-    names unchanged. Lets recipes and the CLI name the default teacher without knowing where it is cached."""
-    if name_or_path == DEFAULT_TEACHER_ALIAS:
-        from .loading import default_teacher_path
-
-        return str(default_teacher_path())
-    return name_or_path
 
 
 @dataclass
@@ -233,7 +157,8 @@ def build_scoring_windows(texts: list[str], tokenizer: Any, block_size: int) -> 
     return windows, num_targets, num_bytes
 
 
-def _batches(windows: list[list[int]], batch_size: int, pad_id: int):
+def _padded_window_batches(windows: list[list[int]], batch_size: int, pad_id: int):
+    """Scoring windows, `batch_size` at a time, right-padded into `(input_ids, attention_mask, labels)` tensors."""
     import torch
 
     for start in range(0, len(windows), batch_size):
@@ -252,9 +177,9 @@ def _batches(windows: list[list[int]], batch_size: int, pad_id: int):
 def _log_probs(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     import torch
 
-    from .evaluation import _model_device
+    from .evaluation import model_device
 
-    device = _model_device(model)
+    device = model_device(model)
     logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
     return torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
 
@@ -314,9 +239,71 @@ def compare_checkpoints(
     Returns:
         `dict`: the report (`models`, `top1_agreement`, `symmetric_kl`, `ensembles`, `dataset`), JSON-serialisable.
     """
-    import torch
-    from tqdm.auto import tqdm
+    display_names = _check_comparison_arguments(
+        checkpoints,
+        names,
+        models=models,
+        ensemble_members=ensemble_members,
+        block_size=block_size,
+        batch_size=batch_size,
+        max_documents=max_documents,
+        output_dir=output_dir,
+        overwrite_output_dir=overwrite_output_dir,
+    )
+    dataset, dataset_description, has_text, has_choices = _comparison_dataset(
+        dataset, split, text_column, max_documents
+    )
+    members = _load_members(checkpoints, display_names, models, dtype)
 
+    texts = [text for text in dataset[text_column] if text] if has_text else []
+    # Models share a tokenizer when their vocabularies are equal AND they cut this text into the same tokens: two
+    # tokenizers with one vocabulary can still pre-tokenize differently (e.g. a model class's own tokenizer class).
+    member_windows = [build_scoring_windows(texts, m.tokenizer, block_size) if has_text else None for m in members]
+    groups = _group_by_tokenizer(members, member_windows)
+    ensemble_indices = _ensemble_indices(members, groups, ensemble_members)
+    num_bytes_total = sum(len(text.encode("utf-8")) for text in texts)
+    agreement, symmetric_kl, ensembles = _score_tokenizer_groups(
+        members, groups, member_windows, ensemble_indices, has_text, text_column, batch_size, show_progress
+    )
+
+    result = {
+        "dataset": {
+            "description": str(dataset_description),
+            "num_documents": len(texts) if has_text else len(dataset),
+            "num_bytes": num_bytes_total,
+            "text_column": text_column if has_text else None,
+            "block_size": block_size,
+        },
+        "models": [_model_report(member, dataset, has_text, has_choices) for member in members],
+        "names": [member.name for member in members],
+        "top1_agreement": agreement,
+        "symmetric_kl": symmetric_kl,
+        "ensembles": ensembles,
+        "tokenizer_groups": [[members[i].name for i in group] for group in groups],
+    }
+    if output_dir is not None:
+        write_report(result, output_dir, overwrite=overwrite_output_dir)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# compare_checkpoints, step by step: check the arguments, load the data and the checkpoints, score, report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_comparison_arguments(
+    checkpoints: list[str],
+    names: list[str] | None,
+    *,
+    models: list[tuple[Any, Any]] | None,
+    ensemble_members: list[str] | None,
+    block_size: int,
+    batch_size: int,
+    max_documents: int | None,
+    output_dir: str | os.PathLike | None,
+    overwrite_output_dir: bool,
+) -> list[str]:
+    """Every check of :func:`compare_checkpoints` that needs neither data nor a model; returns the display names."""
     display_names = check_checkpoint_arguments(checkpoints, names) if models is None else None
     if models is not None:
         if len(models) != len(checkpoints):
@@ -349,6 +336,13 @@ def compare_checkpoints(
             f"output folder {str(output_dir)!r} already exists; pass overwrite_output_dir=True (CLI: "
             "--overwrite_output_dir) to replace it, or choose another folder."
         )
+    return display_names
+
+
+def _comparison_dataset(
+    dataset: str | Dataset, split: str, text_column: str, max_documents: int | None
+) -> tuple[Dataset, str, bool, bool]:
+    """`(dataset, description, has_text, has_choices)`: the rows to score, checked for the columns scoring needs."""
     if isinstance(dataset, str):
         dataset_description = dataset if dataset != BUILTIN_DATASET else f"builtin corpus ({split} split)"
         dataset = load_text_dataset(dataset, split)
@@ -368,7 +362,13 @@ def compare_checkpoints(
             "dataset has a 'label' column but no 'choices' column; multiple-choice accuracy needs 'choices' "
             "(list of candidate continuations) next to 'label' (index of the right one)."
         )
+    return dataset, dataset_description, has_text, has_choices
 
+
+def _load_members(
+    checkpoints: list[str], display_names: list[str], models: list[tuple[Any, Any]] | None, dtype: Any
+) -> list[_Member]:
+    """Each checkpoint (or given `(model, tokenizer)` pair) in eval mode, with its display name."""
     members: list[_Member] = []
     for index, checkpoint in enumerate(checkpoints):
         if models is not None:
@@ -380,11 +380,11 @@ def compare_checkpoints(
             raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer; save one next to the weights.")
         model.eval()
         members.append(_Member(name=display_names[index], path=str(checkpoint), model=model, tokenizer=tokenizer))
+    return members
 
-    texts = [text for text in dataset[text_column] if text] if has_text else []
-    # Models share a tokenizer when their vocabularies are equal AND they cut this text into the same tokens: two
-    # tokenizers with one vocabulary can still pre-tokenize differently (e.g. a model class's own tokenizer class).
-    member_windows = [build_scoring_windows(texts, m.tokenizer, block_size) if has_text else None for m in members]
+
+def _group_by_tokenizer(members: list[_Member], member_windows: list[Any]) -> list[list[int]]:
+    """Member indices grouped by shared tokenizer (same vocabulary and same windows); sets each `member.group`."""
     groups: list[list[int]] = []
     for index, member in enumerate(members):
         for group_id, group in enumerate(groups):
@@ -398,8 +398,11 @@ def compare_checkpoints(
         else:
             member.group = len(groups)
             groups.append([index])
+    return groups
 
-    num_models = len(members)
+
+def _ensemble_indices(members: list[_Member], groups: list[list[int]], ensemble_members: list[str] | None) -> set[int]:
+    """Indices of the members mixed into the ensembles: all of them, or those named in `ensemble_members`."""
     ensemble_indices = {
         index for index, member in enumerate(members) if ensemble_members is None or member.name in ensemble_members
     }
@@ -408,14 +411,29 @@ def compare_checkpoints(
             f"ensemble_members {ensemble_members} do not share a tokenizer (groups: "
             f"{[[members[i].name for i in group] for group in groups]}); a token-level mixture needs one vocabulary."
         )
+    return ensemble_indices
+
+
+def _score_tokenizer_groups(
+    members: list[_Member],
+    groups: list[list[int]],
+    member_windows: list[Any],
+    ensemble_indices: set[int],
+    has_text: bool,
+    text_column: str,
+    batch_size: int,
+    show_progress: bool,
+) -> tuple[list[list[float | None]], list[list[float | None]], list[dict[str, Any]]]:
+    """Score every tokenizer group on its windows: fills each member's `stats` and returns the top-1 agreement and
+    symmetric KL matrices (`None` across tokenizers) and the mixture ensembles' reports."""
+    import torch
+
+    num_models = len(members)
     agreement: list[list[float | None]] = [[None] * num_models for _ in range(num_models)]
     symmetric_kl: list[list[float | None]] = [[None] * num_models for _ in range(num_models)]
     ensembles: list[dict[str, Any]] = []
-    num_bytes_total = sum(len(text.encode("utf-8")) for text in texts)
-
     with torch.no_grad():
         for group_id, group in enumerate(groups):
-            tokenizer = members[group[0]].tokenizer
             for index in group:
                 members[index].stats = {"nll_sum": 0.0, "num_tokens": 0, "correct": 0}
             if not has_text:
@@ -423,50 +441,9 @@ def compare_checkpoints(
             windows, num_targets, num_bytes = member_windows[group[0]]
             if num_targets == 0:
                 raise ValueError(f"the {text_column!r} column holds no text to score; check the dataset.")
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            pair_agree = torch.zeros(len(group), len(group), dtype=torch.float64)
-            pair_kl = torch.zeros(len(group), len(group), dtype=torch.float64)
-            ensemble_nll = 0.0
-            batches = _batches(windows, batch_size, pad_id)
-            total = math.ceil(len(windows) / batch_size)
-            label = f"Scoring {', '.join(members[i].name for i in group)}"
-            for input_ids, attention_mask, labels in tqdm(batches, total=total, desc=label, disable=not show_progress):
-                targets = labels[:, 1:]
-                valid = targets != -100
-                safe_targets = targets.clamp(min=0)
-                valid_targets = safe_targets[valid]
-                # Only the valid positions of each member are kept: (valid tokens, vocab) per member.
-                member_log_probs = []
-                for index in group:
-                    log_probs = _log_probs(members[index].model, input_ids, attention_mask)[valid]
-                    stats = members[index].stats
-                    stats["nll_sum"] += float(-log_probs.gather(-1, valid_targets[:, None]).double().sum())
-                    stats["num_tokens"] += int(valid.sum())
-                    stats["correct"] += int((log_probs.argmax(-1) == valid_targets).sum())
-                    member_log_probs.append(log_probs)
-                    del log_probs
-                if len(group) < 2:
-                    continue
-                # Pairwise and ensemble figures over the shared vocabulary (members may pad their embeddings).
-                shared_vocab = min(lp.shape[-1] for lp in member_log_probs)
-                if any(lp.shape[-1] != shared_vocab for lp in member_log_probs):
-                    member_log_probs = [torch.log_softmax(lp[:, :shared_vocab], dim=-1) for lp in member_log_probs]
-                top1 = [lp.argmax(-1) for lp in member_log_probs]
-                for a in range(len(group)):
-                    probs_a = member_log_probs[a].exp()
-                    for b in range(len(group)):
-                        pair_agree[a, b] += float((top1[a] == top1[b]).sum())
-                        if a != b:
-                            kl = (probs_a * (member_log_probs[a] - member_log_probs[b])).sum(-1)
-                            pair_kl[a, b] += float(kl.double().sum())
-                    del probs_a
-                chosen = [position for position, index in enumerate(group) if index in ensemble_indices]
-                if len(chosen) >= 2:
-                    mixture = member_log_probs[chosen[0]] - math.log(len(chosen))
-                    for position in chosen[1:]:
-                        mixture = torch.logaddexp(mixture, member_log_probs[position] - math.log(len(chosen)))
-                    ensemble_nll += float(-mixture.gather(-1, valid_targets[:, None]).double().sum())
-                del member_log_probs
+            pair_agree, pair_kl, ensemble_nll = _score_group(
+                members, group, windows, batch_size, ensemble_indices, show_progress
+            )
             for index in group:
                 stats = members[index].stats
                 stats["num_bytes"] = num_bytes
@@ -479,68 +456,132 @@ def compare_checkpoints(
                         )
             chosen_members = [index for index in group if index in ensemble_indices]
             if len(chosen_members) >= 2:
-                best = min(chosen_members, key=lambda i: members[i].stats["nll_sum"])
-                ensemble_loss = ensemble_nll / num_targets
-                best_loss = members[best].stats["nll_sum"] / num_targets
                 ensembles.append(
-                    {
-                        "members": [members[i].name for i in chosen_members],
-                        "combination": "mixture",
-                        "weights": [1.0 / len(chosen_members)] * len(chosen_members),
-                        "tokenizer_group": group_id,
-                        "num_tokens": num_targets,
-                        "loss": ensemble_loss,
-                        "perplexity": math.exp(ensemble_loss),
-                        "bits_per_byte": ensemble_nll / math.log(2) / num_bytes if num_bytes else None,
-                        "best_member": members[best].name,
-                        "best_member_perplexity": math.exp(best_loss),
-                        "gain_nats_per_token": best_loss - ensemble_loss,
-                        "perplexity_reduction": 1.0 - math.exp(ensemble_loss) / math.exp(best_loss),
-                    }
+                    _ensemble_report(members, chosen_members, group_id, ensemble_nll, num_targets, num_bytes)
                 )
+    return agreement, symmetric_kl, ensembles
 
-    model_reports = []
-    for member in members:
-        report: dict[str, Any] = {
-            "name": member.name,
-            "path": member.path,
-            "num_parameters": sum(p.numel() for p in member.model.parameters()),
-            "tokenizer_group": member.group,
-            "vocab_size": len(member.tokenizer),
-        }
-        stats = member.stats
-        if has_text and stats.get("num_tokens"):
-            loss = stats["nll_sum"] / stats["num_tokens"]
-            report.update(
-                num_tokens=stats["num_tokens"],
-                num_bytes=stats["num_bytes"],
-                loss=loss,
-                perplexity=math.exp(loss),
-                bits_per_byte=stats["nll_sum"] / math.log(2) / stats["num_bytes"] if stats["num_bytes"] else None,
-                next_token_accuracy=stats["correct"] / stats["num_tokens"],
-            )
-        if has_choices:
-            report["accuracy"] = multiple_choice_accuracy(member.model, member.tokenizer, dataset)
-        model_reports.append(report)
 
-    result = {
-        "dataset": {
-            "description": str(dataset_description),
-            "num_documents": len(texts) if has_text else len(dataset),
-            "num_bytes": num_bytes_total,
-            "text_column": text_column if has_text else None,
-            "block_size": block_size,
-        },
-        "models": model_reports,
-        "names": [member.name for member in members],
-        "top1_agreement": agreement,
-        "symmetric_kl": symmetric_kl,
-        "ensembles": ensembles,
-        "tokenizer_groups": [[members[i].name for i in group] for group in groups],
+def _score_group(
+    members: list[_Member],
+    group: list[int],
+    windows: list[list[int]],
+    batch_size: int,
+    ensemble_indices: set[int],
+    show_progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One tokenizer group over its windows: adds each member's NLL, token count and top-1 hits to its `stats`;
+    returns the pairwise top-1 agreement counts and KL sums (`(len(group), len(group))`, float64) and the summed
+    NLL of the uniform mixture of the group's `ensemble_indices`."""
+    import torch
+    from tqdm.auto import tqdm
+
+    tokenizer = members[group[0]].tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pair_agree = torch.zeros(len(group), len(group), dtype=torch.float64)
+    pair_kl = torch.zeros(len(group), len(group), dtype=torch.float64)
+    ensemble_nll = 0.0
+    batches = _padded_window_batches(windows, batch_size, pad_id)
+    total = math.ceil(len(windows) / batch_size)
+    label = f"Scoring {', '.join(members[i].name for i in group)}"
+    for input_ids, attention_mask, labels in tqdm(batches, total=total, desc=label, disable=not show_progress):
+        targets = labels[:, 1:]
+        valid = targets != -100
+        safe_targets = targets.clamp(min=0)
+        valid_targets = safe_targets[valid]
+        # Only the valid positions of each member are kept: (valid tokens, vocab) per member.
+        member_log_probs = []
+        for index in group:
+            log_probs = _log_probs(members[index].model, input_ids, attention_mask)[valid]
+            stats = members[index].stats
+            stats["nll_sum"] += float(-log_probs.gather(-1, valid_targets[:, None]).double().sum())
+            stats["num_tokens"] += int(valid.sum())
+            stats["correct"] += int((log_probs.argmax(-1) == valid_targets).sum())
+            member_log_probs.append(log_probs)
+            del log_probs
+        if len(group) < 2:
+            continue
+        # Pairwise and ensemble figures over the shared vocabulary (members may pad their embeddings).
+        shared_vocab = min(lp.shape[-1] for lp in member_log_probs)
+        if any(lp.shape[-1] != shared_vocab for lp in member_log_probs):
+            member_log_probs = [torch.log_softmax(lp[:, :shared_vocab], dim=-1) for lp in member_log_probs]
+        _add_pair_statistics(member_log_probs, pair_agree, pair_kl)
+        chosen = [position for position, index in enumerate(group) if index in ensemble_indices]
+        if len(chosen) >= 2:
+            mixture = member_log_probs[chosen[0]] - math.log(len(chosen))
+            for position in chosen[1:]:
+                mixture = torch.logaddexp(mixture, member_log_probs[position] - math.log(len(chosen)))
+            ensemble_nll += float(-mixture.gather(-1, valid_targets[:, None]).double().sum())
+        del member_log_probs
+    return pair_agree, pair_kl, ensemble_nll
+
+
+def _add_pair_statistics(
+    member_log_probs: list[torch.Tensor], pair_agree: torch.Tensor, pair_kl: torch.Tensor
+) -> None:
+    """Add one batch's top-1 agreement counts and KL(a || b) sums of every ordered pair of members, in place."""
+    top1 = [lp.argmax(-1) for lp in member_log_probs]
+    for a in range(len(member_log_probs)):
+        probs_a = member_log_probs[a].exp()
+        for b in range(len(member_log_probs)):
+            pair_agree[a, b] += float((top1[a] == top1[b]).sum())
+            if a != b:
+                kl = (probs_a * (member_log_probs[a] - member_log_probs[b])).sum(-1)
+                pair_kl[a, b] += float(kl.double().sum())
+        del probs_a
+
+
+def _ensemble_report(
+    members: list[_Member],
+    chosen_members: list[int],
+    group_id: int,
+    ensemble_nll: float,
+    num_targets: int,
+    num_bytes: int,
+) -> dict[str, Any]:
+    """The report of one uniform mixture ensemble, against its best member."""
+    best = min(chosen_members, key=lambda i: members[i].stats["nll_sum"])
+    ensemble_loss = ensemble_nll / num_targets
+    best_loss = members[best].stats["nll_sum"] / num_targets
+    return {
+        "members": [members[i].name for i in chosen_members],
+        "combination": "mixture",
+        "weights": [1.0 / len(chosen_members)] * len(chosen_members),
+        "tokenizer_group": group_id,
+        "num_tokens": num_targets,
+        "loss": ensemble_loss,
+        "perplexity": math.exp(ensemble_loss),
+        "bits_per_byte": ensemble_nll / math.log(2) / num_bytes if num_bytes else None,
+        "best_member": members[best].name,
+        "best_member_perplexity": math.exp(best_loss),
+        "gain_nats_per_token": best_loss - ensemble_loss,
+        "perplexity_reduction": 1.0 - math.exp(ensemble_loss) / math.exp(best_loss),
     }
-    if output_dir is not None:
-        write_report(result, output_dir, overwrite=overwrite_output_dir)
-    return result
+
+
+def _model_report(member: _Member, dataset: Dataset, has_text: bool, has_choices: bool) -> dict[str, Any]:
+    """One model's row of the report: size, tokenizer group, text figures and multiple-choice accuracy."""
+    report: dict[str, Any] = {
+        "name": member.name,
+        "path": member.path,
+        "num_parameters": sum(p.numel() for p in member.model.parameters()),
+        "tokenizer_group": member.group,
+        "vocab_size": len(member.tokenizer),
+    }
+    stats = member.stats
+    if has_text and stats.get("num_tokens"):
+        loss = stats["nll_sum"] / stats["num_tokens"]
+        report.update(
+            num_tokens=stats["num_tokens"],
+            num_bytes=stats["num_bytes"],
+            loss=loss,
+            perplexity=math.exp(loss),
+            bits_per_byte=stats["nll_sum"] / math.log(2) / stats["num_bytes"] if stats["num_bytes"] else None,
+            next_token_accuracy=stats["correct"] / stats["num_tokens"],
+        )
+    if has_choices:
+        report["accuracy"] = multiple_choice_accuracy(member.model, member.tokenizer, dataset)
+    return report
 
 
 def multiple_choice_accuracy(model: Any, tokenizer: Any, dataset: Dataset) -> float:
@@ -551,9 +592,9 @@ def multiple_choice_accuracy(model: Any, tokenizer: Any, dataset: Dataset) -> fl
     """
     import torch
 
-    from .evaluation import _model_device
+    from .evaluation import model_device
 
-    device = _model_device(model)
+    device = model_device(model)
     context = _context_token_id(tokenizer)
     correct = 0
     prompts = dataset["prompt"] if "prompt" in dataset.column_names else [""] * len(dataset)

@@ -1,4 +1,4 @@
-"""The embedded default corpus and causal-LM packing.
+"""The embedded default corpus, causal-LM packing, and the dataset argument of the CLI and recipes.
 
 The builtin corpus is Python's own language reference (`pydoc_data.topics`), present on every CPython: 79
 documents, about 465 KB of English. It needs no download, so demos and tests run anywhere.
@@ -7,6 +7,7 @@ documents, about 465 KB of English. It needs no download, so demos and tests run
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -163,3 +164,67 @@ def pack_dataset(
     if max_blocks is not None:
         packed = packed.select(range(min(max_blocks, len(packed))))
     return packed
+
+
+BUILTIN_DATASET = "builtin"
+_DATA_FILE_TYPES = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def load_text_dataset(dataset: str, split: str = "validation") -> Dataset:
+    """Resolve a dataset argument of the CLI and recipes into a `datasets.Dataset`.
+
+    Args:
+        dataset (`str`):
+            `"builtin"` (the builtin corpus, see :func:`hf_interop.load_builtin_corpus`), a folder written by
+            `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a `.txt` / `.json` / `.jsonl` / `.csv` /
+            `.parquet` file (loaded with `datasets.load_dataset`, offline).
+        split (`str`, *optional*, defaults to `"validation"`):
+            Split to take from the builtin corpus or a saved `DatasetDict`; ignored for a single file or a saved
+            `Dataset`.
+    """
+    from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
+
+    if dataset == BUILTIN_DATASET:
+        corpus = load_builtin_corpus()
+        if split not in corpus:
+            raise ValueError(f"split {split!r} is not in the builtin corpus; use one of {list(corpus)}.")
+        return corpus[split]
+    path = Path(dataset)
+    if path.is_dir():
+        loaded = load_from_disk(str(path))
+        if isinstance(loaded, DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"split {split!r} is not in the dataset at {dataset!r}; use one of {list(loaded)}.")
+            return loaded[split]
+        assert isinstance(loaded, Dataset)
+        return loaded
+    if path.is_file():
+        kind = _DATA_FILE_TYPES.get(path.suffix.lower())
+        if kind is None:
+            raise ValueError(
+                f"dataset file {dataset!r} has an unknown extension; use one of {sorted(_DATA_FILE_TYPES)}, a folder "
+                "written by save_to_disk, or 'builtin'."
+            )
+        return load_dataset(kind, data_files=str(path), split="train")
+    raise ValueError(
+        f"dataset {dataset!r} is neither 'builtin', an existing folder (save_to_disk) nor a data file; check the path."
+    )
+
+
+def check_dataset_argument(dataset: str) -> None:
+    """Cheap check (no loading) that `dataset` can be resolved by :func:`load_text_dataset`."""
+    if dataset == BUILTIN_DATASET:
+        return
+    path = Path(dataset)
+    if path.is_dir():
+        return
+    if path.is_file():
+        if path.suffix.lower() not in _DATA_FILE_TYPES:
+            raise ValueError(
+                f"dataset file {dataset!r} has an unknown extension; use one of {sorted(_DATA_FILE_TYPES)}, a folder "
+                "written by save_to_disk, or 'builtin'."
+            )
+        return
+    raise ValueError(
+        f"dataset {dataset!r} is neither 'builtin', an existing folder (save_to_disk) nor a data file; check the path."
+    )

@@ -1,9 +1,11 @@
-"""Held-out evaluation of causal LMs: perplexity and throughput, used by the demo, callbacks and reports."""
+"""Held-out evaluation of causal LMs: perplexity, throughput and the statistics of next-token predictions (NLL, KL
+and top-1 agreement to a reference, mixtures), used by the demo, callbacks and reports."""
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -11,16 +13,24 @@ if TYPE_CHECKING:
     from datasets import Dataset
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: Any) -> torch.device:
+    """Device a model's inputs go to: its `device` attribute, else its first parameter not on `meta`, else CPU.
+
+    Works for any object with a `device` (an ensemble, a wrapped model), not only for `torch.nn.Module`s.
+    """
     import torch
 
     device = getattr(model, "device", None)
     if isinstance(device, torch.device) and device.type != "meta":
         return device
-    for parameter in model.parameters():
-        if parameter.device.type != "meta":
-            return parameter.device
+    if isinstance(model, torch.nn.Module):
+        for parameter in model.parameters():
+            if parameter.device.type != "meta":
+                return parameter.device
     return torch.device("cpu")
+
+
+_model_device = model_device  # the private name other modules imported before the public one
 
 
 def evaluate_perplexity(
@@ -52,7 +62,7 @@ def evaluate_perplexity(
 
     if len(dataset) == 0:
         raise ValueError("evaluate_perplexity got an empty dataset; pack some text first (hf_interop.pack_dataset).")
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     total_nll = torch.zeros((), dtype=torch.float64)
@@ -87,3 +97,83 @@ def evaluate_perplexity(
         "num_tokens": total_tokens,
         "tokens_per_second": total_tokens / elapsed if elapsed > 0 else float("inf"),
     }
+
+
+def prediction_statistics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    reference_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_size: int = 1024,
+) -> dict[str, torch.Tensor]:
+    """Sums over the valid positions of one batch: NLL of the labels and, with a reference, KL and top-1 agreement.
+
+    Causal shift: position `t` of `logits` predicts `labels[:, t + 1]`. Sums (not means) are returned so batches add
+    up exactly; divide by `num_tokens` at the end. Positions are processed `chunk_size` at a time, so the float32
+    temporaries stay at a few `(chunk_size, vocab)` buffers whatever the batch (49k-token vocabularies included).
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, seq, vocab)`): the model's logits.
+        labels (`torch.Tensor` of shape `(batch, seq)`): target ids, `ignore_index` where nothing is scored.
+        reference_logits (`torch.Tensor` of shape `(batch, seq, vocab)`, *optional*): the reference model's logits or
+            log-probabilities at the same positions (an ensemble returns log-probabilities; softmax is the same).
+        temperature (`float`, *optional*, defaults to 1.0): both logits are divided by it for the KL.
+        ignore_index (`int`, *optional*, defaults to -100): label value of positions that are not scored.
+        chunk_size (`int`, *optional*, defaults to 1024): positions per chunk.
+
+    Returns:
+        `dict` of float64 scalars: `nll_sum`, `num_tokens`, and with a reference `kl_sum` (KL(reference || model) in
+        nats) and `agreement_count` (positions where both argmaxes agree).
+    """
+    import torch
+
+    shift_logits = logits[:, :-1]
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    valid = shift_labels != ignore_index
+    if reference_logits is not None and reference_logits.shape[-1] != logits.shape[-1]:
+        raise ValueError(
+            f"reference logits have vocabulary {reference_logits.shape[-1]} but the model's have {logits.shape[-1]}; "
+            "the reference model must share the model's vocabulary (same tokenizer and vocab_size)."
+        )
+    selected_logits = shift_logits[valid]
+    targets = shift_labels[valid]
+    selected_reference = (
+        reference_logits[:, :-1].to(shift_logits.device)[valid] if reference_logits is not None else None
+    )
+    zero = torch.zeros((), dtype=torch.float64, device=shift_logits.device)
+    statistics = {"nll_sum": zero.clone(), "num_tokens": valid.sum().double()}
+    if selected_reference is not None:
+        statistics.update(kl_sum=zero.clone(), agreement_count=zero.clone())
+    for start in range(0, selected_logits.shape[0], chunk_size):
+        chunk = selected_logits[start : start + chunk_size].float()
+        log_probs = torch.log_softmax(chunk, dim=-1)
+        statistics["nll_sum"] -= log_probs.gather(-1, targets[start : start + chunk_size, None]).double().sum()
+        if selected_reference is None:
+            continue
+        reference = selected_reference[start : start + chunk_size].float()
+        if temperature != 1.0:
+            log_probs = torch.log_softmax(chunk / temperature, dim=-1)
+        reference_log_probs = torch.log_softmax(reference / temperature, dim=-1)
+        kl = (reference_log_probs.exp() * (reference_log_probs - log_probs)).sum(dim=-1)
+        statistics["kl_sum"] += kl.double().sum()
+        statistics["agreement_count"] += (chunk.argmax(-1) == reference.argmax(-1)).double().sum()
+    return statistics
+
+
+def target_log_probs(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Log-probability (float64) the model gives each valid next token, flattened over the batch in row order."""
+    import torch
+
+    shift_labels = labels[:, 1:].to(logits.device)
+    valid = shift_labels != ignore_index
+    log_probs = torch.log_softmax(logits[:, :-1][valid].float(), dim=-1)
+    return log_probs.gather(-1, shift_labels[valid].unsqueeze(-1)).squeeze(-1).double().cpu()
+
+
+def ensemble_log_probs(member_log_probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Log of the average probability of several models (a uniform mixture): logsumexp_k(log p_k) - log K."""
+    import torch
+
+    stacked = torch.stack(list(member_log_probs))
+    return torch.logsumexp(stacked, dim=0) - math.log(stacked.shape[0])

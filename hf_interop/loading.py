@@ -18,6 +18,7 @@ from .logging_utils import get_logger
 from .utils import atomic_directory, hf_interop_cache_dir, resolve_dtype
 
 if TYPE_CHECKING:
+    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = get_logger(__name__)
@@ -28,6 +29,17 @@ DEFAULT_TEACHER_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_TEACHER_NAME = "SmolLM2-135M-Instruct"
 # The Hub repository the GGUF was quantized from; recorded as lineage in cards and manifests.
 DEFAULT_TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+DEFAULT_TEACHER_ALIAS = "default_teacher"
+
+
+def resolve_model_alias(name_or_path: str | None) -> str | None:
+    """`"default_teacher"` -> the folder of the embedded SmolLM2-135M-Instruct teacher (converted once); other
+    names unchanged. Lets recipes and the CLI name the default teacher without knowing where it is cached."""
+    if name_or_path == DEFAULT_TEACHER_ALIAS:
+        return str(default_teacher_path())
+    return name_or_path
+
 
 _HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "training_args.bin")
@@ -176,8 +188,6 @@ def load_causal_lm(
     Returns:
         `(model, tokenizer)`, the model in eval mode.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     name_or_path = str(name_or_path)
     dtype = resolve_dtype(dtype)
     if name_or_path.endswith(".gguf"):
@@ -187,69 +197,30 @@ def load_causal_lm(
 
     is_local = os.path.isdir(name_or_path)
     if not is_local:
-        if os.path.exists(name_or_path):
-            raise ModelLoadingError(
-                f"{name_or_path!r} is a file, not a checkpoint folder; pass the folder that holds config.json, "
-                "or a .gguf file."
-            )
-        if not looks_like_hub_id(name_or_path):
-            raise ModelLoadingError(
-                f"path {name_or_path!r} does not exist. Pass an existing checkpoint folder, a .gguf file, or a "
-                "hub id such as 'org/name'."
-            )
-        _check_hub_id(name_or_path, revision=revision, token=token, gguf_file=gguf_file)
+        _check_remote_name(name_or_path, revision=revision, token=token, gguf_file=gguf_file)
 
     if gguf_file is not None:
-        if is_local and not (Path(name_or_path) / gguf_file).is_file():
-            raise ModelLoadingError(f"GGUF file {gguf_file!r} not found in {name_or_path!r}.")
-        if is_local:
-            architecture = _gguf_architecture(Path(name_or_path) / gguf_file)
-            _check_gguf_is_causal_lm(architecture, Path(name_or_path) / gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = _load_gguf_model(
             name_or_path,
-            gguf_file=gguf_file,
+            gguf_file,
+            is_local=is_local,
             revision=revision,
-            dtype=dtype if dtype not in (None, "auto") else None,
+            dtype=dtype,
+            device_map=device_map,
             trust_remote_code=trust_remote_code,
             token=token,
         )
-        model = dequantize_gguf_model(model, dtype=dtype if dtype not in (None, "auto") else None)
-        if device_map is not None:
-            model = _dispatch(model, device_map)
     else:
-        if is_local:
-            _check_local_folder(Path(name_or_path), allow_pickle=allow_pickle)
-        config = AutoConfig.from_pretrained(
-            name_or_path, revision=revision, trust_remote_code=trust_remote_code, token=token
+        model = _load_checkpoint_model(
+            name_or_path,
+            is_local=is_local,
+            revision=revision,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            token=token,
         )
-        if getattr(config, "auto_map", None) and not trust_remote_code:
-            logger.warning(
-                f"{name_or_path!r} ships custom modelling code (auto_map); it is ignored because trust_remote_code=False."
-            )
-        try:
-            model = AutoModelForCausalLM.from_pretrained(
-                name_or_path,
-                revision=revision,
-                dtype=dtype,
-                device_map=device_map,
-                trust_remote_code=trust_remote_code,
-                use_safetensors=None if allow_pickle else True,
-                token=token,
-            )
-        except ValueError as error:
-            if "AutoModelForCausalLM" in str(error) or "Unrecognized configuration" in str(error):
-                raise ModelLoadingError(
-                    f"{name_or_path!r} (model_type {config.model_type!r}) is not a causal language model that "
-                    "transformers knows; hf_interop needs an AutoModelForCausalLM checkpoint."
-                ) from error
-            raise
-        except OSError as error:
-            if "safetensors" in str(error) and not allow_pickle:
-                raise ModelLoadingError(
-                    f"{name_or_path!r} has no safetensors weights. Pickle weights are refused by default because "
-                    "they can run code on load; pass allow_pickle=True (CLI: --allow_pickle) if you trust the source."
-                ) from error
-            raise
     model.eval()
     tokenizer = None
     if load_tokenizer_too:
@@ -257,6 +228,104 @@ def load_causal_lm(
             name_or_path, revision=revision, gguf_file=gguf_file, trust_remote_code=trust_remote_code
         )
     return model, tokenizer
+
+
+def _check_remote_name(name_or_path: str, revision: str | None, token: Any, gguf_file: str | None) -> None:
+    """`name_or_path` is not a folder: refuse a plain file or a path that does not exist, and check a hub id."""
+    if os.path.exists(name_or_path):
+        raise ModelLoadingError(
+            f"{name_or_path!r} is a file, not a checkpoint folder; pass the folder that holds config.json, "
+            "or a .gguf file."
+        )
+    if not looks_like_hub_id(name_or_path):
+        raise ModelLoadingError(
+            f"path {name_or_path!r} does not exist. Pass an existing checkpoint folder, a .gguf file, or a "
+            "hub id such as 'org/name'."
+        )
+    _check_hub_id(name_or_path, revision=revision, token=token, gguf_file=gguf_file)
+
+
+def _load_gguf_model(
+    name_or_path: str,
+    gguf_file: str,
+    *,
+    is_local: bool,
+    revision: str | None,
+    dtype: Any,
+    device_map: Any,
+    trust_remote_code: bool,
+    token: str | bool | None,
+) -> PreTrainedModel:
+    """A GGUF file (in a local folder or a hub repository) as a plain dequantized model, placed by `device_map`."""
+    from transformers import AutoModelForCausalLM
+
+    if is_local and not (Path(name_or_path) / gguf_file).is_file():
+        raise ModelLoadingError(f"GGUF file {gguf_file!r} not found in {name_or_path!r}.")
+    if is_local:
+        architecture = _gguf_architecture(Path(name_or_path) / gguf_file)
+        _check_gguf_is_causal_lm(architecture, Path(name_or_path) / gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        gguf_file=gguf_file,
+        revision=revision,
+        dtype=dtype if dtype not in (None, "auto") else None,
+        trust_remote_code=trust_remote_code,
+        token=token,
+    )
+    model = dequantize_gguf_model(model, dtype=dtype if dtype not in (None, "auto") else None)
+    if device_map is not None:
+        model = dispatch_loaded_model(model, device_map)
+    return model
+
+
+def _load_checkpoint_model(
+    name_or_path: str,
+    *,
+    is_local: bool,
+    revision: str | None,
+    dtype: Any,
+    device_map: Any,
+    trust_remote_code: bool,
+    allow_pickle: bool,
+    token: str | bool | None,
+) -> PreTrainedModel:
+    """A transformers checkpoint (local folder or hub id), safetensors only unless `allow_pickle`, with the errors of
+    `from_pretrained` that have a known cause turned into one message that names the fix."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if is_local:
+        _check_local_folder(Path(name_or_path), allow_pickle=allow_pickle)
+    config = AutoConfig.from_pretrained(
+        name_or_path, revision=revision, trust_remote_code=trust_remote_code, token=token
+    )
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        logger.warning(
+            f"{name_or_path!r} ships custom modelling code (auto_map); it is ignored because trust_remote_code=False."
+        )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            revision=revision,
+            dtype=dtype,
+            device_map=device_map,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+            token=token,
+        )
+    except ValueError as error:
+        if "AutoModelForCausalLM" in str(error) or "Unrecognized configuration" in str(error):
+            raise ModelLoadingError(
+                f"{name_or_path!r} (model_type {config.model_type!r}) is not a causal language model that "
+                "transformers knows; hf_interop needs an AutoModelForCausalLM checkpoint."
+            ) from error
+        raise
+    except OSError as error:
+        if "safetensors" in str(error) and not allow_pickle:
+            raise ModelLoadingError(
+                f"{name_or_path!r} has no safetensors weights. Pickle weights are refused by default because "
+                "they can run code on load; pass allow_pickle=True (CLI: --allow_pickle) if you trust the source."
+            ) from error
+        raise
 
 
 def _check_gguf_is_causal_lm(architecture: str | None, path: Path) -> None:
@@ -273,17 +342,44 @@ def _check_gguf_is_causal_lm(architecture: str | None, path: Path) -> None:
         )
 
 
-def _dispatch(model: PreTrainedModel, device_map: Any) -> PreTrainedModel:
-    """Place an already-loaded model with Accelerate (used after GGUF dequantization)."""
-    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return model.to(device_map)
+# Accelerate's placement strategies; any other string names one device ("cpu", "cuda:1", "mps").
+_PLACEMENT_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def dispatch_loaded_model(model: torch.nn.Module, device_map: Any, max_memory: dict | None = None) -> torch.nn.Module:
+    """Place an already-loaded model with Accelerate, where `from_pretrained(device_map=...)` would have put it.
+
+    Used for models that exist before they are placed: a dequantized GGUF model, and a teacher or ensemble member
+    passed as an object together with a device map.
+
+    Args:
+        model (`torch.nn.Module`):
+            The model to place.
+        device_map (`str`, `int` or `dict`):
+            `None` (leave the model where it is); one device (`"cpu"`, `"cuda:1"`, a GPU index, or `{"": device}`),
+            to which the whole model moves; a map of module names to devices; or a strategy (`"auto"`,
+            `"balanced"`, `"balanced_low_0"`, `"sequential"`) for which Accelerate infers the map within
+            `max_memory`.
+        max_memory (`dict`, *optional*):
+            Per-device budgets for an inferred map, e.g. `{0: "10GiB", "cpu": "30GiB"}`; defaults to what is free.
+    """
+    if device_map is None:
+        return model
+    if isinstance(device_map, (str, int)) and device_map not in _PLACEMENT_STRATEGIES:
+        return model.to(_one_device(device_map))
     if isinstance(device_map, dict) and set(device_map) == {""}:
-        return model.to(device_map[""])
+        return model.to(_one_device(device_map[""]))
     from accelerate import dispatch_model, infer_auto_device_map
 
     if isinstance(device_map, str):
-        device_map = infer_auto_device_map(model, no_split_module_classes=model._no_split_modules)
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
     return dispatch_model(model, device_map=device_map)
+
+
+def _one_device(device: Any) -> Any:
+    # A bare GPU index means a CUDA device, as in `from_pretrained(device_map=0)`.
+    return f"cuda:{device}" if isinstance(device, int) else device
 
 
 def _check_hub_id(repo_id: str, revision: str | None, token: Any, gguf_file: str | None) -> None:

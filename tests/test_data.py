@@ -107,3 +107,43 @@ def test_pack_add_bos_without_a_bos_token_is_refused(corpus, corpus_tokenizer):
     no_bos.bos_token = None
     with pytest.raises(ValueError, match="add_bos=True but the tokenizer has no bos_token"):
         pack_dataset(corpus["test"], no_bos, add_bos=True)
+
+
+def test_load_text_dataset_resolves_builtin_folders_and_files(tmp_path, corpus):
+    from datasets import DatasetDict
+
+    from hf_interop.data import BUILTIN_DATASET, check_dataset_argument, load_text_dataset
+
+    assert load_text_dataset(BUILTIN_DATASET, "test")["text"] == corpus["test"]["text"]
+    with pytest.raises(ValueError, match=r"split 'dev' is not in the builtin corpus; use one of \['train'"):
+        load_text_dataset(BUILTIN_DATASET, "dev")
+    saved = tmp_path / "saved"
+    DatasetDict({"validation": corpus["validation"].select(range(2))}).save_to_disk(saved)
+    assert load_text_dataset(str(saved))["text"] == corpus["validation"]["text"][:2]
+    with pytest.raises(ValueError, match=r"split 'train' is not in the dataset at .*; use one of \['validation'\]"):
+        load_text_dataset(str(saved), "train")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("first line\nsecond line\n")
+    assert load_text_dataset(str(lines))["text"] == ["first line", "second line"]
+    unknown = tmp_path / "data.xyz"
+    unknown.write_text("x")
+    for resolve in (load_text_dataset, check_dataset_argument):
+        with pytest.raises(ValueError, match=r"dataset file .* has an unknown extension; use one of \['\.csv'"):
+            resolve(str(unknown))
+        with pytest.raises(ValueError, match="is neither 'builtin', an existing folder"):
+            resolve(str(tmp_path / "missing.jsonl"))
+    for argument in (BUILTIN_DATASET, str(saved), str(lines)):
+        check_dataset_argument(argument)
+
+
+def test_old_homes_of_the_dataset_and_alias_helpers_keep_working():
+    import hf_interop.compare
+    import hf_interop.data
+    import hf_interop.loading
+
+    for name in ("load_text_dataset", "check_dataset_argument", "BUILTIN_DATASET"):
+        assert getattr(hf_interop.compare, name) is getattr(hf_interop.data, name)
+    for name in ("resolve_model_alias", "DEFAULT_TEACHER_ALIAS"):
+        assert getattr(hf_interop.compare, name) is getattr(hf_interop.loading, name)
+    assert hf_interop.loading.resolve_model_alias("some/model") == "some/model"
+    assert hf_interop.loading.resolve_model_alias(None) is None

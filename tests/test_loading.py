@@ -4,10 +4,16 @@ import time
 
 import pytest
 import torch
+from helpers import build_tiny_causal_lm
 from safetensors.torch import save_file
 
 from hf_interop import ModelLoadingError, load_causal_lm, load_tokenizer
-from hf_interop.loading import _default_teacher_gguf_path, default_teacher_path, looks_like_hub_id
+from hf_interop.loading import (
+    _default_teacher_gguf_path,
+    default_teacher_path,
+    dispatch_loaded_model,
+    looks_like_hub_id,
+)
 
 
 def test_loads_each_tiny_family_with_tokenizer(tiny_model_dir):
@@ -162,3 +168,15 @@ def test_safetensors_preferred_when_both_exist(tmp_path, tiny_model_dirs):
     loaded, _ = load_causal_lm(tmp_path, load_tokenizer_too=False)
     torch.testing.assert_close(loaded.lm_head.weight, model.lm_head.weight)
     assert save_file  # safetensors importable: the format we rely on
+
+
+def test_dispatch_loaded_model_moves_to_one_device_or_follows_an_inferred_map():
+    model = build_tiny_causal_lm("llama", 64)
+    assert dispatch_loaded_model(model, None) is model
+    for device_map in ("cpu", {"": "cpu"}, {"": torch.device("cpu")}):
+        placed = dispatch_loaded_model(model, device_map)
+        assert {parameter.device.type for parameter in placed.parameters()} == {"cpu"}
+        assert getattr(placed, "hf_device_map", None) is None  # moved whole, not dispatched with hooks
+    placed = dispatch_loaded_model(build_tiny_causal_lm("llama", 64), "auto", max_memory={"cpu": "1GiB"})
+    assert set(placed.hf_device_map.values()) == {"cpu"}
+    assert {parameter.device.type for parameter in placed.parameters()} == {"cpu"}
