@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compare import resolve_model_alias
-from .logging_utils import get_logger
+from ..compare import resolve_model_alias
+from ..logging_utils import get_logger
 
 logger = get_logger(__name__)
 
@@ -54,7 +54,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         help="Run the walk-through on the embedded default (SmolLM2-135M teacher, builtin corpus).",
         description="Run the walk-through on the embedded default: no arguments needed.",
     )
-    from .demo import DemoSettings
+    from ..demo import DemoSettings
 
     # Every numeric knob of DemoSettings is an option; the defaults are what `make demo` runs.
     for setting in dataclasses.fields(DemoSettings):
@@ -68,7 +68,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no_progress", action="store_true", help="Hide progress bars.")
 
     def handler(args: argparse.Namespace) -> int:
-        from .demo import run_demo
+        from ..demo import run_demo
 
         values = {s.name: getattr(args, s.name) for s in dataclasses.fields(DemoSettings) if "help" in s.metadata}
         for name in ("num_train_blocks", "num_eval_blocks", "top_k", "student_num_layers", "train_steps"):
@@ -133,7 +133,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     _add_overwrite_and_progress(parser)
 
     def handler(args: argparse.Namespace) -> int:
-        from .compare import (
+        from ..compare import (
             check_checkpoint_arguments,
             check_dataset_argument,
             compare_checkpoints,
@@ -204,7 +204,7 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing README.md in FOLDER.")
 
     def handler(args: argparse.Namespace) -> int:
-        from .model_card import CARD_KINDS, render_model_card, write_model_card
+        from ..model_card import CARD_KINDS, render_model_card, write_model_card
 
         if args.kind not in CARD_KINDS:
             raise ValueError(f"--kind {args.kind!r} is not a card kind; use one of {', '.join(CARD_KINDS)}.")
@@ -338,7 +338,7 @@ class DataArguments:
 
     def check(self) -> None:
         """Validate without loading anything."""
-        from .compare import check_dataset_argument
+        from ..compare import check_dataset_argument
 
         check_dataset_argument(self.dataset)
         if isinstance(self.eval_split, str) and self.eval_split.lower() in ("", "none", "null"):
@@ -456,7 +456,7 @@ class EnsembleScriptArguments:
     )
 
     def check(self) -> None:
-        from .compare import check_checkpoint_arguments, check_dataset_argument
+        from ..compare import check_checkpoint_arguments, check_dataset_argument
 
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder the ensemble is saved to.")
@@ -549,8 +549,8 @@ class CacheTeacherScriptArguments(DataArguments):
 
 def check_model_argument(name: str, value: str | None) -> None:
     """Before anything loads: a model option must name an existing path, a hub id or `default_teacher`."""
-    from .compare import DEFAULT_TEACHER_ALIAS
-    from .loading import looks_like_hub_id
+    from ..compare import DEFAULT_TEACHER_ALIAS
+    from ..loading import looks_like_hub_id
 
     if value is None or value == DEFAULT_TEACHER_ALIAS or os.path.exists(value) or looks_like_hub_id(value):
         return
@@ -694,8 +694,8 @@ def staged_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
 
 def _load_blocks(data_args: DataArguments, tokenizer: Any, split: str, max_blocks: int | None) -> Any:
     """A split as packed blocks (`input_ids`, `attention_mask`, `labels`); already tokenized rows are kept."""
-    from .compare import load_text_dataset
-    from .data import pack_dataset
+    from ..compare import load_text_dataset
+    from ..data import pack_dataset
 
     dataset = load_text_dataset(data_args.dataset, split)
     if "input_ids" in dataset.column_names:
@@ -708,7 +708,7 @@ def _load_blocks(data_args: DataArguments, tokenizer: Any, split: str, max_block
 
 
 def _held_out_metrics(model: Any, blocks: Any, batch_size: int, show_progress: bool) -> dict[str, float]:
-    from .evaluation import evaluate_perplexity
+    from ..evaluation import evaluate_perplexity
 
     result = evaluate_perplexity(model, blocks, batch_size=batch_size, show_progress=show_progress)
     return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
@@ -724,8 +724,8 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
     Returns:
         `dict` with `output_dir`, `train` (train metrics) and `eval` (held-out loss and perplexity, if any).
     """
-    from .distillation_trainer import DistillationTrainer
-    from .loading import load_causal_lm
+    from ..distillation_trainer import DistillationTrainer
+    from ..loading import load_causal_lm
 
     script_args.check()
     check_model_argument("teacher_model_name_or_path", config.teacher_model_name_or_path)
@@ -755,8 +755,8 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
                 resolve_model_alias(script_args.student_model_name_or_path), dtype=script_args.model_dtype
             )
         else:
-            from .loading import load_tokenizer
-            from .student_init import init_student_from_teacher
+            from ..loading import load_tokenizer
+            from ..student_init import init_student_from_teacher
 
             student = init_student_from_teacher(
                 init_from,
@@ -796,7 +796,7 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
 
 def _add_card_results(folder: Path, kind: str, dataset: str, eval_metrics: dict[str, Any]) -> None:
     """Re-render the card the trainer wrote with the training data and held-out results, keeping its lineage."""
-    from .model_card import read_card_lineage, write_model_card
+    from ..model_card import read_card_lineage, write_model_card
 
     if not (folder / "README.md").is_file():
         return
@@ -822,8 +822,8 @@ def run_adapt(script_args: AdaptScriptArguments, training_args: Any) -> dict[str
     from peft import get_peft_model
     from transformers import Trainer, default_data_collator
 
-    from .adapters import build_lora_config, export_merged_model, save_adapter_checkpoint
-    from .loading import load_causal_lm
+    from ..adapters import build_lora_config, export_merged_model, save_adapter_checkpoint
+    from ..loading import load_causal_lm
 
     script_args.check()
     final_dir = training_args.output_dir
@@ -897,7 +897,7 @@ def _move_contents(source: Path, target: Path) -> None:
 
 def run_ensemble(script_args: EnsembleScriptArguments) -> dict[str, Any]:
     """Build a logit-level ensemble, optionally fit its weights, evaluate and save it (config, tokenizer, card)."""
-    from .ensemble import EnsembleForCausalLM, fit_ensemble_weights
+    from ..ensemble import EnsembleForCausalLM, fit_ensemble_weights
 
     script_args.check()
     _check_output_dir(script_args.output_dir, script_args.overwrite_output_dir)
@@ -927,7 +927,7 @@ def run_ensemble(script_args: EnsembleScriptArguments) -> dict[str, Any]:
 
 def run_merge(script_args: MergeScriptArguments) -> dict[str, Any]:
     """Merge checkpoints in weight space (:func:`hf_interop.merge_checkpoints`); the folder appears atomically."""
-    from .merge import merge_checkpoints
+    from ..merge import merge_checkpoints
 
     script_args.check()
     _check_output_dir(script_args.output_dir, script_args.overwrite_output_dir)
@@ -953,8 +953,8 @@ def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any
     Packs the data with the teacher's tokenizer exactly as `distill` does with the same data options, so the
     distillation run's dataset fingerprint matches the cache.
     """
-    from .loading import load_causal_lm
-    from .teacher_cache import cache_teacher_logits
+    from ..loading import load_causal_lm
+    from ..teacher_cache import cache_teacher_logits
 
     script_args.check()
     output_dir = Path(script_args.output_dir)
@@ -996,7 +996,7 @@ def _training_arguments_class() -> type:
 
 
 def _distillation_config_class() -> type:
-    from .distillation_config import DistillationConfig
+    from ..distillation_config import DistillationConfig
 
     return DistillationConfig
 
