@@ -5,11 +5,7 @@
 runs. Every name below stays importable from `hf_interop.cli`.
 """
 
-from .recipes import (
-    EXIT_BAD_INPUT,
-    EXIT_FAILURE,
-    EXIT_OK,
-    RECIPES,
+from .arguments import (
     AdaptScriptArguments,
     CacheTeacherScriptArguments,
     DataArguments,
@@ -17,11 +13,13 @@ from .recipes import (
     EnsembleScriptArguments,
     MergeScriptArguments,
     _recipe_parser,
-    build_parser,
     check_model_argument,
-    leave_process_group,
-    main,
     parse_recipe_args,
+)
+from .main import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, build_parser, main
+from .recipes import (
+    RECIPES,
+    leave_process_group,
     report_recipe_result,
     run_adapt,
     run_cache_teacher,
