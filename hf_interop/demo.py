@@ -67,7 +67,6 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     import torch
 
     from .adapters import build_lora_config, export_merged_model, save_adapter_checkpoint
-    from .cli import staged_output_dir
     from .compare import compare_checkpoints, format_report
     from .data import load_builtin_corpus, pack_dataset
     from .distillation_config import DistillationConfig
@@ -78,6 +77,7 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     from .model_card import write_model_card
     from .student_init import init_student_from_teacher
     from .teacher_cache import cache_teacher_logits
+    from .utils import staged_output_dir
 
     settings = settings or DemoSettings()
     started = time.perf_counter()

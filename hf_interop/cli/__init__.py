@@ -5,6 +5,8 @@
 runs. Every name below stays importable from `hf_interop.cli`.
 """
 
+# Defined in hf_interop.utils (the recipes and the demo share it); importable from here as before.
+from ..utils import staged_output_dir
 from .arguments import (
     AdaptScriptArguments,
     CacheTeacherScriptArguments,
@@ -28,7 +30,6 @@ from .recipes import (
     run_merge,
     run_recipe,
     run_recipe_main,
-    staged_output_dir,
 )
 
 __all__ = [

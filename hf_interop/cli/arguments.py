@@ -13,14 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-
-def _check_output_dir(output_dir: str | None, overwrite: bool) -> None:
-    """Refuse to overwrite a previous run before anything expensive happens."""
-    if output_dir and os.path.exists(output_dir) and not overwrite:
-        raise FileExistsError(
-            f"output folder {output_dir!r} already exists; pass --overwrite_output_dir to replace it, or choose "
-            "another --output_dir."
-        )
+# How a command asks for an existing --output_dir to be replaced (see :func:`hf_interop.utils.check_output_dir`).
+OVERWRITE_FLAG_FIX = "pass --overwrite_output_dir to replace it, or choose another --output_dir."
 
 
 # ----------------------------------------------------------------------------------------------------------------

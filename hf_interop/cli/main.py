@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..logging_utils import get_logger
-from .arguments import _check_output_dir
+from ..utils import check_output_dir
+from .arguments import OVERWRITE_FLAG_FIX
 from .recipes import RECIPES, run_recipe_main
 
 logger = get_logger(__name__)
@@ -141,7 +142,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
         _check_positive(args, "batch_size")
         if args.max_documents is not None:
             _check_positive(args, "max_documents")
-        _check_output_dir(args.output_dir, args.overwrite_output_dir)
+        check_output_dir(args.output_dir, args.overwrite_output_dir, fix=OVERWRITE_FLAG_FIX)
         report = compare_checkpoints(
             args.checkpoints,
             args.dataset,

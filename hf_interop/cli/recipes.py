@@ -4,85 +4,28 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..compare import resolve_model_alias
 from ..logging_utils import get_logger
+from ..utils import check_output_dir, staged_output_dir
 from .arguments import (
+    OVERWRITE_FLAG_FIX,
     AdaptScriptArguments,
     CacheTeacherScriptArguments,
     DataArguments,
     DistillScriptArguments,
     EnsembleScriptArguments,
     MergeScriptArguments,
-    _check_output_dir,
     check_model_argument,
     parse_recipe_args,
 )
 
 logger = get_logger(__name__)
-
-
-@contextlib.contextmanager
-def staged_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """A staging folder that becomes `output_dir` only when the block succeeds (nothing partial is left behind).
-
-    Like :func:`hf_interop.utils.atomic_directory`, but the staging folder carries the final folder's NAME (inside a
-    hidden `.tmp-*` parent), so files that record their folder's name (model cards) are right, and it works under
-    several processes: every rank uses the same staging folder, only the main process creates and renames it.
-    """
-    final_dir = Path(output_dir)
-    if final_dir.exists() and not overwrite:
-        raise FileExistsError(
-            f"output folder {str(final_dir)!r} already exists; pass --overwrite_output_dir to replace it, or choose "
-            "another output_dir."
-        )
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    state = None
-    if world_size > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
-    is_main = state is None or state.is_main_process
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    if state is None:
-        stage_root = Path(tempfile.mkdtemp(prefix=f".tmp-{final_dir.name}-", dir=final_dir.parent))
-    else:  # one name on every rank: derived from the launcher's rendezvous
-        tag = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("MASTER_PORT", "run")
-        stage_root = final_dir.parent / f".tmp-{final_dir.name}-{tag}"
-        if is_main:
-            shutil.rmtree(stage_root, ignore_errors=True)
-            stage_root.mkdir(parents=True)
-        state.wait_for_everyone()
-    stage = stage_root / final_dir.name
-    stage.mkdir(exist_ok=True)
-    try:
-        yield stage
-    except BaseException:
-        if is_main:
-            shutil.rmtree(stage_root, ignore_errors=True)
-        raise
-    if state is not None:
-        state.wait_for_everyone()
-    if is_main:
-        old_dir = None
-        if final_dir.exists():
-            old_dir = final_dir.parent / f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final_dir, old_dir)
-        os.replace(stage, final_dir)
-        shutil.rmtree(stage_root, ignore_errors=True)
-        if old_dir is not None:
-            shutil.rmtree(old_dir, ignore_errors=True)
-    if state is not None:
-        state.wait_for_everyone()
 
 
 def _load_blocks(data_args: DataArguments, tokenizer: Any, split: str, max_blocks: int | None) -> Any:
@@ -293,7 +236,7 @@ def run_ensemble(script_args: EnsembleScriptArguments) -> dict[str, Any]:
     from ..ensemble import EnsembleForCausalLM, fit_ensemble_weights
 
     script_args.check()
-    _check_output_dir(script_args.output_dir, script_args.overwrite_output_dir)
+    check_output_dir(script_args.output_dir, script_args.overwrite_output_dir, fix=OVERWRITE_FLAG_FIX)
     ensemble = EnsembleForCausalLM.from_members(
         [resolve_model_alias(member) for member in script_args.members],
         weights=script_args.weights,
@@ -323,7 +266,7 @@ def run_merge(script_args: MergeScriptArguments) -> dict[str, Any]:
     from ..merge import merge_checkpoints
 
     script_args.check()
-    _check_output_dir(script_args.output_dir, script_args.overwrite_output_dir)
+    check_output_dir(script_args.output_dir, script_args.overwrite_output_dir, fix=OVERWRITE_FLAG_FIX)
     path = merge_checkpoints(
         script_args.checkpoints,
         script_args.method,
