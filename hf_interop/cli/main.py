@@ -1,9 +1,10 @@
-"""The `hf-interop` command line, and the code the recipe scripts in `recipes/` share with it.
+"""The `hf-interop` command line: the parser, the subcommands demo / compare / card, one-line errors, exit codes.
 
 Each subcommand parses its options, validates them before any model is loaded, and calls the same Python API
 a user would. `distill`, `adapt`, `ensemble`, `merge` and `cache-teacher` parse `HfArgumentParser` dataclasses plus
-`--config file.yaml` exactly like `recipes/<name>.py` (both call :func:`run_recipe`), so a recipe and its command
-run the same code. Outputs are written to a staging folder that becomes the output folder only on success.
+`--config file.yaml` exactly like `recipes/<name>.py` (both call :func:`run_recipe`, in `recipes.py`), so a recipe
+and its command run the same code. Outputs are written to a staging folder that becomes the output folder only on
+success.
 
 Exit codes: 0 success, 2 bad input (argparse and our own checks: the message names the option, the value and the
 fix), 1 any other failure. Every error is ONE line on stderr: `hf-interop COMMAND: error: MESSAGE`.
@@ -128,42 +129,44 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     )
     _add_overwrite_and_progress(parser)
 
-    def handler(args: argparse.Namespace) -> int:
-        from ..compare import (
-            check_checkpoint_arguments,
-            check_dataset_argument,
-            compare_checkpoints,
-            format_report,
-        )
+    parser.set_defaults(handler=_run_compare)
 
-        check_checkpoint_arguments(args.checkpoints, args.names)
-        check_dataset_argument(args.dataset)
-        _check_positive(args, "block_size", minimum=2)
-        _check_positive(args, "batch_size")
-        if args.max_documents is not None:
-            _check_positive(args, "max_documents")
-        check_output_dir(args.output_dir, args.overwrite_output_dir, fix=OVERWRITE_FLAG_FIX)
-        report = compare_checkpoints(
-            args.checkpoints,
-            args.dataset,
-            split=args.split,
-            text_column=args.text_column,
-            names=args.names,
-            block_size=args.block_size,
-            batch_size=args.batch_size,
-            max_documents=args.max_documents,
-            dtype=args.dtype,
-            output_dir=args.output_dir,
-            overwrite_output_dir=args.overwrite_output_dir,
-            show_progress=not args.no_progress,
-            ensemble_members=args.ensemble_members,
-        )
-        print(format_report(report), end="")
-        if args.output_dir:
-            print(f"report written to {args.output_dir}/ (report.json, report.md, heatmap.png)")
-        return EXIT_OK
 
-    parser.set_defaults(handler=handler)
+def _run_compare(args: argparse.Namespace) -> int:
+    """`hf-interop compare`: check the options before loading, score, print the table (and write the report)."""
+    from ..compare import (
+        check_checkpoint_arguments,
+        check_dataset_argument,
+        compare_checkpoints,
+        format_report,
+    )
+
+    check_checkpoint_arguments(args.checkpoints, args.names)
+    check_dataset_argument(args.dataset)
+    _check_positive(args, "block_size", minimum=2)
+    _check_positive(args, "batch_size")
+    if args.max_documents is not None:
+        _check_positive(args, "max_documents")
+    check_output_dir(args.output_dir, args.overwrite_output_dir, fix=OVERWRITE_FLAG_FIX)
+    report = compare_checkpoints(
+        args.checkpoints,
+        args.dataset,
+        split=args.split,
+        text_column=args.text_column,
+        names=args.names,
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        max_documents=args.max_documents,
+        dtype=args.dtype,
+        output_dir=args.output_dir,
+        overwrite_output_dir=args.overwrite_output_dir,
+        show_progress=not args.no_progress,
+        ensemble_members=args.ensemble_members,
+    )
+    print(format_report(report), end="")
+    if args.output_dir:
+        print(f"report written to {args.output_dir}/ (report.json, report.md, heatmap.png)")
+    return EXIT_OK
 
 
 @subcommand("card")
@@ -199,50 +202,52 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--print", dest="print_only", action="store_true", help="Print the card; write nothing.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing README.md in FOLDER.")
 
-    def handler(args: argparse.Namespace) -> int:
-        from ..model_card import CARD_KINDS, render_model_card, write_model_card
+    parser.set_defaults(handler=_run_card)
 
-        if args.kind not in CARD_KINDS:
-            raise ValueError(f"--kind {args.kind!r} is not a card kind; use one of {', '.join(CARD_KINDS)}.")
-        folder = Path(args.folder)
-        metadata: dict[str, Any] = {}
-        for name in ("model_name", "base_model", "merge_method", "license"):
-            if getattr(args, name) is not None:
-                metadata[name] = getattr(args, name)
-        if args.datasets:
-            metadata["datasets"] = args.datasets
-        if args.teachers:
-            metadata["teachers"] = [_source(text) for text in args.teachers]
-        if args.members:
-            members = [_source(text) for text in args.members]
-            if args.weights is not None:
-                if len(args.weights) != len(members):
-                    raise ValueError(
-                        f"--weights has {len(args.weights)} values for {len(members)} --members; give one per member."
-                    )
-                for member, weight in zip(members, args.weights, strict=True):
-                    member["weight"] = weight
-            metadata["members"] = members
-        for name in ("metrics", "hyperparameters"):
-            if getattr(args, name) is not None:
-                metadata[name] = _json_option(name, getattr(args, name))
-        folder = Path(args.folder)
-        if not args.print_only:
-            if not folder.is_dir():
-                raise FileNotFoundError(f"folder {args.folder!r} does not exist; pass the output folder to describe.")
-            if (folder / "README.md").exists() and not args.overwrite:
-                raise FileExistsError(
-                    f"{folder / 'README.md'} already exists; pass --overwrite to replace it, or --print to see the card."
+
+def _run_card(args: argparse.Namespace) -> int:
+    """`hf-interop card`: build the card's metadata from the options, then print it or write FOLDER/README.md."""
+    from ..model_card import CARD_KINDS, render_model_card, write_model_card
+
+    if args.kind not in CARD_KINDS:
+        raise ValueError(f"--kind {args.kind!r} is not a card kind; use one of {', '.join(CARD_KINDS)}.")
+    folder = Path(args.folder)
+    metadata: dict[str, Any] = {}
+    for name in ("model_name", "base_model", "merge_method", "license"):
+        if getattr(args, name) is not None:
+            metadata[name] = getattr(args, name)
+    if args.datasets:
+        metadata["datasets"] = args.datasets
+    if args.teachers:
+        metadata["teachers"] = [_source(text) for text in args.teachers]
+    if args.members:
+        members = [_source(text) for text in args.members]
+        if args.weights is not None:
+            if len(args.weights) != len(members):
+                raise ValueError(
+                    f"--weights has {len(args.weights)} values for {len(members)} --members; give one per member."
                 )
-        if args.print_only:
-            metadata.setdefault("model_name", folder.resolve().name)
-            print(str(render_model_card(args.kind, **metadata)))
-        else:
-            path = write_model_card(folder, args.kind, **metadata)
-            print(f"wrote {path}")
-        return EXIT_OK
-
-    parser.set_defaults(handler=handler)
+            for member, weight in zip(members, args.weights, strict=True):
+                member["weight"] = weight
+        metadata["members"] = members
+    for name in ("metrics", "hyperparameters"):
+        if getattr(args, name) is not None:
+            metadata[name] = _json_option(name, getattr(args, name))
+    folder = Path(args.folder)
+    if not args.print_only:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"folder {args.folder!r} does not exist; pass the output folder to describe.")
+        if (folder / "README.md").exists() and not args.overwrite:
+            raise FileExistsError(
+                f"{folder / 'README.md'} already exists; pass --overwrite to replace it, or --print to see the card."
+            )
+    if args.print_only:
+        metadata.setdefault("model_name", folder.resolve().name)
+        print(str(render_model_card(args.kind, **metadata)))
+    else:
+        path = write_model_card(folder, args.kind, **metadata)
+        print(f"wrote {path}")
+    return EXIT_OK
 
 
 def _source(text: str) -> dict[str, Any]:
