@@ -66,18 +66,8 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the demo end to end (see the module docstring) and return the summary it prints and saves."""
     import torch
 
-    from .adapters import build_lora_config, export_merged_model, save_adapter_checkpoint
-    from .cli import staged_output_dir
-    from .compare import compare_checkpoints, format_report
-    from .data import load_builtin_corpus, pack_dataset
-    from .distillation_config import DistillationConfig
-    from .distillation_trainer import DistillationTrainer
-    from .ensemble import EnsembleForCausalLM
-    from .evaluation import evaluate_perplexity
-    from .loading import DEFAULT_TEACHER_HUB_ID, default_teacher_path, load_causal_lm
-    from .model_card import write_model_card
-    from .student_init import init_student_from_teacher
-    from .teacher_cache import cache_teacher_logits
+    from .loading import default_teacher_path
+    from .utils import staged_output_dir
 
     settings = settings or DemoSettings()
     started = time.perf_counter()
@@ -85,19 +75,72 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     final_dir = Path(settings.output_dir).resolve()
     teacher_dir = str(settings.teacher or default_teacher_path())
     teacher_name = "SmolLM2-135M" if settings.teacher is None else Path(teacher_dir).name
-    rows: list[dict[str, Any]] = []
-    timings: dict[str, float] = {}
 
-    def step(title: str) -> None:
-        timings[title] = time.perf_counter() - started
-        print(f"\n[{time.perf_counter() - started:5.0f} s] {title}", flush=True)
+    print(f"hf_interop demo: {teacher_name} teacher -> {settings.student_num_layers}-layer student, builtin corpus")
+    with staged_output_dir(final_dir, overwrite=True) as stage:
+        run = _DemoRun(settings, stage, final_dir, teacher_dir, teacher_name, started)
+        teacher = _evaluate_teacher(run)
+        _cache_teacher(run, teacher)
+        _init_student(run, teacher)
+        # Models are freed after each step (peak memory stays near one teacher + one training student) and loaded
+        # back from their folders for the report.
+        del teacher
+        gc.collect()
+        _train_ce_student(run)
+        _train_distilled_student(run)
+        _train_lora_variant(run)
+        _ensemble_students(run)
+        _interoperability_report(run)
+        summary, table = _write_summary(run)
 
-    def evaluate(label: str, model: Any, folder: str | None) -> dict[str, Any]:
+    print()
+    print(table, end="")
+    print(f"\noutputs in {settings.output_dir}/: {', '.join(sorted(p.name for p in final_dir.iterdir()))}")
+    print(f"total time {summary['seconds']:.0f} s")
+    return summary
+
+
+@dataclass
+class _DemoRun:
+    """What the stages of one demo run share: the settings, the staging folder, the packed data, and what has been
+    measured so far (the table's rows, the stage timings, the loss histories, the models of the report)."""
+
+    settings: DemoSettings
+    stage: Path
+    final_dir: Path
+    teacher_dir: str
+    teacher_name: str
+    started: float
+    tokenizer: Any = None
+    corpus: Any = None
+    train: Any = None
+    validation: Any = None
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    compare_models: list[tuple[str, Any]] = field(default_factory=list)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.stage / "teacher_cache"
+
+    @property
+    def init_dir(self) -> Path:
+        return self.stage / "student_init"
+
+    def step(self, title: str) -> None:
+        self.timings[title] = time.perf_counter() - self.started
+        print(f"\n[{time.perf_counter() - self.started:5.0f} s] {title}", flush=True)
+
+    def evaluate(self, label: str, model: Any, folder: str | None) -> dict[str, Any]:
+        """Held-out perplexity and speed of `model`: one row of the closing table."""
+        from .evaluation import evaluate_perplexity
+
         result = evaluate_perplexity(
             model,
-            validation,
-            batch_size=settings.eval_batch_size,
-            show_progress=settings.show_progress,
+            self.validation,
+            batch_size=self.settings.eval_batch_size,
+            show_progress=self.settings.show_progress,
             description=f"Held-out perplexity: {label}",
         )
         row = {
@@ -107,177 +150,230 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
             "tokens_per_second": result["tokens_per_second"],
             "folder": folder,
         }
-        rows.append(row)
+        self.rows.append(row)
         print(f"  {label}: perplexity {row['perplexity']:.2f}, {row['tokens_per_second']:.0f} tokens/s")
         return row
 
-    def final(stage_path: Path) -> str:
+    def final(self, stage_path: Path) -> str:
         """Where a folder of the staging area will live once the demo succeeds."""
-        return str(final_dir / stage_path.relative_to(stage))
+        return str(self.final_dir / stage_path.relative_to(self.stage))
 
-    print(f"hf_interop demo: {teacher_name} teacher -> {settings.student_num_layers}-layer student, builtin corpus")
-    with staged_output_dir(final_dir, overwrite=True) as stage:
-        step(f"1. Teacher {teacher_name}: held-out perplexity")
-        teacher, tokenizer = load_causal_lm(teacher_dir, dtype="float32")
-        corpus = settings.corpus if settings.corpus is not None else load_builtin_corpus()
-        train = pack_dataset(
-            corpus["train"], tokenizer, block_size=settings.block_size, max_blocks=settings.num_train_blocks
+    def train_student(self, name: str, kd_ratio: float, steps: int, model: Any, peft_config: Any = None) -> Any:
+        """Train `model` from the teacher cache (`kd_ratio=0`: on the text alone) into `stage/name`."""
+        import torch
+
+        from .distillation_config import DistillationConfig
+        from .distillation_trainer import DistillationTrainer
+
+        settings = self.settings
+        config = DistillationConfig(
+            output_dir=str(self.stage / name),
+            teacher_logits_path=str(self.cache_dir),
+            kd_ratio=kd_ratio,
+            loss_type="forward_kl",
+            max_steps=steps,
+            per_device_train_batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, steps // 10),
+            logging_steps=max(1, steps // 20),
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=not settings.show_progress,
+            seed=settings.seed,
+            use_cpu=not torch.cuda.is_available(),
         )
-        validation = pack_dataset(
-            corpus["validation"], tokenizer, block_size=settings.block_size, max_blocks=settings.num_eval_blocks
+        trainer = DistillationTrainer(
+            model=model,
+            args=config,
+            train_dataset=self.train,
+            processing_class=self.tokenizer,
+            peft_config=peft_config,
         )
-        evaluate(f"teacher ({teacher_name})", teacher, teacher_dir)
+        trainer.train()
+        self.histories[name] = [entry for entry in trainer.state.log_history if "loss" in entry]
+        return trainer
 
-        step(f"2. Caching the teacher's top-{settings.top_k} log-probabilities on {len(train)} training blocks")
-        cache_dir = stage / "teacher_cache"
-        cache_teacher_logits(
-            teacher,
-            train,
-            cache_dir,
-            top_k=settings.top_k,
-            batch_size=settings.eval_batch_size,
-            tokenizer=tokenizer,
-            teacher_name_or_path=DEFAULT_TEACHER_HUB_ID if settings.teacher is None else teacher_dir,
-            show_progress=settings.show_progress,
-        )
 
-        step(f"3. Student: {settings.student_num_layers} of the teacher's layers (init_student_from_teacher)")
-        init_dir = stage / "student_init"
-        student = init_student_from_teacher(
-            teacher, num_layers=settings.student_num_layers, tokenizer=tokenizer, output_dir=init_dir
-        )
-        write_model_card(
-            init_dir,
-            "finetuned",
-            base_model=teacher_dir,
-            base_model_relation="finetune",
-            description=f"{settings.student_num_layers} evenly spread layers of the teacher, untrained.",
-            hyperparameters={"num_layers": settings.student_num_layers, "layer_selection": "uniform"},
-        )
-        evaluate("student, untrained", student, final(init_dir))
-        # Models are freed after each step (peak memory stays near one teacher + one training student) and loaded
-        # back from their folders for the report.
-        del teacher, student
-        gc.collect()
-        compare_models = [("teacher", teacher_dir), ("student_init", init_dir)]
+def _evaluate_teacher(run: _DemoRun) -> Any:
+    """1. Load the teacher, pack the training and held-out blocks with its tokenizer, and measure the teacher."""
+    from .data import load_builtin_corpus, pack_dataset
+    from .loading import load_causal_lm
 
-        histories: dict[str, list[dict[str, Any]]] = {}
+    settings = run.settings
+    run.step(f"1. Teacher {run.teacher_name}: held-out perplexity")
+    teacher, run.tokenizer = load_causal_lm(run.teacher_dir, dtype="float32")
+    run.corpus = settings.corpus if settings.corpus is not None else load_builtin_corpus()
+    run.train = pack_dataset(
+        run.corpus["train"], run.tokenizer, block_size=settings.block_size, max_blocks=settings.num_train_blocks
+    )
+    run.validation = pack_dataset(
+        run.corpus["validation"], run.tokenizer, block_size=settings.block_size, max_blocks=settings.num_eval_blocks
+    )
+    run.evaluate(f"teacher ({run.teacher_name})", teacher, run.teacher_dir)
+    return teacher
 
-        def train_student(name: str, kd_ratio: float, steps: int, model: Any, peft_config: Any = None) -> Any:
-            config = DistillationConfig(
-                output_dir=str(stage / name),
-                teacher_logits_path=str(cache_dir),
-                kd_ratio=kd_ratio,
-                loss_type="forward_kl",
-                max_steps=steps,
-                per_device_train_batch_size=settings.batch_size,
-                learning_rate=settings.learning_rate,
-                lr_scheduler_type="cosine",
-                warmup_steps=max(1, steps // 10),
-                logging_steps=max(1, steps // 20),
-                save_strategy="no",
-                report_to="none",
-                disable_tqdm=not settings.show_progress,
-                seed=settings.seed,
-                use_cpu=not torch.cuda.is_available(),
-            )
-            trainer = DistillationTrainer(
-                model=model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=peft_config
-            )
-            trainer.train()
-            histories[name] = [entry for entry in trainer.state.log_history if "loss" in entry]
-            return trainer
 
-        step(f"4a. Cross-entropy only (kd_ratio=0): {settings.train_steps} steps")
-        ce_student, _ = load_causal_lm(init_dir, dtype="float32")
-        trainer = train_student("student_ce", 0.0, settings.train_steps, ce_student)
-        trainer.save_model()
-        ce_row = evaluate("student, cross-entropy only", ce_student, final(stage / "student_ce"))
-        write_model_card(
-            stage / "student_ce",
-            "finetuned",
-            base_model=final(init_dir),
-            datasets=["builtin corpus (pydoc_data.topics)"],
-            description="Baseline: the same student trained on the text alone (no teacher), same steps and data.",
-            metrics={"perplexity": ce_row["perplexity"]},
-            hyperparameters={"max_steps": settings.train_steps, "learning_rate": settings.learning_rate},
-        )
-        compare_models.append(("student_ce", stage / "student_ce"))
-        del trainer, ce_student
-        gc.collect()
+def _cache_teacher(run: _DemoRun, teacher: Any) -> None:
+    """2. The teacher's top-k log-probabilities on the training blocks, cached once for both trained students."""
+    from .loading import DEFAULT_TEACHER_HUB_ID
+    from .teacher_cache import cache_teacher_logits
 
-        step(f"4b. Distilled from the cache (kd_ratio=1): {settings.train_steps} steps")
-        distilled, _ = load_causal_lm(init_dir, dtype="float32")
-        trainer = train_student("student_distilled", 1.0, settings.train_steps, distilled)
-        trainer.save_model()
-        distilled_row = evaluate("student, distilled", distilled, final(stage / "student_distilled"))
-        _add_metrics_to_card(stage / "student_distilled", "distilled", {"perplexity": distilled_row["perplexity"]})
-        compare_models.append(("student_distilled", stage / "student_distilled"))
-        del trainer, distilled
-        gc.collect()
+    settings = run.settings
+    run.step(f"2. Caching the teacher's top-{settings.top_k} log-probabilities on {len(run.train)} training blocks")
+    cache_teacher_logits(
+        teacher,
+        run.train,
+        run.cache_dir,
+        top_k=settings.top_k,
+        batch_size=settings.eval_batch_size,
+        tokenizer=run.tokenizer,
+        teacher_name_or_path=DEFAULT_TEACHER_HUB_ID if settings.teacher is None else run.teacher_dir,
+        show_progress=settings.show_progress,
+    )
 
-        step(f"5. LoRA-adapted variant of the distilled student: r={settings.lora_r}, {settings.lora_steps} steps")
-        lora_base, _ = load_causal_lm(stage / "student_distilled", dtype="float32")
-        lora_config = build_lora_config(r=settings.lora_r, lora_alpha=2 * settings.lora_r, model=lora_base)
-        trainer = train_student("student_lora_run", 1.0, settings.lora_steps, lora_base, peft_config=lora_config)
-        peft_model = trainer.accelerator.unwrap_model(trainer.model)
-        # The adapter records its base model by path: point it at where the distilled student will live.
-        for adapter_config in peft_model.peft_config.values():
-            adapter_config.base_model_name_or_path = final(stage / "student_distilled")
-        save_adapter_checkpoint(peft_model, stage / "student_lora", tokenizer, datasets=["builtin corpus"])
-        lora_merged = export_merged_model(peft_model, stage / "student_lora_merged", tokenizer)
-        lora_row = evaluate("student, distilled + LoRA", lora_merged, final(stage / "student_lora_merged"))
-        _add_metrics_to_card(stage / "student_lora_merged", "finetuned", {"perplexity": lora_row["perplexity"]})
-        compare_models.append(("student_lora", stage / "student_lora_merged"))
-        del trainer, peft_model, lora_merged, lora_base
-        gc.collect()
-        shutil.rmtree(stage / "student_lora_run", ignore_errors=True)  # only trainer state; the adapter is saved
 
-        step("6. Mixture ensemble of the trained students")
-        member_dirs = [stage / "student_ce", stage / "student_distilled", stage / "student_lora_merged"]
-        ensemble = EnsembleForCausalLM.from_members([str(path) for path in member_dirs], combination="mixture")
-        ensemble_row = evaluate("ensemble (3 students, mixture)", ensemble, final(stage / "ensemble"))
-        for spec, path in zip(ensemble.config.members, member_dirs, strict=True):
-            spec["name_or_path"] = final(path)  # saved config points at the final folders
-        ensemble.save_pretrained(stage / "ensemble")
-        _add_metrics_to_card(stage / "ensemble", "ensemble", {"perplexity": ensemble_row["perplexity"]})
-        del ensemble
-        gc.collect()
+def _init_student(run: _DemoRun, teacher: Any) -> None:
+    """3. A student made of evenly spread teacher layers, saved untrained with its card, and measured."""
+    from .model_card import write_model_card
+    from .student_init import init_student_from_teacher
 
-        step(f"7. Interoperability report on {settings.compare_documents} test documents")
-        from datasets import Dataset
+    settings = run.settings
+    run.step(f"3. Student: {settings.student_num_layers} of the teacher's layers (init_student_from_teacher)")
+    student = init_student_from_teacher(
+        teacher, num_layers=settings.student_num_layers, tokenizer=run.tokenizer, output_dir=run.init_dir
+    )
+    write_model_card(
+        run.init_dir,
+        "finetuned",
+        base_model=run.teacher_dir,
+        base_model_relation="finetune",
+        description=f"{settings.student_num_layers} evenly spread layers of the teacher, untrained.",
+        hyperparameters={"num_layers": settings.student_num_layers, "layer_selection": "uniform"},
+    )
+    run.evaluate("student, untrained", student, run.final(run.init_dir))
+    run.compare_models = [("teacher", run.teacher_dir), ("student_init", run.init_dir)]
 
-        texts = corpus["test"]["text"][: settings.compare_documents]
-        report = compare_checkpoints(
-            [str(path) for _, path in compare_models],
-            Dataset.from_dict({"text": [text[: settings.compare_characters] for text in texts]}),
-            names=[name for name, _ in compare_models],
-            ensemble_members=["student_ce", "student_distilled", "student_lora"],
-            block_size=settings.block_size,
-            batch_size=2,  # 5 models' (tokens, vocab) log-probs are held at once
-            output_dir=stage / "compare",
-            show_progress=settings.show_progress,
-        )
-        print(format_report(report), end="")
 
-        _plot_loss_curves(histories, stage / "loss_curves.png")
-        summary = {
-            "rows": rows,
-            "settings": {k: v for k, v in asdict(settings).items() if k != "corpus"},
-            "seconds": time.perf_counter() - started,
-            "timings": timings,
-        }
-        from .utils import atomic_write_json, atomic_write_text
+def _train_ce_student(run: _DemoRun) -> None:
+    """4a. The baseline: the untrained student trained on the text alone (`kd_ratio=0`)."""
+    from .loading import load_causal_lm
+    from .model_card import write_model_card
 
-        table = format_demo_table(rows)
-        atomic_write_json(stage / "summary.json", summary)
-        atomic_write_text(stage / "summary.md", table)
+    settings, stage = run.settings, run.stage
+    run.step(f"4a. Cross-entropy only (kd_ratio=0): {settings.train_steps} steps")
+    ce_student, _ = load_causal_lm(run.init_dir, dtype="float32")
+    trainer = run.train_student("student_ce", 0.0, settings.train_steps, ce_student)
+    trainer.save_model()
+    ce_row = run.evaluate("student, cross-entropy only", ce_student, run.final(stage / "student_ce"))
+    write_model_card(
+        stage / "student_ce",
+        "finetuned",
+        base_model=run.final(run.init_dir),
+        datasets=["builtin corpus (pydoc_data.topics)"],
+        description="Baseline: the same student trained on the text alone (no teacher), same steps and data.",
+        metrics={"perplexity": ce_row["perplexity"]},
+        hyperparameters={"max_steps": settings.train_steps, "learning_rate": settings.learning_rate},
+    )
+    run.compare_models.append(("student_ce", stage / "student_ce"))
+    del trainer, ce_student
+    gc.collect()
 
-    print()
-    print(table, end="")
-    print(f"\noutputs in {settings.output_dir}/: {', '.join(sorted(p.name for p in final_dir.iterdir()))}")
-    print(f"total time {summary['seconds']:.0f} s")
-    return summary
+
+def _train_distilled_student(run: _DemoRun) -> None:
+    """4b. The same untrained student distilled from the cache (`kd_ratio=1`), same steps and data."""
+    from .loading import load_causal_lm
+
+    settings, stage = run.settings, run.stage
+    run.step(f"4b. Distilled from the cache (kd_ratio=1): {settings.train_steps} steps")
+    distilled, _ = load_causal_lm(run.init_dir, dtype="float32")
+    trainer = run.train_student("student_distilled", 1.0, settings.train_steps, distilled)
+    trainer.save_model()
+    distilled_row = run.evaluate("student, distilled", distilled, run.final(stage / "student_distilled"))
+    _add_metrics_to_card(stage / "student_distilled", "distilled", {"perplexity": distilled_row["perplexity"]})
+    run.compare_models.append(("student_distilled", stage / "student_distilled"))
+    del trainer, distilled
+    gc.collect()
+
+
+def _train_lora_variant(run: _DemoRun) -> None:
+    """5. More distillation of the distilled student through LoRA adapters; the adapter and its merged export."""
+    from .adapters import build_lora_config, export_merged_model, save_adapter_checkpoint
+    from .loading import load_causal_lm
+
+    settings, stage = run.settings, run.stage
+    run.step(f"5. LoRA-adapted variant of the distilled student: r={settings.lora_r}, {settings.lora_steps} steps")
+    lora_base, _ = load_causal_lm(stage / "student_distilled", dtype="float32")
+    lora_config = build_lora_config(r=settings.lora_r, lora_alpha=2 * settings.lora_r, model=lora_base)
+    trainer = run.train_student("student_lora_run", 1.0, settings.lora_steps, lora_base, peft_config=lora_config)
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    # The adapter records its base model by path: point it at where the distilled student will live.
+    for adapter_config in peft_model.peft_config.values():
+        adapter_config.base_model_name_or_path = run.final(stage / "student_distilled")
+    save_adapter_checkpoint(peft_model, stage / "student_lora", run.tokenizer, datasets=["builtin corpus"])
+    lora_merged = export_merged_model(peft_model, stage / "student_lora_merged", run.tokenizer)
+    lora_row = run.evaluate("student, distilled + LoRA", lora_merged, run.final(stage / "student_lora_merged"))
+    _add_metrics_to_card(stage / "student_lora_merged", "finetuned", {"perplexity": lora_row["perplexity"]})
+    run.compare_models.append(("student_lora", stage / "student_lora_merged"))
+    del trainer, peft_model, lora_merged, lora_base
+    gc.collect()
+    shutil.rmtree(stage / "student_lora_run", ignore_errors=True)  # only trainer state; the adapter is saved
+
+
+def _ensemble_students(run: _DemoRun) -> None:
+    """6. A mixture ensemble of the three trained students, measured and saved pointing at their final folders."""
+    from .ensemble import EnsembleForCausalLM
+
+    stage = run.stage
+    run.step("6. Mixture ensemble of the trained students")
+    member_dirs = [stage / "student_ce", stage / "student_distilled", stage / "student_lora_merged"]
+    ensemble = EnsembleForCausalLM.from_members([str(path) for path in member_dirs], combination="mixture")
+    ensemble_row = run.evaluate("ensemble (3 students, mixture)", ensemble, run.final(stage / "ensemble"))
+    for spec, path in zip(ensemble.config.members, member_dirs, strict=True):
+        spec["name_or_path"] = run.final(path)  # saved config points at the final folders
+    ensemble.save_pretrained(stage / "ensemble")
+    _add_metrics_to_card(stage / "ensemble", "ensemble", {"perplexity": ensemble_row["perplexity"]})
+    del ensemble
+    gc.collect()
+
+
+def _interoperability_report(run: _DemoRun) -> None:
+    """7. :func:`compare_checkpoints` of every model so far on the first test documents, printed and saved."""
+    from datasets import Dataset
+
+    from .compare import compare_checkpoints, format_report
+
+    settings = run.settings
+    run.step(f"7. Interoperability report on {settings.compare_documents} test documents")
+    texts = run.corpus["test"]["text"][: settings.compare_documents]
+    report = compare_checkpoints(
+        [str(path) for _, path in run.compare_models],
+        Dataset.from_dict({"text": [text[: settings.compare_characters] for text in texts]}),
+        names=[name for name, _ in run.compare_models],
+        ensemble_members=["student_ce", "student_distilled", "student_lora"],
+        block_size=settings.block_size,
+        batch_size=2,  # 5 models' (tokens, vocab) log-probs are held at once
+        output_dir=run.stage / "compare",
+        show_progress=settings.show_progress,
+    )
+    print(format_report(report), end="")
+
+
+def _write_summary(run: _DemoRun) -> tuple[dict[str, Any], str]:
+    """The loss-curve PNG, summary.json and summary.md (the closing table); returns the summary and the table."""
+    from .utils import atomic_write_json, atomic_write_text
+
+    _plot_loss_curves(run.histories, run.stage / "loss_curves.png")
+    summary = {
+        "rows": run.rows,
+        "settings": {k: v for k, v in asdict(run.settings).items() if k != "corpus"},
+        "seconds": time.perf_counter() - run.started,
+        "timings": run.timings,
+    }
+    table = format_demo_table(run.rows)
+    atomic_write_json(run.stage / "summary.json", summary)
+    atomic_write_text(run.stage / "summary.md", table)
+    return summary, table
 
 
 def _add_metrics_to_card(folder: Path, kind: str, metrics: dict[str, float]) -> None:

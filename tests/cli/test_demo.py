@@ -129,3 +129,15 @@ def test_failed_rerun_keeps_previous_output(tiny_demo, tmp_path):
         run_demo(broken)
     assert sorted(p.name for p in output_dir.iterdir()) == before
     assert not [p for p in output_dir.parent.iterdir() if p.name.startswith((".tmp", ".old"))]
+
+
+def test_demo_imports_nothing_from_the_cli():
+    """The CLI runs the demo; the demo takes its staging folder from hf_interop.utils (no cli <-> demo cycle)."""
+    import ast
+    import inspect
+
+    import hf_interop.demo
+
+    tree = ast.parse(inspect.getsource(hf_interop.demo))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not [name for name in imported if name == "cli" or name.startswith(("cli.", "hf_interop.cli"))], imported

@@ -11,7 +11,7 @@ import pytest
 
 from hf_interop.cli import RECIPES, parse_recipe_args
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RECIPES_DIR = REPO / "recipes"
 CONFIGS = sorted(RECIPES_DIR.glob("*_to_*/*/config_*.yaml"))
 # recipe folder name -> (script, recipe name in hf_interop.cli.RECIPES)
@@ -216,3 +216,26 @@ def test_existing_output_dir_is_refused_before_loading(recipe_outputs):
             + ["--student_num_layers", "1", "--output_dir", str(output_dir), *TINY_TRAINING]
         )
     assert sorted(p.name for p in output_dir.iterdir()) == before
+
+
+@pytest.mark.parametrize("recipe", ["ensemble", "merge"])
+def test_ensemble_and_merge_refuse_an_existing_output_dir_naming_the_flag(recipe, tmp_path):
+    """Refused before any model loads, in the command line's words (`hf-interop ensemble|merge` exit 2 on it)."""
+    from hf_interop.cli import EnsembleScriptArguments, MergeScriptArguments, run_ensemble, run_merge
+
+    first, second, output_dir = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    for folder in (first, second, output_dir):
+        folder.mkdir()
+    if recipe == "ensemble":
+        run, args = (
+            run_ensemble,
+            EnsembleScriptArguments(members=[str(first), str(second)], output_dir=str(output_dir)),
+        )
+    else:
+        run, args = run_merge, MergeScriptArguments(checkpoints=[str(first), str(second)], output_dir=str(output_dir))
+    with pytest.raises(FileExistsError) as error:
+        run(args)
+    assert str(error.value) == (
+        f"output folder {str(output_dir)!r} already exists; pass --overwrite_output_dir to replace it, or choose "
+        "another --output_dir."
+    )

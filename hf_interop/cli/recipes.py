@@ -1,0 +1,409 @@
+"""What each recipe command runs (`run_distill`, `run_adapt`, `run_ensemble`, `run_merge`, `run_cache_teacher`), the
+`RECIPES` table, and `run_recipe` / `run_recipe_main`, which `recipes/*.py` and `hf-interop <recipe>` call.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..compare import resolve_model_alias
+from ..logging_utils import get_logger
+from ..utils import check_output_dir, staged_output_dir
+from .arguments import (
+    OVERWRITE_FLAG_FIX,
+    AdaptScriptArguments,
+    CacheTeacherScriptArguments,
+    DataArguments,
+    DistillScriptArguments,
+    EnsembleScriptArguments,
+    MergeScriptArguments,
+    check_model_argument,
+    parse_recipe_args,
+)
+
+logger = get_logger(__name__)
+
+
+def _load_blocks(data_args: DataArguments, tokenizer: Any, split: str, max_blocks: int | None) -> Any:
+    """A split as packed blocks (`input_ids`, `attention_mask`, `labels`); already tokenized rows are kept."""
+    from ..compare import load_text_dataset
+    from ..data import pack_dataset
+
+    dataset = load_text_dataset(data_args.dataset, split)
+    if "input_ids" in dataset.column_names:
+        if max_blocks is not None:
+            dataset = dataset.select(range(min(max_blocks, len(dataset))))
+        return dataset
+    return pack_dataset(
+        dataset, tokenizer, block_size=data_args.block_size, text_column=data_args.text_column, max_blocks=max_blocks
+    )
+
+
+def _held_out_metrics(model: Any, blocks: Any, batch_size: int, show_progress: bool) -> dict[str, float]:
+    from ..evaluation import evaluate_perplexity
+
+    result = evaluate_perplexity(model, blocks, batch_size=batch_size, show_progress=show_progress)
+    return {"eval_loss": result["loss"], "eval_perplexity": result["perplexity"]}
+
+
+def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, Any]:
+    """Distil a teacher (or a teacher cache) into a student: what `recipes/distill.py` and `hf-interop distill` run.
+
+    The student comes from `student_model_name_or_path` or is built from the teacher's own layers
+    (`student_num_layers`, :func:`hf_interop.init_student_from_teacher`). Training writes into a staging folder that
+    becomes `config.output_dir` only when training and saving succeed.
+
+    Returns:
+        `dict` with `output_dir`, `train` (train metrics) and `eval` (held-out loss and perplexity, if any).
+    """
+    from ..distillation_trainer import DistillationTrainer
+    from ..loading import load_causal_lm
+
+    script_args.check()
+    check_model_argument("teacher_model_name_or_path", config.teacher_model_name_or_path)
+    if config.teacher_model_name_or_path is None and config.teacher_logits_path is None:
+        raise ValueError(
+            "no teacher: set teacher_model_name_or_path (a checkpoint) or teacher_logits_path (a cache written by "
+            "`hf-interop cache-teacher`)."
+        )
+    init_from = script_args.init_from or config.teacher_model_name_or_path
+    if script_args.student_num_layers is not None and init_from is None:
+        raise ValueError(
+            "student_num_layers builds the student from a teacher checkpoint, but there is none: set init_from (the "
+            "teacher folder the cache was made from) or teacher_model_name_or_path."
+        )
+    if config.teacher_logits_path is not None and not os.path.isdir(config.teacher_logits_path):
+        raise ValueError(
+            f"teacher_logits_path {config.teacher_logits_path!r} is not a folder; write a cache first with "
+            "`hf-interop cache-teacher`."
+        )
+    config.teacher_model_name_or_path = resolve_model_alias(config.teacher_model_name_or_path)
+    init_from = resolve_model_alias(init_from)
+    final_dir = config.output_dir
+    with staged_output_dir(final_dir, overwrite=script_args.overwrite_output_dir) as stage:
+        config.output_dir = str(stage)
+        if script_args.student_model_name_or_path is not None:
+            student, tokenizer = load_causal_lm(
+                resolve_model_alias(script_args.student_model_name_or_path), dtype=script_args.model_dtype
+            )
+        else:
+            from ..loading import load_tokenizer
+            from ..student_init import init_student_from_teacher
+
+            student = init_student_from_teacher(
+                init_from,
+                num_layers=script_args.student_num_layers,
+                layer_selection=script_args.student_layer_selection,
+                intermediate_size=script_args.student_intermediate_size,
+            )
+            tokenizer = load_tokenizer(init_from)
+        train_blocks = _load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
+        eval_blocks = None
+        if script_args.eval_split is not None:
+            eval_blocks = _load_blocks(script_args, tokenizer, script_args.eval_split, script_args.max_eval_blocks)
+        trainer = DistillationTrainer(
+            model=student,
+            args=config,
+            train_dataset=train_blocks,
+            eval_dataset=eval_blocks,
+            processing_class=tokenizer,
+        )
+        train_result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.save_metrics("train", train_result.metrics)
+        eval_metrics: dict[str, Any] = {}
+        if eval_blocks is not None:
+            eval_metrics = trainer.evaluate()
+            # eval_loss mixes KD and CE (kd_ratio); the student's own perplexity is exp(cross-entropy).
+            ce_loss = eval_metrics.get("eval_ce_loss", eval_metrics.get("eval_loss"))
+            if ce_loss is not None:
+                eval_metrics["eval_perplexity"] = math.exp(min(ce_loss, 50.0))
+            trainer.save_metrics("eval", eval_metrics)
+        if trainer.accelerator.is_main_process:
+            _add_card_results(stage, "distilled", script_args.dataset, eval_metrics)
+        trainer.accelerator.wait_for_everyone()
+    config.output_dir = final_dir
+    return {"output_dir": final_dir, "train": train_result.metrics, "eval": eval_metrics, "trainer": trainer}
+
+
+def _add_card_results(folder: Path, kind: str, dataset: str, eval_metrics: dict[str, Any]) -> None:
+    """Re-render the card the trainer wrote with the training data and held-out results, keeping its lineage."""
+    from ..model_card import read_card_lineage, write_model_card
+
+    if not (folder / "README.md").is_file():
+        return
+    lineage = read_card_lineage(folder)
+    metadata = {key: lineage[key] for key in ("teachers", "hyperparameters", "base_model") if lineage.get(key)}
+    metrics = {
+        key.removeprefix("eval_"): float(value)
+        for key, value in eval_metrics.items()
+        if key in ("eval_loss", "eval_ce_loss", "eval_kd_loss", "eval_perplexity", "eval_top1_agreement")
+    }
+    try:
+        write_model_card(folder, kind, datasets=[dataset], metrics=metrics, **metadata)
+    except ValueError as error:  # the weights are saved; a card problem must not lose the run
+        logger.warning(f"could not add the results to the model card in {folder}: {error}")
+
+
+def run_adapt(script_args: AdaptScriptArguments, training_args: Any) -> dict[str, Any]:
+    """LoRA fine-tuning of a causal LM on packed text: what `recipes/adapt.py` and `hf-interop adapt` run.
+
+    `output_dir` receives the adapter (adapter_config.json, adapter_model.safetensors, tokenizer, `lora` card) and,
+    with `export_merged`, the merged full model in `output_dir/merged`.
+    """
+    from peft import get_peft_model
+    from transformers import Trainer, default_data_collator
+
+    from ..adapters import build_lora_config, export_merged_model, save_adapter_checkpoint
+    from ..loading import load_causal_lm
+
+    script_args.check()
+    final_dir = training_args.output_dir
+    with staged_output_dir(final_dir, overwrite=script_args.overwrite_output_dir) as stage:
+        training_args.output_dir = str(stage)
+        model, tokenizer = load_causal_lm(
+            resolve_model_alias(script_args.model_name_or_path), dtype=script_args.model_dtype
+        )
+        lora_config = build_lora_config(
+            r=script_args.lora_r,
+            lora_alpha=script_args.lora_alpha,
+            lora_dropout=script_args.lora_dropout,
+            target_modules=script_args.lora_target_modules,
+            use_dora=script_args.use_dora,
+            use_rslora=script_args.use_rslora,
+            model=model,
+        )
+        train_blocks = _load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
+        eval_blocks = None
+        if script_args.eval_split is not None:
+            eval_blocks = _load_blocks(script_args, tokenizer, script_args.eval_split, script_args.max_eval_blocks)
+        peft_model = get_peft_model(model, lora_config)
+        trainer = Trainer(
+            model=peft_model,
+            args=training_args,
+            train_dataset=train_blocks,
+            eval_dataset=eval_blocks,
+            data_collator=default_data_collator,
+            processing_class=tokenizer,
+        )
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        eval_metrics: dict[str, Any] = {}
+        if eval_blocks is not None:
+            eval_metrics = trainer.evaluate()
+            if "eval_loss" in eval_metrics:
+                eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
+        if trainer.accelerator.is_main_process:
+            card = {
+                "model_name": Path(final_dir).name,
+                "datasets": [script_args.dataset],
+                "metrics": {k: v for k, v in eval_metrics.items() if k in ("eval_loss", "eval_perplexity")},
+                "hyperparameters": {
+                    "lora_r": script_args.lora_r,
+                    "lora_alpha": script_args.lora_alpha,
+                    "learning_rate": training_args.learning_rate,
+                    "max_steps": training_args.max_steps,
+                    "num_train_epochs": training_args.num_train_epochs,
+                },
+            }
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            # The helpers write atomically into a fresh folder; build them inside the staging folder and move the
+            # files up, so the final folder holds the adapter next to the training checkpoints.
+            _move_contents(save_adapter_checkpoint(unwrapped, stage / ".adapter", tokenizer, **card), stage)
+            if script_args.export_merged:
+                export_merged_model(
+                    unwrapped, stage / "merged", tokenizer, **{**card, "model_name": f"{card['model_name']}-merged"}
+                )
+            trainer.save_metrics("train", train_result.metrics)
+            if eval_metrics:
+                trainer.save_metrics("eval", eval_metrics)
+        trainer.accelerator.wait_for_everyone()
+    training_args.output_dir = final_dir
+    return {"output_dir": final_dir, "train": train_result.metrics, "eval": eval_metrics, "trainer": trainer}
+
+
+def _move_contents(source: Path, target: Path) -> None:
+    for item in Path(source).iterdir():
+        os.replace(item, target / item.name)
+    Path(source).rmdir()
+
+
+def run_ensemble(script_args: EnsembleScriptArguments) -> dict[str, Any]:
+    """Build a logit-level ensemble, optionally fit its weights, evaluate and save it (config, tokenizer, card)."""
+    from ..ensemble import EnsembleForCausalLM, fit_ensemble_weights
+
+    script_args.check()
+    check_output_dir(script_args.output_dir, script_args.overwrite_output_dir, fix=OVERWRITE_FLAG_FIX)
+    ensemble = EnsembleForCausalLM.from_members(
+        [resolve_model_alias(member) for member in script_args.members],
+        weights=script_args.weights,
+        combination=script_args.combination,
+        dtype=script_args.dtype,
+    )
+    data_args = DataArguments(
+        dataset=script_args.dataset, text_column=script_args.text_column, block_size=script_args.block_size
+    )
+    result: dict[str, Any] = {"output_dir": script_args.output_dir}
+    if script_args.fit_weights:
+        fit_blocks = _load_blocks(data_args, ensemble.tokenizer, script_args.fit_split, script_args.max_blocks)
+        fit = fit_ensemble_weights(ensemble, fit_blocks, max_steps=script_args.fit_steps, show_progress=True)
+        result["fitted_weights"] = [float(w) for w in ensemble.member_weights.tolist()]
+        result["fit"] = fit
+    if script_args.eval_split is not None:
+        eval_blocks = _load_blocks(data_args, ensemble.tokenizer, script_args.eval_split, script_args.max_blocks)
+        result["eval"] = _held_out_metrics(ensemble, eval_blocks, batch_size=8, show_progress=True)
+    with staged_output_dir(script_args.output_dir, overwrite=script_args.overwrite_output_dir) as stage:
+        ensemble.save_pretrained(stage)
+    result["ensemble"] = ensemble
+    return result
+
+
+def run_merge(script_args: MergeScriptArguments) -> dict[str, Any]:
+    """Merge checkpoints in weight space (:func:`hf_interop.merge_checkpoints`); the folder appears atomically."""
+    from ..merge import merge_checkpoints
+
+    script_args.check()
+    check_output_dir(script_args.output_dir, script_args.overwrite_output_dir, fix=OVERWRITE_FLAG_FIX)
+    path = merge_checkpoints(
+        script_args.checkpoints,
+        script_args.method,
+        weights=script_args.weights,
+        base=script_args.base,
+        output_dir=script_args.output_dir,
+        density=script_args.density,
+        seed=script_args.seed,
+        slerp_t=script_args.slerp_t,
+        overwrite=script_args.overwrite_output_dir,
+        max_shard_size=script_args.max_shard_size,
+        show_progress=not script_args.disable_tqdm,
+    )
+    return {"output_dir": str(path)}
+
+
+def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any]:
+    """Cache a teacher's top-k log-probabilities on the packed training split (:func:`hf_interop.cache_teacher_logits`).
+
+    Packs the data with the teacher's tokenizer exactly as `distill` does with the same data options, so the
+    distillation run's dataset fingerprint matches the cache.
+    """
+    from ..loading import load_causal_lm
+    from ..teacher_cache import cache_teacher_logits
+
+    script_args.check()
+    output_dir = Path(script_args.output_dir)
+    # A complete cache (manifest.json) is a finished earlier run: refused without the flag. A partial cache of the
+    # same job (shards, no manifest yet) resumes; cache_teacher_logits itself refuses folders holding anything else.
+    if (output_dir / "manifest.json").exists() and not script_args.overwrite_output_dir:
+        raise FileExistsError(
+            f"output folder {str(output_dir)!r} already holds a complete teacher cache; pass --overwrite_output_dir "
+            "to recompute it, or choose another output_dir."
+        )
+    teacher_path = resolve_model_alias(script_args.teacher_model_name_or_path)
+    teacher, tokenizer = load_causal_lm(
+        teacher_path,
+        revision=script_args.teacher_revision,
+        dtype=script_args.teacher_dtype,
+    )
+    train_blocks = _load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
+    cache = cache_teacher_logits(
+        teacher,
+        train_blocks,
+        output_dir,
+        top_k=script_args.top_k,
+        temperature=script_args.temperature,
+        batch_size=script_args.batch_size,
+        shard_size=script_args.shard_size,
+        tokenizer=tokenizer,
+        teacher_name_or_path=teacher_path,
+        teacher_revision=script_args.teacher_revision,
+        overwrite=script_args.overwrite_output_dir,
+        show_progress=not script_args.disable_tqdm,
+    )
+    return {"output_dir": str(output_dir), "cache": cache, "num_rows": len(train_blocks)}
+
+
+def _training_arguments_class() -> type:
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+def _distillation_config_class() -> type:
+    from ..distillation_config import DistillationConfig
+
+    return DistillationConfig
+
+
+# name -> (dataclass types (callable for lazy imports), runner, description)
+RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]], str]] = {
+    "distill": (
+        lambda: [DistillScriptArguments, _distillation_config_class()],
+        run_distill,
+        "Knowledge distillation of a teacher (or a teacher-logits cache) into a student, with DistillationTrainer.",
+    ),
+    "adapt": (
+        lambda: [AdaptScriptArguments, _training_arguments_class()],
+        run_adapt,
+        "LoRA fine-tuning of a causal LM on text; saves the adapter (and optionally the merged model).",
+    ),
+    "ensemble": (
+        lambda: [EnsembleScriptArguments],
+        run_ensemble,
+        "Build a logit-level ensemble of causal LMs sharing a tokenizer, optionally fit its weights, and save it.",
+    ),
+    "merge": (
+        lambda: [MergeScriptArguments],
+        run_merge,
+        "Merge checkpoints of one architecture in weight space (linear, task arithmetic, TIES, DARE, SLERP).",
+    ),
+    "cache-teacher": (
+        lambda: [CacheTeacherScriptArguments],
+        run_cache_teacher,
+        "Run a teacher once over the packed training set and store its top-k log-probabilities for distill.",
+    ),
+}
+
+
+def run_recipe(name: str, argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """Parse `argv` (with `--config`) for recipe `name` and run it; what `recipes/<name>.py` calls."""
+    dataclass_types, runner, description = RECIPES[name]
+    parsed = parse_recipe_args(dataclass_types(), argv, prog or f"hf-interop {name}", description)
+    return runner(*parsed)
+
+
+def leave_process_group() -> None:
+    """End of a launched run (recipes, `hf-interop`): the ranks leave the process group together. A rank that exits
+    while another is still tearing down gloo can abort at exit ("terminate called without an active exception")
+    after a successful run. Nothing to do in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def report_recipe_result(name: str, result: dict[str, Any]) -> None:
+    """Print where a recipe wrote its output and its headline numbers (main process only)."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(f"hf-interop {name}: wrote {result['output_dir']}")
+    for key in ("train", "eval"):
+        metrics = result.get(key) or {}
+        shown = {
+            k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and ("loss" in k or "perplex" in k)
+        }
+        if shown:
+            print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    if "fitted_weights" in result:
+        print("  fitted weights: " + ", ".join(f"{w:.3f}" for w in result["fitted_weights"]))
+
+
+def run_recipe_main(name: str, argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """A whole launched recipe run: parse and run (:func:`run_recipe`), report, then leave the process group."""
+    result = run_recipe(name, argv, prog)
+    report_recipe_result(name, result)
+    leave_process_group()
+    return result
