@@ -5,35 +5,29 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .sparse import (
-        LOSS_TYPES,
-        SPARSE_LOSS_TYPES,
-        DistillationLossOutput,
-        OutputHead,
-        chunked_distillation_loss,
-        chunked_sparse_distillation_loss,
-        distillation_loss,
-        output_logits_fn,
-        sparse_distillation_loss,
-        token_divergence,
-    )
+from .names import LOSS_TYPES, SPARSE_LOSS_TYPES
 
-# name -> the file of this package that defines it, imported on first use
+if TYPE_CHECKING:
+    from .chunked import chunked_distillation_loss
+    from .dense import DistillationLossOutput, distillation_loss
+    from .divergences import token_divergence
+    from .heads import OutputHead, output_logits_fn
+    from .sparse import chunked_sparse_distillation_loss, sparse_distillation_loss
+
+# name -> the file of this package that defines it, imported on first use: `losses.names` (what configs import)
+# and the package itself stay torch-free
 _LAZY_IMPORTS: dict[str, str] = {
-    "LOSS_TYPES": "sparse",
-    "SPARSE_LOSS_TYPES": "sparse",
-    "token_divergence": "sparse",
-    "DistillationLossOutput": "sparse",
-    "distillation_loss": "sparse",
-    "chunked_distillation_loss": "sparse",
+    "token_divergence": "divergences",
+    "DistillationLossOutput": "dense",
+    "distillation_loss": "dense",
+    "chunked_distillation_loss": "chunked",
     "sparse_distillation_loss": "sparse",
     "chunked_sparse_distillation_loss": "sparse",
-    "OutputHead": "sparse",
-    "output_logits_fn": "sparse",
+    "OutputHead": "heads",
+    "output_logits_fn": "heads",
     # private names that the tests use
-    "_ALL_IGNORED_WARNING": "sparse",
-    "_row_dot": "sparse",
+    "_ALL_IGNORED_WARNING": "dense",
+    "_row_dot": "divergences",
 }
 
 __all__ = [
