@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .names import LOSS_TYPES, SPARSE_LOSS_TYPES
+from .names import HIDDEN_LOSS_TYPES, LOSS_TYPES, SPARSE_LOSS_TYPES
 
 if TYPE_CHECKING:
     from .chunked import chunked_distillation_loss
@@ -31,6 +31,7 @@ _LAZY_IMPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "HIDDEN_LOSS_TYPES",
     "LOSS_TYPES",
     "SPARSE_LOSS_TYPES",
     "DistillationLossOutput",
