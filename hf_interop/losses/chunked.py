@@ -19,8 +19,10 @@ from hf_interop.logging_utils import get_logger
 
 from .dense import _ALL_IGNORED_WARNING, DistillationLossOutput, _entropy_from_logits, _finish, _Statistics, _zero_loss
 from .divergences import (
+    _check_cross_entropy_needed,
     _check_labels_in_vocab,
     _check_loss_arguments,
+    _ChunkDivergence,
     _compute_dtype,
     _divergence_and_logit_grad,
     _normalizer,
@@ -74,6 +76,29 @@ class _ChunkRunner:
         self.statistics = _Statistics()
         self.labels_checked = False
         self.cached_student_log_probs: Tensor | None = None
+
+    def student_logit_grad(self, divergence: _ChunkDivergence, vocab: int, student_vocab: int) -> Tensor | None:
+        """The divergence's gradient over all `student_vocab` logits (0 past the `vocab` compared columns); keeps
+        the student's log-probabilities for the cross-entropy when they cover its whole vocabulary."""
+        grad = divergence.logit_grad
+        if grad is not None and vocab < student_vocab:
+            grad = F.pad(grad, (0, student_vocab - vocab))
+        if vocab == student_vocab and divergence.student_log_probs is not None:
+            self.cached_student_log_probs = divergence.student_log_probs
+        return grad
+
+    def output(self, total_sum: Tensor, normalizer: int | Tensor) -> DistillationLossOutput:
+        """The loss output once every chunk ran: `total_sum` carries the gradients, the recorded sums are logs."""
+        return _finish(
+            torch.as_tensor(self.kd_sum, device=total_sum.device, dtype=total_sum.dtype),
+            torch.as_tensor(self.ce_sum, device=total_sum.device, dtype=total_sum.dtype)
+            if self.compute_ce_loss
+            else None,
+            total_sum,
+            normalizer,
+            int(self.valid_labels.numel()),
+            self.statistics,
+        )
 
     def chunk_bounds(self, num_tokens: int) -> list[tuple[int, int]]:
         return [(start, min(start + self.chunk_size, num_tokens)) for start in range(0, num_tokens, self.chunk_size)]
@@ -310,8 +335,7 @@ def chunked_distillation_loss(
     """
     _check_loss_arguments(loss_type, temperature, jsd_beta, skew_alpha, kd_ratio)
     _check_chunk_size(chunk_size)
-    if not compute_ce_loss and kd_ratio < 1.0:
-        raise ValueError(f"kd_ratio={kd_ratio} < 1 weighs in the cross-entropy; pass compute_ce_loss=True.")
+    _check_cross_entropy_needed(kd_ratio, compute_ce_loss)
     if teacher_logits is not None and (teacher_hidden is not None or teacher_head is not None):
         raise ValueError(
             "pass either teacher_logits or teacher_hidden + teacher_head, not both (teacher_logits was given along "
@@ -362,11 +386,7 @@ def chunked_distillation_loss(
         teacher_entropy = divergence.teacher_entropy
         if teacher_entropy is None:
             teacher_entropy = _entropy_from_logits(teacher_chunk)
-        grad = divergence.logit_grad
-        if grad is not None and vocab < student_vocab:
-            grad = F.pad(grad, (0, student_vocab - vocab))
-        if vocab == student_vocab and divergence.student_log_probs is not None:
-            runner.cached_student_log_probs = divergence.student_log_probs
+        grad = runner.student_logit_grad(divergence, vocab, student_vocab)
         return divergence.values, grad, teacher_chunk.argmax(-1), teacher_entropy, divergence.student_entropy, vocab
 
     runner = _ChunkRunner(valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_value_and_grad)
@@ -377,11 +397,4 @@ def chunked_distillation_loss(
             f"{source} hold non-finite values (NaN or inf) on valid tokens; the teacher's forward pass overflowed "
             "or its weights are broken (try teacher_dtype='float32' or 'bfloat16' instead of 'float16')."
         )
-    return _finish(
-        torch.as_tensor(runner.kd_sum, device=total_sum.device, dtype=total_sum.dtype),
-        torch.as_tensor(runner.ce_sum, device=total_sum.device, dtype=total_sum.dtype) if compute_ce_loss else None,
-        total_sum,
-        normalizer,
-        num_valid,
-        runner.statistics,
-    )
+    return runner.output(total_sum, normalizer)

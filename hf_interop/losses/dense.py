@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from hf_interop.logging_utils import get_logger
 
 from .divergences import (
+    _check_cross_entropy_needed,
     _check_labels_in_vocab,
     _check_loss_arguments,
     _compute_dtype,
-    _flatten_labels,
     _normalizer,
     _resolve_vocab,
+    _select_valid,
     _token_divergence,
 )
 
@@ -150,6 +151,25 @@ def _finish(
     )
 
 
+def _all_ignored_output(
+    student_logits: Tensor, normalizer: int | Tensor, compute_ce_loss: bool
+) -> DistillationLossOutput:
+    logger.warning_once(_ALL_IGNORED_WARNING)
+    zero = _zero_loss(student_logits)
+    return _finish(zero, zero if compute_ce_loss else None, zero, normalizer, 0, _Statistics())
+
+
+def _with_cross_entropy(
+    kd_sum: Tensor, student_logits: Tensor, valid_labels: Tensor, kd_ratio: float, compute_ce_loss: bool
+) -> tuple[Tensor | None, Tensor]:
+    """The student's summed cross-entropy on `valid_labels` (`None` when not computed) and the total it mixes into."""
+    ce_sum = None
+    if compute_ce_loss:
+        ce_sum = F.cross_entropy(student_logits.to(_compute_dtype(student_logits)), valid_labels, reduction="sum")
+    total_sum = kd_sum if kd_ratio == 1.0 else kd_ratio * kd_sum + (1.0 - kd_ratio) * ce_sum
+    return ce_sum, total_sum
+
+
 def _check_finite_teacher(teacher_logits: Tensor, argument: str = "teacher_logits") -> None:
     finite = torch.isfinite(teacher_logits)
     if not bool(finite.all()):
@@ -226,24 +246,19 @@ def distillation_loss(
             f"student_logits shape {tuple(student_logits.shape)} and teacher_logits shape "
             f"{tuple(teacher_logits.shape)} differ before the vocab dim; both must be aligned with labels."
         )
-    if not compute_ce_loss and kd_ratio < 1.0:
-        raise ValueError(f"kd_ratio={kd_ratio} < 1 weighs in the cross-entropy; pass compute_ce_loss=True.")
+    _check_cross_entropy_needed(kd_ratio, compute_ce_loss)
     student_vocab, teacher_vocab = student_logits.shape[-1], teacher_logits.shape[-1]
     vocab = _resolve_vocab(student_vocab, teacher_vocab, shared_vocab_size)
-    flat_labels = _flatten_labels(labels, student_logits.shape[:-1], "student_logits")
-    valid = (flat_labels != ignore_index).nonzero().squeeze(-1)
+    valid, valid_labels = _select_valid(labels, student_logits.shape[:-1], "student_logits", ignore_index)
     num_valid = int(valid.numel())
     normalizer = _normalizer(num_items_in_batch, num_valid)
     statistics = _Statistics()
 
     if num_valid == 0:
-        logger.warning_once(_ALL_IGNORED_WARNING)
-        zero = _zero_loss(student_logits)
-        return _finish(zero, zero if compute_ce_loss else None, zero, normalizer, 0, statistics)
+        return _all_ignored_output(student_logits, normalizer, compute_ce_loss)
 
     student = student_logits.reshape(-1, student_vocab).index_select(0, valid)
     teacher = teacher_logits.detach().reshape(-1, teacher_vocab).index_select(0, valid)
-    valid_labels = flat_labels.index_select(0, valid)
     _check_finite_teacher(teacher)
     if compute_ce_loss:
         _check_labels_in_vocab(valid_labels, student_vocab)
@@ -258,10 +273,7 @@ def distillation_loss(
         scale_by_temperature_squared,
     )
     kd_sum = kd_tokens.sum()
-    ce_sum = None
-    if compute_ce_loss:
-        ce_sum = F.cross_entropy(student.to(_compute_dtype(student)), valid_labels, reduction="sum")
-    total_sum = kd_sum if kd_ratio == 1.0 else kd_ratio * kd_sum + (1.0 - kd_ratio) * ce_sum
+    ce_sum, total_sum = _with_cross_entropy(kd_sum, student, valid_labels, kd_ratio, compute_ce_loss)
     with torch.no_grad():
         teacher_compared = teacher[:, :vocab].to(_compute_dtype(student))
         statistics.add(student[:, :vocab], teacher_compared.argmax(-1), _entropy_from_logits(teacher_compared))

@@ -58,6 +58,11 @@ def _check_loss_arguments(
             raise ValueError(f"{name}={value!r} must be a number in [0, 1].")
 
 
+def _check_cross_entropy_needed(kd_ratio: float, compute_ce_loss: bool) -> None:
+    if not compute_ce_loss and kd_ratio < 1.0:
+        raise ValueError(f"kd_ratio={kd_ratio} < 1 weighs in the cross-entropy; pass compute_ce_loss=True.")
+
+
 def _compute_dtype(tensor: Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 

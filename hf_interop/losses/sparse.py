@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from hf_interop.logging_utils import get_logger
-
 from .chunked import _check_chunk_size, _ChunkRunner, _run_chunks, _take_rows, _zero_output
-from .dense import _ALL_IGNORED_WARNING, DistillationLossOutput, _finish, _Statistics, _zero_loss
+from .dense import DistillationLossOutput, _all_ignored_output, _finish, _Statistics, _with_cross_entropy
 from .divergences import (
+    _check_cross_entropy_needed,
     _check_labels_in_vocab,
     _check_loss_arguments,
     _ChunkDivergence,
@@ -36,8 +35,6 @@ from .names import SPARSE_LOSS_TYPES
 
 if TYPE_CHECKING:
     from torch import Tensor
-
-logger = get_logger(__name__)
 
 _TAIL_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # about -87.3
 
@@ -442,8 +439,7 @@ def sparse_distillation_loss(
         [`DistillationLossOutput`]; `teacher_entropy` is the entropy of the k+1 cached buckets (a lower bound).
     """
     _check_sparse_arguments(loss_type, temperature, cache_temperature, jsd_beta, kd_ratio)
-    if not compute_ce_loss and kd_ratio < 1.0:
-        raise ValueError(f"kd_ratio={kd_ratio} < 1 weighs in the cross-entropy; pass compute_ce_loss=True.")
+    _check_cross_entropy_needed(kd_ratio, compute_ce_loss)
     leading_shape = student_logits.shape[:-1]
     student_vocab = student_logits.shape[-1]
     ids, topk_logprobs, tail_logprob = _flatten_sparse_teacher(
@@ -457,9 +453,7 @@ def sparse_distillation_loss(
     normalizer = _normalizer(num_items_in_batch, num_valid)
     statistics = _Statistics()
     if num_valid == 0:
-        logger.warning_once(_ALL_IGNORED_WARNING)
-        zero = _zero_loss(student_logits)
-        return _finish(zero, zero if compute_ce_loss else None, zero, normalizer, 0, statistics)
+        return _all_ignored_output(student_logits, normalizer, compute_ce_loss)
 
     student = student_logits.reshape(-1, student_vocab).index_select(0, valid)
     ids = ids.index_select(0, valid).long()
@@ -474,10 +468,7 @@ def sparse_distillation_loss(
         scale_by_temperature_squared, vocab, teacher_vocab_size, tail_prior,
     )  # fmt: skip
     kd_sum = kd_tokens.sum()
-    ce_sum = None
-    if compute_ce_loss:
-        ce_sum = F.cross_entropy(student.to(_compute_dtype(student)), valid_labels, reduction="sum")
-    total_sum = kd_sum if kd_ratio == 1.0 else kd_ratio * kd_sum + (1.0 - kd_ratio) * ce_sum
+    ce_sum, total_sum = _with_cross_entropy(kd_sum, student, valid_labels, kd_ratio, compute_ce_loss)
     statistics.add(student[:, :vocab], teacher_argmax, teacher_entropy)
     return _finish(kd_sum, ce_sum, total_sum, normalizer, num_valid, statistics)
 
@@ -527,8 +518,7 @@ def chunked_sparse_distillation_loss(
     """
     _check_sparse_arguments(loss_type, temperature, cache_temperature, jsd_beta, kd_ratio)
     _check_chunk_size(chunk_size)
-    if not compute_ce_loss and kd_ratio < 1.0:
-        raise ValueError(f"kd_ratio={kd_ratio} < 1 weighs in the cross-entropy; pass compute_ce_loss=True.")
+    _check_cross_entropy_needed(kd_ratio, compute_ce_loss)
     leading_shape = student_hidden.shape[:-1]
     ids, topk_logprobs, tail_logprob = _flatten_sparse_teacher(
         teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob, leading_shape
@@ -564,11 +554,7 @@ def chunked_sparse_distillation_loss(
             cache_temperature, jsd_beta, scale_by_temperature_squared, resolved["teacher_vocab_size"], need_grad,
             resolved_prior[0],
         )  # fmt: skip
-        grad = divergence.logit_grad
-        if grad is not None and vocab < student_vocab:
-            grad = F.pad(grad, (0, student_vocab - vocab))
-        if vocab == student_vocab and divergence.student_log_probs is not None:
-            runner.cached_student_log_probs = divergence.student_log_probs
+        grad = runner.student_logit_grad(divergence, vocab, student_vocab)
         teacher_argmax, teacher_entropy = _sparse_teacher_statistics(
             chunk_ids, chunk_logprobs, chunk_tail, student_logits.dtype
         )
@@ -576,11 +562,4 @@ def chunked_sparse_distillation_loss(
 
     runner = _ChunkRunner(valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_value_and_grad)
     total_sum = _run_chunks(hidden, runner, student_head, fused_backward)
-    return _finish(
-        torch.as_tensor(runner.kd_sum, device=total_sum.device, dtype=total_sum.dtype),
-        torch.as_tensor(runner.ce_sum, device=total_sum.device, dtype=total_sum.dtype) if compute_ce_loss else None,
-        total_sum,
-        normalizer,
-        num_valid,
-        runner.statistics,
-    )
+    return runner.output(total_sum, normalizer)
