@@ -275,6 +275,43 @@ def _zero_output(
     return _finish(zero, zero.detach() if compute_ce_loss else None, zero, normalizer, 0, _Statistics())
 
 
+def _checked_teacher_input(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor | None,
+    teacher_head: Callable[[Tensor], Tensor] | None,
+    teacher_logits: Tensor | None,
+) -> Tensor:
+    """The teacher's precomputed logits or its hidden states, whichever was given, checked against the student."""
+    if teacher_logits is not None and (teacher_hidden is not None or teacher_head is not None):
+        raise ValueError(
+            "pass either teacher_logits or teacher_hidden + teacher_head, not both (teacher_logits was given along "
+            "with teacher_hidden/teacher_head)."
+        )
+    if teacher_logits is None and (teacher_hidden is None or teacher_head is None):
+        raise ValueError(
+            "the teacher is missing: pass teacher_hidden and teacher_head (e.g. output_logits_fn(teacher)), or "
+            f"precomputed teacher_logits (got teacher_hidden={'set' if teacher_hidden is not None else None}, "
+            f"teacher_head={'set' if teacher_head is not None else None})."
+        )
+    teacher_input = teacher_logits if teacher_logits is not None else teacher_hidden
+    teacher_argument = "teacher_logits" if teacher_logits is not None else "teacher_hidden"
+    if teacher_input.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(
+            f"{teacher_argument} shape {tuple(teacher_input.shape)} and student_hidden shape "
+            f"{tuple(student_hidden.shape)} differ before the last dim; both must be aligned with labels."
+        )
+    return teacher_input
+
+
+def _check_finite_teacher_rows(teacher_row_sums: list[Tensor], source: str) -> None:
+    # one host sync after the chunk loop: the row sums are finite iff the teacher's logits are
+    if not bool(torch.isfinite(torch.cat(teacher_row_sums)).all()):
+        raise ValueError(
+            f"{source} hold non-finite values (NaN or inf) on valid tokens; the teacher's forward pass overflowed "
+            "or its weights are broken (try teacher_dtype='float32' or 'bfloat16' instead of 'float16')."
+        )
+
+
 def chunked_distillation_loss(
     student_hidden: Tensor,
     student_head: Callable[[Tensor], Tensor],
@@ -336,24 +373,7 @@ def chunked_distillation_loss(
     _check_loss_arguments(loss_type, temperature, jsd_beta, skew_alpha, kd_ratio)
     _check_chunk_size(chunk_size)
     _check_cross_entropy_needed(kd_ratio, compute_ce_loss)
-    if teacher_logits is not None and (teacher_hidden is not None or teacher_head is not None):
-        raise ValueError(
-            "pass either teacher_logits or teacher_hidden + teacher_head, not both (teacher_logits was given along "
-            "with teacher_hidden/teacher_head)."
-        )
-    if teacher_logits is None and (teacher_hidden is None or teacher_head is None):
-        raise ValueError(
-            "the teacher is missing: pass teacher_hidden and teacher_head (e.g. output_logits_fn(teacher)), or "
-            f"precomputed teacher_logits (got teacher_hidden={'set' if teacher_hidden is not None else None}, "
-            f"teacher_head={'set' if teacher_head is not None else None})."
-        )
-    teacher_input = teacher_logits if teacher_logits is not None else teacher_hidden
-    teacher_argument = "teacher_logits" if teacher_logits is not None else "teacher_hidden"
-    if teacher_input.shape[:-1] != student_hidden.shape[:-1]:
-        raise ValueError(
-            f"{teacher_argument} shape {tuple(teacher_input.shape)} and student_hidden shape "
-            f"{tuple(student_hidden.shape)} differ before the last dim; both must be aligned with labels."
-        )
+    teacher_input = _checked_teacher_input(student_hidden, teacher_hidden, teacher_head, teacher_logits)
     valid, valid_labels = _select_valid(labels, student_hidden.shape[:-1], "student_hidden", ignore_index)
     num_valid = int(valid.numel())
     normalizer = _normalizer(num_items_in_batch, num_valid)
@@ -391,10 +411,7 @@ def chunked_distillation_loss(
 
     runner = _ChunkRunner(valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_value_and_grad)
     total_sum = _run_chunks(hidden, runner, student_head, fused_backward)
-    if not bool(torch.isfinite(torch.cat(teacher_row_sums)).all()):
-        source = "teacher_logits" if teacher_logits is not None else "the teacher head's logits"
-        raise ValueError(
-            f"{source} hold non-finite values (NaN or inf) on valid tokens; the teacher's forward pass overflowed "
-            "or its weights are broken (try teacher_dtype='float32' or 'bfloat16' instead of 'float16')."
-        )
+    _check_finite_teacher_rows(
+        teacher_row_sums, "teacher_logits" if teacher_logits is not None else "the teacher head's logits"
+    )
     return runner.output(total_sum, normalizer)
