@@ -41,7 +41,7 @@ EOF
 
 # Only the files that hold gpu-marked tests (the others would be collected and deselected anyway).
 timeout -k 10 200 python3 -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_distillation_trainer.py tests/test_losses.py tests/test_ensemble_cross_vocab.py tests/test_ensemble.py \
+    tests/test_distillation_trainer.py tests/losses/test_chunked_loss.py tests/test_ensemble_cross_vocab.py tests/test_ensemble.py \
     tests/test_cross_tokenizer.py tests/test_multiprocess.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
