@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset
 
 from hf_interop import TeacherLogitsCache, cache_teacher_logits, load_causal_lm
-from hf_interop import teacher_cache as teacher_cache_module
+from hf_interop.distill import teacher_cache as teacher_cache_module
 from hf_interop.teacher_cache import (
     IDS_COLUMN,
     LOGPROBS_COLUMN,

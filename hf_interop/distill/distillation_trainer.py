@@ -1,0 +1,1260 @@
+"""`DistillationTrainer`: knowledge distillation from a teacher causal LM into a student, as a `transformers.Trainer`.
+
+The student learns `kd_ratio * KD + (1 - kd_ratio) * CE (+ hidden_loss_weight * hidden)` where KD is a token-level
+divergence (see :mod:`hf_interop.losses`) between the teacher's and the student's next-token distributions. By
+default the loss is computed in chunks of valid tokens from each model's final hidden states and output head, so
+neither model's full (batch, sequence, vocabulary) logits tensor is ever built. Every term is normalised by the
+number of valid target tokens of the whole accumulated (and, across processes, global) batch, which the Trainer
+passes to `compute_loss` as `num_items_in_batch`: the result does not depend on how a batch is split into
+gradient-accumulation steps or processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from .. import losses
+from ..logging_utils import get_logger
+from .distillation_config import DistillationConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = get_logger(__name__)
+
+PROJECTIONS_FILE = "distillation_projections.safetensors"
+# what `TeacherLogitsCache.collate` returns (the loss inputs); the dataset columns are `cache.columns`
+TEACHER_CACHE_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
+LOGGED_METRICS = ("kd_loss", "ce_loss", "hidden_loss", "top1_agreement", "teacher_entropy", "student_entropy")
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small helpers (pure functions where possible, tested directly)
+
+
+def _is_peft_model(model: Any) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but keep plain models working without it
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PeftModel (the same object otherwise)."""
+    if _is_peft_model(model):
+        return model.get_base_model()
+    return model
+
+
+def _text_config(model: nn.Module) -> Any:
+    config = getattr(_base_model(model), "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        return config.get_text_config()
+    return config
+
+
+def _vocab_size(model: nn.Module) -> int:
+    """Rows of the output head (which may be padded beyond the tokenizer), else `config.vocab_size`."""
+    base = _base_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.numel() > 0:
+        return int(weight.shape[0])
+    return int(_text_config(model).vocab_size)
+
+
+def _has_output_head(model: nn.Module) -> bool:
+    base = _base_model(model)
+    return hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None
+
+
+def _accepts_argument(model: nn.Module, name: str) -> bool:
+    import inspect
+
+    try:
+        parameters = inspect.signature(_base_model(model).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters
+
+
+def _model_name(model: nn.Module) -> str | None:
+    base = _base_model(model)
+    name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _first_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
+        return embeddings.weight.device
+    return next(model.parameters()).device
+
+
+def _tokenizer_of(processing_class: Any) -> Any:
+    """The tokenizer inside a processor, or the tokenizer itself."""
+    return getattr(processing_class, "tokenizer", processing_class)
+
+
+def mask_generated_continuations(
+    sequences: torch.Tensor,
+    prompt_attention_mask: torch.Tensor,
+    eos_token_id: int | list[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention mask and labels for `generate` outputs: prompt masked, continuation kept up to its first EOS.
+
+    Args:
+        sequences (`torch.Tensor` of shape `(batch, prompt_length + new_tokens)`):
+            What `generate` returned: the (left-padded) prompts followed by the continuations.
+        prompt_attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`):
+            Attention mask of the prompts (0 on left padding).
+        eos_token_id (`int` or `list[int]`, *optional*):
+            End-of-sequence id(s). The first EOS of a continuation stays a target (the student learns to stop);
+            everything after it is masked out of both attention and labels.
+
+    Returns:
+        `(attention_mask, labels)`, both shaped like `sequences`; labels are -100 on the prompt and after EOS.
+    """
+    prompt_length = prompt_attention_mask.shape[1]
+    continuation = sequences[:, prompt_length:]
+    if eos_token_id is None:
+        after_eos = torch.zeros_like(continuation, dtype=torch.bool)
+    else:
+        eos_ids = torch.as_tensor(eos_token_id, device=sequences.device).reshape(-1)
+        is_eos = torch.isin(continuation, eos_ids)
+        # strictly after the first EOS: some EOS occurred at an earlier position
+        after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
+    continuation_mask = (~after_eos).long()
+    attention_mask = torch.cat([prompt_attention_mask.long().to(sequences.device), continuation_mask], dim=1)
+    labels = sequences.clone()
+    labels[:, :prompt_length] = IGNORE_INDEX
+    labels[:, prompt_length:] = continuation.masked_fill(after_eos, IGNORE_INDEX)
+    return attention_mask, labels
+
+
+def _left_padded_prompts(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    default_prompt_length: int,
+    pad_token_id: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts to continue, left-padded for `generate`.
+
+    A row whose labels mask a leading prompt (prompt/completion data: the first target is at position > 1) uses
+    that prompt; other rows (plain language-model text) use their first `default_prompt_length` tokens.
+    """
+    batch_size, length = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    prompts = []
+    for row in range(batch_size):
+        prompt_length = min(default_prompt_length, length - 1)
+        if labels is not None:
+            targets = (labels[row, 1:] != IGNORE_INDEX).nonzero()
+            if len(targets) and int(targets[0]) + 1 > 1:
+                prompt_length = int(targets[0]) + 1
+        tokens = input_ids[row, :prompt_length][attention_mask[row, :prompt_length].bool()]
+        prompts.append(tokens)
+    width = max(max(len(tokens) for tokens in prompts), 1)
+    prompt_ids = input_ids.new_full((batch_size, width), pad_token_id)
+    prompt_mask = torch.zeros_like(prompt_ids)
+    for row, tokens in enumerate(prompts):
+        if len(tokens):
+            prompt_ids[row, width - len(tokens) :] = tokens
+            prompt_mask[row, width - len(tokens) :] = 1
+    return prompt_ids, prompt_mask
+
+
+class _PaddingCollator:
+    """Right-pads `input_ids` (pad id), `attention_mask` (0) and `labels` (-100); labels default to the inputs."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        lengths = [len(feature["input_ids"]) for feature in features]
+        width = max(lengths)
+        batch: dict[str, torch.Tensor] = {}
+        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
+        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+        for row, feature in enumerate(features):
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            input_ids[row, : len(ids)] = ids
+            mask = feature.get("attention_mask")
+            attention_mask[row, : len(ids)] = torch.as_tensor(mask, dtype=torch.long) if mask is not None else 1
+            row_labels = feature.get("labels")
+            labels[row, : len(ids)] = torch.as_tensor(row_labels, dtype=torch.long) if row_labels is not None else ids
+        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        for key in features[0]:
+            if key in batch:
+                continue
+            values = [feature[key] for feature in features]
+            try:
+                batch[key] = torch.as_tensor(values)
+            except (TypeError, ValueError, RuntimeError):
+                continue  # strings and ragged extras are not model inputs
+        return batch
+
+
+class _TeacherCacheCollator:
+    """Collates the training rows with `base`, then adds the cached teacher columns through the cache's collate."""
+
+    def __init__(self, base: Callable, cache: Any) -> None:
+        self.base = base
+        self.cache = cache
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        columns = _cache_dataset_columns(self.cache)
+        plain = [{key: value for key, value in f.items() if key not in columns} for f in features]
+        batch = dict(self.base(plain))
+        if all(column in features[0] for column in columns):  # evaluation rows may carry no cache
+            batch.update(self.cache.collate(features))
+        return batch
+
+
+def _cache_dataset_columns(cache: Any) -> tuple[str, ...]:
+    return tuple(getattr(cache, "columns", TEACHER_CACHE_COLUMNS))
+
+
+class _DeviceBridgeHead(nn.Module):
+    """A teacher head on another device: moves each hidden chunk there and its logits back."""
+
+    def __init__(self, head: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.head = head
+        self.head_device = device
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden_states.to(self.head_device)).to(hidden_states.device)
+
+
+class _ProjectionGradients(TrainerCallback):
+    """Gradient bookkeeping for the learned hidden-state projections, which live outside the student.
+
+    Keeping them out of the student keeps them out of its saved checkpoint, but also out of what the Trainer manages
+    for the model: it zeroes only `model`'s gradients after each optimizer step, and DDP averages only the model's
+    gradients across processes. This callback does both for the projections.
+    """
+
+    def __init__(self, projections: nn.Module) -> None:
+        self.projections = projections
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        for parameter in self.projections.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+                parameter.grad /= dist.get_world_size()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.projections.zero_grad(set_to_none=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class DistillationTrainer(Trainer):
+    r"""
+    A `transformers.Trainer` that distils a teacher causal LM into the student `model`.
+
+    The teacher is frozen, kept in eval mode, run under `torch.no_grad()` and never wrapped for distributed
+    training. It is placed through Accelerate: on the student's device by default, on its own device(s) with
+    `args.teacher_device_map` (e.g. `{"": "cuda:1"}`, or `"auto"` with `args.teacher_max_memory`), sharded like the
+    student under DeepSpeed ZeRO-3, and whole on every process under FSDP (prepared in evaluation mode, never
+    sharded). Those two use the dense loss, because the student's output head is sharded outside the forward pass.
+    FSDP2 also runs on several CPU processes (gloo, `use_cpu=True` under `torchrun`).
+
+    Args:
+        model (`PreTrainedModel`, `PeftModel` or `str`):
+            The student causal LM, or a name/path loaded with [`load_causal_lm`].
+        teacher_model (`PreTrainedModel`, `nn.Module` or `str`, *optional*):
+            The teacher, or a name/path loaded with [`load_causal_lm`] using `args.teacher_revision`,
+            `args.teacher_dtype` and `args.teacher_device_map`. Defaults to `args.teacher_model_name_or_path`. When
+            neither is given and the student is a `PeftModel`, the teacher is the student's own base model with its
+            adapters disabled (self-distillation; no second copy of the weights). A teacher without output embeddings
+            (e.g. [`EnsembleForCausalLM`]) is run for its full logits.
+        args ([`DistillationConfig`], *optional*):
+            Training and distillation settings.
+        data_collator (`Callable`, *optional*):
+            Defaults to right-padding `input_ids` / `attention_mask` / `labels` (-100 on padding; labels default to
+            the inputs). Labels are not shifted: position `i` of the logits predicts `labels[i + 1]`.
+        train_dataset, eval_dataset (`datasets.Dataset`, *optional*):
+            Tokenized rows (`input_ids`, optionally `attention_mask` and `labels`), e.g. from [`pack_dataset`].
+        processing_class (`PreTrainedTokenizerBase`, *optional*):
+            The student's tokenizer (checked against the teacher's).
+        teacher_processing_class (`PreTrainedTokenizerBase`, *optional*):
+            The teacher's tokenizer, when the teacher is a model object whose tokenizer cannot be found next to its
+            weights. Needed only when the two models' vocabulary sizes differ.
+        peft_config (`peft.PeftConfig`, *optional*):
+            Wrap the student with these adapters (e.g. LoRA) before training.
+        **kwargs:
+            Passed to `transformers.Trainer` (`callbacks`, `optimizers`, `compute_metrics`, ...).
+    """
+
+    # compute_loss normalises by `num_items_in_batch` itself, so the Trainer must not divide by the accumulation steps.
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        args: DistillationConfig | None = None,
+        data_collator: Callable | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        teacher_processing_class: PreTrainedTokenizerBase | None = None,
+        peft_config: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = DistillationConfig(output_dir="distillation_output")
+        if not isinstance(args, DistillationConfig):
+            raise TypeError(
+                f"args is a {type(args).__name__}; DistillationTrainer needs a hf_interop.DistillationConfig (a "
+                "TrainingArguments subclass with the distillation settings): DistillationConfig(output_dir=..., ...)."
+            )
+        if model is None:
+            raise ValueError("model (the student) is required: pass a causal LM or its name/path.")
+        if isinstance(model, (str, os.PathLike)):
+            from ..loading import load_causal_lm
+
+            model, loaded_tokenizer = load_causal_lm(model)
+            processing_class = processing_class if processing_class is not None else loaded_tokenizer
+        if peft_config is not None:
+            model = self._wrap_with_peft(model, peft_config, args)
+
+        self._check_hidden_layer_map(model, args)  # cheap checks first, before a teacher is loaded
+
+        # ---- the teacher: a cache, a live model, or the student's own base (self-distillation) ----
+        self.teacher_model: nn.Module | None = None
+        self.teacher_cache = None
+        self.self_distillation = False
+        self.teacher_name_or_path: str | None = None
+        self.shared_vocab_size: int | None = None
+        self.teacher_tail_prior = None  # sparse_tail="teacher_marginal": the cache's mean teacher distribution
+        if args.teacher_logits_path is not None:
+            if teacher_model is not None or args.teacher_model_name_or_path is not None:
+                raise ValueError(
+                    f"teacher_logits_path={args.teacher_logits_path!r} replaces the teacher, but a teacher was also "
+                    "given (teacher_model / teacher_model_name_or_path); pass one or the other."
+                )
+            if args.loss_type not in losses.SPARSE_LOSS_TYPES:
+                raise ValueError(
+                    f"loss_type={args.loss_type!r} cannot be computed from a top-k teacher cache; use one of "
+                    f"{list(losses.SPARSE_LOSS_TYPES)} with teacher_logits_path, or a live teacher."
+                )
+            from .teacher_cache import TeacherLogitsCache
+
+            self.teacher_cache = TeacherLogitsCache.load(args.teacher_logits_path)
+            self.teacher_cache.check_compatible(tokenizer=processing_class, dataset=train_dataset)
+            if train_dataset is not None:
+                train_dataset = self.teacher_cache.attach(train_dataset)
+            manifest = self.teacher_cache.manifest
+            self.teacher_name_or_path = manifest.get("teacher") or manifest.get("teacher_name_or_path")
+            cache_vocab = manifest.get("vocab_size")
+            if cache_vocab is not None and int(cache_vocab) != _vocab_size(model) and processing_class is not None:
+                # same tokenizer (check_compatible compared fingerprints), padded embeddings on one side
+                self.shared_vocab_size = len(_tokenizer_of(processing_class))
+            if args.sparse_tail == "teacher_marginal":
+                prior = self.teacher_cache.tail_prior_logprobs()
+                self.teacher_tail_prior = prior[: self.shared_vocab_size] if self.shared_vocab_size else prior
+        else:
+            if teacher_model is None and args.teacher_model_name_or_path is not None:
+                teacher_model = args.teacher_model_name_or_path
+            if isinstance(teacher_model, (str, os.PathLike)):
+                self.teacher_name_or_path = str(teacher_model)
+                teacher_model, loaded_teacher_tokenizer = self._load_teacher(str(teacher_model), args)
+                if teacher_processing_class is None:
+                    teacher_processing_class = loaded_teacher_tokenizer
+            if teacher_model is None:
+                if not _is_peft_model(model):
+                    raise ValueError(
+                        "no teacher: pass teacher_model=... (a model or a name/path), set "
+                        "DistillationConfig.teacher_model_name_or_path or teacher_logits_path, or give a PeftModel "
+                        "student (or peft_config=...) to self-distil from its base model with adapters disabled."
+                    )
+                self.self_distillation = True
+                self.teacher_name_or_path = _model_name(model)
+            else:
+                self.teacher_name_or_path = self.teacher_name_or_path or _model_name(teacher_model)
+                self._check_teacher(model, teacher_model, processing_class, teacher_processing_class, args)
+                self.teacher_model = teacher_model
+
+        if data_collator is None:
+            data_collator = _PaddingCollator(self._pad_token_id(model, processing_class))
+        if self.teacher_cache is not None:
+            data_collator = _TeacherCacheCollator(data_collator, self.teacher_cache)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # The Trainer counts `num_items_in_batch` (valid targets of the whole accumulated batch, gathered across
+        # processes) only for models that take loss kwargs, and counts over `labels[..., 1:]` only when it knows the
+        # loss shifts labels. This trainer always computes a shifted causal-LM loss normalised by that count.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+
+        self._deepspeed_zero3 = self.is_deepspeed_enabled and self._deepspeed_stage() == 3
+        # Sharded parameters (ZeRO-3, FSDP) are only whole inside the wrapped forward, so the chunked loss, which
+        # applies the output heads outside it, is replaced by the dense loss there.
+        self.use_chunked_loss = (
+            args.loss_chunk_size > 0
+            and not self._deepspeed_zero3
+            and not self.is_fsdp_enabled
+            and _accepts_argument(model, "logits_to_keep")
+        )
+        if args.loss_chunk_size > 0 and not self.use_chunked_loss:
+            logger.info("Using the dense distillation loss (sharded training or a model without logits_to_keep).")
+        if self.teacher_model is not None:
+            self.teacher_model = self._place_teacher(self.teacher_model, args)
+        self.hidden_projections = self._build_projections(model, args)
+        self._metric_sums: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        self._generated_step = False
+        self._on_policy_decision: tuple[int, bool] | None = None
+        self._generation_config = (
+            self._build_generation_config(model, processing_class) if (args.lmbda > 0 or args.seq_kd) else None
+        )
+
+    # ---------------------------------------------------------------- construction helpers
+
+    @staticmethod
+    def _wrap_with_peft(model: nn.Module, peft_config: Any, args: DistillationConfig) -> nn.Module:
+        from peft import get_peft_model
+
+        if _is_peft_model(model):
+            raise ValueError(
+                "peft_config was given but the model is already a PeftModel; pass the base model with peft_config, "
+                "or the PeftModel without it."
+            )
+        if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            # frozen embeddings: checkpointed blocks need an input that requires grad to backpropagate into adapters
+            model.enable_input_require_grads()
+        return get_peft_model(model, peft_config)
+
+    @staticmethod
+    def _load_teacher(name_or_path: str, args: DistillationConfig) -> tuple[nn.Module, Any]:
+        from ..loading import load_causal_lm
+
+        device_map = args.teacher_device_map
+        if args.teacher_max_memory is not None:
+            device_map = _infer_device_map(name_or_path, args)
+        teacher, tokenizer = load_causal_lm(
+            name_or_path, revision=args.teacher_revision, dtype=args.teacher_dtype, device_map=device_map
+        )
+        return teacher, tokenizer
+
+    @staticmethod
+    def _pad_token_id(model: nn.Module, processing_class: Any) -> int:
+        tokenizer = _tokenizer_of(processing_class) if processing_class is not None else None
+        for candidate in (
+            getattr(tokenizer, "pad_token_id", None),
+            getattr(tokenizer, "eos_token_id", None),
+            getattr(_text_config(model), "pad_token_id", None),
+            getattr(_text_config(model), "eos_token_id", None),
+        ):
+            if isinstance(candidate, int):
+                return candidate
+        return 0
+
+    def _check_teacher(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        processing_class: Any,
+        teacher_processing_class: Any,
+        args: DistillationConfig,
+    ) -> None:
+        """Errors that can be seen before training: meta weights, vocabulary and tokenizer mismatches."""
+        on_meta = [name for name, parameter in teacher.named_parameters() if parameter.device.type == "meta"]
+        if on_meta:
+            raise ValueError(
+                f"teacher_model has {len(on_meta)} parameters on the meta device (e.g. {on_meta[0]!r}): it was built "
+                "without weights (init_empty_weights / device 'meta'). Load the teacher with its weights, e.g. "
+                "load_causal_lm(path) or from_pretrained(path), or pass its name/path as teacher_model."
+            )
+        if not _has_output_head(teacher) and args.hidden_loss_weight > 0:
+            raise ValueError(
+                f"hidden_loss_weight={args.hidden_loss_weight} needs the teacher's hidden states, but "
+                f"{type(teacher).__name__} has no output head (e.g. an ensemble); set hidden_loss_weight=0."
+            )
+        student_vocab, teacher_vocab = _vocab_size(student), _vocab_size(teacher)
+        student_tokenizer = _tokenizer_of(processing_class) if processing_class is not None else None
+        teacher_tokenizer = _tokenizer_of(teacher_processing_class) if teacher_processing_class is not None else None
+        if teacher_tokenizer is None:
+            teacher_tokenizer = _tokenizer_next_to(teacher)
+        if student_tokenizer is not None and teacher_tokenizer is not None:
+            if not _tokenizers_agree(student_tokenizer, teacher_tokenizer):
+                raise ValueError(
+                    f"teacher vocab_size {teacher_vocab} (tokenizer of {len(teacher_tokenizer)} tokens) and student "
+                    f"vocab_size {student_vocab} (tokenizer of {len(student_tokenizer)} tokens): their tokenizers map "
+                    "tokens to different ids, so their next-token distributions cannot be compared position by "
+                    "position. Use a teacher that shares the student's tokenizer, or cross-tokenizer distillation "
+                    '(`hf_interop.CrossTokenizerDistillationTrainer`, `loss_type="uld"` or `"gold"`).'
+                )
+        if student_vocab == teacher_vocab:
+            return
+        if student_tokenizer is None or teacher_tokenizer is None:
+            raise ValueError(
+                f"teacher vocab_size {teacher_vocab} != student vocab_size {student_vocab}. If both use the same "
+                "tokenizer (embeddings padded to a multiple), pass processing_class=<student tokenizer> and "
+                "teacher_processing_class=<teacher tokenizer> so the trainer can check that they map tokens to the "
+                'same ids; if the tokenizers differ, use `hf_interop.CrossTokenizerDistillationTrainer` (`loss_type="uld"`).'
+            )
+        shared = min(len(student_tokenizer), len(teacher_tokenizer))
+        if shared > min(student_vocab, teacher_vocab):
+            raise ValueError(
+                f"the shared tokenizer has {shared} tokens but the teacher has vocab_size {teacher_vocab} and the "
+                f"student {student_vocab}: one model has fewer output rows than the tokenizer has tokens. Resize "
+                "its embeddings (model.resize_token_embeddings(len(tokenizer)))."
+            )
+        self.shared_vocab_size = shared
+        logger.info(
+            f"teacher vocab_size {teacher_vocab} and student vocab_size {student_vocab} share one tokenizer; "
+            f"comparing distributions over its first {shared} tokens."
+        )
+
+    @staticmethod
+    def _check_hidden_layer_map(student: nn.Module, args: DistillationConfig) -> None:
+        if args.hidden_loss_weight <= 0 or not args.hidden_layer_map:
+            return
+        student_layers = int(_text_config(student).num_hidden_layers)
+        for student_layer, _ in args.hidden_layer_map:
+            if student_layer > student_layers:
+                raise ValueError(
+                    f"hidden_layer_map={args.hidden_layer_map} names student layer {student_layer}, but the student "
+                    f"has {student_layers} layers; use indices 0..{student_layers} (0 = embedding output)."
+                )
+
+    def _teacher_hidden_size_and_layers(self) -> tuple[int, int]:
+        teacher = self.teacher_model if self.teacher_model is not None else self.model
+        config = _text_config(self.accelerator.unwrap_model(teacher) if teacher is not None else teacher)
+        return int(config.hidden_size), int(config.num_hidden_layers)
+
+    def _build_projections(self, student: nn.Module, args: DistillationConfig) -> nn.ModuleList:
+        projections = nn.ModuleList()
+        if args.hidden_loss_weight <= 0 or not args.hidden_layer_map:
+            return projections
+        teacher_width, teacher_layers = self._teacher_hidden_size_and_layers()
+        student_width = int(_text_config(student).hidden_size)
+        for _, teacher_layer in args.hidden_layer_map:
+            if teacher_layer > teacher_layers:
+                raise ValueError(
+                    f"hidden_layer_map={args.hidden_layer_map} names teacher layer {teacher_layer}, but the teacher "
+                    f"has {teacher_layers} layers; use indices 0..{teacher_layers} (0 = embedding output)."
+                )
+            if student_width == teacher_width:
+                projections.append(nn.Identity())
+            else:
+                projections.append(nn.Linear(student_width, teacher_width, bias=False))
+        has_parameters = any(True for _ in projections.parameters())
+        if has_parameters and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError(
+                f"hidden_layer_map={args.hidden_layer_map} needs learned projections (student width {student_width} "
+                f"!= teacher width {teacher_width}), which hf_interop does not shard with DeepSpeed/FSDP; map layers of "
+                "equal width, set hidden_loss_weight=0, or train without DeepSpeed/FSDP."
+            )
+        projections.to(self.args.device)
+        if has_parameters:
+            self.add_callback(_ProjectionGradients(projections))
+        return projections
+
+    def _deepspeed_stage(self) -> int:
+        plugin = self.accelerator.state.deepspeed_plugin
+        return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if plugin else 0
+
+    def _place_teacher(self, teacher: nn.Module, args: DistillationConfig) -> nn.Module:
+        teacher.eval()
+        teacher.requires_grad_(False)
+        device_map = getattr(teacher, "hf_device_map", None)
+        if args.teacher_device_map is not None:
+            if device_map is not None:
+                return teacher  # loaded by name with the map: already dispatched by Accelerate
+            return _dispatch(teacher, args.teacher_device_map, args.teacher_max_memory)
+        if device_map is not None and len({str(device) for device in device_map.values()}) > 1:
+            return teacher  # the caller spread it over several devices (from_pretrained(device_map=...)): keep that
+        if self.is_deepspeed_enabled:  # pragma: no cover - needs DeepSpeed and GPUs
+            return self._prepare_deepspeed_teacher(teacher)
+        if self.is_fsdp_enabled:
+            # evaluation mode: mixed precision only, never sharded or wrapped (each process holds the whole frozen
+            # teacher, as under DDP); placed explicitly, because Accelerate places no model itself under FSDP
+            teacher = self.accelerator.prepare_model(teacher, device_placement=True, evaluation_mode=True)
+            teacher.eval()
+            return teacher
+        return teacher.to(self.args.device)
+
+    def _prepare_deepspeed_teacher(self, teacher: nn.Module) -> nn.Module:  # pragma: no cover - needs DeepSpeed
+        """An inference-mode DeepSpeed engine for the teacher with the student's ZeRO settings (no optimizer).
+
+        Under ZeRO-3 the teacher is sharded like the student; otherwise every process holds a replica (stage 0).
+        """
+        import deepspeed
+
+        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
+        zero = config.setdefault("zero_optimization", {})
+        stage = int(zero.get("stage", 0))
+        hidden_size = getattr(_text_config(teacher), "hidden_size", None)
+        if stage == 3 and hidden_size is not None:
+            # bucket sizes the student's config may leave at "auto", which only the training engine would resolve
+            zero.update(
+                {
+                    "reduce_bucket_size": hidden_size * hidden_size,
+                    "stage3_param_persistence_threshold": 10 * hidden_size,
+                    "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+                }
+            )
+        # no optimizer or scheduler: DeepSpeed would otherwise build them (and their offload) for a frozen model
+        config.pop("optimizer", None)
+        config.pop("scheduler", None)
+        zero.pop("offload_optimizer", None)
+        if stage != 3:
+            zero["stage"] = 0
+        engine, *_ = deepspeed.initialize(model=teacher, config=config)
+        engine.eval()
+        return engine
+
+    def _build_generation_config(self, model: nn.Module, processing_class: Any) -> Any:
+        from transformers import GenerationConfig
+
+        tokenizer = _tokenizer_of(processing_class) if processing_class is not None else None
+        base = _base_model(model)
+        eos = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+        return GenerationConfig(
+            do_sample=True,
+            max_new_tokens=self.args.max_new_tokens,
+            temperature=self.args.generation_temperature,
+            top_p=self.args.generation_top_p,
+            top_k=self.args.generation_top_k,
+            pad_token_id=self._pad_token_id(model, processing_class),
+            eos_token_id=eos,
+            use_cache=True,
+        )
+
+    # ---------------------------------------------------------------- Trainer hooks
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's Accelerator, with FSDP really enabled when it was asked for on CPU processes.
+
+        Accelerate enables FSDP only for accelerator devices (`AcceleratorState` switches to FSDP from GPU-like
+        distributed types, not from `MULTI_CPU`), so `fsdp`/`fsdp_config` (or `ACCELERATE_USE_FSDP=true`) with
+        `use_cpu=True` under `torchrun` would silently train with DDP. PyTorch's FSDP2 (`fully_shard`) runs on a CPU
+        device mesh over gloo: the state is switched to FSDP the way Accelerate does it on GPUs, and the Accelerator
+        is built again on top of it.
+        """
+        super().create_accelerator_and_postprocess()
+        plugin = self._cpu_fsdp_plugin()
+        if plugin is None:
+            return
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        state = self.accelerator.state
+        if state.mixed_precision != "no":
+            plugin.set_mixed_precision(state.mixed_precision)
+        state.fsdp_plugin = plugin
+        state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+        super().create_accelerator_and_postprocess()
+        logger.info(f"FSDP{plugin.fsdp_version} on {state.num_processes} CPU processes (gloo).")
+
+    def _cpu_fsdp_plugin(self) -> Any:
+        """The FSDP plugin asked for when Accelerate left several CPU processes on DDP (`MULTI_CPU`), else `None`."""
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        if self.accelerator.state.distributed_type != DistributedType.MULTI_CPU:
+            return None
+        if self.args.fsdp_plugin_args is not None:
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` sets
+        else:
+            return None
+        if plugin.fsdp_version != 2:
+            raise ValueError(
+                f"fsdp_version={plugin.fsdp_version} on CPU processes: only FSDP2 (fully_shard) runs on CPUs here; set "
+                "fsdp_config={'version': 2} (or fsdp_version: 2 in the accelerate config), or train on GPUs."
+            )
+        return plugin
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Private hook, overridden so that the Trainer's column pruning keeps the cached teacher columns, which are
+        # not arguments of the model's forward but are needed by the loss.
+        super()._set_signature_columns_if_needed()
+        if self.teacher_cache is not None:
+            columns = _cache_dataset_columns(self.teacher_cache)
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *columns]))
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus the learned hidden-state projections as their own parameter group."""
+        created_here = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        parameters = [parameter for parameter in self.hidden_projections.parameters() if parameter.requires_grad]
+        if not parameters:
+            return optimizer
+        if not created_here:
+            logger.warning(
+                "A custom optimizer was passed; add trainer.hidden_projections.parameters() to it yourself, or the "
+                "hidden-state projections stay at their initial values."
+            )
+            return optimizer
+        known = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+        if not any(id(parameter) in known for parameter in parameters):
+            optimizer.add_param_group({"params": parameters, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    def _tail_prior_on(self, device: torch.device) -> torch.Tensor | None:
+        """The cache's tail prior (`sparse_tail="teacher_marginal"`) on `device`, moved there once, not every step."""
+        if self.teacher_tail_prior is not None and self.teacher_tail_prior.device != device:
+            self.teacher_tail_prior = self.teacher_tail_prior.to(device)
+        return self.teacher_tail_prior
+
+    def compute_loss_context_manager(self) -> contextlib.ExitStack:
+        """The Trainer's context plus the run's mixed-precision autocast (`bf16`/`fp16`) around the whole loss.
+
+        Accelerate autocasts only the prepared student's own forward. The teacher's forward and the output heads that
+        the chunked loss applies chunk by chunk run outside it and would stay in float32: with `bf16=True` that made
+        a float32 teacher about 2.5x slower than under TRL (whose `GKDTrainer` prepares its teacher with Accelerate).
+        The divergence math itself stays in float32 (the losses upcast logits and keep their sums out of autocast).
+        """
+        stack = super().compute_loss_context_manager()
+        stack.enter_context(self.accelerator.autocast())
+        return stack
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """On on-policy (`lmbda`) and sequence-level (`seq_kd`) steps, replace the batch with generated text first."""
+        self._generated_step = False
+        if self.args.lmbda > 0 or self.args.seq_kd:
+            generator = "student" if self._is_on_policy_step() else ("teacher" if self.args.seq_kd else None)
+            if generator is not None:
+                inputs = self._prepare_inputs(inputs)
+                inputs = self._generate_batch(model, inputs, generator)
+                # The Trainer counted valid targets on the original labels; generated rows are normalised locally.
+                num_items_in_batch = None
+                self._generated_step = True
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The distillation loss of one micro-batch, normalised by `num_items_in_batch`.
+
+        Position `i` of the student predicts `labels[:, i + 1]`; targets equal to -100 or under a zero attention mask
+        are excluded. With `num_items_in_batch` (the Trainer's count of valid targets over all accumulation steps
+        and processes) the sum over micro-batches and processes is the exact per-token mean of the whole batch.
+        """
+        mode = "train" if model.training else "eval"
+        inputs = dict(inputs)
+        cached = {name: inputs.pop(name) for name in TEACHER_CACHE_COLUMNS if name in inputs}
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            labels = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        shift_labels = labels[:, 1:]
+        if attention_mask is not None:
+            shift_labels = shift_labels.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+        num_valid_tokens = int((shift_labels != IGNORE_INDEX).sum())
+
+        local_normalizer = False
+        if num_items_in_batch is None:
+            # generated steps and plain evaluation: per-token mean of this micro-batch (spread over the accumulation
+            # steps in training, so the optimizer step sees the mean of the micro-batch means)
+            steps = self.current_gradient_accumulation_steps if model.training else 1
+            num_items_in_batch = max(num_valid_tokens, 1) * steps
+            local_normalizer = True
+
+        chunked = self.use_chunked_loss and not return_outputs
+        try:
+            loss, outputs, statistics = self._distillation_loss(
+                model, inputs, shift_labels, num_items_in_batch, cached, chunked
+            )
+        except ValueError as error:
+            raise ValueError(f"at training step {self.state.global_step} ({mode}): {error}") from error
+
+        normalizer = float(num_items_in_batch)
+        sums = self._metric_sums[mode]
+        sums["num_tokens"] = sums.get("num_tokens", 0.0) + num_valid_tokens
+        for name in ("kd_loss", "ce_loss", "hidden_loss"):
+            value = statistics.get(name)
+            if value is not None:
+                sums[name] = sums.get(name, 0.0) + float(value) * normalizer
+        for name in ("top1_agreement", "teacher_entropy", "student_entropy"):
+            value = statistics.get(name)
+            if value is not None:
+                sums[name] = sums.get(name, 0.0) + float(value) * num_valid_tokens
+
+        if not local_normalizer and self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            # num_items_in_batch counts every process's tokens and DDP averages gradients over processes: undo the
+            # average so each process contributes its token sum / global count.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Evaluation loss with the memory-efficient loss when only the loss is wanted (full logits otherwise)."""
+        if not prediction_loss_only:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the distillation metrics, token-weighted over the steps since the last log and over processes."""
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        sums = self._metric_sums[mode]
+        names = ["num_tokens", *LOGGED_METRICS]
+        present = [1.0 if name in sums else 0.0 for name in names]
+        values = torch.tensor(
+            [sums.get(name, 0.0) for name in names] + present, dtype=torch.float64, device=self.accelerator.device
+        )
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        totals, seen = values[: len(names)].tolist(), values[len(names) :].tolist()
+        num_tokens = totals[0]
+        if seen[0] > 0:
+            for name, total, was_seen in zip(names[1:], totals[1:], seen[1:], strict=True):
+                if was_seen > 0:
+                    logs[f"{prefix}{name}"] = total / num_tokens if num_tokens > 0 else 0.0
+        self._metric_sums[mode] = {}
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Private hook, overridden so that every save (checkpoints and the final model) also stores the learned
+        # hidden-state projections next to the student, which resuming needs and the student's own files exclude.
+        # Under FSDP it also drops the extra copies of tied weights from the gathered state dict.
+        if state_dict is not None and self.is_fsdp_enabled:
+            state_dict = self._without_tied_copies(state_dict)
+        super()._save(output_dir, state_dict=state_dict)
+        if not any(True for _ in self.hidden_projections.parameters()):
+            return
+        from safetensors.torch import save_file
+
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        path = os.path.join(output_dir, PROJECTIONS_FILE)
+        tmp_path = f"{path}.tmp"
+        tensors = {
+            name: tensor.detach().cpu().contiguous() for name, tensor in self.hidden_projections.state_dict().items()
+        }
+        save_file(tensors, tmp_path, metadata={"hidden_layer_map": str(self.args.hidden_layer_map)})
+        os.replace(tmp_path, path)
+
+    def _without_tied_copies(self, state_dict: dict) -> dict:
+        """`state_dict` keeping one name per tied parameter (e.g. `model.embed_tokens.weight`, not `lm_head.weight`).
+
+        A state dict gathered from FSDP shards holds a separate tensor for every name of a tied parameter, so
+        `save_pretrained`, which recognises tied weights by shared memory, would save each copy.
+        """
+        first_names: dict[int, str] = {}
+        copies = set()
+        for name, parameter in self.accelerator.unwrap_model(self.model).named_parameters(remove_duplicate=False):
+            if id(parameter) in first_names:
+                copies.add(name)
+            else:
+                first_names[id(parameter)] = name
+        return {name: tensor for name, tensor in state_dict.items() if name not in copies}
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        # Private hook, overridden so that resuming restores the learned hidden-state projections saved by `_save`.
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        if not any(True for _ in self.hidden_projections.parameters()):
+            return
+        path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint!r} has no {PROJECTIONS_FILE}, but this run learns hidden-state "
+                f"projections (hidden_layer_map={self.args.hidden_layer_map}); resume from a checkpoint of a run with "
+                "the same hidden_layer_map, or start without resume_from_checkpoint."
+            )
+        from safetensors.torch import load_file
+
+        self.hidden_projections.load_state_dict(load_file(path, device=str(self.args.device)))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the student (and projections); the final save (not checkpoints) also writes a model card.
+
+        Under FSDP with `SHARDED_STATE_DICT` the Trainer's final save writes no weights at all; here the final save
+        gathers the whole student (a collective: every process calls it) so that `from_pretrained` loads it.
+        """
+        if (
+            not _internal_call
+            and self.is_fsdp_enabled
+            and "FULL_STATE_DICT" not in str(self.accelerator.state.fsdp_plugin.state_dict_type)
+        ):
+            self._save(output_dir, state_dict=self.accelerator.get_state_dict(self.model))
+            if self.args.push_to_hub:
+                self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+        else:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        if not _internal_call and self.args.should_save:
+            self._write_model_card(output_dir if output_dir is not None else self.args.output_dir)
+
+    def _write_model_card(self, output_dir: str) -> None:
+        try:
+            from ..model_card import write_model_card
+        except ImportError:  # pragma: no cover - model_card ships with hf_interop
+            return
+        teachers = []
+        if self.teacher_name_or_path:
+            revision = self.args.teacher_revision
+            if self.teacher_cache is not None:
+                revision = self.teacher_cache.manifest.get("teacher_revision") or self.teacher_cache.manifest.get(
+                    "revision"
+                )
+            teachers.append({"name_or_path": self.teacher_name_or_path, "revision": revision})
+        else:
+            teachers.append({"name_or_path": type(self.teacher_model).__name__, "revision": None})
+        hyperparameters = self.args.distillation_hyperparameters()
+        if self.self_distillation:
+            hyperparameters["self_distillation"] = "teacher = base model with adapters disabled"
+        try:
+            write_model_card(output_dir, "distilled", teachers=teachers, hyperparameters=hyperparameters)
+        except (ValueError, OSError) as error:  # the weights are saved; a card problem must not lose the run
+            logger.warning(f"Saved the model to {output_dir} but could not write its model card: {error}")
+
+    # ---------------------------------------------------------------- the loss
+
+    def _student_head(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+        return losses.output_logits_fn(self.accelerator.unwrap_model(model))
+
+    def _teacher_head(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The teacher's output head for the chunked loss, or `None` when the teacher's full logits must be used."""
+        if self.self_distillation:
+            base = _base_model(self.accelerator.unwrap_model(self.model))
+            head = base.get_output_embeddings()
+            try:
+                from peft.tuners.tuners_utils import BaseTunerLayer
+            except ImportError:  # pragma: no cover
+                BaseTunerLayer = ()  # noqa: N806
+            if isinstance(head, BaseTunerLayer):
+                return None  # adapters on lm_head: the disabled-adapter head exists only inside the teacher forward
+            return losses.output_logits_fn(base)
+        teacher = self.accelerator.unwrap_model(self.teacher_model)
+        if not _has_output_head(teacher) or not _accepts_argument(teacher, "logits_to_keep"):
+            return None
+        head = losses.output_logits_fn(teacher)
+        head_device = _base_model(teacher).get_output_embeddings().weight.device
+        return head if head_device == device else _DeviceBridgeHead(head, head_device)
+
+    @torch.no_grad()
+    def _teacher_forward(
+        self, model: nn.Module, model_inputs: dict[str, Any], want_hidden: bool, want_logits: bool
+    ) -> Any:
+        """Teacher outputs (hidden states and/or full logits) under no_grad, in eval mode."""
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if self.self_distillation:
+            teacher = self.accelerator.unwrap_model(model)
+        else:
+            teacher = self.teacher_model
+            teacher.eval()
+        unwrapped = self.accelerator.unwrap_model(teacher)
+        if want_hidden:
+            kwargs["output_hidden_states"] = True
+        if not want_logits and _accepts_argument(unwrapped, "logits_to_keep"):
+            kwargs["logits_to_keep"] = 1
+        if not _has_output_head(unwrapped):  # ensembles: only the inputs
+            kwargs = {}
+        device = _first_device(unwrapped)
+        inputs = {key: value.to(device) if torch.is_tensor(value) else value for key, value in model_inputs.items()}
+        if self.self_distillation:
+            # the student's own weights with adapters switched off; eval mode so dropout does not perturb the teacher
+            was_training = teacher.training
+            teacher.eval()
+            try:
+                with teacher.disable_adapter():
+                    return teacher(**inputs, **kwargs)
+            finally:
+                teacher.train(was_training)
+        return teacher(**inputs, **kwargs)
+
+    def _distillation_loss(
+        self,
+        model: nn.Module,
+        model_inputs: dict[str, Any],
+        shift_labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int,
+        cached: dict[str, torch.Tensor],
+        chunked: bool,
+    ) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+        args = self.args
+        want_layers = args.hidden_loss_weight > 0
+        loss_kwargs = dict(
+            loss_type=args.loss_type,
+            temperature=args.temperature,
+            jsd_beta=args.jsd_beta,
+            scale_by_temperature_squared=args.scale_by_temperature_squared,
+            kd_ratio=args.kd_ratio,
+            num_items_in_batch=num_items_in_batch,
+        )
+        student_kwargs: dict[str, Any] = {"use_cache": False}
+        if chunked:
+            # only the last position's logits (cheap); the loss applies the head to valid tokens chunk by chunk
+            student_kwargs.update(output_hidden_states=True, logits_to_keep=1)
+        elif want_layers:
+            student_kwargs["output_hidden_states"] = True
+        outputs = model(**model_inputs, **student_kwargs)
+
+        if self.teacher_cache is not None:
+            if not cached:
+                # evaluation rows carry no cached teacher: report the student's own cross-entropy
+                logger.warning_once("Evaluation rows have no cached teacher logits; eval loss is the student's CE.")
+                logits = outputs.logits if not chunked else self._student_head(model)(outputs.hidden_states[-1])
+                result = losses.distillation_loss(
+                    logits[:, :-1], logits[:, :-1].detach(), shift_labels, **{**loss_kwargs, "kd_ratio": 0.0}
+                )
+                return result.loss, outputs, {"ce_loss": result.ce_loss}
+            sparse_kwargs = {
+                **loss_kwargs,
+                "skew_alpha": args.skew_alpha,
+                "cache_temperature": float(self.teacher_cache.manifest.get("temperature", 1.0)),
+                "teacher_vocab_size": self.teacher_cache.manifest.get("vocab_size"),
+                "shared_vocab_size": self.shared_vocab_size,
+                "teacher_tail_prior_logprobs": self._tail_prior_on(shift_labels.device),
+            }
+            shifted = [cached[name] for name in TEACHER_CACHE_COLUMNS]
+            if chunked:
+                result = losses.chunked_sparse_distillation_loss(
+                    outputs.hidden_states[-1][:, :-1],
+                    self._student_head(model),
+                    *shifted,
+                    shift_labels,
+                    chunk_size=args.loss_chunk_size,
+                    **sparse_kwargs,
+                )
+            else:
+                result = losses.sparse_distillation_loss(
+                    outputs.logits[:, :-1], *shifted, shift_labels, **sparse_kwargs
+                )
+            return result.loss, outputs, _statistics(result)
+
+        loss_kwargs["skew_alpha"] = args.skew_alpha
+        loss_kwargs["shared_vocab_size"] = self.shared_vocab_size
+        student_device = shift_labels.device
+        teacher_head = self._teacher_head(student_device) if chunked else None
+        teacher_outputs = self._teacher_forward(
+            model, model_inputs, want_hidden=want_layers or teacher_head is not None, want_logits=teacher_head is None
+        )
+        if chunked:
+            student_hidden = outputs.hidden_states[-1][:, :-1]
+            if teacher_head is not None:
+                teacher_hidden = teacher_outputs.hidden_states[-1][:, :-1].to(student_device)
+                if not bool(torch.isfinite(teacher_hidden).all()):
+                    raise ValueError(
+                        "the teacher's final hidden states hold NaN or inf values; its weights are broken or its "
+                        "dtype overflows (try teacher_dtype='float32' or 'bfloat16')."
+                    )
+                result = losses.chunked_distillation_loss(
+                    student_hidden,
+                    self._student_head(model),
+                    shift_labels,
+                    teacher_hidden=teacher_hidden,
+                    teacher_head=teacher_head,
+                    chunk_size=args.loss_chunk_size,
+                    **loss_kwargs,
+                )
+            else:
+                result = losses.chunked_distillation_loss(
+                    student_hidden,
+                    self._student_head(model),
+                    shift_labels,
+                    teacher_logits=teacher_outputs.logits[:, :-1].to(student_device),
+                    chunk_size=args.loss_chunk_size,
+                    **loss_kwargs,
+                )
+        else:
+            result = losses.distillation_loss(
+                outputs.logits[:, :-1], teacher_outputs.logits[:, :-1].to(student_device), shift_labels, **loss_kwargs
+            )
+        loss = result.loss
+        statistics = _statistics(result)
+        if want_layers:
+            hidden_loss = self._hidden_state_loss(
+                outputs.hidden_states, teacher_outputs.hidden_states, shift_labels, num_items_in_batch
+            )
+            loss = loss + args.hidden_loss_weight * hidden_loss
+            statistics["hidden_loss"] = hidden_loss.detach()
+        return loss, outputs, statistics
+
+    def _hidden_state_loss(
+        self,
+        student_states: tuple[torch.Tensor, ...],
+        teacher_states: tuple[torch.Tensor, ...],
+        shift_labels: torch.Tensor,
+        num_items_in_batch: torch.Tensor | int,
+    ) -> torch.Tensor:
+        """Mean over layer pairs of the per-token MSE / (1 - cosine), summed over valid positions / normaliser."""
+        valid = shift_labels != IGNORE_INDEX
+        total = None
+        for projection, (student_layer, teacher_layer) in zip(
+            self.hidden_projections, self.args.hidden_layer_map, strict=True
+        ):
+            student = student_states[student_layer][:, :-1][valid]
+            weight = getattr(projection, "weight", None)
+            student = projection(student.to(weight.dtype if weight is not None else torch.float32))
+            teacher = teacher_states[teacher_layer][:, :-1].to(valid.device)[valid].to(student.dtype)
+            if self.args.hidden_loss_type == "cosine":
+                per_token = 1.0 - nn.functional.cosine_similarity(student.float(), teacher.float(), dim=-1)
+            else:
+                per_token = (student.float() - teacher.float()).pow(2).mean(dim=-1)
+            total = per_token.sum() if total is None else total + per_token.sum()
+        normalizer = num_items_in_batch
+        if torch.is_tensor(normalizer):
+            normalizer = normalizer.to(total.device, torch.float32).clamp(min=1)
+        else:
+            normalizer = max(float(normalizer), 1.0)
+        return total / normalizer / len(self.args.hidden_layer_map)
+
+    # ---------------------------------------------------------------- on-policy and sequence-level generation
+
+    def _is_on_policy_step(self) -> bool:
+        """Whether this optimizer step trains on student-generated text; drawn once per optimizer step, seeded by
+        (seed, step), so all accumulation micro-batches of a step agree and resumed runs draw the same."""
+        step = self.state.global_step
+        if self._on_policy_decision is None or self._on_policy_decision[0] != step:
+            draw = random.Random(self.args.seed * 1_000_003 + step).random()
+            self._on_policy_decision = (step, draw < self.args.lmbda)
+        return self._on_policy_decision[1]
+
+    @torch.no_grad()
+    def _generate_batch(self, model: nn.Module, inputs: dict[str, Any], generator: str) -> dict[str, Any]:
+        config = self._generation_config
+        prompt_ids, prompt_mask = _left_padded_prompts(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            inputs.get("labels"),
+            self.args.generation_prompt_length,
+            config.pad_token_id,
+        )
+        if generator == "student" or self.self_distillation:
+            generating = self.accelerator.unwrap_model(model)
+        else:
+            generating = self.accelerator.unwrap_model(self.teacher_model)
+        device = _first_device(generating)
+        was_training = generating.training
+        generating.eval()
+        try:
+            context = (
+                generating.disable_adapter()
+                if generator == "teacher" and self.self_distillation
+                else contextlib.nullcontext()
+            )
+            with context:
+                sequences = generating.generate(
+                    input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), generation_config=config
+                )
+        finally:
+            generating.train(was_training)
+        sequences = sequences.to(inputs["input_ids"].device)
+        attention_mask, labels = mask_generated_continuations(sequences, prompt_mask, config.eos_token_id)
+        return {"input_ids": sequences, "attention_mask": attention_mask, "labels": labels}
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _statistics(result: Any) -> dict[str, Any]:
+    return {
+        "kd_loss": result.kd_loss.detach() if torch.is_tensor(result.kd_loss) else result.kd_loss,
+        "ce_loss": None if result.ce_loss is None else result.ce_loss.detach(),
+        "top1_agreement": result.top1_agreement,
+        "teacher_entropy": result.teacher_entropy,
+        "student_entropy": result.student_entropy,
+    }
+
+
+def _tokenizers_agree(first: Any, second: Any) -> bool:
+    """Whether every token of the smaller vocabulary has the same id in the other (added tokens may extend one)."""
+    first_vocab, second_vocab = first.get_vocab(), second.get_vocab()
+    small, large = (
+        (first_vocab, second_vocab) if len(first_vocab) <= len(second_vocab) else (second_vocab, first_vocab)
+    )
+    return all(large.get(token) == index for token, index in small.items())
+
+
+def _tokenizer_next_to(model: nn.Module) -> Any:
+    """The tokenizer saved in the folder the model was loaded from, if any."""
+    name = _model_name(model)
+    if not name or not os.path.isdir(name):
+        return None
+    try:
+        from ..loading import load_tokenizer
+
+        return load_tokenizer(name)
+    except Exception:  # no tokenizer files there: the caller asks for teacher_processing_class when it matters
+        return None
+
+
+def _infer_device_map(name_or_path: str, args: DistillationConfig) -> dict[str, Any]:
+    """A device map for `teacher_device_map="auto"` that respects `teacher_max_memory` (computed on meta weights)."""
+    from accelerate import infer_auto_device_map, init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..utils import resolve_dtype
+
+    gguf_file = None
+    folder = name_or_path
+    if name_or_path.endswith(".gguf"):
+        folder, gguf_file = os.path.dirname(name_or_path) or ".", os.path.basename(name_or_path)
+    config = AutoConfig.from_pretrained(folder, revision=args.teacher_revision, gguf_file=gguf_file)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    dtype = resolve_dtype(args.teacher_dtype)
+    return infer_auto_device_map(
+        skeleton,
+        max_memory=args.teacher_max_memory,
+        no_split_module_classes=skeleton._no_split_modules,
+        dtype=dtype if isinstance(dtype, torch.dtype) else None,
+    )
+
+
+def _dispatch(model: nn.Module, device_map: Any, max_memory: dict | None) -> nn.Module:
+    """Place an already-loaded teacher with Accelerate (a model object plus `teacher_device_map`)."""
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        return model.to(device_map[""])
+    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return model.to(device_map)
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(
+            model, max_memory=max_memory, no_split_module_classes=getattr(model, "_no_split_modules", None)
+        )
+    if set(device_map.values()) <= {"cpu"} or set(device_map.values()) <= {torch.device("cpu")}:
+        return model.to("cpu")
+    return dispatch_model(model, device_map=device_map)
