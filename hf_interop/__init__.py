@@ -29,8 +29,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     # distillation
     "DistillationConfig": "distill.distillation_config",
     "DistillationTrainer": "distill.distillation_trainer",
-    "cache_teacher_logits": "distill.teacher_cache",
-    "TeacherLogitsCache": "distill.teacher_cache",
+    "cache_teacher_logits": "distill.teacher_cache.writer",
+    "TeacherLogitsCache": "distill.teacher_cache.reader",
     # fusion
     "EnsembleConfig": "ensemble",
     "EnsembleForCausalLM": "ensemble",

@@ -18,8 +18,8 @@ if TYPE_CHECKING:
 _LAZY_IMPORTS: dict[str, str] = {
     "DistillationConfig": "distillation_config",
     "DistillationTrainer": "distillation_trainer",
-    "cache_teacher_logits": "teacher_cache",
-    "TeacherLogitsCache": "teacher_cache",
+    "cache_teacher_logits": "teacher_cache.writer",
+    "TeacherLogitsCache": "teacher_cache.reader",
     "init_student_from_teacher": "student_init",
 }
 
