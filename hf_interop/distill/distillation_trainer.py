@@ -20,11 +20,35 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from .. import losses
 from ..logging_utils import get_logger
+from .collators import (
+    IGNORE_INDEX,
+    TEACHER_CACHE_COLUMNS,
+    _cache_dataset_columns,
+    _left_padded_prompts,
+    _PaddingCollator,
+    _TeacherCacheCollator,
+    mask_generated_continuations,
+)
 from .distillation_config import DistillationConfig
+from .hidden_states import _ProjectionGradients
+from .model_utils import (
+    _accepts_argument,
+    _base_model,
+    _first_device,
+    _has_output_head,
+    _is_peft_model,
+    _model_name,
+    _text_config,
+    _tokenizer_next_to,
+    _tokenizer_of,
+    _tokenizers_agree,
+    _vocab_size,
+)
+from .teacher import _DeviceBridgeHead, _dispatch, _infer_device_map
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -32,242 +56,7 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 PROJECTIONS_FILE = "distillation_projections.safetensors"
-# what `TeacherLogitsCache.collate` returns (the loss inputs); the dataset columns are `cache.columns`
-TEACHER_CACHE_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
 LOGGED_METRICS = ("kd_loss", "ce_loss", "hidden_loss", "top1_agreement", "teacher_entropy", "student_entropy")
-IGNORE_INDEX = -100
-
-
-# --------------------------------------------------------------------------------------------------------------
-# small helpers (pure functions where possible, tested directly)
-
-
-def _is_peft_model(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but keep plain models working without it
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The transformers model under a PeftModel (the same object otherwise)."""
-    if _is_peft_model(model):
-        return model.get_base_model()
-    return model
-
-
-def _text_config(model: nn.Module) -> Any:
-    config = getattr(_base_model(model), "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        return config.get_text_config()
-    return config
-
-
-def _vocab_size(model: nn.Module) -> int:
-    """Rows of the output head (which may be padded beyond the tokenizer), else `config.vocab_size`."""
-    base = _base_model(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    weight = getattr(head, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.numel() > 0:
-        return int(weight.shape[0])
-    return int(_text_config(model).vocab_size)
-
-
-def _has_output_head(model: nn.Module) -> bool:
-    base = _base_model(model)
-    return hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None
-
-
-def _accepts_argument(model: nn.Module, name: str) -> bool:
-    import inspect
-
-    try:
-        parameters = inspect.signature(_base_model(model).forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in parameters
-
-
-def _model_name(model: nn.Module) -> str | None:
-    base = _base_model(model)
-    name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
-    return str(name) if name else None
-
-
-def _first_device(model: nn.Module) -> torch.device:
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if embeddings is not None and getattr(embeddings, "weight", None) is not None:
-        return embeddings.weight.device
-    return next(model.parameters()).device
-
-
-def _tokenizer_of(processing_class: Any) -> Any:
-    """The tokenizer inside a processor, or the tokenizer itself."""
-    return getattr(processing_class, "tokenizer", processing_class)
-
-
-def mask_generated_continuations(
-    sequences: torch.Tensor,
-    prompt_attention_mask: torch.Tensor,
-    eos_token_id: int | list[int] | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention mask and labels for `generate` outputs: prompt masked, continuation kept up to its first EOS.
-
-    Args:
-        sequences (`torch.Tensor` of shape `(batch, prompt_length + new_tokens)`):
-            What `generate` returned: the (left-padded) prompts followed by the continuations.
-        prompt_attention_mask (`torch.Tensor` of shape `(batch, prompt_length)`):
-            Attention mask of the prompts (0 on left padding).
-        eos_token_id (`int` or `list[int]`, *optional*):
-            End-of-sequence id(s). The first EOS of a continuation stays a target (the student learns to stop);
-            everything after it is masked out of both attention and labels.
-
-    Returns:
-        `(attention_mask, labels)`, both shaped like `sequences`; labels are -100 on the prompt and after EOS.
-    """
-    prompt_length = prompt_attention_mask.shape[1]
-    continuation = sequences[:, prompt_length:]
-    if eos_token_id is None:
-        after_eos = torch.zeros_like(continuation, dtype=torch.bool)
-    else:
-        eos_ids = torch.as_tensor(eos_token_id, device=sequences.device).reshape(-1)
-        is_eos = torch.isin(continuation, eos_ids)
-        # strictly after the first EOS: some EOS occurred at an earlier position
-        after_eos = (torch.cumsum(is_eos.long(), dim=1) - is_eos.long()) > 0
-    continuation_mask = (~after_eos).long()
-    attention_mask = torch.cat([prompt_attention_mask.long().to(sequences.device), continuation_mask], dim=1)
-    labels = sequences.clone()
-    labels[:, :prompt_length] = IGNORE_INDEX
-    labels[:, prompt_length:] = continuation.masked_fill(after_eos, IGNORE_INDEX)
-    return attention_mask, labels
-
-
-def _left_padded_prompts(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    default_prompt_length: int,
-    pad_token_id: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts to continue, left-padded for `generate`.
-
-    A row whose labels mask a leading prompt (prompt/completion data: the first target is at position > 1) uses
-    that prompt; other rows (plain language-model text) use their first `default_prompt_length` tokens.
-    """
-    batch_size, length = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    prompts = []
-    for row in range(batch_size):
-        prompt_length = min(default_prompt_length, length - 1)
-        if labels is not None:
-            targets = (labels[row, 1:] != IGNORE_INDEX).nonzero()
-            if len(targets) and int(targets[0]) + 1 > 1:
-                prompt_length = int(targets[0]) + 1
-        tokens = input_ids[row, :prompt_length][attention_mask[row, :prompt_length].bool()]
-        prompts.append(tokens)
-    width = max(max(len(tokens) for tokens in prompts), 1)
-    prompt_ids = input_ids.new_full((batch_size, width), pad_token_id)
-    prompt_mask = torch.zeros_like(prompt_ids)
-    for row, tokens in enumerate(prompts):
-        if len(tokens):
-            prompt_ids[row, width - len(tokens) :] = tokens
-            prompt_mask[row, width - len(tokens) :] = 1
-    return prompt_ids, prompt_mask
-
-
-class _PaddingCollator:
-    """Right-pads `input_ids` (pad id), `attention_mask` (0) and `labels` (-100); labels default to the inputs."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        lengths = [len(feature["input_ids"]) for feature in features]
-        width = max(lengths)
-        batch: dict[str, torch.Tensor] = {}
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        for row, feature in enumerate(features):
-            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
-            input_ids[row, : len(ids)] = ids
-            mask = feature.get("attention_mask")
-            attention_mask[row, : len(ids)] = torch.as_tensor(mask, dtype=torch.long) if mask is not None else 1
-            row_labels = feature.get("labels")
-            labels[row, : len(ids)] = torch.as_tensor(row_labels, dtype=torch.long) if row_labels is not None else ids
-        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-        batch.update(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-        for key in features[0]:
-            if key in batch:
-                continue
-            values = [feature[key] for feature in features]
-            try:
-                batch[key] = torch.as_tensor(values)
-            except (TypeError, ValueError, RuntimeError):
-                continue  # strings and ragged extras are not model inputs
-        return batch
-
-
-class _TeacherCacheCollator:
-    """Collates the training rows with `base`, then adds the cached teacher columns through the cache's collate."""
-
-    def __init__(self, base: Callable, cache: Any) -> None:
-        self.base = base
-        self.cache = cache
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        columns = _cache_dataset_columns(self.cache)
-        plain = [{key: value for key, value in f.items() if key not in columns} for f in features]
-        batch = dict(self.base(plain))
-        if all(column in features[0] for column in columns):  # evaluation rows may carry no cache
-            batch.update(self.cache.collate(features))
-        return batch
-
-
-def _cache_dataset_columns(cache: Any) -> tuple[str, ...]:
-    return tuple(getattr(cache, "columns", TEACHER_CACHE_COLUMNS))
-
-
-class _DeviceBridgeHead(nn.Module):
-    """A teacher head on another device: moves each hidden chunk there and its logits back."""
-
-    def __init__(self, head: nn.Module, device: torch.device) -> None:
-        super().__init__()
-        self.head = head
-        self.head_device = device
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden_states.to(self.head_device)).to(hidden_states.device)
-
-
-class _ProjectionGradients(TrainerCallback):
-    """Gradient bookkeeping for the learned hidden-state projections, which live outside the student.
-
-    Keeping them out of the student keeps them out of its saved checkpoint, but also out of what the Trainer manages
-    for the model: it zeroes only `model`'s gradients after each optimizer step, and DDP averages only the model's
-    gradients across processes. This callback does both for the projections.
-    """
-
-    def __init__(self, projections: nn.Module) -> None:
-        self.projections = projections
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for parameter in self.projections.parameters():
-            if parameter.grad is not None:
-                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
-                parameter.grad /= dist.get_world_size()
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.projections.zero_grad(set_to_none=True)
-
-
-# --------------------------------------------------------------------------------------------------------------
 
 
 class DistillationTrainer(Trainer):
@@ -1196,65 +985,3 @@ def _statistics(result: Any) -> dict[str, Any]:
         "teacher_entropy": result.teacher_entropy,
         "student_entropy": result.student_entropy,
     }
-
-
-def _tokenizers_agree(first: Any, second: Any) -> bool:
-    """Whether every token of the smaller vocabulary has the same id in the other (added tokens may extend one)."""
-    first_vocab, second_vocab = first.get_vocab(), second.get_vocab()
-    small, large = (
-        (first_vocab, second_vocab) if len(first_vocab) <= len(second_vocab) else (second_vocab, first_vocab)
-    )
-    return all(large.get(token) == index for token, index in small.items())
-
-
-def _tokenizer_next_to(model: nn.Module) -> Any:
-    """The tokenizer saved in the folder the model was loaded from, if any."""
-    name = _model_name(model)
-    if not name or not os.path.isdir(name):
-        return None
-    try:
-        from ..loading import load_tokenizer
-
-        return load_tokenizer(name)
-    except Exception:  # no tokenizer files there: the caller asks for teacher_processing_class when it matters
-        return None
-
-
-def _infer_device_map(name_or_path: str, args: DistillationConfig) -> dict[str, Any]:
-    """A device map for `teacher_device_map="auto"` that respects `teacher_max_memory` (computed on meta weights)."""
-    from accelerate import infer_auto_device_map, init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ..utils import resolve_dtype
-
-    gguf_file = None
-    folder = name_or_path
-    if name_or_path.endswith(".gguf"):
-        folder, gguf_file = os.path.dirname(name_or_path) or ".", os.path.basename(name_or_path)
-    config = AutoConfig.from_pretrained(folder, revision=args.teacher_revision, gguf_file=gguf_file)
-    with init_empty_weights():
-        skeleton = AutoModelForCausalLM.from_config(config)
-    dtype = resolve_dtype(args.teacher_dtype)
-    return infer_auto_device_map(
-        skeleton,
-        max_memory=args.teacher_max_memory,
-        no_split_module_classes=skeleton._no_split_modules,
-        dtype=dtype if isinstance(dtype, torch.dtype) else None,
-    )
-
-
-def _dispatch(model: nn.Module, device_map: Any, max_memory: dict | None) -> nn.Module:
-    """Place an already-loaded teacher with Accelerate (a model object plus `teacher_device_map`)."""
-    if isinstance(device_map, dict) and set(device_map) == {""}:
-        return model.to(device_map[""])
-    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return model.to(device_map)
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    if isinstance(device_map, str):
-        device_map = infer_auto_device_map(
-            model, max_memory=max_memory, no_split_module_classes=getattr(model, "_no_split_modules", None)
-        )
-    if set(device_map.values()) <= {"cpu"} or set(device_map.values()) <= {torch.device("cpu")}:
-        return model.to("cpu")
-    return dispatch_model(model, device_map=device_map)
