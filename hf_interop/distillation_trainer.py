@@ -8,5 +8,6 @@ from .distill.collators import (  # noqa: F401
     _TeacherCacheCollator,
     mask_generated_continuations,
 )
-from .distill.distillation_trainer import LOGGED_METRICS, PROJECTIONS_FILE, DistillationTrainer  # noqa: F401
+from .distill.distillation_trainer import LOGGED_METRICS, DistillationTrainer  # noqa: F401
+from .distill.hidden_states import PROJECTIONS_FILE  # noqa: F401
 from .distill.model_utils import _tokenizer_next_to, _vocab_size  # noqa: F401

@@ -12,9 +12,7 @@ gradient-accumulation steps or processes.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
-import random
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -28,13 +26,19 @@ from .collators import (
     IGNORE_INDEX,
     TEACHER_CACHE_COLUMNS,
     _cache_dataset_columns,
-    _left_padded_prompts,
     _PaddingCollator,
     _TeacherCacheCollator,
-    mask_generated_continuations,
 )
 from .distillation_config import DistillationConfig
-from .hidden_states import _ProjectionGradients
+from .generation import _build_generation_config, _draws_on_policy, _generate_continuations
+from .hidden_states import (
+    _check_hidden_layer_map,
+    _hidden_state_loss,
+    _load_projections,
+    _ProjectionGradients,
+    _projections,
+    _save_projections,
+)
 from .model_utils import (
     _accepts_argument,
     _base_model,
@@ -42,20 +46,24 @@ from .model_utils import (
     _has_output_head,
     _is_peft_model,
     _model_name,
+    _pad_token_id,
     _text_config,
-    _tokenizer_next_to,
     _tokenizer_of,
-    _tokenizers_agree,
     _vocab_size,
 )
-from .teacher import _DeviceBridgeHead, _dispatch, _infer_device_map
+from .teacher import (
+    _check_teacher_against_student,
+    _deepspeed_teacher_engine,
+    _DeviceBridgeHead,
+    _dispatch,
+    _load_teacher,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = get_logger(__name__)
 
-PROJECTIONS_FILE = "distillation_projections.safetensors"
 LOGGED_METRICS = ("kd_loss", "ce_loss", "hidden_loss", "top1_agreement", "teacher_entropy", "student_entropy")
 
 
@@ -130,7 +138,7 @@ class DistillationTrainer(Trainer):
         if peft_config is not None:
             model = self._wrap_with_peft(model, peft_config, args)
 
-        self._check_hidden_layer_map(model, args)  # cheap checks first, before a teacher is loaded
+        _check_hidden_layer_map(model, args)  # cheap checks first, before a teacher is loaded
 
         # ---- the teacher: a cache, a live model, or the student's own base (self-distillation) ----
         self.teacher_model: nn.Module | None = None
@@ -170,7 +178,7 @@ class DistillationTrainer(Trainer):
                 teacher_model = args.teacher_model_name_or_path
             if isinstance(teacher_model, (str, os.PathLike)):
                 self.teacher_name_or_path = str(teacher_model)
-                teacher_model, loaded_teacher_tokenizer = self._load_teacher(str(teacher_model), args)
+                teacher_model, loaded_teacher_tokenizer = _load_teacher(str(teacher_model), args)
                 if teacher_processing_class is None:
                     teacher_processing_class = loaded_teacher_tokenizer
             if teacher_model is None:
@@ -188,7 +196,7 @@ class DistillationTrainer(Trainer):
                 self.teacher_model = teacher_model
 
         if data_collator is None:
-            data_collator = _PaddingCollator(self._pad_token_id(model, processing_class))
+            data_collator = _PaddingCollator(_pad_token_id(model, processing_class))
         if self.teacher_cache is not None:
             data_collator = _TeacherCacheCollator(data_collator, self.teacher_cache)
 
@@ -225,7 +233,7 @@ class DistillationTrainer(Trainer):
         self._generated_step = False
         self._on_policy_decision: tuple[int, bool] | None = None
         self._generation_config = (
-            self._build_generation_config(model, processing_class) if (args.lmbda > 0 or args.seq_kd) else None
+            _build_generation_config(model, processing_class, args) if (args.lmbda > 0 or args.seq_kd) else None
         )
 
     # ---------------------------------------------------------------- construction helpers
@@ -244,31 +252,6 @@ class DistillationTrainer(Trainer):
             model.enable_input_require_grads()
         return get_peft_model(model, peft_config)
 
-    @staticmethod
-    def _load_teacher(name_or_path: str, args: DistillationConfig) -> tuple[nn.Module, Any]:
-        from ..loading import load_causal_lm
-
-        device_map = args.teacher_device_map
-        if args.teacher_max_memory is not None:
-            device_map = _infer_device_map(name_or_path, args)
-        teacher, tokenizer = load_causal_lm(
-            name_or_path, revision=args.teacher_revision, dtype=args.teacher_dtype, device_map=device_map
-        )
-        return teacher, tokenizer
-
-    @staticmethod
-    def _pad_token_id(model: nn.Module, processing_class: Any) -> int:
-        tokenizer = _tokenizer_of(processing_class) if processing_class is not None else None
-        for candidate in (
-            getattr(tokenizer, "pad_token_id", None),
-            getattr(tokenizer, "eos_token_id", None),
-            getattr(_text_config(model), "pad_token_id", None),
-            getattr(_text_config(model), "eos_token_id", None),
-        ):
-            if isinstance(candidate, int):
-                return candidate
-        return 0
-
     def _check_teacher(
         self,
         student: nn.Module,
@@ -277,66 +260,11 @@ class DistillationTrainer(Trainer):
         teacher_processing_class: Any,
         args: DistillationConfig,
     ) -> None:
-        """Errors that can be seen before training: meta weights, vocabulary and tokenizer mismatches."""
-        on_meta = [name for name, parameter in teacher.named_parameters() if parameter.device.type == "meta"]
-        if on_meta:
-            raise ValueError(
-                f"teacher_model has {len(on_meta)} parameters on the meta device (e.g. {on_meta[0]!r}): it was built "
-                "without weights (init_empty_weights / device 'meta'). Load the teacher with its weights, e.g. "
-                "load_causal_lm(path) or from_pretrained(path), or pass its name/path as teacher_model."
-            )
-        if not _has_output_head(teacher) and args.hidden_loss_weight > 0:
-            raise ValueError(
-                f"hidden_loss_weight={args.hidden_loss_weight} needs the teacher's hidden states, but "
-                f"{type(teacher).__name__} has no output head (e.g. an ensemble); set hidden_loss_weight=0."
-            )
-        student_vocab, teacher_vocab = _vocab_size(student), _vocab_size(teacher)
-        student_tokenizer = _tokenizer_of(processing_class) if processing_class is not None else None
-        teacher_tokenizer = _tokenizer_of(teacher_processing_class) if teacher_processing_class is not None else None
-        if teacher_tokenizer is None:
-            teacher_tokenizer = _tokenizer_next_to(teacher)
-        if student_tokenizer is not None and teacher_tokenizer is not None:
-            if not _tokenizers_agree(student_tokenizer, teacher_tokenizer):
-                raise ValueError(
-                    f"teacher vocab_size {teacher_vocab} (tokenizer of {len(teacher_tokenizer)} tokens) and student "
-                    f"vocab_size {student_vocab} (tokenizer of {len(student_tokenizer)} tokens): their tokenizers map "
-                    "tokens to different ids, so their next-token distributions cannot be compared position by "
-                    "position. Use a teacher that shares the student's tokenizer, or cross-tokenizer distillation "
-                    '(`hf_interop.CrossTokenizerDistillationTrainer`, `loss_type="uld"` or `"gold"`).'
-                )
-        if student_vocab == teacher_vocab:
-            return
-        if student_tokenizer is None or teacher_tokenizer is None:
-            raise ValueError(
-                f"teacher vocab_size {teacher_vocab} != student vocab_size {student_vocab}. If both use the same "
-                "tokenizer (embeddings padded to a multiple), pass processing_class=<student tokenizer> and "
-                "teacher_processing_class=<teacher tokenizer> so the trainer can check that they map tokens to the "
-                'same ids; if the tokenizers differ, use `hf_interop.CrossTokenizerDistillationTrainer` (`loss_type="uld"`).'
-            )
-        shared = min(len(student_tokenizer), len(teacher_tokenizer))
-        if shared > min(student_vocab, teacher_vocab):
-            raise ValueError(
-                f"the shared tokenizer has {shared} tokens but the teacher has vocab_size {teacher_vocab} and the "
-                f"student {student_vocab}: one model has fewer output rows than the tokenizer has tokens. Resize "
-                "its embeddings (model.resize_token_embeddings(len(tokenizer)))."
-            )
-        self.shared_vocab_size = shared
-        logger.info(
-            f"teacher vocab_size {teacher_vocab} and student vocab_size {student_vocab} share one tokenizer; "
-            f"comparing distributions over its first {shared} tokens."
-        )
-
-    @staticmethod
-    def _check_hidden_layer_map(student: nn.Module, args: DistillationConfig) -> None:
-        if args.hidden_loss_weight <= 0 or not args.hidden_layer_map:
-            return
-        student_layers = int(_text_config(student).num_hidden_layers)
-        for student_layer, _ in args.hidden_layer_map:
-            if student_layer > student_layers:
-                raise ValueError(
-                    f"hidden_layer_map={args.hidden_layer_map} names student layer {student_layer}, but the student "
-                    f"has {student_layers} layers; use indices 0..{student_layers} (0 = embedding output)."
-                )
+        """Errors that can be seen before training (see `_check_teacher_against_student`); the cross-tokenizer
+        trainer overrides this hook, since it accepts tokenizers that differ."""
+        shared = _check_teacher_against_student(student, teacher, processing_class, teacher_processing_class, args)
+        if shared is not None:
+            self.shared_vocab_size = shared
 
     def _teacher_hidden_size_and_layers(self) -> tuple[int, int]:
         teacher = self.teacher_model if self.teacher_model is not None else self.model
@@ -344,21 +272,11 @@ class DistillationTrainer(Trainer):
         return int(config.hidden_size), int(config.num_hidden_layers)
 
     def _build_projections(self, student: nn.Module, args: DistillationConfig) -> nn.ModuleList:
-        projections = nn.ModuleList()
         if args.hidden_loss_weight <= 0 or not args.hidden_layer_map:
-            return projections
+            return nn.ModuleList()
         teacher_width, teacher_layers = self._teacher_hidden_size_and_layers()
         student_width = int(_text_config(student).hidden_size)
-        for _, teacher_layer in args.hidden_layer_map:
-            if teacher_layer > teacher_layers:
-                raise ValueError(
-                    f"hidden_layer_map={args.hidden_layer_map} names teacher layer {teacher_layer}, but the teacher "
-                    f"has {teacher_layers} layers; use indices 0..{teacher_layers} (0 = embedding output)."
-                )
-            if student_width == teacher_width:
-                projections.append(nn.Identity())
-            else:
-                projections.append(nn.Linear(student_width, teacher_width, bias=False))
+        projections = _projections(args.hidden_layer_map, student_width, teacher_width, teacher_layers)
         has_parameters = any(True for _ in projections.parameters())
         if has_parameters and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             raise ValueError(
@@ -386,7 +304,7 @@ class DistillationTrainer(Trainer):
         if device_map is not None and len({str(device) for device in device_map.values()}) > 1:
             return teacher  # the caller spread it over several devices (from_pretrained(device_map=...)): keep that
         if self.is_deepspeed_enabled:  # pragma: no cover - needs DeepSpeed and GPUs
-            return self._prepare_deepspeed_teacher(teacher)
+            return _deepspeed_teacher_engine(teacher, self.accelerator.state.deepspeed_plugin.deepspeed_config)
         if self.is_fsdp_enabled:
             # evaluation mode: mixed precision only, never sharded or wrapped (each process holds the whole frozen
             # teacher, as under DDP); placed explicitly, because Accelerate places no model itself under FSDP
@@ -394,55 +312,6 @@ class DistillationTrainer(Trainer):
             teacher.eval()
             return teacher
         return teacher.to(self.args.device)
-
-    def _prepare_deepspeed_teacher(self, teacher: nn.Module) -> nn.Module:  # pragma: no cover - needs DeepSpeed
-        """An inference-mode DeepSpeed engine for the teacher with the student's ZeRO settings (no optimizer).
-
-        Under ZeRO-3 the teacher is sharded like the student; otherwise every process holds a replica (stage 0).
-        """
-        import deepspeed
-
-        config = copy.deepcopy(self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        zero = config.setdefault("zero_optimization", {})
-        stage = int(zero.get("stage", 0))
-        hidden_size = getattr(_text_config(teacher), "hidden_size", None)
-        if stage == 3 and hidden_size is not None:
-            # bucket sizes the student's config may leave at "auto", which only the training engine would resolve
-            zero.update(
-                {
-                    "reduce_bucket_size": hidden_size * hidden_size,
-                    "stage3_param_persistence_threshold": 10 * hidden_size,
-                    "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-                }
-            )
-        # no optimizer or scheduler: DeepSpeed would otherwise build them (and their offload) for a frozen model
-        config.pop("optimizer", None)
-        config.pop("scheduler", None)
-        zero.pop("offload_optimizer", None)
-        if stage != 3:
-            zero["stage"] = 0
-        engine, *_ = deepspeed.initialize(model=teacher, config=config)
-        engine.eval()
-        return engine
-
-    def _build_generation_config(self, model: nn.Module, processing_class: Any) -> Any:
-        from transformers import GenerationConfig
-
-        tokenizer = _tokenizer_of(processing_class) if processing_class is not None else None
-        base = _base_model(model)
-        eos = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
-        if eos is None:
-            eos = getattr(tokenizer, "eos_token_id", None)
-        return GenerationConfig(
-            do_sample=True,
-            max_new_tokens=self.args.max_new_tokens,
-            temperature=self.args.generation_temperature,
-            top_p=self.args.generation_top_p,
-            top_k=self.args.generation_top_k,
-            pad_token_id=self._pad_token_id(model, processing_class),
-            eos_token_id=eos,
-            use_cache=True,
-        )
 
     # ---------------------------------------------------------------- Trainer hooks
 
@@ -653,16 +522,8 @@ class DistillationTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         if not any(True for _ in self.hidden_projections.parameters()):
             return
-        from safetensors.torch import save_file
-
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        path = os.path.join(output_dir, PROJECTIONS_FILE)
-        tmp_path = f"{path}.tmp"
-        tensors = {
-            name: tensor.detach().cpu().contiguous() for name, tensor in self.hidden_projections.state_dict().items()
-        }
-        save_file(tensors, tmp_path, metadata={"hidden_layer_map": str(self.args.hidden_layer_map)})
-        os.replace(tmp_path, path)
+        _save_projections(self.hidden_projections, output_dir, self.args.hidden_layer_map)
 
     def _without_tied_copies(self, state_dict: dict) -> dict:
         """`state_dict` keeping one name per tied parameter (e.g. `model.embed_tokens.weight`, not `lm_head.weight`).
@@ -684,16 +545,7 @@ class DistillationTrainer(Trainer):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         if not any(True for _ in self.hidden_projections.parameters()):
             return
-        path = os.path.join(resume_from_checkpoint, PROJECTIONS_FILE)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"checkpoint {resume_from_checkpoint!r} has no {PROJECTIONS_FILE}, but this run learns hidden-state "
-                f"projections (hidden_layer_map={self.args.hidden_layer_map}); resume from a checkpoint of a run with "
-                "the same hidden_layer_map, or start without resume_from_checkpoint."
-            )
-        from safetensors.torch import load_file
-
-        self.hidden_projections.load_state_dict(load_file(path, device=str(self.args.device)))
+        _load_projections(self.hidden_projections, resume_from_checkpoint, self.args)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the student (and projections); the final save (not checkpoints) also writes a model card.
@@ -893,41 +745,17 @@ class DistillationTrainer(Trainer):
         loss = result.loss
         statistics = _statistics(result)
         if want_layers:
-            hidden_loss = self._hidden_state_loss(
-                outputs.hidden_states, teacher_outputs.hidden_states, shift_labels, num_items_in_batch
+            hidden_loss = _hidden_state_loss(
+                self.hidden_projections,
+                args,
+                outputs.hidden_states,
+                teacher_outputs.hidden_states,
+                shift_labels,
+                num_items_in_batch,
             )
             loss = loss + args.hidden_loss_weight * hidden_loss
             statistics["hidden_loss"] = hidden_loss.detach()
         return loss, outputs, statistics
-
-    def _hidden_state_loss(
-        self,
-        student_states: tuple[torch.Tensor, ...],
-        teacher_states: tuple[torch.Tensor, ...],
-        shift_labels: torch.Tensor,
-        num_items_in_batch: torch.Tensor | int,
-    ) -> torch.Tensor:
-        """Mean over layer pairs of the per-token MSE / (1 - cosine), summed over valid positions / normaliser."""
-        valid = shift_labels != IGNORE_INDEX
-        total = None
-        for projection, (student_layer, teacher_layer) in zip(
-            self.hidden_projections, self.args.hidden_layer_map, strict=True
-        ):
-            student = student_states[student_layer][:, :-1][valid]
-            weight = getattr(projection, "weight", None)
-            student = projection(student.to(weight.dtype if weight is not None else torch.float32))
-            teacher = teacher_states[teacher_layer][:, :-1].to(valid.device)[valid].to(student.dtype)
-            if self.args.hidden_loss_type == "cosine":
-                per_token = 1.0 - nn.functional.cosine_similarity(student.float(), teacher.float(), dim=-1)
-            else:
-                per_token = (student.float() - teacher.float()).pow(2).mean(dim=-1)
-            total = per_token.sum() if total is None else total + per_token.sum()
-        normalizer = num_items_in_batch
-        if torch.is_tensor(normalizer):
-            normalizer = normalizer.to(total.device, torch.float32).clamp(min=1)
-        else:
-            normalizer = max(float(normalizer), 1.0)
-        return total / normalizer / len(self.args.hidden_layer_map)
 
     # ---------------------------------------------------------------- on-policy and sequence-level generation
 
@@ -936,42 +764,22 @@ class DistillationTrainer(Trainer):
         (seed, step), so all accumulation micro-batches of a step agree and resumed runs draw the same."""
         step = self.state.global_step
         if self._on_policy_decision is None or self._on_policy_decision[0] != step:
-            draw = random.Random(self.args.seed * 1_000_003 + step).random()
-            self._on_policy_decision = (step, draw < self.args.lmbda)
+            self._on_policy_decision = (step, _draws_on_policy(self.args.seed, step, self.args.lmbda))
         return self._on_policy_decision[1]
 
-    @torch.no_grad()
     def _generate_batch(self, model: nn.Module, inputs: dict[str, Any], generator: str) -> dict[str, Any]:
-        config = self._generation_config
-        prompt_ids, prompt_mask = _left_padded_prompts(
-            inputs["input_ids"],
-            inputs.get("attention_mask"),
-            inputs.get("labels"),
-            self.args.generation_prompt_length,
-            config.pad_token_id,
-        )
+        """The batch with its continuations replaced by text that `generator` ("student" or "teacher") samples."""
         if generator == "student" or self.self_distillation:
             generating = self.accelerator.unwrap_model(model)
         else:
             generating = self.accelerator.unwrap_model(self.teacher_model)
-        device = _first_device(generating)
-        was_training = generating.training
-        generating.eval()
-        try:
-            context = (
-                generating.disable_adapter()
-                if generator == "teacher" and self.self_distillation
-                else contextlib.nullcontext()
-            )
-            with context:
-                sequences = generating.generate(
-                    input_ids=prompt_ids.to(device), attention_mask=prompt_mask.to(device), generation_config=config
-                )
-        finally:
-            generating.train(was_training)
-        sequences = sequences.to(inputs["input_ids"].device)
-        attention_mask, labels = mask_generated_continuations(sequences, prompt_mask, config.eos_token_id)
-        return {"input_ids": sequences, "attention_mask": attention_mask, "labels": labels}
+        return _generate_continuations(
+            generating,
+            inputs,
+            self._generation_config,
+            self.args.generation_prompt_length,
+            disable_adapter=generator == "teacher" and self.self_distillation,
+        )
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -95,3 +95,17 @@ def _tokenizer_next_to(model: nn.Module) -> Any:
         return load_tokenizer(name)
     except Exception:  # no tokenizer files there: the caller asks for teacher_processing_class when it matters
         return None
+
+
+def _pad_token_id(model: nn.Module, processing_class: Any) -> int:
+    """The tokenizer's pad (else EOS) id, else the model config's, else 0."""
+    tokenizer = _tokenizer_of(processing_class) if processing_class is not None else None
+    for candidate in (
+        getattr(tokenizer, "pad_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+        getattr(_text_config(model), "pad_token_id", None),
+        getattr(_text_config(model), "eos_token_id", None),
+    ):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
