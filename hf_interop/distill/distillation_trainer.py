@@ -29,6 +29,7 @@ from .collators import (
     _PaddingCollator,
     _TeacherCacheCollator,
 )
+from .cpu_fsdp import _requested_cpu_fsdp_plugin, _switch_state_to_fsdp
 from .distillation_config import DistillationConfig
 from .generation import _build_generation_config, _draws_on_policy, _generate_continuations
 from .hidden_states import (
@@ -41,7 +42,6 @@ from .hidden_states import (
 )
 from .model_utils import (
     _accepts_argument,
-    _base_model,
     _first_device,
     _has_output_head,
     _is_peft_model,
@@ -50,13 +50,15 @@ from .model_utils import (
     _text_config,
     _tokenizer_of,
     _vocab_size,
+    _without_tied_copies,
 )
 from .teacher import (
     _check_teacher_against_student,
     _deepspeed_teacher_engine,
-    _DeviceBridgeHead,
     _dispatch,
     _load_teacher,
+    _self_distillation_output_head,
+    _teacher_output_head,
 )
 
 if TYPE_CHECKING:
@@ -121,23 +123,7 @@ class DistillationTrainer(Trainer):
         peft_config: Any = None,
         **kwargs: Any,
     ) -> None:
-        if args is None:
-            args = DistillationConfig(output_dir="distillation_output")
-        if not isinstance(args, DistillationConfig):
-            raise TypeError(
-                f"args is a {type(args).__name__}; DistillationTrainer needs a hf_interop.DistillationConfig (a "
-                "TrainingArguments subclass with the distillation settings): DistillationConfig(output_dir=..., ...)."
-            )
-        if model is None:
-            raise ValueError("model (the student) is required: pass a causal LM or its name/path.")
-        if isinstance(model, (str, os.PathLike)):
-            from ..loading import load_causal_lm
-
-            model, loaded_tokenizer = load_causal_lm(model)
-            processing_class = processing_class if processing_class is not None else loaded_tokenizer
-        if peft_config is not None:
-            model = self._wrap_with_peft(model, peft_config, args)
-
+        args, model, processing_class = self._config_and_student(args, model, processing_class, peft_config)
         _check_hidden_layer_map(model, args)  # cheap checks first, before a teacher is loaded
 
         # ---- the teacher: a cache, a live model, or the student's own base (self-distillation) ----
@@ -148,52 +134,9 @@ class DistillationTrainer(Trainer):
         self.shared_vocab_size: int | None = None
         self.teacher_tail_prior = None  # sparse_tail="teacher_marginal": the cache's mean teacher distribution
         if args.teacher_logits_path is not None:
-            if teacher_model is not None or args.teacher_model_name_or_path is not None:
-                raise ValueError(
-                    f"teacher_logits_path={args.teacher_logits_path!r} replaces the teacher, but a teacher was also "
-                    "given (teacher_model / teacher_model_name_or_path); pass one or the other."
-                )
-            if args.loss_type not in losses.SPARSE_LOSS_TYPES:
-                raise ValueError(
-                    f"loss_type={args.loss_type!r} cannot be computed from a top-k teacher cache; use one of "
-                    f"{list(losses.SPARSE_LOSS_TYPES)} with teacher_logits_path, or a live teacher."
-                )
-            from .teacher_cache import TeacherLogitsCache
-
-            self.teacher_cache = TeacherLogitsCache.load(args.teacher_logits_path)
-            self.teacher_cache.check_compatible(tokenizer=processing_class, dataset=train_dataset)
-            if train_dataset is not None:
-                train_dataset = self.teacher_cache.attach(train_dataset)
-            manifest = self.teacher_cache.manifest
-            self.teacher_name_or_path = manifest.get("teacher") or manifest.get("teacher_name_or_path")
-            cache_vocab = manifest.get("vocab_size")
-            if cache_vocab is not None and int(cache_vocab) != _vocab_size(model) and processing_class is not None:
-                # same tokenizer (check_compatible compared fingerprints), padded embeddings on one side
-                self.shared_vocab_size = len(_tokenizer_of(processing_class))
-            if args.sparse_tail == "teacher_marginal":
-                prior = self.teacher_cache.tail_prior_logprobs()
-                self.teacher_tail_prior = prior[: self.shared_vocab_size] if self.shared_vocab_size else prior
+            train_dataset = self._use_teacher_cache(model, teacher_model, args, processing_class, train_dataset)
         else:
-            if teacher_model is None and args.teacher_model_name_or_path is not None:
-                teacher_model = args.teacher_model_name_or_path
-            if isinstance(teacher_model, (str, os.PathLike)):
-                self.teacher_name_or_path = str(teacher_model)
-                teacher_model, loaded_teacher_tokenizer = _load_teacher(str(teacher_model), args)
-                if teacher_processing_class is None:
-                    teacher_processing_class = loaded_teacher_tokenizer
-            if teacher_model is None:
-                if not _is_peft_model(model):
-                    raise ValueError(
-                        "no teacher: pass teacher_model=... (a model or a name/path), set "
-                        "DistillationConfig.teacher_model_name_or_path or teacher_logits_path, or give a PeftModel "
-                        "student (or peft_config=...) to self-distil from its base model with adapters disabled."
-                    )
-                self.self_distillation = True
-                self.teacher_name_or_path = _model_name(model)
-            else:
-                self.teacher_name_or_path = self.teacher_name_or_path or _model_name(teacher_model)
-                self._check_teacher(model, teacher_model, processing_class, teacher_processing_class, args)
-                self.teacher_model = teacher_model
+            self._use_live_teacher(model, teacher_model, args, processing_class, teacher_processing_class)
 
         if data_collator is None:
             data_collator = _PaddingCollator(_pad_token_id(model, processing_class))
@@ -238,6 +181,94 @@ class DistillationTrainer(Trainer):
 
     # ---------------------------------------------------------------- construction helpers
 
+    def _config_and_student(
+        self, args: DistillationConfig | None, model: Any, processing_class: Any, peft_config: Any
+    ) -> tuple[DistillationConfig, nn.Module, Any]:
+        """The checked config, and the student (loaded by name, wrapped with `peft_config`) with its tokenizer."""
+        if args is None:
+            args = DistillationConfig(output_dir="distillation_output")
+        if not isinstance(args, DistillationConfig):
+            raise TypeError(
+                f"args is a {type(args).__name__}; DistillationTrainer needs a hf_interop.DistillationConfig (a "
+                "TrainingArguments subclass with the distillation settings): DistillationConfig(output_dir=..., ...)."
+            )
+        if model is None:
+            raise ValueError("model (the student) is required: pass a causal LM or its name/path.")
+        if isinstance(model, (str, os.PathLike)):
+            from ..loading import load_causal_lm
+
+            model, loaded_tokenizer = load_causal_lm(model)
+            processing_class = processing_class if processing_class is not None else loaded_tokenizer
+        if peft_config is not None:
+            model = self._wrap_with_peft(model, peft_config, args)
+        return args, model, processing_class
+
+    def _use_teacher_cache(
+        self,
+        model: nn.Module,
+        teacher_model: nn.Module | str | None,
+        args: DistillationConfig,
+        processing_class: Any,
+        train_dataset: Any,
+    ) -> Any:
+        """Load the teacher cache of `args.teacher_logits_path`, check it, and return `train_dataset` with its columns."""
+        if teacher_model is not None or args.teacher_model_name_or_path is not None:
+            raise ValueError(
+                f"teacher_logits_path={args.teacher_logits_path!r} replaces the teacher, but a teacher was also "
+                "given (teacher_model / teacher_model_name_or_path); pass one or the other."
+            )
+        if args.loss_type not in losses.SPARSE_LOSS_TYPES:
+            raise ValueError(
+                f"loss_type={args.loss_type!r} cannot be computed from a top-k teacher cache; use one of "
+                f"{list(losses.SPARSE_LOSS_TYPES)} with teacher_logits_path, or a live teacher."
+            )
+        from .teacher_cache import TeacherLogitsCache
+
+        self.teacher_cache = TeacherLogitsCache.load(args.teacher_logits_path)
+        self.teacher_cache.check_compatible(tokenizer=processing_class, dataset=train_dataset)
+        if train_dataset is not None:
+            train_dataset = self.teacher_cache.attach(train_dataset)
+        manifest = self.teacher_cache.manifest
+        self.teacher_name_or_path = manifest.get("teacher") or manifest.get("teacher_name_or_path")
+        cache_vocab = manifest.get("vocab_size")
+        if cache_vocab is not None and int(cache_vocab) != _vocab_size(model) and processing_class is not None:
+            # same tokenizer (check_compatible compared fingerprints), padded embeddings on one side
+            self.shared_vocab_size = len(_tokenizer_of(processing_class))
+        if args.sparse_tail == "teacher_marginal":
+            prior = self.teacher_cache.tail_prior_logprobs()
+            self.teacher_tail_prior = prior[: self.shared_vocab_size] if self.shared_vocab_size else prior
+        return train_dataset
+
+    def _use_live_teacher(
+        self,
+        model: nn.Module,
+        teacher_model: nn.Module | str | None,
+        args: DistillationConfig,
+        processing_class: Any,
+        teacher_processing_class: Any,
+    ) -> None:
+        """The teacher as given, loaded by name, or (no teacher, a PeftModel student) the student's own base."""
+        if teacher_model is None and args.teacher_model_name_or_path is not None:
+            teacher_model = args.teacher_model_name_or_path
+        if isinstance(teacher_model, (str, os.PathLike)):
+            self.teacher_name_or_path = str(teacher_model)
+            teacher_model, loaded_teacher_tokenizer = _load_teacher(str(teacher_model), args)
+            if teacher_processing_class is None:
+                teacher_processing_class = loaded_teacher_tokenizer
+        if teacher_model is None:
+            if not _is_peft_model(model):
+                raise ValueError(
+                    "no teacher: pass teacher_model=... (a model or a name/path), set "
+                    "DistillationConfig.teacher_model_name_or_path or teacher_logits_path, or give a PeftModel "
+                    "student (or peft_config=...) to self-distil from its base model with adapters disabled."
+                )
+            self.self_distillation = True
+            self.teacher_name_or_path = _model_name(model)
+        else:
+            self.teacher_name_or_path = self.teacher_name_or_path or _model_name(teacher_model)
+            self._check_teacher(model, teacher_model, processing_class, teacher_processing_class, args)
+            self.teacher_model = teacher_model
+
     @staticmethod
     def _wrap_with_peft(model: nn.Module, peft_config: Any, args: DistillationConfig) -> nn.Module:
         from peft import get_peft_model
@@ -266,26 +297,15 @@ class DistillationTrainer(Trainer):
         if shared is not None:
             self.shared_vocab_size = shared
 
-    def _teacher_hidden_size_and_layers(self) -> tuple[int, int]:
-        teacher = self.teacher_model if self.teacher_model is not None else self.model
-        config = _text_config(self.accelerator.unwrap_model(teacher) if teacher is not None else teacher)
-        return int(config.hidden_size), int(config.num_hidden_layers)
-
     def _build_projections(self, student: nn.Module, args: DistillationConfig) -> nn.ModuleList:
+        """The hidden-state projections (none without the hidden loss); learned ones get their gradient callback."""
         if args.hidden_loss_weight <= 0 or not args.hidden_layer_map:
             return nn.ModuleList()
-        teacher_width, teacher_layers = self._teacher_hidden_size_and_layers()
-        student_width = int(_text_config(student).hidden_size)
-        projections = _projections(args.hidden_layer_map, student_width, teacher_width, teacher_layers)
-        has_parameters = any(True for _ in projections.parameters())
-        if has_parameters and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            raise ValueError(
-                f"hidden_layer_map={args.hidden_layer_map} needs learned projections (student width {student_width} "
-                f"!= teacher width {teacher_width}), which hf_interop does not shard with DeepSpeed/FSDP; map layers of "
-                "equal width, set hidden_loss_weight=0, or train without DeepSpeed/FSDP."
-            )
-        projections.to(self.args.device)
-        if has_parameters:
+        teacher = self.teacher_model if self.teacher_model is not None else self.model
+        teacher_config = _text_config(self.accelerator.unwrap_model(teacher) if teacher is not None else teacher)
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        projections = _projections(args, _text_config(student), teacher_config, sharded)
+        if any(True for _ in projections.parameters()):
             self.add_callback(_ProjectionGradients(projections))
         return projections
 
@@ -318,46 +338,21 @@ class DistillationTrainer(Trainer):
     def create_accelerator_and_postprocess(self) -> None:
         """The Trainer's Accelerator, with FSDP really enabled when it was asked for on CPU processes.
 
-        Accelerate enables FSDP only for accelerator devices (`AcceleratorState` switches to FSDP from GPU-like
-        distributed types, not from `MULTI_CPU`), so `fsdp`/`fsdp_config` (or `ACCELERATE_USE_FSDP=true`) with
-        `use_cpu=True` under `torchrun` would silently train with DDP. PyTorch's FSDP2 (`fully_shard`) runs on a CPU
-        device mesh over gloo: the state is switched to FSDP the way Accelerate does it on GPUs, and the Accelerator
-        is built again on top of it.
+        Accelerate would silently train with DDP there (see `hf_interop.distill.cpu_fsdp`): the state is switched to
+        FSDP the way Accelerate does it on GPUs, and the Accelerator is built again on top of it.
         """
         super().create_accelerator_and_postprocess()
         plugin = self._cpu_fsdp_plugin()
         if plugin is None:
             return
-        from accelerate.state import PartialState
-        from accelerate.utils import DistributedType
-
         state = self.accelerator.state
-        if state.mixed_precision != "no":
-            plugin.set_mixed_precision(state.mixed_precision)
-        state.fsdp_plugin = plugin
-        state.distributed_type = DistributedType.FSDP
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # as AcceleratorState does on GPUs
+        _switch_state_to_fsdp(state, plugin)
         super().create_accelerator_and_postprocess()
         logger.info(f"FSDP{plugin.fsdp_version} on {state.num_processes} CPU processes (gloo).")
 
     def _cpu_fsdp_plugin(self) -> Any:
         """The FSDP plugin asked for when Accelerate left several CPU processes on DDP (`MULTI_CPU`), else `None`."""
-        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-        if self.accelerator.state.distributed_type != DistributedType.MULTI_CPU:
-            return None
-        if self.args.fsdp_plugin_args is not None:
-            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-        elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* variables `accelerate launch` sets
-        else:
-            return None
-        if plugin.fsdp_version != 2:
-            raise ValueError(
-                f"fsdp_version={plugin.fsdp_version} on CPU processes: only FSDP2 (fully_shard) runs on CPUs here; set "
-                "fsdp_config={'version': 2} (or fsdp_version: 2 in the accelerate config), or train on GPUs."
-            )
-        return plugin
+        return _requested_cpu_fsdp_plugin(self.accelerator.state.distributed_type, self.args.fsdp_plugin_args)
 
     def _set_signature_columns_if_needed(self) -> None:
         # Private hook, overridden so that the Trainer's column pruning keeps the cached teacher columns, which are
@@ -518,27 +513,12 @@ class DistillationTrainer(Trainer):
         # hidden-state projections next to the student, which resuming needs and the student's own files exclude.
         # Under FSDP it also drops the extra copies of tied weights from the gathered state dict.
         if state_dict is not None and self.is_fsdp_enabled:
-            state_dict = self._without_tied_copies(state_dict)
+            state_dict = _without_tied_copies(self.accelerator.unwrap_model(self.model), state_dict)
         super()._save(output_dir, state_dict=state_dict)
         if not any(True for _ in self.hidden_projections.parameters()):
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         _save_projections(self.hidden_projections, output_dir, self.args.hidden_layer_map)
-
-    def _without_tied_copies(self, state_dict: dict) -> dict:
-        """`state_dict` keeping one name per tied parameter (e.g. `model.embed_tokens.weight`, not `lm_head.weight`).
-
-        A state dict gathered from FSDP shards holds a separate tensor for every name of a tied parameter, so
-        `save_pretrained`, which recognises tied weights by shared memory, would save each copy.
-        """
-        first_names: dict[int, str] = {}
-        copies = set()
-        for name, parameter in self.accelerator.unwrap_model(self.model).named_parameters(remove_duplicate=False):
-            if id(parameter) in first_names:
-                copies.add(name)
-            else:
-                first_names[id(parameter)] = name
-        return {name: tensor for name, tensor in state_dict.items() if name not in copies}
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # Private hook, overridden so that resuming restores the learned hidden-state projections saved by `_save`.
@@ -597,21 +577,8 @@ class DistillationTrainer(Trainer):
     def _teacher_head(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """The teacher's output head for the chunked loss, or `None` when the teacher's full logits must be used."""
         if self.self_distillation:
-            base = _base_model(self.accelerator.unwrap_model(self.model))
-            head = base.get_output_embeddings()
-            try:
-                from peft.tuners.tuners_utils import BaseTunerLayer
-            except ImportError:  # pragma: no cover
-                BaseTunerLayer = ()  # noqa: N806
-            if isinstance(head, BaseTunerLayer):
-                return None  # adapters on lm_head: the disabled-adapter head exists only inside the teacher forward
-            return losses.output_logits_fn(base)
-        teacher = self.accelerator.unwrap_model(self.teacher_model)
-        if not _has_output_head(teacher) or not _accepts_argument(teacher, "logits_to_keep"):
-            return None
-        head = losses.output_logits_fn(teacher)
-        head_device = _base_model(teacher).get_output_embeddings().weight.device
-        return head if head_device == device else _DeviceBridgeHead(head, head_device)
+            return _self_distillation_output_head(self.accelerator.unwrap_model(self.model))
+        return _teacher_output_head(self.accelerator.unwrap_model(self.teacher_model), device)
 
     @torch.no_grad()
     def _teacher_forward(
@@ -653,6 +620,7 @@ class DistillationTrainer(Trainer):
         cached: dict[str, torch.Tensor],
         chunked: bool,
     ) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+        """The loss of one micro-batch, the student's outputs and the statistics to log."""
         args = self.args
         want_layers = args.hidden_loss_weight > 0
         loss_kwargs = dict(
@@ -672,76 +640,14 @@ class DistillationTrainer(Trainer):
         outputs = model(**model_inputs, **student_kwargs)
 
         if self.teacher_cache is not None:
-            if not cached:
-                # evaluation rows carry no cached teacher: report the student's own cross-entropy
-                logger.warning_once("Evaluation rows have no cached teacher logits; eval loss is the student's CE.")
-                logits = outputs.logits if not chunked else self._student_head(model)(outputs.hidden_states[-1])
-                result = losses.distillation_loss(
-                    logits[:, :-1], logits[:, :-1].detach(), shift_labels, **{**loss_kwargs, "kd_ratio": 0.0}
-                )
-                return result.loss, outputs, {"ce_loss": result.ce_loss}
-            sparse_kwargs = {
-                **loss_kwargs,
-                "skew_alpha": args.skew_alpha,
-                "cache_temperature": float(self.teacher_cache.manifest.get("temperature", 1.0)),
-                "teacher_vocab_size": self.teacher_cache.manifest.get("vocab_size"),
-                "shared_vocab_size": self.shared_vocab_size,
-                "teacher_tail_prior_logprobs": self._tail_prior_on(shift_labels.device),
-            }
-            shifted = [cached[name] for name in TEACHER_CACHE_COLUMNS]
-            if chunked:
-                result = losses.chunked_sparse_distillation_loss(
-                    outputs.hidden_states[-1][:, :-1],
-                    self._student_head(model),
-                    *shifted,
-                    shift_labels,
-                    chunk_size=args.loss_chunk_size,
-                    **sparse_kwargs,
-                )
-            else:
-                result = losses.sparse_distillation_loss(
-                    outputs.logits[:, :-1], *shifted, shift_labels, **sparse_kwargs
-                )
-            return result.loss, outputs, _statistics(result)
+            loss, statistics = self._cached_teacher_loss(model, outputs, shift_labels, cached, chunked, loss_kwargs)
+            return loss, outputs, statistics
 
         loss_kwargs["skew_alpha"] = args.skew_alpha
         loss_kwargs["shared_vocab_size"] = self.shared_vocab_size
-        student_device = shift_labels.device
-        teacher_head = self._teacher_head(student_device) if chunked else None
-        teacher_outputs = self._teacher_forward(
-            model, model_inputs, want_hidden=want_layers or teacher_head is not None, want_logits=teacher_head is None
+        teacher_outputs, result = self._live_teacher_loss(
+            model, model_inputs, outputs, shift_labels, chunked, want_layers, loss_kwargs
         )
-        if chunked:
-            student_hidden = outputs.hidden_states[-1][:, :-1]
-            if teacher_head is not None:
-                teacher_hidden = teacher_outputs.hidden_states[-1][:, :-1].to(student_device)
-                if not bool(torch.isfinite(teacher_hidden).all()):
-                    raise ValueError(
-                        "the teacher's final hidden states hold NaN or inf values; its weights are broken or its "
-                        "dtype overflows (try teacher_dtype='float32' or 'bfloat16')."
-                    )
-                result = losses.chunked_distillation_loss(
-                    student_hidden,
-                    self._student_head(model),
-                    shift_labels,
-                    teacher_hidden=teacher_hidden,
-                    teacher_head=teacher_head,
-                    chunk_size=args.loss_chunk_size,
-                    **loss_kwargs,
-                )
-            else:
-                result = losses.chunked_distillation_loss(
-                    student_hidden,
-                    self._student_head(model),
-                    shift_labels,
-                    teacher_logits=teacher_outputs.logits[:, :-1].to(student_device),
-                    chunk_size=args.loss_chunk_size,
-                    **loss_kwargs,
-                )
-        else:
-            result = losses.distillation_loss(
-                outputs.logits[:, :-1], teacher_outputs.logits[:, :-1].to(student_device), shift_labels, **loss_kwargs
-            )
         loss = result.loss
         statistics = _statistics(result)
         if want_layers:
@@ -756,6 +662,89 @@ class DistillationTrainer(Trainer):
             loss = loss + args.hidden_loss_weight * hidden_loss
             statistics["hidden_loss"] = hidden_loss.detach()
         return loss, outputs, statistics
+
+    def _cached_teacher_loss(
+        self,
+        model: nn.Module,
+        outputs: Any,
+        shift_labels: torch.Tensor,
+        cached: dict[str, torch.Tensor],
+        chunked: bool,
+        loss_kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss against the teacher cache's top-k distributions (the student's CE on rows without them)."""
+        args = self.args
+        if not cached:
+            # evaluation rows carry no cached teacher: report the student's own cross-entropy
+            logger.warning_once("Evaluation rows have no cached teacher logits; eval loss is the student's CE.")
+            logits = outputs.logits if not chunked else self._student_head(model)(outputs.hidden_states[-1])
+            result = losses.distillation_loss(
+                logits[:, :-1], logits[:, :-1].detach(), shift_labels, **{**loss_kwargs, "kd_ratio": 0.0}
+            )
+            return result.loss, {"ce_loss": result.ce_loss}
+        sparse_kwargs = {
+            **loss_kwargs,
+            "skew_alpha": args.skew_alpha,
+            "cache_temperature": float(self.teacher_cache.manifest.get("temperature", 1.0)),
+            "teacher_vocab_size": self.teacher_cache.manifest.get("vocab_size"),
+            "shared_vocab_size": self.shared_vocab_size,
+            "teacher_tail_prior_logprobs": self._tail_prior_on(shift_labels.device),
+        }
+        shifted = [cached[name] for name in TEACHER_CACHE_COLUMNS]
+        if chunked:
+            result = losses.chunked_sparse_distillation_loss(
+                outputs.hidden_states[-1][:, :-1],
+                self._student_head(model),
+                *shifted,
+                shift_labels,
+                chunk_size=args.loss_chunk_size,
+                **sparse_kwargs,
+            )
+        else:
+            result = losses.sparse_distillation_loss(outputs.logits[:, :-1], *shifted, shift_labels, **sparse_kwargs)
+        return result.loss, _statistics(result)
+
+    def _live_teacher_loss(
+        self,
+        model: nn.Module,
+        model_inputs: dict[str, Any],
+        outputs: Any,
+        shift_labels: torch.Tensor,
+        chunked: bool,
+        want_layers: bool,
+        loss_kwargs: dict[str, Any],
+    ) -> tuple[Any, Any]:
+        """The teacher's outputs on the batch and the loss against them (chunked from hidden states, or dense)."""
+        args = self.args
+        student_device = shift_labels.device
+        teacher_head = self._teacher_head(student_device) if chunked else None
+        teacher_outputs = self._teacher_forward(
+            model, model_inputs, want_hidden=want_layers or teacher_head is not None, want_logits=teacher_head is None
+        )
+        if chunked:
+            if teacher_head is not None:
+                teacher_hidden = teacher_outputs.hidden_states[-1][:, :-1].to(student_device)
+                if not bool(torch.isfinite(teacher_hidden).all()):
+                    raise ValueError(
+                        "the teacher's final hidden states hold NaN or inf values; its weights are broken or its "
+                        "dtype overflows (try teacher_dtype='float32' or 'bfloat16')."
+                    )
+                teacher = {"teacher_hidden": teacher_hidden, "teacher_head": teacher_head}
+            else:
+                teacher = {"teacher_logits": teacher_outputs.logits[:, :-1].to(student_device)}
+            result = losses.chunked_distillation_loss(
+                outputs.hidden_states[-1][:, :-1],
+                self._student_head(model),
+                shift_labels,
+                **teacher,
+                chunk_size=args.loss_chunk_size,
+                **loss_kwargs,
+            )
+        else:
+            result = losses.distillation_loss(
+                outputs.logits[:, :-1], teacher_outputs.logits[:, :-1].to(student_device), shift_labels, **loss_kwargs
+            )
+        return teacher_outputs, result
 
     # ---------------------------------------------------------------- on-policy and sequence-level generation
 

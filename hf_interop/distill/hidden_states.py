@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -55,21 +55,29 @@ def _check_hidden_layer_map(student: nn.Module, args: DistillationConfig) -> Non
             )
 
 
-def _projections(
-    hidden_layer_map: list[list[int]], student_width: int, teacher_width: int, teacher_layers: int
-) -> nn.ModuleList:
-    """One projection per `[student_layer, teacher_layer]` pair: identity for equal widths, else a learned linear map."""
+def _projections(args: DistillationConfig, student_config: Any, teacher_config: Any, sharded: bool) -> nn.ModuleList:
+    """One projection per pair of `args.hidden_layer_map`, on `args.device`: identity for equal widths, else a
+    learned linear map from the student's width to the teacher's (refused when `sharded`: DeepSpeed/FSDP)."""
+    teacher_width, teacher_layers = int(teacher_config.hidden_size), int(teacher_config.num_hidden_layers)
+    student_width = int(student_config.hidden_size)
     projections = nn.ModuleList()
-    for _, teacher_layer in hidden_layer_map:
+    for _, teacher_layer in args.hidden_layer_map:
         if teacher_layer > teacher_layers:
             raise ValueError(
-                f"hidden_layer_map={hidden_layer_map} names teacher layer {teacher_layer}, but the teacher "
+                f"hidden_layer_map={args.hidden_layer_map} names teacher layer {teacher_layer}, but the teacher "
                 f"has {teacher_layers} layers; use indices 0..{teacher_layers} (0 = embedding output)."
             )
         if student_width == teacher_width:
             projections.append(nn.Identity())
         else:
             projections.append(nn.Linear(student_width, teacher_width, bias=False))
+    if sharded and any(True for _ in projections.parameters()):
+        raise ValueError(
+            f"hidden_layer_map={args.hidden_layer_map} needs learned projections (student width {student_width} "
+            f"!= teacher width {teacher_width}), which hf_interop does not shard with DeepSpeed/FSDP; map layers of "
+            "equal width, set hidden_loss_weight=0, or train without DeepSpeed/FSDP."
+        )
+    projections.to(args.device)
     return projections
 
 

@@ -109,3 +109,19 @@ def _pad_token_id(model: nn.Module, processing_class: Any) -> int:
         if isinstance(candidate, int):
             return candidate
     return 0
+
+
+def _without_tied_copies(model: nn.Module, state_dict: dict) -> dict:
+    """`state_dict` keeping one name per tied parameter (e.g. `model.embed_tokens.weight`, not `lm_head.weight`).
+
+    A state dict gathered from FSDP shards holds a separate tensor for every name of a tied parameter, so
+    `save_pretrained`, which recognises tied weights by shared memory, would save each copy.
+    """
+    first_names: dict[int, str] = {}
+    copies = set()
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if id(parameter) in first_names:
+            copies.add(name)
+        else:
+            first_names[id(parameter)] = name
+    return {name: tensor for name, tensor in state_dict.items() if name not in copies}

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from .. import losses
 from ..logging_utils import get_logger
 from .model_utils import (
+    _accepts_argument,
+    _base_model,
     _has_output_head,
     _text_config,
     _tokenizer_next_to,
@@ -181,3 +185,27 @@ def _deepspeed_teacher_engine(teacher: nn.Module, config: dict) -> nn.Module:  #
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
     return engine
+
+
+def _teacher_output_head(teacher: nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The teacher's output head for the chunked loss, returning logits on `device`; `None` when the teacher's full
+    logits must be used (no output head, e.g. an ensemble, or no `logits_to_keep`)."""
+    if not _has_output_head(teacher) or not _accepts_argument(teacher, "logits_to_keep"):
+        return None
+    head = losses.output_logits_fn(teacher)
+    head_device = _base_model(teacher).get_output_embeddings().weight.device
+    return head if head_device == device else _DeviceBridgeHead(head, head_device)
+
+
+def _self_distillation_output_head(student: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The head of a PeftModel student's base model (the teacher of self-distillation), or `None` with adapters on
+    the head itself, whose disabled-adapter version exists only inside the teacher forward."""
+    base = _base_model(student)
+    head = base.get_output_embeddings()
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover
+        BaseTunerLayer = ()  # noqa: N806
+    if isinstance(head, BaseTunerLayer):
+        return None
+    return losses.output_logits_fn(base)
