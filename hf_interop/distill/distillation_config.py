@@ -256,6 +256,13 @@ class DistillationConfig(TrainingArguments):
     allowed_loss_types: ClassVar[tuple[str, ...]] = DISTILLATION_LOSS_TYPES
 
     def _check_distillation_fields(self) -> None:
+        # order matters: of several wrong values, the first one checked is reported
+        self._check_loss_fields()
+        self._check_generation_fields()
+        self._check_teacher_fields()
+
+    def _check_loss_fields(self) -> None:
+        """The loss: its name, temperature, the [0, 1] weights (and `lmbda`), the hidden-state loss, the chunk size."""
         if self.loss_type in _CROSS_TOKENIZER_LOSS_TYPES and self.loss_type not in self.allowed_loss_types:
             raise ValueError(
                 f"loss_type={self.loss_type!r} is cross-tokenizer distillation: use "
@@ -293,6 +300,9 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"loss_chunk_size={self.loss_chunk_size} must be >= 0; use e.g. 1024 (chunked loss) or 0 (dense loss)."
             )
+
+    def _check_generation_fields(self) -> None:
+        """On-policy and sequence-level generation: prompt length, new tokens and sampling settings."""
         if self.generation_prompt_length < 1:
             raise ValueError(
                 f"generation_prompt_length={self.generation_prompt_length} must be >= 1 (generation needs a prompt)."
@@ -308,6 +318,9 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(f"generation_top_p={self.generation_top_p} must be in (0, 1]; 1.0 disables it.")
         if self.generation_top_k < 0:
             raise ValueError(f"generation_top_k={self.generation_top_k} must be >= 0; 0 disables it.")
+
+    def _check_teacher_fields(self) -> None:
+        """Teacher placement (JSON strings from the command line are parsed) and the teacher cache's settings."""
         if isinstance(self.teacher_device_map, str) and self.teacher_device_map.startswith("{"):
             self.teacher_device_map = json.loads(self.teacher_device_map)
         if isinstance(self.teacher_max_memory, str):
