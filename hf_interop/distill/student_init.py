@@ -257,53 +257,21 @@ def init_student_from_teacher(
     >>> student = init_student_from_teacher(default_teacher_path(), num_layers=6, intermediate_size=768)
     ```
     """
-    import torch
-
-    if width_importance not in WIDTH_IMPORTANCES:
-        raise ValueError(f"width_importance={width_importance!r} is not one of {list(WIDTH_IMPORTANCES)}.")
-    for name, value in (
-        ("calibration_num_blocks", calibration_num_blocks),
-        ("calibration_block_size", calibration_block_size),
-        ("calibration_batch_size", calibration_batch_size),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer.")
-    if output_dir is not None and Path(output_dir).exists() and not overwrite:
-        raise FileExistsError(
-            f"output_dir {str(output_dir)!r} already exists; pass overwrite=True to replace it or choose another."
-        )
-
-    teacher_name = None
-    if isinstance(teacher, (str, os.PathLike)):
-        teacher_name = str(teacher)
-        _check_teacher_config_before_loading(teacher_name, num_layers, layer_selection)
-        from ..loading import load_causal_lm
-
-        teacher, loaded_tokenizer = load_causal_lm(teacher_name)
-        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-    elif not hasattr(teacher, "config") or not isinstance(teacher, torch.nn.Module):
-        raise TypeError(
-            f"teacher must be a transformers causal LM or a checkpoint path, got {type(teacher).__name__}."
-        )
-    if hasattr(teacher, "peft_config"):
-        raise ValueError(
-            "teacher is a PEFT model; merge its adapters first (hf_interop.export_merged_model or "
-            "`merge_and_unload()`) and pass the plain model."
-        )
+    _check_init_arguments(
+        width_importance,
+        calibration_num_blocks,
+        calibration_block_size,
+        calibration_batch_size,
+        output_dir,
+        overwrite,
+    )
+    teacher, tokenizer, teacher_name = _teacher_and_tokenizer(teacher, tokenizer, num_layers, layer_selection)
     config = teacher.config
     layout = _layout_for(config)
     num_teacher_layers = _config_value(config, layout.num_layers_key)
     layer_indices = _resolve_layer_indices(layer_selection, num_layers, num_teacher_layers)
     teacher_intermediate, teacher_heads, teacher_kv_heads, head_dim = _teacher_widths(config, layout)
-    if intermediate_size is not None and (
-        isinstance(intermediate_size, bool)
-        or not isinstance(intermediate_size, int)
-        or not 1 <= intermediate_size <= teacher_intermediate
-    ):
-        raise ValueError(
-            f"intermediate_size={intermediate_size!r} must be an integer in [1, {teacher_intermediate}] (the "
-            "teacher's MLP width)."
-        )
+    _check_intermediate_size(intermediate_size, teacher_intermediate)
     head_targets = _resolve_head_targets(
         num_attention_heads, num_key_value_heads, teacher_heads, teacher_kv_heads, layout, config.model_type
     )
@@ -318,35 +286,22 @@ def init_student_from_teacher(
         head_targets if prune_heads else None,
         head_dim,
     )
-    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and layer_indices != list(range(num_teacher_layers)):
-        logger.warning(
-            "The teacher scales attention by 1/(layer index + 1); kept layers get their new index's scale, so "
-            "the student will not reproduce those layers exactly."
-        )
-
-    # Which channels and heads each kept layer keeps (teacher-local indices, ascending).
-    kept_channels: dict[int, torch.Tensor] = {}
-    kept_heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    calibration_info: dict[str, Any] | None = None
-    if prune_mlp or prune_heads:
-        if width_importance == "activation":
-            blocks = _calibration_input_ids(
-                calibration_dataset, tokenizer, calibration_num_blocks, calibration_block_size
-            )
-            channel_scores, head_scores = _activation_importance(
-                teacher, layout, layer_indices, blocks, calibration_batch_size, head_dim
-            )
-            calibration_info = {"num_rows": len(blocks), "num_tokens": int(sum(row.numel() for row in blocks))}
-        else:
-            generator = torch.Generator().manual_seed(seed)
-            channel_scores = {i: torch.rand(teacher_intermediate, generator=generator) for i in layer_indices}
-            head_scores = {i: torch.rand(teacher_heads, generator=generator) for i in layer_indices}
-        for index in layer_indices:
-            if prune_mlp:
-                top = torch.topk(channel_scores[index], intermediate_size).indices
-                kept_channels[index] = torch.sort(top).values
-            if prune_heads:
-                kept_heads[index] = _select_heads(head_scores[index], teacher_kv_heads, *head_targets)
+    _warn_if_attention_is_scaled_by_layer(config, layer_indices, num_teacher_layers)
+    kept_channels, kept_heads, calibration_info = _kept_widths(
+        teacher,
+        layout,
+        layer_indices,
+        head_dim,
+        intermediate_size if prune_mlp else None,
+        head_targets if prune_heads else None,
+        width_importance,
+        seed,
+        calibration_dataset,
+        tokenizer,
+        calibration_num_blocks,
+        calibration_block_size,
+        calibration_batch_size,
+    )
 
     student = _build_student(teacher, student_config, layout, layer_indices, kept_channels, kept_heads, head_dim)
     info = {
@@ -368,12 +323,137 @@ def init_student_from_teacher(
         f"{sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters."
     )
     if output_dir is not None:
-        with atomic_directory(output_dir, overwrite=overwrite) as tmp_dir:
-            student.save_pretrained(tmp_dir)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp_dir)
-            atomic_write_json(tmp_dir / "student_init.json", info)
+        _save_student(student, tokenizer, info, output_dir, overwrite)
     return student
+
+
+def _check_init_arguments(
+    width_importance: str,
+    calibration_num_blocks: Any,
+    calibration_block_size: Any,
+    calibration_batch_size: Any,
+    output_dir: str | os.PathLike | None,
+    overwrite: bool,
+) -> None:
+    """The checks of `init_student_from_teacher` that need no teacher."""
+    if width_importance not in WIDTH_IMPORTANCES:
+        raise ValueError(f"width_importance={width_importance!r} is not one of {list(WIDTH_IMPORTANCES)}.")
+    for name, value in (
+        ("calibration_num_blocks", calibration_num_blocks),
+        ("calibration_block_size", calibration_block_size),
+        ("calibration_batch_size", calibration_batch_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if output_dir is not None and Path(output_dir).exists() and not overwrite:
+        raise FileExistsError(
+            f"output_dir {str(output_dir)!r} already exists; pass overwrite=True to replace it or choose another."
+        )
+
+
+def _teacher_and_tokenizer(
+    teacher: Any, tokenizer: Any, num_layers: Any, layer_selection: Any
+) -> tuple[PreTrainedModel, Any, str | None]:
+    """The teacher (loaded when given as a path, after its config.json is checked) with its tokenizer and its name
+    (the path; `None` for a model object)."""
+    import torch
+
+    teacher_name = None
+    if isinstance(teacher, (str, os.PathLike)):
+        teacher_name = str(teacher)
+        _check_teacher_config_before_loading(teacher_name, num_layers, layer_selection)
+        from ..loading import load_causal_lm
+
+        teacher, loaded_tokenizer = load_causal_lm(teacher_name)
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    elif not hasattr(teacher, "config") or not isinstance(teacher, torch.nn.Module):
+        raise TypeError(
+            f"teacher must be a transformers causal LM or a checkpoint path, got {type(teacher).__name__}."
+        )
+    if hasattr(teacher, "peft_config"):
+        raise ValueError(
+            "teacher is a PEFT model; merge its adapters first (hf_interop.export_merged_model or "
+            "`merge_and_unload()`) and pass the plain model."
+        )
+    return teacher, tokenizer, teacher_name
+
+
+def _check_intermediate_size(intermediate_size: Any, teacher_intermediate: int) -> None:
+    if intermediate_size is not None and (
+        isinstance(intermediate_size, bool)
+        or not isinstance(intermediate_size, int)
+        or not 1 <= intermediate_size <= teacher_intermediate
+    ):
+        raise ValueError(
+            f"intermediate_size={intermediate_size!r} must be an integer in [1, {teacher_intermediate}] (the "
+            "teacher's MLP width)."
+        )
+
+
+def _warn_if_attention_is_scaled_by_layer(config: PretrainedConfig, layer_indices: list[int], num_layers: int) -> None:
+    if getattr(config, "scale_attn_by_inverse_layer_idx", False) and layer_indices != list(range(num_layers)):
+        logger.warning(
+            "The teacher scales attention by 1/(layer index + 1); kept layers get their new index's scale, so "
+            "the student will not reproduce those layers exactly."
+        )
+
+
+def _kept_widths(
+    teacher: PreTrainedModel,
+    layout: _FamilyLayout,
+    layer_indices: list[int],
+    head_dim: int,
+    intermediate_size: int | None,
+    head_targets: tuple[int, int] | None,
+    width_importance: str,
+    seed: int,
+    calibration_dataset: Any,
+    tokenizer: Any,
+    calibration_num_blocks: int,
+    calibration_block_size: int,
+    calibration_batch_size: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, tuple[torch.Tensor, torch.Tensor]], dict[str, Any] | None]:
+    """Which MLP channels (`intermediate_size` of them) and attention heads (`head_targets`) each kept layer keeps,
+    as ascending teacher-local indices (none for a width that is not pruned), and what calibration data ranked them.
+
+    Ranked by mean activation on calibration text (`"activation"`) or by seeded random scores (`"random"`).
+    """
+    import torch
+
+    kept_channels: dict[int, torch.Tensor] = {}
+    kept_heads: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    calibration_info: dict[str, Any] | None = None
+    if intermediate_size is None and head_targets is None:
+        return kept_channels, kept_heads, calibration_info
+    teacher_intermediate, teacher_heads, teacher_kv_heads, _ = _teacher_widths(teacher.config, layout)
+    if width_importance == "activation":
+        blocks = _calibration_input_ids(calibration_dataset, tokenizer, calibration_num_blocks, calibration_block_size)
+        channel_scores, head_scores = _activation_importance(
+            teacher, layout, layer_indices, blocks, calibration_batch_size, head_dim
+        )
+        calibration_info = {"num_rows": len(blocks), "num_tokens": int(sum(row.numel() for row in blocks))}
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        channel_scores = {i: torch.rand(teacher_intermediate, generator=generator) for i in layer_indices}
+        head_scores = {i: torch.rand(teacher_heads, generator=generator) for i in layer_indices}
+    for index in layer_indices:
+        if intermediate_size is not None:
+            top = torch.topk(channel_scores[index], intermediate_size).indices
+            kept_channels[index] = torch.sort(top).values
+        if head_targets is not None:
+            kept_heads[index] = _select_heads(head_scores[index], teacher_kv_heads, *head_targets)
+    return kept_channels, kept_heads, calibration_info
+
+
+def _save_student(
+    student: PreTrainedModel, tokenizer: Any, info: dict[str, Any], output_dir: str | os.PathLike, overwrite: bool
+) -> None:
+    """Save the student, its tokenizer and `student_init.json` into `output_dir`, atomically."""
+    with atomic_directory(output_dir, overwrite=overwrite) as tmp_dir:
+        student.save_pretrained(tmp_dir)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp_dir)
+        atomic_write_json(tmp_dir / "student_init.json", info)
 
 
 def _check_teacher_config_before_loading(name_or_path: str, num_layers: Any, layer_selection: Any) -> None:
