@@ -293,9 +293,63 @@ def cache_teacher_logits(
         :class:`TeacherLogitsCache`: the finished cache, loaded memory-mapped (on every process).
     """
     from accelerate import PartialState
-    from tqdm.auto import tqdm
 
-    # ---- cheap checks, identical on every process, before anything is loaded or written ----
+    output_dir, state_of_dir, vocab_size, lengths = _check_arguments(
+        teacher, dataset, output_dir, top_k, temperature, batch_size, shard_size, teacher_revision
+    )
+
+    # ---- load the teacher (the first expensive step) ----
+    import torch
+
+    # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
+    state = PartialState(cpu=not torch.cuda.is_available())
+    teacher, tokenizer, teacher_id, teacher_revision = _load_teacher(
+        teacher, state, tokenizer, teacher_name_or_path, teacher_revision, dtype
+    )
+    vocab_size = _checked_vocab_size(teacher, vocab_size, top_k, teacher_id)
+    if tokenizer is None:
+        logger.warning(
+            "cache_teacher_logits got no tokenizer: the manifest will have no tokenizer fingerprint, so a trainer "
+            "cannot check that the cache matches its tokenizer. Pass tokenizer=... to record it."
+        )
+    plan = _cache_plan(
+        teacher, teacher_id, teacher_revision, tokenizer, dataset, lengths, top_k, temperature, vocab_size, shard_size
+    )
+
+    # ---- decide what to do with the folder (same decision on every process; only the main one writes) ----
+    folder = _folder_decision(output_dir, state_of_dir, plan, overwrite)
+    if folder == "complete":
+        logger.info(f"{output_dir} already holds this complete cache; nothing to do (overwrite=True recomputes).")
+        state.wait_for_everyone()
+        return TeacherLogitsCache.load(output_dir)
+    _prepare_folder(output_dir, plan, folder == "fresh", state)
+
+    # ---- compute this process's missing shards ----
+    _compute_missing_shards(teacher, dataset, output_dir, plan, state, top_k, temperature, batch_size, show_progress)
+
+    # ---- the main process writes the manifest once every shard exists ----
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _write_manifest(output_dir, plan, state.num_processes)
+    state.wait_for_everyone()
+    return TeacherLogitsCache.load(output_dir)
+
+
+def _check_arguments(
+    teacher: Any,
+    dataset: Dataset,
+    output_dir: str | os.PathLike,
+    top_k: int,
+    temperature: float,
+    batch_size: int,
+    shard_size: int,
+    teacher_revision: str | None,
+) -> tuple[Path, str, int | None, list[int]]:
+    """Cheap checks, identical on every process, before anything is loaded or written.
+
+    Returns the output folder as a `Path`, what it holds (see `_classify_output_dir`), the teacher's vocabulary size
+    when its config tells it without loading weights, and the dataset's row lengths.
+    """
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}; 64 is a good default (256 bytes/position).")
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature <= 0:
@@ -332,12 +386,18 @@ def cache_teacher_logits(
             f"dataset row {short} has {lengths[short]} token(s); every row needs at least 2 (an input and a "
             "target). Drop short rows or pack the text with hf_interop.pack_dataset."
         )
+    return output_dir, state_of_dir, vocab_size, lengths
 
-    # ---- load the teacher (the first expensive step) ----
-    import torch
 
-    # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
-    state = PartialState(cpu=not torch.cuda.is_available())
+def _load_teacher(
+    teacher: Any,
+    state: Any,
+    tokenizer: PreTrainedTokenizerBase | None,
+    teacher_name_or_path: str | None,
+    teacher_revision: str | None,
+    dtype: Any,
+) -> tuple[Any, PreTrainedTokenizerBase | None, str, str | None]:
+    """The teacher (loaded on this process's device when given by name), its tokenizer, name and revision."""
     if isinstance(teacher, (str, os.PathLike)):
         from ...loading import load_causal_lm
 
@@ -353,6 +413,11 @@ def cache_teacher_logits(
         teacher_id = _teacher_identity(teacher, teacher_name_or_path)
         if teacher_revision is None:
             teacher_revision = getattr(getattr(teacher, "config", None), "_commit_hash", None)
+    return teacher, tokenizer, teacher_id, teacher_revision
+
+
+def _checked_vocab_size(teacher: Any, vocab_size: int | None, top_k: int, teacher_id: str) -> int:
+    """The loaded teacher's vocabulary size (else the one read from its config), checked against `top_k`."""
     vocab_size = _teacher_vocab_size(teacher) or vocab_size
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(
@@ -363,13 +428,23 @@ def cache_teacher_logits(
             f"cannot tell the vocabulary size of teacher {teacher_id!r}: it has no config.vocab_size. Give it a "
             "`config` with `vocab_size` (any object)."
         )
-    if tokenizer is None:
-        logger.warning(
-            "cache_teacher_logits got no tokenizer: the manifest will have no tokenizer fingerprint, so a trainer "
-            "cannot check that the cache matches its tokenizer. Pass tokenizer=... to record it."
-        )
+    return vocab_size
 
-    plan = {
+
+def _cache_plan(
+    teacher: Any,
+    teacher_id: str,
+    teacher_revision: str | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    dataset: Dataset,
+    lengths: list[int],
+    top_k: int,
+    temperature: float,
+    vocab_size: int,
+    shard_size: int,
+) -> dict[str, Any]:
+    """What is being computed: the content of cache_plan.json (a resumed run must reproduce its `_PLAN_KEYS`)."""
+    return {
         "format_version": CACHE_FORMAT_VERSION,
         "teacher": teacher_id,
         "teacher_revision": teacher_revision,
@@ -392,7 +467,12 @@ def cache_teacher_logits(
         "num_shards": math.ceil(len(dataset) / shard_size),
     }
 
-    # ---- decide what to do with the folder (same decision on every process; only the main one writes) ----
+
+def _folder_decision(output_dir: Path, state_of_dir: str, plan: dict[str, Any], overwrite: bool) -> str:
+    """`"fresh"` (start over), `"resume"` (an unfinished cache of this job) or `"complete"` (nothing to do).
+
+    The same decision on every process; raises when the folder holds a cache that may not be replaced.
+    """
     plan_path, manifest_path = output_dir / PLAN_FILE, output_dir / MANIFEST_FILE
     start_fresh = state_of_dir in ("absent", "empty")
     if state_of_dir == "cache":
@@ -417,10 +497,13 @@ def cache_teacher_logits(
                 + "). Pass overwrite=True to replace it, or choose another folder."
             )
         elif manifest_path.is_file():
-            logger.info(f"{output_dir} already holds this complete cache; nothing to do (overwrite=True recomputes).")
-            state.wait_for_everyone()
-            return TeacherLogitsCache.load(output_dir)
+            return "complete"
+    return "fresh" if start_fresh else "resume"
 
+
+def _prepare_folder(output_dir: Path, plan: dict[str, Any], start_fresh: bool, state: Any) -> None:
+    """The main process empties the folder (`start_fresh`) or removes a killed run's leftovers, and writes the plan."""
+    plan_path = output_dir / PLAN_FILE
     state.wait_for_everyone()
     if state.is_main_process:
         if start_fresh and output_dir.exists():
@@ -434,8 +517,22 @@ def cache_teacher_logits(
             atomic_write_json(plan_path, plan)
     state.wait_for_everyone()
 
-    # ---- compute this process's missing shards ----
-    num_shards = plan["num_shards"]
+
+def _compute_missing_shards(
+    teacher: Any,
+    dataset: Dataset,
+    output_dir: Path,
+    plan: dict[str, Any],
+    state: Any,
+    top_k: int,
+    temperature: float,
+    batch_size: int,
+    show_progress: bool,
+) -> None:
+    """Compute and write the shards of this process (rank `r` of `W`: shards `r, r + W, ...`) not on disk yet."""
+    from tqdm.auto import tqdm
+
+    num_shards, shard_size, vocab_size = plan["num_shards"], plan["shard_size"], plan["vocab_size"]
     todo = [
         shard
         for shard in range(state.process_index, num_shards, state.num_processes)
@@ -478,32 +575,31 @@ def cache_teacher_logits(
         if was_training and hasattr(teacher, "train"):
             teacher.train()
 
-    # ---- the main process writes the manifest once every shard exists ----
-    state.wait_for_everyone()
-    if state.is_main_process:
-        shards = []
-        for shard in range(num_shards):
-            info_path = output_dir / f"shard-{shard:05d}" / SHARD_INFO_FILE
-            if not info_path.is_file():
-                raise RuntimeError(
-                    f"shard-{shard:05d} of {output_dir} is missing after every process finished; rerun "
-                    "cache_teacher_logits with the same arguments to compute it."
-                )
-            shards.append(_read_json(info_path))
-        manifest = {
-            **plan,
-            "shards": shards,
-            "num_bytes": sum(shard["num_bytes"] for shard in shards),
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "num_processes": state.num_processes,
-        }
-        atomic_write_json(manifest_path, manifest)
-        logger.info(
-            f"Cached teacher top-{top_k} log-probs for {len(dataset)} rows in {output_dir} "
-            f"({manifest['num_bytes'] / max(1, plan['num_predictions']):.1f} bytes per position)."
-        )
-    state.wait_for_everyone()
-    return TeacherLogitsCache.load(output_dir)
+
+def _write_manifest(output_dir: Path, plan: dict[str, Any], num_processes: int) -> None:
+    """manifest.json (the plan, every shard's info, sizes), written by the main process once every shard exists."""
+    num_shards = plan["num_shards"]
+    shards = []
+    for shard in range(num_shards):
+        info_path = output_dir / f"shard-{shard:05d}" / SHARD_INFO_FILE
+        if not info_path.is_file():
+            raise RuntimeError(
+                f"shard-{shard:05d} of {output_dir} is missing after every process finished; rerun "
+                "cache_teacher_logits with the same arguments to compute it."
+            )
+        shards.append(_read_json(info_path))
+    manifest = {
+        **plan,
+        "shards": shards,
+        "num_bytes": sum(shard["num_bytes"] for shard in shards),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "num_processes": num_processes,
+    }
+    atomic_write_json(output_dir / MANIFEST_FILE, manifest)
+    logger.info(
+        f"Cached teacher top-{plan['top_k']} log-probs for {plan['num_rows']} rows in {output_dir} "
+        f"({manifest['num_bytes'] / max(1, plan['num_predictions']):.1f} bytes per position)."
+    )
 
 
 def _config_vocab_size(name_or_path: str, revision: str | None) -> int | None:
