@@ -78,7 +78,7 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     import pyarrow.compute as pc
 
     _check_input_ids_column(dataset)
-    columns = ["input_ids"] + (["attention_mask"] if "attention_mask" in dataset.column_names else [])
+    columns = _token_columns(dataset)
     view = dataset.select_columns(columns).with_format("arrow")
     lengths_hash, ids_hash, mask_hash = hashlib.sha256(), hashlib.sha256(), hashlib.sha256()
     chunk = 4096
@@ -227,3 +227,26 @@ def _rows_batch(dataset: Dataset, start: int, end: int) -> tuple[list[list[int]]
     if "attention_mask" in rows:
         attention_mask = [list(map(int, row)) for row in rows["attention_mask"]]
     return input_ids, attention_mask
+
+
+def _token_columns(dataset: Dataset) -> list[str]:
+    """What the teacher reads of a row: `input_ids`, and `attention_mask` when the dataset has one."""
+    return ["input_ids"] + (["attention_mask"] if "attention_mask" in dataset.column_names else [])
+
+
+def _padded_batch(
+    input_ids: list[list[int]], attention_mask: list[list[int]] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows as right-padded int64 `(input_ids, attention_mask)` tensors (padding: id 0, mask 0)."""
+    import torch
+
+    width = max(len(row) for row in input_ids)
+    ids_tensor = torch.zeros(len(input_ids), width, dtype=torch.long)
+    mask_tensor = torch.zeros(len(input_ids), width, dtype=torch.long)
+    for index, row in enumerate(input_ids):
+        ids_tensor[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+        if attention_mask is not None:
+            mask_tensor[index, : len(row)] = torch.tensor(attention_mask[index], dtype=torch.long)
+        else:
+            mask_tensor[index, : len(row)] = 1
+    return ids_tensor, mask_tensor

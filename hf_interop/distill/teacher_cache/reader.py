@@ -21,11 +21,13 @@ from .format import (
     TAIL_COLUMN,
     _check_input_ids_column,
     _model_device,
+    _padded_batch,
     _read_json,
     _row_lengths,
     _rows_batch,
     _sha256_file,
     _teacher_identity,
+    _token_columns,
     dataset_fingerprint,
     tail_logprob_from_topk,
     tokenizer_fingerprint,
@@ -454,9 +456,7 @@ class TeacherLogitsCache:
             teacher, _ = load_causal_lm(str(teacher), revision=self.manifest.get("teacher_revision"))
         kl_sum, bucket_kl_sum, count = 0.0, 0.0, 0
         device = _model_device(teacher)
-        reading = dataset.select_columns(
-            ["input_ids"] + (["attention_mask"] if "attention_mask" in dataset.column_names else [])
-        )
+        reading = dataset.select_columns(_token_columns(dataset))
         for batch_start in range(0, len(sample), batch_size):
             indices = sample[batch_start : batch_start + batch_size]
             rows = reading.select(indices)
@@ -492,12 +492,7 @@ def _full_logprobs(
 ) -> torch.Tensor:
     import torch
 
-    width = max(len(row) for row in input_ids)
-    ids_tensor = torch.zeros(len(input_ids), width, dtype=torch.long)
-    mask_tensor = torch.zeros(len(input_ids), width, dtype=torch.long)
-    for index, row in enumerate(input_ids):
-        ids_tensor[index, : len(row)] = torch.tensor(row)
-        mask_tensor[index, : len(row)] = torch.tensor(attention_mask[index]) if attention_mask is not None else 1
+    ids_tensor, mask_tensor = _padded_batch(input_ids, attention_mask)
     with torch.no_grad():
         logits = teacher(input_ids=ids_tensor.to(device), attention_mask=mask_tensor.to(device)).logits
     return torch.log_softmax(logits[:, :-1].double().cpu() / temperature, dim=-1)

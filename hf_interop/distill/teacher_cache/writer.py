@@ -22,11 +22,13 @@ from .format import (
     _cache_features,
     _check_input_ids_column,
     _model_device,
+    _padded_batch,
     _read_json,
     _row_lengths,
     _rows_batch,
     _sha256_file,
     _teacher_identity,
+    _token_columns,
     dataset_fingerprint,
     logprobs_to_float16_round_down,
     tokenizer_fingerprint,
@@ -61,7 +63,11 @@ _PLAN_KEYS = (
 
 
 def _teacher_vocab_size(teacher: Any) -> int | None:
-    config = getattr(teacher, "config", None)
+    return _vocab_size_of_config(getattr(teacher, "config", None))
+
+
+def _vocab_size_of_config(config: Any) -> int | None:
+    """`config.vocab_size`, else its text config's (multimodal models), else `None`."""
     vocab_size = getattr(config, "vocab_size", None)
     if vocab_size is None and config is not None and hasattr(config, "get_text_config"):
         vocab_size = getattr(config.get_text_config(), "vocab_size", None)
@@ -129,15 +135,7 @@ def _teacher_topk(
     import torch
 
     lengths = [len(row) for row in input_ids]
-    width = max(lengths)
-    ids_tensor = torch.zeros(len(input_ids), width, dtype=torch.long)
-    mask_tensor = torch.zeros(len(input_ids), width, dtype=torch.long)
-    for index, row in enumerate(input_ids):
-        ids_tensor[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-        if attention_mask is not None:
-            mask_tensor[index, : len(row)] = torch.tensor(attention_mask[index], dtype=torch.long)
-        else:
-            mask_tensor[index, : len(row)] = 1
+    ids_tensor, mask_tensor = _padded_batch(input_ids, attention_mask)
     rows = []
     with torch.no_grad():
         logits = teacher(input_ids=ids_tensor.to(device), attention_mask=mask_tensor.to(device)).logits
@@ -554,9 +552,7 @@ def _compute_missing_shards(
         desc=f"Caching teacher top-{top_k}",
         disable=not show_progress or not state.is_main_process,
     )
-    reading = dataset.select_columns(
-        ["input_ids"] + (["attention_mask"] if "attention_mask" in dataset.column_names else [])
-    )
+    reading = dataset.select_columns(_token_columns(dataset))
     try:
         for shard in todo:
             start, end = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
@@ -610,10 +606,7 @@ def _config_vocab_size(name_or_path: str, revision: str | None) -> int | None:
         config = AutoConfig.from_pretrained(name_or_path, revision=revision)
     except Exception:  # load_causal_lm will raise the clear error
         return None
-    vocab_size = getattr(config, "vocab_size", None)
-    if vocab_size is None and hasattr(config, "get_text_config"):
-        vocab_size = getattr(config.get_text_config(), "vocab_size", None)
-    return int(vocab_size) if vocab_size is not None else None
+    return _vocab_size_of_config(config)
 
 
 def _remove_cache_folder_contents(output_dir: Path) -> None:
