@@ -12,8 +12,10 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 if TYPE_CHECKING:
-    import torch
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
@@ -74,7 +76,6 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     Returns:
         `str`: `"sha256:<hex>"`.
     """
-    import numpy as np
     import pyarrow.compute as pc
 
     _check_input_ids_column(dataset)
@@ -127,8 +128,6 @@ def logprobs_to_float16_round_down(logprobs: torch.Tensor) -> torch.Tensor:
     Rounding down keeps `sum(exp(stored))` <= the true top-k mass <= 1, so the tail derived from the stored values
     (:func:`tail_logprob_from_topk`) is never negative mass. The error is at most one float16 step (relative 2**-10).
     """
-    import torch
-
     values = logprobs.float().clamp(max=0.0)
     half = values.to(torch.float16)
     rounded_up = half.float() > values
@@ -151,8 +150,6 @@ def tail_logprob_from_topk(topk_logprobs: torch.Tensor) -> torch.Tensor:
     Returns:
         `torch.Tensor`: `(...)` float32.
     """
-    import torch
-
     mass = topk_logprobs.double().exp().sum(-1)
     tail_mass = (1.0 - mass).clamp(min=torch.finfo(torch.float32).tiny)
     return tail_mass.log().float()
@@ -184,8 +181,6 @@ def _teacher_identity(teacher: Any, teacher_name_or_path: str | None) -> str:
 
 
 def _model_device(model: Any) -> torch.device:
-    import torch
-
     device = getattr(model, "device", None)
     if isinstance(device, torch.device) and device.type != "meta":
         return device
@@ -238,8 +233,6 @@ def _padded_batch(
     input_ids: list[list[int]], attention_mask: list[list[int]] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows as right-padded int64 `(input_ids, attention_mask)` tensors (padding: id 0, mask 0)."""
-    import torch
-
     width = max(len(row) for row in input_ids)
     ids_tensor = torch.zeros(len(input_ids), width, dtype=torch.long)
     mask_tensor = torch.zeros(len(input_ids), width, dtype=torch.long)

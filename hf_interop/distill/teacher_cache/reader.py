@@ -9,6 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from ...logging_utils import get_logger
 from .format import (
     CACHE_FORMAT_VERSION,
@@ -34,7 +37,6 @@ from .format import (
 )
 
 if TYPE_CHECKING:
-    import torch
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
@@ -270,9 +272,7 @@ class TeacherLogitsCache:
 
     def _tail_table(self) -> Any:
         """`teacher_tail_logprob` for every row, derived from the stored log-probs, as an in-memory Arrow table."""
-        import numpy as np
         import pyarrow as pa
-        import torch
 
         k = self.top_k
         pieces = []
@@ -299,9 +299,6 @@ class TeacherLogitsCache:
         Returns:
             `torch.Tensor` of shape `(vocab_size,)`, float32 log-probabilities (they sum to 1 in probability).
         """
-        import numpy as np
-        import torch
-
         if self._tail_prior is not None:
             return self._tail_prior
         k, vocab = self.top_k, self.vocab_size
@@ -345,9 +342,6 @@ class TeacherLogitsCache:
             `dict` with `teacher_topk_ids` `(B, S-1, k)` int64, `teacher_topk_logprobs` `(B, S-1, k)` float32 and
             `teacher_tail_logprob` `(B, S-1)` float32.
         """
-        import numpy as np
-        import torch
-
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
         if not features:
@@ -415,9 +409,6 @@ class TeacherLogitsCache:
             `kl_buckets` (KL over the k+1 buckets, i.e. the float16 storage error; `None` without teacher),
             `num_sampled_positions`.
         """
-        import numpy as np
-        import torch
-
         if sample_rows < 1:
             raise ValueError(f"sample_rows must be >= 1, got {sample_rows}.")
         bytes_on_disk = sum(entry.stat().st_size for entry in self.path.rglob("*") if entry.is_file())
@@ -480,8 +471,6 @@ class TeacherLogitsCache:
 
 
 def _as_numpy(value: Any) -> Any:
-    import numpy as np
-
     if hasattr(value, "detach"):
         value = value.detach().cpu().numpy()
     return np.asarray(value)
@@ -490,8 +479,6 @@ def _as_numpy(value: Any) -> Any:
 def _full_logprobs(
     teacher: Any, input_ids: list[list[int]], attention_mask: list[list[int]] | None, temperature: float, device: Any
 ) -> torch.Tensor:
-    import torch
-
     ids_tensor, mask_tensor = _padded_batch(input_ids, attention_mask)
     with torch.no_grad():
         logits = teacher(input_ids=ids_tensor.to(device), attention_mask=mask_tensor.to(device)).logits
@@ -519,8 +506,6 @@ def sparse_kl(
     Returns:
         `(kl, bucket_kl)`, each `(N,)` float64.
     """
-    import torch
-
     full = full_logprobs.double()
     vocab_size, k = full.shape[-1], topk_ids.shape[-1]
     rest = vocab_size - k

@@ -10,6 +10,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+
 from ...logging_utils import get_logger
 from ...utils import atomic_directory, atomic_write_json
 from .format import (
@@ -36,7 +39,6 @@ from .format import (
 from .reader import TeacherLogitsCache
 
 if TYPE_CHECKING:
-    import torch
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
@@ -75,8 +77,6 @@ def _vocab_size_of_config(config: Any) -> int | None:
 
 
 def _model_dtype(model: Any) -> str:
-    import torch
-
     dtype = getattr(model, "dtype", None)
     if not isinstance(dtype, torch.dtype) and isinstance(model, torch.nn.Module):
         dtype = next((p.dtype for p in model.parameters()), None)
@@ -131,9 +131,6 @@ def _teacher_topk(
     ids_dtype: str,
 ) -> list[tuple[Any, Any]]:
     """Forward one batch; return per row `(ids (L-1, k) numpy in ids_dtype, logprobs (L-1, k) float16 numpy)`."""
-    import numpy as np
-    import torch
-
     lengths = [len(row) for row in input_ids]
     ids_tensor, mask_tensor = _padded_batch(input_ids, attention_mask)
     rows = []
@@ -170,7 +167,6 @@ def _write_shard(
     ids_dtype: str,
 ) -> dict[str, Any]:
     """Write the rows `rows` yields (computed lazily: at most `_FLUSH_BYTES` are held) into shard `shard_index`."""
-    import numpy as np
     import pyarrow as pa
 
     features = _cache_features(ids_dtype)
@@ -297,8 +293,6 @@ def cache_teacher_logits(
     )
 
     # ---- load the teacher (the first expensive step) ----
-    import torch
-
     # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
     state = PartialState(cpu=not torch.cuda.is_available())
     teacher, tokenizer, teacher_id, teacher_revision = _load_teacher(
