@@ -879,7 +879,7 @@ def test_two_processes_of_4_equal_one_process_of_8(tmp_path, corpus_tokenizer, t
     for processes, batch_size in ((2, 4), (1, 8)):
         output_dir = tmp_path / f"out{processes}"
         output_dir.mkdir()
-        # --standalone: a c10d rendezvous on a port it picks (like tests/test_multiprocess.py)
+        # --standalone: a c10d rendezvous on a port it picks (like tests/distill/test_multiprocess.py)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
         command += [str(script)]
         command += [str(student_dir), str(teacher_dir), str(tmp_path / "data"), str(output_dir), str(batch_size)]

@@ -28,7 +28,7 @@ from hf_interop.teacher_cache import (
     tokenizer_fingerprint,
 )
 
-WORKER = Path(__file__).with_name("cache_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "cache_worker.py"  # tests/cache_worker.py
 ONE_FP16_STEP = 2.0**-10  # relative spacing of float16 values (10 mantissa bits)
 
 
