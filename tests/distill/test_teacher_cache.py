@@ -16,8 +16,7 @@ import torch
 from datasets import Dataset
 
 from hf_interop import TeacherLogitsCache, cache_teacher_logits, load_causal_lm
-from hf_interop.distill.teacher_cache import writer as cache_writer
-from hf_interop.teacher_cache import (
+from hf_interop.distill.teacher_cache import (
     IDS_COLUMN,
     LOGPROBS_COLUMN,
     PAD_LOGPROB,
@@ -27,6 +26,7 @@ from hf_interop.teacher_cache import (
     tail_logprob_from_topk,
     tokenizer_fingerprint,
 )
+from hf_interop.distill.teacher_cache import writer as cache_writer
 
 WORKER = Path(__file__).resolve().parents[1] / "cache_worker.py"  # tests/cache_worker.py
 ONE_FP16_STEP = 2.0**-10  # relative spacing of float16 values (10 mantissa bits)
