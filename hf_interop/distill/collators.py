@@ -10,9 +10,11 @@ from typing import Any
 
 import torch
 
+from .teacher_cache.format import IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN
+
 IGNORE_INDEX = -100
 # what `TeacherLogitsCache.collate` returns (the loss inputs); the dataset columns are `cache.columns`
-TEACHER_CACHE_COLUMNS = ("teacher_topk_ids", "teacher_topk_logprobs", "teacher_tail_logprob")
+TEACHER_CACHE_COLUMNS = (IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN)
 
 
 def mask_generated_continuations(
