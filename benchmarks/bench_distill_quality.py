@@ -63,7 +63,7 @@ def main() -> None:
         load_default_teacher,
         pack_dataset,
     )
-    from hf_interop.distillation_trainer import _PaddingCollator
+    from hf_interop.distill.collators import _PaddingCollator
 
     torch.manual_seed(0)
     teacher, tokenizer = load_default_teacher()

@@ -317,7 +317,7 @@ def trainer_worker(kind: str, chunk_size: int | None, device_name: str, smoke: b
     from datasets import Dataset
     from transformers import TrainerCallback
 
-    from hf_interop.distillation_trainer import _PaddingCollator
+    from hf_interop.distill.collators import _PaddingCollator
 
     sizes = SMOKE if smoke else FULL
     device = torch.device(device_name)

@@ -133,7 +133,7 @@ def train_variants(
     from transformers import Trainer, TrainingArguments
 
     from hf_interop import DistillationConfig, DistillationTrainer, evaluate_perplexity
-    from hf_interop.distillation_trainer import _PaddingCollator
+    from hf_interop.distill.collators import _PaddingCollator
 
     common = dict(
         max_steps=steps,

@@ -99,7 +99,7 @@ def worker(kind: str, work_dir: Path, chunk_size: int, precision: str) -> dict:
     from datasets import load_from_disk
 
     from hf_interop import load_causal_lm, load_default_teacher
-    from hf_interop.distillation_trainer import _PaddingCollator
+    from hf_interop.distill.collators import _PaddingCollator
 
     torch.manual_seed(0)
     teacher, tokenizer = load_default_teacher()

@@ -27,10 +27,10 @@ _LAZY_IMPORTS: dict[str, str] = {
     "pack_dataset": "data",
     "evaluate_perplexity": "evaluation",
     # distillation
-    "DistillationConfig": "distillation_config",
-    "DistillationTrainer": "distillation_trainer",
-    "cache_teacher_logits": "teacher_cache",
-    "TeacherLogitsCache": "teacher_cache",
+    "DistillationConfig": "distill.distillation_config",
+    "DistillationTrainer": "distill.distillation_trainer",
+    "cache_teacher_logits": "distill.teacher_cache.writer",
+    "TeacherLogitsCache": "distill.teacher_cache.reader",
     # fusion
     "EnsembleConfig": "ensemble",
     "EnsembleForCausalLM": "ensemble",
@@ -42,7 +42,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     # adaptation
     "build_lora_config": "adapters",
     "export_merged_model": "adapters",
-    "init_student_from_teacher": "student_init",
+    "init_student_from_teacher": "distill.student_init",
     # around it
     "render_model_card": "hub.cards",
     "write_model_card": "hub.cards",

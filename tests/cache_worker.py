@@ -1,4 +1,4 @@
-"""Run `cache_teacher_logits` in its own process(es), for tests/test_teacher_cache.py.
+"""Run `cache_teacher_logits` in its own process(es), for tests/distill/test_teacher_cache.py.
 
     python cache_worker.py MODEL_DIR DATASET_DIR OUTPUT_DIR [--kill_after_forwards N] [options]
     python -m torch.distributed.run --standalone --nproc_per_node 2 cache_worker.py MODEL_DIR DATASET_DIR OUTPUT_DIR

@@ -1,4 +1,4 @@
-"""Launched by `tests/test_multiprocess.py` (e.g. `torchrun --nproc_per_node 2 tests/multiprocess_distill.py ...`).
+"""Launched by `tests/distill/test_multiprocess.py` (e.g. `torchrun --nproc_per_node 2 tests/multiprocess_distill.py ...`).
 
 Runs the distill recipe (the same code as `recipes/distill.py` and `hf-interop distill`) and, per rank, writes
 `REPORT_DIR/rank<R>.json` (what the trainer looked like: world size, engine, how the student and teacher were wrapped

@@ -15,11 +15,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hf_interop import DistillationConfig, DistillationTrainer, losses
-from hf_interop.distillation_trainer import (
-    PROJECTIONS_FILE,
-    _left_padded_prompts,
-    mask_generated_continuations,
-)
+from hf_interop.distill.hidden_states import PROJECTIONS_FILE
 
 TEACHER_OVERRIDES = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4}
 
@@ -458,39 +454,6 @@ def test_padded_teacher_vocab_compares_shared_tokenizer_length(
 # ---------------------------------------------------------------------------------------------- generation
 
 
-def test_mask_generated_continuations_masks_prompt_and_after_eos():
-    eos = 2
-    sequences = torch.tensor(
-        [
-            [0, 5, 6, 7, 2, 9, 9],  # prompt "0 5" (left-padded with 0), EOS at position 4
-            [5, 6, 8, 8, 8, 8, 2],  # EOS on the last position
-            [5, 6, 8, 2, 2, 2, 2],  # EOS then pad-as-EOS
-        ]
-    )
-    prompt_mask = torch.tensor([[0, 1], [1, 1], [1, 1]])
-    attention, labels = mask_generated_continuations(sequences, prompt_mask, eos)
-    assert attention.tolist() == [[0, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]]
-    assert labels.tolist() == [
-        [-100, -100, 6, 7, 2, -100, -100],
-        [-100, -100, 8, 8, 8, 8, 2],
-        [-100, -100, 8, 2, -100, -100, -100],
-    ]
-    # several EOS ids (e.g. Llama 3's end-of-turn) and no EOS at all
-    _, labels = mask_generated_continuations(torch.tensor([[5, 6, 7, 3, 8]]), torch.tensor([[1, 1]]), [2, 3])
-    assert labels.tolist() == [[-100, -100, 7, 3, -100]]
-    _, labels = mask_generated_continuations(torch.tensor([[5, 6, 7, 3, 8]]), torch.tensor([[1, 1]]), None)
-    assert labels.tolist() == [[-100, -100, 7, 3, 8]]
-
-
-def test_prompts_come_from_masked_labels_or_the_default_length():
-    input_ids = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25]])
-    labels = torch.tensor([[10, 11, 12, 13, 14, 15], [-100, -100, -100, 23, 24, 25]])
-    attention = torch.ones_like(input_ids)
-    prompts, mask = _left_padded_prompts(input_ids, attention, labels, default_prompt_length=2, pad_token_id=0)
-    assert prompts.tolist() == [[0, 10, 11], [20, 21, 22]]
-    assert mask.tolist() == [[0, 1, 1], [1, 1, 1]]
-
-
 @pytest.mark.parametrize("mode", ["on_policy", "seq_kd"])
 def test_generated_steps_train_on_generated_text(tmp_path, mode, corpus_tokenizer, teacher, train_rows, monkeypatch):
     student = make_student(corpus_tokenizer)
@@ -692,7 +655,7 @@ def test_real_smollm2_teacher_trains_student_and_stays_bit_identical(
 
 
 def test_teacher_logits_cache_replaces_the_teacher(tmp_path, corpus_tokenizer, teacher, train_rows):
-    teacher_cache = pytest.importorskip("hf_interop.teacher_cache")
+    teacher_cache = pytest.importorskip("hf_interop.distill.teacher_cache")
     vocab = len(corpus_tokenizer)
     # top_k = the whole vocabulary: the cached distribution is the teacher's, up to float16 storage
     teacher_cache.cache_teacher_logits(
@@ -772,7 +735,7 @@ def test_bf16_runs_the_teacher_and_heads_under_autocast_and_keeps_the_loss(
 
 
 def test_sparse_tail_teacher_marginal_uses_the_cache_prior(tmp_path, corpus_tokenizer, teacher, train_rows):
-    teacher_cache = pytest.importorskip("hf_interop.teacher_cache")
+    teacher_cache = pytest.importorskip("hf_interop.distill.teacher_cache")
     cache = teacher_cache.cache_teacher_logits(
         teacher, train_rows, tmp_path / "cache", top_k=8, tokenizer=corpus_tokenizer, show_progress=False
     )
@@ -879,7 +842,7 @@ def test_two_processes_of_4_equal_one_process_of_8(tmp_path, corpus_tokenizer, t
     for processes, batch_size in ((2, 4), (1, 8)):
         output_dir = tmp_path / f"out{processes}"
         output_dir.mkdir()
-        # --standalone: a c10d rendezvous on a port it picks (like tests/test_multiprocess.py)
+        # --standalone: a c10d rendezvous on a port it picks (like tests/distill/test_multiprocess.py)
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
         command += [str(script)]
         command += [str(student_dir), str(teacher_dir), str(tmp_path / "data"), str(output_dir), str(batch_size)]

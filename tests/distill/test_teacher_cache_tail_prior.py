@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 
 from hf_interop import TeacherLogitsCache, cache_teacher_logits, load_causal_lm
-from hf_interop.teacher_cache import IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN
+from hf_interop.distill.teacher_cache import IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN
 
 TOP_K = 8
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.multiprocess
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]  # tests/, which holds the launched multiprocess_distill.py
 REPO = TESTS_DIR.parent
 GLOBAL_BATCH = 8
 

@@ -12,7 +12,7 @@ from helpers import build_tiny_causal_lm
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, MistralConfig, Qwen3Config
 
 from hf_interop import init_student_from_teacher, load_causal_lm
-from hf_interop.student_init import SUPPORTED_MODEL_TYPES, select_layers
+from hf_interop.distill.student_init import SUPPORTED_MODEL_TYPES, select_layers
 
 VOCAB = 512
 ALL_FAMILIES = ("llama", "qwen2", "gpt2", "mistral", "qwen3")

@@ -16,8 +16,7 @@ import torch
 from datasets import Dataset
 
 from hf_interop import TeacherLogitsCache, cache_teacher_logits, load_causal_lm
-from hf_interop import teacher_cache as teacher_cache_module
-from hf_interop.teacher_cache import (
+from hf_interop.distill.teacher_cache import (
     IDS_COLUMN,
     LOGPROBS_COLUMN,
     PAD_LOGPROB,
@@ -27,8 +26,9 @@ from hf_interop.teacher_cache import (
     tail_logprob_from_topk,
     tokenizer_fingerprint,
 )
+from hf_interop.distill.teacher_cache import writer as cache_writer
 
-WORKER = Path(__file__).with_name("cache_worker.py")
+WORKER = Path(__file__).resolve().parents[1] / "cache_worker.py"  # tests/cache_worker.py
 ONE_FP16_STEP = 2.0**-10  # relative spacing of float16 values (10 mantissa bits)
 
 
@@ -128,8 +128,8 @@ def test_round_trip_matches_the_teachers_own_topk(tmp_path, monkeypatch, tiny_te
     model, tokenizer = tiny_teacher
     if temperature == 2.0:
         # small log-softmax chunks (13 per row, the last partial) and one Arrow record batch per row
-        monkeypatch.setattr(teacher_cache_module, "_POSITIONS_PER_CHUNK", 5)
-        monkeypatch.setattr(teacher_cache_module, "_FLUSH_BYTES", 1)
+        monkeypatch.setattr(cache_writer, "_POSITIONS_PER_CHUNK", 5)
+        monkeypatch.setattr(cache_writer, "_FLUSH_BYTES", 1)
     cache = cache_teacher_logits(
         model, blocks, tmp_path / "cache", top_k=16, temperature=temperature, batch_size=4, shard_size=8,
         tokenizer=tokenizer, show_progress=False,

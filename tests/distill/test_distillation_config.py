@@ -6,7 +6,7 @@ import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 from hf_interop import DistillationConfig
-from hf_interop.distillation_config import DISTILLATION_LOSS_TYPES
+from hf_interop.distill.distillation_config import DISTILLATION_LOSS_TYPES
 
 
 def make_config(tmp_path, **overrides):

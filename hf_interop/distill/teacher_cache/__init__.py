@@ -1,0 +1,63 @@
+"""Offline teacher logits: run a teacher once over a tokenized dataset, distil many students from the result.
+
+:func:`cache_teacher_logits` stores, for every position `0..S-2` of every row (position `i` predicts
+`input_ids[i + 1]`, the trainer's causal shift), the teacher's top-k log-probabilities (float16) and token ids
+(uint16 when the vocabulary fits, else int32). :class:`TeacherLogitsCache` reads it back memory-mapped and feeds
+`DistillationTrainer` (`DistillationConfig.teacher_logits_path`) through `attach` and `collate`.
+
+Layout of a cache folder:
+
+```
+output_dir/
+  cache_plan.json        what is being computed (written first; a resumed run must match it)
+  shard-00000/           one folder per `shard_size` rows, renamed into place only when complete
+    data.arrow           Arrow IPC stream: `teacher_topk_ids`, `teacher_topk_logprobs` (one flat list per row)
+    shard.json           row range, byte size and sha256 of data.arrow
+  ...
+  manifest.json          written last, by the main process, once every shard exists
+```
+
+Size. Each row stores two flat lists of `(S - 1) * top_k` values (one list offset per row, none per token), so
+the payload is `4 * top_k` bytes per prediction (256 at k=64) and Arrow adds a few bytes per row. The tail
+log-mass `log(1 - sum(top-k p))` is NOT stored: it is derived on read from the stored float16 log-probs (see
+:func:`tail_logprob_from_topk`). To keep that derivation well defined, log-probs are rounded toward -inf when
+converted to float16, so the stored top-k probabilities never sum to more than the teacher's true top-k mass
+(and never to more than 1); the derived tail is the exact complement of what is stored.
+"""
+
+from .format import (
+    CACHE_FORMAT_VERSION,
+    IDS_COLUMN,
+    LOGPROBS_COLUMN,
+    MANIFEST_FILE,
+    PAD_LOGPROB,
+    PLAN_FILE,
+    SHARD_DATA_FILE,
+    SHARD_INFO_FILE,
+    TAIL_COLUMN,
+    dataset_fingerprint,
+    logprobs_to_float16_round_down,
+    tail_logprob_from_topk,
+    tokenizer_fingerprint,
+)
+from .reader import TeacherLogitsCache, sparse_kl
+from .writer import cache_teacher_logits
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "IDS_COLUMN",
+    "LOGPROBS_COLUMN",
+    "MANIFEST_FILE",
+    "PAD_LOGPROB",
+    "PLAN_FILE",
+    "SHARD_DATA_FILE",
+    "SHARD_INFO_FILE",
+    "TAIL_COLUMN",
+    "TeacherLogitsCache",
+    "cache_teacher_logits",
+    "dataset_fingerprint",
+    "logprobs_to_float16_round_down",
+    "sparse_kl",
+    "tail_logprob_from_topk",
+    "tokenizer_fingerprint",
+]
