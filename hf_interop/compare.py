@@ -89,9 +89,9 @@ class _Member:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def load_comparison_model(checkpoint: str, dtype: Any = "float32") -> tuple[Any, Any]:
+def load_comparison_model(checkpoint: str, dtype: Any = "float32", allow_pickle: bool = False) -> tuple[Any, Any]:
     """Load one checkpoint for scoring: a full model folder, a `.gguf` file, a hub id, or a PEFT adapter folder
-    (loaded onto its base model and merged)."""
+    (loaded onto its base model and merged). Pickle (`.bin`) weights only with `allow_pickle`."""
     from .loading import load_causal_lm, load_tokenizer
 
     checkpoint = resolve_model_alias(checkpoint)
@@ -102,12 +102,12 @@ def load_comparison_model(checkpoint: str, dtype: Any = "float32") -> tuple[Any,
         from peft import PeftModel
 
         base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model, tokenizer = load_causal_lm(base, dtype=dtype)
+        model, tokenizer = load_causal_lm(base, dtype=dtype, allow_pickle=allow_pickle)
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload().eval()
         if any(path.glob("tokenizer*")):
             tokenizer = load_tokenizer(str(path))
         return model, tokenizer
-    return load_causal_lm(checkpoint, dtype=dtype)
+    return load_causal_lm(checkpoint, dtype=dtype, allow_pickle=allow_pickle)
 
 
 def _same_tokenizer(first: Any, second: Any) -> bool:
@@ -200,6 +200,7 @@ def compare_checkpoints(
     show_progress: bool = True,
     models: list[tuple[Any, Any]] | None = None,
     ensemble_members: list[str] | None = None,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Score two or more causal LMs on the same text and compare them (see the module docstring).
 
@@ -235,6 +236,8 @@ def compare_checkpoints(
         ensemble_members (`list[str]`, *optional*):
             Names of the models mixed into the ensemble (two or more sharing a tokenizer); defaults to every model
             of each tokenizer group.
+        allow_pickle (`bool`, *optional*, defaults to `False`):
+            Also load pickle (`.bin`) weights, which can run code when loaded (safetensors only by default).
 
     Returns:
         `dict`: the report (`models`, `top1_agreement`, `symmetric_kl`, `ensembles`, `dataset`), JSON-serialisable.
@@ -253,7 +256,7 @@ def compare_checkpoints(
     dataset, dataset_description, has_text, has_choices = _comparison_dataset(
         dataset, split, text_column, max_documents
     )
-    members = _load_members(checkpoints, display_names, models, dtype)
+    members = _load_members(checkpoints, display_names, models, dtype, allow_pickle)
 
     texts = [text for text in dataset[text_column] if text] if has_text else []
     # Models share a tokenizer when their vocabularies are equal AND they cut this text into the same tokens: two
@@ -366,7 +369,11 @@ def _comparison_dataset(
 
 
 def _load_members(
-    checkpoints: list[str], display_names: list[str], models: list[tuple[Any, Any]] | None, dtype: Any
+    checkpoints: list[str],
+    display_names: list[str],
+    models: list[tuple[Any, Any]] | None,
+    dtype: Any,
+    allow_pickle: bool = False,
 ) -> list[_Member]:
     """Each checkpoint (or given `(model, tokenizer)` pair) in eval mode, with its display name."""
     members: list[_Member] = []
@@ -375,7 +382,7 @@ def _load_members(
             model, tokenizer = models[index]
         else:
             logger.info(f"Loading {checkpoint}")
-            model, tokenizer = load_comparison_model(str(checkpoint), dtype=dtype)
+            model, tokenizer = load_comparison_model(str(checkpoint), dtype=dtype, allow_pickle=allow_pickle)
         if tokenizer is None:
             raise ValueError(f"checkpoint {checkpoint!r} has no tokenizer; save one next to the weights.")
         model.eval()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -91,15 +93,10 @@ def atomic_directory(
     if state is not None:
         state.wait_for_everyone()
     if is_main:
-        old_dir = None
-        if final_dir.exists():
-            old_dir = final_dir.parent / f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final_dir, old_dir)
-        os.replace(stage, final_dir)
-        if keep_name:
-            shutil.rmtree(stage_root, ignore_errors=True)
-        if old_dir is not None:
-            shutil.rmtree(old_dir, ignore_errors=True)
+        with _signals_held():
+            _replace_directory(stage, final_dir)
+            if keep_name:
+                shutil.rmtree(stage_root, ignore_errors=True)
     if state is not None:
         state.wait_for_everyone()
 
@@ -119,6 +116,178 @@ def staged_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
     # Checked just above in the command line's words; from here on an existing folder is replaced on success.
     with atomic_directory(output_dir, overwrite=True, keep_name=True, all_ranks=True) as stage:
         yield stage
+
+
+# Flags the training commands name in their messages (recipes/*.py and `hf-interop distill|adapt` share them).
+RESUME_FLAG = "--resume_from_checkpoint true"
+OVERWRITE_FLAG = "--overwrite_output_dir"
+
+
+def incomplete_run_dir(output_dir: str | os.PathLike) -> Path:
+    """Where a training run stages `output_dir`: `PARENT/.incomplete-NAME/NAME`, the same on every rank and rerun.
+
+    The staging folder carries the final NAME (model cards record it) inside a hidden parent, so a half-trained run
+    is never taken for a finished one; its `checkpoint-N` folders are what `--resume_from_checkpoint true` continues.
+    """
+    output_dir = Path(output_dir)
+    return output_dir.parent / f".incomplete-{output_dir.name}" / output_dir.name
+
+
+def last_complete_checkpoint(folder: str | os.PathLike) -> Path | None:
+    """The `checkpoint-N` subfolder of `folder` with the highest N that a rerun can resume, or `None`.
+
+    `Trainer` writes `trainer_state.json` last, after the weights, optimizer, scheduler and RNG states, so a save that
+    a kill cut short has none (or a truncated one) and is skipped. `transformers.trainer_utils.get_last_checkpoint`
+    would pick it and fail on it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    steps = []
+    for entry in folder.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", entry.name)
+        if match and entry.is_dir():
+            steps.append((int(match.group(1)), entry))
+    for _, checkpoint in sorted(steps, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        return checkpoint
+    return None
+
+
+@dataclasses.dataclass
+class ResumableRun:
+    """What :func:`resumable_output_dir` yields: the folder to train in and the checkpoint to resume (or `None`)."""
+
+    folder: Path
+    resume_from_checkpoint: str | None
+
+
+def _resume_request(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as given (`"true"`, `"false"`, a path, a bool, `None`) -> `True`, a path or `None`."""
+    if isinstance(value, str) and value.strip().lower() in ("", "false", "no", "none"):
+        return None
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes"):
+        return True
+    if value is False:
+        return None
+    if value is True or value is None:
+        return value
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"resume_from_checkpoint {str(value)!r} is not a folder; pass a checkpoint-N folder, or true for the last "
+            "checkpoint of the interrupted run."
+        )
+    if not (path / "trainer_state.json").is_file():
+        raise ValueError(
+            f"resume_from_checkpoint {str(value)!r} holds no trainer_state.json, so it is not a complete Trainer "
+            "checkpoint (a save cut short, or a final model folder); pass a checkpoint-N folder, or true."
+        )
+    return str(value)
+
+
+def _resume_hint(stage: Path, checkpoint: Path) -> str:
+    return (
+        f"checkpoints in {str(stage)!r} (last: {checkpoint.name}); rerun the same command with {RESUME_FLAG} to "
+        f"continue from {checkpoint.name}, or with {OVERWRITE_FLAG} to start afresh"
+    )
+
+
+@contextlib.contextmanager
+def resumable_output_dir(
+    output_dir: str | os.PathLike, overwrite: bool = False, resume_from_checkpoint: str | bool | None = None
+) -> Iterator[ResumableRun]:
+    """Train in :func:`incomplete_run_dir` and rename it to `output_dir` (checkpoints inside) only when the block succeeds.
+
+    Nothing trained is lost: an exception, SIGTERM (KeyboardInterrupt) or SIGKILL leaves the staging folder with its
+    `checkpoint-N` folders; the exception gets a note naming the folder, the last complete checkpoint and the two
+    flags. A rerun with neither flag is refused (`FileExistsError`, before anything loads) instead of deleting them;
+    `resume_from_checkpoint=True` (or `"true"`) resumes the last complete one, a path resumes that checkpoint;
+    `overwrite=True` without resuming starts afresh (and replaces an existing `output_dir` on success). A staging
+    folder without a complete checkpoint holds nothing worth keeping and is cleared. Under several processes
+    (`WORLD_SIZE` > 1) every rank gets the same folder and makes the same decisions; only the main process deletes
+    and renames, between barriers.
+    """
+    final_dir = Path(output_dir)
+    stage = incomplete_run_dir(final_dir)
+    resume = _resume_request(resume_from_checkpoint)
+    check_output_dir(final_dir, overwrite, fix=f"pass {OVERWRITE_FLAG} to replace it, or choose another output_dir.")
+    last = last_complete_checkpoint(stage)
+    if last is not None and resume is None and not overwrite:
+        raise FileExistsError(f"an interrupted run of {str(final_dir)!r} left {_resume_hint(stage, last)}.")
+    if resume is True:
+        resume = str(last) if last is not None else None  # nothing to resume yet: the first run of a requeued job
+    clear_stage = resume is None and (last is None or overwrite)
+    state = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+    is_main = state is None or state.is_main_process
+    if is_main:
+        if clear_stage:
+            shutil.rmtree(stage.parent, ignore_errors=True)
+        stage.mkdir(parents=True, exist_ok=True)
+    if state is not None:
+        state.wait_for_everyone()
+    try:
+        yield ResumableRun(folder=stage, resume_from_checkpoint=resume)
+    except BaseException as error:
+        kept = last_complete_checkpoint(stage)
+        if kept is not None:
+            add_note(error, f"kept {_resume_hint(stage, kept)}")
+        elif is_main:
+            shutil.rmtree(stage.parent, ignore_errors=True)
+        raise
+    if state is not None:
+        state.wait_for_everyone()
+    if is_main:
+        with _signals_held():
+            _replace_directory(stage, final_dir)
+            shutil.rmtree(stage.parent, ignore_errors=True)
+    if state is not None:
+        state.wait_for_everyone()
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """`error.add_note(note)` (Python 3.11+: shown under the traceback); on 3.10 the note is kept in `__notes__` too,
+    where the command line reads it for its one-line message."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        error.__notes__ = [*getattr(error, "__notes__", []), note]
+
+
+def _replace_directory(source: Path, final_dir: Path) -> None:
+    """Rename `source` to `final_dir`, replacing an existing `final_dir` only once `source` is in place."""
+    old_dir = None
+    if final_dir.exists():
+        old_dir = final_dir.parent / f".old-{final_dir.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final_dir, old_dir)
+    os.replace(source, final_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for a few renames, so a kill cannot fall between moving an old folder aside and moving
+    the new one in (the signal is delivered right after)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -16,6 +16,15 @@ from typing import Any
 # How a command asks for an existing --output_dir to be replaced (see :func:`hf_interop.utils.check_output_dir`).
 OVERWRITE_FLAG_FIX = "pass --overwrite_output_dir to replace it, or choose another --output_dir."
 
+ALLOW_PICKLE_HELP = (
+    "Also load pickle (.bin) weights; they can run code when loaded, so only for checkpoints you trust (default: "
+    "safetensors only)."
+)
+
+
+def _allow_pickle_field() -> Any:
+    return field(default=False, metadata={"help": ALLOW_PICKLE_HELP})
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Recipes: dataclass options (HfArgumentParser) + `--config file.yaml`, shared by `recipes/*.py` and the CLI
@@ -92,6 +101,7 @@ class DistillScriptArguments(DataArguments):
         default=None, metadata={"help": "MLP width of a student built from the teacher (width pruning); default keep."}
     )
     model_dtype: str = field(default="float32", metadata={"help": "dtype of the student weights (float32, bfloat16)."})
+    allow_pickle: bool = _allow_pickle_field()
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace an existing output_dir (otherwise an existing one is an error)."}
     )
@@ -127,6 +137,7 @@ class AdaptScriptArguments(DataArguments):
         default=False,
         metadata={"help": "Also write the adapter folded into the base weights to output_dir/merged (plain model)."},
     )
+    allow_pickle: bool = _allow_pickle_field()
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace an existing output_dir (otherwise an existing one is an error)."}
     )
@@ -167,6 +178,7 @@ class EnsembleScriptArguments:
     max_blocks: int | None = field(default=None, metadata={"help": "Use only the first N blocks of each split."})
     fit_steps: int = field(default=300, metadata={"help": "Adam steps of the weight fit."})
     dtype: str = field(default="float32", metadata={"help": "dtype the members are loaded in."})
+    allow_pickle: bool = _allow_pickle_field()
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace an existing output_dir (otherwise an existing one is an error)."}
     )
@@ -241,6 +253,7 @@ class CacheTeacherScriptArguments(DataArguments):
     )
     teacher_revision: str | None = field(default=None, metadata={"help": "Revision of a hub teacher (pin a commit)."})
     teacher_dtype: str = field(default="float32", metadata={"help": "dtype the teacher runs in."})
+    allow_pickle: bool = _allow_pickle_field()
     output_dir: str | None = field(default=None, metadata={"help": "Folder of the cache (shards + manifest.json)."})
     top_k: int = field(default=64, metadata={"help": "Log-probabilities kept per position (higher: closer, bigger)."})
     temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of the stored distribution."})
@@ -279,7 +292,15 @@ def check_model_argument(name: str, value: str | None) -> None:
 def _recipe_parser(dataclass_types: Sequence[type], prog: str, description: str) -> Any:
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(list(dataclass_types), prog=prog, description=description)
+    class OneLineErrorParser(HfArgumentParser):
+        """An argparse error is ONE line (`PROG: error: MESSAGE`, exit 2), not the 150-line usage block first."""
+
+        def error(self, message: str) -> None:
+            message = " ".join(message.split())
+            hint = "" if "--help" in message else f" (`{self.prog} --help` lists the options)"
+            self.exit(2, f"{self.prog}: error: {message}{hint}\n")
+
+    parser = OneLineErrorParser(list(dataclass_types), prog=prog, description=description)
     parser.add_argument(
         "--config",
         default=None,

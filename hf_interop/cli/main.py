@@ -7,7 +7,9 @@ and its command run the same code. Outputs are written to a staging folder that 
 success.
 
 Exit codes: 0 success, 2 bad input (argparse and our own checks: the message names the option, the value and the
-fix), 1 any other failure. Every error is ONE line on stderr: `hf-interop COMMAND: error: MESSAGE`.
+fix), 1 any other failure. Every error is ONE line on stderr: `hf-interop COMMAND: error: MESSAGE` (no usage
+block). `distill` and `adapt` keep the checkpoints of an interrupted or failed run and name their folder in that
+line; the same command with `--resume_from_checkpoint true` continues from the last one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any
 
 from ..logging_utils import get_logger
 from ..utils import check_output_dir
-from .arguments import OVERWRITE_FLAG_FIX
+from .arguments import ALLOW_PICKLE_HELP, OVERWRITE_FLAG_FIX
 from .recipes import RECIPES, run_recipe_main
 
 logger = get_logger(__name__)
@@ -118,6 +120,7 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch_size", type=int, default=8, help="Windows per forward pass (default: %(default)s).")
     parser.add_argument("--max_documents", type=int, default=None, help="Score only the first N rows (default: all).")
     parser.add_argument("--dtype", default="float32", help="Dtype the models are loaded in (default: %(default)s).")
+    parser.add_argument("--allow_pickle", action="store_true", help=ALLOW_PICKLE_HELP)
     parser.add_argument(
         "--ensemble_members",
         nargs="+",
@@ -162,6 +165,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         overwrite_output_dir=args.overwrite_output_dir,
         show_progress=not args.no_progress,
         ensemble_members=args.ensemble_members,
+        allow_pickle=args.allow_pickle,
     )
     print(format_report(report), end="")
     if args.output_dir:
@@ -344,8 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as error:
         _print_error(args.command, error)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"hf-interop {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # The note (if any) names the folder an interrupted training run's checkpoints were kept in.
+        print(f"hf-interop {args.command}: interrupted{_notes(interrupt)}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as error:  # noqa: BLE001 - the CLI's contract: one line and exit code 1, details in the log
         logger.debug("hf-interop failed", exc_info=True)
@@ -355,8 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _terminate_like_interrupt() -> Iterator[None]:
-    """While a command runs, SIGTERM (`kill`, a scheduler's time limit) raises KeyboardInterrupt, so staging folders
-    are cleaned up and the exit is the documented one-line `interrupted` with code 1, as for Ctrl-C."""
+    """While a command runs, SIGTERM (`kill`, a scheduler's time limit) raises KeyboardInterrupt, as Ctrl-C does: a
+    training run keeps its checkpoints and says where (see `resumable_output_dir`), other staging folders are cleaned
+    up, and the exit is the documented one-line `interrupted` with code 1."""
     import signal
     import threading
 
@@ -376,4 +382,9 @@ def _terminate_like_interrupt() -> Iterator[None]:
 
 def _print_error(command: str, error: BaseException, prefix: str = "") -> None:
     message = " ".join(str(error).split()) or type(error).__name__
-    print(f"hf-interop {command}: error: {prefix}{message}", file=sys.stderr)
+    print(f"hf-interop {command}: error: {prefix}{message}{_notes(error)}", file=sys.stderr)
+
+
+def _notes(error: BaseException) -> str:
+    """The exception's notes (e.g. where a failed run kept its checkpoints) as `; NOTE` on the same line."""
+    return "".join(f"; {' '.join(str(note).split())}" for note in getattr(error, "__notes__", ()))

@@ -4,15 +4,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..compare import resolve_model_alias
 from ..logging_utils import get_logger
-from ..utils import check_output_dir, staged_output_dir
+from ..utils import OVERWRITE_FLAG, check_output_dir, resumable_output_dir, staged_output_dir
 from .arguments import (
     OVERWRITE_FLAG_FIX,
     AdaptScriptArguments,
@@ -54,14 +56,15 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
     """Distil a teacher (or a teacher cache) into a student: what `recipes/distill.py` and `hf-interop distill` run.
 
     The student comes from `student_model_name_or_path` or is built from the teacher's own layers
-    (`student_num_layers`, :func:`hf_interop.init_student_from_teacher`). Training writes into a staging folder that
-    becomes `config.output_dir` only when training and saving succeed.
+    (`student_num_layers`, :func:`hf_interop.init_student_from_teacher`). Training writes into
+    `.incomplete-NAME/NAME` beside `config.output_dir`, renamed to it (checkpoints inside) only when training and
+    saving succeed; an interrupted run's checkpoints stay there for `resume_from_checkpoint="true"`
+    (:func:`hf_interop.utils.resumable_output_dir`).
 
     Returns:
         `dict` with `output_dir`, `train` (train metrics) and `eval` (held-out loss and perplexity, if any).
     """
     from ..distillation_trainer import DistillationTrainer
-    from ..loading import load_causal_lm
 
     script_args.check()
     check_model_argument("teacher_model_name_or_path", config.teacher_model_name_or_path)
@@ -83,36 +86,30 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
         )
     config.teacher_model_name_or_path = resolve_model_alias(config.teacher_model_name_or_path)
     init_from = resolve_model_alias(init_from)
+    if script_args.allow_pickle and config.teacher_max_memory is not None and config.teacher_logits_path is None:
+        raise ValueError(
+            "allow_pickle with teacher_max_memory is not supported yet (the trainer places a teacher it loads itself "
+            "safetensors-only); convert the teacher to safetensors, or give teacher_device_map instead."
+        )
     final_dir = config.output_dir
-    with staged_output_dir(final_dir, overwrite=script_args.overwrite_output_dir) as stage:
-        config.output_dir = str(stage)
-        if script_args.student_model_name_or_path is not None:
-            student, tokenizer = load_causal_lm(
-                resolve_model_alias(script_args.student_model_name_or_path), dtype=script_args.model_dtype
-            )
-        else:
-            from ..loading import load_tokenizer
-            from ..student_init import init_student_from_teacher
-
-            student = init_student_from_teacher(
-                init_from,
-                num_layers=script_args.student_num_layers,
-                layer_selection=script_args.student_layer_selection,
-                intermediate_size=script_args.student_intermediate_size,
-            )
-            tokenizer = load_tokenizer(init_from)
+    with resumable_output_dir(final_dir, script_args.overwrite_output_dir, config.resume_from_checkpoint) as run:
+        config.output_dir, config.resume_from_checkpoint = str(run.folder), run.resume_from_checkpoint
+        student, tokenizer = _load_student(script_args, init_from)
+        teacher, teacher_tokenizer = _load_pickle_teacher(config, script_args.allow_pickle)
         train_blocks = _load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
         eval_blocks = None
         if script_args.eval_split is not None:
             eval_blocks = _load_blocks(script_args, tokenizer, script_args.eval_split, script_args.max_eval_blocks)
         trainer = DistillationTrainer(
             model=student,
+            teacher_model=teacher,
             args=config,
             train_dataset=train_blocks,
             eval_dataset=eval_blocks,
             processing_class=tokenizer,
+            teacher_processing_class=teacher_tokenizer,
         )
-        train_result = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
         trainer.save_model()
         trainer.save_metrics("train", train_result.metrics)
         eval_metrics: dict[str, Any] = {}
@@ -124,10 +121,48 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
                 eval_metrics["eval_perplexity"] = math.exp(min(ce_loss, 50.0))
             trainer.save_metrics("eval", eval_metrics)
         if trainer.accelerator.is_main_process:
-            _add_card_results(stage, "distilled", script_args.dataset, eval_metrics)
+            _add_card_results(run.folder, "distilled", script_args.dataset, eval_metrics)
         trainer.accelerator.wait_for_everyone()
     config.output_dir = final_dir
     return {"output_dir": final_dir, "train": train_result.metrics, "eval": eval_metrics, "trainer": trainer}
+
+
+def _load_student(script_args: DistillScriptArguments, init_from: str | None) -> tuple[Any, Any]:
+    """The student checkpoint, or a student built from the teacher's own layers (`student_num_layers`)."""
+    from ..loading import load_causal_lm, load_tokenizer
+    from ..student_init import init_student_from_teacher
+
+    if script_args.student_model_name_or_path is not None:
+        return load_causal_lm(
+            resolve_model_alias(script_args.student_model_name_or_path),
+            dtype=script_args.model_dtype,
+            allow_pickle=script_args.allow_pickle,
+        )
+    student = init_student_from_teacher(
+        init_from,
+        num_layers=script_args.student_num_layers,
+        layer_selection=script_args.student_layer_selection,
+        intermediate_size=script_args.student_intermediate_size,
+        allow_pickle=script_args.allow_pickle,
+    )
+    return student, load_tokenizer(init_from)
+
+
+def _load_pickle_teacher(config: Any, allow_pickle: bool) -> tuple[Any, Any]:
+    """With `allow_pickle`, the live teacher loaded here (its revision, dtype and device map) and its tokenizer;
+    otherwise `(None, None)` and `DistillationTrainer` loads `teacher_model_name_or_path` itself, safetensors only
+    (DistillationConfig has no allow_pickle to pass on)."""
+    from ..loading import load_causal_lm
+
+    if not allow_pickle or config.teacher_model_name_or_path is None or config.teacher_logits_path is not None:
+        return None, None
+    return load_causal_lm(
+        config.teacher_model_name_or_path,
+        revision=config.teacher_revision,
+        dtype=config.teacher_dtype,
+        device_map=config.teacher_device_map,
+        allow_pickle=True,
+    )
 
 
 def _add_card_results(folder: Path, kind: str, dataset: str, eval_metrics: dict[str, Any]) -> None:
@@ -153,20 +188,24 @@ def run_adapt(script_args: AdaptScriptArguments, training_args: Any) -> dict[str
     """LoRA fine-tuning of a causal LM on packed text: what `recipes/adapt.py` and `hf-interop adapt` run.
 
     `output_dir` receives the adapter (adapter_config.json, adapter_model.safetensors, tokenizer, `lora` card) and,
-    with `export_merged`, the merged full model in `output_dir/merged`.
+    with `export_merged`, the merged full model in `output_dir/merged`. Staged and resumable like :func:`run_distill`.
     """
     from peft import get_peft_model
-    from transformers import Trainer, default_data_collator
+    from transformers import Trainer, default_data_collator, set_seed
 
-    from ..adapters import build_lora_config, export_merged_model, save_adapter_checkpoint
+    from ..adapters import build_lora_config
     from ..loading import load_causal_lm
 
     script_args.check()
     final_dir = training_args.output_dir
-    with staged_output_dir(final_dir, overwrite=script_args.overwrite_output_dir) as stage:
-        training_args.output_dir = str(stage)
+    resume = training_args.resume_from_checkpoint
+    with resumable_output_dir(final_dir, script_args.overwrite_output_dir, resume) as run:
+        stage = run.folder
+        training_args.output_dir, training_args.resume_from_checkpoint = str(stage), run.resume_from_checkpoint
         model, tokenizer = load_causal_lm(
-            resolve_model_alias(script_args.model_name_or_path), dtype=script_args.model_dtype
+            resolve_model_alias(script_args.model_name_or_path),
+            dtype=script_args.model_dtype,
+            allow_pickle=script_args.allow_pickle,
         )
         lora_config = build_lora_config(
             r=script_args.lora_r,
@@ -181,6 +220,9 @@ def run_adapt(script_args: AdaptScriptArguments, training_args: Any) -> dict[str
         eval_blocks = None
         if script_args.eval_split is not None:
             eval_blocks = _load_blocks(script_args, tokenizer, script_args.eval_split, script_args.max_eval_blocks)
+        # The adapter's random initialisation draws from torch's global generator: seed it, so that --seed decides
+        # it (as it decides the data order) and two runs of one command give one adapter.
+        set_seed(training_args.seed)
         peft_model = get_peft_model(model, lora_config)
         trainer = Trainer(
             model=peft_model,
@@ -190,39 +232,50 @@ def run_adapt(script_args: AdaptScriptArguments, training_args: Any) -> dict[str
             data_collator=default_data_collator,
             processing_class=tokenizer,
         )
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        train_result = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
         eval_metrics: dict[str, Any] = {}
         if eval_blocks is not None:
             eval_metrics = trainer.evaluate()
             if "eval_loss" in eval_metrics:
                 eval_metrics["eval_perplexity"] = math.exp(min(eval_metrics["eval_loss"], 50.0))
         if trainer.accelerator.is_main_process:
-            card = {
-                "model_name": Path(final_dir).name,
-                "datasets": [script_args.dataset],
-                "metrics": {k: v for k, v in eval_metrics.items() if k in ("eval_loss", "eval_perplexity")},
-                "hyperparameters": {
-                    "lora_r": script_args.lora_r,
-                    "lora_alpha": script_args.lora_alpha,
-                    "learning_rate": training_args.learning_rate,
-                    "max_steps": training_args.max_steps,
-                    "num_train_epochs": training_args.num_train_epochs,
-                },
-            }
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            # The helpers write atomically into a fresh folder; build them inside the staging folder and move the
-            # files up, so the final folder holds the adapter next to the training checkpoints.
-            _move_contents(save_adapter_checkpoint(unwrapped, stage / ".adapter", tokenizer, **card), stage)
-            if script_args.export_merged:
-                export_merged_model(
-                    unwrapped, stage / "merged", tokenizer, **{**card, "model_name": f"{card['model_name']}-merged"}
-                )
+            _save_adapter_outputs(trainer, stage, tokenizer, script_args, Path(final_dir).name, eval_metrics)
             trainer.save_metrics("train", train_result.metrics)
             if eval_metrics:
                 trainer.save_metrics("eval", eval_metrics)
         trainer.accelerator.wait_for_everyone()
     training_args.output_dir = final_dir
     return {"output_dir": final_dir, "train": train_result.metrics, "eval": eval_metrics, "trainer": trainer}
+
+
+def _save_adapter_outputs(
+    trainer: Any, stage: Path, tokenizer: Any, script_args: AdaptScriptArguments, name: str, eval_metrics: dict
+) -> None:
+    """The adapter (and with `export_merged` the merged model in `merged/`) with their `lora` cards, into `stage`."""
+    from ..adapters import export_merged_model, save_adapter_checkpoint
+
+    training_args = trainer.args
+    card = {
+        "model_name": name,
+        "datasets": [script_args.dataset],
+        "metrics": {k: v for k, v in eval_metrics.items() if k in ("eval_loss", "eval_perplexity")},
+        "hyperparameters": {
+            "lora_r": script_args.lora_r,
+            "lora_alpha": script_args.lora_alpha,
+            "learning_rate": training_args.learning_rate,
+            "max_steps": training_args.max_steps,
+            "num_train_epochs": training_args.num_train_epochs,
+        },
+    }
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    # The helpers write atomically into a fresh folder; build them inside the staging folder and move the files up,
+    # so the final folder holds the adapter next to the training checkpoints. A resumed run may find what a killed
+    # earlier attempt left of them.
+    for leftover in (stage / ".adapter", stage / "merged"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    _move_contents(save_adapter_checkpoint(unwrapped, stage / ".adapter", tokenizer, **card), stage)
+    if script_args.export_merged:
+        export_merged_model(unwrapped, stage / "merged", tokenizer, **{**card, "model_name": f"{name}-merged"})
 
 
 def _move_contents(source: Path, target: Path) -> None:
@@ -242,6 +295,7 @@ def run_ensemble(script_args: EnsembleScriptArguments) -> dict[str, Any]:
         weights=script_args.weights,
         combination=script_args.combination,
         dtype=script_args.dtype,
+        allow_pickle=script_args.allow_pickle,
     )
     data_args = DataArguments(
         dataset=script_args.dataset, text_column=script_args.text_column, block_size=script_args.block_size
@@ -306,23 +360,37 @@ def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any
         teacher_path,
         revision=script_args.teacher_revision,
         dtype=script_args.teacher_dtype,
+        allow_pickle=script_args.allow_pickle,
     )
     train_blocks = _load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
-    cache = cache_teacher_logits(
-        teacher,
-        train_blocks,
-        output_dir,
-        top_k=script_args.top_k,
-        temperature=script_args.temperature,
-        batch_size=script_args.batch_size,
-        shard_size=script_args.shard_size,
-        tokenizer=tokenizer,
-        teacher_name_or_path=teacher_path,
-        teacher_revision=script_args.teacher_revision,
-        overwrite=script_args.overwrite_output_dir,
-        show_progress=not script_args.disable_tqdm,
-    )
+    with _api_words_as_flags():
+        cache = cache_teacher_logits(
+            teacher,
+            train_blocks,
+            output_dir,
+            top_k=script_args.top_k,
+            temperature=script_args.temperature,
+            batch_size=script_args.batch_size,
+            shard_size=script_args.shard_size,
+            tokenizer=tokenizer,
+            teacher_name_or_path=teacher_path,
+            teacher_revision=script_args.teacher_revision,
+            overwrite=script_args.overwrite_output_dir,
+            show_progress=not script_args.disable_tqdm,
+        )
     return {"output_dir": str(output_dir), "cache": cache, "num_rows": len(train_blocks)}
+
+
+@contextlib.contextmanager
+def _api_words_as_flags() -> Iterator[None]:
+    """A library error that tells the user to pass `overwrite=True` also names the flag that does it here."""
+    try:
+        yield
+    except (ValueError, FileExistsError) as error:
+        message = str(error)
+        if "overwrite=True" not in message or OVERWRITE_FLAG in message:
+            raise
+        raise type(error)(message.replace("overwrite=True", f"overwrite=True (CLI: {OVERWRITE_FLAG})")) from error
 
 
 def _training_arguments_class() -> type:

@@ -201,6 +201,7 @@ def init_student_from_teacher(
     seed: int = 0,
     output_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    allow_pickle: bool = False,
 ) -> PreTrainedModel:
     """Build a smaller student of the teacher's own family from the teacher's weights.
 
@@ -246,6 +247,8 @@ def init_student_from_teacher(
             If given, the student (and tokenizer) is saved there atomically with `student_init.json`, which
             records the teacher and the kept layers, channels and heads.
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing `output_dir`.
+        allow_pickle (`bool`, *optional*, defaults to `False`): a `teacher` path may hold pickle (`.bin`) weights,
+            which can run code when loaded (safetensors only by default).
 
     Returns:
         `PreTrainedModel`: the student, same class, dtype and device as the teacher, in eval mode.
@@ -265,7 +268,9 @@ def init_student_from_teacher(
         output_dir,
         overwrite,
     )
-    teacher, tokenizer, teacher_name = _teacher_and_tokenizer(teacher, tokenizer, num_layers, layer_selection)
+    teacher, tokenizer, teacher_name = _teacher_and_tokenizer(
+        teacher, tokenizer, num_layers, layer_selection, allow_pickle=allow_pickle
+    )
     config = teacher.config
     layout = _layout_for(config)
     num_teacher_layers = _config_value(config, layout.num_layers_key)
@@ -352,7 +357,7 @@ def _check_init_arguments(
 
 
 def _teacher_and_tokenizer(
-    teacher: Any, tokenizer: Any, num_layers: Any, layer_selection: Any
+    teacher: Any, tokenizer: Any, num_layers: Any, layer_selection: Any, allow_pickle: bool = False
 ) -> tuple[PreTrainedModel, Any, str | None]:
     """The teacher (loaded when given as a path, after its config.json is checked) with its tokenizer and its name
     (the path; `None` for a model object)."""
@@ -364,7 +369,7 @@ def _teacher_and_tokenizer(
         _check_teacher_config_before_loading(teacher_name, num_layers, layer_selection)
         from ..loading import load_causal_lm
 
-        teacher, loaded_tokenizer = load_causal_lm(teacher_name)
+        teacher, loaded_tokenizer = load_causal_lm(teacher_name, allow_pickle=allow_pickle)
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
     elif not hasattr(teacher, "config") or not isinstance(teacher, torch.nn.Module):
         raise TypeError(

@@ -401,11 +401,12 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         device_map: str | None = None,
         max_memory: dict | None = None,
         token: str | bool | None = None,
+        allow_pickle: bool = False,
     ):
         if not isinstance(config, EnsembleConfig):
             raise TypeError(f"config must be an EnsembleConfig, got {type(config).__name__}.")
         check_no_remote_code(config.trust_remote_code, "EnsembleConfig")
-        loaded, tokenizers, names = _prepare_members(config, members, device_map, max_memory, token)
+        loaded, tokenizers, names = _prepare_members(config, members, device_map, max_memory, token, allow_pickle)
         super().__init__(config)
         self.members = nn.ModuleList(loaded)
         for member in self.members:
@@ -461,6 +462,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         cross_tokenizer_look_behind: int = 8,
         trust_remote_code: bool = False,
         token: str | bool | None = None,
+        allow_pickle: bool = False,
     ) -> EnsembleForCausalLM:
         """Build an ensemble from member names/paths, loaded models, or `(model, tokenizer)` pairs.
 
@@ -491,6 +493,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             cross_tokenizer_look_behind (`int`, *optional*, defaults to 8): tokens re-encoded with a new piece.
             trust_remote_code (`bool`, *optional*, defaults to `False`): must stay `False` (refused otherwise).
             token (`str` or `bool`, *optional*): Hub token for private members.
+            allow_pickle (`bool`, *optional*, defaults to `False`): members given by name/path may hold pickle
+                (`.bin`) weights, which can run code when loaded (safetensors only by default).
 
         Example (members with different tokenizers):
 
@@ -535,7 +539,13 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             cross_tokenizer_look_behind=cross_tokenizer_look_behind,
         )
         return cls(
-            config, members=members, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory, token=token
+            config,
+            members=members,
+            tokenizer=tokenizer,
+            device_map=device_map,
+            max_memory=max_memory,
+            token=token,
+            allow_pickle=allow_pickle,
         )
 
     @classmethod
@@ -1388,6 +1398,7 @@ def _prepare_members(
     device_map: str | None,
     max_memory: dict | None,
     token: str | bool | None,
+    allow_pickle: bool = False,
 ) -> tuple[list[nn.Module], list[Any], list[str]]:
     """Validate everything cheap first, then load or place the members. Returns models, tokenizers, names."""
     from ..loading import load_causal_lm
@@ -1451,6 +1462,7 @@ def _prepare_members(
                 dtype=dtype,
                 device_map=member_map,
                 trust_remote_code=False,
+                allow_pickle=allow_pickle,
                 token=token,
             )
             spec["revision"] = resolved_revision(model, spec.get("revision"), spec["name_or_path"])

@@ -192,7 +192,8 @@ def test_staged_output_dir_replaces_only_on_success(tmp_path):
 
 
 def test_killed_run_leaves_no_partial_output(tiny_model_dirs, second_seed_dir, tmp_path):
-    """SIGTERM in the middle of training: exit code 1, one `interrupted` line, no output and no staging folder."""
+    """SIGTERM in the middle of training before any checkpoint: exit code 1, one `interrupted` line, no output and no
+    staging folder (there is nothing to resume; test_cli_faults.py covers runs with checkpoints)."""
     import signal
     import threading
     import time
@@ -214,7 +215,7 @@ def test_killed_run_leaves_no_partial_output(tiny_model_dirs, second_seed_dir, t
         while time.monotonic() < deadline and process.poll() is None and not any("'loss'" in x for x in stdout_lines):
             time.sleep(0.2)
         assert process.poll() is None, process.communicate()[1][-2000:]
-        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-run-")], "no staging folder"
+        assert [p.name for p in tmp_path.iterdir()] == [".incomplete-run"], "no staging folder"
         process.send_signal(signal.SIGTERM)
         stderr = process.stderr.read()
         process.wait(timeout=120)
