@@ -55,7 +55,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     "load_gpt2_tokenizer": "cross_tokenizer",
     "CrossTokenizerDistillationConfig": "cross_tokenizer",
     "CrossTokenizerDistillationTrainer": "cross_tokenizer",
-    "CrossTokenizerEnsemble": "cross_tokenizer_ensemble",
+    "CrossTokenizerEnsemble": "ensemble.cross_tokenizer",
 }
 
 _SUBMODULES = {

@@ -1279,7 +1279,7 @@ def _build_cross_tokenizer_engine(
 ) -> tuple[Any, int]:
     """The :class:`CrossTokenizerEnsemble` that generates for a cross-tokenizer ensemble, and the index of the member
     whose tokenizer is the ensemble's (its ids are the ensemble's input and output ids)."""
-    from ..cross_tokenizer_ensemble import CrossTokenizerEnsemble
+    from .cross_tokenizer import CrossTokenizerEnsemble
 
     for index, member_tokenizer in enumerate(tokenizers):
         if member_tokenizer is None:
