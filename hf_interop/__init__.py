@@ -32,7 +32,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     "cache_teacher_logits": "teacher_cache",
     "TeacherLogitsCache": "teacher_cache",
     # fusion
-    "EnsembleConfig": "ensemble",
+    "EnsembleConfig": "ensemble.config",
     "EnsembleForCausalLM": "ensemble",
     "EnsembleForSequenceClassification": "ensemble",
     "fit_ensemble_weights": "ensemble",

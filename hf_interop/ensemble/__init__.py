@@ -9,8 +9,9 @@ pieces, with `EnsembleForCausalLM.from_members(..., cross_tokenizer=True)` (`gen
 - :mod:`.classification`: :class:`EnsembleForSequenceClassification`.
 """
 
-from .causal_lm import EnsembleCache, EnsembleConfig, EnsembleForCausalLM, LoraAdapterMember
+from .causal_lm import EnsembleCache, EnsembleForCausalLM, LoraAdapterMember
 from .combination import COMBINATIONS, combine_log_probs, contrastive, maximum, mixture, product
+from .config import EnsembleConfig
 from .members import plan_member_placement
 
 __all__ = [
