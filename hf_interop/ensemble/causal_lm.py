@@ -16,7 +16,6 @@ refuses with a pointer to `generate()`.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import tempfile
@@ -53,75 +52,6 @@ CAUSAL_LM_CROSS_TOKENIZER_HINT = (
     "To ensemble members whose tokenizers differ, pass cross_tokenizer=True to EnsembleForCausalLM.from_members "
     "(cross-tokenizer ensembling at the level of text pieces, UniTE-style, https://huggingface.co/papers/2410.03777: "
     "generate() only, combination='mixture'), or pick members that share a tokenizer."
-)
-
-# generate() options a cross-tokenizer ensemble honours; anything else set to a non-neutral value is refused.
-_CROSS_TOKENIZER_GENERATION_OPTIONS = frozenset(
-    {
-        "max_length",
-        "max_new_tokens",
-        "min_new_tokens",
-        "do_sample",
-        "temperature",
-        "top_k",
-        "top_p",
-        "eos_token_id",
-        "pad_token_id",
-        "bos_token_id",
-        "decoder_start_token_id",
-        "use_cache",
-        "return_dict_in_generate",
-        "cache_implementation",
-        "cache_config",
-        "max_cache_len",
-        "compile_config",
-        "disable_compile",
-        "transformers_version",
-        "_from_model_config",
-    }
-)
-_NEUTRAL_GENERATION_VALUES = {
-    "min_length": 0,
-    "num_beams": 1,
-    "num_beam_groups": 1,
-    "num_return_sequences": 1,
-    "typical_p": 1.0,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "length_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "min_p": 0.0,
-    "diversity_penalty": 0.0,
-    "guidance_scale": 1.0,
-}
-# Only meaningful to an assistant or to beam search; a copied generation config may carry their defaults.
-_IGNORED_GENERATION_VALUES = frozenset(
-    {
-        "early_stopping",
-        "num_assistant_tokens",
-        "num_assistant_tokens_schedule",
-        "assistant_confidence_threshold",
-        "assistant_lookbehind",
-        "target_lookbehind",
-        "is_assistant",
-    }
-)
-# generate() arguments that are not generation-config fields and that a cross-tokenizer ensemble cannot honour.
-_UNSUPPORTED_GENERATE_ARGUMENTS = (
-    "logits_processor",
-    "stopping_criteria",
-    "prefix_allowed_tokens_fn",
-    "assistant_model",
-    "streamer",
-    "negative_prompt_ids",
-    "negative_prompt_attention_mask",
-    "custom_generate",
-    "inputs_embeds",
-    "past_key_values",
-    "position_ids",
 )
 
 
@@ -316,6 +246,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         self._cross_tokenizer_engine = None
         self._tokenizer_member_index: int | None = None
         if config.cross_tokenizer:
+            from .cross_tokenizer import _build_cross_tokenizer_engine
+
             self._cross_tokenizer_engine, self._tokenizer_member_index = _build_cross_tokenizer_engine(
                 config, loaded, tokenizers, names, tokenizer
             )
@@ -769,135 +701,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if not self.config.cross_tokenizer:
             return super().generate(inputs, generation_config, **kwargs)
-        return self._generate_across_tokenizers(inputs, generation_config, **kwargs)
+        from .cross_tokenizer import _generate_across_tokenizers
 
-    def _generate_across_tokenizers(
-        self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, **kwargs: Any
-    ) -> Any:
-        input_ids = kwargs.pop("input_ids", None)
-        if inputs is not None and input_ids is not None:
-            raise ValueError("pass the prompt ids once: either inputs (first argument) or input_ids, not both.")
-        input_ids = inputs if inputs is not None else input_ids
-        attention_mask = kwargs.pop("attention_mask", None)
-        kwargs.pop("synced_gpus", None)  # a single process runs every member; nothing to synchronise
-        for name in _UNSUPPORTED_GENERATE_ARGUMENTS:
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"generate() of a cross-tokenizer ensemble does not support {name}; drop it (the ensemble picks "
-                    "text pieces, not ids of one vocabulary, so processors, streamers and caches do not apply)."
-                )
-            kwargs.pop(name, None)
-        settings = _cross_tokenizer_generation_settings(
-            copy.deepcopy(generation_config if generation_config is not None else self.generation_config), kwargs
-        )
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(
-                f"input_ids must be a 2-D tensor (batch, length) of the ensemble tokenizer's ids with at least one "
-                f"token, got {shape}; encode with ensemble.tokenizer(texts, return_tensors='pt')."
-            )
-        vocab_size = len(self.tokenizer)
-        outside = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
-        if outside.numel():
-            raise ValueError(
-                f"input_ids holds id {int(outside[0])} outside the ensemble tokenizer's {vocab_size} ids; encode the "
-                "prompt with ensemble.tokenizer."
-            )
-        pad_token_id, eos_token_id = settings["pad_token_id"], settings["eos_token_id"]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-            if pad_token_id is not None and pad_token_id != eos_token_id and input_ids.shape[0] > 1:
-                attention_mask = (input_ids != pad_token_id).long()
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
-                "pass the mask the tokenizer returned with the ids."
-            )
-        max_new_tokens = settings["max_new_tokens"]
-        if max_new_tokens is None:
-            max_new_tokens = settings["max_length"] - input_ids.shape[1]
-            if max_new_tokens <= 0:
-                raise ValueError(
-                    f"max_length={settings['max_length']} leaves no room after the {input_ids.shape[1]}-token prompt; "
-                    "pass max_new_tokens=N instead."
-                )
-        prompts = []
-        for row in range(input_ids.shape[0]):
-            mask = attention_mask[row].bool().tolist()
-            if not any(mask):
-                raise ValueError(f"attention_mask row {row} is all zeros: that prompt is empty; drop it.")
-            first = mask.index(True)
-            if not all(mask[first:]):
-                raise ValueError(
-                    f"attention_mask row {row} is right-padded (a 0 after a 1); a cross-tokenizer ensemble continues "
-                    "each prompt from its end: pad on the left (tokenizer.padding_side = 'left')."
-                )
-            prompts.append(input_ids[row, first:].tolist())
-
-        engine = self._cross_tokenizer_engine
-        engine.set_weights(self.member_weights.tolist())
-        generated_rows = []
-        try:
-            for row, prompt_ids in enumerate(prompts):
-                generated_rows.append(self._generate_row(row, prompt_ids, max_new_tokens, settings))
-        finally:
-            engine.release_caches()
-        width = max(len(generated) for generated in generated_rows)
-        fill = pad_token_id if pad_token_id is not None else eos_token_id
-        if fill is None and any(len(generated) < width for generated in generated_rows):
-            raise ValueError(
-                "rows ended at different lengths and neither pad_token_id nor eos_token_id is set; pass pad_token_id."
-            )
-        padded = [generated + [fill] * (width - len(generated)) for generated in generated_rows]
-        new_ids = torch.tensor(padded, dtype=input_ids.dtype, device=input_ids.device).reshape(len(padded), width)
-        sequences = torch.cat([input_ids, new_ids], dim=1)
-        if settings["return_dict_in_generate"]:
-            from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-            return GenerateDecoderOnlyOutput(sequences=sequences)
-        return sequences
-
-    def _generate_row(
-        self, row: int, prompt_ids: list[int], max_new_tokens: int, settings: dict[str, Any]
-    ) -> list[int]:
-        """Ids of the ensemble's tokenizer generated after one (unpadded) prompt."""
-        engine = self._cross_tokenizer_engine
-        reference = self._tokenizer_member_index
-        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        member_prompt_ids = []
-        for index, member_tokenizer in enumerate(engine_tokenizers(engine)):
-            if index == reference:
-                member_prompt_ids.append(prompt_ids)
-                continue
-            ids = list(member_tokenizer(text, add_special_tokens=True)["input_ids"])
-            if not ids:
-                raise ValueError(
-                    f"prompt row {row} ({text!r}) tokenises to nothing with members[{index}]'s tokenizer; give a "
-                    "prompt with some text."
-                )
-            member_prompt_ids.append(ids)
-        engine.begin(member_prompt_ids)
-        generated: list[int] = []
-        text_bytes = bytearray()
-        while len(generated) < max_new_tokens:
-            piece = engine.next_piece(
-                do_sample=settings["do_sample"],
-                temperature=settings["temperature"],
-                top_k=settings["top_k"],
-                top_p=settings["top_p"],
-                allow_end_of_sequence=len(generated) >= settings["min_new_tokens"],
-            )
-            if piece is None:
-                if settings["eos_token_id"] is not None:
-                    generated.append(settings["eos_token_id"])
-                break
-            text_bytes.extend(piece)
-            ids = engine.member_token_ids(reference)
-            if ids[: len(prompt_ids)] == prompt_ids:
-                generated = ids[len(prompt_ids) :]
-            else:  # the member re-encoded across the prompt's end: keep the prompt ids, encode the new text alone
-                generated = engine.encode_bytes(reference, bytes(text_bytes))
-        return generated[:max_new_tokens]
+        return _generate_across_tokenizers(self, inputs, generation_config, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Saving, loading, publishing
@@ -1072,123 +878,6 @@ def _generation_config_from(member: nn.Module, tokenizer: Any) -> GenerationConf
         eos = values["eos_token_id"]
         values["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
     return GenerationConfig(**values)
-
-
-def engine_tokenizers(engine: Any) -> list[Any]:
-    """The members' tokenizers of a :class:`CrossTokenizerEnsemble`, in order."""
-    return [member.tokenizer for member in engine.members]
-
-
-def _build_cross_tokenizer_engine(
-    config: EnsembleConfig,
-    members: Sequence[nn.Module],
-    tokenizers: Sequence[Any],
-    names: Sequence[str],
-    tokenizer: Any,
-) -> tuple[Any, int]:
-    """The :class:`CrossTokenizerEnsemble` that generates for a cross-tokenizer ensemble, and the index of the member
-    whose tokenizer is the ensemble's (its ids are the ensemble's input and output ids)."""
-    from .cross_tokenizer import CrossTokenizerEnsemble
-
-    for index, member_tokenizer in enumerate(tokenizers):
-        if member_tokenizer is None:
-            raise ValueError(
-                f"members[{index}] ({names[index]!r}) has no tokenizer; cross_tokenizer=True needs each member's own "
-                "tokenizer: pass (model, tokenizer) pairs, or checkpoint folders / hub ids that hold a tokenizer."
-            )
-    tokenizer_member = next((index for index, candidate in enumerate(tokenizers) if candidate is tokenizer), None)
-    if tokenizer_member is None:
-        for index, candidate in enumerate(tokenizers):
-            try:
-                check_tokenizers_compatible([candidate, tokenizer], [names[index], "tokenizer"])
-            except ValueError:
-                continue
-            tokenizer_member = index
-            break
-    if tokenizer_member is None:
-        raise ValueError(
-            f"tokenizer={type(tokenizer).__name__} (vocabulary of {len(tokenizer)}) is not the tokenizer of any member. "
-            "With cross_tokenizer=True the ensemble's input and output ids are one member's ids: leave tokenizer unset "
-            "(the first member's) or pass one member's tokenizer."
-        )
-    try:
-        check_tokenizers_compatible(tokenizers, names)
-    except ValueError:
-        pass
-    else:
-        logger.warning(
-            "cross_tokenizer=True but all members share one tokenizer; the logit-level ensemble (cross_tokenizer=False) "
-            "is exact, faster and also gives forward() logits."
-        )
-    weights = config.weights if config.weights is not None else [1.0] * len(members)
-    engine = CrossTokenizerEnsemble(
-        list(zip(members, tokenizers, strict=True)),
-        weights=list(weights),
-        top_k=config.cross_tokenizer_top_k,
-        look_behind=config.cross_tokenizer_look_behind,
-    )
-    return engine, tokenizer_member
-
-
-def _cross_tokenizer_generation_settings(
-    generation_config: GenerationConfig, kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """The options a cross-tokenizer `generate()` honours, after refusing any it cannot (named in the error)."""
-    unused = generation_config.update(**kwargs)
-    if unused:
-        raise ValueError(
-            f"generate() of a cross-tokenizer ensemble does not take {sorted(unused)}; it accepts input_ids, "
-            "attention_mask and generation options (max_new_tokens, do_sample, temperature, top_k, top_p, ...)."
-        )
-    do_sample = bool(generation_config.do_sample)
-    for name, value in generation_config.to_dict().items():
-        if value is None or value is False or name in _CROSS_TOKENIZER_GENERATION_OPTIONS:
-            continue
-        if name in _IGNORED_GENERATION_VALUES:
-            continue
-        if name in _NEUTRAL_GENERATION_VALUES and value == _NEUTRAL_GENERATION_VALUES[name]:
-            continue
-        if name == "min_p" and not do_sample:
-            continue
-        if isinstance(value, (dict, list)) and not value:
-            continue
-        raise ValueError(
-            f"generate() of a cross-tokenizer ensemble cannot honour {name}={value!r}: it runs greedy search or "
-            "sampling (temperature, top_k, top_p) over the members' pooled candidates, one sequence per prompt. Drop "
-            f"{name}, or use members that share a tokenizer (cross_tokenizer=False) for the full generate()."
-        )
-    num_beams = generation_config.num_beams
-    if num_beams not in (None, 1):
-        raise ValueError(f"num_beams={num_beams} is not supported with cross_tokenizer=True; use num_beams=1.")
-    temperature = 1.0 if generation_config.temperature is None else float(generation_config.temperature)
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0 when sampling; 1.0 samples the mixture as it is.")
-    top_k = generation_config.top_k if do_sample else None
-    top_p = generation_config.top_p if do_sample else None
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 keeps every pooled candidate).")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1].")
-    max_new_tokens = generation_config.max_new_tokens
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
-    min_new_tokens = generation_config.min_new_tokens
-    if min_new_tokens is not None and (not isinstance(min_new_tokens, int) or min_new_tokens < 0):
-        raise ValueError(f"min_new_tokens={min_new_tokens!r} must be an integer >= 0.")
-    eos = generation_config.eos_token_id
-    pad = generation_config.pad_token_id
-    return {
-        "max_new_tokens": max_new_tokens,
-        "max_length": generation_config.max_length if generation_config.max_length is not None else 20,
-        "min_new_tokens": min_new_tokens or 0,
-        "do_sample": do_sample,
-        "temperature": temperature,
-        "top_k": top_k or None,
-        "top_p": top_p,
-        "eos_token_id": eos[0] if isinstance(eos, (list, tuple)) else eos,
-        "pad_token_id": pad[0] if isinstance(pad, (list, tuple)) else pad,
-        "return_dict_in_generate": bool(generation_config.return_dict_in_generate),
-    }
 
 
 def _prepare_members(
