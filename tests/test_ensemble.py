@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import build_tiny_causal_lm, transformers_log
 
+from hf_interop._compat import output_cache
 from hf_interop.ensemble import (
     EnsembleConfig,
     EnsembleForCausalLM,
@@ -20,7 +21,6 @@ from hf_interop.ensemble import (
     plan_member_placement,
     product,
 )
-from hf_interop.ensemble.members import output_cache
 
 PROMPT = "The with statement is used to"
 

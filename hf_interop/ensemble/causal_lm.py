@@ -29,20 +29,18 @@ from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .._compat import cache_argument, output_cache, output_cache_field
 from ..logging_utils import get_logger
 from ..utils import atomic_write_text
 from .combination import check_weights, combine_log_probs
 from .config import ENSEMBLE_MODEL_TYPE, EnsembleConfig, load_ensemble_config, write_ensemble_card
 from .members import (
-    cache_argument,
     check_member_path,
     check_no_remote_code,
     check_tokenizers_compatible,
     dispatch_loaded_model,
     input_device,
     member_spec,
-    output_cache,
-    output_cache_field,
     resolved_revision,
 )
 
@@ -632,7 +630,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if input_ids is None:
             raise ValueError("input_ids is required.")
-        # generate() of newer transformers passes the cache as `cache` (see members.cache_argument); accept either name
+        # generate() of newer transformers passes the cache as `cache` (see _compat.cache_argument); accept either name
         cache = kwargs.pop("cache", None)
         if cache is not None:
             past_key_values = cache

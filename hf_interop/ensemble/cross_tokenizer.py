@@ -197,7 +197,8 @@ class CrossTokenizerEnsemble:
     def _next_token_log_probs(self, member: _MemberState) -> torch.Tensor:
         import torch
 
-        from .members import cache_argument, input_device, output_cache
+        from .._compat import cache_argument, output_cache
+        from .members import input_device
 
         # Reuse the KV cache for the longest prefix whose token ids did not change (a re-encoded tail may have
         # rewritten ids the cache already holds); run only the rest. At least the last id is run to get its logits.
