@@ -9,10 +9,10 @@ pieces, with `EnsembleForCausalLM.from_members(..., cross_tokenizer=True)` (`gen
 - :mod:`.classification`: :class:`EnsembleForSequenceClassification`.
 """
 
-from .causal_lm import EnsembleCache, EnsembleForCausalLM, LoraAdapterMember
+from .causal_lm import EnsembleCache, EnsembleForCausalLM
 from .combination import COMBINATIONS, combine_log_probs, contrastive, maximum, mixture, product
 from .config import EnsembleConfig
-from .members import plan_member_placement
+from .members import LoraAdapterMember, plan_member_placement
 
 __all__ = [
     "COMBINATIONS",
