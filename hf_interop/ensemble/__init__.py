@@ -9,7 +9,8 @@ pieces, with `EnsembleForCausalLM.from_members(..., cross_tokenizer=True)` (`gen
 - :mod:`.classification`: :class:`EnsembleForSequenceClassification`.
 """
 
-from .causal_lm import EnsembleCache, EnsembleForCausalLM
+from .cache import EnsembleCache
+from .causal_lm import EnsembleForCausalLM
 from .combination import COMBINATIONS, combine_log_probs, contrastive, maximum, mixture, product
 from .config import EnsembleConfig
 from .members import LoraAdapterMember, plan_member_placement
