@@ -33,9 +33,9 @@ _LAZY_IMPORTS: dict[str, str] = {
     "TeacherLogitsCache": "teacher_cache",
     # fusion
     "EnsembleConfig": "ensemble.config",
-    "EnsembleForCausalLM": "ensemble",
-    "EnsembleForSequenceClassification": "ensemble",
-    "fit_ensemble_weights": "ensemble",
+    "EnsembleForCausalLM": "ensemble.causal_lm",
+    "EnsembleForSequenceClassification": "ensemble.classification",
+    "fit_ensemble_weights": "ensemble.weights",
     "merge_checkpoints": "merge",
     "greedy_soup": "merge",
     "merge_lora_adapters": "merge",
