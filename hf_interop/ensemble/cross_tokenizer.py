@@ -26,12 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from ..cross_tokenizer import DEFAULT_MAX_VOCAB_UNION_SIZE, special_token_ids, token_byte_strings
 from ..logging_utils import get_logger
 from .members import check_tokenizers_compatible
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -195,8 +196,6 @@ class CrossTokenizerEnsemble:
         member.ids = member.ids[:start] + self._encode_bytes(member, tail)
 
     def _next_token_log_probs(self, member: _MemberState) -> torch.Tensor:
-        import torch
-
         from .._compat import cache_argument, output_cache
         from .members import input_device
 
@@ -231,8 +230,6 @@ class CrossTokenizerEnsemble:
         return torch.log_softmax(logits, dim=-1).cpu()
 
     def _score(self, member: _MemberState, log_probs: torch.Tensor, candidates: list[Any]) -> torch.Tensor:
-        import torch
-
         probs = log_probs.exp()
         scores = []
         for candidate in candidates:
@@ -318,8 +315,6 @@ class CrossTokenizerEnsemble:
             The chosen text piece as UTF-8 bytes (possibly an incomplete character), or `None` when the mixture
             chose end of sequence (members are left unchanged then).
         """
-        import torch
-
         with torch.no_grad():
             all_log_probs = [self._next_token_log_probs(member) for member in self.members]
         candidates: dict[Any, None] = {}
@@ -386,8 +381,6 @@ class CrossTokenizerEnsemble:
         Non-EOS special tokens are never proposed (they stand for no text). Greedy generation is deterministic;
         with one member it reproduces that member's greedy `generate()` text (with those special tokens suppressed).
         """
-        import torch
-
         if not isinstance(prompt, str) or not prompt:
             raise ValueError(f"prompt must be a non-empty string, got {prompt!r}.")
         if max_new_tokens < 0:
@@ -426,8 +419,6 @@ def _sample_candidate(
     generator: torch.Generator | None,
 ) -> int:
     """Index of a candidate drawn from the tempered mixture, after the optional top-k / top-p cuts."""
-    import torch
-
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0; 1.0 samples the mixture as it is.")
     probs = mixture.clamp_min(1e-30).pow(1.0 / temperature)
@@ -521,8 +512,6 @@ _UNSUPPORTED_GENERATE_ARGUMENTS = (
 def _generate_across_tokenizers(
     self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, **kwargs: Any
 ) -> Any:
-    import torch
-
     input_ids = kwargs.pop("input_ids", None)
     if inputs is not None and input_ids is not None:
         raise ValueError("pass the prompt ids once: either inputs (first argument) or input_ids, not both.")
