@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+    from .causal_lm import EnsembleForCausalLM
     from .config import EnsembleConfig
 
 logger = get_logger(__name__)
@@ -510,8 +511,45 @@ _UNSUPPORTED_GENERATE_ARGUMENTS = (
 
 
 def _generate_across_tokenizers(
-    self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, **kwargs: Any
+    ensemble: EnsembleForCausalLM,
+    inputs: torch.Tensor | None,
+    generation_config: GenerationConfig | None,
+    **kwargs: Any,
 ) -> Any:
+    """`ensemble.generate()` with `cross_tokenizer=True` (see :meth:`EnsembleForCausalLM.generate`): every prompt row
+    generated alone by the engine, the rows padded to one width after the prompts."""
+    input_ids, attention_mask = _pop_prompt_arguments(inputs, kwargs)
+    settings = _cross_tokenizer_generation_settings(
+        copy.deepcopy(generation_config if generation_config is not None else ensemble.generation_config), kwargs
+    )
+    _check_prompt_ids(input_ids, len(ensemble.tokenizer))
+    pad_token_id, eos_token_id = settings["pad_token_id"], settings["eos_token_id"]
+    attention_mask = _prompt_attention_mask(input_ids, attention_mask, pad_token_id, eos_token_id)
+    max_new_tokens = _max_new_tokens(settings, input_ids.shape[1])
+    prompts = _unpadded_prompts(input_ids, attention_mask)
+
+    engine = ensemble._cross_tokenizer_engine
+    engine.set_weights(ensemble.member_weights.tolist())
+    generated_rows = []
+    try:
+        for row, prompt_ids in enumerate(prompts):
+            generated_rows.append(_generate_row(ensemble, row, prompt_ids, max_new_tokens, settings))
+    finally:
+        engine.release_caches()
+    padded = _pad_rows(generated_rows, pad_token_id, eos_token_id)
+    width = len(padded[0])
+    new_ids = torch.tensor(padded, dtype=input_ids.dtype, device=input_ids.device).reshape(len(padded), width)
+    sequences = torch.cat([input_ids, new_ids], dim=1)
+    if settings["return_dict_in_generate"]:
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        return GenerateDecoderOnlyOutput(sequences=sequences)
+    return sequences
+
+
+def _pop_prompt_arguments(inputs: torch.Tensor | None, kwargs: dict[str, Any]) -> tuple[Any, torch.Tensor | None]:
+    """The prompt ids and attention mask taken out of `generate()`'s arguments, after refusing the arguments a
+    cross-tokenizer ensemble cannot honour; `kwargs` keeps only generation options."""
     input_ids = kwargs.pop("input_ids", None)
     if inputs is not None and input_ids is not None:
         raise ValueError("pass the prompt ids once: either inputs (first argument) or input_ids, not both.")
@@ -525,23 +563,29 @@ def _generate_across_tokenizers(
                 "text pieces, not ids of one vocabulary, so processors, streamers and caches do not apply)."
             )
         kwargs.pop(name, None)
-    settings = _cross_tokenizer_generation_settings(
-        copy.deepcopy(generation_config if generation_config is not None else self.generation_config), kwargs
-    )
+    return input_ids, attention_mask
+
+
+def _check_prompt_ids(input_ids: Any, vocab_size: int) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(
             f"input_ids must be a 2-D tensor (batch, length) of the ensemble tokenizer's ids with at least one "
             f"token, got {shape}; encode with ensemble.tokenizer(texts, return_tensors='pt')."
         )
-    vocab_size = len(self.tokenizer)
     outside = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
     if outside.numel():
         raise ValueError(
             f"input_ids holds id {int(outside[0])} outside the ensemble tokenizer's {vocab_size} ids; encode the "
             "prompt with ensemble.tokenizer."
         )
-    pad_token_id, eos_token_id = settings["pad_token_id"], settings["eos_token_id"]
+
+
+def _prompt_attention_mask(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, pad_token_id: int | None, eos_token_id: int | None
+) -> torch.Tensor:
+    """The given mask (checked against the ids), or one that hides the padding of a batch (when pad differs from
+    EOS, which a prompt may hold)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
         if pad_token_id is not None and pad_token_id != eos_token_id and input_ids.shape[0] > 1:
@@ -551,14 +595,24 @@ def _generate_across_tokenizers(
             f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
             "pass the mask the tokenizer returned with the ids."
         )
+    return attention_mask
+
+
+def _max_new_tokens(settings: dict[str, Any], prompt_length: int) -> int:
+    """`max_new_tokens`, or what `max_length` leaves after the (padded) prompt."""
     max_new_tokens = settings["max_new_tokens"]
     if max_new_tokens is None:
-        max_new_tokens = settings["max_length"] - input_ids.shape[1]
+        max_new_tokens = settings["max_length"] - prompt_length
         if max_new_tokens <= 0:
             raise ValueError(
-                f"max_length={settings['max_length']} leaves no room after the {input_ids.shape[1]}-token prompt; "
+                f"max_length={settings['max_length']} leaves no room after the {prompt_length}-token prompt; "
                 "pass max_new_tokens=N instead."
             )
+    return max_new_tokens
+
+
+def _unpadded_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's prompt ids without its left padding (right padding and empty rows are refused)."""
     prompts = []
     for row in range(input_ids.shape[0]):
         mask = attention_mask[row].bool().tolist()
@@ -571,36 +625,27 @@ def _generate_across_tokenizers(
                 "each prompt from its end: pad on the left (tokenizer.padding_side = 'left')."
             )
         prompts.append(input_ids[row, first:].tolist())
+    return prompts
 
-    engine = self._cross_tokenizer_engine
-    engine.set_weights(self.member_weights.tolist())
-    generated_rows = []
-    try:
-        for row, prompt_ids in enumerate(prompts):
-            generated_rows.append(_generate_row(self, row, prompt_ids, max_new_tokens, settings))
-    finally:
-        engine.release_caches()
+
+def _pad_rows(generated_rows: list[list[int]], pad_token_id: int | None, eos_token_id: int | None) -> list[list[int]]:
+    """The generated rows filled to the longest with `pad_token_id` (or EOS), as `generate()` pads."""
     width = max(len(generated) for generated in generated_rows)
     fill = pad_token_id if pad_token_id is not None else eos_token_id
     if fill is None and any(len(generated) < width for generated in generated_rows):
         raise ValueError(
             "rows ended at different lengths and neither pad_token_id nor eos_token_id is set; pass pad_token_id."
         )
-    padded = [generated + [fill] * (width - len(generated)) for generated in generated_rows]
-    new_ids = torch.tensor(padded, dtype=input_ids.dtype, device=input_ids.device).reshape(len(padded), width)
-    sequences = torch.cat([input_ids, new_ids], dim=1)
-    if settings["return_dict_in_generate"]:
-        from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-        return GenerateDecoderOnlyOutput(sequences=sequences)
-    return sequences
+    return [generated + [fill] * (width - len(generated)) for generated in generated_rows]
 
 
-def _generate_row(self, row: int, prompt_ids: list[int], max_new_tokens: int, settings: dict[str, Any]) -> list[int]:
+def _generate_row(
+    ensemble: EnsembleForCausalLM, row: int, prompt_ids: list[int], max_new_tokens: int, settings: dict[str, Any]
+) -> list[int]:
     """Ids of the ensemble's tokenizer generated after one (unpadded) prompt."""
-    engine = self._cross_tokenizer_engine
-    reference = self._tokenizer_member_index
-    text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    engine = ensemble._cross_tokenizer_engine
+    reference = ensemble._tokenizer_member_index
+    text = ensemble.tokenizer.decode(prompt_ids, skip_special_tokens=True)
     member_prompt_ids = []
     for index, member_tokenizer in enumerate(engine_tokenizers(engine)):
         if index == reference:
