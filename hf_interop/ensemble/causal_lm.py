@@ -7,7 +7,7 @@ text every step (as DeePEn and UniTE do). Beam search reorders every member's ca
 streamers work unchanged.
 
 Members whose tokenizers differ are combined at the level of text pieces when the ensemble is built with
-`cross_tokenizer=True`: `generate()` then runs :class:`hf_interop.cross_tokenizer_ensemble.CrossTokenizerEnsemble`'s
+`cross_tokenizer=True`: `generate()` then runs :class:`hf_interop.ensemble.cross_tokenizer.CrossTokenizerEnsemble`'s
 engine (union of the members' top-k candidates pooled by byte string, weighted mixture, each member re-encoding the
 chosen text with a look-behind window and keeping its own KV cache for the unchanged prefix) and returns ids of the
 ensemble's tokenizer, like any `generate()`. There are no logits over one vocabulary in that mode, so `forward()`
@@ -137,6 +137,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         self._cross_tokenizer_engine = None
         self._tokenizer_member_index: int | None = None
         if config.cross_tokenizer:
+            # imported when needed: it brings in the vocabulary alignment of hf_interop.cross_tokenizer
             from .cross_tokenizer import _build_cross_tokenizer_engine
 
             self._cross_tokenizer_engine, self._tokenizer_member_index = _build_cross_tokenizer_engine(

@@ -54,7 +54,7 @@ class EnsembleConfig(PreTrainedConfig):
             padded embedding rows are cut to it. Filled in when the ensemble is built.
         cross_tokenizer (`bool`, *optional*, defaults to `False`):
             Let :class:`EnsembleForCausalLM` combine members whose tokenizers differ, at the level of text pieces
-            (see :class:`hf_interop.cross_tokenizer_ensemble.CrossTokenizerEnsemble`). Only `generate()` works then
+            (see :class:`hf_interop.ensemble.cross_tokenizer.CrossTokenizerEnsemble`). Only `generate()` works then
             (no logits over one vocabulary), with `combination="mixture"`. Off by default: members with different
             tokenizers are refused with an error that names this option, so a mismatch is never silently slower.
         cross_tokenizer_top_k (`int`, *optional*, defaults to 10):

@@ -17,6 +17,10 @@ How a member follows the chosen text: when its vocabulary holds the piece as one
 re-encoded, as transformers' universal assisted generation does, so merges across the boundary come out the way the
 member's tokenizer would write them; the KV cache is cropped to the longest unchanged prefix of token ids and only
 the tail is run again.
+
+`EnsembleForCausalLM(..., cross_tokenizer=True)` builds this engine (:func:`_build_cross_tokenizer_engine`) and its
+`generate()` runs here (:func:`_generate_across_tokenizers`): the options a cross-tokenizer `generate()` honours, the
+checks of its prompt, and one engine run per prompt row.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Member handling shared by the ensemble models: specs, validation before loading, token-map checks, placement."""
+"""Member handling shared by the ensemble models: specs, validation before loading, token-map checks, placement,
+and loading the members of a causal LM ensemble (LoRA adapters of one base included)."""
 
 from __future__ import annotations
 
