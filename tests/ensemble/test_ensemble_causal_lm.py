@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -167,6 +169,29 @@ def test_config_asking_for_remote_code_is_refused(tmp_path, tiny_model_dirs, mon
         EnsembleForCausalLM.from_pretrained(folder)
     with pytest.raises(ValueError, match="trust_remote_code"):
         EnsembleForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
+
+
+def test_moved_names_keep_their_old_import_paths():
+    """Users, recipes and other modules import these names from where they used to live."""
+    import hf_interop.cross_tokenizer_ensemble as old_cross_tokenizer_ensemble
+    from hf_interop.ensemble import cache, causal_lm, config, cross_tokenizer, members
+
+    assert old_cross_tokenizer_ensemble.CrossTokenizerEnsemble is cross_tokenizer.CrossTokenizerEnsemble
+    for name in ("EnsembleConfig", "ENSEMBLE_MODEL_TYPE", "load_ensemble_config", "write_ensemble_card"):
+        assert getattr(causal_lm, name) is getattr(config, name)
+    assert causal_lm.EnsembleCache is cache.EnsembleCache
+    assert causal_lm.LoraAdapterMember is members.LoraAdapterMember
+
+
+def test_import_of_the_ensemble_package_leaves_the_cross_tokenizer_code_unloaded():
+    """The cross-tokenizer engine (and the alignment code and trainer it imports) loads only when an ensemble needs it."""
+    code = (
+        "import sys, hf_interop.ensemble; "
+        "print(sorted(m for m in ('hf_interop.ensemble.cross_tokenizer', 'hf_interop.cross_tokenizer', "
+        "'hf_interop.distillation_trainer') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ import torch
 from helpers import build_tiny_causal_lm, transformers_log
 
 from hf_interop.cross_tokenizer import load_gpt2_tokenizer, token_byte_strings
-from hf_interop.cross_tokenizer_ensemble import CrossTokenizerEnsemble
 from hf_interop.ensemble import EnsembleConfig, EnsembleForCausalLM
+from hf_interop.ensemble.cross_tokenizer import CrossTokenizerEnsemble
 
 PROMPT = "Numbers like 12345 and café"
 OTHER_PROMPT = "The with statement"
