@@ -18,9 +18,8 @@ re-encoded, as transformers' universal assisted generation does, so merges acros
 member's tokenizer would write them; the KV cache is cropped to the longest unchanged prefix of token ids and only
 the tail is run again.
 
-`EnsembleForCausalLM(..., cross_tokenizer=True)` builds this engine (:func:`_build_cross_tokenizer_engine`) and its
-`generate()` runs here (:func:`_generate_across_tokenizers`): the options a cross-tokenizer `generate()` honours, the
-checks of its prompt, and one engine run per prompt row.
+`EnsembleForCausalLM(..., cross_tokenizer=True)` builds this engine and its `generate()` runs at the end of this
+module: the options it honours, the checks of its prompt, one engine run per prompt row.
 """
 
 from __future__ import annotations
