@@ -117,15 +117,6 @@ def test_same_vocabulary_but_different_encoding_is_refused(members, tokenizer, t
         EnsembleForCausalLM.from_members([(members[0], tokenizer), (members[1], changed)])
 
 
-def _forbid_loading(monkeypatch):
-    import hf_interop.loading
-
-    def fail(*args, **kwargs):
-        raise AssertionError("a member was loaded before the arguments were validated")
-
-    monkeypatch.setattr(hf_interop.loading, "load_causal_lm", fail)
-
-
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -140,8 +131,7 @@ def _forbid_loading(monkeypatch):
         ({"combination": "contrastive", "members": "three"}, "exactly 2 members"),
     ],
 )
-def test_bad_inputs_fail_before_any_member_is_loaded(tiny_model_dirs, tmp_path, monkeypatch, kwargs, match):
-    _forbid_loading(monkeypatch)
+def test_bad_inputs_fail_before_any_member_is_loaded(tiny_model_dirs, tmp_path, forbid_loading, kwargs, match):
     good = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["qwen2"])]
     kwargs = dict(kwargs)
     if kwargs.get("members") == "missing":
@@ -153,8 +143,7 @@ def test_bad_inputs_fail_before_any_member_is_loaded(tiny_model_dirs, tmp_path, 
         EnsembleForCausalLM.from_members(**kwargs)
 
 
-def test_config_asking_for_remote_code_is_refused(tmp_path, tiny_model_dirs, monkeypatch):
-    _forbid_loading(monkeypatch)
+def test_config_asking_for_remote_code_is_refused(tmp_path, tiny_model_dirs, forbid_loading):
     with pytest.raises(ValueError, match="trust_remote_code"):
         EnsembleConfig(members=[str(tiny_model_dirs["llama"])], trust_remote_code=True)
     folder = tmp_path / "ensemble"
