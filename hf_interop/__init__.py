@@ -32,10 +32,10 @@ _LAZY_IMPORTS: dict[str, str] = {
     "cache_teacher_logits": "distill.teacher_cache.writer",
     "TeacherLogitsCache": "distill.teacher_cache.reader",
     # fusion
-    "EnsembleConfig": "ensemble",
-    "EnsembleForCausalLM": "ensemble",
-    "EnsembleForSequenceClassification": "ensemble",
-    "fit_ensemble_weights": "ensemble",
+    "EnsembleConfig": "ensemble.config",
+    "EnsembleForCausalLM": "ensemble.causal_lm",
+    "EnsembleForSequenceClassification": "ensemble.classification",
+    "fit_ensemble_weights": "ensemble.weights",
     "merge_checkpoints": "merge.checkpoints",
     "greedy_soup": "merge.soup",
     "merge_lora_adapters": "merge.lora",
@@ -55,7 +55,7 @@ _LAZY_IMPORTS: dict[str, str] = {
     "load_gpt2_tokenizer": "loading",
     "CrossTokenizerDistillationConfig": "distill.cross_tokenizer_config",
     "CrossTokenizerDistillationTrainer": "distill.cross_tokenizer_trainer",
-    "CrossTokenizerEnsemble": "cross_tokenizer_ensemble",
+    "CrossTokenizerEnsemble": "ensemble.cross_tokenizer",
 }
 
 _SUBMODULES = {

@@ -3,15 +3,22 @@ sequence classifiers with voting or stacking. Causal LMs whose tokenizers differ
 pieces, with `EnsembleForCausalLM.from_members(..., cross_tokenizer=True)` (`generate()` only).
 
 - :mod:`.combination`: the combination rules (pure functions over member log-probabilities).
-- :mod:`.causal_lm`: :class:`EnsembleConfig`, :class:`EnsembleForCausalLM` (one KV cache per member; with
-  `cross_tokenizer=True`, generation through :class:`hf_interop.cross_tokenizer_ensemble.CrossTokenizerEnsemble`).
+- :mod:`.config`: :class:`EnsembleConfig` (what both ensembles save and load again).
+- :mod:`.causal_lm`: :class:`EnsembleForCausalLM`, with one KV cache per member in an :class:`EnsembleCache`
+  (:mod:`.cache`).
+- :mod:`.cross_tokenizer`: :class:`~hf_interop.ensemble.cross_tokenizer.CrossTokenizerEnsemble`, which generates for
+  an ensemble built with `cross_tokenizer=True`.
+- :mod:`.members`: member specs, checks before loading, token-map checks, loading and placement;
+  :class:`LoraAdapterMember`.
 - :mod:`.weights`: :func:`fit_ensemble_weights` (member weights by held-out NLL, PackLLM-style initialisation).
 - :mod:`.classification`: :class:`EnsembleForSequenceClassification`.
 """
 
-from .causal_lm import EnsembleCache, EnsembleConfig, EnsembleForCausalLM, LoraAdapterMember
+from .cache import EnsembleCache
+from .causal_lm import EnsembleForCausalLM
 from .combination import COMBINATIONS, combine_log_probs, contrastive, maximum, mixture, product
-from .members import plan_member_placement
+from .config import EnsembleConfig
+from .members import LoraAdapterMember, plan_member_placement
 
 __all__ = [
     "COMBINATIONS",

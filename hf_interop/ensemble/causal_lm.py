@@ -7,7 +7,7 @@ text every step (as DeePEn and UniTE do). Beam search reorders every member's ca
 streamers work unchanged.
 
 Members whose tokenizers differ are combined at the level of text pieces when the ensemble is built with
-`cross_tokenizer=True`: `generate()` then runs :class:`hf_interop.cross_tokenizer_ensemble.CrossTokenizerEnsemble`'s
+`cross_tokenizer=True`: `generate()` then runs :class:`hf_interop.ensemble.cross_tokenizer.CrossTokenizerEnsemble`'s
 engine (union of the members' top-k candidates pooled by byte string, weighted mixture, each member re-encoding the
 chosen text with a look-behind window and keeping its own KV cache for the unchanged prefix) and returns ids of the
 ensemble's tokenizer, like any `generate()`. There are no logits over one vocabulary in that mode, so `forward()`
@@ -16,7 +16,6 @@ refuses with a pointer to `generate()`.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import tempfile
@@ -26,315 +25,35 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from .._compat import cache_argument, output_cache, output_cache_field
 from ..logging_utils import get_logger
 from ..utils import atomic_write_text
-from .combination import COMBINATIONS, check_contrastive_settings, check_weights, combine_log_probs
+from .cache import EnsembleCache
+from .combination import check_weights, combine_log_probs
+from .config import ENSEMBLE_MODEL_TYPE, EnsembleConfig, load_ensemble_config, write_ensemble_card
 from .members import (
-    cache_argument,
+    LoraAdapterMember,
+    _load_lora_members,
+    _prepare_members,
+    _spec_of_loaded,
     check_member_path,
     check_no_remote_code,
     check_tokenizers_compatible,
-    dispatch_loaded_model,
     input_device,
     member_spec,
-    output_cache,
-    output_cache_field,
-    resolved_revision,
 )
 
 logger = get_logger(__name__)
-
-ENSEMBLE_MODEL_TYPE = "hf_interop_ensemble"
-VOTING_RULES = ("soft", "hard", "weighted", "stacking")
 
 CAUSAL_LM_CROSS_TOKENIZER_HINT = (
     "To ensemble members whose tokenizers differ, pass cross_tokenizer=True to EnsembleForCausalLM.from_members "
     "(cross-tokenizer ensembling at the level of text pieces, UniTE-style, https://huggingface.co/papers/2410.03777: "
     "generate() only, combination='mixture'), or pick members that share a tokenizer."
 )
-
-# generate() options a cross-tokenizer ensemble honours; anything else set to a non-neutral value is refused.
-_CROSS_TOKENIZER_GENERATION_OPTIONS = frozenset(
-    {
-        "max_length",
-        "max_new_tokens",
-        "min_new_tokens",
-        "do_sample",
-        "temperature",
-        "top_k",
-        "top_p",
-        "eos_token_id",
-        "pad_token_id",
-        "bos_token_id",
-        "decoder_start_token_id",
-        "use_cache",
-        "return_dict_in_generate",
-        "cache_implementation",
-        "cache_config",
-        "max_cache_len",
-        "compile_config",
-        "disable_compile",
-        "transformers_version",
-        "_from_model_config",
-    }
-)
-_NEUTRAL_GENERATION_VALUES = {
-    "min_length": 0,
-    "num_beams": 1,
-    "num_beam_groups": 1,
-    "num_return_sequences": 1,
-    "typical_p": 1.0,
-    "repetition_penalty": 1.0,
-    "encoder_repetition_penalty": 1.0,
-    "length_penalty": 1.0,
-    "no_repeat_ngram_size": 0,
-    "encoder_no_repeat_ngram_size": 0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "min_p": 0.0,
-    "diversity_penalty": 0.0,
-    "guidance_scale": 1.0,
-}
-# Only meaningful to an assistant or to beam search; a copied generation config may carry their defaults.
-_IGNORED_GENERATION_VALUES = frozenset(
-    {
-        "early_stopping",
-        "num_assistant_tokens",
-        "num_assistant_tokens_schedule",
-        "assistant_confidence_threshold",
-        "assistant_lookbehind",
-        "target_lookbehind",
-        "is_assistant",
-    }
-)
-# generate() arguments that are not generation-config fields and that a cross-tokenizer ensemble cannot honour.
-_UNSUPPORTED_GENERATE_ARGUMENTS = (
-    "logits_processor",
-    "stopping_criteria",
-    "prefix_allowed_tokens_fn",
-    "assistant_model",
-    "streamer",
-    "negative_prompt_ids",
-    "negative_prompt_attention_mask",
-    "custom_generate",
-    "inputs_embeds",
-    "past_key_values",
-    "position_ids",
-)
-
-
-class EnsembleConfig(PreTrainedConfig):
-    r"""Configuration of a logit-level ensemble (:class:`EnsembleForCausalLM`, :class:`EnsembleForSequenceClassification`).
-
-    Holds what is needed to rebuild the ensemble, never member weights: which checkpoints (pinned revisions), their
-    weights and how their distributions are combined.
-
-    Args:
-        members (`list[dict]`, *optional*):
-            One `{"name_or_path": str, "revision": str | None}` per member (hub id with a pinned commit, or a local
-            folder). Plain strings are accepted and turned into such dicts.
-        weights (`list[float]`, *optional*):
-            Non-negative member weights, one per member, normalised to sum to one; uniform when omitted.
-        combination (`str`, *optional*, defaults to `"mixture"`):
-            Causal LM rule: `"mixture"` (weighted mean of probabilities), `"product"` (weighted mean of
-            log-probabilities, renormalised), `"max"` (per-token maximum, renormalised) or `"contrastive"` (first
-            member the expert, second the amateur).
-        contrastive_alpha (`float`, *optional*, defaults to 0.1):
-            Plausibility cut-off of `"contrastive"`: tokens below `alpha` times the expert's top probability are
-            dropped. Higher keeps fewer tokens.
-        contrastive_amateur_weight (`float`, *optional*, defaults to 1.0):
-            How strongly `"contrastive"` subtracts the amateur's log-probabilities.
-        member_device_maps (`list`, *optional*):
-            One Accelerate device map per member (`"cpu"`, `"cuda:1"`, `{"": 0}`, a module map, `"auto"`, or `None`).
-        combine_device (`str`, *optional*):
-            Device where member log-probabilities are combined; defaults to the first member's input device.
-        member_dtype (`str`, *optional*):
-            dtype members are loaded in (`"float32"`, `"bfloat16"`, ...); each checkpoint's own when omitted.
-        lora_base_model (`dict`, *optional*):
-            `{"name_or_path", "revision"}` of the base model when the members are LoRA adapters of it (one copy of
-            the base weights is loaded and the adapters are switched per member).
-        vocab_size (`int`, *optional*):
-            Size of the shared vocabulary the combined distribution covers (the tokenizer's length); members with
-            padded embedding rows are cut to it. Filled in when the ensemble is built.
-        cross_tokenizer (`bool`, *optional*, defaults to `False`):
-            Let :class:`EnsembleForCausalLM` combine members whose tokenizers differ, at the level of text pieces
-            (see :class:`hf_interop.cross_tokenizer_ensemble.CrossTokenizerEnsemble`). Only `generate()` works then
-            (no logits over one vocabulary), with `combination="mixture"`. Off by default: members with different
-            tokenizers are refused with an error that names this option, so a mismatch is never silently slower.
-        cross_tokenizer_top_k (`int`, *optional*, defaults to 10):
-            With `cross_tokenizer`: candidates each member proposes per step; every member scores the union. Higher
-            approximates the full mixture better and costs more scoring per step.
-        cross_tokenizer_look_behind (`int`, *optional*, defaults to 8):
-            With `cross_tokenizer`: tokens a member re-encodes together with a chosen piece its vocabulary lacks as
-            one token, so merges across the boundary come out as its tokenizer writes them.
-        voting (`str`, *optional*, defaults to `"soft"`):
-            Classification rule of :class:`EnsembleForSequenceClassification`: `"soft"`, `"hard"`, `"weighted"` or
-            `"stacking"`.
-        trust_remote_code (`bool`, *optional*, defaults to `False`):
-            Must stay `False`: ensembles never run code shipped with a checkpoint. Present so that a config asking
-            for it is refused with a clear error.
-    """
-
-    model_type = ENSEMBLE_MODEL_TYPE
-
-    members: list | None = None
-    weights: list | None = None
-    combination: str = "mixture"
-    contrastive_alpha: float = 0.1
-    contrastive_amateur_weight: float = 1.0
-    member_device_maps: list | None = None
-    combine_device: str | None = None
-    member_dtype: str | None = None
-    lora_base_model: dict | None = None
-    vocab_size: int | None = None
-    cross_tokenizer: bool = False
-    cross_tokenizer_top_k: int = 10
-    cross_tokenizer_look_behind: int = 8
-    voting: str = "soft"
-    trust_remote_code: bool = False
-    use_cache: bool = True
-    tie_word_embeddings: bool = False
-
-    def __post_init__(self, **kwargs):
-        check_no_remote_code(self.trust_remote_code, "EnsembleConfig")
-        if kwargs.get("auto_map"):
-            raise ValueError(
-                f"this ensemble config carries auto_map={kwargs['auto_map']!r} (custom code); hf_interop ensembles "
-                "never load remote code. Remove auto_map from config.json."
-            )
-        if self.members is not None:
-            self.members = [member_spec(member, index) for index, member in enumerate(self.members)]
-            check_weights(self.weights, len(self.members))
-            if self.member_device_maps is not None and len(self.member_device_maps) != len(self.members):
-                raise ValueError(
-                    f"member_device_maps has {len(self.member_device_maps)} entries but there are "
-                    f"{len(self.members)} members; give one device map (or None) per member."
-                )
-        if self.weights is not None:
-            self.weights = [float(weight) for weight in self.weights]
-        if self.combination not in COMBINATIONS:
-            raise ValueError(
-                f"combination {self.combination!r} is not supported; use one of {', '.join(COMBINATIONS)}."
-            )
-        check_contrastive_settings(self.contrastive_alpha, self.contrastive_amateur_weight)
-        _check_cross_tokenizer_settings(self)
-        if self.voting not in VOTING_RULES:
-            raise ValueError(f"voting {self.voting!r} is not supported; use one of {', '.join(VOTING_RULES)}.")
-        super().__post_init__(**kwargs)
-
-
-class EnsembleCache(Cache):
-    """One cache per member, carried by `generate()` as a single `Cache`.
-
-    Every cache operation `generate()` performs (length queries, beam reordering, cropping, batch selection) is
-    applied to each member's cache on that cache's own device.
-    """
-
-    is_compileable = False
-
-    def __init__(self, member_caches: Sequence[Cache | None]):
-        # No Cache.__init__: this container owns no layers of its own.
-        self.member_caches = list(member_caches)
-        self.offloading = False
-
-    def __repr__(self) -> str:
-        return f"{self.__class__.__name__}(member_caches={self.member_caches})"
-
-    def _present(self) -> list[Cache]:
-        return [cache for cache in self.member_caches if cache is not None]
-
-    @property
-    def layers(self) -> list:
-        return [layer for cache in self._present() for layer in getattr(cache, "layers", [])]
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        lengths = [cache.get_seq_length() for cache in self._present()]
-        return lengths[0] if lengths else 0
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        lengths = [cache.get_max_length() for cache in self._present()]
-        bounded = [length for length in lengths if length is not None and length >= 0]
-        return min(bounded) if bounded else -1
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for cache in self._present():
-            cache.reorder_cache(beam_idx)
-
-    def reset(self) -> None:
-        for cache in self._present():
-            cache.reset()
-
-    def crop(self, tokens_to_remove: int) -> None:
-        for cache in self._present():
-            cache.crop(tokens_to_remove)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        for cache in self._present():
-            cache.batch_repeat_interleave(repeats)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for cache in self._present():
-            cache.batch_select_indices(indices)
-
-    def activate_past_recording(self) -> None:
-        for cache in self._present():
-            cache.activate_past_recording()
-
-    @property
-    def is_initialized(self) -> bool:
-        return bool(self._present()) and all(cache.is_initialized for cache in self._present())
-
-    @property
-    def is_croppable(self) -> bool:
-        return all(cache.is_croppable for cache in self._present())
-
-    @property
-    def batch_size(self) -> int:
-        sizes = [cache.batch_size for cache in self._present()]
-        return sizes[0] if sizes else -1
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [flag for cache in self._present() for flag in cache.is_sliding]
-
-    @property
-    def is_linear(self) -> list[bool]:
-        return [flag for cache in self._present() for flag in cache.is_linear]
-
-    @property
-    def is_dummy(self) -> list[bool]:
-        return [flag for cache in self._present() for flag in cache.is_dummy]
-
-
-class LoraAdapterMember(nn.Module):
-    """One LoRA adapter of a shared `peft.PeftModel` seen as a causal LM: activates its adapter, then runs the model.
-
-    All views of one ensemble hold the same `PeftModel`, so the base weights exist once.
-    """
-
-    def __init__(self, peft_model: nn.Module, adapter_name: str):
-        super().__init__()
-        self.peft_model = peft_model
-        self.adapter_name = adapter_name
-        self.config = peft_model.get_base_model().config
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.peft_model.get_base_model().get_input_embeddings()
-
-    def generation_model(self) -> nn.Module:
-        return self.peft_model.get_base_model()
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.peft_model.active_adapter != self.adapter_name:
-            self.peft_model.set_adapter(self.adapter_name, inference_mode=True)
-        return self.peft_model(*args, **kwargs)
 
 
 def _generation_model(member: nn.Module) -> nn.Module:
@@ -419,6 +138,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         self._cross_tokenizer_engine = None
         self._tokenizer_member_index: int | None = None
         if config.cross_tokenizer:
+            # imported when needed: it brings in the vocabulary alignment of hf_interop.cross_tokenizer
+            from .cross_tokenizer import _build_cross_tokenizer_engine
+
             self._cross_tokenizer_engine, self._tokenizer_member_index = _build_cross_tokenizer_engine(
                 config, loaded, tokenizers, names, tokenizer
             )
@@ -812,7 +534,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             )
         if input_ids is None:
             raise ValueError("input_ids is required.")
-        # generate() of newer transformers passes the cache as `cache` (see members.cache_argument); accept either name
+        # generate() of newer transformers passes the cache as `cache` (see _compat.cache_argument); accept either name
         cache = kwargs.pop("cache", None)
         if cache is not None:
             past_key_values = cache
@@ -881,135 +603,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if not self.config.cross_tokenizer:
             return super().generate(inputs, generation_config, **kwargs)
-        return self._generate_across_tokenizers(inputs, generation_config, **kwargs)
+        from .cross_tokenizer import _generate_across_tokenizers
 
-    def _generate_across_tokenizers(
-        self, inputs: torch.Tensor | None, generation_config: GenerationConfig | None, **kwargs: Any
-    ) -> Any:
-        input_ids = kwargs.pop("input_ids", None)
-        if inputs is not None and input_ids is not None:
-            raise ValueError("pass the prompt ids once: either inputs (first argument) or input_ids, not both.")
-        input_ids = inputs if inputs is not None else input_ids
-        attention_mask = kwargs.pop("attention_mask", None)
-        kwargs.pop("synced_gpus", None)  # a single process runs every member; nothing to synchronise
-        for name in _UNSUPPORTED_GENERATE_ARGUMENTS:
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"generate() of a cross-tokenizer ensemble does not support {name}; drop it (the ensemble picks "
-                    "text pieces, not ids of one vocabulary, so processors, streamers and caches do not apply)."
-                )
-            kwargs.pop(name, None)
-        settings = _cross_tokenizer_generation_settings(
-            copy.deepcopy(generation_config if generation_config is not None else self.generation_config), kwargs
-        )
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(
-                f"input_ids must be a 2-D tensor (batch, length) of the ensemble tokenizer's ids with at least one "
-                f"token, got {shape}; encode with ensemble.tokenizer(texts, return_tensors='pt')."
-            )
-        vocab_size = len(self.tokenizer)
-        outside = input_ids[(input_ids < 0) | (input_ids >= vocab_size)]
-        if outside.numel():
-            raise ValueError(
-                f"input_ids holds id {int(outside[0])} outside the ensemble tokenizer's {vocab_size} ids; encode the "
-                "prompt with ensemble.tokenizer."
-            )
-        pad_token_id, eos_token_id = settings["pad_token_id"], settings["eos_token_id"]
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-            if pad_token_id is not None and pad_token_id != eos_token_id and input_ids.shape[0] > 1:
-                attention_mask = (input_ids != pad_token_id).long()
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
-                "pass the mask the tokenizer returned with the ids."
-            )
-        max_new_tokens = settings["max_new_tokens"]
-        if max_new_tokens is None:
-            max_new_tokens = settings["max_length"] - input_ids.shape[1]
-            if max_new_tokens <= 0:
-                raise ValueError(
-                    f"max_length={settings['max_length']} leaves no room after the {input_ids.shape[1]}-token prompt; "
-                    "pass max_new_tokens=N instead."
-                )
-        prompts = []
-        for row in range(input_ids.shape[0]):
-            mask = attention_mask[row].bool().tolist()
-            if not any(mask):
-                raise ValueError(f"attention_mask row {row} is all zeros: that prompt is empty; drop it.")
-            first = mask.index(True)
-            if not all(mask[first:]):
-                raise ValueError(
-                    f"attention_mask row {row} is right-padded (a 0 after a 1); a cross-tokenizer ensemble continues "
-                    "each prompt from its end: pad on the left (tokenizer.padding_side = 'left')."
-                )
-            prompts.append(input_ids[row, first:].tolist())
-
-        engine = self._cross_tokenizer_engine
-        engine.set_weights(self.member_weights.tolist())
-        generated_rows = []
-        try:
-            for row, prompt_ids in enumerate(prompts):
-                generated_rows.append(self._generate_row(row, prompt_ids, max_new_tokens, settings))
-        finally:
-            engine.release_caches()
-        width = max(len(generated) for generated in generated_rows)
-        fill = pad_token_id if pad_token_id is not None else eos_token_id
-        if fill is None and any(len(generated) < width for generated in generated_rows):
-            raise ValueError(
-                "rows ended at different lengths and neither pad_token_id nor eos_token_id is set; pass pad_token_id."
-            )
-        padded = [generated + [fill] * (width - len(generated)) for generated in generated_rows]
-        new_ids = torch.tensor(padded, dtype=input_ids.dtype, device=input_ids.device).reshape(len(padded), width)
-        sequences = torch.cat([input_ids, new_ids], dim=1)
-        if settings["return_dict_in_generate"]:
-            from transformers.generation.utils import GenerateDecoderOnlyOutput
-
-            return GenerateDecoderOnlyOutput(sequences=sequences)
-        return sequences
-
-    def _generate_row(
-        self, row: int, prompt_ids: list[int], max_new_tokens: int, settings: dict[str, Any]
-    ) -> list[int]:
-        """Ids of the ensemble's tokenizer generated after one (unpadded) prompt."""
-        engine = self._cross_tokenizer_engine
-        reference = self._tokenizer_member_index
-        text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
-        member_prompt_ids = []
-        for index, member_tokenizer in enumerate(engine_tokenizers(engine)):
-            if index == reference:
-                member_prompt_ids.append(prompt_ids)
-                continue
-            ids = list(member_tokenizer(text, add_special_tokens=True)["input_ids"])
-            if not ids:
-                raise ValueError(
-                    f"prompt row {row} ({text!r}) tokenises to nothing with members[{index}]'s tokenizer; give a "
-                    "prompt with some text."
-                )
-            member_prompt_ids.append(ids)
-        engine.begin(member_prompt_ids)
-        generated: list[int] = []
-        text_bytes = bytearray()
-        while len(generated) < max_new_tokens:
-            piece = engine.next_piece(
-                do_sample=settings["do_sample"],
-                temperature=settings["temperature"],
-                top_k=settings["top_k"],
-                top_p=settings["top_p"],
-                allow_end_of_sequence=len(generated) >= settings["min_new_tokens"],
-            )
-            if piece is None:
-                if settings["eos_token_id"] is not None:
-                    generated.append(settings["eos_token_id"])
-                break
-            text_bytes.extend(piece)
-            ids = engine.member_token_ids(reference)
-            if ids[: len(prompt_ids)] == prompt_ids:
-                generated = ids[len(prompt_ids) :]
-            else:  # the member re-encoded across the prompt's end: keep the prompt ids, encode the new text alone
-                generated = engine.encode_bytes(reference, bytes(text_bytes))
-        return generated[:max_new_tokens]
+        return _generate_across_tokenizers(self, inputs, generation_config, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------
     # Saving, loading, publishing
@@ -1141,68 +737,6 @@ def causal_lm_nll(
     return nll / count
 
 
-def write_ensemble_card(save_directory: Path, metadata: dict[str, Any]) -> None:
-    """README.md through :func:`hf_interop.write_model_card` (`kind="ensemble"`), or a plain card without it."""
-    try:
-        from ..model_card import write_model_card
-    except ImportError:
-        write_model_card = None
-    if write_model_card is not None:
-        write_model_card(save_directory, kind="ensemble", **metadata)
-        return
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [hf_interop, ensemble]",
-        "---",
-        "",
-        "# hf_interop ensemble",
-        "",
-        f"A logit-level ensemble combined by the `{metadata.get('combination')}` rule.",
-        "",
-        "| member | revision | weight |",
-        "|---|---|---|",
-    ]
-    for member in metadata["members"]:
-        lines.append(f"| {member['name_or_path']} | {member.get('revision') or 'not pinned'} | {member['weight']} |")
-    atomic_write_text(save_directory / "README.md", "\n".join(lines) + "\n")
-
-
-def load_ensemble_config(
-    name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None
-) -> EnsembleConfig:
-    """Read an ensemble's config.json (folder or hub id), refusing anything that is not an ensemble config."""
-    import json
-
-    from huggingface_hub import hf_hub_download
-
-    name_or_path = str(name_or_path)
-    if os.path.isdir(name_or_path):
-        config_path = Path(name_or_path) / "config.json"
-        if not config_path.is_file():
-            raise ValueError(f"{name_or_path!r} has no config.json; it is not a saved ensemble.")
-    elif os.path.exists(name_or_path):
-        raise ValueError(
-            f"{name_or_path!r} is a file; pass the folder written by EnsembleForCausalLM.save_pretrained."
-        )
-    else:
-        from ..loading import looks_like_hub_id
-
-        if not looks_like_hub_id(name_or_path):
-            raise ValueError(f"path {name_or_path!r} does not exist; pass a saved ensemble folder or a hub id.")
-        config_path = Path(hf_hub_download(name_or_path, "config.json", revision=revision, token=token))
-    data = json.loads(config_path.read_text(encoding="utf-8"))
-    if data.get("model_type") != ENSEMBLE_MODEL_TYPE:
-        raise ValueError(
-            f"{name_or_path!r} holds a {data.get('model_type')!r} config, not an hf_interop ensemble "
-            f"({ENSEMBLE_MODEL_TYPE!r}); load it with hf_interop.load_causal_lm or use it as a member."
-        )
-    check_no_remote_code(data.get("trust_remote_code"), f"config.json of {name_or_path!r}")
-    data.pop("model_type", None)
-    data.pop("transformers_version", None)
-    return EnsembleConfig(**data)
-
-
 def _load_saved_tokenizer(name_or_path: str | os.PathLike, revision: str | None) -> Any:
     folder = Path(name_or_path)
     if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
@@ -1223,16 +757,6 @@ def _dtype_name(dtype: Any) -> str | None:
     return str(dtype)
 
 
-def _spec_of_loaded(model: nn.Module) -> dict[str, Any]:
-    if isinstance(model, LoraAdapterMember):
-        return {"name_or_path": model.adapter_name, "revision": None}
-    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
-    name = str(name or "")
-    if name and os.path.exists(name):
-        name = str(Path(name).resolve())
-    return {"name_or_path": name, "revision": resolved_revision(model, None)}
-
-
 def _generation_config_from(member: nn.Module, tokenizer: Any) -> GenerationConfig:
     source = getattr(_generation_model(member), "generation_config", None)
     values: dict[str, Any] = {}
@@ -1246,290 +770,6 @@ def _generation_config_from(member: nn.Module, tokenizer: Any) -> GenerationConf
         eos = values["eos_token_id"]
         values["pad_token_id"] = eos[0] if isinstance(eos, list) else eos
     return GenerationConfig(**values)
-
-
-def engine_tokenizers(engine: Any) -> list[Any]:
-    """The members' tokenizers of a :class:`CrossTokenizerEnsemble`, in order."""
-    return [member.tokenizer for member in engine.members]
-
-
-def _check_cross_tokenizer_settings(config: EnsembleConfig) -> None:
-    if not isinstance(config.cross_tokenizer, bool):
-        raise ValueError(f"cross_tokenizer must be True or False, got {config.cross_tokenizer!r}.")
-    top_k, look_behind = config.cross_tokenizer_top_k, config.cross_tokenizer_look_behind
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(
-            f"cross_tokenizer_top_k={top_k!r} must be an integer >= 1 (candidates each member proposes per step)."
-        )
-    if isinstance(look_behind, bool) or not isinstance(look_behind, int) or look_behind < 0:
-        raise ValueError(
-            f"cross_tokenizer_look_behind={look_behind!r} must be an integer >= 0 (tokens re-encoded with a new piece)."
-        )
-    if not config.cross_tokenizer:
-        return
-    if config.combination != "mixture":
-        raise ValueError(
-            f"combination={config.combination!r} is not available with cross_tokenizer=True: members with different "
-            "vocabularies are combined as a weighted mixture over pooled text pieces. Use combination='mixture', or "
-            "members that share a tokenizer for the other rules."
-        )
-    if config.lora_base_model:
-        raise ValueError(
-            "cross_tokenizer=True with LoRA adapters of one base: the adapters share the base's tokenizer, so drop "
-            "cross_tokenizer (the logit-level ensemble is exact and faster)."
-        )
-
-
-def _build_cross_tokenizer_engine(
-    config: EnsembleConfig,
-    members: Sequence[nn.Module],
-    tokenizers: Sequence[Any],
-    names: Sequence[str],
-    tokenizer: Any,
-) -> tuple[Any, int]:
-    """The :class:`CrossTokenizerEnsemble` that generates for a cross-tokenizer ensemble, and the index of the member
-    whose tokenizer is the ensemble's (its ids are the ensemble's input and output ids)."""
-    from ..cross_tokenizer_ensemble import CrossTokenizerEnsemble
-
-    for index, member_tokenizer in enumerate(tokenizers):
-        if member_tokenizer is None:
-            raise ValueError(
-                f"members[{index}] ({names[index]!r}) has no tokenizer; cross_tokenizer=True needs each member's own "
-                "tokenizer: pass (model, tokenizer) pairs, or checkpoint folders / hub ids that hold a tokenizer."
-            )
-    tokenizer_member = next((index for index, candidate in enumerate(tokenizers) if candidate is tokenizer), None)
-    if tokenizer_member is None:
-        for index, candidate in enumerate(tokenizers):
-            try:
-                check_tokenizers_compatible([candidate, tokenizer], [names[index], "tokenizer"])
-            except ValueError:
-                continue
-            tokenizer_member = index
-            break
-    if tokenizer_member is None:
-        raise ValueError(
-            f"tokenizer={type(tokenizer).__name__} (vocabulary of {len(tokenizer)}) is not the tokenizer of any member. "
-            "With cross_tokenizer=True the ensemble's input and output ids are one member's ids: leave tokenizer unset "
-            "(the first member's) or pass one member's tokenizer."
-        )
-    try:
-        check_tokenizers_compatible(tokenizers, names)
-    except ValueError:
-        pass
-    else:
-        logger.warning(
-            "cross_tokenizer=True but all members share one tokenizer; the logit-level ensemble (cross_tokenizer=False) "
-            "is exact, faster and also gives forward() logits."
-        )
-    weights = config.weights if config.weights is not None else [1.0] * len(members)
-    engine = CrossTokenizerEnsemble(
-        list(zip(members, tokenizers, strict=True)),
-        weights=list(weights),
-        top_k=config.cross_tokenizer_top_k,
-        look_behind=config.cross_tokenizer_look_behind,
-    )
-    return engine, tokenizer_member
-
-
-def _cross_tokenizer_generation_settings(
-    generation_config: GenerationConfig, kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    """The options a cross-tokenizer `generate()` honours, after refusing any it cannot (named in the error)."""
-    unused = generation_config.update(**kwargs)
-    if unused:
-        raise ValueError(
-            f"generate() of a cross-tokenizer ensemble does not take {sorted(unused)}; it accepts input_ids, "
-            "attention_mask and generation options (max_new_tokens, do_sample, temperature, top_k, top_p, ...)."
-        )
-    do_sample = bool(generation_config.do_sample)
-    for name, value in generation_config.to_dict().items():
-        if value is None or value is False or name in _CROSS_TOKENIZER_GENERATION_OPTIONS:
-            continue
-        if name in _IGNORED_GENERATION_VALUES:
-            continue
-        if name in _NEUTRAL_GENERATION_VALUES and value == _NEUTRAL_GENERATION_VALUES[name]:
-            continue
-        if name == "min_p" and not do_sample:
-            continue
-        if isinstance(value, (dict, list)) and not value:
-            continue
-        raise ValueError(
-            f"generate() of a cross-tokenizer ensemble cannot honour {name}={value!r}: it runs greedy search or "
-            "sampling (temperature, top_k, top_p) over the members' pooled candidates, one sequence per prompt. Drop "
-            f"{name}, or use members that share a tokenizer (cross_tokenizer=False) for the full generate()."
-        )
-    num_beams = generation_config.num_beams
-    if num_beams not in (None, 1):
-        raise ValueError(f"num_beams={num_beams} is not supported with cross_tokenizer=True; use num_beams=1.")
-    temperature = 1.0 if generation_config.temperature is None else float(generation_config.temperature)
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0 when sampling; 1.0 samples the mixture as it is.")
-    top_k = generation_config.top_k if do_sample else None
-    top_p = generation_config.top_p if do_sample else None
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 0):
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 0 (0 keeps every pooled candidate).")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1].")
-    max_new_tokens = generation_config.max_new_tokens
-    if max_new_tokens is not None and (not isinstance(max_new_tokens, int) or max_new_tokens < 0):
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0.")
-    min_new_tokens = generation_config.min_new_tokens
-    if min_new_tokens is not None and (not isinstance(min_new_tokens, int) or min_new_tokens < 0):
-        raise ValueError(f"min_new_tokens={min_new_tokens!r} must be an integer >= 0.")
-    eos = generation_config.eos_token_id
-    pad = generation_config.pad_token_id
-    return {
-        "max_new_tokens": max_new_tokens,
-        "max_length": generation_config.max_length if generation_config.max_length is not None else 20,
-        "min_new_tokens": min_new_tokens or 0,
-        "do_sample": do_sample,
-        "temperature": temperature,
-        "top_k": top_k or None,
-        "top_p": top_p,
-        "eos_token_id": eos[0] if isinstance(eos, (list, tuple)) else eos,
-        "pad_token_id": pad[0] if isinstance(pad, (list, tuple)) else pad,
-        "return_dict_in_generate": bool(generation_config.return_dict_in_generate),
-    }
-
-
-def _prepare_members(
-    config: EnsembleConfig,
-    members: Sequence[Any] | None,
-    device_map: str | None,
-    max_memory: dict | None,
-    token: str | bool | None,
-    allow_pickle: bool = False,
-) -> tuple[list[nn.Module], list[Any], list[str]]:
-    """Validate everything cheap first, then load or place the members. Returns models, tokenizers, names."""
-    from ..loading import load_causal_lm
-    from ..utils import resolve_dtype
-
-    specs = config.members or []
-    if members is None and not specs:
-        raise ValueError("EnsembleConfig.members is empty; an ensemble needs at least one member.")
-    if members is not None and len(members) == 0:
-        raise ValueError("members is empty; an ensemble needs at least one member (hub id, path or model).")
-    count = len(members) if members is not None else len(specs)
-    check_weights(config.weights, count)
-    if config.combination == "contrastive" and count != 2:
-        raise ValueError(
-            f"combination='contrastive' needs exactly 2 members (expert first, amateur second); got {count}."
-        )
-    if device_map is not None and config.member_device_maps is not None:
-        raise ValueError("pass either device_map='auto' (placement of whole members) or member_device_maps, not both.")
-    if device_map is not None and device_map != "auto":
-        raise ValueError(
-            f"device_map={device_map!r} is not understood for an ensemble; use 'auto' (with max_memory) to spread "
-            "members, or member_device_maps=[...] to place each member yourself."
-        )
-    entries: list[Any] = list(members) if members is not None else list(specs)
-    to_load: list[int] = []
-    for index, entry in enumerate(entries):
-        model = entry[0] if isinstance(entry, tuple) else entry
-        if isinstance(model, nn.Module):
-            continue
-        # A name/path entry keeps the revision recorded for it in the config (from_members(..., revisions=[...]) puts
-        # it there), so the member is loaded at, and recorded with, the pinned commit instead of the default branch.
-        recorded = (config.members or [])[index] if config.members and index < len(config.members) else None
-        pinned = None
-        if isinstance(entry, (str, os.PathLike)) and recorded and recorded.get("name_or_path") == str(entry):
-            pinned = recorded.get("revision")
-        spec = member_spec(entry, index, pinned)
-        check_member_path(spec, index)
-        entries[index] = spec
-        to_load.append(index)
-    dtype = resolve_dtype(config.member_dtype)
-    device_maps: list[Any] = list(config.member_device_maps) if config.member_device_maps else [None] * count
-    extra_memory: list[dict | None] = [None] * count
-    if device_map == "auto":
-        device_maps, extra_memory = _auto_placement(entries, max_memory, dtype)
-
-    loaded: list[nn.Module] = []
-    tokenizers: list[Any] = []
-    names: list[str] = []
-    for index, entry in enumerate(entries):
-        if index in to_load:
-            spec = entry
-            member_map = device_maps[index]
-            if member_map == "auto" and extra_memory[index] is not None:
-                from .members import auto_device_map
-
-                member_map = auto_device_map(spec["name_or_path"], spec.get("revision"), extra_memory[index], dtype)
-            model, tokenizer = load_causal_lm(
-                spec["name_or_path"],
-                revision=spec.get("revision"),
-                gguf_file=spec.get("gguf_file"),
-                dtype=dtype,
-                device_map=member_map,
-                trust_remote_code=False,
-                allow_pickle=allow_pickle,
-                token=token,
-            )
-            spec["revision"] = resolved_revision(model, spec.get("revision"), spec["name_or_path"])
-            if config.members is not None and index < len(config.members):
-                config.members[index] = spec
-            name = spec["name_or_path"]
-        else:
-            model, tokenizer = (entry[0], entry[1]) if isinstance(entry, tuple) else (entry, None)
-            if device_maps[index] is not None:
-                model = dispatch_loaded_model(model, device_maps[index], extra_memory[index])
-            name = (config.members[index]["name_or_path"] if config.members else "") or f"member {index}"
-        loaded.append(model)
-        tokenizers.append(tokenizer)
-        names.append(name)
-    return loaded, tokenizers, names
-
-
-def _auto_placement(
-    entries: Sequence[Any], max_memory: dict | None, dtype: Any
-) -> tuple[list[Any], list[dict | None]]:
-    """Per-member device maps for `device_map="auto"`: whole members on GPUs, then split with CPU offload."""
-    from accelerate.utils import get_max_memory
-
-    from .members import local_weight_bytes, meta_model_size, plan_member_placement
-
-    budgets = get_max_memory(max_memory)
-    sizes = []
-    for entry in entries:
-        model = entry[0] if isinstance(entry, tuple) else entry
-        if isinstance(model, nn.Module):
-            sizes.append(sum(p.numel() * p.element_size() for p in model.parameters()))
-        else:
-            size = local_weight_bytes(entry["name_or_path"]) if dtype is None else None
-            sizes.append(
-                size if size is not None else meta_model_size(entry["name_or_path"], entry.get("revision"), dtype)
-            )
-    plans = plan_member_placement(sizes, budgets)
-    device_maps = [plan["device_map"] for plan in plans]
-    memories = [plan.get("max_memory") for plan in plans]
-    logger.info(f"Placed ensemble members (sizes {sizes} bytes) as {device_maps}.")
-    return device_maps, memories
-
-
-def _load_lora_members(config: EnsembleConfig, base_model: nn.Module | None) -> list[nn.Module]:
-    """Load the base once, attach every adapter to it, and return one view per adapter."""
-    from peft import PeftModel
-
-    from ..loading import load_causal_lm
-    from ..utils import resolve_dtype
-
-    if base_model is None:
-        spec = config.lora_base_model
-        check_member_path(spec, 0)
-        base_model, _ = load_causal_lm(
-            spec["name_or_path"],
-            revision=spec.get("revision"),
-            dtype=resolve_dtype(config.member_dtype),
-            trust_remote_code=False,
-            load_tokenizer_too=False,
-        )
-    adapters = [spec["name_or_path"] for spec in config.members]
-    names = [f"member_{index}" for index in range(len(adapters))]
-    peft_model = PeftModel.from_pretrained(base_model, adapters[0], adapter_name=names[0], is_trainable=False)
-    for name, adapter in zip(names[1:], adapters[1:], strict=True):
-        peft_model.load_adapter(adapter, adapter_name=name, is_trainable=False)
-    peft_model.eval()
-    return [LoraAdapterMember(peft_model, name) for name in names]
 
 
 def register_auto_classes() -> None:

@@ -15,8 +15,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from ..logging_utils import get_logger
 from ..utils import atomic_write_text
-from .causal_lm import EnsembleConfig, load_ensemble_config, write_ensemble_card
 from .combination import check_weights, mixture, normalise_weights
+from .config import EnsembleConfig, load_ensemble_config, write_ensemble_card
 from .members import check_member_path, check_no_remote_code, check_tokenizers_compatible, member_spec
 
 if TYPE_CHECKING:

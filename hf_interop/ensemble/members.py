@@ -1,18 +1,23 @@
-"""Member handling shared by the ensemble models: specs, validation before loading, token-map checks, placement."""
+"""Member handling shared by the ensemble models: specs, validation before loading, token-map checks, placement,
+and loading the members of a causal LM ensemble (LoRA adapters of one base included)."""
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from torch import nn
+
 from ..logging_utils import get_logger
+from .combination import check_weights
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
+
+    from .config import EnsembleConfig
 
 logger = get_logger(__name__)
 
@@ -162,39 +167,6 @@ def check_tokenizers_compatible(
 # --------------------------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def cache_argument() -> str:
-    """The keyword under which `generate()` hands a model its cache: `cache` from the transformers releases that
-    renamed it (`past_key_values` still works there with a deprecation warning until 5.40), `past_key_values`
-    before. Ensembles accept both and pass members this one."""
-    import inspect
-
-    from transformers import GenerationMixin
-
-    try:
-        parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def output_cache(outputs: Any) -> Any:
-    """A model output's cache, under either name the installed transformers gives it (`cache` first: reading
-    `past_key_values` where it was renamed logs a deprecation warning)."""
-    cache = getattr(outputs, "cache", None)
-    return cache if cache is not None else getattr(outputs, "past_key_values", None)
-
-
-@functools.cache
-def output_cache_field() -> str:
-    """The field under which the installed transformers' model outputs carry a cache (`cache` or
-    `past_key_values`), so outputs we build do not trip its deprecation warning."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
-    return "cache" if "cache" in fields else "past_key_values"
-
-
 def input_device(model: torch.nn.Module) -> torch.device:
     """Device a member's inputs must be on: its input embeddings' device, or the execution device of an
     Accelerate hook when the weights are offloaded (meta)."""
@@ -339,3 +311,183 @@ def local_weight_bytes(folder: str | os.PathLike) -> int | None:
         return None
     files = list(folder.glob("*.safetensors"))
     return sum(file.stat().st_size for file in files) if files else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# LoRA adapters of one base as members
+# --------------------------------------------------------------------------------------------------------------
+
+
+class LoraAdapterMember(nn.Module):
+    """One LoRA adapter of a shared `peft.PeftModel` seen as a causal LM: activates its adapter, then runs the model.
+
+    All views of one ensemble hold the same `PeftModel`, so the base weights exist once.
+    """
+
+    def __init__(self, peft_model: nn.Module, adapter_name: str):
+        super().__init__()
+        self.peft_model = peft_model
+        self.adapter_name = adapter_name
+        self.config = peft_model.get_base_model().config
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.peft_model.get_base_model().get_input_embeddings()
+
+    def generation_model(self) -> nn.Module:
+        return self.peft_model.get_base_model()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.peft_model.active_adapter != self.adapter_name:
+            self.peft_model.set_adapter(self.adapter_name, inference_mode=True)
+        return self.peft_model(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and placing the members of a causal LM ensemble
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _spec_of_loaded(model: nn.Module) -> dict[str, Any]:
+    if isinstance(model, LoraAdapterMember):
+        return {"name_or_path": model.adapter_name, "revision": None}
+    name = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
+    name = str(name or "")
+    if name and os.path.exists(name):
+        name = str(Path(name).resolve())
+    return {"name_or_path": name, "revision": resolved_revision(model, None)}
+
+
+def _prepare_members(
+    config: EnsembleConfig,
+    members: Sequence[Any] | None,
+    device_map: str | None,
+    max_memory: dict | None,
+    token: str | bool | None,
+    allow_pickle: bool = False,
+) -> tuple[list[nn.Module], list[Any], list[str]]:
+    """Validate everything cheap first, then load or place the members. Returns models, tokenizers, names."""
+    from ..loading import load_causal_lm
+    from ..utils import resolve_dtype
+
+    specs = config.members or []
+    if members is None and not specs:
+        raise ValueError("EnsembleConfig.members is empty; an ensemble needs at least one member.")
+    if members is not None and len(members) == 0:
+        raise ValueError("members is empty; an ensemble needs at least one member (hub id, path or model).")
+    count = len(members) if members is not None else len(specs)
+    check_weights(config.weights, count)
+    if config.combination == "contrastive" and count != 2:
+        raise ValueError(
+            f"combination='contrastive' needs exactly 2 members (expert first, amateur second); got {count}."
+        )
+    if device_map is not None and config.member_device_maps is not None:
+        raise ValueError("pass either device_map='auto' (placement of whole members) or member_device_maps, not both.")
+    if device_map is not None and device_map != "auto":
+        raise ValueError(
+            f"device_map={device_map!r} is not understood for an ensemble; use 'auto' (with max_memory) to spread "
+            "members, or member_device_maps=[...] to place each member yourself."
+        )
+    entries: list[Any] = list(members) if members is not None else list(specs)
+    to_load: list[int] = []
+    for index, entry in enumerate(entries):
+        model = entry[0] if isinstance(entry, tuple) else entry
+        if isinstance(model, nn.Module):
+            continue
+        # A name/path entry keeps the revision recorded for it in the config (from_members(..., revisions=[...]) puts
+        # it there), so the member is loaded at, and recorded with, the pinned commit instead of the default branch.
+        recorded = (config.members or [])[index] if config.members and index < len(config.members) else None
+        pinned = None
+        if isinstance(entry, (str, os.PathLike)) and recorded and recorded.get("name_or_path") == str(entry):
+            pinned = recorded.get("revision")
+        spec = member_spec(entry, index, pinned)
+        check_member_path(spec, index)
+        entries[index] = spec
+        to_load.append(index)
+    dtype = resolve_dtype(config.member_dtype)
+    device_maps: list[Any] = list(config.member_device_maps) if config.member_device_maps else [None] * count
+    extra_memory: list[dict | None] = [None] * count
+    if device_map == "auto":
+        device_maps, extra_memory = _auto_placement(entries, max_memory, dtype)
+
+    loaded: list[nn.Module] = []
+    tokenizers: list[Any] = []
+    names: list[str] = []
+    for index, entry in enumerate(entries):
+        if index in to_load:
+            spec = entry
+            member_map = device_maps[index]
+            if member_map == "auto" and extra_memory[index] is not None:
+                member_map = auto_device_map(spec["name_or_path"], spec.get("revision"), extra_memory[index], dtype)
+            model, tokenizer = load_causal_lm(
+                spec["name_or_path"],
+                revision=spec.get("revision"),
+                gguf_file=spec.get("gguf_file"),
+                dtype=dtype,
+                device_map=member_map,
+                trust_remote_code=False,
+                allow_pickle=allow_pickle,
+                token=token,
+            )
+            spec["revision"] = resolved_revision(model, spec.get("revision"), spec["name_or_path"])
+            if config.members is not None and index < len(config.members):
+                config.members[index] = spec
+            name = spec["name_or_path"]
+        else:
+            model, tokenizer = (entry[0], entry[1]) if isinstance(entry, tuple) else (entry, None)
+            if device_maps[index] is not None:
+                model = dispatch_loaded_model(model, device_maps[index], extra_memory[index])
+            name = (config.members[index]["name_or_path"] if config.members else "") or f"member {index}"
+        loaded.append(model)
+        tokenizers.append(tokenizer)
+        names.append(name)
+    return loaded, tokenizers, names
+
+
+def _auto_placement(
+    entries: Sequence[Any], max_memory: dict | None, dtype: Any
+) -> tuple[list[Any], list[dict | None]]:
+    """Per-member device maps for `device_map="auto"`: whole members on GPUs, then split with CPU offload."""
+    from accelerate.utils import get_max_memory
+
+    budgets = get_max_memory(max_memory)
+    sizes = []
+    for entry in entries:
+        model = entry[0] if isinstance(entry, tuple) else entry
+        if isinstance(model, nn.Module):
+            sizes.append(sum(p.numel() * p.element_size() for p in model.parameters()))
+        else:
+            size = local_weight_bytes(entry["name_or_path"]) if dtype is None else None
+            sizes.append(
+                size if size is not None else meta_model_size(entry["name_or_path"], entry.get("revision"), dtype)
+            )
+    plans = plan_member_placement(sizes, budgets)
+    device_maps = [plan["device_map"] for plan in plans]
+    memories = [plan.get("max_memory") for plan in plans]
+    logger.info(f"Placed ensemble members (sizes {sizes} bytes) as {device_maps}.")
+    return device_maps, memories
+
+
+def _load_lora_members(config: EnsembleConfig, base_model: nn.Module | None) -> list[nn.Module]:
+    """Load the base once, attach every adapter to it, and return one view per adapter."""
+    from peft import PeftModel
+
+    from ..loading import load_causal_lm
+    from ..utils import resolve_dtype
+
+    if base_model is None:
+        spec = config.lora_base_model
+        check_member_path(spec, 0)
+        base_model, _ = load_causal_lm(
+            spec["name_or_path"],
+            revision=spec.get("revision"),
+            dtype=resolve_dtype(config.member_dtype),
+            trust_remote_code=False,
+            load_tokenizer_too=False,
+        )
+    adapters = [spec["name_or_path"] for spec in config.members]
+    names = [f"member_{index}" for index in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(base_model, adapters[0], adapter_name=names[0], is_trainable=False)
+    for name, adapter in zip(names[1:], adapters[1:], strict=True):
+        peft_model.load_adapter(adapter, adapter_name=name, is_trainable=False)
+    peft_model.eval()
+    return [LoraAdapterMember(peft_model, name) for name in names]

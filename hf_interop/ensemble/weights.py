@@ -9,7 +9,7 @@ renormalise over the vocabulary, so they keep full distributions (bounded by `ma
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -164,26 +164,11 @@ def fit_ensemble_weights(
         :class:`EnsembleWeightFit` with the weights, the initial weights and each NLL on `dataset`.
     """
     combination = combination or ensemble.config.combination
-    if combination == "contrastive":
-        raise ValueError(
-            "combination='contrastive' has no member weights to fit (expert and amateur roles are fixed); use "
-            "'mixture', 'product' or 'max'."
-        )
-    if combination not in ("mixture", "product", "max"):
-        raise ValueError(f"combination {combination!r} cannot be fitted; use 'mixture', 'product' or 'max'.")
-    if max_steps < 0 or learning_rate <= 0:
-        raise ValueError(f"need max_steps >= 0 and learning_rate > 0; got {max_steps} and {learning_rate}.")
+    _check_fit_settings(combination, max_steps, learning_rate)
     num_members = ensemble.num_members
     full = combination != "mixture"
     if full:
-        rows = min(len(dataset), math.ceil((max_tokens or 10**12) / max(1, len(dataset[0]["input_ids"]) - 1)))
-        estimate = num_members * rows * (len(dataset[0]["input_ids"]) - 1) * ensemble.config.vocab_size * 4
-        if estimate > max_cache_bytes:
-            raise ValueError(
-                f"fitting {combination!r} weights keeps full member distributions: about {estimate / 2**30:.2f} GiB "
-                f"for {rows} blocks, over max_cache_bytes={max_cache_bytes / 2**30:.2f} GiB. Pass max_tokens=... (a "
-                "few thousand tokens are plenty for a handful of weights) or raise max_cache_bytes."
-            )
+        _check_full_distributions_fit(ensemble, dataset, combination, max_tokens, max_cache_bytes)
     log_probs, targets = collect_member_log_probs(
         ensemble,
         dataset,
@@ -203,40 +188,13 @@ def fit_ensemble_weights(
             return _renormalised_nll(log_probs, targets, log_weights, combination)
         return mixture_nll(log_probs, log_weights)
 
-    if isinstance(init, str):
-        if init == "perplexity":
-            initial = perplexity_init_weights(member_nll, init_temperature)
-        elif init == "uniform":
-            initial = [1.0 / num_members] * num_members
-        else:
-            raise ValueError(f"init {init!r} is not understood; use 'perplexity', 'uniform' or a list of weights.")
-    else:
-        from .combination import check_weights
-
-        check_weights(list(init), num_members, argument="init")
-        total = sum(float(value) for value in init)
-        initial = [float(value) / total for value in init]
-    # A zero initial weight would be log(0) = -inf: start a hair above it so the optimiser can still move it.
-    theta = torch.tensor([math.log(max(weight, 1e-8)) for weight in initial], dtype=torch.float32, requires_grad=True)
+    initial = _initial_weights(init, member_nll, init_temperature, num_members)
     with torch.no_grad():
         uniform_nll = objective(torch.full((num_members,), -math.log(num_members))).item()
-        initial_nll = objective(torch.log_softmax(theta, 0)).item()
-    optimizer = torch.optim.Adam([theta], lr=learning_rate)
-    history = [initial_nll]
-    best_nll, best_theta = initial_nll, theta.detach().clone()
-    for _ in range(max_steps):
-        optimizer.zero_grad()
-        loss = objective(torch.log_softmax(theta, 0))
-        loss.backward()
-        optimizer.step()
-        value = loss.item()
-        history.append(value)
-        if value < best_nll:
-            best_nll, best_theta = value, theta.detach().clone()
+    best_theta, history = _minimise_nll(objective, initial, max_steps, learning_rate)
+    initial_nll = history[0]
     with torch.no_grad():
         final_nll = objective(torch.log_softmax(best_theta, 0)).item()
-        if final_nll > best_nll:
-            best_nll = final_nll
     weights = torch.softmax(best_theta, 0).tolist()
     if apply:
         ensemble.set_member_weights(weights)
@@ -256,3 +214,70 @@ def fit_ensemble_weights(
         combination=combination,
         history=history,
     )
+
+
+def _check_fit_settings(combination: str, max_steps: int, learning_rate: float) -> None:
+    if combination == "contrastive":
+        raise ValueError(
+            "combination='contrastive' has no member weights to fit (expert and amateur roles are fixed); use "
+            "'mixture', 'product' or 'max'."
+        )
+    if combination not in ("mixture", "product", "max"):
+        raise ValueError(f"combination {combination!r} cannot be fitted; use 'mixture', 'product' or 'max'.")
+    if max_steps < 0 or learning_rate <= 0:
+        raise ValueError(f"need max_steps >= 0 and learning_rate > 0; got {max_steps} and {learning_rate}.")
+
+
+def _check_full_distributions_fit(
+    ensemble: EnsembleForCausalLM, dataset: Dataset, combination: str, max_tokens: int | None, max_cache_bytes: int
+) -> None:
+    """Refuse, before any forward pass, to keep member distributions over the vocabulary beyond `max_cache_bytes`."""
+    rows = min(len(dataset), math.ceil((max_tokens or 10**12) / max(1, len(dataset[0]["input_ids"]) - 1)))
+    estimate = ensemble.num_members * rows * (len(dataset[0]["input_ids"]) - 1) * ensemble.config.vocab_size * 4
+    if estimate > max_cache_bytes:
+        raise ValueError(
+            f"fitting {combination!r} weights keeps full member distributions: about {estimate / 2**30:.2f} GiB "
+            f"for {rows} blocks, over max_cache_bytes={max_cache_bytes / 2**30:.2f} GiB. Pass max_tokens=... (a "
+            "few thousand tokens are plenty for a handful of weights) or raise max_cache_bytes."
+        )
+
+
+def _initial_weights(
+    init: str | Sequence[float], member_nll: Sequence[float], init_temperature: float, num_members: int
+) -> list[float]:
+    """Normalised starting weights: `"perplexity"` (PackLLM-style), `"uniform"`, or the given ones."""
+    if isinstance(init, str):
+        if init == "perplexity":
+            return perplexity_init_weights(member_nll, init_temperature)
+        if init == "uniform":
+            return [1.0 / num_members] * num_members
+        raise ValueError(f"init {init!r} is not understood; use 'perplexity', 'uniform' or a list of weights.")
+    from .combination import check_weights
+
+    check_weights(list(init), num_members, argument="init")
+    total = sum(float(value) for value in init)
+    return [float(value) / total for value in init]
+
+
+def _minimise_nll(
+    objective: Callable[[torch.Tensor], torch.Tensor], initial: Sequence[float], max_steps: int, learning_rate: float
+) -> tuple[torch.Tensor, list[float]]:
+    """Adam on `theta` (weights `softmax(theta)`) from `initial`: the best `theta` seen and the NLL of every step,
+    the initial NLL first."""
+    # A zero initial weight would be log(0) = -inf: start a hair above it so the optimiser can still move it.
+    theta = torch.tensor([math.log(max(weight, 1e-8)) for weight in initial], dtype=torch.float32, requires_grad=True)
+    with torch.no_grad():
+        initial_nll = objective(torch.log_softmax(theta, 0)).item()
+    optimizer = torch.optim.Adam([theta], lr=learning_rate)
+    history = [initial_nll]
+    best_nll, best_theta = initial_nll, theta.detach().clone()
+    for _ in range(max_steps):
+        optimizer.zero_grad()
+        loss = objective(torch.log_softmax(theta, 0))
+        loss.backward()
+        optimizer.step()
+        value = loss.item()
+        history.append(value)
+        if value < best_nll:
+            best_nll, best_theta = value, theta.detach().clone()
+    return best_theta, history

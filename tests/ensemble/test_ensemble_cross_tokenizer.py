@@ -11,8 +11,8 @@ import torch
 from helpers import build_tiny_causal_lm, transformers_log
 
 from hf_interop.cross_tokenizer import load_gpt2_tokenizer, token_byte_strings
-from hf_interop.cross_tokenizer_ensemble import CrossTokenizerEnsemble
 from hf_interop.ensemble import EnsembleConfig, EnsembleForCausalLM
+from hf_interop.ensemble.cross_tokenizer import CrossTokenizerEnsemble
 
 PROMPT = "Numbers like 12345 and café"
 OTHER_PROMPT = "The with statement"
@@ -287,15 +287,6 @@ def test_members_on_gpu_and_cpu_generate_like_on_cpu(member_dirs, corpus_tokeniz
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _forbid_loading(monkeypatch):
-    import hf_interop.loading
-
-    def fail(*args, **kwargs):
-        raise AssertionError("a member was loaded before the arguments were validated")
-
-    monkeypatch.setattr(hf_interop.loading, "load_causal_lm", fail)
-
-
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -308,8 +299,7 @@ def _forbid_loading(monkeypatch):
         ({"trust_remote_code": True}, "trust_remote_code=False"),
     ],
 )
-def test_bad_arguments_fail_before_any_member_is_loaded(member_dirs, pairs, tmp_path, monkeypatch, kwargs, match):
-    _forbid_loading(monkeypatch)
+def test_bad_arguments_fail_before_any_member_is_loaded(member_dirs, pairs, tmp_path, forbid_loading, kwargs, match):
     kwargs = dict(kwargs)
     if kwargs.get("members") == "missing":
         kwargs["members"] = [member_dirs[0], str(tmp_path / "no_such_checkpoint")]
@@ -442,8 +432,7 @@ def test_revisions_given_to_from_members_pin_the_loaded_commit(
     assert not torch.equal(unpinned.members[0].model.embed_tokens.weight, old_weights)
 
 
-def test_dict_member_and_revisions_disagreeing_is_refused(monkeypatch):
-    _forbid_loading(monkeypatch)
+def test_dict_member_and_revisions_disagreeing_is_refused(forbid_loading):
     with pytest.raises(ValueError, match=r"members\[0\] pins revision 'a' but revisions\[0\] is 'b'"):
         EnsembleForCausalLM.from_members([{"name_or_path": "org/name", "revision": "a"}], revisions=["b"])
 

@@ -1,64 +1,25 @@
-"""Logit-level ensembles: combination rules, generate() with one cache per member, placement, saving, learned
-weights, LoRA ensembles on one base, and sequence-classification voting/stacking."""
+"""Logit-level causal LM ensembles: contract and validation, generate() with one cache per member, placement,
+saving, LoRA ensembles on one base, and an ensemble as a distillation teacher."""
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from helpers import build_tiny_causal_lm, transformers_log
 
-from hf_interop.ensemble import (
-    EnsembleConfig,
-    EnsembleForCausalLM,
-    combine_log_probs,
-    contrastive,
-    maximum,
-    mixture,
-    plan_member_placement,
-    product,
-)
-from hf_interop.ensemble.members import output_cache
+from hf_interop._compat import output_cache
+from hf_interop.ensemble import EnsembleConfig, EnsembleForCausalLM, contrastive, plan_member_placement
 
 PROMPT = "The with statement is used to"
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tokenizer(corpus_tokenizer):
-    return corpus_tokenizer
-
-
-@pytest.fixture(scope="module")
-def members(tokenizer):
-    """Three tiny random members of different families sharing the corpus tokenizer."""
-    return [
-        build_tiny_causal_lm(family, len(tokenizer), seed=seed, tokenizer=tokenizer)
-        for seed, family in enumerate(("llama", "qwen2", "gpt2"))
-    ]
-
-
-@pytest.fixture(scope="module")
-def trained_member(tokenizer, packed_corpus):
-    """A tiny Llama trained for 40 steps on the corpus: clearly better than random members."""
-    model = build_tiny_causal_lm("llama", len(tokenizer), seed=7, tokenizer=tokenizer)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train = packed_corpus["train"]
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        rows = train[torch.randint(len(train), (8,), generator=generator).tolist()]
-        input_ids = torch.tensor(rows["input_ids"])
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def _prompt(tokenizer, texts=(PROMPT,)):
@@ -76,118 +37,6 @@ def _reference_log_probs(models, input_ids, attention_mask=None, vocab_size=None
                 logits = logits[..., :vocab_size]
             outputs.append(torch.log_softmax(logits, dim=-1))
     return torch.stack(outputs)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 1. Combination rules vs float64 references
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _random_log_probs(num_members=3, shape=(2, 5, 11), seed=0, with_minus_inf=True):
-    generator = torch.Generator().manual_seed(seed)
-    logits = torch.randn(num_members, *shape, generator=generator, dtype=torch.float64) * 2
-    if with_minus_inf:
-        logits[0, ..., 3] = -math.inf  # a token member 0 rules out
-    return torch.log_softmax(logits, dim=-1)
-
-
-def _naive(rule, log_probs, weights, alpha=0.1, beta=1.0):
-    """Per-position, per-token loops in float64 over plain Python floats."""
-    num_members, *batch_shape, vocab = log_probs.shape
-    out = torch.empty(*batch_shape, vocab, dtype=torch.float64)
-    flat_in = log_probs.reshape(num_members, -1, vocab)
-    flat_out = out.view(-1, vocab)
-    w = [value / sum(weights) for value in weights]
-    for position in range(flat_in.shape[1]):
-        probs = [[math.exp(flat_in[m, position, v].item()) for v in range(vocab)] for m in range(num_members)]
-        if rule == "mixture":
-            scores = [sum(w[m] * probs[m][v] for m in range(num_members)) for v in range(vocab)]
-        elif rule == "product":
-            scores = [
-                math.prod(probs[m][v] ** w[m] if w[m] > 0 else 1.0 for m in range(num_members)) for v in range(vocab)
-            ]
-        elif rule == "max":
-            scores = [max(w[m] * probs[m][v] for m in range(num_members)) for v in range(vocab)]
-        else:  # contrastive: expert 0, amateur 1
-            top = max(probs[0])
-            scores = [
-                math.exp(math.log(probs[0][v]) - beta * math.log(probs[1][v])) if probs[0][v] >= alpha * top else 0.0
-                for v in range(vocab)
-            ]
-        total = sum(scores)
-        for v in range(vocab):
-            flat_out[position, v] = math.log(scores[v] / total) if scores[v] > 0 else -math.inf
-    return out
-
-
-@pytest.mark.parametrize("rule", ["mixture", "product", "max"])
-@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, 0.3, 0.2], [0.0, 2.0, 1.0]])
-def test_combination_rules_match_float64_reference(rule, weights):
-    log_probs = _random_log_probs()
-    expected = _naive(rule, log_probs, weights)
-    for candidate in (log_probs, log_probs.float()):
-        result = combine_log_probs(candidate, rule, weights)
-        assert result.shape == log_probs.shape[1:]
-        torch.testing.assert_close(
-            result.double().exp(), expected.exp(), atol=1e-6 if candidate.dtype == torch.float32 else 1e-12, rtol=0
-        )
-        # normalised everywhere
-        torch.testing.assert_close(
-            result.double().exp().sum(-1), torch.ones(log_probs.shape[1:-1], dtype=torch.float64)
-        )
-
-
-@pytest.mark.parametrize("alpha,beta", [(0.1, 1.0), (0.5, 0.5), (1.0, 1.0)])
-def test_contrastive_matches_reference_and_keeps_only_plausible_tokens(alpha, beta):
-    log_probs = _random_log_probs(num_members=2, with_minus_inf=False)
-    expected = _naive("contrastive", log_probs, [1.0, 1.0], alpha, beta)
-    result = contrastive(log_probs[0], log_probs[1], alpha=alpha, amateur_weight=beta)
-    torch.testing.assert_close(result.exp(), expected.exp(), atol=1e-12, rtol=0)
-    implausible = log_probs[0] < log_probs[0].amax(-1, keepdim=True) + math.log(alpha)
-    assert torch.all(result[implausible] == -math.inf)
-    if alpha == 1.0:  # only the expert's argmax survives
-        assert torch.equal(result.argmax(-1), log_probs[0].argmax(-1))
-
-
-def test_rules_properties_identical_members_single_member_and_gradients():
-    member = _random_log_probs(num_members=1, with_minus_inf=False)[0]
-    identical = torch.stack([member, member, member])
-    for rule in ("mixture", "product", "max"):
-        torch.testing.assert_close(combine_log_probs(identical, rule, [0.2, 0.3, 0.5]), member)
-        torch.testing.assert_close(combine_log_probs(member[None], rule), member)
-    # a zero weight switches a member off exactly
-    log_probs = _random_log_probs()
-    for rule in ("mixture", "product", "max"):
-        torch.testing.assert_close(combine_log_probs(log_probs, rule, [0.0, 1.0, 0.0]), log_probs[1])
-    # gradients flow to weights (fitting) and inputs (distillation through an ensemble)
-    weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64, requires_grad=True)
-    inputs = _random_log_probs(shape=(2, 4), with_minus_inf=False).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda w, x: mixture(x, w), (weights, inputs))
-    assert torch.autograd.gradcheck(lambda w, x: product(x, w), (weights, inputs))
-    assert torch.autograd.gradcheck(lambda x: maximum(x, [1.0, 1.0, 1.0]), (inputs,))
-
-
-@pytest.mark.parametrize(
-    "weights,match",
-    [
-        ([1.0, 1.0], "has 2 entries"),
-        ([1.0, -1.0, 1.0], "must be >= 0"),
-        ([1.0, float("nan"), 1.0], "finite"),
-        ([0.0, 0.0, 0.0], "all zero"),
-    ],
-)
-def test_bad_weights_are_refused_by_the_rules(weights, match):
-    with pytest.raises(ValueError, match=match):
-        mixture(_random_log_probs(), weights)
-
-
-def test_unknown_rule_and_bad_contrastive_settings():
-    with pytest.raises(ValueError, match="use one of mixture, product, max, contrastive"):
-        combine_log_probs(_random_log_probs(), "average")
-    with pytest.raises(ValueError, match="exactly 2 members"):
-        combine_log_probs(_random_log_probs(), "contrastive")
-    with pytest.raises(ValueError, match=r"contrastive_alpha must be in \(0, 1\]"):
-        contrastive(*_random_log_probs(2), alpha=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,15 +117,6 @@ def test_same_vocabulary_but_different_encoding_is_refused(members, tokenizer, t
         EnsembleForCausalLM.from_members([(members[0], tokenizer), (members[1], changed)])
 
 
-def _forbid_loading(monkeypatch):
-    import hf_interop.loading
-
-    def fail(*args, **kwargs):
-        raise AssertionError("a member was loaded before the arguments were validated")
-
-    monkeypatch.setattr(hf_interop.loading, "load_causal_lm", fail)
-
-
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -291,8 +131,7 @@ def _forbid_loading(monkeypatch):
         ({"combination": "contrastive", "members": "three"}, "exactly 2 members"),
     ],
 )
-def test_bad_inputs_fail_before_any_member_is_loaded(tiny_model_dirs, tmp_path, monkeypatch, kwargs, match):
-    _forbid_loading(monkeypatch)
+def test_bad_inputs_fail_before_any_member_is_loaded(tiny_model_dirs, tmp_path, forbid_loading, kwargs, match):
     good = [str(tiny_model_dirs["llama"]), str(tiny_model_dirs["qwen2"])]
     kwargs = dict(kwargs)
     if kwargs.get("members") == "missing":
@@ -304,8 +143,7 @@ def test_bad_inputs_fail_before_any_member_is_loaded(tiny_model_dirs, tmp_path, 
         EnsembleForCausalLM.from_members(**kwargs)
 
 
-def test_config_asking_for_remote_code_is_refused(tmp_path, tiny_model_dirs, monkeypatch):
-    _forbid_loading(monkeypatch)
+def test_config_asking_for_remote_code_is_refused(tmp_path, tiny_model_dirs, forbid_loading):
     with pytest.raises(ValueError, match="trust_remote_code"):
         EnsembleConfig(members=[str(tiny_model_dirs["llama"])], trust_remote_code=True)
     folder = tmp_path / "ensemble"
@@ -322,14 +160,32 @@ def test_config_asking_for_remote_code_is_refused(tmp_path, tiny_model_dirs, mon
         EnsembleForCausalLM.from_pretrained(tmp_path, trust_remote_code=True)
 
 
+def test_moved_names_keep_their_old_import_paths():
+    """Users, recipes and other modules import these names from where they used to live."""
+    import hf_interop.cross_tokenizer_ensemble as old_cross_tokenizer_ensemble
+    from hf_interop.ensemble import cache, causal_lm, config, cross_tokenizer, members
+
+    assert old_cross_tokenizer_ensemble.CrossTokenizerEnsemble is cross_tokenizer.CrossTokenizerEnsemble
+    for name in ("EnsembleConfig", "ENSEMBLE_MODEL_TYPE", "load_ensemble_config", "write_ensemble_card"):
+        assert getattr(causal_lm, name) is getattr(config, name)
+    assert causal_lm.EnsembleCache is cache.EnsembleCache
+    assert causal_lm.LoraAdapterMember is members.LoraAdapterMember
+
+
+def test_import_of_the_ensemble_package_leaves_the_cross_tokenizer_code_unloaded():
+    """The cross-tokenizer engine (and the alignment code and trainer it imports) loads only when an ensemble needs it."""
+    code = (
+        "import sys, hf_interop.ensemble; "
+        "print(sorted(m for m in ('hf_interop.ensemble.cross_tokenizer', 'hf_interop.cross_tokenizer', "
+        "'hf_interop.distillation_trainer') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. generate(): one KV cache per member
 # ----------------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ensemble3(members, tokenizer):
-    return EnsembleForCausalLM.from_members([(m, tokenizer) for m in members], [0.5, 0.3, 0.2], "mixture")
 
 
 def _naive_greedy(models, rule, weights, input_ids, steps):
@@ -635,46 +491,6 @@ def test_push_to_hub_uploads_config_and_card_not_weights(tiny_model_dirs, monkey
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Learned weights
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_learned_weights_lower_held_out_nll_than_uniform(members, trained_member, tokenizer, packed_corpus):
-    from hf_interop import evaluate_perplexity, fit_ensemble_weights
-
-    pairs = [(trained_member, tokenizer), (members[0], tokenizer), (members[1], tokenizer)]
-    validation = packed_corpus["validation"].select(range(16))
-    test = packed_corpus["test"].select(range(16))
-    uniform = EnsembleForCausalLM.from_members(pairs)
-    learned = EnsembleForCausalLM.from_members(pairs)
-    fit = fit_ensemble_weights(learned, validation, max_steps=200)
-    assert fit.nll < fit.uniform_nll and fit.nll <= fit.initial_nll
-    assert fit.weights[0] > 0.8 and learned.config.weights == pytest.approx(fit.weights)
-    # PackLLM-style initialisation already favours the member with the lowest perplexity
-    assert fit.initial_weights[0] == max(fit.initial_weights)
-    uniform_test = evaluate_perplexity(uniform, test, show_progress=False)["loss"]
-    learned_test = evaluate_perplexity(learned, test, show_progress=False)["loss"]
-    assert learned_test < uniform_test - 0.1
-    # the product rule fits too (full distributions kept)
-    fit_product = fit_ensemble_weights(learned, validation.select(range(8)), combination="product", max_steps=100)
-    assert fit_product.nll < fit_product.uniform_nll
-
-
-def test_fit_rejects_bad_arguments(ensemble3, packed_corpus):
-    from hf_interop import fit_ensemble_weights
-
-    validation = packed_corpus["validation"].select(range(4))
-    with pytest.raises(ValueError, match="no member weights to fit"):
-        fit_ensemble_weights(ensemble3, validation, combination="contrastive")
-    with pytest.raises(ValueError, match="init has 2 entries"):
-        fit_ensemble_weights(ensemble3, validation, init=[0.5, 0.5], apply=False)
-    with pytest.raises(ValueError, match="max_cache_bytes"):
-        fit_ensemble_weights(ensemble3, validation, combination="product", max_cache_bytes=1000, apply=False)
-    with pytest.raises(ValueError, match="no 'input_ids'"):
-        fit_ensemble_weights(ensemble3, validation.rename_column("input_ids", "ids"), apply=False)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # 7. LoRA ensembles on one base
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -728,158 +544,6 @@ def test_lora_ensemble_round_trip(lora_setup, tokenizer, tmp_path):
     torch.testing.assert_close(reloaded(**inputs).logits, ensemble(**inputs).logits)
     with pytest.raises(ValueError, match="adapter_config.json"):
         EnsembleForCausalLM.from_lora_adapters(base_dir, [base_dir])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 8. Sequence classification: voting and stacking
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def test_hard_vote_tie_rule():
-    from hf_interop.ensemble.classification import hard_vote
-
-    # 2 members, 3 classes: member 0 votes class 2, member 1 votes class 0 -> tie; soft vote prefers class 0.
-    member_logits = torch.tensor([[[0.0, 0.0, 0.2]], [[3.0, 0.0, 0.0]]])
-    logits, winners = hard_vote(member_logits)
-    assert winners.tolist() == [0] and logits.argmax(-1).tolist() == [0]
-    torch.testing.assert_close(logits.exp(), torch.tensor([[0.5 + 1e-6, 1e-12, 0.5]]), atol=1e-7, rtol=0)
-    # exact tie in votes and soft probabilities -> the lowest class index
-    symmetric = torch.tensor([[[0.0, 1.0]], [[1.0, 0.0]]])
-    assert hard_vote(symmetric)[1].tolist() == [0]
-    # weighted votes: the heavier member wins
-    assert hard_vote(member_logits, [0.7, 0.3])[1].tolist() == [2]
-
-
-@pytest.fixture(scope="module")
-def classifiers(tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    models = []
-    for seed in range(3):
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            num_labels=3,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        torch.manual_seed(seed)
-        models.append(LlamaForSequenceClassification(config).eval())
-    return models
-
-
-@pytest.fixture(scope="module")
-def classification_data(corpus, tokenizer, classifiers):
-    """Sentences labelled by member 0's prediction: a task only member 0 solves, so stacking must find it."""
-    from datasets import Dataset
-
-    texts = [
-        line.strip() for text in corpus["train"]["text"][:20] for line in text.split("\n") if len(line.strip()) > 20
-    ][:160]
-    encoded = tokenizer(texts, truncation=True, max_length=24)
-    with torch.no_grad():
-        labels = [int(classifiers[0](input_ids=torch.tensor([ids])).logits.argmax()) for ids in encoded["input_ids"]]
-    dataset = Dataset.from_dict(
-        {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "label": labels}
-    )
-    return dataset.select(range(100)), dataset.select(range(100, len(dataset)))
-
-
-def test_soft_and_weighted_voting_match_references(classifiers, tokenizer):
-    from hf_interop import EnsembleForSequenceClassification
-
-    inputs = _prompt(tokenizer, [PROMPT, "Assignment statements bind names"])
-    member_logits = torch.stack([model(**inputs).logits.detach() for model in classifiers])
-    soft = EnsembleForSequenceClassification.from_members(classifiers, voting="soft", weights=[0.5, 0.25, 0.25])
-    expected = torch.log((torch.tensor([0.5, 0.25, 0.25])[:, None, None] * member_logits.softmax(-1)).sum(0))
-    torch.testing.assert_close(soft(**inputs).logits, expected, atol=1e-6, rtol=0)
-    weighted = EnsembleForSequenceClassification.from_members(classifiers, voting="weighted", weights=[0.6, 0.2, 0.2])
-    assert torch.equal(weighted(**inputs).logits.argmax(-1), member_logits[0].argmax(-1))  # member 0 outvotes the rest
-    with pytest.raises(ValueError, match="needs weights"):
-        EnsembleForSequenceClassification.from_members(classifiers, voting="weighted")
-
-
-def test_stacking_learns_from_held_out_data_and_works_with_trainer(
-    classifiers, classification_data, tokenizer, tmp_path
-):
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
-
-    from hf_interop import EnsembleForSequenceClassification
-
-    held_out, evaluation = classification_data
-    ensemble = EnsembleForSequenceClassification.from_members([(m, tokenizer) for m in classifiers], voting="hard")
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_eval_batch_size=16, report_to=[], use_cpu=True
-    )
-
-    def accuracy(prediction):
-        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
-
-    tokenizer.padding_side = "right"
-    trainer = Trainer(
-        model=ensemble,
-        args=args,
-        eval_dataset=evaluation,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy,
-    )
-    hard_accuracy = trainer.evaluate()["eval_accuracy"]
-    fit = ensemble.fit_stacking(held_out, l2=0.0)
-    assert ensemble.config.voting == "stacking" and fit["accuracy"] > 0.9
-    metrics = trainer.evaluate()
-    assert metrics["eval_accuracy"] > max(0.85, hard_accuracy) and math.isfinite(metrics["eval_loss"])
-    prediction = trainer.predict(evaluation)
-    batch = DataCollatorWithPadding(tokenizer)(
-        [{k: evaluation[i][k] for k in ("input_ids", "attention_mask")} for i in range(16)]
-    )
-    torch.testing.assert_close(
-        torch.tensor(prediction.predictions[:16]), ensemble(**batch).logits.detach(), atol=1e-5, rtol=0
-    )
-
-
-def test_classification_ensemble_round_trip_keeps_the_stacking_head(
-    classifiers, classification_data, tokenizer, tmp_path
-):
-    from hf_interop import EnsembleForSequenceClassification
-
-    paths = []
-    for index, model in enumerate(classifiers):
-        folder = tmp_path / f"classifier_{index}"
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        paths.append(str(folder))
-    ensemble = EnsembleForSequenceClassification.from_members(paths, voting="soft")
-    ensemble.fit_stacking(classification_data[0].select(range(40)), l2=1e-2)
-    ensemble.save_pretrained(tmp_path / "ens")
-    assert not any(name.endswith(".bin") for name in (p.name for p in (tmp_path / "ens").iterdir()))
-    reloaded = EnsembleForSequenceClassification.from_pretrained(tmp_path / "ens")
-    assert reloaded.config.voting == "stacking"
-    inputs = _prompt(tokenizer, [PROMPT, "Assignment statements bind names"])
-    torch.testing.assert_close(reloaded(**inputs).logits, ensemble(**inputs).logits)
-
-
-def test_classifiers_with_different_label_sets_are_refused(classifiers, tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from hf_interop import EnsembleForSequenceClassification
-
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        num_labels=2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with pytest.raises(ValueError, match="different numbers of labels"):
-        EnsembleForSequenceClassification.from_members([classifiers[0], LlamaForSequenceClassification(config)])
-    with pytest.raises(ValueError, match="members is empty"):
-        EnsembleForSequenceClassification.from_members([])
 
 
 # ----------------------------------------------------------------------------------------------------------------
