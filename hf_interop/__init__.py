@@ -64,6 +64,7 @@ _SUBMODULES = {
     "callbacks",
     "metrics",
     "loading",
+    "safetensors_checks",
     "data",
     "evaluation",
     "ensemble",

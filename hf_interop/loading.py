@@ -291,10 +291,17 @@ def _load_checkpoint_model(
 ) -> PreTrainedModel:
     """A transformers checkpoint (local folder or hub id), safetensors only unless `allow_pickle`, with the errors of
     `from_pretrained` that have a known cause turned into one message that names the fix."""
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .safetensors_checks import check_safetensors_checkpoint, hub_snapshot_folder, unreadable_weights_error
 
     if is_local:
         _check_local_folder(Path(name_or_path), allow_pickle=allow_pickle)
+    # Headers only, so a damaged download is named before from_pretrained reads (and fails on) the weights.
+    weights_folder = Path(name_or_path) if is_local else hub_snapshot_folder(name_or_path, revision)
+    if weights_folder is not None:
+        check_safetensors_checkpoint(weights_folder, missing_ok=not is_local)
     config = AutoConfig.from_pretrained(
         name_or_path, revision=revision, trust_remote_code=trust_remote_code, token=token
     )
@@ -319,6 +326,9 @@ def _load_checkpoint_model(
                 "transformers knows; hf_interop needs an AutoModelForCausalLM checkpoint."
             ) from error
         raise
+    except SafetensorError as error:
+        folder = weights_folder if is_local else hub_snapshot_folder(name_or_path, revision)
+        raise unreadable_weights_error(name_or_path, folder, error) from error
     except OSError as error:
         if "safetensors" in str(error) and not allow_pickle:
             raise ModelLoadingError(

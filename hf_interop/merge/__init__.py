@@ -3,6 +3,7 @@
 - `methods.py`: the math, pure functions over tensors (:func:`merge_tensors` and the methods it dispatches to).
 - `streaming.py`: safetensors reads by row blocks, shard writes, and the chunked merge of one tensor.
 - `checkpoints.py`: :func:`merge_checkpoints` (folders, streamed) and :func:`merge_state_dicts` (in memory).
+- `staging.py`: the output folder: staged, owned while written, cleaned after a killed merge, disk errors named.
 - `soup.py`: :func:`greedy_soup`. `lora.py`: :func:`merge_lora_adapters`.
 """
 

@@ -21,8 +21,9 @@ import torch
 
 from ..hub.outputs import write_output_metadata
 from ..logging_utils import get_logger
-from ..utils import atomic_directory, atomic_write_json
+from ..utils import atomic_write_json
 from .methods import DEFAULT_DENSITY, MERGE_METHODS, METHODS_NEEDING_BASE, METHODS_USING_DENSITY
+from .staging import clear_stale_staging, merge_output_dir, naming_output_file
 from .streaming import (
     RowReader,
     _merge_tensor_in_chunks,
@@ -278,6 +279,7 @@ def merge_checkpoints(
     output_dir = Path(output_dir)
     max_shard_bytes = _parse_size(max_shard_size)
     _check_output_dir(output_dir, [*checkpoints, *([Path(base)] if base is not None else [])], overwrite)
+    clear_stale_staging(output_dir)  # a killed merge's leftovers go; a live merge into output_dir is refused
 
     sources = [_SafetensorsCheckpoint(path, f"checkpoint {index}") for index, path in enumerate(checkpoints)]
     base_source = _SafetensorsCheckpoint(base, "base") if base is not None else None
@@ -290,7 +292,8 @@ def merge_checkpoints(
     logger.info(
         f"Merging {len(checkpoints)} checkpoints with {method!r}: {len(names)} tensors, {len(shards)} shard(s)."
     )
-    with atomic_directory(output_dir, overwrite=overwrite) as tmp_dir:
+    needed_bytes = sum(_tensor_bytes(first, name) for name in names)
+    with merge_output_dir(output_dir, overwrite, needed_bytes, cleared=True) as tmp_dir:
         _write_merged_shards(
             tmp_dir,
             shards,
@@ -305,7 +308,8 @@ def merge_checkpoints(
         )
         for file_name in ("config.json", "generation_config.json"):
             if (first.folder / file_name).is_file():
-                shutil.copyfile(first.folder / file_name, tmp_dir / file_name)
+                with naming_output_file(tmp_dir / file_name):
+                    shutil.copyfile(first.folder / file_name, tmp_dir / file_name)
         _copy_tokenizer_files(tokenizer_folder, tmp_dir)
         lineage = {
             "method": method,
@@ -316,9 +320,14 @@ def merge_checkpoints(
             "seed": seed if method.startswith("dare") else None,
             "slerp_t": slerp_t if method == "slerp" else None,
         }
-        _write_merge_metadata(tmp_dir, lineage, model_name=output_dir.name)
+        with naming_output_file(tmp_dir / "README.md"):  # the card, and the lineage manifest it names
+            _write_merge_metadata(tmp_dir, lineage, model_name=output_dir.name)
     logger.info(f"Merged checkpoint written to {output_dir}")
     return output_dir
+
+
+def _tensor_bytes(checkpoint: _SafetensorsCheckpoint, name: str) -> int:
+    return math.prod(checkpoint.shapes[name]) * torch.empty((), dtype=getattr(torch, checkpoint.dtypes[name])).itemsize
 
 
 def _check_output_dir(output_dir: Path, inputs: list[Path], overwrite: bool) -> None:
@@ -381,10 +390,11 @@ def _write_merged_shards(
         total_size += writer.total_bytes
     progress.close()
     if len(shards) > 1:
-        atomic_write_json(
-            folder / "model.safetensors.index.json",
-            {"metadata": {"total_size": total_size}, "weight_map": weight_map},
-        )
+        with naming_output_file(folder / "model.safetensors.index.json"):
+            atomic_write_json(
+                folder / "model.safetensors.index.json",
+                {"metadata": {"total_size": total_size}, "weight_map": weight_map},
+            )
 
 
 def _copy_tokenizer_files(source: Path | None, target: Path) -> None:
@@ -396,7 +406,8 @@ def _copy_tokenizer_files(source: Path | None, target: Path) -> None:
             and _COPIED_FILES.match(path.name)
             and path.name not in ("config.json", "generation_config.json")
         ):
-            shutil.copyfile(path, target / path.name)
+            with naming_output_file(target / path.name):
+                shutil.copyfile(path, target / path.name)
 
 
 def _write_merge_metadata(folder: Path, settings: dict[str, Any], model_name: str | None) -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..logging_utils import get_logger
-from ..utils import atomic_directory
 from .checkpoints import (
     _COPIED_FILES,
     _check_same_tensors,
@@ -17,6 +16,7 @@ from .checkpoints import (
     _write_merge_metadata,
     merge_checkpoints,
 )
+from .staging import merge_output_dir, naming_output_file
 from .streaming import _SafetensorsCheckpoint
 
 if TYPE_CHECKING:
@@ -112,9 +112,15 @@ def greedy_soup(
             soup_loss = trial_loss
     if output_dir is not None:
         if len(selected) == 1:
-            with atomic_directory(output_dir, overwrite=overwrite) as tmp_dir:
-                for path in selected[0].iterdir():
-                    if path.is_file() and (path.suffix == ".safetensors" or _COPIED_FILES.match(path.name)):
+            copied = [
+                path
+                for path in selected[0].iterdir()
+                if path.is_file() and (path.suffix == ".safetensors" or _COPIED_FILES.match(path.name))
+            ]
+            needed_bytes = sum(path.stat().st_size for path in copied)
+            with merge_output_dir(Path(output_dir), overwrite, needed_bytes) as tmp_dir:
+                for path in copied:
+                    with naming_output_file(tmp_dir / path.name):
                         shutil.copyfile(path, tmp_dir / path.name)
                 _write_merge_metadata(
                     tmp_dir,

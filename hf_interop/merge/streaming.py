@@ -3,17 +3,20 @@ as merged blocks arrive, and the chunked merge of one tensor that connects them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..loading import ModelLoadingError
+from ..safetensors_checks import check_safetensors_checkpoint
 from .methods import dare_keep_mask, merge_tensors, slerp_coefficients, trim_threshold
 
 _SAFETENSORS_DTYPES = {
@@ -138,26 +141,22 @@ class _SafetensorsCheckpoint:
         self.role = role
         if not self.folder.is_dir():
             raise FileNotFoundError(f"{role} {str(folder)!r} is not a folder; pass a checkpoint folder.")
-        index_path = self.folder / "model.safetensors.index.json"
-        if index_path.is_file():
-            files = sorted(set(json.loads(index_path.read_text())["weight_map"].values()))
-        else:
-            files = sorted(
+        file_names = None
+        if not (self.folder / "model.safetensors.index.json").is_file():
+            file_names = sorted(
                 path.name for path in self.folder.glob("*.safetensors") if not path.name.startswith("adapter")
             )
-        if not files:
-            raise FileNotFoundError(
-                f"{role} {str(folder)!r} has no *.safetensors weights (pickle .bin weights are not merged: convert "
-                "them with `model.save_pretrained(path, safe_serialization=True)`)."
-            )
+            if not file_names:
+                raise FileNotFoundError(
+                    f"{role} {str(folder)!r} has no *.safetensors weights (pickle .bin weights are not merged: "
+                    "convert them with `model.save_pretrained(path, safe_serialization=True)`)."
+                )
         self.file_of: dict[str, str] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
         self._offsets: dict[str, int] = {}
-        for file_name in files:
-            with open(self.folder / file_name, "rb") as handle:
-                (header_length,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(header_length))
+        # Every header is checked against its file before any tensor is read (a damaged input is named up front).
+        for file_name, (header, data_start) in check_safetensors_checkpoint(self.folder, file_names).items():
             for tensor_name, entry in header.items():
                 if tensor_name == "__metadata__":
                     continue
@@ -169,7 +168,7 @@ class _SafetensorsCheckpoint:
                 self.file_of[tensor_name] = file_name
                 self.shapes[tensor_name] = tuple(entry["shape"])
                 self.dtypes[tensor_name] = _SAFETENSORS_DTYPES[entry["dtype"]]
-                self._offsets[tensor_name] = 8 + header_length + entry["data_offsets"][0]
+                self._offsets[tensor_name] = data_start + entry["data_offsets"][0]
         config_path = self.folder / "config.json"
         self.config = json.loads(config_path.read_text()) if config_path.is_file() else {}
 
@@ -187,7 +186,10 @@ class _SafetensorsCheckpoint:
                 if tensor.numel():
                     buffer = tensor.reshape(-1).view(torch.uint8).numpy()
                     if handle.readinto(buffer) != buffer.nbytes:
-                        raise OSError(f"{str(self.folder)!r} ended early while reading tensor {name!r}.")
+                        raise ModelLoadingError(
+                            f"safetensors file {handle.name!r} ended early while tensor {name!r} was read: it was "
+                            "truncated during the merge. Restore it and rerun."
+                        )
             return tensor
 
         return read
@@ -227,9 +229,26 @@ class _ShardWriter:
         self._entries = entries
         self._position = -1
         self._written = 0
-        self._handle = open(path, "wb")  # noqa: SIM115 - closed in close()
-        self._handle.write(struct.pack("<Q", len(encoded)))
-        self._handle.write(encoded)
+        self._handle = None
+        with self._naming_the_file():
+            self._handle = open(path, "wb")  # noqa: SIM115 - closed in close()
+            self._write(struct.pack("<Q", len(encoded)))
+            self._write(encoded)
+
+    @contextlib.contextmanager
+    def _naming_the_file(self) -> Iterator[None]:
+        """Give OSErrors of writes (a full disk reports none) this shard's path, so the caller can name it."""
+        try:
+            yield
+        except OSError as error:
+            error.filename = error.filename or str(self.path)
+            if self._handle is not None:
+                with contextlib.suppress(OSError):  # closing flushes, which fails again on a full disk
+                    self._handle.close()
+            raise
+
+    def _write(self, data: Any) -> None:
+        self._handle.write(data)
 
     def begin(self, name: str) -> None:
         self._finish_current()
@@ -244,7 +263,8 @@ class _ShardWriter:
             raise RuntimeError(f"shard {self.path.name}: got {tensor.dtype}, expected {expected_dtype}.")
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         if flat.numel():
-            self._handle.write(flat.view(torch.uint8).numpy().data)
+            with self._naming_the_file():
+                self._write(flat.view(torch.uint8).numpy().data)
         self._written += flat.numel() * flat.element_size()
 
     def _finish_current(self) -> None:
@@ -258,9 +278,10 @@ class _ShardWriter:
         self._finish_current()
         if self._position != len(self._entries) - 1:
             raise RuntimeError(f"shard {self.path.name} got {self._position + 1} of {len(self._entries)} tensors.")
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
-        self._handle.close()
+        with self._naming_the_file():
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
 
 
 def _parse_size(size: int | str) -> int:
