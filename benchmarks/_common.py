@@ -45,7 +45,24 @@ def machine_description() -> str:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (
         f"{cpu}, {cores} cores, {memory_gib:.0f} GiB RAM, {gpu}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; Python {platform.python_version()}"
+        f"{torch.get_num_threads()} threads; Python {platform.python_version()}; {cpu_flags_description()}"
+    )
+
+
+# The flags that decide CPU matmul speed per dtype (vector width, native bfloat16 / int8 units).
+_SPEED_FLAG_PREFIXES = ("avx", "amx", "fma", "sve", "asimd", "bf16", "i8mm")
+
+
+def cpu_flags_description() -> str:
+    """The CPU flags that CPU timings depend on, and whether bfloat16 is native: every result records them, since a
+    bf16 run on a CPU without `avx512_bf16` / `amx_bf16` ran about 15x slower than float32 (and faster with them)."""
+    from hf_interop.utils import cpu_flags, cpu_has_native_bf16
+
+    flags = [flag for flag in cpu_flags() if flag.startswith(_SPEED_FLAG_PREFIXES)]
+    native = {True: "yes", False: "no", None: "unknown"}[cpu_has_native_bf16()]
+    return (
+        f"CPU flags: {' '.join(flags) or 'unknown'} (native bf16: {native}; CPU bfloat16 timings and bf16-vs-fp32 "
+        "ratios depend on it)"
     )
 
 

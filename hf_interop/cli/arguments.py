@@ -78,8 +78,8 @@ class DataArguments:
 
 @dataclass
 class DistillScriptArguments(DataArguments):
-    """The student and the data of `recipes/distill.py` / `hf-interop distill` (the teacher and the loss are in
-    :class:`~hf_interop.DistillationConfig`)."""
+    """The student and the data of `recipes/distill.py` / `hf-interop distill` (the teacher, the loss,
+    `overwrite_output_dir` and `allow_pickle` are in :class:`~hf_interop.DistillationConfig`)."""
 
     student_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Student checkpoint (folder, hub id or .gguf). Or build one: init_from."}
@@ -101,10 +101,7 @@ class DistillScriptArguments(DataArguments):
         default=None, metadata={"help": "MLP width of a student built from the teacher (width pruning); default keep."}
     )
     model_dtype: str = field(default="float32", metadata={"help": "dtype of the student weights (float32, bfloat16)."})
-    allow_pickle: bool = _allow_pickle_field()
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Replace an existing output_dir (otherwise an existing one is an error)."}
-    )
+    # `--allow_pickle` and `--overwrite_output_dir` of `distill` are DistillationConfig's (one option, one place).
 
     def check(self) -> None:
         super().check()

@@ -86,28 +86,21 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
         )
     config.teacher_model_name_or_path = resolve_model_alias(config.teacher_model_name_or_path)
     init_from = resolve_model_alias(init_from)
-    if script_args.allow_pickle and config.teacher_max_memory is not None and config.teacher_logits_path is None:
-        raise ValueError(
-            "allow_pickle with teacher_max_memory is not supported yet (the trainer places a teacher it loads itself "
-            "safetensors-only); convert the teacher to safetensors, or give teacher_device_map instead."
-        )
     final_dir = config.output_dir
-    with resumable_output_dir(final_dir, script_args.overwrite_output_dir, config.resume_from_checkpoint) as run:
+    with resumable_output_dir(final_dir, config.overwrite_output_dir, config.resume_from_checkpoint) as run:
         config.output_dir, config.resume_from_checkpoint = str(run.folder), run.resume_from_checkpoint
-        student, tokenizer = _load_student(script_args, init_from)
-        teacher, teacher_tokenizer = _load_pickle_teacher(config, script_args.allow_pickle)
+        student, tokenizer = _load_student(script_args, init_from, config.allow_pickle)
         train_blocks = _load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
         eval_blocks = None
         if script_args.eval_split is not None:
             eval_blocks = _load_blocks(script_args, tokenizer, script_args.eval_split, script_args.max_eval_blocks)
+        # the trainer loads the teacher itself (config.teacher_model_name_or_path, config.allow_pickle)
         trainer = DistillationTrainer(
             model=student,
-            teacher_model=teacher,
             args=config,
             train_dataset=train_blocks,
             eval_dataset=eval_blocks,
             processing_class=tokenizer,
-            teacher_processing_class=teacher_tokenizer,
         )
         train_result = trainer.train(resume_from_checkpoint=run.resume_from_checkpoint)
         trainer.save_model()
@@ -127,7 +120,7 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
     return {"output_dir": final_dir, "train": train_result.metrics, "eval": eval_metrics, "trainer": trainer}
 
 
-def _load_student(script_args: DistillScriptArguments, init_from: str | None) -> tuple[Any, Any]:
+def _load_student(script_args: DistillScriptArguments, init_from: str | None, allow_pickle: bool) -> tuple[Any, Any]:
     """The student checkpoint, or a student built from the teacher's own layers (`student_num_layers`)."""
     from ..loading import load_causal_lm, load_tokenizer
     from ..student_init import init_student_from_teacher
@@ -136,33 +129,16 @@ def _load_student(script_args: DistillScriptArguments, init_from: str | None) ->
         return load_causal_lm(
             resolve_model_alias(script_args.student_model_name_or_path),
             dtype=script_args.model_dtype,
-            allow_pickle=script_args.allow_pickle,
+            allow_pickle=allow_pickle,
         )
     student = init_student_from_teacher(
         init_from,
         num_layers=script_args.student_num_layers,
         layer_selection=script_args.student_layer_selection,
         intermediate_size=script_args.student_intermediate_size,
-        allow_pickle=script_args.allow_pickle,
+        allow_pickle=allow_pickle,
     )
     return student, load_tokenizer(init_from)
-
-
-def _load_pickle_teacher(config: Any, allow_pickle: bool) -> tuple[Any, Any]:
-    """With `allow_pickle`, the live teacher loaded here (its revision, dtype and device map) and its tokenizer;
-    otherwise `(None, None)` and `DistillationTrainer` loads `teacher_model_name_or_path` itself, safetensors only
-    (DistillationConfig has no allow_pickle to pass on)."""
-    from ..loading import load_causal_lm
-
-    if not allow_pickle or config.teacher_model_name_or_path is None or config.teacher_logits_path is not None:
-        return None, None
-    return load_causal_lm(
-        config.teacher_model_name_or_path,
-        revision=config.teacher_revision,
-        dtype=config.teacher_dtype,
-        device_map=config.teacher_device_map,
-        allow_pickle=True,
-    )
 
 
 def _add_card_results(folder: Path, kind: str, dataset: str, eval_metrics: dict[str, Any]) -> None:

@@ -95,6 +95,16 @@ class DistillationConfig(TrainingArguments):
             initialised from the teacher's layers (1.125x vs 0.972x, 40 steps), whose own tail is already shaped
             like the teacher's; keep `"bucket"` there.
 
+        > Output and loading
+
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Let training replace a model already saved in `output_dir` (`config.json`, `model.safetensors`, adapter
+            or tokenizer files at its top level). Without it such a folder is refused before anything loads (or, when
+            it also holds checkpoints, at `train()` unless `train(resume_from_checkpoint=...)` resumes one of them).
+        allow_pickle (`bool`, *optional*, defaults to `False`):
+            Also load pickle (`.bin`) weights for a student or teacher given by name/path. Pickle can run code when
+            loaded: only for checkpoints you trust. Safetensors only by default.
+
         > Generation (on-policy and sequence-level distillation)
 
         lmbda (`float`, *optional*, defaults to `0.0`):
@@ -213,6 +223,22 @@ class DistillationConfig(TrainingArguments):
             "help": "With teacher_logits_path: 'bucket' (the tail outside the top-k is one bucket) or "
             "'teacher_marginal' (the tail spread like the teacher's mean distribution over the cache).",
             "choices": list(SPARSE_TAIL_TYPES),
+        },
+    )
+
+    # ---- output and loading ----
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a model already saved in output_dir (otherwise such a folder is an error, unless its own "
+            "checkpoints are resumed)."
+        },
+    )
+    allow_pickle: bool = field(
+        default=False,
+        metadata={
+            "help": "Also load pickle (.bin) weights for a student or teacher given by path; they can run code when "
+            "loaded, so only for checkpoints you trust (default: safetensors only)."
         },
     )
 

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import losses
 from ..logging_utils import get_logger
+from .checkpoints import _no_half_checkpoint, _resume_target
 from .collators import (
     IGNORE_INDEX,
     TEACHER_CACHE_COLUMNS,
@@ -52,11 +54,11 @@ from .model_utils import (
     _vocab_size,
     _without_tied_copies,
 )
+from .preflight import _check_datasets, _check_output_dir, _warn_if_emulated_bf16
 from .teacher import (
     _check_teacher_against_student,
-    _deepspeed_teacher_engine,
-    _dispatch,
     _load_teacher,
+    _place_teacher,
     _self_distillation_output_head,
     _teacher_output_head,
 )
@@ -123,8 +125,13 @@ class DistillationTrainer(Trainer):
         peft_config: Any = None,
         **kwargs: Any,
     ) -> None:
+        args = self._checked_config(args)
+        # cheap checks first, before a student or teacher is loaded
+        _check_datasets(train_dataset, eval_dataset, needs_input_ids=data_collator is None)
+        if train_dataset is not None:
+            _check_output_dir(args, None, at_train=False)
         args, model, processing_class = self._config_and_student(args, model, processing_class, peft_config)
-        _check_hidden_layer_map(model, args)  # cheap checks first, before a teacher is loaded
+        _check_hidden_layer_map(model, args)
 
         # ---- the teacher: a cache, a live model, or the student's own base (self-distillation) ----
         self.teacher_model: nn.Module | None = None
@@ -170,7 +177,7 @@ class DistillationTrainer(Trainer):
         if args.loss_chunk_size > 0 and not self.use_chunked_loss:
             logger.info("Using the dense distillation loss (sharded training or a model without logits_to_keep).")
         if self.teacher_model is not None:
-            self.teacher_model = self._place_teacher(self.teacher_model, args)
+            self.teacher_model = _place_teacher(self, self.teacher_model, args)
         self.hidden_projections = self._build_projections(model, args)
         self._metric_sums: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
         self._generated_step = False
@@ -178,13 +185,13 @@ class DistillationTrainer(Trainer):
         self._generation_config = (
             _build_generation_config(model, processing_class, args) if (args.lmbda > 0 or args.seq_kd) else None
         )
+        self._saved_model_here = False  # this trainer's own final save does not count as a model to protect
+        _warn_if_emulated_bf16(self.args)
 
     # ---------------------------------------------------------------- construction helpers
 
-    def _config_and_student(
-        self, args: DistillationConfig | None, model: Any, processing_class: Any, peft_config: Any
-    ) -> tuple[DistillationConfig, nn.Module, Any]:
-        """The checked config, and the student (loaded by name, wrapped with `peft_config`) with its tokenizer."""
+    @staticmethod
+    def _checked_config(args: DistillationConfig | None) -> DistillationConfig:
         if args is None:
             args = DistillationConfig(output_dir="distillation_output")
         if not isinstance(args, DistillationConfig):
@@ -192,12 +199,18 @@ class DistillationTrainer(Trainer):
                 f"args is a {type(args).__name__}; DistillationTrainer needs a hf_interop.DistillationConfig (a "
                 "TrainingArguments subclass with the distillation settings): DistillationConfig(output_dir=..., ...)."
             )
+        return args
+
+    def _config_and_student(
+        self, args: DistillationConfig, model: Any, processing_class: Any, peft_config: Any
+    ) -> tuple[DistillationConfig, nn.Module, Any]:
+        """The checked config, and the student (loaded by name, wrapped with `peft_config`) with its tokenizer."""
         if model is None:
             raise ValueError("model (the student) is required: pass a causal LM or its name/path.")
         if isinstance(model, (str, os.PathLike)):
             from ..loading import load_causal_lm
 
-            model, loaded_tokenizer = load_causal_lm(model)
+            model, loaded_tokenizer = load_causal_lm(model, allow_pickle=args.allow_pickle)
             processing_class = processing_class if processing_class is not None else loaded_tokenizer
         if peft_config is not None:
             model = self._wrap_with_peft(model, peft_config, args)
@@ -312,26 +325,6 @@ class DistillationTrainer(Trainer):
     def _deepspeed_stage(self) -> int:
         plugin = self.accelerator.state.deepspeed_plugin
         return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) if plugin else 0
-
-    def _place_teacher(self, teacher: nn.Module, args: DistillationConfig) -> nn.Module:
-        teacher.eval()
-        teacher.requires_grad_(False)
-        device_map = getattr(teacher, "hf_device_map", None)
-        if args.teacher_device_map is not None:
-            if device_map is not None:
-                return teacher  # loaded by name with the map: already dispatched by Accelerate
-            return _dispatch(teacher, args.teacher_device_map, args.teacher_max_memory)
-        if device_map is not None and len({str(device) for device in device_map.values()}) > 1:
-            return teacher  # the caller spread it over several devices (from_pretrained(device_map=...)): keep that
-        if self.is_deepspeed_enabled:  # pragma: no cover - needs DeepSpeed and GPUs
-            return _deepspeed_teacher_engine(teacher, self.accelerator.state.deepspeed_plugin.deepspeed_config)
-        if self.is_fsdp_enabled:
-            # evaluation mode: mixed precision only, never sharded or wrapped (each process holds the whole frozen
-            # teacher, as under DDP); placed explicitly, because Accelerate places no model itself under FSDP
-            teacher = self.accelerator.prepare_model(teacher, device_placement=True, evaluation_mode=True)
-            teacher.eval()
-            return teacher
-        return teacher.to(self.args.device)
 
     # ---------------------------------------------------------------- Trainer hooks
 
@@ -520,6 +513,23 @@ class DistillationTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         _save_projections(self.hidden_projections, output_dir, self.args.hidden_layer_map)
 
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None, **kwargs: Any) -> Any:
+        """`transformers.Trainer.train`, but `resume_from_checkpoint=True` skips (with a warning) checkpoints a kill or
+        a full disk cut short, and an `output_dir` holding a saved model is refused unless one of its own checkpoints
+        is resumed or `args.overwrite_output_dir=True`."""
+        resume_from_checkpoint = _resume_target(self.args.output_dir, resume_from_checkpoint)
+        if not self._saved_model_here:
+            _check_output_dir(self.args, resume_from_checkpoint, at_train=True)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # Private hook, overridden so that a save that fails (a full disk: ENOSPC, torch's "unexpected pos") leaves no
+        # half checkpoint-N, which `resume_from_checkpoint=True` would otherwise pick, and names the folder and why.
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        with _no_half_checkpoint(checkpoint_dir, run_dir, is_main_process=self.args.should_save):
+            super()._save_checkpoint(model, trial)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         # Private hook, overridden so that resuming restores the learned hidden-state projections saved by `_save`.
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
@@ -543,6 +553,10 @@ class DistillationTrainer(Trainer):
                 self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
         else:
             super().save_model(output_dir, _internal_call=_internal_call)
+        if not _internal_call and os.path.abspath(output_dir or self.args.output_dir) == os.path.abspath(
+            self.args.output_dir
+        ):
+            self._saved_model_here = True
         if not _internal_call and self.args.should_save:
             self._write_model_card(output_dir if output_dir is not None else self.args.output_dir)
 

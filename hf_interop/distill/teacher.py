@@ -89,9 +89,36 @@ def _load_teacher(name_or_path: str, args: DistillationConfig) -> tuple[nn.Modul
     if args.teacher_max_memory is not None:
         device_map = _infer_device_map(name_or_path, args)
     teacher, tokenizer = load_causal_lm(
-        name_or_path, revision=args.teacher_revision, dtype=args.teacher_dtype, device_map=device_map
+        name_or_path,
+        revision=args.teacher_revision,
+        dtype=args.teacher_dtype,
+        device_map=device_map,
+        allow_pickle=args.allow_pickle,
     )
     return teacher, tokenizer
+
+
+def _place_teacher(trainer: Any, teacher: nn.Module, args: DistillationConfig) -> nn.Module:
+    """The frozen teacher (eval mode, no gradients) placed for `trainer`'s run: by `teacher_device_map`, where the
+    caller spread it, as a DeepSpeed engine, prepared for FSDP evaluation, or on the student's device."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    device_map = getattr(teacher, "hf_device_map", None)
+    if args.teacher_device_map is not None:
+        if device_map is not None:
+            return teacher  # loaded by name with the map: already dispatched by Accelerate
+        return _dispatch(teacher, args.teacher_device_map, args.teacher_max_memory)
+    if device_map is not None and len({str(device) for device in device_map.values()}) > 1:
+        return teacher  # the caller spread it over several devices (from_pretrained(device_map=...)): keep that
+    if trainer.is_deepspeed_enabled:  # pragma: no cover - needs DeepSpeed and GPUs
+        return _deepspeed_teacher_engine(teacher, trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
+    if trainer.is_fsdp_enabled:
+        # evaluation mode: mixed precision only, never sharded or wrapped (each process holds the whole frozen
+        # teacher, as under DDP); placed explicitly, because Accelerate places no model itself under FSDP
+        teacher = trainer.accelerator.prepare_model(teacher, device_placement=True, evaluation_mode=True)
+        teacher.eval()
+        return teacher
+    return teacher.to(trainer.args.device)
 
 
 def _check_teacher_against_student(
