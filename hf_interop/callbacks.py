@@ -421,7 +421,7 @@ class ModelCardCallback(TrainerCallback):
     def __init__(
         self, kind: str = "finetuned", metric_key_prefix: str = "eval", write_lineage: bool = True, **metadata: Any
     ) -> None:
-        from .model_card import render_model_card
+        from .hub.cards import render_model_card
 
         # Render once now, so a missing field or a typo fails before training rather than at the first save.
         render_model_card(kind, **metadata)
@@ -445,22 +445,19 @@ class ModelCardCallback(TrainerCallback):
             )
 
     def _write(self, folder: Path, args: TrainingArguments, state: TrainerState) -> None:
-        from .hub import LINEAGE_FILENAME, write_lineage_manifest
-        from .model_card import write_model_card
+        from .hub.outputs import write_output_metadata
 
-        if self.lineage is not None:
-            write_lineage_manifest(
-                folder, kind=self.kind, manifest=self.lineage, extra={"global_step": state.global_step}
-            )
         hyperparameters = {name: getattr(args, name) for name in _CARD_HYPERPARAMETERS if hasattr(args, name)}
         hyperparameters["global_step"] = state.global_step
         hyperparameters.update(self.metadata.get("hyperparameters") or {})
         metadata = {**self.metadata, "hyperparameters": hyperparameters}
         metrics = {**_card_metrics(state, self.metric_key_prefix), **(self.metadata.get("metrics") or {})}
         metadata["metrics"] = metrics or None
-        if (folder / LINEAGE_FILENAME).is_file():
-            metadata.setdefault("lineage_manifest", LINEAGE_FILENAME)
-        self.written.append(write_model_card(folder, self.kind, **metadata))
+        lineage = (
+            None if self.lineage is None else {"manifest": self.lineage, "extra": {"global_step": state.global_step}}
+        )
+        written = write_output_metadata(folder, self.kind, card=metadata, lineage=lineage, link_manifest=True)
+        self.written.append(written.card)
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:

@@ -162,8 +162,8 @@ class _DemoRun:
         """Train `model` from the teacher cache (`kd_ratio=0`: on the text alone) into `stage/name`."""
         import torch
 
-        from .distillation_config import DistillationConfig
-        from .distillation_trainer import DistillationTrainer
+        from .distill.distillation_config import DistillationConfig
+        from .distill.distillation_trainer import DistillationTrainer
 
         settings = self.settings
         config = DistillationConfig(
@@ -216,8 +216,8 @@ def _evaluate_teacher(run: _DemoRun) -> Any:
 
 def _cache_teacher(run: _DemoRun, teacher: Any) -> None:
     """2. The teacher's top-k log-probabilities on the training blocks, cached once for both trained students."""
+    from .distill.teacher_cache import cache_teacher_logits
     from .loading import DEFAULT_TEACHER_HUB_ID
-    from .teacher_cache import cache_teacher_logits
 
     settings = run.settings
     run.step(f"2. Caching the teacher's top-{settings.top_k} log-probabilities on {len(run.train)} training blocks")
@@ -235,8 +235,8 @@ def _cache_teacher(run: _DemoRun, teacher: Any) -> None:
 
 def _init_student(run: _DemoRun, teacher: Any) -> None:
     """3. A student made of evenly spread teacher layers, saved untrained with its card, and measured."""
-    from .model_card import write_model_card
-    from .student_init import init_student_from_teacher
+    from .distill.student_init import init_student_from_teacher
+    from .hub.cards import write_model_card
 
     settings = run.settings
     run.step(f"3. Student: {settings.student_num_layers} of the teacher's layers (init_student_from_teacher)")
@@ -257,8 +257,8 @@ def _init_student(run: _DemoRun, teacher: Any) -> None:
 
 def _train_ce_student(run: _DemoRun) -> None:
     """4a. The baseline: the untrained student trained on the text alone (`kd_ratio=0`)."""
+    from .hub.cards import write_model_card
     from .loading import load_causal_lm
-    from .model_card import write_model_card
 
     settings, stage = run.settings, run.stage
     run.step(f"4a. Cross-entropy only (kd_ratio=0): {settings.train_steps} steps")
@@ -378,20 +378,9 @@ def _write_summary(run: _DemoRun) -> tuple[dict[str, Any], str]:
 
 def _add_metrics_to_card(folder: Path, kind: str, metrics: dict[str, float]) -> None:
     """Re-render a card written by a trainer/helper with the demo's held-out numbers, keeping its lineage."""
-    from .model_card import read_card_lineage, write_model_card
+    from .hub.outputs import update_card_metrics
 
-    lineage = read_card_lineage(folder) if (folder / "README.md").is_file() else {}
-    metadata = {
-        key: lineage[key]
-        for key in ("teachers", "members", "hyperparameters", "base_model", "combination")
-        if lineage.get(key)
-    }
-    if kind == "ensemble" and "members" in metadata:
-        metadata["members"] = [dict(member) for member in metadata["members"]]
-    try:
-        write_model_card(folder, kind, datasets=["builtin corpus (pydoc_data.topics)"], metrics=metrics, **metadata)
-    except ValueError as error:  # a card problem must not lose the demo's models
-        logger.warning(f"could not add the held-out results to the card in {folder}: {error}")
+    update_card_metrics(folder, kind, metrics, ["builtin corpus (pydoc_data.topics)"])
 
 
 def format_demo_table(rows: list[dict[str, Any]]) -> str:

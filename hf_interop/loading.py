@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .errors import ModelLoadingError  # noqa: F401  (re-exported: `from hf_interop.loading import ModelLoadingError`)
 from .logging_utils import get_logger
 from .utils import atomic_directory, hf_interop_cache_dir, resolve_dtype
 
@@ -43,10 +44,6 @@ def resolve_model_alias(name_or_path: str | None) -> str | None:
 
 _HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 _PICKLE_WEIGHT_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "training_args.bin")
-
-
-class ModelLoadingError(ValueError):
-    """A model or tokenizer could not be loaded; the message names the input and what to do."""
 
 
 def looks_like_hub_id(name_or_path: str) -> bool:
@@ -384,6 +381,10 @@ def dispatch_loaded_model(model: torch.nn.Module, device_map: Any, max_memory: d
     if isinstance(device_map, str):
         no_split = list(getattr(model, "_no_split_modules", None) or [])
         device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if {str(device) for device in device_map.values()} <= {"cpu"}:  # all on the CPU: a plain move, no hooks
+        model = model.to("cpu")
+        model.hf_device_map = device_map
+        return model
     return dispatch_model(model, device_map=device_map)
 
 

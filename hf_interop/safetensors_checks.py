@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .loading import ModelLoadingError
+from .errors import ModelLoadingError
 
 # safetensors refuses headers above 100 MB, so a larger length field means the file does not start with a header.
 _SAFETENSORS_MAX_HEADER_BYTES = 100_000_000

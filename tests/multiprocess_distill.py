@@ -62,11 +62,11 @@ def main() -> None:
 
     import transformers
 
-    import hf_interop.model_card
+    import hf_interop.hub.cards
 
     recording(transformers.PreTrainedModel, "save_pretrained")
     recording(transformers.PreTrainedTokenizerBase, "save_pretrained")
-    recording(hf_interop.model_card, "write_model_card")
+    recording(hf_interop.hub.cards, "write_model_card")
     result = run_recipe("distill", recipe_argv, prog="multiprocess_distill.py")
     report_recipe_result("distill", result)
     trainer = result["trainer"]

@@ -211,7 +211,7 @@ def _add_card(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_card(args: argparse.Namespace) -> int:
     """`hf-interop card`: build the card's metadata from the options, then print it or write FOLDER/README.md."""
-    from ..model_card import CARD_KINDS, render_model_card, write_model_card
+    from ..hub.cards import CARD_KINDS, render_model_card, write_model_card
 
     if args.kind not in CARD_KINDS:
         raise ValueError(f"--kind {args.kind!r} is not a card kind; use one of {', '.join(CARD_KINDS)}.")

@@ -64,7 +64,7 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
     Returns:
         `dict` with `output_dir`, `train` (train metrics) and `eval` (held-out loss and perplexity, if any).
     """
-    from ..distillation_trainer import DistillationTrainer
+    from ..distill.distillation_trainer import DistillationTrainer
 
     script_args.check()
     check_model_argument("teacher_model_name_or_path", config.teacher_model_name_or_path)
@@ -122,8 +122,8 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
 
 def _load_student(script_args: DistillScriptArguments, init_from: str | None, allow_pickle: bool) -> tuple[Any, Any]:
     """The student checkpoint, or a student built from the teacher's own layers (`student_num_layers`)."""
+    from ..distill.student_init import init_student_from_teacher
     from ..loading import load_causal_lm, load_tokenizer
-    from ..student_init import init_student_from_teacher
 
     if script_args.student_model_name_or_path is not None:
         return load_causal_lm(
@@ -143,21 +143,14 @@ def _load_student(script_args: DistillScriptArguments, init_from: str | None, al
 
 def _add_card_results(folder: Path, kind: str, dataset: str, eval_metrics: dict[str, Any]) -> None:
     """Re-render the card the trainer wrote with the training data and held-out results, keeping its lineage."""
-    from ..model_card import read_card_lineage, write_model_card
+    from ..hub.outputs import update_card_metrics
 
-    if not (folder / "README.md").is_file():
-        return
-    lineage = read_card_lineage(folder)
-    metadata = {key: lineage[key] for key in ("teachers", "hyperparameters", "base_model") if lineage.get(key)}
     metrics = {
         key.removeprefix("eval_"): float(value)
         for key, value in eval_metrics.items()
         if key in ("eval_loss", "eval_ce_loss", "eval_kd_loss", "eval_perplexity", "eval_top1_agreement")
     }
-    try:
-        write_model_card(folder, kind, datasets=[dataset], metrics=metrics, **metadata)
-    except ValueError as error:  # the weights are saved; a card problem must not lose the run
-        logger.warning(f"could not add the results to the model card in {folder}: {error}")
+    update_card_metrics(folder, kind, metrics, [dataset])
 
 
 def run_adapt(script_args: AdaptScriptArguments, training_args: Any) -> dict[str, Any]:
@@ -319,8 +312,8 @@ def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any
     Packs the data with the teacher's tokenizer exactly as `distill` does with the same data options, so the
     distillation run's dataset fingerprint matches the cache.
     """
+    from ..distill.teacher_cache import cache_teacher_logits
     from ..loading import load_causal_lm
-    from ..teacher_cache import cache_teacher_logits
 
     script_args.check()
     output_dir = Path(script_args.output_dir)
@@ -376,7 +369,7 @@ def _training_arguments_class() -> type:
 
 
 def _distillation_config_class() -> type:
-    from ..distillation_config import DistillationConfig
+    from ..distill.distillation_config import DistillationConfig
 
     return DistillationConfig
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..distillation_config import DistillationConfig
 from ..losses.cross_tokenizer import DEFAULT_MATCHED_WEIGHT, DEFAULT_UNMATCHED_WEIGHT
 from ..text_alignment import ALIGNMENT_MODES, DEFAULT_MAX_VOCAB_UNION_SIZE
+from .distillation_config import DistillationConfig
 
 #: `loss_type` values of :class:`CrossTokenizerDistillationConfig`: the hybrid loss with forward KL / reverse KL /
 #: JSD on matched spans, `"gold"` (the hybrid loss with JSD on matched spans, as TRL's GOLD) and `"uld"` (ULD on

@@ -11,13 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..distillation_config import DistillationConfig
-from ..distillation_trainer import DistillationTrainer
 from ..logging_utils import get_logger
 from ..losses.cross_tokenizer import cross_tokenizer_distillation_loss
 from ..text_alignment import SpanAlignmentIndex, VocabularyMapping, build_vocabulary_mapping
 from .cross_tokenizer_collator import CrossTokenizerDistillationCollator
 from .cross_tokenizer_config import CrossTokenizerDistillationConfig
+from .distillation_config import DistillationConfig
+from .distillation_trainer import DistillationTrainer
 
 if TYPE_CHECKING:
     import torch
@@ -127,7 +127,7 @@ class CrossTokenizerDistillationTrainer(DistillationTrainer):
     ) -> None:
         # Overridden: the parent refuses tokenizers that differ, which is the point here. Builds the vocabulary
         # mapping and gives the collator the teacher's tokenizer instead.
-        from ..distillation_trainer import _tokenizer_next_to, _vocab_size
+        from .model_utils import _tokenizer_next_to, _vocab_size
 
         on_meta = [name for name, parameter in teacher.named_parameters() if parameter.device.type == "meta"]
         if on_meta:

@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
-# Kept in sync with `hf_interop.losses.LOSS_TYPES`; listed here so that building a config never imports torch math.
-DISTILLATION_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tvd", "mse")
-HIDDEN_LOSS_TYPES = ("mse", "cosine")
+from ..losses.names import HIDDEN_LOSS_TYPES, LOSS_TYPES
+
+# One list of loss names, shared with the losses (`losses/names.py` is torch-free, so a config imports no math).
+DISTILLATION_LOSS_TYPES = LOSS_TYPES
 SPARSE_TAIL_TYPES = ("bucket", "teacher_marginal")
 _CROSS_TOKENIZER_LOSS_TYPES = ("uld", "gold")
 

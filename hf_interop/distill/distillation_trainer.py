@@ -561,10 +561,8 @@ class DistillationTrainer(Trainer):
             self._write_model_card(output_dir if output_dir is not None else self.args.output_dir)
 
     def _write_model_card(self, output_dir: str) -> None:
-        try:
-            from ..model_card import write_model_card
-        except ImportError:  # pragma: no cover - model_card ships with hf_interop
-            return
+        from ..hub.outputs import write_output_metadata
+
         teachers = []
         if self.teacher_name_or_path:
             revision = self.args.teacher_revision
@@ -579,7 +577,9 @@ class DistillationTrainer(Trainer):
         if self.self_distillation:
             hyperparameters["self_distillation"] = "teacher = base model with adapters disabled"
         try:
-            write_model_card(output_dir, "distilled", teachers=teachers, hyperparameters=hyperparameters)
+            write_output_metadata(
+                output_dir, "distilled", card={"teachers": teachers, "hyperparameters": hyperparameters}
+            )
         except (ValueError, OSError) as error:  # the weights are saved; a card problem must not lose the run
             logger.warning(f"Saved the model to {output_dir} but could not write its model card: {error}")
 

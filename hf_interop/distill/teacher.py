@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .. import losses
+from ..loading import dispatch_loaded_model
 from ..logging_utils import get_logger
 from .model_utils import (
     _accepts_argument,
@@ -64,23 +65,6 @@ def _infer_device_map(name_or_path: str, args: DistillationConfig) -> dict[str, 
     )
 
 
-def _dispatch(model: nn.Module, device_map: Any, max_memory: dict | None) -> nn.Module:
-    """Place an already-loaded teacher with Accelerate (a model object plus `teacher_device_map`)."""
-    if isinstance(device_map, dict) and set(device_map) == {""}:
-        return model.to(device_map[""])
-    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return model.to(device_map)
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    if isinstance(device_map, str):
-        device_map = infer_auto_device_map(
-            model, max_memory=max_memory, no_split_module_classes=getattr(model, "_no_split_modules", None)
-        )
-    if set(device_map.values()) <= {"cpu"} or set(device_map.values()) <= {torch.device("cpu")}:
-        return model.to("cpu")
-    return dispatch_model(model, device_map=device_map)
-
-
 def _load_teacher(name_or_path: str, args: DistillationConfig) -> tuple[nn.Module, Any]:
     """A teacher given by name, loaded with its tokenizer and placed by `teacher_device_map` / `teacher_max_memory`."""
     from ..loading import load_causal_lm
@@ -107,7 +91,7 @@ def _place_teacher(trainer: Any, teacher: nn.Module, args: DistillationConfig) -
     if args.teacher_device_map is not None:
         if device_map is not None:
             return teacher  # loaded by name with the map: already dispatched by Accelerate
-        return _dispatch(teacher, args.teacher_device_map, args.teacher_max_memory)
+        return dispatch_loaded_model(teacher, args.teacher_device_map, args.teacher_max_memory)
     if device_map is not None and len({str(device) for device in device_map.values()}) > 1:
         return teacher  # the caller spread it over several devices (from_pretrained(device_map=...)): keep that
     if trainer.is_deepspeed_enabled:  # pragma: no cover - needs DeepSpeed and GPUs

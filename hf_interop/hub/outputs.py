@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..logging_utils import get_logger
-from .cards import read_card_lineage, write_model_card
+from . import cards  # looked up at call time, so a patched or wrapped cards.write_model_card is the one used
 from .lineage import LINEAGE_FILENAME, write_lineage_manifest
 
 logger = get_logger(__name__)
@@ -65,7 +65,7 @@ def write_output_metadata(
             link_manifest = lineage is not None
         if link_manifest and (folder / LINEAGE_FILENAME).is_file():
             fields.setdefault("lineage_manifest", LINEAGE_FILENAME)
-        card_path = write_model_card(folder, kind, **fields)
+        card_path = cards.write_model_card(folder, kind, **fields)
     return OutputMetadata(card=card_path, lineage=manifest_path)
 
 
@@ -90,12 +90,12 @@ def update_card_metrics(
     folder = Path(folder)
     if not (folder / "README.md").is_file():
         return None
-    recorded = read_card_lineage(folder)
+    recorded = cards.read_card_lineage(folder)
     fields = {key: recorded[key] for key in _KEPT_CARD_FIELDS if recorded.get(key)}
     if "members" in fields:
         fields["members"] = [dict(member) for member in fields["members"]]
     try:
-        return write_model_card(folder, kind, datasets=datasets, metrics=metrics, **fields)
+        return cards.write_model_card(folder, kind, datasets=datasets, metrics=metrics, **fields)
     except ValueError as error:  # the output is saved; a card problem must not lose it
         logger.warning(f"could not add the results to the model card in {folder}: {error}")
         return None

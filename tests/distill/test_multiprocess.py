@@ -173,7 +173,7 @@ def _assert_only_main_process_logs_and_saves(runs: dict) -> None:
     calls = {
         write["call"].rsplit(".", 2)[-2] + "." + write["call"].rsplit(".", 1)[-1] for write in reports[0]["writes"]
     }
-    assert {"PreTrainedModel.save_pretrained", "model_card.write_model_card"} <= calls
+    assert {"PreTrainedModel.save_pretrained", "cards.write_model_card"} <= calls
     # Training logs (loss dicts) and the recipe's summary line come from rank 0 only.
     assert "'kd_loss'" in logs[0] and "hf-interop distill: wrote" in logs[0]
     assert "'kd_loss'" not in logs[1] and "hf-interop distill: wrote" not in logs[1]
