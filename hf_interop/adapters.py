@@ -331,3 +331,86 @@ def export_merged_model(
         _write_lineage(tmp_dir, "finetuned", base_model_name, adapter)
     logger.info(f"Saved the merged model ({adapter['target_modules']} adapted) to {output_dir}")
     return merged
+
+
+ADAPTER_SAFETENSORS_NAME = "adapter_model.safetensors"
+ADAPTER_PICKLE_NAME = "adapter_model.bin"
+
+
+def check_adapter_weights(
+    adapter: str | os.PathLike,
+    allow_pickle: bool = False,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> None:
+    """Refuse a PEFT adapter whose weights are pickle only, unless `allow_pickle`: the rule
+    :func:`hf_interop.load_causal_lm` applies to full checkpoints, for what `PeftModel.from_pretrained` would load.
+
+    PEFT reads `adapter_model.safetensors` when there is one and otherwise falls back to `adapter_model.bin`, a
+    pickle that can run code when loaded. Call this before `PeftModel.from_pretrained` / `load_adapter`.
+
+    Args:
+        adapter (`str` or `os.PathLike`): a folder written by `PeftModel.save_pretrained`, or a hub id.
+        allow_pickle (`bool`, *optional*, defaults to `False`): accept `adapter_model.bin` when there are no
+            safetensors weights.
+        revision (`str`, *optional*): revision of a hub `adapter`.
+        token (`str` or `bool`, *optional*): hub token for a private `adapter`.
+
+    Raises:
+        `ModelLoadingError`: the adapter is missing, has no weights, or has pickle weights only and
+            `allow_pickle=False`; the message names the adapter and the fix.
+    """
+    from .loading import ModelLoadingError, looks_like_hub_id
+
+    folder = Path(adapter)
+    if folder.is_dir():
+        if not (folder / "adapter_config.json").is_file():
+            raise ModelLoadingError(
+                f"adapter folder {str(folder)!r} has no adapter_config.json, so it is not a PEFT adapter; point at a "
+                "folder written by PeftModel.save_pretrained (or save_adapter_checkpoint)."
+            )
+        has_safetensors = (folder / ADAPTER_SAFETENSORS_NAME).is_file()
+        has_pickle = (folder / ADAPTER_PICKLE_NAME).is_file()
+        if not has_safetensors and not has_pickle:
+            raise ModelLoadingError(
+                f"adapter folder {str(folder)!r} has an adapter_config.json but no adapter weights "
+                f"({ADAPTER_SAFETENSORS_NAME}); point at the folder PeftModel.save_pretrained wrote."
+            )
+        if not has_safetensors and not allow_pickle:
+            raise ModelLoadingError(_pickle_adapter_message(repr(str(folder)), "holds only pickle weights"))
+        return
+    if not looks_like_hub_id(str(adapter)):
+        raise ModelLoadingError(
+            f"adapter {str(adapter)!r} does not exist; pass a folder written by PeftModel.save_pretrained or a hub id."
+        )
+    if not allow_pickle and not _hub_adapter_has_safetensors(str(adapter), revision, token):
+        raise ModelLoadingError(
+            _pickle_adapter_message(repr(str(adapter)), f"has no {ADAPTER_SAFETENSORS_NAME} (here or in the cache)")
+        )
+
+
+def _pickle_adapter_message(adapter: str, what: str) -> str:
+    return (
+        f"adapter {adapter} {what}, so PEFT would load {ADAPTER_PICKLE_NAME}, a pickle that can run arbitrary code "
+        "when loaded. If you trust its source, pass allow_pickle=True (CLI: --allow_pickle); better, convert it once "
+        "to safetensors: load it with allow_pickle=True and save it with `peft_model.save_pretrained(path)` "
+        "(safetensors by default)."
+    )
+
+
+def _hub_adapter_has_safetensors(repo_id: str, revision: str | None, token: str | bool | None) -> bool:
+    """Whether the hub adapter `repo_id` has safetensors weights: in the local cache when offline, else on the Hub."""
+    from huggingface_hub import constants, file_exists, try_to_load_from_cache
+
+    from .loading import ModelLoadingError
+
+    if constants.HF_HUB_OFFLINE:
+        return isinstance(try_to_load_from_cache(repo_id, ADAPTER_SAFETENSORS_NAME, revision=revision), str)
+    try:
+        return file_exists(repo_id, ADAPTER_SAFETENSORS_NAME, revision=revision, token=token)
+    except (OSError, ValueError) as error:
+        raise ModelLoadingError(
+            f"could not check whether the hub adapter {repo_id!r} has {ADAPTER_SAFETENSORS_NAME} ({error}); check "
+            "the id, the network and the token, or pass allow_pickle=True if you trust its source."
+        ) from error

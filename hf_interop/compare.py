@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .data import BUILTIN_DATASET, check_dataset_argument, load_text_dataset  # noqa: F401
+from .adapters import check_adapter_weights
+from .data import (  # noqa: F401  (check_dataset_argument, load_text_dataset: their old home)
+    BUILTIN_DATASET,
+    DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
+    check_dataset_argument,
+    check_validation_split_percentage,
+    load_text_dataset,
+    load_text_split,
+)
 from .loading import DEFAULT_TEACHER_ALIAS, resolve_model_alias
 from .logging_utils import get_logger
 from .utils import atomic_directory, atomic_write_json, atomic_write_text
@@ -89,25 +97,48 @@ class _Member:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def _is_adapter_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def _adapter_base(path: Path) -> str:
+    import json
+
+    return json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+
+
 def load_comparison_model(checkpoint: str, dtype: Any = "float32", allow_pickle: bool = False) -> tuple[Any, Any]:
     """Load one checkpoint for scoring: a full model folder, a `.gguf` file, a hub id, or a PEFT adapter folder
-    (loaded onto its base model and merged). Pickle (`.bin`) weights only with `allow_pickle`."""
+    (loaded onto its base model and merged). Pickle weights (`pytorch_model.bin`, `adapter_model.bin`) are refused
+    unless `allow_pickle`."""
     from .loading import load_causal_lm, load_tokenizer
 
     checkpoint = resolve_model_alias(checkpoint)
     path = Path(checkpoint)
-    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        import json
-
+    if _is_adapter_folder(path):
         from peft import PeftModel
 
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model, tokenizer = load_causal_lm(base, dtype=dtype, allow_pickle=allow_pickle)
+        check_adapter_weights(path, allow_pickle=allow_pickle)
+        model, tokenizer = load_causal_lm(_adapter_base(path), dtype=dtype, allow_pickle=allow_pickle)
         model = PeftModel.from_pretrained(model, str(path)).merge_and_unload().eval()
         if any(path.glob("tokenizer*")):
             tokenizer = load_tokenizer(str(path))
         return model, tokenizer
     return load_causal_lm(checkpoint, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def check_checkpoint_weights(checkpoints: list[str], allow_pickle: bool = False) -> None:
+    """Refuse, before any model loads, a local checkpoint (or adapter, or an adapter's local base) that
+    :func:`load_comparison_model` would refuse: no weights, or pickle weights only without `allow_pickle`."""
+    from .loading import _check_local_folder
+
+    for checkpoint in checkpoints:
+        path = Path(str(checkpoint))
+        if _is_adapter_folder(path):
+            check_adapter_weights(path, allow_pickle=allow_pickle)
+            path = Path(_adapter_base(path))
+        if path.is_dir():
+            _check_local_folder(path, allow_pickle=allow_pickle)
 
 
 def _same_tokenizer(first: Any, second: Any) -> bool:
@@ -200,6 +231,7 @@ def compare_checkpoints(
     show_progress: bool = True,
     models: list[tuple[Any, Any]] | None = None,
     ensemble_members: list[str] | None = None,
+    validation_split_percentage: float = DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
     allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Score two or more causal LMs on the same text and compare them (see the module docstring).
@@ -212,7 +244,9 @@ def compare_checkpoints(
             The text to score: see :func:`load_text_dataset`, or a `Dataset` with a `text_column` and/or `choices`
             (`list[str]`) + `label` (`int`) columns (+ an optional `prompt` column) for multiple-choice accuracy.
         split (`str`, *optional*, defaults to `"validation"`):
-            Split of the builtin corpus or of a saved `DatasetDict`.
+            Split of the builtin corpus or of a saved `DatasetDict`. A dataset with no held-out split of its own (one
+            file, a saved `Dataset`) is scored on the documents held out from training by `validation_split_percentage`
+            (the ones `distill` and `adapt` hold out from it); `"all"` scores every row.
         text_column (`str`, *optional*, defaults to `"text"`):
             Column holding the documents scored for perplexity.
         names (`list[str]`, *optional*):
@@ -236,8 +270,12 @@ def compare_checkpoints(
         ensemble_members (`list[str]`, *optional*):
             Names of the models mixed into the ensemble (two or more sharing a tokenizer); defaults to every model
             of each tokenizer group.
+        validation_split_percentage (`float`, *optional*, defaults to 5):
+            Share of the documents held out when `split` is carved from a dataset that has none (see
+            :func:`hf_interop.data.load_text_dataset`).
         allow_pickle (`bool`, *optional*, defaults to `False`):
-            Also load pickle (`.bin`) weights, which can run code when loaded (safetensors only by default).
+            Accept pickle weights (`pytorch_model.bin`, a LoRA folder's `adapter_model.bin`), which can run code on
+            load. Safetensors only by default.
 
     Returns:
         `dict`: the report (`models`, `top1_agreement`, `symmetric_kl`, `ensembles`, `dataset`), JSON-serialisable.
@@ -252,9 +290,11 @@ def compare_checkpoints(
         max_documents=max_documents,
         output_dir=output_dir,
         overwrite_output_dir=overwrite_output_dir,
+        validation_split_percentage=validation_split_percentage,
+        allow_pickle=allow_pickle,
     )
     dataset, dataset_description, has_text, has_choices = _comparison_dataset(
-        dataset, split, text_column, max_documents
+        dataset, split, text_column, max_documents, validation_split_percentage
     )
     members = _load_members(checkpoints, display_names, models, dtype, allow_pickle)
 
@@ -305,9 +345,14 @@ def _check_comparison_arguments(
     max_documents: int | None,
     output_dir: str | os.PathLike | None,
     overwrite_output_dir: bool,
+    validation_split_percentage: float,
+    allow_pickle: bool,
 ) -> list[str]:
     """Every check of :func:`compare_checkpoints` that needs neither data nor a model; returns the display names."""
     display_names = check_checkpoint_arguments(checkpoints, names) if models is None else None
+    check_validation_split_percentage(validation_split_percentage)
+    if models is None:
+        check_checkpoint_weights(checkpoints, allow_pickle=allow_pickle)
     if models is not None:
         if len(models) != len(checkpoints):
             raise ValueError(f"models has {len(models)} entries for {len(checkpoints)} checkpoints; pass one each.")
@@ -343,12 +388,13 @@ def _check_comparison_arguments(
 
 
 def _comparison_dataset(
-    dataset: str | Dataset, split: str, text_column: str, max_documents: int | None
+    dataset: str | Dataset, split: str, text_column: str, max_documents: int | None, validation_split_percentage: float
 ) -> tuple[Dataset, str, bool, bool]:
     """`(dataset, description, has_text, has_choices)`: the rows to score, checked for the columns scoring needs."""
     if isinstance(dataset, str):
-        dataset_description = dataset if dataset != BUILTIN_DATASET else f"builtin corpus ({split} split)"
-        dataset = load_text_dataset(dataset, split)
+        dataset, dataset_description = load_text_split(
+            dataset, split, validation_split_percentage=validation_split_percentage, text_column=text_column
+        )
     else:
         dataset_description = f"in-memory dataset ({len(dataset)} rows)"
     if max_documents is not None:

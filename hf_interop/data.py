@@ -10,9 +10,13 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .logging_utils import get_logger
+
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
     from transformers import PreTrainedTokenizerBase
+
+logger = get_logger(__name__)
 
 
 def builtin_documents() -> list[tuple[str, str]]:
@@ -168,10 +172,33 @@ def pack_dataset(
 
 BUILTIN_DATASET = "builtin"
 _DATA_FILE_TYPES = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# The held-out split carved from a dataset that has none of its own answers to both names.
+HELD_OUT_SPLITS = ("validation", "test")
+# Every row of a dataset that has one split (a file, a saved `Dataset`, a train-only `DatasetDict`), nothing carved.
+WHOLE_DATASET_SPLIT = "all"
+DEFAULT_VALIDATION_SPLIT_PERCENTAGE = 5.0
+_EVAL_DATASET_HINT = "pass eval_dataset=FILE (CLI: --eval_dataset FILE) to evaluate on a dataset of its own"
 
 
-def load_text_dataset(dataset: str, split: str = "validation") -> Dataset:
+def load_text_dataset(
+    dataset: str,
+    split: str = "validation",
+    *,
+    eval_dataset: str | None = None,
+    validation_split_percentage: float = DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
+    text_column: str = "text",
+) -> Dataset:
     """Resolve a dataset argument of the CLI and recipes into a `datasets.Dataset`.
+
+    A dataset with no held-out split of its own (a single file, a saved `Dataset`, or a saved `DatasetDict` whose
+    only split is `train`) is split by document, as `run_clm.py` does with `validation_split_percentage`:
+    `"validation"` (or `"test"`, the same documents) gives the held-out documents, `"train"` every other one, and
+    `"all"` every row. A document is a row, except in a `.txt` file, where it is a paragraph (lines up to a blank
+    line; a file without blank lines has one document per line). Which documents are held out depends only on
+    their text (the `validation_split_percentage` share with the smallest BLAKE2 hashes; identical documents
+    always land together), so every run and every process of a distributed run agree, and no document is in both
+    splits. With `eval_dataset`, nothing is carved: `"train"` is the whole dataset and the held-out splits come from
+    `eval_dataset`.
 
     Args:
         dataset (`str`):
@@ -179,40 +206,205 @@ def load_text_dataset(dataset: str, split: str = "validation") -> Dataset:
             `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a `.txt` / `.json` / `.jsonl` / `.csv` /
             `.parquet` file (loaded with `datasets.load_dataset`, offline).
         split (`str`, *optional*, defaults to `"validation"`):
-            Split to take from the builtin corpus or a saved `DatasetDict`; ignored for a single file or a saved
-            `Dataset`.
+            Split to take: a split of the builtin corpus or a saved `DatasetDict`, or, for a dataset with one split,
+            `"train"`, `"validation"`, `"test"` or `"all"` (see above).
+        eval_dataset (`str`, *optional*):
+            Where the held-out splits come from instead (same forms as `dataset`; a `DatasetDict` gives its `split`,
+            anything with one split all of its rows).
+        validation_split_percentage (`float`, *optional*, defaults to 5):
+            Share of the documents held out, in (0, 100), when the split is carved.
+        text_column (`str`, *optional*, defaults to `"text"`):
+            The column whose text identifies a document (else `input_ids`, else the whole row).
     """
+    return load_text_split(
+        dataset,
+        split,
+        eval_dataset=eval_dataset,
+        validation_split_percentage=validation_split_percentage,
+        text_column=text_column,
+    )[0]
+
+
+def load_text_split(
+    dataset: str,
+    split: str = "validation",
+    *,
+    eval_dataset: str | None = None,
+    validation_split_percentage: float = DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
+    text_column: str = "text",
+) -> tuple[Dataset, str]:
+    """:func:`load_text_dataset` and a one-line description of what was taken (for reports and model cards)."""
+    from datasets import DatasetDict
+
+    percentage = check_validation_split_percentage(validation_split_percentage)
+    if eval_dataset is not None:
+        _check_eval_dataset_is_not_dataset(dataset, eval_dataset)
+        if split in HELD_OUT_SPLITS:
+            return _load_whole(eval_dataset, split, argument="eval_dataset"), f"{eval_dataset} (eval_dataset)"
+    source = _load_source(dataset, "dataset")
+    if isinstance(source, DatasetDict):
+        if split not in source:
+            where = "the builtin corpus" if dataset == BUILTIN_DATASET else f"the dataset at {dataset!r}"
+            raise ValueError(f"split {split!r} is not in {where}; use one of {list(source)}.")
+        if dataset == BUILTIN_DATASET:
+            return source[split], f"builtin corpus ({split} split)"
+        return source[split], f"{dataset} ({split} split)"
+    rows, is_text_file = source
+    if split == WHOLE_DATASET_SPLIT:
+        return rows, f"{dataset} (all {len(rows)} rows)"
+    if split not in ("train", *HELD_OUT_SPLITS):
+        raise ValueError(
+            f"split {split!r} is not in the dataset at {dataset!r}, which has one split; use 'train' (the documents "
+            f"not held out), 'validation' or 'test' (the {percentage:g}% held out, validation_split_percentage) or "
+            f"'{WHOLE_DATASET_SPLIT}' (every row)."
+        )
+    if eval_dataset is not None:  # split == "train": the held-out text is eval_dataset's, nothing to carve
+        return rows, f"{dataset} (all {len(rows)} rows; held-out text from {eval_dataset})"
+    held_out, num_documents, num_held_out = _held_out_rows(rows, percentage, text_column, is_text_file, dataset)
+    keep = split in HELD_OUT_SPLITS
+    indices = [index for index, is_held_out in enumerate(held_out) if is_held_out == keep]
+    if split == "train":
+        description = f"{dataset} (train: {num_documents - num_held_out} of {num_documents} documents"
+    else:
+        description = f"{dataset} ({split}: {num_held_out} of {num_documents} documents held out"
+    description += f", validation_split_percentage={percentage:g})"
+    logger.info(f"{dataset!r} has no held-out split of its own: carved by document, {description}")
+    return rows.select(indices), description
+
+
+def check_validation_split_percentage(value: Any) -> float:
+    """`value` as a float, or a `ValueError` naming it and the fix when it is not a number in (0, 100)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 100:
+        raise ValueError(
+            f"validation_split_percentage={value!r} must be a number in (0, 100): the share of the documents held "
+            "out for evaluation when a dataset has no held-out split of its own (5 holds out 5%, like run_clm.py). "
+            f"Pass e.g. 5, or {_EVAL_DATASET_HINT}."
+        )
+    return float(value)
+
+
+def _has_held_out_splits(folder: Path) -> bool:
+    """Whether `folder` is a saved `DatasetDict` with a split besides `train` (read from its dataset_dict.json)."""
+    import json
+
+    try:
+        return set(json.loads((folder / "dataset_dict.json").read_text())["splits"]) != {"train"}
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _check_eval_dataset_is_not_dataset(dataset: str, eval_dataset: str) -> None:
+    """Refuse evaluating on the very dataset that is trained on (a DatasetDict with held-out splits is fine)."""
+    if (
+        dataset != BUILTIN_DATASET
+        and Path(dataset).exists()
+        and Path(dataset).resolve() == Path(eval_dataset).resolve()
+        and not _has_held_out_splits(Path(dataset))
+    ):
+        raise ValueError(
+            f"eval_dataset {eval_dataset!r} is the training dataset itself, so evaluation would score text the model "
+            "trained on. Pass a different file, or leave eval_dataset out to hold out validation_split_percentage of "
+            "the documents."
+        )
+
+
+def _load_source(dataset: str, argument: str) -> Any:
+    """A `DatasetDict` with more than a train split (the builtin corpus, a saved one), or `(rows, is_text_file)` for
+    a dataset with one split."""
     from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
+    _check_dataset_path(dataset, argument)
     if dataset == BUILTIN_DATASET:
-        corpus = load_builtin_corpus()
-        if split not in corpus:
-            raise ValueError(f"split {split!r} is not in the builtin corpus; use one of {list(corpus)}.")
-        return corpus[split]
+        return load_builtin_corpus()
     path = Path(dataset)
     if path.is_dir():
         loaded = load_from_disk(str(path))
         if isinstance(loaded, DatasetDict):
-            if split not in loaded:
-                raise ValueError(f"split {split!r} is not in the dataset at {dataset!r}; use one of {list(loaded)}.")
-            return loaded[split]
+            return (loaded["train"], False) if list(loaded) == ["train"] else loaded
         assert isinstance(loaded, Dataset)
-        return loaded
-    if path.is_file():
-        kind = _DATA_FILE_TYPES.get(path.suffix.lower())
-        if kind is None:
-            raise ValueError(
-                f"dataset file {dataset!r} has an unknown extension; use one of {sorted(_DATA_FILE_TYPES)}, a folder "
-                "written by save_to_disk, or 'builtin'."
-            )
-        return load_dataset(kind, data_files=str(path), split="train")
-    raise ValueError(
-        f"dataset {dataset!r} is neither 'builtin', an existing folder (save_to_disk) nor a data file; check the path."
-    )
+        return loaded, False
+    kind = _DATA_FILE_TYPES[path.suffix.lower()]
+    return load_dataset(kind, data_files=str(path), split="train"), kind == "text"
 
 
-def check_dataset_argument(dataset: str) -> None:
-    """Cheap check (no loading) that `dataset` can be resolved by :func:`load_text_dataset`."""
+def _load_whole(dataset: str, split: str, argument: str) -> Dataset:
+    """`split` of a `DatasetDict`, or every row of a dataset with one split (an explicit evaluation set)."""
+    from datasets import DatasetDict
+
+    source = _load_source(dataset, argument)
+    if isinstance(source, DatasetDict):
+        if split not in source:
+            raise ValueError(f"split {split!r} is not in the {argument} at {dataset!r}; use one of {list(source)}.")
+        return source[split]
+    return source[0]
+
+
+def _document_keys(rows: Dataset, text_column: str, is_text_file: bool) -> tuple[list[int], list[str]]:
+    """`(document index of every row, text of every document)`: a row is a document, except in a `.txt` file."""
+    import json
+
+    if text_column in rows.column_names:
+        values = [str(value) if value is not None else "" for value in rows[text_column]]
+    elif "input_ids" in rows.column_names:
+        values = [json.dumps(ids) for ids in rows["input_ids"]]
+    else:
+        values = [json.dumps(row, sort_keys=True, default=str) for row in rows]
+    if not is_text_file or all(value.strip() for value in values):
+        return list(range(len(values))), values
+    # A .txt file with blank lines: a document is a paragraph; a blank line belongs to the paragraph it closes.
+    document_of_row: list[int] = []
+    documents: list[list[str]] = []
+    paragraph_open = False
+    for value in values:
+        if value.strip():
+            if not paragraph_open:
+                documents.append([])
+                paragraph_open = True
+            documents[-1].append(value)
+        else:
+            paragraph_open = False
+        document_of_row.append(max(len(documents) - 1, 0))
+    return document_of_row, ["\n".join(lines) for lines in documents]
+
+
+def _held_out_rows(
+    rows: Dataset, percentage: float, text_column: str, is_text_file: bool, dataset: str
+) -> tuple[list[bool], int, int]:
+    """`(held out? per row, number of documents, number held out)`, the documents chosen by content hash."""
+    import hashlib
+    import math
+
+    document_of_row, documents = _document_keys(rows, text_column, is_text_file)
+    count = len(documents)
+    target = math.floor(count * percentage / 100 + 0.5)
+    unit = "documents" if count != 1 else "document"
+    kind = " (blank-line separated paragraphs)" if is_text_file and count != len(document_of_row) else ""
+    if target < 1:
+        needed = f"at least {math.ceil(5000 / count) / 100:g} (one document)" if count > 1 else "a larger dataset"
+        raise ValueError(
+            f"dataset {dataset!r} has {count} {unit}{kind}; validation_split_percentage={percentage:g} holds out none "
+            f"of them. Raise validation_split_percentage to {needed}, or {_EVAL_DATASET_HINT}."
+        )
+    by_text: dict[str, list[int]] = {}
+    for index, text in enumerate(documents):
+        by_text.setdefault(text, []).append(index)
+    held_out_documents: set[int] = set()
+    for text in sorted(
+        by_text, key=lambda text: (hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest(), text)
+    ):
+        if len(held_out_documents) >= target:
+            break
+        held_out_documents.update(by_text[text])  # identical documents go to the same side
+    if len(held_out_documents) >= count:
+        raise ValueError(
+            f"dataset {dataset!r} has {count} {unit}{kind}; validation_split_percentage={percentage:g} holds out all "
+            f"of them, leaving none to train on. Lower validation_split_percentage, or {_EVAL_DATASET_HINT}."
+        )
+    held_out = [document in held_out_documents for document in document_of_row]
+    return held_out, count, len(held_out_documents)
+
+
+def _check_dataset_path(dataset: str, argument: str = "dataset") -> None:
     if dataset == BUILTIN_DATASET:
         return
     path = Path(dataset)
@@ -221,10 +413,25 @@ def check_dataset_argument(dataset: str) -> None:
     if path.is_file():
         if path.suffix.lower() not in _DATA_FILE_TYPES:
             raise ValueError(
-                f"dataset file {dataset!r} has an unknown extension; use one of {sorted(_DATA_FILE_TYPES)}, a folder "
-                "written by save_to_disk, or 'builtin'."
+                f"{argument} file {dataset!r} has an unknown extension; use one of {sorted(_DATA_FILE_TYPES)}, a "
+                "folder written by save_to_disk, or 'builtin'."
             )
         return
     raise ValueError(
-        f"dataset {dataset!r} is neither 'builtin', an existing folder (save_to_disk) nor a data file; check the path."
+        f"{argument} {dataset!r} is neither 'builtin', an existing folder (save_to_disk) nor a data file; check the "
+        "path."
     )
+
+
+def check_dataset_argument(
+    dataset: str,
+    *,
+    eval_dataset: str | None = None,
+    validation_split_percentage: float = DEFAULT_VALIDATION_SPLIT_PERCENTAGE,
+) -> None:
+    """Cheap check (no loading) that `dataset` (and `eval_dataset`) can be resolved by :func:`load_text_dataset`."""
+    check_validation_split_percentage(validation_split_percentage)
+    _check_dataset_path(dataset, "dataset")
+    if eval_dataset is not None:
+        _check_dataset_path(eval_dataset, "eval_dataset")
+        _check_eval_dataset_is_not_dataset(dataset, eval_dataset)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -204,3 +205,51 @@ def test_in_place_export_merges_the_given_model(tiny_model_dirs, tmp_path, input
     reloaded, _ = load_causal_lm(tmp_path / "merged", load_tokenizer_too=False)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=input_ids).logits, adapted_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_check_adapter_weights_refuses_pickle_only_adapters_unless_allowed(trained_lora, tmp_path):
+    """Issue 24, finding 14: the safetensors-only rule of `load_causal_lm` holds for adapter folders too."""
+    from hf_interop.adapters import check_adapter_weights
+    from hf_interop.loading import ModelLoadingError
+
+    safe = tmp_path / "safe"
+    trained_lora["peft_model"].save_pretrained(safe)
+    check_adapter_weights(safe, allow_pickle=False)  # safetensors: nothing to opt in to
+    pickled = tmp_path / "pickled"
+    trained_lora["peft_model"].save_pretrained(pickled, safe_serialization=False)
+    assert (pickled / "adapter_model.bin").is_file() and not (pickled / "adapter_model.safetensors").exists()
+    with pytest.raises(ModelLoadingError) as error:
+        check_adapter_weights(pickled, allow_pickle=False)
+    message = str(error.value)
+    assert str(pickled) in message and "adapter_model.bin" in message
+    assert "allow_pickle=True (CLI: --allow_pickle)" in message and "safetensors" in message
+    check_adapter_weights(pickled, allow_pickle=True)
+    # both files: PEFT reads the safetensors one, so no opt-in is needed
+    shutil.copy(safe / "adapter_model.safetensors", pickled / "adapter_model.safetensors")
+    check_adapter_weights(pickled, allow_pickle=False)
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(safe / "adapter_config.json", config_only / "adapter_config.json")
+    with pytest.raises(ModelLoadingError, match=r"config_only.*no adapter weights"):
+        check_adapter_weights(config_only, allow_pickle=True)
+    (config_only / "adapter_config.json").unlink()
+    with pytest.raises(ModelLoadingError, match=r"config_only.*has no adapter_config\.json"):
+        check_adapter_weights(config_only, allow_pickle=True)
+    with pytest.raises(ModelLoadingError, match=r"missing_folder' does not exist"):
+        check_adapter_weights(tmp_path / "missing_folder", allow_pickle=False)
+
+
+def test_check_adapter_weights_of_a_hub_id_offline(monkeypatch):
+    """A hub adapter not in the local cache cannot be shown to have safetensors weights offline: refused unless the
+    caller allows pickle (PEFT would then fall back to adapter_model.bin)."""
+    import huggingface_hub
+
+    from hf_interop.adapters import check_adapter_weights
+    from hf_interop.loading import ModelLoadingError
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(
+        ModelLoadingError, match=r"'someone/some-adapter'.*adapter_model\.safetensors.*allow_pickle=True"
+    ):
+        check_adapter_weights("someone/some-adapter", allow_pickle=False)
+    check_adapter_weights("someone/some-adapter", allow_pickle=True)

@@ -124,7 +124,7 @@ def test_load_text_dataset_resolves_builtin_folders_and_files(tmp_path, corpus):
         load_text_dataset(str(saved), "train")
     lines = tmp_path / "lines.txt"
     lines.write_text("first line\nsecond line\n")
-    assert load_text_dataset(str(lines))["text"] == ["first line", "second line"]
+    assert load_text_dataset(str(lines), "all")["text"] == ["first line", "second line"]
     unknown = tmp_path / "data.xyz"
     unknown.write_text("x")
     for resolve in (load_text_dataset, check_dataset_argument):
