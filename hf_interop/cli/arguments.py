@@ -50,6 +50,20 @@ class DataArguments:
     eval_split: str | None = field(
         default="validation", metadata={"help": "Held-out split for evaluation; 'none' to skip evaluation."}
     )
+    eval_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "A separate held-out file or save_to_disk folder for evaluation; default: held-out documents "
+            "carved from --dataset when it has no held-out split of its own (see --validation_split_percentage)."
+        },
+    )
+    validation_split_percentage: float = field(
+        default=5.0,
+        metadata={
+            "help": "Percent of the documents held out (by document, the same every run) when --dataset is one file "
+            "or has only a train split; like run_clm.py."
+        },
+    )
     text_column: str = field(default="text", metadata={"help": "Column holding the text."})
     block_size: int = field(
         default=128, metadata={"help": "Tokens per packed training block (longer: more context, more memory)."}
@@ -63,9 +77,13 @@ class DataArguments:
 
     def check(self) -> None:
         """Validate without loading anything."""
-        from ..compare import check_dataset_argument
+        from ..data import check_dataset_argument
 
-        check_dataset_argument(self.dataset)
+        check_dataset_argument(
+            self.dataset,
+            eval_dataset=self.eval_dataset,
+            validation_split_percentage=self.validation_split_percentage,
+        )
         if isinstance(self.eval_split, str) and self.eval_split.lower() in ("", "none", "null"):
             self.eval_split = None
         if self.block_size < 2:
@@ -181,7 +199,8 @@ class EnsembleScriptArguments:
     )
 
     def check(self) -> None:
-        from ..compare import check_checkpoint_arguments, check_dataset_argument
+        from ..compare import check_checkpoint_arguments
+        from ..data import check_dataset_argument
 
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder the ensemble is saved to.")
@@ -275,8 +294,7 @@ class CacheTeacherScriptArguments(DataArguments):
 
 def check_model_argument(name: str, value: str | None) -> None:
     """Before anything loads: a model option must name an existing path, a hub id or `default_teacher`."""
-    from ..compare import DEFAULT_TEACHER_ALIAS
-    from ..loading import looks_like_hub_id
+    from ..loading import DEFAULT_TEACHER_ALIAS, looks_like_hub_id
 
     if value is None or value == DEFAULT_TEACHER_ALIAS or os.path.exists(value) or looks_like_hub_id(value):
         return

@@ -106,7 +106,14 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--split",
         default="validation",
-        help="Split of the builtin corpus or a saved DatasetDict (default: %(default)s).",
+        help="Split of the builtin corpus or a saved DatasetDict; a file (or a dataset with only a train split) is "
+        "scored on its held-out documents, 'all' for every row (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--validation_split_percentage",
+        type=float,
+        default=5.0,
+        help="Percent of the documents held out when --dataset has no held-out split (default: %(default)s).",
     )
     parser.add_argument(
         "--text_column", default="text", help="Column with the documents to score (default: %(default)s)."
@@ -137,15 +144,11 @@ def _add_compare(subparsers: argparse._SubParsersAction) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     """`hf-interop compare`: check the options before loading, score, print the table (and write the report)."""
-    from ..compare import (
-        check_checkpoint_arguments,
-        check_dataset_argument,
-        compare_checkpoints,
-        format_report,
-    )
+    from ..compare import check_checkpoint_arguments, compare_checkpoints, format_report
+    from ..data import check_dataset_argument
 
     check_checkpoint_arguments(args.checkpoints, args.names)
-    check_dataset_argument(args.dataset)
+    check_dataset_argument(args.dataset, validation_split_percentage=args.validation_split_percentage)
     _check_positive(args, "block_size", minimum=2)
     _check_positive(args, "batch_size")
     if args.max_documents is not None:
@@ -155,6 +158,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         args.checkpoints,
         args.dataset,
         split=args.split,
+        validation_split_percentage=args.validation_split_percentage,
         text_column=args.text_column,
         names=args.names,
         block_size=args.block_size,

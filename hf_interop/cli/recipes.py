@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..compare import resolve_model_alias
+from ..loading import resolve_model_alias
 from ..logging_utils import get_logger
 from ..utils import OVERWRITE_FLAG, check_output_dir, resumable_output_dir, staged_output_dir
 from .arguments import (
@@ -32,10 +32,15 @@ logger = get_logger(__name__)
 
 def _load_blocks(data_args: DataArguments, tokenizer: Any, split: str, max_blocks: int | None) -> Any:
     """A split as packed blocks (`input_ids`, `attention_mask`, `labels`); already tokenized rows are kept."""
-    from ..compare import load_text_dataset
-    from ..data import pack_dataset
+    from ..data import load_text_dataset, pack_dataset
 
-    dataset = load_text_dataset(data_args.dataset, split)
+    dataset = load_text_dataset(
+        data_args.dataset,
+        split,
+        eval_dataset=getattr(data_args, "eval_dataset", None),
+        validation_split_percentage=getattr(data_args, "validation_split_percentage", 5.0),
+        text_column=data_args.text_column,
+    )
     if "input_ids" in dataset.column_names:
         if max_blocks is not None:
             dataset = dataset.select(range(min(max_blocks, len(dataset))))
