@@ -111,26 +111,7 @@ def greedy_soup(
             selected.append(sources[index].folder)
             soup_loss = trial_loss
     if output_dir is not None:
-        if len(selected) == 1:
-            copied = [
-                path
-                for path in selected[0].iterdir()
-                if path.is_file() and (path.suffix == ".safetensors" or _COPIED_FILES.match(path.name))
-            ]
-            needed_bytes = sum(path.stat().st_size for path in copied)
-            with merge_output_dir(Path(output_dir), overwrite, needed_bytes) as tmp_dir:
-                for path in copied:
-                    with naming_output_file(tmp_dir / path.name):
-                        shutil.copyfile(path, tmp_dir / path.name)
-                _write_merge_metadata(
-                    tmp_dir,
-                    {"method": "greedy_soup", "checkpoints": [str(selected[0])], "weights": [1.0], "base": None},
-                    model_name=None,
-                )
-        else:
-            merge_checkpoints(
-                selected, "linear", output_dir=output_dir, overwrite=overwrite, show_progress=show_progress
-            )
+        _write_soup(selected, output_dir, overwrite, show_progress)
     return {
         "selected": [str(path) for path in selected],
         "losses": losses,
@@ -138,3 +119,25 @@ def greedy_soup(
         "history": history,
         "output_dir": None if output_dir is None else str(output_dir),
     }
+
+
+def _write_soup(selected: list[Path], output_dir: str | os.PathLike, overwrite: bool, show_progress: bool) -> None:
+    """Write the soup: a copy of the one kept checkpoint, or the linear merge of the kept ones."""
+    if len(selected) == 1:
+        copied = [
+            path
+            for path in selected[0].iterdir()
+            if path.is_file() and (path.suffix == ".safetensors" or _COPIED_FILES.match(path.name))
+        ]
+        needed_bytes = sum(path.stat().st_size for path in copied)
+        with merge_output_dir(Path(output_dir), overwrite, needed_bytes) as tmp_dir:
+            for path in copied:
+                with naming_output_file(tmp_dir / path.name):
+                    shutil.copyfile(path, tmp_dir / path.name)
+            _write_merge_metadata(
+                tmp_dir,
+                {"method": "greedy_soup", "checkpoints": [str(selected[0])], "weights": [1.0], "base": None},
+                model_name=None,
+            )
+    else:
+        merge_checkpoints(selected, "linear", output_dir=output_dir, overwrite=overwrite, show_progress=show_progress)
