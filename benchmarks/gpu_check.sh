@@ -41,8 +41,8 @@ EOF
 
 # Only the files that hold gpu-marked tests (the others would be collected and deselected anyway).
 timeout -k 10 200 python3 -m pytest -m gpu -q -p no:cacheprovider \
-    tests/test_distillation_trainer.py tests/losses/test_chunked_loss.py tests/test_ensemble_cross_vocab.py tests/test_ensemble.py \
-    tests/test_cross_tokenizer.py tests/test_multiprocess.py 2>&1 | tee "$OUT/gpu_tests.log"
+    tests/distill/test_distillation_trainer.py tests/losses/test_chunked_loss.py tests/ensemble/test_ensemble_cross_tokenizer.py \
+    tests/ensemble/test_ensemble_causal_lm.py tests/losses/test_cross_tokenizer_losses.py tests/distill/test_multiprocess.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 
 timeout -k 10 320 python3 benchmarks/bench_gpu.py --budget-s 280 2>&1 | tee "$OUT/bench_gpu.log"
