@@ -19,6 +19,7 @@ from helpers import build_tiny_causal_lm
 from safetensors.torch import load_file
 
 from hf_interop.cli import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, main
+from hf_interop.utils import is_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS, SAVE_STEPS = 6, 2
@@ -95,14 +96,15 @@ def _kill_after_first_checkpoint(argv: list[str], output_dir: Path, kill_signal:
         text=True,
         env=env,
     )
-    first_checkpoint = _staging(output_dir) / f"checkpoint-{SAVE_STEPS}" / "trainer_state.json"
+    # Complete = a readable trainer_state.json (Trainer writes it last); a half-written one is not yet complete.
+    first_checkpoint = _staging(output_dir) / f"checkpoint-{SAVE_STEPS}"
     try:
         deadline = time.monotonic() + KILL_TIMEOUT_S
-        while process.poll() is None and not first_checkpoint.is_file() and time.monotonic() < deadline:
+        while process.poll() is None and not is_complete_checkpoint(first_checkpoint) and time.monotonic() < deadline:
             time.sleep(0.02)
         if process.poll() is not None:
             pytest.fail(f"the run ended (exit {process.returncode}) before checkpoint-{SAVE_STEPS} could be seen")
-        assert first_checkpoint.is_file(), f"no checkpoint-{SAVE_STEPS} after {KILL_TIMEOUT_S} s"
+        assert is_complete_checkpoint(first_checkpoint), f"no checkpoint-{SAVE_STEPS} after {KILL_TIMEOUT_S} s"
         process.send_signal(kill_signal)
         _, stderr = process.communicate(timeout=120)
     finally:
