@@ -4,17 +4,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..loading import resolve_model_alias
 from ..logging_utils import get_logger
-from ..utils import OVERWRITE_FLAG, check_output_dir, resumable_output_dir, staged_output_dir
+from ..utils import check_output_dir, resumable_output_dir, staged_output_dir
 from .arguments import (
     OVERWRITE_FLAG_FIX,
     AdaptScriptArguments,
@@ -337,34 +336,21 @@ def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any
         allow_pickle=script_args.allow_pickle,
     )
     train_blocks = _load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
-    with _api_words_as_flags():
-        cache = cache_teacher_logits(
-            teacher,
-            train_blocks,
-            output_dir,
-            top_k=script_args.top_k,
-            temperature=script_args.temperature,
-            batch_size=script_args.batch_size,
-            shard_size=script_args.shard_size,
-            tokenizer=tokenizer,
-            teacher_name_or_path=teacher_path,
-            teacher_revision=script_args.teacher_revision,
-            overwrite=script_args.overwrite_output_dir,
-            show_progress=not script_args.disable_tqdm,
-        )
+    cache = cache_teacher_logits(
+        teacher,
+        train_blocks,
+        output_dir,
+        top_k=script_args.top_k,
+        temperature=script_args.temperature,
+        batch_size=script_args.batch_size,
+        shard_size=script_args.shard_size,
+        tokenizer=tokenizer,
+        teacher_name_or_path=teacher_path,
+        teacher_revision=script_args.teacher_revision,
+        overwrite=script_args.overwrite_output_dir,
+        show_progress=not script_args.disable_tqdm,
+    )
     return {"output_dir": str(output_dir), "cache": cache, "num_rows": len(train_blocks)}
-
-
-@contextlib.contextmanager
-def _api_words_as_flags() -> Iterator[None]:
-    """A library error that tells the user to pass `overwrite=True` also names the flag that does it here."""
-    try:
-        yield
-    except (ValueError, FileExistsError) as error:
-        message = str(error)
-        if "overwrite=True" not in message or OVERWRITE_FLAG in message:
-            raise
-        raise type(error)(message.replace("overwrite=True", f"overwrite=True (CLI: {OVERWRITE_FLAG})")) from error
 
 
 def _training_arguments_class() -> type:

@@ -237,7 +237,8 @@ class DistillationTrainer(Trainer):
             )
         from .teacher_cache import TeacherLogitsCache
 
-        self.teacher_cache = TeacherLogitsCache.load(args.teacher_logits_path)
+        # every shard's sha256 is checked before training reads it (a changed byte would train on altered targets)
+        self.teacher_cache = TeacherLogitsCache.load(args.teacher_logits_path, verify_checksums=True)
         self.teacher_cache.check_compatible(tokenizer=processing_class, dataset=train_dataset)
         if train_dataset is not None:
             train_dataset = self.teacher_cache.attach(train_dataset)

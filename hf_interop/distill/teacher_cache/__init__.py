@@ -9,10 +9,11 @@ Layout of a cache folder:
 
 ```
 output_dir/
-  cache_plan.json        what is being computed (written first; a resumed run must match it)
+  cache_plan.json        what is being computed (written first; a resumed run must match it, teacher fingerprint
+                         included: a retrained teacher does not resume another's cache)
   shard-00000/           one folder per `shard_size` rows, renamed into place only when complete
     data.arrow           Arrow IPC stream: `teacher_topk_ids`, `teacher_topk_logprobs` (one flat list per row)
-    shard.json           row range, byte size and sha256 of data.arrow
+    shard.json           row range, byte size and sha256 of data.arrow (checked by every `load`)
   ...
   manifest.json          written last, by the main process, once every shard exists
 ```
@@ -38,6 +39,7 @@ from .format import (
     dataset_fingerprint,
     logprobs_to_float16_round_down,
     tail_logprob_from_topk,
+    teacher_fingerprint,
     tokenizer_fingerprint,
 )
 from .reader import TeacherLogitsCache, sparse_kl
@@ -59,5 +61,6 @@ __all__ = [
     "logprobs_to_float16_round_down",
     "sparse_kl",
     "tail_logprob_from_topk",
+    "teacher_fingerprint",
     "tokenizer_fingerprint",
 ]

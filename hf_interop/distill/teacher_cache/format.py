@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -101,6 +102,184 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     for part in (lengths_hash, ids_hash, mask_hash):
         combined.update(part.digest())
     return "sha256:" + combined.hexdigest()
+
+
+# A teacher fingerprint hashes, of every weight tensor, this many evenly spaced runs of this many consecutive values
+# (a tensor of at most 4,096 values whole): 16 KB per tensor, so a 135M-parameter teacher is fingerprinted in
+# milliseconds, from memory or from its safetensors files, and a retrained teacher (whose every weight moved) cannot
+# match. A change confined to a few values of one large tensor can go unseen.
+_FINGERPRINT_RUNS = 16
+_FINGERPRINT_RUN_VALUES = 256
+# config keys that say how a model was loaded or is run, not what it computes
+_CONFIG_KEYS_IGNORED = frozenset(
+    {
+        "architectures",
+        "dtype",
+        "name_or_path",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "torch_dtype",
+        "transformers_version",
+        "use_cache",
+    }
+)
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def teacher_fingerprint(teacher: Any, dtype: str | torch.dtype | None = None) -> str | None:
+    """Content hash of a teacher: its config and a sample of every weight tensor's values.
+
+    A model and the safetensors folder it was loaded from get the same fingerprint (weights are compared by value,
+    as float32, whatever their names or tying), so a cache made from a model loaded in memory can be checked against
+    the folder and the other way round. What is hashed: the config (`config.to_dict()` without the keys that only say
+    how the model is loaded or run: dtype, `use_cache`, `_name_or_path`, versions, ...) and, of every tensor of the
+    state dict, its shape and 16 evenly spaced runs of 256 values (the whole tensor when it has fewer). Reads about
+    16 KB per tensor: milliseconds for SmolLM2-135M, in memory or from disk.
+
+    Args:
+        teacher (`torch.nn.Module`, `str` or `os.PathLike`): a model, or a local folder with `config.json` and
+            `*.safetensors` weights.
+        dtype (`str` or `torch.dtype`, *optional*): for a folder, the dtype the teacher runs in (e.g. the
+            `"bfloat16"` of a float32 checkpoint loaded with `dtype="bfloat16"`): its values are rounded to it
+            first, as loading does. Defaults to the files' own dtypes. Ignored for a model.
+
+    Returns:
+        `str` (`"sha256:<hex>"`), or `None` when `teacher` cannot be fingerprinted cheaply (a hub id, a `.gguf` file,
+        a folder of pickle weights or adapters only, an object without weights).
+    """
+    if isinstance(teacher, (str, os.PathLike)):
+        return _folder_fingerprint(Path(teacher), dtype)
+    if not isinstance(teacher, torch.nn.Module):
+        return None
+    digests = {
+        _values_digest(tuple(tensor.shape), _sampled_values(tensor)) for tensor in teacher.state_dict().values()
+    }
+    if not digests:
+        return None
+    return _combine_fingerprint(getattr(teacher, "config", None), digests)
+
+
+def _folder_fingerprint(folder: Path, dtype: str | torch.dtype | None) -> str | None:
+    weight_files = _safetensors_files(folder) if folder.is_dir() else []
+    if not weight_files:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception:  # custom code, unreadable config: not cheaply comparable
+        return None
+    target = _floating_dtype(dtype)
+    digests = set()
+    for weight_file in weight_files:
+        with open(weight_file, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(header_length))
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                file_dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+                if file_dtype is None:
+                    return None  # float8 and other formats a loader converts in its own way
+                values = _read_sampled_values(handle, 8 + header_length + entry["data_offsets"][0], entry, file_dtype)
+                if target is not None and values.is_floating_point():
+                    values = values.to(target)
+                digests.add(_values_digest(tuple(entry["shape"]), _hashable(values)))
+    return _combine_fingerprint(config, digests)
+
+
+def _floating_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """`dtype` as a floating `torch.dtype`; `None` for `None`, `"auto"`, `"unknown"` and non-float dtypes."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.replace("torch.", ""), None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a transformers checkpoint folder (sharded or not); none for adapters or pickle weights."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(_read_json(index)["weight_map"].values()))]
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def _sample_runs(numel: int) -> list[tuple[int, int]]:
+    """`(start, end)` of the runs of values a fingerprint hashes in a tensor of `numel` values."""
+    if numel <= _FINGERPRINT_RUNS * _FINGERPRINT_RUN_VALUES:
+        return [(0, numel)]
+    last_start = numel - _FINGERPRINT_RUN_VALUES
+    starts = [index * last_start // (_FINGERPRINT_RUNS - 1) for index in range(_FINGERPRINT_RUNS)]
+    return [(start, start + _FINGERPRINT_RUN_VALUES) for start in starts]
+
+
+def _sampled_values(tensor: torch.Tensor) -> bytes:
+    if tensor.device.type == "meta":
+        return b"meta"
+    flat = tensor.detach().reshape(-1)
+    values = torch.cat([flat[start:end] for start, end in _sample_runs(flat.numel())])
+    return _hashable(values.cpu())
+
+
+def _read_sampled_values(handle: Any, data_start: int, entry: dict[str, Any], dtype: torch.dtype) -> torch.Tensor:
+    item_size = torch.empty((), dtype=dtype).element_size()
+    numel = math.prod(entry["shape"])
+    chunks = []
+    for start, end in _sample_runs(numel):
+        handle.seek(data_start + start * item_size)
+        chunks.append(handle.read((end - start) * item_size))
+    raw = bytearray(b"".join(chunks))
+    return torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+
+
+def _hashable(values: torch.Tensor) -> bytes:
+    """Values as bytes in a form that does not depend on how they are stored: float64 stays, other floats become
+    float32 (exact for bfloat16/float16), integers and booleans int64."""
+    if values.dtype == torch.float64:
+        return values.numpy().astype("<f8").tobytes()
+    if values.is_floating_point():
+        return values.float().numpy().astype("<f4").tobytes()
+    return values.to(torch.int64).numpy().astype("<i8").tobytes()
+
+
+def _values_digest(shape: tuple[int, ...], values: bytes) -> str:
+    return hashlib.sha256(json.dumps(list(shape)).encode() + b"|" + values).hexdigest()
+
+
+def _combine_fingerprint(config: Any, digests: set[str]) -> str:
+    combined = hashlib.sha256(b"hf_interop-teacher-v1")
+    combined.update(json.dumps(_config_state(config), sort_keys=True, default=str).encode("utf-8"))
+    for digest in sorted(digests):  # a set: tied weights count once, names and order do not matter
+        combined.update(bytes.fromhex(digest))
+    return "sha256:" + combined.hexdigest()
+
+
+def _config_state(config: Any) -> Any:
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    return _without_run_keys(config.to_dict())
+
+
+def _without_run_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {
+            key: _without_run_keys(item)
+            for key, item in value.items()
+            if not str(key).startswith("_") and key not in _CONFIG_KEYS_IGNORED
+        }
+    return value
 
 
 def _check_input_ids_column(dataset: Any) -> None:

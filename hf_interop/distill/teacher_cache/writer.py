@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
 import shutil
@@ -34,6 +36,7 @@ from .format import (
     _token_columns,
     dataset_fingerprint,
     logprobs_to_float16_round_down,
+    teacher_fingerprint,
     tokenizer_fingerprint,
 )
 from .reader import TeacherLogitsCache
@@ -53,6 +56,8 @@ _PLAN_KEYS = (
     "format_version",
     "teacher",
     "teacher_revision",
+    "teacher_fingerprint",
+    "dtype",
     "tokenizer_fingerprint",
     "dataset_fingerprint",
     "top_k",
@@ -108,16 +113,51 @@ def _foreign_output_error(output_dir: Path) -> FileExistsError:
     what = "a file" if output_dir.is_file() else "files that are not a teacher-logits cache"
     return FileExistsError(
         f"output_dir {str(output_dir)!r} holds {what}; nothing was changed. Choose an empty or new folder "
-        "(overwrite=True only replaces an earlier teacher-logits cache, never other files)."
+        "(overwrite=True (CLI: --overwrite_output_dir) only replaces an earlier teacher-logits cache, never other "
+        "files)."
     )
 
 
 def _plan_differences(existing: dict[str, Any], plan: dict[str, Any]) -> list[str]:
-    return [
-        f"{key}: {existing.get(key)!r} in the folder, {plan.get(key)!r} now"
-        for key in _PLAN_KEYS
-        if existing.get(key) != plan.get(key)
-    ]
+    """What differs between the plan of a folder and this run's, one phrase per key.
+
+    A plan written before teacher fingerprints existed has no `teacher_fingerprint` key: that key is not compared
+    (the caller warns that those shards cannot be checked).
+    """
+    differences = []
+    for key in _PLAN_KEYS:
+        if key == "teacher_fingerprint" and key not in existing:
+            continue
+        if existing.get(key) == plan.get(key):
+            continue
+        difference = f"{key}: {existing.get(key)!r} in the folder, {plan.get(key)!r} now"
+        if key == "teacher_fingerprint":
+            then, now = existing.get("teacher"), plan.get("teacher")
+            who = f"teacher {now!r}" if then == now else f"the teacher ({then!r} then, {now!r} now)"
+            difference += (
+                f": the weights or config of {who} are not the ones the folder's shards were computed with (a "
+                "retrained or re-saved teacher?)"
+            )
+        differences.append(difference)
+    return differences
+
+
+@contextlib.contextmanager
+def _naming_a_full_disk(path: Path, output_dir: Path) -> Iterator[None]:
+    """Turn a full disk (`[Errno 28]`, or a full quota) while writing `path` into an error that names it and says how
+    to go on. Whatever was being written is already gone (every file of the cache is written atomically)."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise OSError(
+            error.errno,
+            f"no space left on device while writing {path} ({error.strerror or error}); nothing half-written was "
+            f"kept. Free some space on the disk of {output_dir} and rerun cache_teacher_logits (CLI: hf-interop "
+            "cache-teacher) with the same arguments: the finished shards are kept and only the missing ones are "
+            "computed.",
+        ) from error
 
 
 def _teacher_topk(
@@ -172,7 +212,7 @@ def _write_shard(
     features = _cache_features(ids_dtype)
     schema = features.arrow_schema
     name = f"shard-{shard_index:05d}"
-    with atomic_directory(output_dir / name) as tmp_dir:
+    with _naming_a_full_disk(output_dir / name, output_dir), atomic_directory(output_dir / name) as tmp_dir:
         data_path = tmp_dir / SHARD_DATA_FILE
         num_rows = num_predictions = 0
         with pa.OSFile(str(data_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
@@ -311,7 +351,7 @@ def cache_teacher_logits(
     # ---- decide what to do with the folder (same decision on every process; only the main one writes) ----
     folder = _folder_decision(output_dir, state_of_dir, plan, overwrite)
     if folder == "complete":
-        logger.info(f"{output_dir} already holds this complete cache; nothing to do (overwrite=True recomputes).")
+        logger.info(f"{output_dir} already holds this complete cache; nothing to do (overwrite=True recomputes it).")
         state.wait_for_everyone()
         return TeacherLogitsCache.load(output_dir)
     _prepare_folder(output_dir, plan, folder == "fresh", state)
@@ -441,6 +481,8 @@ def _cache_plan(
         "teacher": teacher_id,
         "teacher_revision": teacher_revision,
         "teacher_class": type(teacher).__name__,
+        # config and sampled weights: a retrained teacher saved to the same folder is another teacher
+        "teacher_fingerprint": teacher_fingerprint(teacher),
         "dtype": _model_dtype(teacher),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "dataset_fingerprint": dataset_fingerprint(dataset),
@@ -475,7 +517,7 @@ def _folder_decision(output_dir: Path, state_of_dir: str, plan: dict[str, Any], 
             if not overwrite:
                 raise FileExistsError(
                     f"output_dir {str(output_dir)!r} has cache shards but no {PLAN_FILE}, so they cannot be checked; "
-                    "pass overwrite=True to replace them or choose another folder."
+                    "pass overwrite=True (CLI: --overwrite_output_dir) to replace them, or choose another folder."
                 )
             start_fresh = True
         elif existing is None:
@@ -486,10 +528,17 @@ def _folder_decision(output_dir: Path, state_of_dir: str, plan: dict[str, Any], 
             raise ValueError(
                 f"output_dir {str(output_dir)!r} holds a teacher-logits cache of a different job ("
                 + "; ".join(differences)
-                + "). Pass overwrite=True to replace it, or choose another folder."
+                + "). Pass overwrite=True (CLI: --overwrite_output_dir) to replace it, or choose another folder."
             )
-        elif manifest_path.is_file():
+        elif manifest_path.is_file() and _all_shards_present(output_dir, plan):
             return "complete"
+        if existing is not None and "teacher_fingerprint" not in existing and not start_fresh:
+            logger.warning(
+                f"{output_dir} was started by an older hf_interop that recorded no teacher fingerprint: its finished "
+                "shards cannot be checked against this teacher, and the finished cache will record none. Pass "
+                "overwrite=True (CLI: --overwrite_output_dir) to recompute it with a fingerprint."
+            )
+            plan["teacher_fingerprint"] = None
     return "fresh" if start_fresh else "resume"
 
 
@@ -504,9 +553,12 @@ def _prepare_folder(output_dir: Path, plan: dict[str, Any], start_fresh: bool, s
             for entry in output_dir.glob(".tmp-*") if output_dir.exists() else []:
                 # leftovers of a killed run (no process of this job is writing yet)
                 shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+            # a manifest that lists a shard someone deleted (to recompute it) no longer describes the folder
+            (output_dir / MANIFEST_FILE).unlink(missing_ok=True)
         if start_fresh or not plan_path.is_file():
-            output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(plan_path, plan)
+            with _naming_a_full_disk(plan_path, output_dir):
+                output_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(plan_path, plan)
     state.wait_for_everyone()
 
 
@@ -585,11 +637,17 @@ def _write_manifest(output_dir: Path, plan: dict[str, Any], num_processes: int) 
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "num_processes": num_processes,
     }
-    atomic_write_json(output_dir / MANIFEST_FILE, manifest)
+    with _naming_a_full_disk(output_dir / MANIFEST_FILE, output_dir):
+        atomic_write_json(output_dir / MANIFEST_FILE, manifest)
     logger.info(
         f"Cached teacher top-{plan['top_k']} log-probs for {plan['num_rows']} rows in {output_dir} "
         f"({manifest['num_bytes'] / max(1, plan['num_predictions']):.1f} bytes per position)."
     )
+
+
+def _all_shards_present(output_dir: Path, plan: dict[str, Any]) -> bool:
+    """Whether every shard folder exists: a user who deleted a corrupt one (as the reader's error says) resumes."""
+    return all((output_dir / f"shard-{shard:05d}").is_dir() for shard in range(plan["num_shards"]))
 
 
 def _config_vocab_size(name_or_path: str, revision: str | None) -> int | None:
