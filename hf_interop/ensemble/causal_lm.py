@@ -125,7 +125,11 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(config, EnsembleConfig):
             raise TypeError(f"config must be an EnsembleConfig, got {type(config).__name__}.")
         check_no_remote_code(config.trust_remote_code, "EnsembleConfig")
-        loaded, tokenizers, names = _prepare_members(config, members, device_map, max_memory, token, allow_pickle)
+        # Member tokenizers are only needed without a shared one, or to align vocabularies across tokenizers.
+        need_tokenizers = tokenizer is None or bool(config.cross_tokenizer)
+        loaded, tokenizers, names = _prepare_members(
+            config, members, device_map, max_memory, token, allow_pickle, need_tokenizers=need_tokenizers
+        )
         super().__init__(config)
         self.members = nn.ModuleList(loaded)
         for member in self.members:
@@ -182,6 +186,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         cross_tokenizer: bool = False,
         cross_tokenizer_top_k: int = 10,
         cross_tokenizer_look_behind: int = 8,
+        allow_vocab_padding: bool = False,
         trust_remote_code: bool = False,
         token: str | bool | None = None,
         allow_pickle: bool = False,
@@ -213,6 +218,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 ensemble's tokenizer (`tokenizer`, defaulting to the first member's) must be one member's.
             cross_tokenizer_top_k (`int`, *optional*, defaults to 10): candidates each member proposes per step.
             cross_tokenizer_look_behind (`int`, *optional*, defaults to 8): tokens re-encoded with a new piece.
+            allow_vocab_padding (`bool`, *optional*, defaults to `False`): members without tokenizers whose output
+                sizes differ are refused; set it when the extra ids are padding rows, to combine over the smallest
+                size (kept in the config, so a saved ensemble reloads the same way).
             trust_remote_code (`bool`, *optional*, defaults to `False`): must stay `False` (refused otherwise).
             token (`str` or `bool`, *optional*): Hub token for private members.
             allow_pickle (`bool`, *optional*, defaults to `False`): members given by name/path may hold pickle
@@ -259,6 +267,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             cross_tokenizer=cross_tokenizer,
             cross_tokenizer_top_k=cross_tokenizer_top_k,
             cross_tokenizer_look_behind=cross_tokenizer_look_behind,
+            allow_vocab_padding=allow_vocab_padding,
         )
         return cls(
             config,
@@ -283,6 +292,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: str | torch.dtype | None = None,
         contrastive_alpha: float = 0.1,
         contrastive_amateur_weight: float = 1.0,
+        allow_pickle: bool = False,
     ) -> EnsembleForCausalLM:
         """Several peft LoRA adapters of one base model as members, with one copy of the base weights.
 
@@ -296,6 +306,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             weights, combination, tokenizer, dtype, contrastive_alpha, contrastive_amateur_weight: as in
                 :meth:`from_members`.
             base_revision (`str`, *optional*): revision of a hub `base_model`.
+            allow_pickle (`bool`, *optional*, defaults to `False`): accept adapters (and a base) whose only weights
+                are pickle files (`adapter_model.bin`), which can run code when loaded.
         """
         adapters = [str(adapter) for adapter in adapters]
         if not adapters:
@@ -321,7 +333,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             member_dtype=_dtype_name(dtype),
             lora_base_model=base_spec,
         )
-        members = _load_lora_members(config, base_model if isinstance(base_model, nn.Module) else None)
+        members = _load_lora_members(
+            config, base_model if isinstance(base_model, nn.Module) else None, allow_pickle=allow_pickle
+        )
         if tokenizer is None and not isinstance(base_model, nn.Module):
             from ..loading import load_tokenizer
 
@@ -341,10 +355,20 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                     "every member must cover the whole shared vocabulary. Resize its embeddings or drop it."
                 )
         if tokenizer is None and len(set(known)) > 1:
-            logger.warning(
-                f"members have output sizes {known} and no tokenizer was given; combining over the first {shared} "
-                "ids. Pass (model, tokenizer) pairs so the token maps can be checked."
+            smallest = output_sizes.index(shared)
+            largest = output_sizes.index(max(known))
+            message = (
+                f"members[{smallest}] ({names[smallest]!r}) predicts {shared} tokens but members[{largest}] "
+                f"({names[largest]!r}) predicts {max(known)}, and no tokenizer was given to tell whether ids "
+                f"{shared}-{max(known) - 1} are padding or real tokens."
             )
+            if not self.config.allow_vocab_padding:
+                raise ValueError(
+                    f"{message} Pass the shared tokenizer (tokenizer=... or (model, tokenizer) pairs) so the token "
+                    "maps are checked, or allow_vocab_padding=True if the extra ids are padding rows (the ensemble "
+                    f"then combines over ids 0-{shared - 1})."
+                )
+            logger.warning(f"{message} allow_vocab_padding=True: combining over ids 0-{shared - 1}.")
         self.config.vocab_size = int(shared)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -657,9 +681,11 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         max_memory: dict | None = None,
         member_device_maps: Sequence[Any] | None = None,
         dtype: str | torch.dtype | None = None,
+        allow_pickle: bool = False,
         **kwargs: Any,
     ) -> EnsembleForCausalLM:
-        """Rebuild a saved ensemble: read its config, then load each member (trust_remote_code=False)."""
+        """Rebuild a saved ensemble: read its config, then load each member (trust_remote_code=False; safetensors
+        only unless `allow_pickle=True`)."""
         check_no_remote_code(trust_remote_code, "EnsembleForCausalLM.from_pretrained")
         config = kwargs.pop("config", None)
         if not isinstance(config, EnsembleConfig):
@@ -670,10 +696,17 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             config.member_dtype = _dtype_name(dtype)
         tokenizer = _load_saved_tokenizer(pretrained_model_name_or_path, revision)
         if config.lora_base_model:
-            members = _load_lora_members(config, None)
+            members = _load_lora_members(config, None, allow_pickle=allow_pickle)
             model = cls(config, members=members, tokenizer=tokenizer)
         else:
-            model = cls(config, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory, token=token)
+            model = cls(
+                config,
+                tokenizer=tokenizer,
+                device_map=device_map,
+                max_memory=max_memory,
+                token=token,
+                allow_pickle=allow_pickle,
+            )
         model.name_or_path = str(pretrained_model_name_or_path)
         return model
 

@@ -84,6 +84,34 @@ def check_member_path(spec: dict[str, Any], index: int) -> None:
     )
 
 
+# Files of which a checkpoint folder holding a tokenizer has at least one.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def check_member_has_tokenizer(spec: dict[str, Any], index: int) -> None:
+    """Refuse, before loading, a local member folder without tokenizer files when no shared tokenizer was given."""
+    name = spec["name_or_path"]
+    folder = Path(name)
+    if not folder.is_dir() or spec.get("gguf_file"):
+        return
+    if any((folder / file).is_file() for file in TOKENIZER_FILES):
+        return
+    raise ValueError(
+        f"members[{index}] folder {name!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...), as a "
+        "checkpoint written by model.save_pretrained alone does. Pass the shared tokenizer: "
+        "from_members(..., tokenizer=tokenizer) (members then load without theirs), or save the tokenizer into "
+        "that folder."
+    )
+
+
 def check_no_remote_code(trust_remote_code: Any, where: str) -> None:
     if trust_remote_code:
         raise ValueError(
@@ -364,8 +392,13 @@ def _prepare_members(
     max_memory: dict | None,
     token: str | bool | None,
     allow_pickle: bool = False,
+    need_tokenizers: bool = True,
 ) -> tuple[list[nn.Module], list[Any], list[str]]:
-    """Validate everything cheap first, then load or place the members. Returns models, tokenizers, names."""
+    """Validate everything cheap first, then load or place the members. Returns models, tokenizers, names.
+
+    With `need_tokenizers=False` (a shared tokenizer was given) members are loaded without theirs, so checkpoint folders
+    written by a plain `model.save_pretrained` work; otherwise such a folder is refused before anything loads.
+    """
     from ..loading import load_causal_lm
     from ..utils import resolve_dtype
 
@@ -401,6 +434,8 @@ def _prepare_members(
             pinned = recorded.get("revision")
         spec = member_spec(entry, index, pinned)
         check_member_path(spec, index)
+        if need_tokenizers:
+            check_member_has_tokenizer(spec, index)
         entries[index] = spec
         to_load.append(index)
     dtype = resolve_dtype(config.member_dtype)
@@ -426,6 +461,7 @@ def _prepare_members(
                 device_map=member_map,
                 trust_remote_code=False,
                 allow_pickle=allow_pickle,
+                load_tokenizer_too=need_tokenizers,
                 token=token,
             )
             spec["revision"] = resolved_revision(model, spec.get("revision"), spec["name_or_path"])
@@ -467,13 +503,30 @@ def _auto_placement(
     return device_maps, memories
 
 
-def _load_lora_members(config: EnsembleConfig, base_model: nn.Module | None) -> list[nn.Module]:
+def check_adapter_weights(adapter: str, index: int, allow_pickle: bool) -> None:
+    """Refuse a local LoRA adapter folder whose only weights are pickle (`adapter_model.bin`) unless allowed."""
+    folder = Path(adapter)
+    if allow_pickle or not folder.is_dir() or (folder / "adapter_model.safetensors").is_file():
+        return
+    if (folder / "adapter_model.bin").is_file():
+        raise ValueError(
+            f"adapters[{index}] folder {adapter!r} holds only pickle weights (adapter_model.bin), which can run code "
+            "when loaded. Convert it to adapter_model.safetensors, or pass allow_pickle=True (CLI: --allow_pickle) "
+            "if you trust its source."
+        )
+
+
+def _load_lora_members(
+    config: EnsembleConfig, base_model: nn.Module | None, allow_pickle: bool = False
+) -> list[nn.Module]:
     """Load the base once, attach every adapter to it, and return one view per adapter."""
     from peft import PeftModel
 
     from ..loading import load_causal_lm
     from ..utils import resolve_dtype
 
+    for index, spec in enumerate(config.members):
+        check_adapter_weights(spec["name_or_path"], index, allow_pickle)
     if base_model is None:
         spec = config.lora_base_model
         check_member_path(spec, 0)
@@ -482,6 +535,7 @@ def _load_lora_members(config: EnsembleConfig, base_model: nn.Module | None) -> 
             revision=spec.get("revision"),
             dtype=resolve_dtype(config.member_dtype),
             trust_remote_code=False,
+            allow_pickle=allow_pickle,
             load_tokenizer_too=False,
         )
     adapters = [spec["name_or_path"] for spec in config.members]
