@@ -45,6 +45,14 @@ from .members import (
     check_tokenizers_compatible,
     input_device,
     member_spec,
+    shared_vocab_size,
+)
+from .portable import (
+    _load_saved_tokenizer,
+    check_publishable,
+    local_ensemble_folder,
+    portable_config,
+    resolve_member_paths,
 )
 
 logger = get_logger(__name__)
@@ -344,32 +352,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _set_shared_vocab_size(self, tokenizer: Any, names: Sequence[str]) -> None:
         output_sizes = [_output_vocab_size(member) for member in self.members]
-        known = [size for size in output_sizes if size is not None]
-        shared = len(tokenizer) if tokenizer is not None else (min(known) if known else None)
-        if shared is None:
-            raise ValueError("cannot tell the vocabulary size: pass the shared tokenizer (tokenizer=...).")
-        for index, size in enumerate(output_sizes):
-            if size is not None and size < shared:
-                raise ValueError(
-                    f"members[{index}] ({names[index]!r}) predicts {size} tokens but the shared tokenizer has {shared}; "
-                    "every member must cover the whole shared vocabulary. Resize its embeddings or drop it."
-                )
-        if tokenizer is None and len(set(known)) > 1:
-            smallest = output_sizes.index(shared)
-            largest = output_sizes.index(max(known))
-            message = (
-                f"members[{smallest}] ({names[smallest]!r}) predicts {shared} tokens but members[{largest}] "
-                f"({names[largest]!r}) predicts {max(known)}, and no tokenizer was given to tell whether ids "
-                f"{shared}-{max(known) - 1} are padding or real tokens."
-            )
-            if not self.config.allow_vocab_padding:
-                raise ValueError(
-                    f"{message} Pass the shared tokenizer (tokenizer=... or (model, tokenizer) pairs) so the token "
-                    "maps are checked, or allow_vocab_padding=True if the extra ids are padding rows (the ensemble "
-                    f"then combines over ids 0-{shared - 1})."
-                )
-            logger.warning(f"{message} allow_vocab_padding=True: combining over ids 0-{shared - 1}.")
-        self.config.vocab_size = int(shared)
+        self.config.vocab_size = shared_vocab_size(output_sizes, tokenizer, names, self.config.allow_vocab_padding)
 
     # ------------------------------------------------------------------------------------------------------------
     # Model API
@@ -635,10 +618,21 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     # Saving, loading, publishing
     # ------------------------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        push_to_hub: bool = False,
+        *,
+        self_contained: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """Write the ensemble config (members with pinned revisions, weights, rule), generation config, the shared
-        tokenizer and a model card. Member weights are not copied: :meth:`from_pretrained` loads them from the
-        recorded hub ids / folders.
+        tokenizer and a model card.
+
+        Local members are recorded relative to the ensemble folder when they lie inside it or beside it (so the folder
+        loads from any working directory and moves together with them), otherwise as absolute paths (with a warning).
+        Member weights are not copied unless `self_contained=True`: then every local member is hard-linked (or copied)
+        into `members/<i>/` and the folder loads anywhere on its own.
         """
         if push_to_hub:
             raise ValueError("use ensemble.push_to_hub(repo_id) to publish; save_pretrained only writes a folder.")
@@ -652,7 +646,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [self.__class__.__name__]
-        atomic_write_text(save_directory / "config.json", self.config.to_json_string(use_diff=True))
+        saved_config = portable_config(self.config, save_directory, self_contained)
+        atomic_write_text(save_directory / "config.json", saved_config.to_json_string(use_diff=True))
         atomic_write_text(save_directory / "generation_config.json", self.generation_config.to_json_string())
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
@@ -694,6 +689,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             config.member_device_maps = list(member_device_maps)
         if dtype is not None:
             config.member_dtype = _dtype_name(dtype)
+        resolve_member_paths(
+            config, local_ensemble_folder(pretrained_model_name_or_path, config, revision=revision, token=token)
+        )
         tokenizer = _load_saved_tokenizer(pretrained_model_name_or_path, revision)
         if config.lora_base_model:
             members = _load_lora_members(config, None, allow_pickle=allow_pickle)
@@ -719,25 +717,21 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         token: str | bool | None = None,
         revision: str | None = None,
         create_pr: bool = False,
+        self_contained: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Publish the ensemble config, generation config, tokenizer and card (no member weights) to `repo_id`.
+        """Publish the ensemble config, generation config, tokenizer and card to `repo_id`.
 
-        Members should be hub ids with pinned revisions so others can rebuild the ensemble; local-path members are
-        published as given, with a warning.
+        Members must be hub ids with pinned revisions, so others can rebuild the ensemble; local members are refused
+        unless `self_contained=True`, which uploads them inside the repository (`members/<i>/`).
         """
         from huggingface_hub import HfApi
 
-        local = [spec["name_or_path"] for spec in self.config.members if os.path.exists(spec["name_or_path"])]
-        if local:
-            logger.warning(
-                f"members {local} are local paths; the published ensemble can only be rebuilt where those folders "
-                "exist. Push the members to the Hub and rebuild the ensemble from their hub ids to share it."
-            )
+        check_publishable(self.config, self_contained)
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
+            self.save_pretrained(folder, self_contained=self_contained)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
@@ -768,18 +762,6 @@ def causal_lm_nll(
     if isinstance(count, torch.Tensor):
         count = count.to(nll.device)
     return nll / count
-
-
-def _load_saved_tokenizer(name_or_path: str | os.PathLike, revision: str | None) -> Any:
-    folder = Path(name_or_path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    try:
-        from ..loading import load_tokenizer
-
-        return load_tokenizer(str(name_or_path), revision=revision)
-    except (OSError, ValueError):
-        return None
 
 
 def _dtype_name(dtype: Any) -> str | None:

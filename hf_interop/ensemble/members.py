@@ -190,6 +190,41 @@ def check_tokenizers_compatible(
                 )
 
 
+def shared_vocab_size(
+    output_sizes: Sequence[int | None], tokenizer: Any, names: Sequence[str], allow_vocab_padding: bool = False
+) -> int:
+    """The vocabulary the members are combined over: the shared tokenizer's length, which every member must cover.
+
+    Without a tokenizer, members whose output sizes differ are refused (ids past the smallest size may be real
+    tokens) unless `allow_vocab_padding`, which combines over the smallest size.
+    """
+    known = [size for size in output_sizes if size is not None]
+    shared = len(tokenizer) if tokenizer is not None else (min(known) if known else None)
+    if shared is None:
+        raise ValueError("cannot tell the vocabulary size: pass the shared tokenizer (tokenizer=...).")
+    for index, size in enumerate(output_sizes):
+        if size is not None and size < shared:
+            raise ValueError(
+                f"members[{index}] ({names[index]!r}) predicts {size} tokens but the shared tokenizer has {shared}; "
+                "every member must cover the whole shared vocabulary. Resize its embeddings or drop it."
+            )
+    if tokenizer is None and len(set(known)) > 1:
+        smallest, largest = output_sizes.index(shared), output_sizes.index(max(known))
+        message = (
+            f"members[{smallest}] ({names[smallest]!r}) predicts {shared} tokens but members[{largest}] "
+            f"({names[largest]!r}) predicts {max(known)}, and no tokenizer was given to tell whether ids "
+            f"{shared}-{max(known) - 1} are padding or real tokens."
+        )
+        if not allow_vocab_padding:
+            raise ValueError(
+                f"{message} Pass the shared tokenizer (tokenizer=... or (model, tokenizer) pairs) so the token maps "
+                "are checked, or allow_vocab_padding=True if the extra ids are padding rows (the ensemble then "
+                f"combines over ids 0-{shared - 1})."
+            )
+        logger.warning(f"{message} allow_vocab_padding=True: combining over ids 0-{shared - 1}.")
+    return int(shared)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Devices and placement
 # --------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ load with a shared tokenizer (6), pickle LoRA adapters need allow_pickle (14), s
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -105,3 +106,80 @@ def test_pickle_lora_adapter_loads_with_allow_pickle_and_reloads_only_with_it(pi
     reloaded = EnsembleForCausalLM.from_pretrained(tmp_path / "ens", allow_pickle=True)
     ids = torch.tensor([[1, 5, 7]])
     torch.testing.assert_close(reloaded(input_ids=ids).logits, ensemble(input_ids=ids).logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 16. Saved ensembles travel
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def project(tmp_path, tiny_model_dirs):
+    """A project folder holding two members under members/ (the layout of the issue), as the working directory."""
+    root = tmp_path / "project"
+    for family in ("llama", "gpt2"):
+        shutil.copytree(tiny_model_dirs[family], root / "members" / family)
+    return root
+
+
+def _logits(ensemble):
+    return ensemble(input_ids=torch.tensor([[1, 5, 7, 9]])).logits
+
+
+def test_ensemble_saved_from_relative_paths_loads_from_another_directory_and_after_moving(
+    project, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.chdir(project)
+    ensemble = EnsembleForCausalLM.from_members(["members/llama", "members/gpt2"])
+    expected = _logits(ensemble)
+    ensemble.save_pretrained("ens")
+    saved = json.loads((project / "ens" / "config.json").read_text())["members"]
+    assert [member["name_or_path"] for member in saved] == ["../members/llama", "../members/gpt2"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for reloaded in (
+        EnsembleForCausalLM.from_pretrained(project / "ens"),
+        AutoModelForCausalLM.from_pretrained(project / "ens"),
+    ):
+        torch.testing.assert_close(_logits(reloaded), expected)
+    moved = tmp_path / "moved_project"
+    shutil.move(project, moved)
+    torch.testing.assert_close(_logits(EnsembleForCausalLM.from_pretrained(moved / "ens")), expected)
+
+
+def test_self_contained_save_carries_its_members(tiny_model_dirs, tmp_path, monkeypatch):
+    ensemble = EnsembleForCausalLM.from_members([str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"])])
+    expected = _logits(ensemble)
+    ensemble.save_pretrained(tmp_path / "ens", self_contained=True)
+    saved = json.loads((tmp_path / "ens" / "config.json").read_text())["members"]
+    assert [member["name_or_path"] for member in saved] == ["members/0", "members/1"]
+    assert (tmp_path / "ens" / "members" / "0" / "model.safetensors").is_file()
+    shutil.move(tmp_path / "ens", tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    torch.testing.assert_close(_logits(EnsembleForCausalLM.from_pretrained(tmp_path / "moved")), expected)
+
+
+def test_members_outside_the_folder_are_recorded_absolute_with_a_warning(tiny_model_dirs, tmp_path, caplog):
+    import logging
+
+    ensemble = EnsembleForCausalLM.from_members([str(tiny_model_dirs["llama"])])
+    with caplog.at_level(logging.WARNING):
+        ensemble.save_pretrained(tmp_path / "ens")
+    saved = json.loads((tmp_path / "ens" / "config.json").read_text())["members"]
+    assert saved[0]["name_or_path"] == str(tiny_model_dirs["llama"].resolve())
+    assert "self_contained=True" in caplog.text
+
+
+def test_config_saved_with_cwd_relative_paths_still_loads(project, monkeypatch, tmp_path):
+    """Configs written before paths were recorded relative to the ensemble folder keep loading from their cwd."""
+    monkeypatch.chdir(project)
+    ensemble = EnsembleForCausalLM.from_members(["members/llama"])
+    ensemble.save_pretrained(tmp_path / "old_ens")
+    config_path = tmp_path / "old_ens" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["members"][0]["name_or_path"] = "members/llama"  # as saved before the fix
+    config_path.write_text(json.dumps(config))
+    torch.testing.assert_close(_logits(EnsembleForCausalLM.from_pretrained(tmp_path / "old_ens")), _logits(ensemble))
