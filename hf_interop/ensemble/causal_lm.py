@@ -687,6 +687,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             config = load_ensemble_config(pretrained_model_name_or_path, revision=revision, token=token)
         if member_device_maps is not None:
             config.member_device_maps = list(member_device_maps)
+        elif device_map is not None and device_map != "auto" and config.members:  # one device for all (lm-eval)
+            config.member_device_maps, device_map = [device_map] * len(config.members), None
         if dtype is not None:
             config.member_dtype = _dtype_name(dtype)
         resolve_member_paths(
