@@ -312,6 +312,14 @@ for _name in RECIPES:
     subcommand(_name)(lambda subparsers, _name=_name: _add_recipe_stub(subparsers, _name))
 
 
+@subcommand("lm-eval")
+def _add_lm_eval(subparsers: argparse._SubParsersAction) -> None:
+    """Every option after `lm-eval` is lm-eval's own (see hf_interop/cli/lm_eval.py); this entry lists it in --help."""
+    description = "Run lm-evaluation-harness's CLI with saved hf_interop ensembles loadable (hf_interop[lm_eval])."
+    parser = subparsers.add_parser("lm-eval", help=description, description=description, add_help=False)
+    parser.add_argument("options", nargs=argparse.REMAINDER, help="lm_eval's options, e.g. --model hf --tasks ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-interop",
@@ -338,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK
 
         args = argparse.Namespace(command=command, handler=handler)
+    elif argv and argv[0] == "lm-eval":  # lm-eval parses its own options, so they pass through untouched
+        from .lm_eval import run_lm_eval
+
+        args = argparse.Namespace(command="lm-eval", handler=lambda _: run_lm_eval(argv[1:]))
     else:
         parser = build_parser()
         try:

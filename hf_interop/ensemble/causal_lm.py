@@ -45,6 +45,14 @@ from .members import (
     check_tokenizers_compatible,
     input_device,
     member_spec,
+    shared_vocab_size,
+)
+from .portable import (
+    _load_saved_tokenizer,
+    check_publishable,
+    local_ensemble_folder,
+    portable_config,
+    resolve_member_paths,
 )
 
 logger = get_logger(__name__)
@@ -125,7 +133,11 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(config, EnsembleConfig):
             raise TypeError(f"config must be an EnsembleConfig, got {type(config).__name__}.")
         check_no_remote_code(config.trust_remote_code, "EnsembleConfig")
-        loaded, tokenizers, names = _prepare_members(config, members, device_map, max_memory, token, allow_pickle)
+        # Member tokenizers are only needed without a shared one, or to align vocabularies across tokenizers.
+        need_tokenizers = tokenizer is None or bool(config.cross_tokenizer)
+        loaded, tokenizers, names = _prepare_members(
+            config, members, device_map, max_memory, token, allow_pickle, need_tokenizers=need_tokenizers
+        )
         super().__init__(config)
         self.members = nn.ModuleList(loaded)
         for member in self.members:
@@ -182,6 +194,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         cross_tokenizer: bool = False,
         cross_tokenizer_top_k: int = 10,
         cross_tokenizer_look_behind: int = 8,
+        allow_vocab_padding: bool = False,
         trust_remote_code: bool = False,
         token: str | bool | None = None,
         allow_pickle: bool = False,
@@ -213,6 +226,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 ensemble's tokenizer (`tokenizer`, defaulting to the first member's) must be one member's.
             cross_tokenizer_top_k (`int`, *optional*, defaults to 10): candidates each member proposes per step.
             cross_tokenizer_look_behind (`int`, *optional*, defaults to 8): tokens re-encoded with a new piece.
+            allow_vocab_padding (`bool`, *optional*, defaults to `False`): members without tokenizers whose output
+                sizes differ are refused; set it when the extra ids are padding rows, to combine over the smallest
+                size (kept in the config, so a saved ensemble reloads the same way).
             trust_remote_code (`bool`, *optional*, defaults to `False`): must stay `False` (refused otherwise).
             token (`str` or `bool`, *optional*): Hub token for private members.
             allow_pickle (`bool`, *optional*, defaults to `False`): members given by name/path may hold pickle
@@ -259,6 +275,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             cross_tokenizer=cross_tokenizer,
             cross_tokenizer_top_k=cross_tokenizer_top_k,
             cross_tokenizer_look_behind=cross_tokenizer_look_behind,
+            allow_vocab_padding=allow_vocab_padding,
         )
         return cls(
             config,
@@ -283,6 +300,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: str | torch.dtype | None = None,
         contrastive_alpha: float = 0.1,
         contrastive_amateur_weight: float = 1.0,
+        allow_pickle: bool = False,
     ) -> EnsembleForCausalLM:
         """Several peft LoRA adapters of one base model as members, with one copy of the base weights.
 
@@ -296,6 +314,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             weights, combination, tokenizer, dtype, contrastive_alpha, contrastive_amateur_weight: as in
                 :meth:`from_members`.
             base_revision (`str`, *optional*): revision of a hub `base_model`.
+            allow_pickle (`bool`, *optional*, defaults to `False`): accept adapters (and a base) whose only weights
+                are pickle files (`adapter_model.bin`), which can run code when loaded.
         """
         adapters = [str(adapter) for adapter in adapters]
         if not adapters:
@@ -321,7 +341,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             member_dtype=_dtype_name(dtype),
             lora_base_model=base_spec,
         )
-        members = _load_lora_members(config, base_model if isinstance(base_model, nn.Module) else None)
+        members = _load_lora_members(
+            config, base_model if isinstance(base_model, nn.Module) else None, allow_pickle=allow_pickle
+        )
         if tokenizer is None and not isinstance(base_model, nn.Module):
             from ..loading import load_tokenizer
 
@@ -330,22 +352,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _set_shared_vocab_size(self, tokenizer: Any, names: Sequence[str]) -> None:
         output_sizes = [_output_vocab_size(member) for member in self.members]
-        known = [size for size in output_sizes if size is not None]
-        shared = len(tokenizer) if tokenizer is not None else (min(known) if known else None)
-        if shared is None:
-            raise ValueError("cannot tell the vocabulary size: pass the shared tokenizer (tokenizer=...).")
-        for index, size in enumerate(output_sizes):
-            if size is not None and size < shared:
-                raise ValueError(
-                    f"members[{index}] ({names[index]!r}) predicts {size} tokens but the shared tokenizer has {shared}; "
-                    "every member must cover the whole shared vocabulary. Resize its embeddings or drop it."
-                )
-        if tokenizer is None and len(set(known)) > 1:
-            logger.warning(
-                f"members have output sizes {known} and no tokenizer was given; combining over the first {shared} "
-                "ids. Pass (model, tokenizer) pairs so the token maps can be checked."
-            )
-        self.config.vocab_size = int(shared)
+        self.config.vocab_size = shared_vocab_size(output_sizes, tokenizer, names, self.config.allow_vocab_padding)
 
     # ------------------------------------------------------------------------------------------------------------
     # Model API
@@ -611,10 +618,21 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     # Saving, loading, publishing
     # ------------------------------------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        push_to_hub: bool = False,
+        *,
+        self_contained: bool = False,
+        **kwargs: Any,
+    ) -> None:
         """Write the ensemble config (members with pinned revisions, weights, rule), generation config, the shared
-        tokenizer and a model card. Member weights are not copied: :meth:`from_pretrained` loads them from the
-        recorded hub ids / folders.
+        tokenizer and a model card.
+
+        Local members are recorded relative to the ensemble folder when they lie inside it or beside it (so the folder
+        loads from any working directory and moves together with them), otherwise as absolute paths (with a warning).
+        Member weights are not copied unless `self_contained=True`: then every local member is hard-linked (or copied)
+        into `members/<i>/` and the folder loads anywhere on its own.
         """
         if push_to_hub:
             raise ValueError("use ensemble.push_to_hub(repo_id) to publish; save_pretrained only writes a folder.")
@@ -628,7 +646,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         self.config.architectures = [self.__class__.__name__]
-        atomic_write_text(save_directory / "config.json", self.config.to_json_string(use_diff=True))
+        saved_config = portable_config(self.config, save_directory, self_contained)
+        atomic_write_text(save_directory / "config.json", saved_config.to_json_string(use_diff=True))
         atomic_write_text(save_directory / "generation_config.json", self.generation_config.to_json_string())
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(save_directory)
@@ -657,23 +676,37 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         max_memory: dict | None = None,
         member_device_maps: Sequence[Any] | None = None,
         dtype: str | torch.dtype | None = None,
+        allow_pickle: bool = False,
         **kwargs: Any,
     ) -> EnsembleForCausalLM:
-        """Rebuild a saved ensemble: read its config, then load each member (trust_remote_code=False)."""
+        """Rebuild a saved ensemble: read its config, then load each member (trust_remote_code=False; safetensors
+        only unless `allow_pickle=True`)."""
         check_no_remote_code(trust_remote_code, "EnsembleForCausalLM.from_pretrained")
         config = kwargs.pop("config", None)
         if not isinstance(config, EnsembleConfig):
             config = load_ensemble_config(pretrained_model_name_or_path, revision=revision, token=token)
         if member_device_maps is not None:
             config.member_device_maps = list(member_device_maps)
+        elif device_map is not None and device_map != "auto" and config.members:  # one device for all (lm-eval)
+            config.member_device_maps, device_map = [device_map] * len(config.members), None
         if dtype is not None:
             config.member_dtype = _dtype_name(dtype)
+        resolve_member_paths(
+            config, local_ensemble_folder(pretrained_model_name_or_path, config, revision=revision, token=token)
+        )
         tokenizer = _load_saved_tokenizer(pretrained_model_name_or_path, revision)
         if config.lora_base_model:
-            members = _load_lora_members(config, None)
+            members = _load_lora_members(config, None, allow_pickle=allow_pickle)
             model = cls(config, members=members, tokenizer=tokenizer)
         else:
-            model = cls(config, tokenizer=tokenizer, device_map=device_map, max_memory=max_memory, token=token)
+            model = cls(
+                config,
+                tokenizer=tokenizer,
+                device_map=device_map,
+                max_memory=max_memory,
+                token=token,
+                allow_pickle=allow_pickle,
+            )
         model.name_or_path = str(pretrained_model_name_or_path)
         return model
 
@@ -686,25 +719,21 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         token: str | bool | None = None,
         revision: str | None = None,
         create_pr: bool = False,
+        self_contained: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Publish the ensemble config, generation config, tokenizer and card (no member weights) to `repo_id`.
+        """Publish the ensemble config, generation config, tokenizer and card to `repo_id`.
 
-        Members should be hub ids with pinned revisions so others can rebuild the ensemble; local-path members are
-        published as given, with a warning.
+        Members must be hub ids with pinned revisions, so others can rebuild the ensemble; local members are refused
+        unless `self_contained=True`, which uploads them inside the repository (`members/<i>/`).
         """
         from huggingface_hub import HfApi
 
-        local = [spec["name_or_path"] for spec in self.config.members if os.path.exists(spec["name_or_path"])]
-        if local:
-            logger.warning(
-                f"members {local} are local paths; the published ensemble can only be rebuilt where those folders "
-                "exist. Push the members to the Hub and rebuild the ensemble from their hub ids to share it."
-            )
+        check_publishable(self.config, self_contained)
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as folder:
-            self.save_pretrained(folder)
+            self.save_pretrained(folder, self_contained=self_contained)
             return api.upload_folder(
                 repo_id=repo_id,
                 folder_path=folder,
@@ -735,18 +764,6 @@ def causal_lm_nll(
     if isinstance(count, torch.Tensor):
         count = count.to(nll.device)
     return nll / count
-
-
-def _load_saved_tokenizer(name_or_path: str | os.PathLike, revision: str | None) -> Any:
-    folder = Path(name_or_path)
-    if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    try:
-        from ..loading import load_tokenizer
-
-        return load_tokenizer(str(name_or_path), revision=revision)
-    except (OSError, ValueError):
-        return None
 
 
 def _dtype_name(dtype: Any) -> str | None:

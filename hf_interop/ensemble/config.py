@@ -63,6 +63,9 @@ class EnsembleConfig(PreTrainedConfig):
         cross_tokenizer_look_behind (`int`, *optional*, defaults to 8):
             With `cross_tokenizer`: tokens a member re-encodes together with a chosen piece its vocabulary lacks as
             one token, so merges across the boundary come out as its tokenizer writes them.
+        allow_vocab_padding (`bool`, *optional*, defaults to `False`):
+            Members without tokenizers whose output sizes differ are refused (their extra ids may be real tokens).
+            Set it when those ids are padding rows: the ensemble then combines over the smallest output size.
         voting (`str`, *optional*, defaults to `"soft"`):
             Classification rule of :class:`EnsembleForSequenceClassification`: `"soft"`, `"hard"`, `"weighted"` or
             `"stacking"`.
@@ -86,6 +89,7 @@ class EnsembleConfig(PreTrainedConfig):
     cross_tokenizer: bool = False
     cross_tokenizer_top_k: int = 10
     cross_tokenizer_look_behind: int = 8
+    allow_vocab_padding: bool = False
     voting: str = "soft"
     trust_remote_code: bool = False
     use_cache: bool = True

@@ -84,6 +84,34 @@ def check_member_path(spec: dict[str, Any], index: int) -> None:
     )
 
 
+# Files of which a checkpoint folder holding a tokenizer has at least one.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def check_member_has_tokenizer(spec: dict[str, Any], index: int) -> None:
+    """Refuse, before loading, a local member folder without tokenizer files when no shared tokenizer was given."""
+    name = spec["name_or_path"]
+    folder = Path(name)
+    if not folder.is_dir() or spec.get("gguf_file"):
+        return
+    if any((folder / file).is_file() for file in TOKENIZER_FILES):
+        return
+    raise ValueError(
+        f"members[{index}] folder {name!r} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...), as a "
+        "checkpoint written by model.save_pretrained alone does. Pass the shared tokenizer: "
+        "from_members(..., tokenizer=tokenizer) (members then load without theirs), or save the tokenizer into "
+        "that folder."
+    )
+
+
 def check_no_remote_code(trust_remote_code: Any, where: str) -> None:
     if trust_remote_code:
         raise ValueError(
@@ -160,6 +188,41 @@ def check_tokenizers_compatible(
                     f"[{reference_index}] ({getattr(reference, attribute, None)}); generation uses members"
                     f"[{reference_index}]'s."
                 )
+
+
+def shared_vocab_size(
+    output_sizes: Sequence[int | None], tokenizer: Any, names: Sequence[str], allow_vocab_padding: bool = False
+) -> int:
+    """The vocabulary the members are combined over: the shared tokenizer's length, which every member must cover.
+
+    Without a tokenizer, members whose output sizes differ are refused (ids past the smallest size may be real
+    tokens) unless `allow_vocab_padding`, which combines over the smallest size.
+    """
+    known = [size for size in output_sizes if size is not None]
+    shared = len(tokenizer) if tokenizer is not None else (min(known) if known else None)
+    if shared is None:
+        raise ValueError("cannot tell the vocabulary size: pass the shared tokenizer (tokenizer=...).")
+    for index, size in enumerate(output_sizes):
+        if size is not None and size < shared:
+            raise ValueError(
+                f"members[{index}] ({names[index]!r}) predicts {size} tokens but the shared tokenizer has {shared}; "
+                "every member must cover the whole shared vocabulary. Resize its embeddings or drop it."
+            )
+    if tokenizer is None and len(set(known)) > 1:
+        smallest, largest = output_sizes.index(shared), output_sizes.index(max(known))
+        message = (
+            f"members[{smallest}] ({names[smallest]!r}) predicts {shared} tokens but members[{largest}] "
+            f"({names[largest]!r}) predicts {max(known)}, and no tokenizer was given to tell whether ids "
+            f"{shared}-{max(known) - 1} are padding or real tokens."
+        )
+        if not allow_vocab_padding:
+            raise ValueError(
+                f"{message} Pass the shared tokenizer (tokenizer=... or (model, tokenizer) pairs) so the token maps "
+                "are checked, or allow_vocab_padding=True if the extra ids are padding rows (the ensemble then "
+                f"combines over ids 0-{shared - 1})."
+            )
+        logger.warning(f"{message} allow_vocab_padding=True: combining over ids 0-{shared - 1}.")
+    return int(shared)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -364,8 +427,13 @@ def _prepare_members(
     max_memory: dict | None,
     token: str | bool | None,
     allow_pickle: bool = False,
+    need_tokenizers: bool = True,
 ) -> tuple[list[nn.Module], list[Any], list[str]]:
-    """Validate everything cheap first, then load or place the members. Returns models, tokenizers, names."""
+    """Validate everything cheap first, then load or place the members. Returns models, tokenizers, names.
+
+    With `need_tokenizers=False` (a shared tokenizer was given) members are loaded without theirs, so checkpoint folders
+    written by a plain `model.save_pretrained` work; otherwise such a folder is refused before anything loads.
+    """
     from ..loading import load_causal_lm
     from ..utils import resolve_dtype
 
@@ -401,6 +469,8 @@ def _prepare_members(
             pinned = recorded.get("revision")
         spec = member_spec(entry, index, pinned)
         check_member_path(spec, index)
+        if need_tokenizers:
+            check_member_has_tokenizer(spec, index)
         entries[index] = spec
         to_load.append(index)
     dtype = resolve_dtype(config.member_dtype)
@@ -426,6 +496,7 @@ def _prepare_members(
                 device_map=member_map,
                 trust_remote_code=False,
                 allow_pickle=allow_pickle,
+                load_tokenizer_too=need_tokenizers,
                 token=token,
             )
             spec["revision"] = resolved_revision(model, spec.get("revision"), spec["name_or_path"])
@@ -467,13 +538,30 @@ def _auto_placement(
     return device_maps, memories
 
 
-def _load_lora_members(config: EnsembleConfig, base_model: nn.Module | None) -> list[nn.Module]:
+def check_adapter_weights(adapter: str, index: int, allow_pickle: bool) -> None:
+    """Refuse a local LoRA adapter folder whose only weights are pickle (`adapter_model.bin`) unless allowed."""
+    folder = Path(adapter)
+    if allow_pickle or not folder.is_dir() or (folder / "adapter_model.safetensors").is_file():
+        return
+    if (folder / "adapter_model.bin").is_file():
+        raise ValueError(
+            f"adapters[{index}] folder {adapter!r} holds only pickle weights (adapter_model.bin), which can run code "
+            "when loaded. Convert it to adapter_model.safetensors, or pass allow_pickle=True (CLI: --allow_pickle) "
+            "if you trust its source."
+        )
+
+
+def _load_lora_members(
+    config: EnsembleConfig, base_model: nn.Module | None, allow_pickle: bool = False
+) -> list[nn.Module]:
     """Load the base once, attach every adapter to it, and return one view per adapter."""
     from peft import PeftModel
 
     from ..loading import load_causal_lm
     from ..utils import resolve_dtype
 
+    for index, spec in enumerate(config.members):
+        check_adapter_weights(spec["name_or_path"], index, allow_pickle)
     if base_model is None:
         spec = config.lora_base_model
         check_member_path(spec, 0)
@@ -482,6 +570,7 @@ def _load_lora_members(config: EnsembleConfig, base_model: nn.Module | None) -> 
             revision=spec.get("revision"),
             dtype=resolve_dtype(config.member_dtype),
             trust_remote_code=False,
+            allow_pickle=allow_pickle,
             load_tokenizer_too=False,
         )
     adapters = [spec["name_or_path"] for spec in config.members]

@@ -483,11 +483,16 @@ def test_push_to_hub_uploads_config_and_card_not_weights(tiny_model_dirs, monkey
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
     ensemble = EnsembleForCausalLM.from_members([str(tiny_model_dirs["llama"]), str(tiny_model_dirs["gpt2"])])
-    assert ensemble.push_to_hub("someone/ensemble") == "commit-url"
+    # local members would not resolve for anyone who downloads the ensemble: refused before anything is created
+    with pytest.raises(ValueError, match="self_contained=True"):
+        ensemble.push_to_hub("someone/ensemble")
+    assert "created" not in uploaded
+    assert ensemble.push_to_hub("someone/ensemble", self_contained=True) == "commit-url"
     assert uploaded["repo_id"] == "someone/ensemble"
     assert "config.json" in uploaded["files"] and "README.md" in uploaded["files"]
-    assert not any(name.endswith((".safetensors", ".bin")) for name in uploaded["files"])
+    assert not any(name.endswith((".safetensors", ".bin")) for name in uploaded["files"])  # weights only in members/
     assert uploaded["config"]["model_type"] == "hf_interop_ensemble" and len(uploaded["config"]["members"]) == 2
+    assert [member["name_or_path"] for member in uploaded["config"]["members"]] == ["members/0", "members/1"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
