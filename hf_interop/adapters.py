@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .logging_utils import get_logger
-from .utils import atomic_directory, atomic_write_text
+from .utils import atomic_directory
 
 if TYPE_CHECKING:
     import torch
@@ -205,28 +205,23 @@ def _adapter_summary(peft_model: PeftModel) -> dict[str, Any]:
     }
 
 
-def _write_card(
-    folder: Path, kind: str, model_name: str, base_model: str | None, card_metadata: dict[str, Any], adapter: dict
+def _write_metadata(
+    folder: Path,
+    kind: str,
+    model_name: str,
+    base_model: str | None,
+    card_metadata: dict[str, Any],
+    card_adapter: dict,
+    lineage_adapter: dict[str, Any],
 ) -> None:
-    """Write the model card; if the card module is unavailable, a plain README (and say so)."""
-    metadata = {"model_name": model_name, "adapter": adapter, **card_metadata}
-    if base_model and "base_model" not in metadata:
-        metadata["base_model"] = base_model
-    metadata.setdefault("base_model", base_model or "unknown")
-    try:
-        from .model_card import write_model_card
-    except ImportError:  # the card module is optional for this helper
-        logger.warning("hf_interop.model_card is unavailable; writing a plain README.md instead of a model card.")
-        atomic_write_text(folder / "README.md", f"# {model_name}\n\n{kind} output of hf_interop from {base_model}.\n")
-        return
-    write_model_card(folder, kind, **metadata)
+    """The model card and `hf_interop_lineage.json` (the base model, commit hash for hub ids, and the LoRA setup)."""
+    from .hub.outputs import write_output_metadata
 
-
-def _write_lineage(folder: Path, kind: str, base_model: str | None, adapter: dict[str, Any]) -> None:
-    """`hf_interop_lineage.json` next to the weights: the base model (commit hash for hub ids) and the LoRA setup."""
-    from .hub import write_lineage_manifest
-
-    write_lineage_manifest(folder, kind=kind, base_model=base_model, extra={"lora": adapter}, strict=False)
+    card = {"model_name": model_name, "adapter": card_adapter, **card_metadata}
+    card.setdefault("base_model", base_model or "unknown")
+    lineage = {"base_model": base_model, "extra": {"lora": lineage_adapter}, "strict": False}
+    # Adapter cards have never named their manifest; keep them as they were.
+    write_output_metadata(folder, kind, card=card, lineage=lineage, link_manifest=False)
 
 
 def _check_peft_model(peft_model: Any, function: str) -> None:
@@ -267,10 +262,10 @@ def save_adapter_checkpoint(
         peft_model.save_pretrained(tmp_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp_dir)
-        _write_card(
-            tmp_dir, "lora", output_dir.name, _base_model_name(peft_model), card_metadata, _adapter_summary(peft_model)
+        summary = _adapter_summary(peft_model)
+        _write_metadata(
+            tmp_dir, "lora", output_dir.name, _base_model_name(peft_model), card_metadata, summary, summary
         )
-        _write_lineage(tmp_dir, "lora", _base_model_name(peft_model), _adapter_summary(peft_model))
     return output_dir
 
 
@@ -320,15 +315,15 @@ def export_merged_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp_dir)
         hyperparameters = {"lora": adapter, **card_metadata.pop("hyperparameters", {})}
-        _write_card(
+        _write_metadata(
             tmp_dir,
             "finetuned",
             output_dir.name,
             base_model_name,
             {"hyperparameters": hyperparameters, **card_metadata},
             {},
+            adapter,
         )
-        _write_lineage(tmp_dir, "finetuned", base_model_name, adapter)
     logger.info(f"Saved the merged model ({adapter['target_modules']} adapted) to {output_dir}")
     return merged
 

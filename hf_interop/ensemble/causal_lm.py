@@ -6,12 +6,9 @@ the new token: generating T tokens costs about the sum of the members' own gener
 text every step (as DeePEn and UniTE do). Beam search reorders every member's cache; sampling, greedy search and
 streamers work unchanged.
 
-Members whose tokenizers differ are combined at the level of text pieces when the ensemble is built with
-`cross_tokenizer=True`: `generate()` then runs :class:`hf_interop.ensemble.cross_tokenizer.CrossTokenizerEnsemble`'s
-engine (union of the members' top-k candidates pooled by byte string, weighted mixture, each member re-encoding the
-chosen text with a look-behind window and keeping its own KV cache for the unchanged prefix) and returns ids of the
-ensemble's tokenizer, like any `generate()`. There are no logits over one vocabulary in that mode, so `forward()`
-refuses with a pointer to `generate()`.
+Members whose tokenizers differ are combined over text pieces with `cross_tokenizer=True`: `generate()` then runs the
+engine of :mod:`hf_interop.ensemble.cross_tokenizer` and returns ids of the ensemble's tokenizer; `forward()` refuses
+there (no logits over one vocabulary).
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from ..utils import atomic_write_text
 from .combination import COMBINATIONS, check_contrastive_settings, check_weights
 from .members import check_no_remote_code, member_spec
 
@@ -159,30 +158,10 @@ def load_ensemble_config(
 
 
 def write_ensemble_card(save_directory: Path, metadata: dict[str, Any]) -> None:
-    """README.md through :func:`hf_interop.write_model_card` (`kind="ensemble"`), or a plain card without it."""
-    try:
-        from ..model_card import write_model_card
-    except ImportError:
-        write_model_card = None
-    if write_model_card is not None:
-        write_model_card(save_directory, kind="ensemble", **metadata)
-        return
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [hf_interop, ensemble]",
-        "---",
-        "",
-        "# hf_interop ensemble",
-        "",
-        f"A logit-level ensemble combined by the `{metadata.get('combination')}` rule.",
-        "",
-        "| member | revision | weight |",
-        "|---|---|---|",
-    ]
-    for member in metadata["members"]:
-        lines.append(f"| {member['name_or_path']} | {member.get('revision') or 'not pinned'} | {member['weight']} |")
-    atomic_write_text(save_directory / "README.md", "\n".join(lines) + "\n")
+    """README.md through :func:`hf_interop.write_model_card` (`kind="ensemble"`),"""
+    from ..hub.outputs import write_output_metadata
+
+    write_output_metadata(save_directory, "ensemble", card=metadata)
 
 
 def _check_cross_tokenizer_settings(config: EnsembleConfig) -> None:

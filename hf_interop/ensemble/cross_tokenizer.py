@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..cross_tokenizer import DEFAULT_MAX_VOCAB_UNION_SIZE, special_token_ids, token_byte_strings
 from ..logging_utils import get_logger
+from ..text_alignment import DEFAULT_MAX_VOCAB_UNION_SIZE, special_token_ids, token_byte_strings
 from .members import check_tokenizers_compatible
 
 if TYPE_CHECKING:
