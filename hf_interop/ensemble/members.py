@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from ..loading import dispatch_loaded_model  # noqa: F401  (one implementation, shared with the loaders)
 from ..logging_utils import get_logger
 from .combination import check_weights
 
@@ -349,23 +350,6 @@ def auto_device_map(name_or_path: str, revision: str | None, max_memory: dict, d
             f"member {name_or_path!r} does not fit in max_memory={max_memory} even with CPU offload; raise the budgets."
         )
     return device_map
-
-
-def dispatch_loaded_model(model: torch.nn.Module, device_map: Any, max_memory: dict | None = None) -> torch.nn.Module:
-    """Place an already-loaded member with Accelerate (`"cpu"`, `"cuda:1"`, `{"": 0}`, a module map, or `"auto"`)."""
-    from accelerate import dispatch_model, infer_auto_device_map
-
-    if device_map is None:
-        return model
-    if isinstance(device_map, (str, int)) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        return model.to(device_map if isinstance(device_map, str) else f"cuda:{device_map}")
-    if isinstance(device_map, dict) and set(device_map) == {""}:
-        target = device_map[""]
-        return model.to(target if isinstance(target, str) else f"cuda:{target}")
-    if isinstance(device_map, str):
-        no_split = list(getattr(model, "_no_split_modules", None) or [])
-        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
-    return dispatch_model(model, device_map=device_map)
 
 
 def local_weight_bytes(folder: str | os.PathLike) -> int | None:

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ...evaluation import model_device as _model_device  # noqa: F401  (the writer and the reader use it)
+
 if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
@@ -357,17 +359,6 @@ def _teacher_identity(teacher: Any, teacher_name_or_path: str | None) -> str:
         if candidate:
             return str(candidate)
     return type(teacher).__name__
-
-
-def _model_device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device) and device.type != "meta":
-        return device
-    if isinstance(model, torch.nn.Module):
-        for parameter in model.parameters():
-            if parameter.device.type != "meta":
-                return parameter.device
-    return torch.device("cpu")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
