@@ -72,3 +72,24 @@ def transformers_log():
         yield messages
     finally:
         transformers_logger.removeHandler(handler)
+
+
+def make_distillation_args(output_dir, **overrides):
+    """A small CPU `DistillationConfig` for trainer tests (2 steps, no saving, no reports); `overrides` win."""
+    from hf_interop import DistillationConfig
+
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    settings.update(overrides)
+    return DistillationConfig(**settings)

@@ -11,10 +11,11 @@ import logging
 import pytest
 import torch
 from helpers import build_tiny_causal_lm
+from helpers import make_distillation_args as make_args
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from hf_interop import DistillationConfig, DistillationTrainer, losses
+from hf_interop import DistillationTrainer, losses
 from hf_interop.distill.hidden_states import PROJECTIONS_FILE
 
 TEACHER_OVERRIDES = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4}
@@ -50,24 +51,6 @@ def teacher(corpus_tokenizer, vocab_size):
 
 def make_student(corpus_tokenizer, family="llama", seed=0, **overrides):
     return build_tiny_causal_lm(family, len(corpus_tokenizer), seed=seed, tokenizer=corpus_tokenizer, **overrides)
-
-
-def make_args(output_dir, **overrides):
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    settings.update(overrides)
-    return DistillationConfig(**settings)
 
 
 def weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import pytest
 import torch
 from datasets import Dataset
 from helpers import build_tiny_causal_lm
+from helpers import make_distillation_args as make_args
 
 import hf_interop.loading
 from hf_interop import DistillationConfig, DistillationTrainer
@@ -56,24 +57,6 @@ def teacher_loads(monkeypatch):
 
 def make_student(corpus_tokenizer, seed=0):
     return build_tiny_causal_lm("llama", len(corpus_tokenizer), seed=seed, tokenizer=corpus_tokenizer)
-
-
-def make_args(output_dir, **overrides):
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    settings.update(overrides)
-    return DistillationConfig(**settings)
 
 
 def make_trainer(corpus_tokenizer, teacher_dir, train_rows, output_dir, **overrides):
