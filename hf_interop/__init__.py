@@ -31,6 +31,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "DistillationTrainer": "distill.distillation_trainer",
     "cache_teacher_logits": "distill.teacher_cache.writer",
     "TeacherLogitsCache": "distill.teacher_cache.reader",
+    "ServedTeacher": "distill.served_teacher.client",
+    "ServedTeacherError": "distill.served_teacher.client",
     # fusion
     "EnsembleConfig": "ensemble.config",
     "EnsembleForCausalLM": "ensemble.causal_lm",

@@ -10,6 +10,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ..logging_utils import get_logger
 from ..utils import _resume_request, add_note, is_complete_checkpoint, last_complete_checkpoint
@@ -116,3 +117,28 @@ def _no_half_checkpoint(checkpoint_dir: str, run_dir: str, is_main_process: bool
         if failure is error:
             raise
         raise failure from error
+
+
+def _write_distilled_card(trainer: Any, output_dir: str) -> None:
+    """The final save's model card: teachers (with revisions: a cache's, a server's report), hyperparameters."""
+    from ..hub.outputs import write_output_metadata
+
+    teachers = []
+    if trainer.teacher_name_or_path:
+        revision = trainer.args.teacher_revision
+        if trainer.teacher_cache is not None:
+            revision = trainer.teacher_cache.manifest.get("teacher_revision") or trainer.teacher_cache.manifest.get(
+                "revision"
+            )
+        if trainer.served_teacher is not None:  # as the server reports them
+            revision = trainer.served_teacher.model_info.get("revision")
+        teachers.append({"name_or_path": trainer.teacher_name_or_path, "revision": revision})
+    else:
+        teachers.append({"name_or_path": type(trainer.teacher_model).__name__, "revision": None})
+    hyperparameters = trainer.args.distillation_hyperparameters()
+    if trainer.self_distillation:
+        hyperparameters["self_distillation"] = "teacher = base model with adapters disabled"
+    try:
+        write_output_metadata(output_dir, "distilled", card={"teachers": teachers, "hyperparameters": hyperparameters})
+    except (ValueError, OSError) as error:  # the weights are saved; a card problem must not lose the run
+        logger.warning(f"Saved the model to {output_dir} but could not write its model card: {error}")

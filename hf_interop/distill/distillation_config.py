@@ -84,6 +84,30 @@ class DistillationConfig(TrainingArguments):
         teacher_logits_path (`str`, *optional*):
             Folder of a teacher cache written by [`cache_teacher_logits`] (top-k teacher log-probabilities of the
             training set). When set, no teacher is loaded or run: the loss uses the cached distributions.
+        teacher_url (`str`, *optional*):
+            Base URL of an OpenAI-compatible server that serves the teacher (vLLM, llama.cpp's server,
+            llama-cpp-python, SGLang), e.g. `"http://127.0.0.1:8000/v1"`. Each step asks it for the top-k
+            log-probabilities of every position of the batch (asked while the student computes the previous batch)
+            and uses the sparse top-k + tail loss, as with a cache. Needs the student's tokenizer (checked against
+            the server's before training) and a `loss_type` of the sparse family. A `teacher_model` or
+            `teacher_model_name_or_path` starting with `http://` or `https://` means the same.
+        teacher_served_model (`str`, *optional*):
+            The served model's name; defaults to the one the server lists first.
+        teacher_top_k (`int`, *optional*, defaults to `20`):
+            Log-probabilities asked per position from a served teacher (vLLM allows 20 unless started with a higher
+            `--max-logprobs`). Higher covers more of the teacher's mass and costs more transfer and parsing.
+        teacher_concurrency (`int`, *optional*, defaults to `4`):
+            Requests in flight to a served teacher (one row each).
+        teacher_request_timeout (`float`, *optional*, defaults to `300`):
+            Seconds a request may take before it is retried.
+        teacher_max_retries (`int`, *optional*, defaults to `4`):
+            Retries after a connection error, timeout, 429 or 5xx, with exponential backoff; then training stops
+            with an error naming the step.
+        teacher_api_key_env (`str`, *optional*, defaults to `"OPENAI_API_KEY"`):
+            Environment variable holding the served teacher's API key (sent as a bearer token when set).
+        student_generation_url (`str`, *optional*):
+            With `lmbda > 0`: generate the on-policy text with this server (a served copy of the student that the
+            user keeps in step with training, e.g. vLLM with weight reloading) instead of the in-process student.
         sparse_tail (`str`, *optional*, defaults to `"bucket"`):
             How a teacher cache's tail (the probability mass outside its top-k) is used; only with
             `teacher_logits_path`. `"bucket"`: one bucket, matched by the student's total mass outside the top-k ids
@@ -217,6 +241,30 @@ class DistillationConfig(TrainingArguments):
     teacher_logits_path: str | None = field(
         default=None,
         metadata={"help": "Folder of a teacher cache (cache_teacher_logits); no teacher is run when it is set."},
+    )
+    teacher_url: str | None = field(
+        default=None,
+        metadata={"help": "Base URL of an OpenAI-compatible server serving the teacher (vLLM, llama.cpp)."},
+    )
+    teacher_served_model: str | None = field(
+        default=None, metadata={"help": "The served teacher's model name (default: the one the server lists)."}
+    )
+    teacher_top_k: int = field(
+        default=20, metadata={"help": "Log-probabilities asked per position from a served teacher."}
+    )
+    teacher_concurrency: int = field(default=4, metadata={"help": "Requests in flight to a served teacher."})
+    teacher_request_timeout: float = field(
+        default=300.0, metadata={"help": "Seconds a request to a served teacher may take before it is retried."}
+    )
+    teacher_max_retries: int = field(
+        default=4, metadata={"help": "Retries of a failed request to a served teacher (backoff doubles)."}
+    )
+    teacher_api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "Environment variable with the served teacher's API key."}
+    )
+    student_generation_url: str | None = field(
+        default=None,
+        metadata={"help": "With lmbda > 0: a server with a copy of the student that generates the on-policy text."},
     )
     sparse_tail: str = field(
         default="bucket",
@@ -363,6 +411,7 @@ class DistillationConfig(TrainingArguments):
                 f"teacher_max_memory={self.teacher_max_memory} is used only with teacher_device_map='auto', but "
                 f"teacher_device_map={self.teacher_device_map!r}; set teacher_device_map='auto' or drop the limit."
             )
+        self._check_served_teacher()
         if self.teacher_logits_path is not None and (self.lmbda > 0 or self.seq_kd):
             raise ValueError(
                 f"teacher_logits_path={self.teacher_logits_path!r} holds the teacher's distributions of the fixed "
@@ -383,6 +432,39 @@ class DistillationConfig(TrainingArguments):
                 "or use a live teacher."
             )
 
+    def _check_served_teacher(self) -> None:
+        from ..losses.names import SPARSE_LOSS_TYPES
+
+        if self.teacher_url is None and str(self.teacher_model_name_or_path or "").startswith(("http://", "https://")):
+            self.teacher_url, self.teacher_model_name_or_path = self.teacher_model_name_or_path, None
+        for name in ("teacher_url", "student_generation_url"):
+            value = getattr(self, name)
+            if value is not None and not str(value).startswith(("http://", "https://")):
+                raise ValueError(f"{name}={value!r} is not an http(s) URL; give e.g. http://127.0.0.1:8000/v1.")
+        for name, low in (("teacher_top_k", 1), ("teacher_concurrency", 1), ("teacher_max_retries", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+        if not self.teacher_request_timeout > 0:
+            raise ValueError(f"teacher_request_timeout must be > 0 seconds, got {self.teacher_request_timeout!r}.")
+        if self.teacher_url is None:
+            return
+        if self.teacher_logits_path is not None:
+            raise ValueError(
+                f"teacher_url={self.teacher_url!r} and teacher_logits_path={self.teacher_logits_path!r} are two "
+                "teachers; pass one (capture a cache from the server with cache_teacher_logits(teacher=URL))."
+            )
+        if self.loss_type not in SPARSE_LOSS_TYPES:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} needs the teacher's whole distribution, but a served teacher gives its "
+                f"top-{self.teacher_top_k}; use one of {list(SPARSE_LOSS_TYPES)} with teacher_url."
+            )
+        if self.hidden_loss_weight > 0:
+            raise ValueError(
+                f"hidden_loss_weight={self.hidden_loss_weight} needs the teacher's hidden states, which a served "
+                f"teacher (teacher_url={self.teacher_url!r}) does not return; set hidden_loss_weight=0."
+            )
+
     def distillation_hyperparameters(self) -> dict[str, Any]:
         """The distillation settings (no generic training arguments), for model cards and logs."""
         names = ["loss_type", "temperature", "kd_ratio", "loss_chunk_size"]
@@ -394,6 +476,8 @@ class DistillationConfig(TrainingArguments):
             names += ["hidden_loss_weight", "hidden_layer_map", "hidden_loss_type"]
         if self.teacher_logits_path is not None:
             names.append("sparse_tail")
+        if self.teacher_url is not None:
+            names += ["teacher_served_model", "teacher_top_k"]
         if self.lmbda > 0 or self.seq_kd:
             names += ["lmbda", "seq_kd", "max_new_tokens", "generation_temperature"]
         names += ["learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps"]

@@ -23,7 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import losses
 from ..logging_utils import get_logger
-from .checkpoints import _no_half_checkpoint, _resume_target
+from .checkpoints import _no_half_checkpoint, _resume_target, _write_distilled_card
 from .collators import (
     IGNORE_INDEX,
     TEACHER_CACHE_COLUMNS,
@@ -33,7 +33,7 @@ from .collators import (
 )
 from .cpu_fsdp import _requested_cpu_fsdp_plugin, _switch_state_to_fsdp
 from .distillation_config import DistillationConfig
-from .generation import _build_generation_config, _draws_on_policy, _generate_continuations
+from .generation import _build_generation_config, _draws_on_policy, _generate_batch_for
 from .hidden_states import (
     _check_hidden_layer_map,
     _hidden_state_loss,
@@ -55,6 +55,7 @@ from .model_utils import (
     _without_tied_copies,
 )
 from .preflight import _check_datasets, _check_output_dir, _warn_if_emulated_bf16
+from .served_teacher import online as served
 from .teacher import (
     _check_teacher_against_student,
     _load_teacher,
@@ -140,8 +141,14 @@ class DistillationTrainer(Trainer):
         self.teacher_name_or_path: str | None = None
         self.shared_vocab_size: int | None = None
         self.teacher_tail_prior = None  # sparse_tail="teacher_marginal": the cache's mean teacher distribution
+        self.served_teacher = self.generation_server = None  # a teacher (and a student copy) behind a server
         if args.teacher_logits_path is not None:
             train_dataset = self._use_teacher_cache(model, teacher_model, args, processing_class, train_dataset)
+        elif args.teacher_url is not None or served.is_served_teacher(teacher_model):
+            self.served_teacher, self.shared_vocab_size = served.connect_served_teacher(
+                args, teacher_model, processing_class, _vocab_size(model)
+            )
+            self.teacher_name_or_path = self.served_teacher.model
         else:
             self._use_live_teacher(model, teacher_model, args, processing_class, teacher_processing_class)
 
@@ -149,6 +156,12 @@ class DistillationTrainer(Trainer):
             data_collator = _PaddingCollator(_pad_token_id(model, processing_class))
         if self.teacher_cache is not None:
             data_collator = _TeacherCacheCollator(data_collator, self.teacher_cache)
+        if self.served_teacher is not None:
+            data_collator = served.ServedTeacherCollator(data_collator, self.served_teacher)
+        if args.student_generation_url is not None and args.lmbda > 0:
+            self.generation_server = served.connect_generation_server(
+                args.student_generation_url, args, processing_class
+            )
 
         super().__init__(
             model=model,
@@ -401,7 +414,12 @@ class DistillationTrainer(Trainer):
             generator = "student" if self._is_on_policy_step() else ("teacher" if self.args.seq_kd else None)
             if generator is not None:
                 inputs = self._prepare_inputs(inputs)
+                inputs.pop(served.ANSWERS_KEY, None)
                 inputs = self._generate_batch(model, inputs, generator)
+                if self.served_teacher is not None:  # the server scores the new text (no prefetch possible here)
+                    inputs[served.ANSWERS_KEY] = served.ask(
+                        self.served_teacher, inputs, f"step {self.state.global_step}"
+                    )
                 # The Trainer counted valid targets on the original labels; generated rows are normalised locally.
                 num_items_in_batch = None
                 self._generated_step = True
@@ -423,6 +441,8 @@ class DistillationTrainer(Trainer):
         mode = "train" if model.training else "eval"
         inputs = dict(inputs)
         cached = {name: inputs.pop(name) for name in TEACHER_CACHE_COLUMNS if name in inputs}
+        if self.served_teacher is not None:  # answers asked for when the batch was built (or in a loader worker)
+            cached, no_answer = served.take_answers(self.served_teacher, inputs, cached)
         labels = inputs.pop("labels", None)
         if labels is None:
             labels = inputs["input_ids"]
@@ -430,6 +450,8 @@ class DistillationTrainer(Trainer):
         shift_labels = labels[:, 1:]
         if attention_mask is not None:
             shift_labels = shift_labels.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
+        if self.served_teacher is not None and no_answer is not None:  # positions the server did not answer
+            shift_labels = shift_labels.masked_fill(no_answer, IGNORE_INDEX)
         num_valid_tokens = int((shift_labels != IGNORE_INDEX).sum())
 
         local_normalizer = False
@@ -500,6 +522,8 @@ class DistillationTrainer(Trainer):
                 if was_seen > 0:
                     logs[f"{prefix}{name}"] = total / num_tokens if num_tokens > 0 else 0.0
         self._metric_sums[mode] = {}
+        if self.served_teacher is not None and mode == "train":  # seconds the loss waited for the server's answers
+            logs["teacher_wait_seconds"] = self.served_teacher.statistics.pop("wait_seconds", 0.0)
         super().log(logs, start_time)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -562,27 +586,7 @@ class DistillationTrainer(Trainer):
             self._write_model_card(output_dir if output_dir is not None else self.args.output_dir)
 
     def _write_model_card(self, output_dir: str) -> None:
-        from ..hub.outputs import write_output_metadata
-
-        teachers = []
-        if self.teacher_name_or_path:
-            revision = self.args.teacher_revision
-            if self.teacher_cache is not None:
-                revision = self.teacher_cache.manifest.get("teacher_revision") or self.teacher_cache.manifest.get(
-                    "revision"
-                )
-            teachers.append({"name_or_path": self.teacher_name_or_path, "revision": revision})
-        else:
-            teachers.append({"name_or_path": type(self.teacher_model).__name__, "revision": None})
-        hyperparameters = self.args.distillation_hyperparameters()
-        if self.self_distillation:
-            hyperparameters["self_distillation"] = "teacher = base model with adapters disabled"
-        try:
-            write_output_metadata(
-                output_dir, "distilled", card={"teachers": teachers, "hyperparameters": hyperparameters}
-            )
-        except (ValueError, OSError) as error:  # the weights are saved; a card problem must not lose the run
-            logger.warning(f"Saved the model to {output_dir} but could not write its model card: {error}")
+        _write_distilled_card(self, output_dir)
 
     # ---------------------------------------------------------------- the loss
 
@@ -654,7 +658,7 @@ class DistillationTrainer(Trainer):
             student_kwargs["output_hidden_states"] = True
         outputs = model(**model_inputs, **student_kwargs)
 
-        if self.teacher_cache is not None:
+        if self.teacher_cache is not None or self.served_teacher is not None:
             loss, statistics = self._cached_teacher_loss(model, outputs, shift_labels, cached, chunked, loss_kwargs)
             return loss, outputs, statistics
 
@@ -697,11 +701,12 @@ class DistillationTrainer(Trainer):
                 logits[:, :-1], logits[:, :-1].detach(), shift_labels, **{**loss_kwargs, "kd_ratio": 0.0}
             )
             return result.loss, {"ce_loss": result.ce_loss}
+        manifest = self.teacher_cache.manifest if self.teacher_cache is not None else {}
         sparse_kwargs = {
             **loss_kwargs,
             "skew_alpha": args.skew_alpha,
-            "cache_temperature": float(self.teacher_cache.manifest.get("temperature", 1.0)),
-            "teacher_vocab_size": self.teacher_cache.manifest.get("vocab_size"),
+            "cache_temperature": float(manifest.get("temperature", 1.0)),
+            "teacher_vocab_size": manifest.get("vocab_size") or getattr(self.served_teacher, "vocab_size", None),
             "shared_vocab_size": self.shared_vocab_size,
             "teacher_tail_prior_logprobs": self._tail_prior_on(shift_labels.device),
         }
@@ -773,17 +778,7 @@ class DistillationTrainer(Trainer):
 
     def _generate_batch(self, model: nn.Module, inputs: dict[str, Any], generator: str) -> dict[str, Any]:
         """The batch with its continuations replaced by text that `generator` ("student" or "teacher") samples."""
-        if generator == "student" or self.self_distillation:
-            generating = self.accelerator.unwrap_model(model)
-        else:
-            generating = self.accelerator.unwrap_model(self.teacher_model)
-        return _generate_continuations(
-            generating,
-            inputs,
-            self._generation_config,
-            self.args.generation_prompt_length,
-            disable_adapter=generator == "teacher" and self.self_distillation,
-        )
+        return _generate_batch_for(self, model, inputs, generator)
 
 
 # --------------------------------------------------------------------------------------------------------------

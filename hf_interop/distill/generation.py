@@ -72,3 +72,35 @@ def _generate_continuations(
     sequences = sequences.to(inputs["input_ids"].device)
     attention_mask, labels = mask_generated_continuations(sequences, prompt_mask, config.eos_token_id)
     return {"input_ids": sequences, "attention_mask": attention_mask, "labels": labels}
+
+
+def _generate_batch_for(trainer: Any, model: nn.Module, inputs: dict[str, Any], generator: str) -> dict[str, Any]:
+    """`trainer`'s batch with its continuations replaced by text that `generator` ("student" or "teacher") samples:
+    by a server when one serves that model (`student_generation_url`, or a served teacher), else in-process."""
+    from .served_teacher.online import served_continuations
+
+    server = trainer.generation_server if generator == "student" else trainer.served_teacher
+    config = trainer._generation_config
+    if server is not None:
+        prompt_ids, prompt_mask = _left_padded_prompts(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            inputs.get("labels"),
+            trainer.args.generation_prompt_length,
+            config.pad_token_id,
+        )
+        # seeded per step (like the on-policy draw), so a resumed run asks for the same samples
+        seed = trainer.args.seed * 1_000_003 + trainer.state.global_step
+        batch = served_continuations(server, server.tokenizer, prompt_ids, prompt_mask, config, seed)
+        return {name: value.to(inputs["input_ids"].device) for name, value in batch.items()}
+    if generator == "student" or trainer.self_distillation:
+        generating = trainer.accelerator.unwrap_model(model)
+    else:
+        generating = trainer.accelerator.unwrap_model(trainer.teacher_model)
+    return _generate_continuations(
+        generating,
+        inputs,
+        config,
+        trainer.args.generation_prompt_length,
+        disable_adapter=generator == "teacher" and trainer.self_distillation,
+    )

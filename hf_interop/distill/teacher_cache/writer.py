@@ -273,6 +273,8 @@ def cache_teacher_logits(
     overwrite: bool = False,
     show_progress: bool = True,
     dtype: Any = None,
+    served_model: str | None = None,
+    concurrency: int = 4,
 ) -> TeacherLogitsCache:
     """Run a teacher once over a tokenized dataset and store its top-k next-token log-probabilities.
 
@@ -290,9 +292,12 @@ def cache_teacher_logits(
     including `EnsembleForCausalLM` (whose `logits` are the ensemble's log-probabilities).
 
     Args:
-        teacher (`PreTrainedModel`, `torch.nn.Module` or `str`):
+        teacher (`PreTrainedModel`, `torch.nn.Module`, `str` or `ServedTeacher`):
             The teacher, or a hub id / local folder / .gguf file loaded with :func:`hf_interop.load_causal_lm`
-            (its tokenizer is then loaded too and fingerprinted).
+            (its tokenizer is then loaded too and fingerprinted), or a served teacher: the URL of an
+            OpenAI-compatible server (`"http://127.0.0.1:8000/v1"`: vLLM, llama.cpp's server, llama-cpp-python)
+            or a :class:`hf_interop.ServedTeacher`. A served teacher needs `tokenizer` (the student's); it is
+            checked before anything is written, and `concurrency` rows are asked at once.
         dataset (`datasets.Dataset`):
             Tokenized rows with `input_ids` and optionally `attention_mask` (e.g. from
             :func:`hf_interop.pack_dataset`). Other columns (`labels`, ...) are ignored.
@@ -322,6 +327,10 @@ def cache_teacher_logits(
             tqdm progress bar (main process only).
         dtype (`str` or `torch.dtype`, *optional*):
             dtype to load a teacher given by name in (e.g. `"float32"`, `"bfloat16"`).
+        served_model (`str`, *optional*):
+            For a teacher URL: the served model's name (defaults to the one the server lists).
+        concurrency (`int`, *optional*, defaults to 4):
+            For a teacher URL: requests in flight at once.
 
     Returns:
         :class:`TeacherLogitsCache`: the finished cache, loaded memory-mapped (on every process).
@@ -335,9 +344,14 @@ def cache_teacher_logits(
     # ---- load the teacher (the first expensive step) ----
     # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
     state = PartialState(cpu=not torch.cuda.is_available())
-    teacher, tokenizer, teacher_id, teacher_revision = _load_teacher(
-        teacher, state, tokenizer, teacher_name_or_path, teacher_revision, dtype
-    )
+    if _is_served(teacher):
+        teacher, teacher_id, teacher_revision = _connect_served_teacher(
+            teacher, tokenizer, top_k, served_model, concurrency, teacher_name_or_path, teacher_revision
+        )
+    else:
+        teacher, tokenizer, teacher_id, teacher_revision = _load_teacher(
+            teacher, state, tokenizer, teacher_name_or_path, teacher_revision, dtype
+        )
     vocab_size = _checked_vocab_size(teacher, vocab_size, top_k, teacher_id)
     if tokenizer is None:
         logger.warning(
@@ -403,7 +417,9 @@ def _check_arguments(
         raise _foreign_output_error(output_dir)
 
     vocab_size = _teacher_vocab_size(teacher) if not isinstance(teacher, (str, os.PathLike)) else None
-    if isinstance(teacher, (str, os.PathLike)) and not str(teacher).endswith(".gguf"):
+    if _is_served(teacher):
+        vocab_size = None  # known once the tokenizer is checked against the server
+    elif isinstance(teacher, (str, os.PathLike)) and not str(teacher).endswith(".gguf"):
         vocab_size = _config_vocab_size(str(teacher), teacher_revision)
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(
@@ -450,7 +466,8 @@ def _load_teacher(
 
 def _checked_vocab_size(teacher: Any, vocab_size: int | None, top_k: int, teacher_id: str) -> int:
     """The loaded teacher's vocabulary size (else the one read from its config), checked against `top_k`."""
-    vocab_size = _teacher_vocab_size(teacher) or vocab_size
+    loaded = getattr(teacher, "vocab_size", None) if _is_served(teacher) else _teacher_vocab_size(teacher)
+    vocab_size = loaded or vocab_size
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(
             f"top_k={top_k} is larger than the teacher's vocabulary ({vocab_size}); use top_k <= {vocab_size}."
@@ -481,9 +498,11 @@ def _cache_plan(
         "teacher": teacher_id,
         "teacher_revision": teacher_revision,
         "teacher_class": type(teacher).__name__,
-        # config and sampled weights: a retrained teacher saved to the same folder is another teacher
-        "teacher_fingerprint": teacher_fingerprint(teacher),
-        "dtype": _model_dtype(teacher),
+        # config and sampled weights: a retrained teacher saved to the same folder is another teacher; a served one
+        # is named by the model and revision its server reports
+        "teacher_fingerprint": teacher.fingerprint() if _is_served(teacher) else teacher_fingerprint(teacher),
+        "dtype": "served" if _is_served(teacher) else _model_dtype(teacher),
+        **({"served_teacher": dict(teacher.model_info)} if _is_served(teacher) else {}),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "top_k": top_k,
@@ -585,7 +604,8 @@ def _compute_missing_shards(
     done_elsewhere = num_shards - len(todo)
     if done_elsewhere and todo:
         logger.info(f"Resuming {output_dir}: {len(todo)} shard(s) left for this process.", main_process_only=False)
-    device = _model_device(teacher)
+    served = _is_served(teacher)
+    device = None if served else _model_device(teacher)
     was_training = getattr(teacher, "training", False)
     if hasattr(teacher, "eval"):
         teacher.eval()
@@ -594,8 +614,9 @@ def _compute_missing_shards(
         math.ceil((min((s + 1) * shard_size, len(dataset)) - s * shard_size) / batch_size) for s in todo
     )
     progress = tqdm(
-        total=total_batches,
-        desc=f"Caching teacher top-{top_k}",
+        total=sum(min((s + 1) * shard_size, len(dataset)) - s * shard_size for s in todo) if served else total_batches,
+        desc=f"Caching {'served ' if served else ''}teacher top-{top_k}",
+        unit="row" if served else "it",
         disable=not show_progress or not state.is_main_process,
     )
     reading = dataset.select_columns(_token_columns(dataset))
@@ -604,6 +625,9 @@ def _compute_missing_shards(
             start, end = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
 
             def shard_rows(start: int = start, end: int = end) -> Iterator[tuple[Any, Any]]:
+                if served:
+                    yield from _served_rows(teacher, reading, start, end, progress)
+                    return
                 for batch_start in range(start, end, batch_size):
                     input_ids, attention_mask = _rows_batch(reading, batch_start, min(batch_start + batch_size, end))
                     yield from _teacher_topk(
@@ -668,3 +692,55 @@ def _remove_cache_folder_contents(output_dir: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# a teacher behind an inference server
+
+
+def _is_served(teacher: Any) -> bool:
+    from ..served_teacher import ServedTeacher, is_teacher_url
+
+    return isinstance(teacher, ServedTeacher) or is_teacher_url(teacher)
+
+
+def _connect_served_teacher(
+    teacher: Any,
+    tokenizer: PreTrainedTokenizerBase | None,
+    top_k: int,
+    served_model: str | None,
+    concurrency: int,
+    teacher_name_or_path: str | None,
+    teacher_revision: str | None,
+) -> tuple[Any, str, str | None]:
+    """The served teacher, checked against the server and `tokenizer` before anything is written."""
+    from ..served_teacher import ServedTeacher
+
+    if tokenizer is None:
+        raise ValueError(
+            "a served teacher needs tokenizer=<the student's tokenizer> (CLI: --tokenizer), which maps the "
+            "server's tokens to ids and is fingerprinted into the cache."
+        )
+    if not isinstance(teacher, ServedTeacher):
+        teacher = ServedTeacher(str(teacher), model=served_model, top_k=top_k, concurrency=concurrency)
+    elif teacher.top_k != top_k:
+        raise ValueError(f"top_k={top_k} but the ServedTeacher asks for top_k={teacher.top_k}; make them equal.")
+    teacher.connect(tokenizer)
+    teacher_id = teacher_name_or_path or str(teacher.model)
+    return teacher, teacher_id, teacher_revision or teacher.model_info.get("revision")
+
+
+def _served_rows(teacher: Any, reading: Dataset, start: int, end: int, progress: Any) -> Iterator[tuple[Any, Any]]:
+    """Rows `start..end-1` answered by the server, many in flight, yielded in order as `(ids, logprobs)`."""
+    ids_dtype = np.uint16 if teacher.vocab_size <= 65536 else np.int32
+    started, tokens = time.perf_counter(), 0
+
+    def requests() -> Iterator[tuple[str, list[int]]]:
+        for row in range(start, end):
+            yield f"dataset row {row}", list(reading[row]["input_ids"])
+
+    for row_ids, row_logprobs in teacher.iter_topk(requests()):
+        tokens += row_ids.shape[0] + 1
+        progress.update(1)
+        progress.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}", refresh=False)
+        yield row_ids.astype(ids_dtype), row_logprobs
