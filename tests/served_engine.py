@@ -4,7 +4,7 @@ It answers the way the engines hf_interop supports do, so the client's parsing, 
 tested fast with tiny models, and faults can be injected on demand (the real llama.cpp server is tested in
 `tests/distill/test_served_teacher_llama_cpp.py`):
 
-- `style="vllm"`: token-id prompts, `prompt_logprobs=k` answered as `[None, {token_id: {logprob, rank,
+- `style="vllm"`: `/tokenize`, token-id prompts, `prompt_logprobs=k` answered as `[None, {token_id: {logprob, rank,
   decoded_token}}, ...]`, `/v1/models` with `owned_by: "vllm"`, and vLLM's refusal above `max_logprobs`.
 - `style="echo"`: text prompts with `echo=True, logprobs=k` answered as OpenAI's legacy `logprobs` (`tokens`,
   `text_offset`, `top_logprobs` as `{token string: logprob}` with the first `None`), as llama-cpp-python does;
@@ -13,7 +13,8 @@ tested fast with tiny models, and faults can be injected on demand (the real lla
 
 Faults (`engine.faults`, a dict, read on every request): `status` (answer this HTTP status `status_count` times),
 `delay` (seconds before answering), `short` (answer this many entries per position), `nan` / `neginf` (put NaN or
--inf into the first position's values), `drop_connection` (close the socket without answering, once per count).
+-inf into the first position's values), `drop_connection` (close the socket without answering, once per count),
+`no_logprobs` (answer echo requests without log-probabilities, as a server without logprob support does).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class ServedEngine:
         model_name: str = "tiny-teacher",
         api_key: str | None = None,
         max_logprobs: int = 20,
+        root: str | None = None,
     ) -> None:
         from hf_interop.distill.served_teacher import TokenStringTable
 
@@ -48,6 +50,7 @@ class ServedEngine:
         self.model_name = model_name
         self.api_key = api_key
         self.max_logprobs = max_logprobs
+        self.root = root
         self.table = TokenStringTable(tokenizer)
         self.faults: dict[str, Any] = {}
         self.requests: list[dict] = []
@@ -121,7 +124,11 @@ class ServedEngine:
             return self._send(handler, int(status), {"error": {"message": f"injected {status}"}})
         if method == "GET" and handler.path.rstrip("/") == "/v1/models":
             owner = "vllm" if self.style == "vllm" else "llama-cpp"
-            return self._send(handler, 200, {"object": "list", "data": [{"id": self.model_name, "owned_by": owner}]})
+            item = {"id": self.model_name, "owned_by": owner, **({"root": self.root} if self.root else {})}
+            return self._send(handler, 200, {"object": "list", "data": [item]})
+        if method == "POST" and handler.path.rstrip("/") == "/tokenize" and self.style == "vllm":
+            ids = self.tokenizer(body.get("prompt", ""), add_special_tokens=bool(body.get("add_special_tokens")))
+            return self._send(handler, 200, {"tokens": ids["input_ids"], "count": len(ids["input_ids"])})
         if method == "POST" and handler.path.rstrip("/") == "/v1/completions":
             try:
                 return self._send(handler, *self._complete(body))
@@ -157,11 +164,13 @@ class ServedEngine:
         if k is not None and self.style == "vllm":
             if int(k) > self.max_logprobs:
                 return 400, {
-                    "error": {"message": f"Requested prompt logprobs of {k}, which is greater than max allowed: "
-                              f"{self.max_logprobs}"}  # fmt: skip
+                    "error": {
+                        "message": f"Requested prompt logprobs of {k}, which is greater than max allowed: "
+                        f"{self.max_logprobs}"
+                    }  # fmt: skip
                 }
             choice["prompt_logprobs"] = self._vllm_prompt_logprobs(ids, int(k))
-        elif k is not None and body.get("echo"):
+        elif k is not None and body.get("echo") and not self.faults.get("no_logprobs"):
             choice["logprobs"] = self._echo_logprobs(ids + generated, int(k))
             choice["text"] = prompt + text
         usage = {"prompt_tokens": len(ids), "completion_tokens": len(generated)}

@@ -442,7 +442,8 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         cached = {name: inputs.pop(name) for name in TEACHER_CACHE_COLUMNS if name in inputs}
         if self.served_teacher is not None:  # answers asked for when the batch was built (or in a loader worker)
-            cached, no_answer = served.take_answers(self.served_teacher, inputs, cached)
+            when = f"at training step {self.state.global_step} ({mode})"
+            cached, no_answer = served.take_answers(self.served_teacher, inputs, cached, when)
         labels = inputs.pop("labels", None)
         if labels is None:
             labels = inputs["input_ids"]

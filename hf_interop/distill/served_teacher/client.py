@@ -36,11 +36,9 @@ logger = get_logger(__name__)
 
 #: The environment variable read for the API key when none is given.
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
-#: A text every tokenizer splits into many ordinary tokens: the start-up checks send it.
-PROBE_TEXT = (
-    "The capital of France is Paris, and the capital of Italy is Rome. One, two, three, four, five, six, seven, "
-    "eight, nine, ten. def add(a, b):\n    return a + b\n"
-)
+#: Sent by the start-up checks: ordinary tokens for any tokenizer, and predictable enough that a trained model's
+#: answer tells which position each distribution belongs to (short: some servers take ~0.2 s per prompt token).
+PROBE_TEXT = "The capital of France is Paris. One, two, three, four, five, six, seven."
 _RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -144,7 +142,14 @@ class ServedTeacher:
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.vocab_size: int | None = None
         self.model_info: dict[str, Any] = {}
-        self.statistics = {"requests": 0, "retries": 0, "missing_positions": 0, "dropped_entries": 0, "tokens": 0}
+        self.statistics = {
+            "requests": 0,
+            "submitted": 0,
+            "retries": 0,
+            "missing_positions": 0,
+            "dropped_entries": 0,
+            "tokens": 0,
+        }
         self._statistics_lock = threading.Lock()
         self._local = threading.local()
         self._executor: ThreadPoolExecutor | None = None
@@ -170,11 +175,12 @@ class ServedTeacher:
         return headers
 
     def _request(self, method: str, path: str, payload: dict | None = None, retries: int | None = None) -> Any:
-        """The JSON answer of one request, retried on connection errors, timeouts, 429 and 5xx."""
+        """The JSON answer of one request, retried on connection errors, timeouts, 429 and 5xx. `path` is relative to
+        the `/v1` base, or to the server's root when it starts with `//` (vLLM's `/tokenize`)."""
         import requests
 
         retries = self.max_retries if retries is None else retries
-        url = self.url + path
+        url = self.url[: -len("/v1")] + path[1:] if path.startswith("//") else self.url + path
         last_error = ""
         for attempt in range(retries + 1):
             if attempt:
@@ -300,6 +306,7 @@ class ServedTeacher:
         ids = self.tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
         try:
             if self.api == "vllm":
+                self._check_vllm_tokenizer(ids)
                 choice = self._complete_vllm(ids)
                 self._check_vllm_tokens(choice, ids)
             else:
@@ -311,6 +318,21 @@ class ServedTeacher:
                 parse_echo_logprobs(choice, ids, self.table, self.top_k, self.position_convention, prompt_chars)
         except ServedTeacherAnswerError as error:
             raise ServedTeacherError(f"the probe request to {self.url} gave an unusable answer: {error}.") from None
+
+    def _check_vllm_tokenizer(self, ids: list[int]) -> None:
+        """vLLM's `/tokenize` on the probe text must give the student's ids (skipped when the server has none)."""
+        payload = {"model": self.model, "prompt": PROBE_TEXT, "add_special_tokens": False}
+        try:
+            answer = self._request("POST", "//tokenize", payload, retries=min(self.max_retries, 1))
+        except _ClientError:
+            return  # no /tokenize: the decoded tokens of the probe answer are compared instead
+        theirs = [int(token) for token in (answer or {}).get("tokens", [])]
+        if theirs != ids:
+            position = next((i for i, (a, b) in enumerate(zip(ids, theirs, strict=False)) if a != b), len(ids))
+            strings = self.table.row_strings(ids)
+            ours_at = strings[position] if position < len(ids) else "<end>"
+            theirs_at = f"id {theirs[position]}" if position < len(theirs) else "<end>"
+            raise ServedTeacherError(_tokenizer_mismatch(self.url, ours_at, theirs_at, position))
 
     def _check_vllm_tokens(self, choice: dict, ids: list[int]) -> None:
         prompt_logprobs = choice.get("prompt_logprobs")
@@ -446,6 +468,8 @@ class ServedTeacher:
 
     def submit(self, ids: list[int] | np.ndarray, where: str = "row") -> Future:
         """Ask for one row's top-k in the background; the future gives what :meth:`row_topk` returns."""
+        with self._statistics_lock:
+            self.statistics["submitted"] += 1
         return self.executor.submit(self.row_topk, ids, where)
 
     def iter_topk(self, rows: Iterable[tuple[str, list[int]]]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -459,6 +483,10 @@ class ServedTeacher:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
+        except BaseException:
+            # no request outlives a failed capture (a later resume must not race a retry of this one)
+            self.close(wait=True)
+            raise
         finally:
             for future in pending:
                 future.cancel()
@@ -502,9 +530,10 @@ class ServedTeacher:
         futures = [self.executor.submit(one, index, prompt) for index, prompt in enumerate(prompts)]
         return [future.result() for future in futures]
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Stop the request threads (queued requests are dropped; with `wait`, running ones are awaited)."""
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown(wait=wait, cancel_futures=True)
             self._executor = None
 
     def known_missing_positions(self) -> list[int]:
@@ -540,21 +569,21 @@ def _detect_convention(choice: dict, prompt_chars: int) -> str:
 
     Under the right reading, the distribution at position `j` predicts the token the text has there, so the
     probe's tokens get high log-probabilities; under the wrong one they are scored by a distribution shifted by
-    one token, which gives them low ones.
+    one token, which gives them low ones. A token missing from a position's top-k counts as that position's
+    smallest value (an upper bound). Raises when the two readings are too close to tell (an untrained model).
     """
     logprobs = choice["logprobs"]
     tokens = list(logprobs["tokens"])
     tokens = tokens[: prompt_token_count(tokens, prompt_chars)]
     top = logprobs["top_logprobs"]
-    floor = -30.0
 
     def score(shift: int) -> float:
         values = []
         for j in range(1, len(tokens)):
             answer = top[j - shift] if 0 <= j - shift < len(top) else None
             if answer:
-                values.append(max(float(answer.get(tokens[j], floor)), floor))
-        return float(np.mean(values)) if values else floor
+                values.append(float(answer.get(tokens[j], min(float(value) for value in answer.values()))))
+        return float(np.mean(values)) if values else 0.0
 
     current, following = score(0), score(1)
     if abs(current - following) < 0.5:

@@ -144,7 +144,7 @@ class ServedTeacherCollator:
 
 
 def take_answers(
-    teacher: ServedTeacher, inputs: dict[str, Any], cached: dict[str, torch.Tensor]
+    teacher: ServedTeacher, inputs: dict[str, Any], cached: dict[str, torch.Tensor], when: str = ""
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
     """Take the teacher's answers out of a batch (waiting for what has not arrived): `(columns, positions without
     an answer)`, or `({}, None)` for a batch without any (evaluation rows). The wait is added to the teacher's
@@ -153,7 +153,10 @@ def take_answers(
     missing = inputs.pop(f"{ANSWERS_KEY}_missing", None)
     device = inputs["input_ids"].device
     if pending is not None:
-        cached, missing = pending.resolve(device)
+        try:
+            cached, missing = pending.resolve(device)
+        except ValueError as error:  # stop training rather than learn from a broken answer
+            raise ValueError(f"{when}: {error}" if when else str(error)) from error
         teacher.statistics["wait_seconds"] = teacher.statistics.get("wait_seconds", 0.0) + pending.wait_seconds
     if not cached:
         return {}, None
@@ -223,7 +226,8 @@ def connect_served_teacher(args: Any, teacher_model: Any, processing_class: Any,
             api_key_env=args.teacher_api_key_env,
         )
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    teacher.connect(tokenizer)
+    if teacher.table is None or teacher.tokenizer is not tokenizer:
+        teacher.connect(tokenizer)
     if student_vocab_size < teacher.vocab_size:
         raise ValueError(
             f"the student's output head has {student_vocab_size} rows but its tokenizer has {teacher.vocab_size} "

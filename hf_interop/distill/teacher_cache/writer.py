@@ -725,7 +725,8 @@ def _connect_served_teacher(
         teacher = ServedTeacher(str(teacher), model=served_model, top_k=top_k, concurrency=concurrency)
     elif teacher.top_k != top_k:
         raise ValueError(f"top_k={top_k} but the ServedTeacher asks for top_k={teacher.top_k}; make them equal.")
-    teacher.connect(tokenizer)
+    if teacher.table is None or teacher.tokenizer is not tokenizer:  # not yet checked against this tokenizer
+        teacher.connect(tokenizer)
     teacher_id = teacher_name_or_path or str(teacher.model)
     return teacher, teacher_id, teacher_revision or teacher.model_info.get("revision")
 

@@ -1,0 +1,363 @@
+"""A teacher behind an OpenAI-compatible server: start-up checks, cache capture, online KD, generation, faults.
+
+The server is `tests/served_engine.py` on loopback, backed by a tiny real causal LM that shares SmolLM2's tokenizer,
+so answers can be compared with the same model run in-process, and faults can be injected on demand. The real
+llama.cpp server is in `test_served_teacher_llama_cpp.py`.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+from served_engine import ServedEngine
+
+from hf_interop import (
+    DistillationConfig,
+    DistillationTrainer,
+    ServedTeacher,
+    ServedTeacherError,
+    TeacherLogitsCache,
+    cache_teacher_logits,
+    losses,
+    pack_dataset,
+)
+
+TOP_K = 8
+
+
+@pytest.fixture(scope="module")
+def teacher(smollm2_tokenizer):
+    from helpers import build_tiny_causal_lm
+
+    return build_tiny_causal_lm("llama", 49152, seed=0, tokenizer=smollm2_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def blocks(corpus, smollm2_tokenizer):
+    return pack_dataset(corpus, smollm2_tokenizer, block_size=24)["train"].select(range(12))
+
+
+@pytest.fixture
+def engine(teacher, smollm2_tokenizer):
+    with ServedEngine(teacher, smollm2_tokenizer, style="vllm", root="org/tiny-teacher@0123abc") as served:
+        yield served
+
+
+def _fast(url: str, **kwargs) -> ServedTeacher:
+    return ServedTeacher(url, top_k=TOP_K, retry_backoff=0.01, **kwargs)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- start-up checks
+
+
+def test_unreachable_url_is_named_with_the_fix(smollm2_tokenizer, blocks, tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(ServedTeacherError, match="cannot reach the teacher server") as info:
+        _fast(url, max_retries=1).connect(smollm2_tokenizer)
+    assert url in str(info.value) and "--teacher_url" in str(info.value)
+    with pytest.raises(ServedTeacherError, match="cannot reach"):
+        cache_teacher_logits(url, blocks, tmp_path / "cache", top_k=TOP_K, tokenizer=smollm2_tokenizer)
+    assert not (tmp_path / "cache").exists()  # nothing written before the checks pass
+
+
+def test_wrong_model_name_lists_the_served_ones(engine, smollm2_tokenizer):
+    with pytest.raises(ServedTeacherError, match=r"'llama-70b' is not served .* \['tiny-teacher'\]"):
+        _fast(engine.url, model="llama-70b").connect(smollm2_tokenizer)
+
+
+def test_api_key_missing_wrong_and_right(teacher, smollm2_tokenizer, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with ServedEngine(teacher, smollm2_tokenizer, style="vllm", api_key="sk-local") as served:
+        with pytest.raises(ServedTeacherError, match=r"asks for an API key .* \$OPENAI_API_KEY"):
+            _fast(served.url).connect(smollm2_tokenizer)
+        with pytest.raises(ServedTeacherError, match="rejected the API key"):
+            _fast(served.url, api_key="sk-wrong").connect(smollm2_tokenizer)
+        monkeypatch.setenv("TEACHER_KEY", "sk-local")
+        assert _fast(served.url, api_key_env="TEACHER_KEY").connect(smollm2_tokenizer).model == "tiny-teacher"
+
+
+def test_top_k_above_the_servers_limit_names_max_logprobs(engine, smollm2_tokenizer):
+    with pytest.raises(ServedTeacherError, match="--max-logprobs 64"):
+        ServedTeacher(engine.url, top_k=64).connect(smollm2_tokenizer)
+
+
+def test_a_different_tokenizer_points_to_cross_tokenizer_distillation(corpus_tokenizer, smollm2_tokenizer):
+    from helpers import build_tiny_causal_lm
+
+    other = build_tiny_causal_lm("llama", len(corpus_tokenizer), seed=0, tokenizer=corpus_tokenizer)
+    for style in ("vllm", "echo"):
+        with ServedEngine(other, corpus_tokenizer, style=style) as served:
+            with pytest.raises(ServedTeacherError, match="CrossTokenizerDistillationTrainer"):
+                _fast(served.url, position_convention="current").connect(smollm2_tokenizer)
+
+
+def test_a_server_without_logprobs_is_refused(teacher, smollm2_tokenizer):
+    with ServedEngine(teacher, smollm2_tokenizer, style="echo") as served:
+        served.faults["no_logprobs"] = True
+        with pytest.raises(ServedTeacherError, match="no prompt log-probabilities"):
+            _fast(served.url, position_convention="current").connect(smollm2_tokenizer)
+
+
+def test_an_untrained_echo_server_needs_an_explicit_position_convention(teacher, smollm2_tokenizer):
+    with ServedEngine(teacher, smollm2_tokenizer, style="echo", convention="next") as served:
+        with pytest.raises(ServedTeacherError, match="position_convention="):
+            _fast(served.url).connect(smollm2_tokenizer)
+        client = _fast(served.url, position_convention="next").connect(smollm2_tokenizer)
+        assert client.api == "echo" and client.known_missing_positions() == [0]
+
+
+def test_trainer_refuses_bad_served_settings_before_training(engine, smollm2_tokenizer, blocks, teacher, tmp_path):
+    with pytest.raises(ValueError, match="top-20; use one of"):
+        DistillationConfig(output_dir=str(tmp_path), teacher_url=engine.url, loss_type="skew_kl")
+    with pytest.raises(ValueError, match="two teachers"):
+        DistillationConfig(output_dir=str(tmp_path), teacher_url=engine.url, teacher_logits_path=str(tmp_path))
+    with pytest.raises(ValueError, match="not an http"):
+        DistillationConfig(output_dir=str(tmp_path), teacher_url="127.0.0.1:8000")
+    args = DistillationConfig(output_dir=str(tmp_path / "out"), teacher_url=engine.url, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="needs the student's tokenizer"):
+        DistillationTrainer(model=teacher, args=args, train_dataset=blocks)
+    # a URL given as teacher_model_name_or_path means a served teacher too
+    aliased = DistillationConfig(output_dir=str(tmp_path), teacher_model_name_or_path=engine.url)
+    assert aliased.teacher_url == engine.url and aliased.teacher_model_name_or_path is None
+
+
+# ---------------------------------------------------------------------------------------------- cache capture
+
+
+def test_served_cache_equals_the_in_process_cache_and_gives_the_same_loss(
+    engine, teacher, smollm2_tokenizer, blocks, tmp_path
+):
+    served = cache_teacher_logits(
+        engine.url, blocks, tmp_path / "served", top_k=TOP_K, tokenizer=smollm2_tokenizer, shard_size=5,
+        show_progress=False,
+    )  # fmt: skip
+    native = cache_teacher_logits(
+        teacher, blocks, tmp_path / "native", top_k=TOP_K, tokenizer=smollm2_tokenizer, shard_size=5,
+        show_progress=False,
+    )  # fmt: skip
+    assert served.manifest["teacher"] == "tiny-teacher"
+    assert served.manifest["teacher_revision"] == "org/tiny-teacher@0123abc"
+    assert served.manifest["served_teacher"]["url"] == engine.url
+    for key in ("format_version", "top_k", "vocab_size", "ids_dtype", "num_rows", "tokenizer_fingerprint"):
+        assert served.manifest[key] == native.manifest[key]
+    features = [served.dataset[row] for row in range(4)]
+    native_features = [native.dataset[row] for row in range(4)]
+    served_batch, native_batch = served.collate(features), native.collate(native_features)
+    # same model, same float32 math: ids and float16 values identical (ties aside, which random logits do not have)
+    for name in served_batch:
+        torch.testing.assert_close(served_batch[name], native_batch[name], rtol=0, atol=0)
+    generator = torch.Generator().manual_seed(0)
+    student_logits = torch.randn(4, 23, 49152, generator=generator, dtype=torch.float64)
+    labels = torch.tensor([blocks[row]["input_ids"][1:] for row in range(4)])
+    loss_served = losses.sparse_distillation_loss(student_logits, *served_batch.values(), labels).loss
+    loss_native = losses.sparse_distillation_loss(student_logits, *native_batch.values(), labels).loss
+    assert abs(float(loss_served) - float(loss_native)) <= 1e-6
+
+
+def test_echo_server_cache_matches_where_it_answers(teacher, smollm2_tokenizer, blocks, tmp_path):
+    native = cache_teacher_logits(
+        teacher, blocks, tmp_path / "native", top_k=TOP_K, tokenizer=smollm2_tokenizer, show_progress=False
+    )
+    with ServedEngine(teacher, smollm2_tokenizer, style="echo", convention="next") as served:
+        client = _fast(served.url, position_convention="next")
+        cache = cache_teacher_logits(
+            client, blocks, tmp_path / "served", top_k=TOP_K, tokenizer=smollm2_tokenizer, show_progress=False
+        )
+    served_ids = np.array(cache.dataset[0]["teacher_topk_ids"]).reshape(-1, TOP_K)
+    served_values = np.array(cache.dataset[0]["teacher_topk_logprobs"], dtype=np.float32).reshape(-1, TOP_K)
+    native_ids = np.array(native.dataset[0]["teacher_topk_ids"]).reshape(-1, TOP_K)
+    native_values = np.array(native.dataset[0]["teacher_topk_logprobs"], dtype=np.float32).reshape(-1, TOP_K)
+    assert (served_values[0] <= -5000).all()  # the position this server never answers holds no mass
+    kept = served_values[1:] > -5000
+    # every kept entry is the native entry of the same rank, or a lower-ranked one after an ambiguous string dropped
+    for position in range(1, served_ids.shape[0]):
+        native_of = dict(zip(native_ids[position].tolist(), native_values[position].tolist(), strict=True))
+        for token, value in zip(
+            served_ids[position][kept[position - 1]], served_values[position][kept[position - 1]], strict=True
+        ):
+            assert native_of[int(token)] == value
+    assert kept.mean() > 0.8
+
+
+def test_a_server_that_fails_mid_capture_loses_no_finished_shard_and_resume_asks_only_the_rest(
+    engine, teacher, smollm2_tokenizer, blocks, tmp_path
+):
+    output = tmp_path / "cache"
+    client = _fast(engine.url, max_retries=1, concurrency=1).connect(smollm2_tokenizer)
+    asked = client.row_topk
+
+    def row_topk(*args, **kwargs):  # from the 6th row on (shard 1), the server answers 503 to everything
+        if client.statistics["tokens"] >= 5 * 24:
+            engine.faults.update(status=503, status_count=None)
+        return asked(*args, **kwargs)
+
+    client.row_topk = row_topk
+    with pytest.raises(ServedTeacherError, match=r"failed 2 time\(s\).*cache capture resumes when rerun"):
+        cache_teacher_logits(
+            client, blocks, output, top_k=TOP_K, tokenizer=smollm2_tokenizer, shard_size=5, show_progress=False
+        )
+    assert sorted(path.name for path in output.iterdir() if path.name.startswith("shard-")) == ["shard-00000"]
+    finished = (output / "shard-00000" / "data.arrow").read_bytes()
+
+    engine.faults.clear()
+    requests_before = len(engine.requests)
+    cache = cache_teacher_logits(
+        engine.url, blocks, output, top_k=TOP_K, tokenizer=smollm2_tokenizer, shard_size=5, show_progress=False
+    )
+    completions = [r for r in engine.requests[requests_before:] if r["path"].endswith("/completions")]
+    assert len(completions) == 1 + 7  # the probe, then rows 5..11 only
+    assert (output / "shard-00000" / "data.arrow").read_bytes() == finished
+    reference = cache_teacher_logits(
+        teacher, blocks, tmp_path / "native", top_k=TOP_K, tokenizer=smollm2_tokenizer, shard_size=5,
+        show_progress=False,
+    )  # fmt: skip
+    assert cache.dataset[:]["teacher_topk_ids"] == reference.dataset[:]["teacher_topk_ids"]
+    TeacherLogitsCache.load(output, verify_checksums=True)
+
+
+def test_transient_errors_are_retried(engine, smollm2_tokenizer, blocks, tmp_path):
+    client = _fast(engine.url).connect(smollm2_tokenizer)
+    engine.faults.update(status=500, status_count=2)
+    client.row_topk(blocks[0]["input_ids"])
+    engine.faults.update(status=429, status_count=1, drop_connection=True, drop_connection_count=1)
+    client.row_topk(blocks[1]["input_ids"])
+    assert client.statistics["retries"] >= 4
+
+
+def test_slow_answers_time_out_and_stop_with_a_clear_error(engine, smollm2_tokenizer, blocks, tmp_path):
+    client = ServedTeacher(engine.url, top_k=TOP_K, timeout=0.3, max_retries=1, retry_backoff=0.01)
+    client.connect(smollm2_tokenizer)
+    engine.faults["delay"] = 1.0
+    with pytest.raises(ServedTeacherError, match="ReadTimeout"):
+        cache_teacher_logits(
+            client, blocks, tmp_path / "cache", top_k=TOP_K, tokenizer=smollm2_tokenizer, show_progress=False
+        )
+    engine.faults.clear()
+    assert not any(path.name.startswith("shard-") for path in (tmp_path / "cache").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"), [("short", "fewer than asked"), ("nan", "not a finite"), ("neginf", "not a finite")]
+)
+def test_broken_answers_stop_the_capture_and_write_no_shard(
+    engine, smollm2_tokenizer, blocks, tmp_path, fault, message
+):
+    client = _fast(engine.url).connect(smollm2_tokenizer)
+    engine.faults[fault] = 3 if fault == "short" else True
+    with pytest.raises(Exception, match=message):
+        cache_teacher_logits(
+            client, blocks, tmp_path / "cache", top_k=TOP_K, tokenizer=smollm2_tokenizer, show_progress=False
+        )
+    assert not any(path.name.startswith("shard-") for path in (tmp_path / "cache").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------- online KD
+
+
+def _args(tmp_path, name, **overrides):
+    from helpers import make_distillation_args
+
+    defaults = dict(max_steps=3, per_device_train_batch_size=4, logging_steps=1, seed=0, kd_ratio=0.5)
+    defaults.update(overrides)
+    return make_distillation_args(tmp_path / name, **defaults)
+
+
+def _student(smollm2_tokenizer):
+    from helpers import build_tiny_causal_lm
+
+    return build_tiny_causal_lm("llama", 49152, seed=1, tokenizer=smollm2_tokenizer)
+
+
+def test_online_kd_from_a_served_teacher_equals_kd_from_its_cache(
+    engine, teacher, smollm2_tokenizer, blocks, tmp_path
+):
+    cache = cache_teacher_logits(
+        teacher, blocks, tmp_path / "cache", top_k=TOP_K, tokenizer=smollm2_tokenizer, show_progress=False
+    )
+    served_args = _args(tmp_path, "served", teacher_url=engine.url, teacher_top_k=TOP_K)
+    served = DistillationTrainer(
+        model=_student(smollm2_tokenizer), args=served_args, train_dataset=blocks, processing_class=smollm2_tokenizer
+    )
+    seen_requests = []
+    compute_loss = served.compute_loss
+
+    def counting(*args, **kwargs):
+        seen_requests.append(served.served_teacher.statistics["submitted"])
+        return compute_loss(*args, **kwargs)
+
+    served.compute_loss = counting
+    served.train()
+    cached_args = _args(tmp_path, "cached", teacher_logits_path=str(cache.path))
+    cached = DistillationTrainer(
+        model=_student(smollm2_tokenizer), args=cached_args, train_dataset=blocks, processing_class=smollm2_tokenizer
+    )
+    cached.train()
+    served_losses = [entry["loss"] for entry in served.state.log_history if "loss" in entry]
+    cached_losses = [entry["loss"] for entry in cached.state.log_history if "loss" in entry]
+    assert len(served_losses) == 3
+    np.testing.assert_allclose(served_losses, cached_losses, rtol=0, atol=1e-6)
+    # prefetch: when the first loss is computed, the next batch's 4 rows were already sent, not only this batch's
+    assert seen_requests[0] >= 2 * 4
+    assert "teacher_wait_seconds" in served.state.log_history[0]
+    served.save_model()
+    card = (tmp_path / "served" / "README.md").read_text()
+    assert "tiny-teacher" in card and "org/tiny-teacher@0123abc" in card
+
+
+def test_training_stops_naming_the_step_when_the_server_sends_garbage(engine, smollm2_tokenizer, blocks, tmp_path):
+    args = _args(tmp_path, "run", teacher_url=engine.url, teacher_top_k=TOP_K, teacher_max_retries=0)
+    trainer = DistillationTrainer(
+        model=_student(smollm2_tokenizer), args=args, train_dataset=blocks, processing_class=smollm2_tokenizer
+    )
+    engine.faults["nan"] = True
+    with pytest.raises(ValueError, match=r"at training step 0 .*served teacher failed on batch .*not a finite"):
+        trainer.train()
+
+
+def test_sequence_level_kd_generates_with_the_server_and_on_policy_with_a_served_student(
+    engine, teacher, smollm2_tokenizer, blocks, tmp_path
+):
+    args = _args(
+        tmp_path,
+        "seq",
+        teacher_url=engine.url,
+        teacher_top_k=TOP_K,
+        seq_kd=True,
+        max_new_tokens=4,
+        max_steps=1,
+        generation_prompt_length=8,
+    )
+    trainer = DistillationTrainer(
+        model=_student(smollm2_tokenizer), args=args, train_dataset=blocks, processing_class=smollm2_tokenizer
+    )
+    trainer.train()
+    generations = [r for r in engine.requests if r["body"].get("max_tokens") == 4]
+    assert len(generations) == 4 and all(len(r["body"]["prompt"]) == 8 for r in generations)
+    assert np.isfinite(trainer.state.log_history[0]["loss"])
+    with ServedEngine(
+        _student(smollm2_tokenizer), smollm2_tokenizer, style="vllm", model_name="student"
+    ) as student_server:
+        args = _args(
+            tmp_path,
+            "policy",
+            teacher_url=engine.url,
+            teacher_top_k=TOP_K,
+            lmbda=1.0,
+            max_new_tokens=3,
+            max_steps=1,
+            student_generation_url=student_server.url,
+        )
+        trainer = DistillationTrainer(
+            model=_student(smollm2_tokenizer), args=args, train_dataset=blocks, processing_class=smollm2_tokenizer
+        )
+        trainer.train()
+        assert len([r for r in student_server.requests if r["body"].get("max_tokens") == 3]) == 4
