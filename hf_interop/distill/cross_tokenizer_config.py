@@ -79,6 +79,8 @@ class CrossTokenizerDistillationConfig(DistillationConfig):
         default="auto", metadata={"help": "Token before each row's teacher tokens: auto (BOS, else EOS), '' = none."}
     )
     allowed_loss_types: ClassVar[tuple[str, ...]] = CROSS_TOKENIZER_LOSS_TYPES
+    # a served teacher's top-k is spread into a full distribution (uniform tail) for the span-aligned loss
+    served_teacher_needs_sparse_loss: ClassVar[bool] = False
 
     max_vocab_union_size: int = field(
         default=DEFAULT_MAX_VOCAB_UNION_SIZE,

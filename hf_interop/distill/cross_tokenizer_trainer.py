@@ -18,6 +18,7 @@ from .cross_tokenizer_collator import CrossTokenizerDistillationCollator
 from .cross_tokenizer_config import CrossTokenizerDistillationConfig
 from .distillation_config import DistillationConfig
 from .distillation_trainer import DistillationTrainer
+from .served_teacher import online as served
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,7 @@ class CrossTokenizerDistillationTrainer(DistillationTrainer):
                 f"args is a {type(args).__name__}; CrossTokenizerDistillationTrainer needs a "
                 "CrossTokenizerDistillationConfig(output_dir=..., ...)."
             )
-        if teacher_model is None and args.teacher_model_name_or_path is None:
+        if teacher_model is None and args.teacher_model_name_or_path is None and args.teacher_url is None:
             raise ValueError(
                 "teacher_model is required: pass the teacher (a model or a name/path) or set "
                 "args.teacher_model_name_or_path (self-distillation needs no cross-tokenizer trainer)."
@@ -105,6 +106,12 @@ class CrossTokenizerDistillationTrainer(DistillationTrainer):
             teacher_start_token=args.teacher_start_token or None,
         )
         self._cross_tokenizer_collator = collator
+        if args.teacher_url is not None or served.is_served_teacher(teacher_model):
+            # a teacher behind a server: checked against its own tokenizer now; the parent only wires it in
+            teacher_model = served.connect_cross_tokenizer_teacher(args, teacher_model, teacher_processing_class)
+            self._use_teacher_tokenizer(
+                model, processing_class, teacher_processing_class, len(teacher_model.table), args
+            )
         super().__init__(
             model=model,
             teacher_model=teacher_model,
@@ -141,13 +148,21 @@ class CrossTokenizerDistillationTrainer(DistillationTrainer):
                 "teacher_processing_class (the teacher's tokenizer) is required for cross-tokenizer distillation: "
                 "pass teacher_processing_class=AutoTokenizer.from_pretrained(<teacher>)."
             )
+        self._use_teacher_tokenizer(student, processing_class, teacher_tokenizer, _vocab_size(teacher), args)
+
+    def _use_teacher_tokenizer(
+        self, student: Any, processing_class: Any, teacher_tokenizer: Any, teacher_vocab_size: int, args: Any
+    ) -> None:
+        """Give the collator the teacher's tokenizer and map the two vocabularies (spans aligned exactly)."""
+        from .model_utils import _vocab_size
+
         self._cross_tokenizer_collator.set_teacher_tokenizer(teacher_tokenizer)
         if args.alignment == "spans" and args.loss_type != "uld":
             self.vocabulary_mapping = build_vocabulary_mapping(
                 processing_class,
                 teacher_tokenizer,
                 student_vocab_size=_vocab_size(student),
-                teacher_vocab_size=_vocab_size(teacher),
+                teacher_vocab_size=teacher_vocab_size,
                 max_vocab_union_size=args.max_vocab_union_size,
             )
             logger.info(
@@ -181,13 +196,19 @@ class CrossTokenizerDistillationTrainer(DistillationTrainer):
         if num_items_in_batch is None:
             steps = self.current_gradient_accumulation_steps if model.training else 1
             num_items_in_batch = max(int((labels[:, 1:] != -100).sum()), 1) * steps
+        if self.served_teacher is not None:  # its top-k answers, asked for when the batch was built
+            when = f"at training step {self.state.global_step} ({mode})"
+            columns, missing = served.take_answers(self.served_teacher, inputs, {}, when)
+            teacher_logits = served.dense_teacher_log_probs(columns, len(self.served_teacher.table))
+            index = served.drop_unanswered_spans(index, missing)
         outputs = model(**inputs, use_cache=False)
-        teacher_outputs = self._teacher_forward(model, teacher_inputs, want_hidden=False, want_logits=True)
+        if self.served_teacher is None:
+            teacher_logits = self._teacher_forward(model, teacher_inputs, want_hidden=False, want_logits=True).logits
         args = self.args
         try:
             result = cross_tokenizer_distillation_loss(
                 outputs.logits,
-                teacher_outputs.logits.to(outputs.logits.device),
+                teacher_logits.to(outputs.logits.device),
                 labels,
                 index,
                 self.vocabulary_mapping,

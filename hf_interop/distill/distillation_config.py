@@ -329,6 +329,8 @@ class DistillationConfig(TrainingArguments):
 
     # Loss names this config accepts; `CrossTokenizerDistillationConfig` accepts its own set instead.
     allowed_loss_types: ClassVar[tuple[str, ...]] = DISTILLATION_LOSS_TYPES
+    # a served teacher answers its top-k: same-tokenizer KD compares it with the sparse losses only
+    served_teacher_needs_sparse_loss: ClassVar[bool] = True
 
     def _check_distillation_fields(self) -> None:
         # order matters: of several wrong values, the first one checked is reported
@@ -454,7 +456,7 @@ class DistillationConfig(TrainingArguments):
                 f"teacher_url={self.teacher_url!r} and teacher_logits_path={self.teacher_logits_path!r} are two "
                 "teachers; pass one (capture a cache from the server with cache_teacher_logits(teacher=URL))."
             )
-        if self.loss_type not in SPARSE_LOSS_TYPES:
+        if self.loss_type not in SPARSE_LOSS_TYPES and self.served_teacher_needs_sparse_loss:
             raise ValueError(
                 f"loss_type={self.loss_type!r} needs the teacher's whole distribution, but a served teacher gives its "
                 f"top-{self.teacher_top_k}; use one of {list(SPARSE_LOSS_TYPES)} with teacher_url."

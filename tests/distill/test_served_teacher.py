@@ -361,3 +361,49 @@ def test_sequence_level_kd_generates_with_the_server_and_on_policy_with_a_served
         )
         trainer.train()
         assert len([r for r in student_server.requests if r["body"].get("max_tokens") == 3]) == 4
+
+
+# ---------------------------------------------------------------------------------------------- across tokenizers
+
+
+def test_a_served_teacher_with_another_tokenizer_distils_across_tokenizers(corpus, corpus_tokenizer, tmp_path):
+    """The server's full distribution (top_k = its whole 512-token vocabulary) through the span-aligned loss gives
+    the in-process cross-tokenizer loss, up to the float16 rounding of the answers."""
+    from helpers import build_tiny_causal_lm
+
+    from hf_interop.distill.cross_tokenizer_config import CrossTokenizerDistillationConfig
+    from hf_interop.distill.cross_tokenizer_trainer import CrossTokenizerDistillationTrainer
+    from hf_interop.loading import load_gpt2_tokenizer
+    from hf_interop.text_alignment import split_texts_into_chunks
+
+    gpt2 = load_gpt2_tokenizer()
+    teacher = build_tiny_causal_lm("llama", len(corpus_tokenizer), seed=0, tokenizer=corpus_tokenizer)
+    train = split_texts_into_chunks(corpus["train"].select(range(3)), gpt2, max_tokens=24)
+    losses_by_teacher = {}
+    with ServedEngine(teacher, corpus_tokenizer, style="vllm", max_logprobs=512) as server:
+        for name, teacher_settings in (("served", {"teacher_url": server.url}), ("in_process", {})):
+            args = CrossTokenizerDistillationConfig(
+                output_dir=str(tmp_path / name), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+                max_length=24, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                teacher_top_k=len(corpus_tokenizer), **teacher_settings,
+            )  # fmt: skip
+            trainer = CrossTokenizerDistillationTrainer(
+                model=build_tiny_causal_lm("gpt2", len(gpt2), seed=1, tokenizer=gpt2),
+                teacher_model=None if teacher_settings else teacher,
+                args=args,
+                train_dataset=train,
+                processing_class=gpt2,
+                teacher_processing_class=corpus_tokenizer,
+            )
+            trainer.train()
+            losses_by_teacher[name] = [entry["kd_loss"] for entry in trainer.state.log_history if "kd_loss" in entry]
+        # the student's tokenizer differs: without the cross-tokenizer trainer, the server is refused at start
+        with pytest.raises(ServedTeacherError, match="CrossTokenizerDistillationTrainer"):
+            DistillationTrainer(
+                model=build_tiny_causal_lm("gpt2", len(gpt2), seed=1, tokenizer=gpt2),
+                args=_args(tmp_path, "same", teacher_url=server.url),
+                train_dataset=pack_dataset(corpus, gpt2, block_size=24)["train"].select(range(4)),
+                processing_class=gpt2,
+            )
+    assert len(losses_by_teacher["served"]) == 2
+    np.testing.assert_allclose(losses_by_teacher["served"], losses_by_teacher["in_process"], rtol=2e-3)

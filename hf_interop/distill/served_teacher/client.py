@@ -139,6 +139,8 @@ class ServedTeacher:
         self.api = api
         self.position_convention = position_convention
         self.table: TokenStringTable | None = None
+        # True when checked against a teacher tokenizer that differs from the student's (cross-tokenizer KD)
+        self.cross_tokenizer = False
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.vocab_size: int | None = None
         self.model_info: dict[str, Any] = {}

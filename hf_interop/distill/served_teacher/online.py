@@ -8,6 +8,7 @@ this one; the loss waits only for what is not there yet (the wait is logged as `
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -129,11 +130,15 @@ class ServedTeacherCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = dict(self.base(features))
         self.batches += 1
-        if "labels" in batch:
-            for position in self.teacher.known_missing_positions():
-                if position + 1 < batch["labels"].shape[1]:
-                    batch["labels"][:, position + 1] = IGNORE_INDEX
-        pending = ask(self.teacher, batch, where=f"batch {self.batches}")
+        if "teacher_input_ids" in batch:  # cross-tokenizer batches: the teacher reads its own tokenisation
+            rows = {"input_ids": batch["teacher_input_ids"], "attention_mask": batch.get("teacher_attention_mask")}
+        else:
+            rows = batch
+            if "labels" in batch:
+                for position in self.teacher.known_missing_positions():
+                    if position + 1 < batch["labels"].shape[1]:
+                        batch["labels"][:, position + 1] = IGNORE_INDEX
+        pending = ask(self.teacher, {k: v for k, v in rows.items() if v is not None}, where=f"batch {self.batches}")
         if torch.utils.data.get_worker_info() is not None:
             columns, missing = pending.resolve()
             batch.update(columns)
@@ -212,6 +217,8 @@ def connect_served_teacher(args: Any, teacher_model: Any, processing_class: Any,
             "a served teacher (teacher_url) needs the student's tokenizer: pass processing_class=tokenizer, which "
             "maps the server's tokens to ids and is checked against the server's before training."
         )
+    if isinstance(teacher_model, ServedTeacher) and teacher_model.cross_tokenizer:
+        return teacher_model, None  # checked against the teacher's own tokenizer by the cross-tokenizer trainer
     if isinstance(teacher_model, ServedTeacher):
         teacher = teacher_model
     else:
@@ -248,3 +255,74 @@ def connect_generation_server(url: str, args: Any, processing_class: Any) -> Ser
     )
     server.connect(getattr(processing_class, "tokenizer", processing_class))
     return server
+
+
+def dense_teacher_log_probs(columns: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
+    """A served teacher's top-k answers as full `(B, T, vocab_size)` log-probabilities for the cross-tokenizer loss.
+
+    Each position keeps its top-k log-probabilities; the rest of its mass (the tail) is spread evenly over the other
+    `vocab_size - k` tokens, the maximum-entropy reading of what the server did not send (exact when `k` is the
+    whole vocabulary). The row gets one more position at the end (its last token predicts nothing that was asked).
+    """
+    ids, logprobs, tail = (columns[name] for name in TEACHER_CACHE_COLUMNS)
+    rows, positions, top_k = ids.shape
+    spread = tail.float() - math.log(max(vocab_size - top_k, 1))
+    dense = spread.unsqueeze(-1).expand(rows, positions, vocab_size).clone()
+    dense.scatter_(-1, ids, logprobs.float())
+    last = torch.full((rows, 1, vocab_size), -math.log(vocab_size), dtype=dense.dtype, device=dense.device)
+    return torch.cat([dense, last], dim=1)
+
+
+def drop_unanswered_spans(index: Any, missing: torch.Tensor) -> Any:
+    """`index` (a `SpanAlignmentIndex` over teacher rows of width `missing.shape[1] + 1`) without the spans that
+    read a teacher position the server gave no distribution for; the remaining spans keep their order."""
+    if missing is None or not bool(missing.any()):
+        return index
+    rows, positions = missing.shape
+    flat = torch.nonzero(missing.reshape(-1)).flatten()
+    missing_rows = (flat // positions) * (positions + 1) + flat % positions
+    matched_keep = ~torch.isin(index.matched_teacher_rows, missing_rows)
+    bad = torch.isin(index.unmatched_teacher_rows, missing_rows)
+    bad_continuations = torch.isin(index.teacher_continuation_rows, missing_rows)
+    bad[index.teacher_continuation_spans[bad_continuations]] = True
+    keep = ~bad
+    renumber = torch.cumsum(keep.long(), 0) - 1
+    student_keep = keep[index.student_continuation_spans]
+    teacher_keep = keep[index.teacher_continuation_spans]
+    return type(index)(
+        matched_student_rows=index.matched_student_rows[matched_keep],
+        matched_teacher_rows=index.matched_teacher_rows[matched_keep],
+        unmatched_student_rows=index.unmatched_student_rows[keep],
+        unmatched_teacher_rows=index.unmatched_teacher_rows[keep],
+        student_continuation_rows=index.student_continuation_rows[student_keep],
+        student_continuation_tokens=index.student_continuation_tokens[student_keep],
+        student_continuation_spans=renumber[index.student_continuation_spans[student_keep]],
+        teacher_continuation_rows=index.teacher_continuation_rows[teacher_keep],
+        teacher_continuation_tokens=index.teacher_continuation_tokens[teacher_keep],
+        teacher_continuation_spans=renumber[index.teacher_continuation_spans[teacher_keep]],
+    )
+
+
+def connect_cross_tokenizer_teacher(args: Any, teacher_model: Any, teacher_tokenizer: Any) -> ServedTeacher:
+    """A served teacher for cross-tokenizer distillation, checked against the *teacher's* tokenizer (the student's
+    differs by design); the span alignment then uses that tokenizer's byte offsets."""
+    if teacher_tokenizer is None:
+        raise ValueError(
+            "a served teacher across tokenizers needs teacher_processing_class=<the served model's tokenizer>, "
+            "whose byte offsets align its tokens with the student's."
+        )
+    teacher = teacher_model if isinstance(teacher_model, ServedTeacher) else None
+    if teacher is None:
+        teacher = ServedTeacher(
+            args.teacher_url or teacher_model,
+            model=args.teacher_served_model,
+            top_k=args.teacher_top_k,
+            concurrency=args.teacher_concurrency,
+            timeout=args.teacher_request_timeout,
+            max_retries=args.teacher_max_retries,
+            api_key_env=args.teacher_api_key_env,
+        )
+    if teacher.table is None or teacher.tokenizer is not teacher_tokenizer:
+        teacher.connect(teacher_tokenizer)
+    teacher.cross_tokenizer = True
+    return teacher
