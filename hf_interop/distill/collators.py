@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .teacher_cache.format import IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN
+from .teacher_cache.format import IDS_COLUMN, LOGPROBS_COLUMN, PAD_LOGPROB, TAIL_COLUMN
 
 IGNORE_INDEX = -100
 # what `TeacherLogitsCache.collate` returns (the loss inputs); the dataset columns are `cache.columns`
@@ -133,6 +133,11 @@ class _TeacherCacheCollator:
         batch = dict(self.base(plain))
         if all(column in features[0] for column in columns):  # evaluation rows may carry no cache
             batch.update(self.cache.collate(features))
+            if "labels" in batch:
+                # a position without any entry has no teacher distribution (a served teacher that did not answer
+                # it): no loss sees it, and the Trainer's count of valid targets leaves it out
+                missing = (batch[LOGPROBS_COLUMN] <= PAD_LOGPROB / 2).all(-1)
+                batch["labels"][:, 1:] = batch["labels"][:, 1:].masked_fill(missing, IGNORE_INDEX)
         return batch
 
 

@@ -186,6 +186,12 @@ def test_echo_server_cache_matches_where_it_answers(teacher, smollm2_tokenizer, 
         ):
             assert native_of[int(token)] == value
     assert kept.mean() > 0.8
+    # the trainer's collator leaves the unanswered position out of every loss
+    from hf_interop.distill.collators import _PaddingCollator, _TeacherCacheCollator
+
+    features = [cache.attach(blocks)[row] for row in range(2)]
+    batch = _TeacherCacheCollator(_PaddingCollator(smollm2_tokenizer.pad_token_id), cache)(features)
+    assert (batch["labels"][:, 1] == -100).all() and (batch["labels"][:, 2:] != -100).all()
 
 
 def test_a_server_that_fails_mid_capture_loses_no_finished_shard_and_resume_asks_only_the_rest(
