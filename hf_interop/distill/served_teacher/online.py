@@ -219,19 +219,7 @@ def connect_served_teacher(args: Any, teacher_model: Any, processing_class: Any,
         )
     if isinstance(teacher_model, ServedTeacher) and teacher_model.cross_tokenizer:
         return teacher_model, None  # checked against the teacher's own tokenizer by the cross-tokenizer trainer
-    if isinstance(teacher_model, ServedTeacher):
-        teacher = teacher_model
-    else:
-        url = args.teacher_url or teacher_model
-        teacher = ServedTeacher(
-            url,
-            model=args.teacher_served_model,
-            top_k=args.teacher_top_k,
-            concurrency=args.teacher_concurrency,
-            timeout=args.teacher_request_timeout,
-            max_retries=args.teacher_max_retries,
-            api_key_env=args.teacher_api_key_env,
-        )
+    teacher = _served_teacher_from_config(args, teacher_model)
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     if teacher.table is None or teacher.tokenizer is not tokenizer:
         teacher.connect(tokenizer)
@@ -245,16 +233,25 @@ def connect_served_teacher(args: Any, teacher_model: Any, processing_class: Any,
 
 def connect_generation_server(url: str, args: Any, processing_class: Any) -> ServedTeacher:
     """A served model used only to generate text (a served student for on-policy steps); checked at start."""
-    server = ServedTeacher(
-        url,
-        top_k=1,
+    server = _served_teacher_from_config(args, url, generation_only=True)
+    server.connect(getattr(processing_class, "tokenizer", processing_class))
+    return server
+
+
+def _served_teacher_from_config(args: Any, teacher_model: Any, generation_only: bool = False) -> ServedTeacher:
+    """`teacher_model` when it is a `ServedTeacher`, else one for its URL (`args.teacher_url` first, unless the
+    server only generates) with the config's request settings."""
+    if isinstance(teacher_model, ServedTeacher):
+        return teacher_model
+    return ServedTeacher(
+        teacher_model if generation_only else (args.teacher_url or teacher_model),
+        model=None if generation_only else args.teacher_served_model,
+        top_k=1 if generation_only else args.teacher_top_k,
         concurrency=args.teacher_concurrency,
         timeout=args.teacher_request_timeout,
         max_retries=args.teacher_max_retries,
         api_key_env=args.teacher_api_key_env,
     )
-    server.connect(getattr(processing_class, "tokenizer", processing_class))
-    return server
 
 
 def dense_teacher_log_probs(columns: dict[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
@@ -311,17 +308,7 @@ def connect_cross_tokenizer_teacher(args: Any, teacher_model: Any, teacher_token
             "a served teacher across tokenizers needs teacher_processing_class=<the served model's tokenizer>, "
             "whose byte offsets align its tokens with the student's."
         )
-    teacher = teacher_model if isinstance(teacher_model, ServedTeacher) else None
-    if teacher is None:
-        teacher = ServedTeacher(
-            args.teacher_url or teacher_model,
-            model=args.teacher_served_model,
-            top_k=args.teacher_top_k,
-            concurrency=args.teacher_concurrency,
-            timeout=args.teacher_request_timeout,
-            max_retries=args.teacher_max_retries,
-            api_key_env=args.teacher_api_key_env,
-        )
+    teacher = _served_teacher_from_config(args, teacher_model)
     if teacher.table is None or teacher.tokenizer is not teacher_tokenizer:
         teacher.connect(teacher_tokenizer)
     teacher.cross_tokenizer = True
