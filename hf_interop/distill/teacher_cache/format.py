@@ -22,7 +22,14 @@ if TYPE_CHECKING:
     from datasets import Dataset
     from transformers import PreTrainedTokenizerBase
 
-CACHE_FORMAT_VERSION = 1
+# 1: float16 log-probs and uint16/int32 ids, `top_k` per position (`encoding="float16"`); 2: the compact encoding of
+# `codec.py` (`encoding="compact"`, adaptive k, quantised log-probs, Elias-Fano ids). A reader refuses any other.
+FLOAT16_FORMAT_VERSION = 1
+COMPACT_FORMAT_VERSION = 2
+CACHE_FORMAT_VERSION = COMPACT_FORMAT_VERSION
+READABLE_FORMAT_VERSIONS = (FLOAT16_FORMAT_VERSION, COMPACT_FORMAT_VERSION)
+ENCODINGS = ("compact", "float16")
+COMPRESSIONS = (None, "zstd", "lz4")
 IDS_COLUMN = "teacher_topk_ids"
 LOGPROBS_COLUMN = "teacher_topk_logprobs"
 TAIL_COLUMN = "teacher_tail_logprob"
@@ -336,9 +343,33 @@ def tail_logprob_from_topk(topk_logprobs: torch.Tensor) -> torch.Tensor:
     return tail_mass.log().float()
 
 
+def kept_entries(topk_logprobs: torch.Tensor) -> torch.Tensor:
+    """Which cached entries hold mass: log-prob above `PAD_LOGPROB`. The others (`PAD_LOGPROB`, `-inf`: entries
+    adaptive k did not keep, missing entries of a served teacher, padding) count as zero probability."""
+    return topk_logprobs > PAD_LOGPROB
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Shared by the writer and the reader
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _cache_format_version(encoding: str) -> int:
+    return COMPACT_FORMAT_VERSION if encoding == "compact" else FLOAT16_FORMAT_VERSION
+
+
+def _compact_schema(top_k: int, logprob_bits: int):
+    """Arrow schema of a format-2 shard: one list per row and stored column (see `codec.py`)."""
+    import pyarrow as pa
+
+    from .codec import COUNTS_COLUMN, SCALE_COLUMN, TOP_COLUMN, compact_columns, counts_dtype
+
+    types = {
+        COUNTS_COLUMN: pa.from_numpy_dtype(counts_dtype(top_k)),
+        TOP_COLUMN: pa.float16(),
+        SCALE_COLUMN: pa.float16(),
+    }
+    return pa.schema([(name, pa.large_list(types.get(name, pa.uint8()))) for name in compact_columns(logprob_bits)])
 
 
 def _cache_features(ids_dtype: str):

@@ -19,13 +19,16 @@ from ...logging_utils import get_logger
 from ...utils import atomic_directory, atomic_write_json
 from .format import (
     _SHARD_NAME,
-    CACHE_FORMAT_VERSION,
+    COMPRESSIONS,
+    ENCODINGS,
     MANIFEST_FILE,
     PLAN_FILE,
     SHARD_DATA_FILE,
     SHARD_INFO_FILE,
     _cache_features,
+    _cache_format_version,
     _check_input_ids_column,
+    _compact_schema,
     _model_device,
     _padded_batch,
     _read_json,
@@ -66,7 +69,16 @@ _PLAN_KEYS = (
     "ids_dtype",
     "num_rows",
     "shard_size",
+    "encoding",
+    "top_p",
+    "logprob_bits",
+    "compression",
 )
+# what a plan written before encodings existed (format version 1) means by the keys it lacks
+_LEGACY_PLAN_VALUES = {"encoding": "float16", "top_p": None, "logprob_bits": 16, "compression": None}
+# cache_teacher_logits' defaults for the compact encoding (chosen by benchmarks/bench_teacher_cache.py)
+DEFAULT_TOP_P = 0.95
+DEFAULT_LOGPROB_BITS = 8
 
 
 def _teacher_vocab_size(teacher: Any) -> int | None:
@@ -128,7 +140,7 @@ def _plan_differences(existing: dict[str, Any], plan: dict[str, Any]) -> list[st
     for key in _PLAN_KEYS:
         if key == "teacher_fingerprint" and key not in existing:
             continue
-        if existing.get(key) == plan.get(key):
+        if existing.get(key, _LEGACY_PLAN_VALUES.get(key)) == plan.get(key):
             continue
         difference = f"{key}: {existing.get(key)!r} in the folder, {plan.get(key)!r} now"
         if key == "teacher_fingerprint":
@@ -198,6 +210,14 @@ def _teacher_topk(
     return rows
 
 
+def _shard_encoding(plan: dict[str, Any]) -> dict[str, Any]:
+    """How a shard of `plan` is encoded (the keys a plan of format version 1 lacks take their old meaning)."""
+    return {key: plan.get(key, _LEGACY_PLAN_VALUES[key]) for key in _LEGACY_PLAN_VALUES} | {
+        "top_k": plan["top_k"],
+        "vocab_size": plan["vocab_size"],
+    }
+
+
 def _write_shard(
     output_dir: Path,
     shard_index: int,
@@ -205,21 +225,49 @@ def _write_shard(
     end: int,
     rows: Iterable[tuple[Any, Any]],
     ids_dtype: str,
+    encoding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the rows `rows` yields (computed lazily: at most `_FLUSH_BYTES` are held) into shard `shard_index`."""
+    """Write the rows `rows` yields (computed lazily: at most `_FLUSH_BYTES` are held) into shard `shard_index`.
+
+    Each row is `(ids (L-1, k), logprobs (L-1, k) float16 rounded toward -inf)`; a log-prob of `-inf` marks an entry
+    the row source does not have (zero mass, never kept by the compact encoding). `encoding` (from
+    `_shard_encoding(plan)`) picks the layout; `None` is format version 1 (float16, no compression).
+    """
     import pyarrow as pa
 
-    features = _cache_features(ids_dtype)
-    schema = features.arrow_schema
+    encoding = encoding or dict(_LEGACY_PLAN_VALUES)
+    compact = encoding["encoding"] == "compact"
+    schema = (
+        _compact_schema(encoding["top_k"], encoding["logprob_bits"])
+        if compact
+        else _cache_features(ids_dtype).arrow_schema
+    )
+    options = pa.ipc.IpcWriteOptions(compression=encoding["compression"])
     name = f"shard-{shard_index:05d}"
     with _naming_a_full_disk(output_dir / name, output_dir), atomic_directory(output_dir / name) as tmp_dir:
         data_path = tmp_dir / SHARD_DATA_FILE
-        num_rows = num_predictions = 0
-        with pa.OSFile(str(data_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        num_rows = num_predictions = num_entries = 0
+        with pa.OSFile(str(data_path), "wb") as sink, pa.ipc.new_stream(sink, schema, options=options) as writer:
             buffered: list[tuple[Any, Any]] = []
             buffered_bytes = 0
 
-            def flush() -> None:
+            def flush() -> int:
+                if compact:
+                    from .codec import COUNTS_COLUMN, encode_rows
+
+                    encoded = encode_rows(
+                        buffered,
+                        encoding["top_p"],
+                        encoding["logprob_bits"],
+                        encoding["vocab_size"],
+                        encoding["top_k"],
+                    )
+                    columns = [
+                        pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), pa.array(values))
+                        for offsets, values in (encoded[field.name] for field in schema)
+                    ]
+                    writer.write_batch(pa.record_batch(columns, schema=schema))
+                    return int(encoded[COUNTS_COLUMN][1].sum(dtype=np.int64))
                 offsets = np.zeros(len(buffered) + 1, dtype=np.int64)
                 offsets[1:] = np.cumsum([ids.size for ids, _ in buffered])
                 flat_ids = np.concatenate([ids.reshape(-1) for ids, _ in buffered]).astype(ids_dtype, copy=False)
@@ -230,6 +278,7 @@ def _write_shard(
                     pa.LargeListArray.from_arrays(offsets_array, pa.array(flat_logprobs)),
                 ]
                 writer.write_batch(pa.record_batch(columns, schema=schema))
+                return int(np.isfinite(flat_logprobs).sum())
 
             for ids, logprobs in rows:
                 buffered.append((ids, logprobs))
@@ -237,10 +286,10 @@ def _write_shard(
                 num_rows += 1
                 num_predictions += ids.shape[0]
                 if buffered_bytes >= _FLUSH_BYTES:
-                    flush()
+                    num_entries += flush()
                     buffered, buffered_bytes = [], 0
             if buffered:
-                flush()
+                num_entries += flush()
         if num_rows != end - start:
             raise RuntimeError(f"shard {name} got {num_rows} rows, expected {end - start} (rows {start}..{end - 1}).")
         with open(data_path, "rb") as handle:
@@ -255,6 +304,8 @@ def _write_shard(
             "num_bytes": data_path.stat().st_size,
             "sha256": _sha256_file(data_path),
         }
+        if compact:
+            info["num_entries"] = num_entries  # kept entries (checked against the counts when the cache loads)
         atomic_write_json(tmp_dir / SHARD_INFO_FILE, info)
     return info
 
@@ -273,6 +324,10 @@ def cache_teacher_logits(
     overwrite: bool = False,
     show_progress: bool = True,
     dtype: Any = None,
+    encoding: str = "compact",
+    top_p: float | None = None,
+    logprob_bits: int | None = None,
+    compression: str | None = None,
 ) -> TeacherLogitsCache:
     """Run a teacher once over a tokenized dataset and store its top-k next-token log-probabilities.
 
@@ -322,6 +377,21 @@ def cache_teacher_logits(
             tqdm progress bar (main process only).
         dtype (`str` or `torch.dtype`, *optional*):
             dtype to load a teacher given by name in (e.g. `"float32"`, `"bfloat16"`).
+        encoding (`str`, *optional*, defaults to `"compact"`):
+            `"compact"` (format version 2, see `teacher_cache.codec`): per position the fewest of the top-k entries
+            whose probability reaches `top_p`, their ids Elias-Fano coded (about 11 bits each for SmolLM2's 49,152
+            tokens), their log-probs as `logprob_bits`-bit codes under a per-position scale, rounded so that no
+            stored probability exceeds the teacher's. `"float16"`: format version 1 (`4 * top_k` bytes per
+            position), as hf_interop wrote before encodings existed.
+        top_p (`float`, *optional*):
+            `"compact"` only: the probability mass a position's kept entries must reach (at most `top_k` entries
+            are kept); in (0, 1], 1.0 keeps all `top_k`. Defaults to 0.95 (`"float16"` keeps all).
+        logprob_bits (`int`, *optional*):
+            `"compact"` only: 8 (the default; error below the position's step `(top - smallest kept) / 254`), 4
+            (16 levels, coarse) or 16 (the float16 values themselves). `"float16"` stores 16.
+        compression (`str`, *optional*):
+            Arrow IPC buffer compression of the shards: `"zstd"`, `"lz4"` or `None` (default). A compressed cache
+            is decompressed into memory when it loads instead of being memory-mapped.
 
     Returns:
         :class:`TeacherLogitsCache`: the finished cache, loaded memory-mapped (on every process).
@@ -331,6 +401,7 @@ def cache_teacher_logits(
     output_dir, state_of_dir, vocab_size, lengths = _check_arguments(
         teacher, dataset, output_dir, top_k, temperature, batch_size, shard_size, teacher_revision
     )
+    encoding_plan = _checked_encoding(encoding, top_p, logprob_bits, compression)
 
     # ---- load the teacher (the first expensive step) ----
     # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
@@ -347,6 +418,7 @@ def cache_teacher_logits(
     plan = _cache_plan(
         teacher, teacher_id, teacher_revision, tokenizer, dataset, lengths, top_k, temperature, vocab_size, shard_size
     )
+    plan.update(encoding_plan)
 
     # ---- decide what to do with the folder (same decision on every process; only the main one writes) ----
     folder = _folder_decision(output_dir, state_of_dir, plan, overwrite)
@@ -365,6 +437,53 @@ def cache_teacher_logits(
         _write_manifest(output_dir, plan, state.num_processes)
     state.wait_for_everyone()
     return TeacherLogitsCache.load(output_dir)
+
+
+def _checked_encoding(
+    encoding: str, top_p: float | None, logprob_bits: int | None, compression: str | None
+) -> dict[str, Any]:
+    """The plan keys of the encoding (`None`: the encoding's default), checked before anything is loaded."""
+    if encoding not in ENCODINGS:
+        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}; 'compact' is the default.")
+    if encoding == "float16":
+        if top_p not in (None, 1, 1.0) or logprob_bits not in (None, 16):
+            raise ValueError(
+                f"encoding='float16' stores all top_k float16 log-probs (format version 1); top_p={top_p!r} and "
+                f"logprob_bits={logprob_bits!r} apply to encoding='compact'. Leave them unset, or use "
+                "encoding='compact'."
+            )
+        top_p, logprob_bits = None, 16
+    else:
+        top_p = DEFAULT_TOP_P if top_p is None else top_p
+        logprob_bits = DEFAULT_LOGPROB_BITS if logprob_bits is None else logprob_bits
+    if top_p is not None and (
+        not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not (0 < top_p <= 1) or math.isnan(top_p)
+    ):
+        raise ValueError(
+            f"top_p must be a number in (0, 1], got {top_p!r}; {DEFAULT_TOP_P} (the default) keeps the fewest "
+            "entries holding 95% of a position's probability, 1.0 keeps all top_k."
+        )
+    from .codec import LOGPROB_BITS
+
+    if logprob_bits not in LOGPROB_BITS or isinstance(logprob_bits, bool):
+        raise ValueError(
+            f"logprob_bits must be one of {LOGPROB_BITS} (the log-prob code widths the cache format supports), got "
+            f"{logprob_bits!r}; {DEFAULT_LOGPROB_BITS} is the default."
+        )
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}.")
+    if compression is not None:
+        import pyarrow as pa
+
+        if not pa.Codec.is_available(compression):
+            raise ValueError(f"compression={compression!r} is not available in this pyarrow build; use None.")
+    return {
+        "format_version": _cache_format_version(encoding),
+        "encoding": encoding,
+        "top_p": None if top_p is None else float(top_p),
+        "logprob_bits": int(logprob_bits),
+        "compression": compression,
+    }
 
 
 def _check_arguments(
@@ -477,7 +596,7 @@ def _cache_plan(
 ) -> dict[str, Any]:
     """What is being computed: the content of cache_plan.json (a resumed run must reproduce its `_PLAN_KEYS`)."""
     return {
-        "format_version": CACHE_FORMAT_VERSION,
+        "format_version": _cache_format_version("float16"),  # cache_teacher_logits sets the encoding's
         "teacher": teacher_id,
         "teacher_revision": teacher_revision,
         "teacher_class": type(teacher).__name__,
@@ -611,7 +730,7 @@ def _compute_missing_shards(
                     )
                     progress.update(1)
 
-            _write_shard(output_dir, shard, start, end, shard_rows(), ids_dtype)
+            _write_shard(output_dir, shard, start, end, shard_rows(), ids_dtype, _shard_encoding(plan))
     finally:
         progress.close()
         if was_training and hasattr(teacher, "train"):
