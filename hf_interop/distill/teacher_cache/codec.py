@@ -33,7 +33,7 @@ SCALE_COLUMN = "teacher_topk_logprob_scale"
 CODES_COLUMN = "teacher_topk_codes"
 LOW_BITS_COLUMN = "teacher_topk_id_low_bits"
 HIGH_BITS_COLUMN = "teacher_topk_id_high_bits"
-LOGPROB_BITS = (4, 8, 16)
+LOGPROB_BITS = (4, 6, 8, 16)
 
 
 def compact_columns(logprob_bits: int) -> tuple[str, ...]:

@@ -338,7 +338,17 @@ def tail_logprob_from_topk(topk_logprobs: torch.Tensor) -> torch.Tensor:
     Returns:
         `torch.Tensor`: `(...)` float32.
     """
-    mass = topk_logprobs.double().exp().sum(-1)
+    if topk_logprobs.device.type == "cpu":
+        # numpy: its float64 exp took a tenth of torch's on the 2-core CPU machines (this runs in every collate)
+        values = topk_logprobs.detach().double().numpy()
+        kept = values > PAD_LOGPROB
+        # entries without mass add nothing; exp of 0 in their place, not of -1e4 (an underflow, slower)
+        mass = (np.exp(np.where(kept, values, 0.0)) * kept).sum(-1)
+        tail_mass = np.maximum(1.0 - mass, float(torch.finfo(torch.float32).tiny))
+        return torch.from_numpy(np.log(tail_mass).astype(np.float32))
+    values = topk_logprobs.double()
+    kept = kept_entries(values)
+    mass = torch.where(kept, values, 0.0).exp().mul_(kept).sum(-1)
     tail_mass = (1.0 - mass).clamp(min=torch.finfo(torch.float32).tiny)
     return tail_mass.log().float()
 

@@ -142,7 +142,7 @@ def _plan_differences(existing: dict[str, Any], plan: dict[str, Any]) -> list[st
             continue
         if existing.get(key, _LEGACY_PLAN_VALUES.get(key)) == plan.get(key):
             continue
-        difference = f"{key}: {existing.get(key)!r} in the folder, {plan.get(key)!r} now"
+        difference = f"{key}: {existing.get(key, _LEGACY_PLAN_VALUES.get(key))!r} in the folder, {plan.get(key)!r} now"
         if key == "teacher_fingerprint":
             then, now = existing.get("teacher"), plan.get("teacher")
             who = f"teacher {now!r}" if then == now else f"the teacher ({then!r} then, {now!r} now)"
