@@ -280,9 +280,32 @@ class CacheTeacherScriptArguments(DataArguments):
         metadata={"help": "Replace an earlier cache in output_dir (a rerun of the same job resumes without it)."},
     )
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    encoding: str = field(
+        default="compact",
+        metadata={
+            "help": "'compact' (format 2: adaptive k, quantised log-probs, Elias-Fano ids; about a quarter of "
+            "'float16') or 'float16' (format 1: all top_k float16 log-probs, 4 bytes per entry).",
+            "choices": ["compact", "float16"],
+        },
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={
+            "help": "compact: keep per position the fewest entries reaching this mass, in (0, 1] (default 0.95)."
+        },
+    )
+    logprob_bits: int | None = field(
+        default=None, metadata={"help": "compact: bits per stored log-prob: 8 (default), 6, 4 or 16 (float16)."}
+    )
+    compression: str | None = field(
+        default=None, metadata={"help": "Arrow IPC compression of the shards: zstd or lz4 (loads into memory)."}
+    )
 
     def check(self) -> None:
         super().check()
+        from ..distill.teacher_cache.format import _checked_encoding
+
+        _checked_encoding(self.encoding, self.top_p, self.logprob_bits, self.compression)
         if not self.teacher_model_name_or_path:
             raise ValueError("teacher_model_name_or_path is required: the teacher whose logits are cached.")
         check_model_argument("teacher_model_name_or_path", self.teacher_model_name_or_path)

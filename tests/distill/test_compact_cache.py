@@ -424,3 +424,20 @@ def test_a_damaged_encoded_shard_is_named_or_refused_when_it_decodes(tmp_path, s
         unchecked.collate([unchecked.attach(rows)[2]])
     with pytest.raises(ValueError, match="a row does not decode"):
         unchecked.tail_prior_logprobs()
+
+
+def test_the_cache_teacher_command_takes_the_encoding_options(tiny_model_dirs, tmp_path, capsys):
+    from hf_interop.cli import EXIT_BAD_INPUT, EXIT_OK, main
+
+    argv = ["cache-teacher", "--teacher_model_name_or_path", str(tiny_model_dirs["llama"]), "--block_size", "32"]
+    argv += ["--max_train_blocks", "4", "--eval_split", "none", "--disable_tqdm", "true", "--top_k", "8"]
+    assert main([*argv, "--output_dir", str(tmp_path / "bad"), "--top_p", "1.5"]) == EXIT_BAD_INPUT
+    assert "top_p must be a number in (0, 1], got 1.5" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    assert main([*argv, "--output_dir", str(tmp_path / "bad"), "--logprob_bits", "5"]) == EXIT_BAD_INPUT
+    assert "logprob_bits must be one of (4, 6, 8, 16)" in capsys.readouterr().err
+    options = ["--top_p", "0.5", "--logprob_bits", "4", "--compression", "lz4"]
+    assert main([*argv, "--output_dir", str(tmp_path / "cache"), *options]) == EXIT_OK
+    cache = TeacherLogitsCache.load(tmp_path / "cache")
+    assert (cache.manifest["encoding"], cache.manifest["top_p"], cache.logprob_bits) == ("compact", 0.5, 4)
+    assert cache.manifest["compression"] == "lz4"

@@ -18,9 +18,8 @@ import torch
 from ...logging_utils import get_logger
 from ...utils import atomic_directory, atomic_write_json
 from .format import (
+    _LEGACY_PLAN_VALUES,
     _SHARD_NAME,
-    COMPRESSIONS,
-    ENCODINGS,
     MANIFEST_FILE,
     PLAN_FILE,
     SHARD_DATA_FILE,
@@ -28,6 +27,7 @@ from .format import (
     _cache_features,
     _cache_format_version,
     _check_input_ids_column,
+    _checked_encoding,
     _compact_schema,
     _model_device,
     _padded_batch,
@@ -35,6 +35,7 @@ from .format import (
     _row_lengths,
     _rows_batch,
     _sha256_file,
+    _shard_encoding,
     _teacher_identity,
     _token_columns,
     dataset_fingerprint,
@@ -74,11 +75,6 @@ _PLAN_KEYS = (
     "logprob_bits",
     "compression",
 )
-# what a plan written before encodings existed (format version 1) means by the keys it lacks
-_LEGACY_PLAN_VALUES = {"encoding": "float16", "top_p": None, "logprob_bits": 16, "compression": None}
-# cache_teacher_logits' defaults for the compact encoding (chosen by benchmarks/bench_teacher_cache.py)
-DEFAULT_TOP_P = 0.95
-DEFAULT_LOGPROB_BITS = 8
 
 
 def _teacher_vocab_size(teacher: Any) -> int | None:
@@ -208,14 +204,6 @@ def _teacher_topk(
                 row_ids.append(ids.cpu().numpy().astype(ids_dtype))
             rows.append((np.concatenate(row_ids), np.concatenate(row_logprobs)))
     return rows
-
-
-def _shard_encoding(plan: dict[str, Any]) -> dict[str, Any]:
-    """How a shard of `plan` is encoded (the keys a plan of format version 1 lacks take their old meaning)."""
-    return {key: plan.get(key, _LEGACY_PLAN_VALUES[key]) for key in _LEGACY_PLAN_VALUES} | {
-        "top_k": plan["top_k"],
-        "vocab_size": plan["vocab_size"],
-    }
 
 
 def _write_shard(
@@ -437,53 +425,6 @@ def cache_teacher_logits(
         _write_manifest(output_dir, plan, state.num_processes)
     state.wait_for_everyone()
     return TeacherLogitsCache.load(output_dir)
-
-
-def _checked_encoding(
-    encoding: str, top_p: float | None, logprob_bits: int | None, compression: str | None
-) -> dict[str, Any]:
-    """The plan keys of the encoding (`None`: the encoding's default), checked before anything is loaded."""
-    if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}; 'compact' is the default.")
-    if encoding == "float16":
-        if top_p not in (None, 1, 1.0) or logprob_bits not in (None, 16):
-            raise ValueError(
-                f"encoding='float16' stores all top_k float16 log-probs (format version 1); top_p={top_p!r} and "
-                f"logprob_bits={logprob_bits!r} apply to encoding='compact'. Leave them unset, or use "
-                "encoding='compact'."
-            )
-        top_p, logprob_bits = None, 16
-    else:
-        top_p = DEFAULT_TOP_P if top_p is None else top_p
-        logprob_bits = DEFAULT_LOGPROB_BITS if logprob_bits is None else logprob_bits
-    if top_p is not None and (
-        not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not (0 < top_p <= 1) or math.isnan(top_p)
-    ):
-        raise ValueError(
-            f"top_p must be a number in (0, 1], got {top_p!r}; {DEFAULT_TOP_P} (the default) keeps the fewest "
-            "entries holding 95% of a position's probability, 1.0 keeps all top_k."
-        )
-    from .codec import LOGPROB_BITS
-
-    if logprob_bits not in LOGPROB_BITS or isinstance(logprob_bits, bool):
-        raise ValueError(
-            f"logprob_bits must be one of {LOGPROB_BITS} (the log-prob code widths the cache format supports), got "
-            f"{logprob_bits!r}; {DEFAULT_LOGPROB_BITS} is the default."
-        )
-    if compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be one of {COMPRESSIONS}, got {compression!r}.")
-    if compression is not None:
-        import pyarrow as pa
-
-        if not pa.Codec.is_available(compression):
-            raise ValueError(f"compression={compression!r} is not available in this pyarrow build; use None.")
-    return {
-        "format_version": _cache_format_version(encoding),
-        "encoding": encoding,
-        "top_p": None if top_p is None else float(top_p),
-        "logprob_bits": int(logprob_bits),
-        "compression": compression,
-    }
 
 
 def _check_arguments(
