@@ -254,7 +254,6 @@ def decode_dense(
     num_entries = int(entry_starts[-1])
     entries_per_row = entry_starts[position_offsets[1:]] - entry_starts[position_offsets[:-1]]
     row_of_position = np.repeat(np.arange(positions_per_row.shape[0]), positions_per_row)
-    position_of_entry = np.repeat(np.arange(num_positions, dtype=np.int32), counts)
     entry_index = np.arange(num_entries, dtype=np.int64)
 
     # ---- ids: low bits at a constant width per position, rows byte-aligned ----
@@ -272,9 +271,9 @@ def decode_dense(
         row_bytes[row_of_position] * 8 + bit_cumsum[:-1] - bit_cumsum[row_first_position][row_of_position]
     )
     # bit offset of entry e (rank r in position p): start(p) + r * l(p) = (start(p) - first(p) * l(p)) + e * l(p)
-    entry_low_width = low_width[position_of_entry]
+    entry_low_width = np.repeat(low_width, counts)  # a repeat reads sequentially: faster than a gather
     base = position_bit_start - entry_starts[:-1] * low_width
-    bit_offsets = base[position_of_entry] + entry_index * entry_low_width
+    bit_offsets = np.repeat(base, counts) + entry_index * entry_low_width
     low = _unpack_short(low_bytes, bit_offsets, entry_low_width)
 
     # ---- ids: high parts in unary; entry e's one sits at segment start(p) + high + rank ----
@@ -286,7 +285,7 @@ def decode_dense(
     row_first_entry = entry_starts[row_first_position][row_of_position]
     previous_one = ones[np.maximum(entry_starts[:-1] - 1, 0)] + 1 if num_entries else entry_starts[:-1]
     segment_start = np.where(entry_starts[:-1] > row_first_entry, previous_one, high_offsets[:-1][row_of_position] * 8)
-    high = ones - entry_index - (segment_start - entry_starts[:-1])[position_of_entry]
+    high = ones - entry_index - np.repeat(segment_start - entry_starts[:-1], counts)
     ids = (high << entry_low_width) | low
     if num_entries and (int(high.min()) < 0 or int(ids.max()) >= vocab_size):
         raise DamagedCacheError(f"decoded token ids fall outside [0, {vocab_size})")
@@ -309,27 +308,25 @@ def decode_dense(
             code = codes
         else:
             # rows byte-aligned: entry e's code starts at bit 8 * row start + bits * (e - row's first entry)
-            row_of_entry = row_of_position[position_of_entry]
+            row_of_entry = np.repeat(row_of_position, counts)
             code_bit_offsets = (code_offsets[:-1] * 8 - entry_starts[row_first_position] * logprob_bits)[
                 row_of_entry
             ] + entry_index * logprob_bits
             code = _unpack_short(codes, code_bit_offsets, logprob_bits)
-        top = columns[TOP_COLUMN][1][position_of_entry].astype(np.float32)
-        scale = columns[SCALE_COLUMN][1][position_of_entry].astype(np.float32)
+        top = np.repeat(columns[TOP_COLUMN][1].astype(np.float32), counts)
+        scale = np.repeat(columns[SCALE_COLUMN][1].astype(np.float32), counts)
         logprobs = top - code.astype(np.float32) * scale
 
     # ---- dense (positions, width) ----
-    flat_index = (
-        entry_index + (np.arange(num_positions, dtype=np.int64) * width - entry_starts[:-1])[position_of_entry]
-    )
-    dense_ids = np.zeros(num_positions * width, dtype=np.int64)
+    flat_index = entry_index + np.repeat(np.arange(num_positions, dtype=np.int64) * width - entry_starts[:-1], counts)
+    # every slot starts as its position's first id (what the slots past its count keep)
+    first_ids = np.zeros(num_positions, dtype=np.int64)
+    first_ids[counts > 0] = ids[entry_starts[:-1][counts > 0]]
+    dense_ids = np.repeat(first_ids, width)
     dense_ids[flat_index] = ids
     dense_logprobs = np.full(num_positions * width, fill_logprob, dtype=np.float32)
     dense_logprobs[flat_index] = logprobs
-    dense_ids = dense_ids.reshape(num_positions, width)
-    filler = np.arange(width)[None, :] >= counts[:, None]
-    dense_ids = np.where(filler, dense_ids[:, :1], dense_ids)
-    return counts, dense_ids, dense_logprobs.reshape(num_positions, width)
+    return counts, dense_ids.reshape(num_positions, width), dense_logprobs.reshape(num_positions, width)
 
 
 def _unpack_short(buffer: np.ndarray, bit_offsets: np.ndarray, widths: np.ndarray | int) -> np.ndarray:
