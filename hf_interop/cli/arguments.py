@@ -283,15 +283,15 @@ class CacheTeacherScriptArguments(DataArguments):
     encoding: str = field(
         default="compact",
         metadata={
-            "help": "'compact' (format 2: adaptive k, quantised log-probs, Elias-Fano ids; about a quarter of "
-            "'float16') or 'float16' (format 1: all top_k float16 log-probs, 4 bytes per entry).",
+            "help": "'compact' (format 2: adaptive k, quantised log-probs, Elias-Fano ids; 0.62x of 'float16' "
+            "by default) or 'float16' (format 1: all top_k float16 log-probs, 4 bytes per entry).",
             "choices": ["compact", "float16"],
         },
     )
     top_p: float | None = field(
         default=None,
         metadata={
-            "help": "compact: keep per position the fewest entries reaching this mass, in (0, 1] (default 0.95)."
+            "help": "compact: keep per position the fewest entries reaching this mass, in (0, 1] (default 1.0: all)."
         },
     )
     logprob_bits: int | None = field(

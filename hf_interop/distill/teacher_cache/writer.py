@@ -367,13 +367,14 @@ def cache_teacher_logits(
             dtype to load a teacher given by name in (e.g. `"float32"`, `"bfloat16"`).
         encoding (`str`, *optional*, defaults to `"compact"`):
             `"compact"` (format version 2, see `teacher_cache.codec`): per position the fewest of the top-k entries
-            whose probability reaches `top_p`, their ids Elias-Fano coded (about 11 bits each for SmolLM2's 49,152
+            whose probability reaches `top_p` (all of them by default), their ids Elias-Fano coded (about 11 bits each for SmolLM2's 49,152
             tokens), their log-probs as `logprob_bits`-bit codes under a per-position scale, rounded so that no
             stored probability exceeds the teacher's. `"float16"`: format version 1 (`4 * top_k` bytes per
             position), as hf_interop wrote before encodings existed.
         top_p (`float`, *optional*):
             `"compact"` only: the probability mass a position's kept entries must reach (at most `top_k` entries
-            are kept); in (0, 1], 1.0 keeps all `top_k`. Defaults to 0.95 (`"float16"` keeps all).
+            are kept); in (0, 1]. Defaults to 1.0: all `top_k` (`top_k=32, top_p=0.95` stores about 68 bytes per
+            token for SmolLM2, at some cost in the student's perplexity: `benchmarks/RESULTS.md`).
         logprob_bits (`int`, *optional*):
             `"compact"` only: 8 (the default; error below the position's step `(top - smallest kept) / 254`), 4
             (16 levels, coarse) or 16 (the float16 values themselves). `"float16"` stores 16.
