@@ -322,8 +322,9 @@ def cache_teacher_logits(
     For row `r` with `S` tokens, cache row `r` holds `S - 1` positions: position `i` is the teacher's
     distribution after reading `input_ids[: i + 1]`, i.e. its prediction of `input_ids[i + 1]` (the trainer's
     causal shift, `labels[:, 1:]`). Per position: the `top_k` largest log-probabilities at `temperature`
-    (float16, rounded toward -inf) and their token ids (uint16 when the vocabulary has <= 65,536 entries, else
-    int32). The tail log-mass `log(1 - sum p)` is derived on read (:func:`tail_logprob_from_topk`).
+    (rounded toward -inf) and their token ids, stored by `encoding`: `"compact"` (the default) keeps the fewest
+    reaching `top_p` and quantises them, `"float16"` keeps all as float16 with uint16 ids (int32 above 65,536
+    tokens). The tail log-mass `log(1 - sum p)` is derived on read (:func:`tail_logprob_from_topk`).
 
     Writing is robust: rows are cut into shards of `shard_size` rows, each written to a temporary folder and
     renamed into place, so no half shard is ever visible. Calling again with the same arguments after an
