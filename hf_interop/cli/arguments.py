@@ -300,6 +300,26 @@ class CacheTeacherScriptArguments(DataArguments):
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "With --teacher_url: environment variable holding the API key."}
     )
+    encoding: str = field(
+        default="float16",
+        metadata={
+            "help": "'float16' (format 1: all top_k float16 log-probs, 4 bytes per entry) or 'compact' (format 2: "
+            "adaptive k, quantised log-probs, Elias-Fano ids; 0.62x of 'float16' at its defaults).",
+            "choices": ["compact", "float16"],
+        },
+    )
+    top_p: float | None = field(
+        default=None,
+        metadata={
+            "help": "compact: keep per position the fewest entries reaching this mass, in (0, 1] (default 1.0: all)."
+        },
+    )
+    logprob_bits: int | None = field(
+        default=None, metadata={"help": "compact: bits per stored log-prob: 8 (default), 6, 4 or 16 (float16)."}
+    )
+    compression: str | None = field(
+        default=None, metadata={"help": "Arrow IPC compression of the shards: zstd or lz4 (loads into memory)."}
+    )
 
     def check(self) -> None:
         super().check()
@@ -320,6 +340,9 @@ class CacheTeacherScriptArguments(DataArguments):
                 "teacher_model_name_or_path (a checkpoint) or teacher_url (a server) is required: the teacher whose "
                 "logits are cached."
             )
+        from ..distill.teacher_cache.format import _checked_encoding
+
+        _checked_encoding(self.encoding, self.top_p, self.logprob_bits, self.compression)
         check_model_argument("teacher_model_name_or_path", self.teacher_model_name_or_path)
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder the cache is written to.")

@@ -352,6 +352,10 @@ def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any
         teacher_revision=script_args.teacher_revision,
         overwrite=script_args.overwrite_output_dir,
         show_progress=not script_args.disable_tqdm,
+        encoding=script_args.encoding,
+        top_p=script_args.top_p,
+        logprob_bits=script_args.logprob_bits,
+        compression=script_args.compression,
     )
     return {"output_dir": str(output_dir), "cache": cache, "num_rows": len(train_blocks)}
 

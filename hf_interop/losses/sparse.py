@@ -37,6 +37,21 @@ if TYPE_CHECKING:
     from torch import Tensor
 
 _TAIL_FLOOR = math.log(torch.finfo(torch.float32).tiny)  # about -87.3
+# A cached entry at or below this log-prob holds no mass: an entry a compact cache did not keep (adaptive k), a
+# served teacher's missing entry (-inf), padding. Same value as `teacher_cache.PAD_LOGPROB` (the losses do not
+# import the cache).
+_NO_MASS_LOGPROB = -1.0e4
+
+
+def _kept(topk_logprobs: Tensor) -> Tensor:
+    return topk_logprobs > _NO_MASS_LOGPROB
+
+
+def _like_kept(values: Tensor, kept: Tensor, top_index: Tensor) -> Tensor:
+    """`values` with each left-out entry replaced by its row's top entry's: its id is that top id (see
+    `_flatten_sparse_teacher`), so a scatter over the ids writes one value per token whatever its order."""
+    return torch.where(kept, values, values.gather(-1, top_index))
+
 
 # --------------------------------------------------------------------------------------------------------------
 # sparse forms (cached top-k teacher distribution + tail bucket)
@@ -58,11 +73,14 @@ def _flatten_sparse_teacher(
             "(one tail log-mass per token, aligned with labels)."
         )
     top_k = teacher_topk_ids.shape[-1]
-    return (
-        teacher_topk_ids.reshape(-1, top_k),
-        teacher_topk_logprobs.detach().reshape(-1, top_k),
-        teacher_tail_logprob.detach().reshape(-1),
-    )
+    ids = teacher_topk_ids.reshape(-1, top_k)
+    topk_logprobs = teacher_topk_logprobs.detach().reshape(-1, top_k)
+    kept = _kept(topk_logprobs)
+    if not bool(kept.all()):
+        # Entries without mass take their row's top id: a token already in the row, so the student's tail (its mass
+        # outside the ids) loses no token to them, and they are masked out of the student's buckets below.
+        ids = ids.gather(-1, topk_logprobs.argmax(-1, keepdim=True)).expand_as(ids).where(~kept, ids)
+    return ids, topk_logprobs, teacher_tail_logprob.detach().reshape(-1)
 
 
 def _check_sparse_teacher(ids: Tensor, topk_logprobs: Tensor, tail_logprob: Tensor, vocab: int) -> None:
@@ -97,6 +115,8 @@ def _sparse_bucket_log_probs(
         scaled = scaled / temperature
     log_normalizer = torch.logsumexp(scaled, dim=-1, keepdim=True)
     student_top = scaled.gather(-1, ids) - log_normalizer
+    kept = _kept(topk_logprobs)
+    student_top = student_top.where(kept, torch.finfo(dtype).min)  # entries without teacher mass are no bucket
     # the student's tail: log of its mass outside the teacher's ids, summed directly (no 1 - sum cancellation);
     # a very negative finite fill (not -inf) keeps the gradient finite when the top-k covers the whole vocabulary
     outside = scaled.scatter(-1, ids, torch.finfo(dtype).min)
@@ -117,15 +137,12 @@ def _teacher_bucket_log_probs(
     dtype: torch.dtype,
 ) -> Tensor:
     """The cached teacher as k+1 bucket log-probabilities at the training temperature (re-tempered if needed)."""
-    top_k = topk_logprobs.shape[-1]
     teacher_top = topk_logprobs.to(dtype)
     teacher_tail = tail_logprob.to(dtype)
-    tail_tokens = teacher_vocab_size - top_k
-    if tail_tokens <= 0:
-        teacher_tail = torch.full_like(teacher_tail, -math.inf)
-    else:
-        # a cache rounds a tiny tail to log(0) = -inf; a floor at float32's smallest normal keeps reverse KL finite
-        teacher_tail = teacher_tail.clamp_min(_TAIL_FLOOR)
+    # tokens outside each row's kept entries (entries without mass do not count)
+    tail_tokens = teacher_vocab_size - _kept(topk_logprobs).sum(-1).to(dtype)
+    # a cache rounds a tiny tail to log(0) = -inf; a floor at float32's smallest normal keeps reverse KL finite
+    teacher_tail = torch.where(tail_tokens > 0, teacher_tail.clamp_min(_TAIL_FLOOR), -math.inf)
     if temperature != cache_temperature:
         # Re-tempering: p_T(v) is proportional to p_cache(v) ** (cache_temperature / temperature), exact for the top-k
         # ids. The tail's individual probabilities are unknown; we spread the tail mass uniformly over its
@@ -134,8 +151,9 @@ def _teacher_bucket_log_probs(
         # re-tempered tail when temperature > cache_temperature and a lower bound when it is smaller (Jensen).
         ratio = cache_temperature / temperature
         teacher_top = teacher_top * ratio
-        if tail_tokens > 0:
-            teacher_tail = teacher_tail * ratio + (1.0 - ratio) * math.log(tail_tokens)
+        teacher_tail = torch.where(
+            tail_tokens > 0, teacher_tail * ratio + (1.0 - ratio) * tail_tokens.clamp_min(1).log(), -math.inf
+        )
     # renormalising also absorbs the float16 rounding of a cache, so the buckets always sum to exactly 1
     return F.log_softmax(torch.cat([teacher_top, teacher_tail.unsqueeze(-1)], dim=-1), dim=-1)
 
@@ -189,13 +207,14 @@ def _teacher_dense_log_probs(
     probs = log_prior.exp().expand(rows, vocab).clone().scatter_(-1, ids, 0.0)
     outside = probs.sum(-1, keepdim=True)
     log_scale = buckets[..., -1:] - outside.log()
-    dense = (log_prior + log_scale).scatter_(-1, ids, buckets[..., :-1])
+    top_buckets = _like_kept(buckets[..., :-1], _kept(topk_logprobs), topk_logprobs.argmax(-1, keepdim=True))
+    dense = (log_prior + log_scale).scatter_(-1, ids, top_buckets)
     if temperature != cache_temperature:
         dense = F.log_softmax(dense * (cache_temperature / temperature), dim=-1)
         return (dense, dense.exp()) if with_probs else dense
     if not with_probs:
         return dense
-    return dense, probs.mul_(log_scale.exp()).scatter_(-1, ids, buckets[..., :-1].exp())
+    return dense, probs.mul_(log_scale.exp()).scatter_(-1, ids, top_buckets.exp())
 
 
 @torch.no_grad()
@@ -242,7 +261,9 @@ def _sparse_divergence_and_logit_grad(
         )  # fmt: skip
     scaled = student_logits / temperature if temperature != 1.0 else student_logits
     log_probs = F.log_softmax(scaled, dim=-1)
-    student_top = log_probs.gather(-1, ids)
+    kept = _kept(topk_logprobs)
+    # entries without teacher mass are no bucket (their ids repeat a kept id: see `_flatten_sparse_teacher`)
+    student_top = log_probs.gather(-1, ids).where(kept, torch.finfo(dtype).min)
     probs = log_probs.exp()
     out = _ChunkDivergence(values=scaled.new_zeros(()), logit_grad=None)
     if temperature == 1.0:
@@ -288,7 +309,8 @@ def _sparse_divergence_and_logit_grad(
                 rows_log_probs.exp_().mul_(total.index_select(0, imprecise))
             )
             grad.index_copy_(0, imprecise, rows_grad)
-        grad.scatter_(-1, ids, bucket_grad[..., :-1] - student_top.exp() * total)
+        id_grad = bucket_grad[..., :-1] - student_top.exp() * total
+        grad.scatter_(-1, ids, _like_kept(id_grad, kept, topk_logprobs.argmax(-1, keepdim=True)))
         out.logit_grad = grad.div_(temperature) if temperature != 1.0 else grad
     return out
 

@@ -640,10 +640,12 @@ def test_real_smollm2_teacher_trains_student_and_stays_bit_identical(
 def test_teacher_logits_cache_replaces_the_teacher(tmp_path, corpus_tokenizer, teacher, train_rows):
     teacher_cache = pytest.importorskip("hf_interop.distill.teacher_cache")
     vocab = len(corpus_tokenizer)
-    # top_k = the whole vocabulary: the cached distribution is the teacher's, up to float16 storage
+    # top_k = the whole vocabulary, all kept (top_p=1), float16 codes: the cached distribution is the teacher's, up
+    # to float16 storage (the compact encoding, read through its collate)
     teacher_cache.cache_teacher_logits(
-        teacher, train_rows, tmp_path / "cache", top_k=vocab, tokenizer=corpus_tokenizer, show_progress=False
-    )
+        teacher, train_rows, tmp_path / "cache", top_k=vocab, tokenizer=corpus_tokenizer, show_progress=False,
+        top_p=1.0, logprob_bits=16,
+    )  # fmt: skip
     live = DistillationTrainer(
         model=make_student(corpus_tokenizer),
         teacher_model=teacher,

@@ -443,3 +443,40 @@ def test_answers_are_awaited_in_data_loader_workers(engine, smollm2_tokenizer, b
         trainer.train()
         results[workers] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     np.testing.assert_allclose(results[2], results[0], rtol=0, atol=1e-6)
+
+
+def test_served_answers_in_a_compact_cache(teacher, smollm2_tokenizer, blocks, tmp_path):
+    """Unfilled slots (PAD_LOGPROB) are not kept by the compact encoding and do not widen its quantisation step."""
+    from hf_interop.distill.teacher_cache.format import PAD_LOGPROB
+
+    native = cache_teacher_logits(
+        teacher, blocks, tmp_path / "native", top_k=TOP_K, tokenizer=smollm2_tokenizer, encoding="compact",
+        show_progress=False,
+    )  # fmt: skip
+    with ServedEngine(teacher, smollm2_tokenizer, style="echo", convention="next") as served:
+        client = _fast(served.url, position_convention="next")
+        cache = cache_teacher_logits(
+            client, blocks, tmp_path / "served", top_k=TOP_K, tokenizer=smollm2_tokenizer, encoding="compact",
+            show_progress=False,
+        )  # fmt: skip
+    assert cache.is_compact
+    for index in range(3):
+        row, reference = cache.row(index), native.row(index)
+        kept = row["teacher_topk_logprobs"] > PAD_LOGPROB
+        assert not bool(kept[0].any())  # the position this server never answers keeps nothing
+        assert bool(kept[1:].any(-1).all())
+        # every kept entry is within the 8-bit step of the native compact cache's value for that id
+        for position in range(1, kept.shape[0]):
+            native_of = dict(
+                zip(
+                    reference["teacher_topk_ids"][position].tolist(),
+                    reference["teacher_topk_logprobs"][position].tolist(),
+                    strict=True,
+                )
+            )
+            for token, value in zip(
+                row["teacher_topk_ids"][position][kept[position]].tolist(),
+                row["teacher_topk_logprobs"][position][kept[position]].tolist(),
+                strict=True,
+            ):
+                assert abs(native_of.get(token, value) - value) < 0.1

@@ -132,7 +132,7 @@ def test_round_trip_matches_the_teachers_own_topk(tmp_path, monkeypatch, tiny_te
         monkeypatch.setattr(cache_writer, "_FLUSH_BYTES", 1)
     cache = cache_teacher_logits(
         model, blocks, tmp_path / "cache", top_k=16, temperature=temperature, batch_size=4, shard_size=8,
-        tokenizer=tokenizer, show_progress=False,
+        tokenizer=tokenizer, show_progress=False, encoding="float16",  # format version 1 (compact: test_compact_cache)
     )  # fmt: skip
     assert len(cache) == len(blocks)
     values, ids, full = _reference_topk(model, blocks, range(4, 8), top_k=16, temperature=temperature)
@@ -170,7 +170,7 @@ def test_size_is_4k_bytes_per_position_plus_little_arrow_overhead(tmp_path, tiny
     model, tokenizer = tiny_teacher
     cache = cache_teacher_logits(
         model, blocks, tmp_path / "cache", top_k=64, batch_size=8, shard_size=24, tokenizer=tokenizer,
-        show_progress=False,
+        show_progress=False, encoding="float16",
     )  # fmt: skip
     data_bytes = (tmp_path / "cache" / "shard-00000" / "data.arrow").stat().st_size
     payload = 24 * 63 * 64 * (2 + 2)
@@ -185,7 +185,9 @@ def test_size_is_4k_bytes_per_position_plus_little_arrow_overhead(tmp_path, tiny
 
 def test_int32_ids_when_the_vocabulary_exceeds_uint16(tmp_path):
     rows = Dataset.from_dict({"input_ids": [[69_999, 5, 68_000, 7, 9], [1, 2, 3, 4, 66_000]]})
-    cache = cache_teacher_logits(NextTokenOracle(70_000), rows, tmp_path / "cache", top_k=4, show_progress=False)
+    cache = cache_teacher_logits(
+        NextTokenOracle(70_000), rows, tmp_path / "cache", top_k=4, show_progress=False, encoding="float16"
+    )
     assert cache.manifest["ids_dtype"] == "int32"
     assert str(cache.dataset.data.schema.field(IDS_COLUMN).type) == "large_list<item: int32>"
     # ids above 65,535 survive storage (uint16 would wrap them)
@@ -219,7 +221,7 @@ def test_an_ensemble_works_as_teacher(tmp_path, tiny_model_dirs, blocks):
     rows = blocks.select(range(4))
     cache = cache_teacher_logits(
         ensemble, rows, tmp_path / "cache", top_k=8, batch_size=4, tokenizer=tokenizer,
-        teacher_name_or_path="mixture(llama, qwen2)", show_progress=False,
+        teacher_name_or_path="mixture(llama, qwen2)", show_progress=False, encoding="float16",
     )  # fmt: skip
     assert cache.manifest["teacher"] == "mixture(llama, qwen2)"
     assert cache.manifest["teacher_class"] == "EnsembleForCausalLM"
@@ -250,10 +252,12 @@ def test_cache_lines_up_with_the_trainers_shifted_labels(tmp_path, blocks):
     features = [attached[index] for index in range(5)]
     batch = cache.collate(features)
     labels = torch.tensor([feature["labels"] for feature in features])
-    # position i of the cache predicts labels[:, i + 1]: the trainer's `labels[:, 1:]`
-    assert torch.equal(batch[IDS_COLUMN][:, :, 0], labels[:, 1:])
-    assert not torch.equal(batch[IDS_COLUMN][:, :, 0], labels[:, :-1])
-    assert (batch[LOGPROBS_COLUMN][:, :, 0] > -1e-3).all()
+    # position i of the cache predicts labels[:, i + 1]: the trainer's `labels[:, 1:]` (the compact encoding stores a
+    # position's ids in increasing id order, so its most likely id is found by the log-probs, not the slot)
+    top = batch[LOGPROBS_COLUMN].argmax(-1, keepdim=True)
+    assert torch.equal(batch[IDS_COLUMN].gather(-1, top)[..., 0], labels[:, 1:])
+    assert not torch.equal(batch[IDS_COLUMN].gather(-1, top)[..., 0], labels[:, :-1])
+    assert (batch[LOGPROBS_COLUMN].max(-1).values > -1e-3).all()
 
 
 def test_attach_and_collate_shapes_dtypes_and_order(single_process_cache, blocks):
@@ -275,7 +279,7 @@ def test_attach_and_collate_shapes_dtypes_and_order(single_process_cache, blocks
     lean = cache.attach(blocks, include_tail=False)
     assert TAIL_COLUMN not in lean.column_names
     lean_batch = cache.collate([lean[2], lean[9], lean[17]])
-    for key in cache.columns:
+    for key in (IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN):
         assert torch.equal(lean_batch[key], batch[key]), key
     torch.testing.assert_close(
         batch[TAIL_COLUMN], torch.log1p(-batch[LOGPROBS_COLUMN].double().exp().sum(-1)).float(), atol=1e-6, rtol=1e-6
@@ -289,7 +293,9 @@ def test_attach_and_collate_shapes_dtypes_and_order(single_process_cache, blocks
 def test_variable_length_rows_are_padded_like_the_inputs(tmp_path, tiny_teacher):
     model, _ = tiny_teacher
     rows = Dataset.from_dict({"input_ids": [[5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16, 17, 18], [3, 4, 5]]})
-    cache = cache_teacher_logits(model, rows, tmp_path / "cache", top_k=4, batch_size=3, show_progress=False)
+    cache = cache_teacher_logits(
+        model, rows, tmp_path / "cache", top_k=4, batch_size=3, show_progress=False, encoding="float16"
+    )
     assert cache.manifest["seq_length"] is None and cache.manifest["max_seq_length"] == 9
     for side, attached in (("right", cache.attach(rows)), ("left", cache.attach(rows, include_tail=False))):
         batch = cache.collate([attached[0], attached[1], attached[2]], padding_side=side)
@@ -572,7 +578,7 @@ def test_real_smollm2_teacher_round_trip_alignment_and_resume(tmp_path, smollm2,
 
     teacher, tokenizer = smollm2
     rows = pack_dataset(corpus["validation"], tokenizer, block_size=64, max_blocks=4)
-    kwargs = dict(top_k=64, batch_size=2, shard_size=2, tokenizer=tokenizer, show_progress=False)
+    kwargs = dict(top_k=64, batch_size=2, shard_size=2, tokenizer=tokenizer, show_progress=False, encoding="float16")
 
     # a crash inside the loop after the first shard, then a resume that computes only the rest
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 
 from hf_interop import TeacherLogitsCache, cache_teacher_logits, load_causal_lm
-from hf_interop.distill.teacher_cache import IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN
+from hf_interop.distill.teacher_cache import IDS_COLUMN, LOGPROBS_COLUMN, PAD_LOGPROB, TAIL_COLUMN
 
 TOP_K = 8
 
@@ -58,8 +58,10 @@ def reference_prior(cache: TeacherLogitsCache) -> torch.Tensor:
     for index in range(len(cache)):
         row = cache.row(index)
         for ids, logprobs, tail in zip(row[IDS_COLUMN], row[LOGPROBS_COLUMN], row[TAIL_COLUMN], strict=True):
-            position = torch.full((vocab,), tail.double().exp().item() / (vocab - cache.top_k), dtype=torch.float64)
-            position[ids] = logprobs.double().exp()
+            kept = logprobs > PAD_LOGPROB  # a compact cache's position keeps its own number of entries
+            spread = tail.double().exp().item() / (vocab - int(kept.sum()))
+            position = torch.full((vocab,), spread, dtype=torch.float64)
+            position[ids[kept]] = logprobs[kept].double().exp()
             total += position
             count += 1
     return total / count

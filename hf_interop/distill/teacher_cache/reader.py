@@ -13,13 +13,15 @@ import numpy as np
 import torch
 
 from ...logging_utils import get_logger
+from .codec import COUNTS_COLUMN, DamagedCacheError, compact_columns, decode_dense
 from .format import (
-    CACHE_FORMAT_VERSION,
+    COMPACT_FORMAT_VERSION,
     IDS_COLUMN,
     LOGPROBS_COLUMN,
     MANIFEST_FILE,
     PAD_LOGPROB,
     PLAN_FILE,
+    READABLE_FORMAT_VERSIONS,
     SHARD_DATA_FILE,
     TAIL_COLUMN,
     _check_input_ids_column,
@@ -32,6 +34,7 @@ from .format import (
     _teacher_identity,
     _token_columns,
     dataset_fingerprint,
+    kept_entries,
     tail_logprob_from_topk,
     tokenizer_fingerprint,
 )
@@ -67,6 +70,19 @@ class TeacherLogitsCache:
         self.manifest = manifest
         self.dataset = dataset
         self._tail_prior: torch.Tensor | None = None
+        if self.is_compact:
+            # the encoded columns travel to the collate (decoded there, in the DataLoader's workers)
+            self.stored_columns = _stored_columns(manifest)
+            self.columns = self.stored_columns
+
+    @property
+    def is_compact(self) -> bool:
+        """Whether the cache uses the compact encoding (format version 2: adaptive k, quantised, Elias-Fano ids)."""
+        return int(self.manifest["format_version"]) == COMPACT_FORMAT_VERSION
+
+    @property
+    def logprob_bits(self) -> int:
+        return int(self.manifest.get("logprob_bits", 16))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -139,12 +155,15 @@ class TeacherLogitsCache:
                     f"shard {shard['name']} of cache {str(path)!r} is corrupt: {data_path} does not read as Arrow "
                     f"({error}); {_recompute(path, shard)}."
                 ) from error
-            if len(part) != shard["num_rows"] or set(part.column_names) != {IDS_COLUMN, LOGPROBS_COLUMN}:
+            expected_columns = list(_stored_columns(manifest))
+            if len(part) != shard["num_rows"] or part.column_names != expected_columns:
                 raise ValueError(
                     f"shard {shard['name']} of cache {str(path)!r} is corrupt: {len(part)} rows with columns "
-                    f"{part.column_names}, expected {shard['num_rows']} rows of {[IDS_COLUMN, LOGPROBS_COLUMN]}; "
+                    f"{part.column_names}, expected {shard['num_rows']} rows of {expected_columns}; "
                     f"{_recompute(path, shard)}."
                 )
+            if int(manifest["format_version"]) == COMPACT_FORMAT_VERSION:
+                _check_compact_counts(path, shard, part, int(manifest["top_k"]))
             parts.append(part)
         dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         if len(dataset) != manifest["num_rows"]:
@@ -256,20 +275,23 @@ class TeacherLogitsCache:
                 "to the dataset it was made from (check_compatible says what differs)."
             )
         dataset_lengths = _row_lengths(dataset)
-        cache_view = self.dataset.select_columns([IDS_COLUMN]).with_format("arrow")
+        # values per position in the column that says how many positions a row has
+        length_column, per_position = (COUNTS_COLUMN, 1) if self.is_compact else (IDS_COLUMN, self.top_k)
+        cache_view = self.dataset.select_columns([length_column]).with_format("arrow")
         for start in range(0, len(self), 65536):
-            column = cache_view[start : start + 65536].column(IDS_COLUMN).combine_chunks()
+            column = cache_view[start : start + 65536].column(length_column).combine_chunks()
             cached = pc.list_value_length(column).to_pylist()
             for offset, value in enumerate(cached):
                 row = start + offset
-                if value != (dataset_lengths[row] - 1) * self.top_k:
+                if value != (dataset_lengths[row] - 1) * per_position:
                     raise ValueError(
                         f"row {row} has {dataset_lengths[row]} tokens but the cache holds "
-                        f"{value // self.top_k} positions for it (expected {dataset_lengths[row] - 1}); the cache "
+                        f"{value // per_position} positions for it (expected {dataset_lengths[row] - 1}); the cache "
                         "belongs to another dataset."
                     )
-        added = [IDS_COLUMN, LOGPROBS_COLUMN] + ([TAIL_COLUMN] if include_tail else [])
-        clashing = [name for name in (IDS_COLUMN, LOGPROBS_COLUMN, TAIL_COLUMN) if name in dataset.column_names]
+        include_tail = include_tail and not self.is_compact  # a compact cache's collate derives the tail per batch
+        added = list(self.stored_columns) + ([TAIL_COLUMN] if include_tail else [])
+        clashing = [name for name in (*self.stored_columns, TAIL_COLUMN) if name in dataset.column_names]
         if clashing:
             dataset = dataset.remove_columns(clashing)
         previous_format = dataset.format
@@ -322,26 +344,24 @@ class TeacherLogitsCache:
         """
         if self._tail_prior is not None:
             return self._tail_prior
-        k, vocab = self.top_k, self.vocab_size
-        tail_tokens = vocab - k
+        vocab = self.vocab_size
         totals = torch.zeros(vocab, dtype=torch.float64)
         spread = 0.0  # tail mass each token outside a position's top-k receives, summed over positions
         num_positions = 0
-        for batch in self.dataset.data.to_batches():
-            ids_column, logprobs_column = batch.column(IDS_COLUMN), batch.column(LOGPROBS_COLUMN)
-            ids = torch.from_numpy(ids_column.flatten().to_numpy(zero_copy_only=False).astype(np.int64))
-            values = logprobs_column.flatten().to_numpy(zero_copy_only=False).astype(np.float16)
-            logprobs = torch.from_numpy(values).reshape(-1, k)
+        for ids, logprobs in self.decoded_batches():
             if not logprobs.numel():
                 continue
-            probs = logprobs.double().exp()
+            kept = kept_entries(logprobs)
+            probs = torch.where(kept, logprobs.double().exp(), 0.0)
             num_positions += probs.shape[0]
-            if tail_tokens > 0:
-                per_tail_token = tail_logprob_from_topk(logprobs).double().exp() / tail_tokens
-                spread += float(per_tail_token.sum())
-                # a position's top-k ids get their probability instead of that position's even share of the tail
-                probs = probs - per_tail_token.unsqueeze(-1)
-            totals.index_add_(0, ids, probs.reshape(-1))
+            tail_tokens = vocab - kept.sum(-1, keepdim=True).double()
+            per_tail_token = torch.where(
+                tail_tokens > 0, tail_logprob_from_topk(logprobs).double().exp().unsqueeze(-1) / tail_tokens, 0.0
+            )
+            spread += float(per_tail_token.sum())
+            # a position's kept ids get their probability instead of that position's even share of the tail
+            probs = torch.where(kept, probs - per_tail_token, 0.0)
+            totals.index_add_(0, ids.reshape(-1), probs.reshape(-1))
         if num_positions == 0:
             raise ValueError(
                 f"cache {str(self.path)!r} holds no cached positions; there is no distribution to average."
@@ -351,6 +371,61 @@ class TeacherLogitsCache:
         self._tail_prior = mean.clamp_min_(torch.finfo(torch.float32).tiny).log_().float()
         return self._tail_prior
 
+    def decoded_batches(self) -> Any:
+        """Yield the whole cache, one stored record batch at a time, as `(ids (P, top_k) int64, logprobs (P, top_k)
+        float32)` tensors over its `P` positions; entries a compact cache did not keep hold `PAD_LOGPROB`."""
+        k = self.top_k
+        for batch in self.dataset.data.to_batches():
+            if not self.is_compact:
+                ids = batch.column(IDS_COLUMN).flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+                values = batch.column(LOGPROBS_COLUMN).flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+                yield torch.from_numpy(ids.reshape(-1, k)), torch.from_numpy(values.reshape(-1, k))
+                continue
+            columns = {}
+            for name in self.stored_columns:
+                chunk = batch.column(name)
+                offsets = np.asarray(chunk.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+                columns[name] = (offsets - offsets[0], chunk.flatten().to_numpy(zero_copy_only=False))
+            _, ids, logprobs = self._decode(columns, width=k)
+            yield torch.from_numpy(ids), torch.from_numpy(logprobs)
+
+    def _decode(self, columns: dict[str, Any], width: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        try:
+            return decode_dense(columns, self.logprob_bits, self.vocab_size, width, PAD_LOGPROB)
+        except DamagedCacheError as error:
+            raise ValueError(
+                f"cache {str(self.path)!r} is corrupt: a row does not decode ({error}). TeacherLogitsCache.load "
+                "(verify_checksums=True) names the damaged shard; recompute it as that error says."
+            ) from error
+
+    def _collate_compact(self, features: Sequence[dict[str, Any]], padding_side: str) -> dict[str, torch.Tensor]:
+        """`collate` of a compact cache: every row of the batch decoded at once (see `codec.decode_dense`)."""
+        columns = {}
+        for name in self.stored_columns:
+            arrays = [_as_numpy(feature[name]).reshape(-1) for feature in features]
+            offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+            np.cumsum([array.shape[0] for array in arrays], out=offsets[1:])
+            columns[name] = (offsets, np.concatenate(arrays))
+        counts, ids, logprobs = self._decode(columns, width=None)
+        tails = tail_logprob_from_topk(torch.from_numpy(logprobs)).numpy()
+        positions = np.diff(columns[COUNTS_COLUMN][0])
+        width, k = int(positions.max()), ids.shape[1]
+        batch_ids = np.zeros((len(features), width, k), dtype=np.int64)
+        batch_logprobs = np.full((len(features), width, k), PAD_LOGPROB, dtype=np.float32)
+        batch_tails = np.zeros((len(features), width), dtype=np.float32)
+        start = 0
+        for index, length in enumerate(positions.tolist()):
+            window = slice(0, length) if padding_side == "right" else slice(width - length, width)
+            batch_ids[index, window] = ids[start : start + length]
+            batch_logprobs[index, window] = logprobs[start : start + length]
+            batch_tails[index, window] = tails[start : start + length]
+            start += length
+        return {
+            IDS_COLUMN: torch.from_numpy(batch_ids),
+            LOGPROBS_COLUMN: torch.from_numpy(batch_logprobs),
+            TAIL_COLUMN: torch.from_numpy(batch_tails),
+        }
+
     def collate(self, features: Sequence[dict[str, Any]], padding_side: str = "right") -> dict[str, torch.Tensor]:
         """Stack the cache columns of a batch of rows (from :meth:`attach`) into tensors.
 
@@ -358,6 +433,10 @@ class TeacherLogitsCache:
         pads `input_ids`); padded positions get id 0, log-prob `PAD_LOGPROB` (zero probability, finite) and a tail
         log-prob of 0 (all the mass). They carry label -100, so no loss sees them. Rows without a
         `teacher_tail_logprob` value (`attach(include_tail=False)`) get it derived from their log-probs.
+
+        A compact cache (format version 2) is decoded here, every row of the batch at once: `k` is then the largest
+        count of kept entries in the batch, and a position keeping fewer fills its other slots with its first id
+        and `PAD_LOGPROB` (no mass; the sparse losses leave such entries out).
 
         Returns:
             `dict` with `teacher_topk_ids` `(B, S-1, k)` int64, `teacher_topk_logprobs` `(B, S-1, k)` float32 and
@@ -367,6 +446,14 @@ class TeacherLogitsCache:
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
         if not features:
             raise ValueError("collate got an empty batch.")
+        if self.is_compact:
+            missing = [name for name in self.stored_columns if name not in features[0]]
+            if missing:
+                raise KeyError(
+                    f"a batch row has no {missing} (keys: {sorted(features[0])}); attach the cache to the dataset "
+                    "(cache.attach(dataset)) and keep its columns through column pruning."
+                )
+            return self._collate_compact(features, padding_side)
         k = self.top_k
         ids_rows, logprob_rows, tail_rows = [], [], []
         for feature in features:
@@ -436,11 +523,16 @@ class TeacherLogitsCache:
         num_predictions = int(self.manifest["num_predictions"])
         num_tokens = num_predictions + int(self.manifest["num_rows"])
         ids_bytes = 2 if self.manifest["ids_dtype"] == "uint16" else 4
+        payload = self.top_k * (ids_bytes + 2)
+        if self.is_compact:
+            payload = sum(shard["num_bytes"] for shard in self.manifest["shards"]) / num_predictions
         rng = np.random.default_rng(seed)
         sample = sorted(rng.choice(len(self), size=min(sample_rows, len(self)), replace=False).tolist())
-        masses = []
+        masses, kept = [], []
         for index in sample:
-            masses.append(self.row(index)[LOGPROBS_COLUMN].double().exp().sum(-1))
+            logprobs = self.row(index)[LOGPROBS_COLUMN]
+            masses.append(torch.where(kept_entries(logprobs), logprobs.double().exp(), 0.0).sum(-1))
+            kept.append(kept_entries(logprobs).sum(-1))
         all_masses = torch.cat(masses)
         result: dict[str, Any] = {
             "top_k": self.top_k,
@@ -448,8 +540,9 @@ class TeacherLogitsCache:
             "bytes_on_disk": bytes_on_disk,
             "bytes_per_token": bytes_on_disk / num_tokens,
             "bytes_per_position": bytes_on_disk / num_predictions,
-            "payload_bytes_per_position": self.top_k * (ids_bytes + 2),
+            "payload_bytes_per_position": payload,
             "mean_topk_mass": float(all_masses.mean()),
+            "mean_kept_entries": float(torch.cat(kept).double().mean()),
             "kl_full_to_sparse": None,
             "kl_buckets": None,
             "num_sampled_positions": int(all_masses.numel()),
@@ -504,12 +597,33 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         manifest = _read_json(manifest_path)
     except json.JSONDecodeError as error:
         raise ValueError(f"{manifest_path} is not valid JSON ({error}); recompute the cache.") from error
-    if manifest.get("format_version") != CACHE_FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMAT_VERSIONS:
         raise ValueError(
-            f"{manifest_path} has format_version {manifest.get('format_version')!r}; this hf_interop reads "
-            f"version {CACHE_FORMAT_VERSION}. Recompute the cache with this version."
+            f"teacher-logits cache {str(path)!r} has format_version {manifest.get('format_version')!r} "
+            f"({manifest_path}); this hf_interop reads versions {list(READABLE_FORMAT_VERSIONS)}. Upgrade "
+            "hf_interop to read it, or recompute the cache with this version (cache_teacher_logits, overwrite=True)."
         )
     return manifest
+
+
+def _stored_columns(manifest: dict[str, Any]) -> tuple[str, ...]:
+    if int(manifest["format_version"]) == COMPACT_FORMAT_VERSION:
+        return compact_columns(int(manifest["logprob_bits"]))
+    return (IDS_COLUMN, LOGPROBS_COLUMN)
+
+
+def _check_compact_counts(path: Path, shard: dict[str, Any], part: Any, top_k: int) -> None:
+    """A compact shard's kept counts: none above `top_k`, summing to the entries its writer recorded (cheap: one
+    byte per position; the checksum covers every byte, this catches a shard that decodes to other rows)."""
+    counts = part.data.column(COUNTS_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    largest = int(counts.max(initial=0))
+    total = int(counts.sum(dtype=np.int64))
+    if largest > top_k or total != shard.get("num_entries", total):
+        raise ValueError(
+            f"shard {shard['name']} of cache {str(path)!r} is corrupt: its positions keep {total} entries (at most "
+            f"{largest} per position), its shard.json says {shard.get('num_entries')} (at most top_k={top_k}); "
+            f"{_recompute(path, shard)}."
+        )
 
 
 def _recompute(path: Path, shard: dict[str, Any]) -> str:
@@ -574,14 +688,20 @@ def sparse_kl(
         `(kl, bucket_kl)`, each `(N,)` float64.
     """
     full = full_logprobs.double()
-    vocab_size, k = full.shape[-1], topk_ids.shape[-1]
-    rest = vocab_size - k
-    fill = (tail_logprob.double() - math.log(rest)) if rest > 0 else torch.full_like(tail_logprob.double(), -math.inf)
+    vocab_size = full.shape[-1]
+    # entries that hold no mass (PAD_LOGPROB, -inf: not kept by a compact cache, missing) are left out
+    kept = kept_entries(topk_logprobs)
+    rest = vocab_size - kept.sum(-1).double()
+    fill = torch.where(rest > 0, tail_logprob.double() - rest.clamp(min=1).log(), -math.inf)
     sparse = fill[:, None].expand_as(full).clone()
-    sparse.scatter_(-1, topk_ids.long(), topk_logprobs.double())
+    # left-out entries take the value of a kept entry of theirs (the top one), so duplicate ids agree
+    top_index = topk_logprobs.argmax(-1, keepdim=True)
+    ids = torch.where(kept, topk_ids.long(), topk_ids.long().gather(-1, top_index))
+    values = torch.where(kept, topk_logprobs.double(), topk_logprobs.double().gather(-1, top_index))
+    sparse.scatter_(-1, ids, values)
     p = full.exp()
     kl = torch.where(p > 0, p * (full - sparse), torch.zeros_like(p)).sum(-1)
-    p_top = full.gather(-1, topk_ids.long())
+    p_top = torch.where(kept, full.gather(-1, ids), -math.inf)
     p_tail_mass = (1.0 - p_top.exp().sum(-1)).clamp(min=0.0)
     bucket_top = torch.where(p_top.exp() > 0, p_top.exp() * (p_top - topk_logprobs.double()), torch.zeros_like(p_top))
     bucket_tail = torch.where(

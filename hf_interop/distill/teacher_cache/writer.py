@@ -18,20 +18,24 @@ import torch
 from ...logging_utils import get_logger
 from ...utils import atomic_directory, atomic_write_json
 from .format import (
+    _LEGACY_PLAN_VALUES,
     _SHARD_NAME,
-    CACHE_FORMAT_VERSION,
     MANIFEST_FILE,
     PLAN_FILE,
     SHARD_DATA_FILE,
     SHARD_INFO_FILE,
     _cache_features,
+    _cache_format_version,
     _check_input_ids_column,
+    _checked_encoding,
+    _compact_schema,
     _model_device,
     _padded_batch,
     _read_json,
     _row_lengths,
     _rows_batch,
     _sha256_file,
+    _shard_encoding,
     _teacher_identity,
     _token_columns,
     dataset_fingerprint,
@@ -66,6 +70,10 @@ _PLAN_KEYS = (
     "ids_dtype",
     "num_rows",
     "shard_size",
+    "encoding",
+    "top_p",
+    "logprob_bits",
+    "compression",
 )
 
 
@@ -128,9 +136,9 @@ def _plan_differences(existing: dict[str, Any], plan: dict[str, Any]) -> list[st
     for key in _PLAN_KEYS:
         if key == "teacher_fingerprint" and key not in existing:
             continue
-        if existing.get(key) == plan.get(key):
+        if existing.get(key, _LEGACY_PLAN_VALUES.get(key)) == plan.get(key):
             continue
-        difference = f"{key}: {existing.get(key)!r} in the folder, {plan.get(key)!r} now"
+        difference = f"{key}: {existing.get(key, _LEGACY_PLAN_VALUES.get(key))!r} in the folder, {plan.get(key)!r} now"
         if key == "teacher_fingerprint":
             then, now = existing.get("teacher"), plan.get("teacher")
             who = f"teacher {now!r}" if then == now else f"the teacher ({then!r} then, {now!r} now)"
@@ -205,21 +213,49 @@ def _write_shard(
     end: int,
     rows: Iterable[tuple[Any, Any]],
     ids_dtype: str,
+    encoding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the rows `rows` yields (computed lazily: at most `_FLUSH_BYTES` are held) into shard `shard_index`."""
+    """Write the rows `rows` yields (computed lazily: at most `_FLUSH_BYTES` are held) into shard `shard_index`.
+
+    Each row is `(ids (L-1, k), logprobs (L-1, k) float16 rounded toward -inf)`; a log-prob of `-inf` marks an entry
+    the row source does not have (zero mass, never kept by the compact encoding). `encoding` (from
+    `_shard_encoding(plan)`) picks the layout; `None` is format version 1 (float16, no compression).
+    """
     import pyarrow as pa
 
-    features = _cache_features(ids_dtype)
-    schema = features.arrow_schema
+    encoding = encoding or dict(_LEGACY_PLAN_VALUES)
+    compact = encoding["encoding"] == "compact"
+    schema = (
+        _compact_schema(encoding["top_k"], encoding["logprob_bits"])
+        if compact
+        else _cache_features(ids_dtype).arrow_schema
+    )
+    options = pa.ipc.IpcWriteOptions(compression=encoding["compression"])
     name = f"shard-{shard_index:05d}"
     with _naming_a_full_disk(output_dir / name, output_dir), atomic_directory(output_dir / name) as tmp_dir:
         data_path = tmp_dir / SHARD_DATA_FILE
-        num_rows = num_predictions = 0
-        with pa.OSFile(str(data_path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        num_rows = num_predictions = num_entries = 0
+        with pa.OSFile(str(data_path), "wb") as sink, pa.ipc.new_stream(sink, schema, options=options) as writer:
             buffered: list[tuple[Any, Any]] = []
             buffered_bytes = 0
 
-            def flush() -> None:
+            def flush() -> int:
+                if compact:
+                    from .codec import COUNTS_COLUMN, encode_rows
+
+                    encoded = encode_rows(
+                        buffered,
+                        encoding["top_p"],
+                        encoding["logprob_bits"],
+                        encoding["vocab_size"],
+                        encoding["top_k"],
+                    )
+                    columns = [
+                        pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), pa.array(values))
+                        for offsets, values in (encoded[field.name] for field in schema)
+                    ]
+                    writer.write_batch(pa.record_batch(columns, schema=schema))
+                    return int(encoded[COUNTS_COLUMN][1].sum(dtype=np.int64))
                 offsets = np.zeros(len(buffered) + 1, dtype=np.int64)
                 offsets[1:] = np.cumsum([ids.size for ids, _ in buffered])
                 flat_ids = np.concatenate([ids.reshape(-1) for ids, _ in buffered]).astype(ids_dtype, copy=False)
@@ -230,6 +266,7 @@ def _write_shard(
                     pa.LargeListArray.from_arrays(offsets_array, pa.array(flat_logprobs)),
                 ]
                 writer.write_batch(pa.record_batch(columns, schema=schema))
+                return int(np.isfinite(flat_logprobs).sum())
 
             for ids, logprobs in rows:
                 buffered.append((ids, logprobs))
@@ -237,10 +274,10 @@ def _write_shard(
                 num_rows += 1
                 num_predictions += ids.shape[0]
                 if buffered_bytes >= _FLUSH_BYTES:
-                    flush()
+                    num_entries += flush()
                     buffered, buffered_bytes = [], 0
             if buffered:
-                flush()
+                num_entries += flush()
         if num_rows != end - start:
             raise RuntimeError(f"shard {name} got {num_rows} rows, expected {end - start} (rows {start}..{end - 1}).")
         with open(data_path, "rb") as handle:
@@ -255,6 +292,8 @@ def _write_shard(
             "num_bytes": data_path.stat().st_size,
             "sha256": _sha256_file(data_path),
         }
+        if compact:
+            info["num_entries"] = num_entries  # kept entries (checked against the counts when the cache loads)
         atomic_write_json(tmp_dir / SHARD_INFO_FILE, info)
     return info
 
@@ -275,14 +314,18 @@ def cache_teacher_logits(
     dtype: Any = None,
     served_model: str | None = None,
     concurrency: int = 4,
+    encoding: str = "float16",
+    top_p: float | None = None,
+    logprob_bits: int | None = None,
+    compression: str | None = None,
 ) -> TeacherLogitsCache:
     """Run a teacher once over a tokenized dataset and store its top-k next-token log-probabilities.
 
     For row `r` with `S` tokens, cache row `r` holds `S - 1` positions: position `i` is the teacher's
     distribution after reading `input_ids[: i + 1]`, i.e. its prediction of `input_ids[i + 1]` (the trainer's
     causal shift, `labels[:, 1:]`). Per position: the `top_k` largest log-probabilities at `temperature`
-    (float16, rounded toward -inf) and their token ids (uint16 when the vocabulary has <= 65,536 entries, else
-    int32). The tail log-mass `log(1 - sum p)` is derived on read (:func:`tail_logprob_from_topk`).
+    (rounded toward -inf) and their token ids, stored by `encoding`: `"float16"` (the default) keeps all as float16
+    with uint16 ids (int32 above 65,536 tokens), `"compact"` keeps the fewest reaching `top_p` and quantises them. The tail log-mass `log(1 - sum p)` is derived on read (:func:`tail_logprob_from_topk`).
 
     Writing is robust: rows are cut into shards of `shard_size` rows, each written to a temporary folder and
     renamed into place, so no half shard is ever visible. Calling again with the same arguments after an
@@ -331,6 +374,22 @@ def cache_teacher_logits(
             For a teacher URL: the served model's name (defaults to the one the server lists).
         concurrency (`int`, *optional*, defaults to 4):
             For a teacher URL: requests in flight at once.
+        encoding (`str`, *optional*, defaults to `"float16"`):
+            `"compact"` (format version 2, see `teacher_cache.codec`): per position the fewest of the top-k entries
+            whose probability reaches `top_p` (all of them by default), their ids Elias-Fano coded (about 11 bits each for SmolLM2's 49,152
+            tokens), their log-probs as `logprob_bits`-bit codes under a per-position scale, rounded so that no
+            stored probability exceeds the teacher's. `"float16"`: format version 1 (`4 * top_k` bytes per
+            position), as hf_interop wrote before encodings existed.
+        top_p (`float`, *optional*):
+            `"compact"` only: the probability mass a position's kept entries must reach (at most `top_k` entries
+            are kept); in (0, 1]. Defaults to 1.0: all `top_k` (`top_k=32, top_p=0.95` stores about 68 bytes per
+            token for SmolLM2, at some cost in the student's perplexity: `benchmarks/RESULTS.md`).
+        logprob_bits (`int`, *optional*):
+            `"compact"` only: 8 (the default; error below the position's step `(top - smallest kept) / 254`), 4
+            (16 levels, coarse) or 16 (the float16 values themselves). `"float16"` stores 16.
+        compression (`str`, *optional*):
+            Arrow IPC buffer compression of the shards: `"zstd"`, `"lz4"` or `None` (default). A compressed cache
+            is decompressed into memory when it loads instead of being memory-mapped.
 
     Returns:
         :class:`TeacherLogitsCache`: the finished cache, loaded memory-mapped (on every process).
@@ -340,6 +399,7 @@ def cache_teacher_logits(
     output_dir, state_of_dir, vocab_size, lengths = _check_arguments(
         teacher, dataset, output_dir, top_k, temperature, batch_size, shard_size, teacher_revision
     )
+    encoding_plan = _checked_encoding(encoding, top_p, logprob_bits, compression)
 
     # ---- load the teacher (the first expensive step) ----
     # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
@@ -361,6 +421,7 @@ def cache_teacher_logits(
     plan = _cache_plan(
         teacher, teacher_id, teacher_revision, tokenizer, dataset, lengths, top_k, temperature, vocab_size, shard_size
     )
+    plan.update(encoding_plan)
 
     # ---- decide what to do with the folder (same decision on every process; only the main one writes) ----
     folder = _folder_decision(output_dir, state_of_dir, plan, overwrite)
@@ -494,7 +555,7 @@ def _cache_plan(
 ) -> dict[str, Any]:
     """What is being computed: the content of cache_plan.json (a resumed run must reproduce its `_PLAN_KEYS`)."""
     return {
-        "format_version": CACHE_FORMAT_VERSION,
+        "format_version": _cache_format_version("float16"),  # cache_teacher_logits sets the encoding's
         "teacher": teacher_id,
         "teacher_revision": teacher_revision,
         "teacher_class": type(teacher).__name__,
@@ -635,7 +696,7 @@ def _compute_missing_shards(
                     )
                     progress.update(1)
 
-            _write_shard(output_dir, shard, start, end, shard_rows(), ids_dtype)
+            _write_shard(output_dir, shard, start, end, shard_rows(), ids_dtype, _shard_encoding(plan))
     finally:
         progress.close()
         if was_training and hasattr(teacher, "train"):

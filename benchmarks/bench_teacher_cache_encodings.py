@@ -1,0 +1,385 @@
+"""Teacher-cache encodings side by side: bytes/token, write and read throughput, the student's held-out perplexity.
+
+Teacher: the real SmolLM2-135M-Instruct (float32, vocabulary 49,152), builtin corpus in 128-token blocks. One run:
+
+1. The teacher runs once over the training blocks; its top-64 log-probs and tail mass per position are kept and
+   replayed (as logits whose log-softmax has those top-64 values and the tail spread evenly) to
+   `cache_teacher_logits` for every setting, so all caches hold the same teacher distribution.
+2. Size: bytes of the whole cache folder per dataset token; kept entries per position (adaptive k); KL(full ||
+   sparse) of the real teacher on sampled blocks and the bucket KL (storage error only) (`TeacherLogitsCache.report`).
+3. Write throughput: `_write_shard` (encoding + Arrow IPC + fsync + sha256) over the same float16 rows, positions/s.
+   Read throughput: `decoded_batches` over the whole cache (dense `(positions, top_k)` ids and log-probs), and
+   `collate` of 4-row batches from the attached dataset (what the trainer's DataLoader runs), positions/s. Settings
+   interleaved, median of repetitions.
+4. Training: a student (`--student`: random 15M, or from the teacher's layers), `--steps` steps of KD (forward
+   KL, kd_ratio 1, batch 4 x 128, AdamW lr 1e-3 constant) from each cache, for each data-order seed; held-out
+   perplexity on the validation blocks, and the Trainer's median step time (data loading excluded, collate added).
+
+Run: `python benchmarks/bench_teacher_cache_encodings.py` (the README's numbers: `--blocks 80 --steps 20`, 3 seeds, 4
+trained settings; about 30 minutes on a heavily loaded 2-core CPU machine). Smaller: `--blocks 16 --steps 3 --seeds 0`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from _common import write_result
+
+BLOCK_SIZE = 128
+BATCH_SIZE = 4
+REPLAY_K = 64
+# (label, cache_teacher_logits options); the first is today's format, the reference of every ratio
+SETTINGS = {
+    "float16 k=64 (format 1)": dict(top_k=64, encoding="float16"),
+    "compact k=64 top_p=1 8-bit": dict(top_k=64, top_p=1.0, logprob_bits=8),
+    "compact k=64 top_p=0.95 8-bit": dict(top_k=64, top_p=0.95, logprob_bits=8),
+    "compact k=32 top_p=0.95 8-bit": dict(top_k=32, top_p=0.95, logprob_bits=8),
+    "compact k=32 top_p=0.95 6-bit": dict(top_k=32, top_p=0.95, logprob_bits=6),
+    "compact k=32 top_p=0.95 4-bit": dict(top_k=32, top_p=0.95, logprob_bits=4),
+    "compact k=24 top_p=0.95 8-bit": dict(top_k=24, top_p=0.95, logprob_bits=8),
+    "compact k=32 top_p=0.95 6-bit, zstd": dict(top_k=32, top_p=0.95, logprob_bits=6, compression="zstd"),
+    "compact k=32 top_p=0.95 6-bit, lz4": dict(top_k=32, top_p=0.95, logprob_bits=6, compression="lz4"),
+}
+TRAINED = (
+    "float16 k=64 (format 1)",
+    "compact k=32 top_p=0.95 8-bit",
+    "compact k=32 top_p=0.95 6-bit",
+    "compact k=24 top_p=0.95 8-bit",
+)
+
+
+class _ReplayTeacher:
+    """The real teacher's top-k log-probs per row, computed once, returned as logits with the same top-k
+    log-softmax and the rest of the mass spread evenly (so every cache of the run holds the same distribution)."""
+
+    def __init__(self, teacher, k: int):
+        import torch
+
+        self.teacher = teacher
+        self.config = teacher.config
+        self.name_or_path = getattr(teacher, "name_or_path", "")
+        self.dtype = torch.float32
+        self.device = torch.device("cpu")
+        self.k = k
+        self.memo: dict[tuple[int, ...], tuple] = {}
+        self.forward_seconds = 0.0
+
+    def eval(self):
+        return self
+
+    def __call__(self, input_ids, attention_mask=None):
+        import torch
+        from transformers.modeling_outputs import CausalLMOutput
+
+        keys = [tuple(row.tolist()) for row in input_ids]
+        missing = [index for index, key in enumerate(keys) if key not in self.memo]
+        if missing:
+            start = time.perf_counter()
+            with torch.no_grad():
+                logits = self.teacher(input_ids=input_ids[missing]).logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            values, ids = logprobs.topk(self.k, dim=-1)
+            tail = (1.0 - values.double().exp().sum(-1)).clamp(min=1e-30)
+            fill = (tail / (logits.shape[-1] - self.k)).log().float()
+            for offset, index in enumerate(missing):
+                self.memo[keys[index]] = (values[offset], ids[offset], fill[offset])
+            self.forward_seconds += time.perf_counter() - start
+        vocab = self.config.vocab_size
+        out = torch.empty(len(keys), input_ids.shape[1], vocab)
+        for index, key in enumerate(keys):
+            values, ids, fill = self.memo[key]
+            out[index] = fill[:, None].expand(-1, vocab)
+            out[index].scatter_(-1, ids, values)
+        return CausalLMOutput(logits=out)
+
+
+def _median_interleaved(functions: dict[str, callable], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for function in functions.values():  # warm-up
+        function()
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--blocks", type=int, default=160, help="training blocks of 128 tokens (cached)")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--init_layers", type=int, default=6)
+    parser.add_argument(
+        "--student", choices=["random", "teacher_init"], default="random",
+        help="random: 15M-parameter Llama (hidden 256, 4 layers, tied 49,152-token embeddings); teacher_init: "
+        "--init_layers of the teacher's 30 layers (about 2.5x slower per step)",
+    )  # fmt: skip
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--validation_blocks", type=int, default=16)
+    parser.add_argument("--sample_rows", type=int, default=4, help="blocks for KL(full || sparse)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing repetitions (interleaved)")
+    parser.add_argument("--work_dir", default=None)
+    options = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    from hf_interop import (
+        DistillationConfig,
+        DistillationTrainer,
+        cache_teacher_logits,
+        evaluate_perplexity,
+        init_student_from_teacher,
+        load_builtin_corpus,
+        load_default_teacher,
+        pack_dataset,
+    )
+    from hf_interop.distill.collators import _PaddingCollator
+    from hf_interop.distill.teacher_cache import writer
+    from hf_interop.distill.teacher_cache.codec import COUNTS_COLUMN
+    from hf_interop.loading import DEFAULT_TEACHER_HUB_ID
+
+    torch.manual_seed(0)
+    work_dir = Path(options.work_dir or tempfile.mkdtemp(prefix="bench_teacher_cache_encodings_"))
+    teacher, tokenizer = load_default_teacher()
+    corpus = load_builtin_corpus()
+    train_rows = pack_dataset(corpus["train"], tokenizer, block_size=BLOCK_SIZE).select(range(options.blocks))
+    validation_rows = pack_dataset(
+        corpus["validation"], tokenizer, block_size=BLOCK_SIZE, max_blocks=options.validation_blocks
+    )
+    num_tokens = options.blocks * BLOCK_SIZE
+    num_positions = options.blocks * (BLOCK_SIZE - 1)
+
+    # ---- 1-2: every cache from one teacher pass; sizes ----
+    replay = _ReplayTeacher(teacher, REPLAY_K)
+    caches, sizes = {}, {}
+    for label, settings in SETTINGS.items():
+        cache = cache_teacher_logits(
+            replay, train_rows, work_dir / f"cache_{len(caches)}", batch_size=8, shard_size=64, tokenizer=tokenizer,
+            teacher_name_or_path=DEFAULT_TEACHER_HUB_ID, show_progress=False, **settings,
+        )  # fmt: skip
+        caches[label] = cache
+        report = cache.report(sample_rows=options.sample_rows, teacher=teacher, dataset=train_rows)
+        counts = None
+        if cache.is_compact:
+            counts = cache.dataset.data.column(COUNTS_COLUMN).combine_chunks().flatten().to_numpy()
+        sizes[label] = {
+            "bytes_per_token": report["bytes_on_disk"] / num_tokens,
+            "bytes_per_position": report["bytes_on_disk"] / num_positions,
+            "mean_kept": float(counts.mean()) if counts is not None else float(cache.top_k),
+            "kept_percentiles": [int(np.percentile(counts, q)) for q in (10, 50, 90)] if counts is not None else None,
+            "mean_topk_mass": report["mean_topk_mass"],
+            "kl_full_to_sparse": report["kl_full_to_sparse"],
+            "kl_buckets": report["kl_buckets"],
+        }
+        print(label, sizes[label], flush=True)
+    teacher_seconds = replay.forward_seconds
+    print(f"teacher forward: {teacher_seconds:.1f} s for {options.blocks} blocks", flush=True)
+
+    # ---- 3: write and read throughput ----
+    reference = caches["float16 k=64 (format 1)"]
+    rows = []
+    for ids, logprobs in reference.decoded_batches():
+        rows.extend(
+            (ids[start : start + BLOCK_SIZE - 1].numpy().astype(np.uint16), logprobs[start : start + BLOCK_SIZE - 1]
+             .numpy().astype(np.float16))
+            for start in range(0, ids.shape[0], BLOCK_SIZE - 1)
+        )  # fmt: skip
+    write_dir = work_dir / "write"
+    write_dir.mkdir()
+
+    def writing(label):
+        cache = caches[label]
+        encoding = writer._shard_encoding(cache.manifest)
+
+        def run():
+            k = cache.top_k
+            info = writer._write_shard(
+                write_dir, 0, 0, len(rows), ((i[:, :k], lp[:, :k]) for i, lp in rows), "uint16", encoding
+            )
+            import shutil
+
+            shutil.rmtree(write_dir / info["name"])
+
+        return run
+
+    def bulk_reading(label):
+        cache = caches[label]
+        return lambda: sum(ids.shape[0] for ids, _ in cache.decoded_batches())
+
+    attached = {label: cache.attach(train_rows) for label, cache in caches.items()}
+    batches = [list(range(start, start + BATCH_SIZE)) for start in range(0, options.blocks, BATCH_SIZE)]
+
+    def collating(label):
+        cache, rows_of = caches[label], attached[label]
+
+        def run():
+            for batch in batches:
+                cache.collate([rows_of[index] for index in batch])
+
+        return run
+
+    write_seconds = _median_interleaved({label: writing(label) for label in SETTINGS}, options.repeats)
+    read_seconds = _median_interleaved({label: bulk_reading(label) for label in SETTINGS}, options.repeats)
+    collate_seconds = _median_interleaved({label: collating(label) for label in SETTINGS}, options.repeats)
+    # the data access alone (datasets row reads, what collate gets), to separate it from decoding
+    row_read_seconds = _median_interleaved(
+        {label: (lambda rows_of=attached[label]: [rows_of[i] for b in batches for i in b]) for label in SETTINGS},
+        options.repeats,
+    )
+    for label in SETTINGS:
+        print(
+            f"{label}: write {num_positions / write_seconds[label]:.0f} pos/s, bulk read "
+            f"{num_positions / read_seconds[label]:.0f} pos/s, collate {num_positions / collate_seconds[label]:.0f}"
+            f" pos/s (row reads alone {row_read_seconds[label]:.3f} s)",
+            flush=True,
+        )
+
+    # ---- 4: training ----
+    if options.student == "teacher_init":
+        init_student = init_student_from_teacher(teacher, num_layers=options.init_layers)
+        student_text = f"from {options.init_layers} of the teacher's layers"
+    else:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        init_student = AutoModelForCausalLM.from_config(
+            LlamaConfig(
+                vocab_size=teacher.config.vocab_size, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            dtype=torch.float32,
+        )  # fmt: skip
+        student_text = "random (Llama, hidden 256, 4 layers, the teacher's tokenizer)"
+    del teacher, replay
+    training: dict[str, dict[int, dict]] = {}
+    for seed in options.seeds:
+        for label in TRAINED:
+            model = copy.deepcopy(init_student)
+            durations: list[float] = []
+            from transformers import TrainerCallback
+
+            class Timer(TrainerCallback):
+                def __init__(self, durations: list[float]):
+                    self.durations = durations
+
+                def on_step_begin(self, args, state, control, **kwargs):
+                    self.start = time.perf_counter()
+
+                def on_step_end(self, args, state, control, **kwargs):
+                    self.durations.append(time.perf_counter() - self.start)
+
+            args = DistillationConfig(
+                output_dir=str(work_dir / "runs" / f"{seed}_{TRAINED.index(label)}"),
+                teacher_logits_path=str(caches[label].path),
+                loss_type="forward_kl", kd_ratio=1.0, temperature=1.0,
+                max_steps=options.steps, per_device_train_batch_size=BATCH_SIZE,
+                learning_rate=options.learning_rate, lr_scheduler_type="constant", logging_steps=1,
+                save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=seed, data_seed=seed,
+                dataloader_num_workers=0,
+            )  # fmt: skip
+            trainer = DistillationTrainer(
+                model=model,
+                args=args,
+                train_dataset=train_rows,
+                processing_class=tokenizer,
+                data_collator=_PaddingCollator(tokenizer.pad_token_id),
+                callbacks=[Timer(durations)],
+            )
+            trainer.train()
+            perplexity = evaluate_perplexity(model, validation_rows, batch_size=8, show_progress=False)["perplexity"]
+            collate_per_batch = collate_seconds[label] / len(batches)
+            training.setdefault(label, {})[seed] = {
+                "perplexity": perplexity,
+                "step_seconds": statistics.median(durations[2:] or durations),
+                "step_plus_collate_seconds": statistics.median(durations[2:] or durations) + collate_per_batch,
+            }
+            print(f"seed {seed} {label}: {training[label][seed]}", flush=True)
+            del trainer, model
+
+    # ---- table ----
+    base = "float16 k=64 (format 1)"
+    markdown = (
+        f"Teacher SmolLM2-135M-Instruct (float32, vocabulary 49,152), builtin corpus: {options.blocks} training blocks "
+        f"of {BLOCK_SIZE} tokens ({num_tokens} tokens), every cache made from one teacher pass (top-{REPLAY_K} "
+        "replayed). 2-core machine shared with other jobs (load from other engineers varies; ratios come from one "
+        "run, settings interleaved).\n\n"
+        "**Size and fidelity.** Bytes of the whole cache folder per dataset token; kept = entries per position "
+        "(mean; 10th/50th/90th percentile); KL(full‖sparse) = real teacher vs stored entries + tail spread evenly "
+        f"(nats/position, {options.sample_rows} blocks); bucket KL = storage error only.\n\n"
+        "| setting | bytes/token | x float16 k=64 | kept (mean; p10/p50/p90) | stored mass | KL(full‖sparse) | "
+        "bucket KL |\n|---|---|---|---|---|---|---|\n"
+    )
+    for label, size in sizes.items():
+        percentiles = "/".join(map(str, size["kept_percentiles"])) if size["kept_percentiles"] else "-"
+        markdown += (
+            f"| {label} | {size['bytes_per_token']:.1f} | {size['bytes_per_token'] / sizes[base]['bytes_per_token']:.3f}"
+            f" | {size['mean_kept']:.1f}; {percentiles} | {size['mean_topk_mass']:.4f} | "
+            f"{size['kl_full_to_sparse']:.4f} | {size['kl_buckets']:.2e} |\n"
+        )
+    markdown += (
+        "\n**Throughput** (positions/s, median of "
+        f"{options.repeats} interleaved repetitions over the {num_positions} positions). Write = encode + Arrow IPC + "
+        "fsync + sha256 of one shard from float16 rows (the teacher's forward excluded: "
+        f"{teacher_seconds:.1f} s for these positions, {num_positions / teacher_seconds:,.0f} positions/s). Bulk read = `decoded_batches` (dense ids and log-probs). "
+        "Collate = `collate` of 4-row batches from the attached dataset (row reads by `datasets` included).\n\n"
+        "| setting | write | bulk read | collate | collate x float16 |\n|---|---|---|---|---|\n"
+    )
+    for label in SETTINGS:
+        markdown += (
+            f"| {label} | {num_positions / write_seconds[label]:,.0f} | {num_positions / read_seconds[label]:,.0f} | "
+            f"{num_positions / collate_seconds[label]:,.0f} | "
+            f"{collate_seconds[label] / collate_seconds[base]:.2f} |\n"
+        )
+    markdown += (
+        f"\n**Training** a {sum(p.numel() for p in init_student.parameters()) / 1e6:.1f}M-parameter student, "
+        f"{student_text}, {options.steps} steps (KD forward KL, kd_ratio 1, batch "
+        f"{BATCH_SIZE} x {BLOCK_SIZE}, AdamW lr {options.learning_rate:g} constant), held-out perplexity on "
+        f"{options.validation_blocks} validation blocks; step = the Trainer's median optimizer step (steps 3..) plus "
+        "the cache's collate per batch.\n\n| setting | seed | held-out ppl | x float16 k=64 ppl | s/step | x float16 "
+        "step |\n|---|---|---|---|---|---|\n"
+    )
+    for label in TRAINED:
+        ratios = []
+        for seed, run in training[label].items():
+            ref = training[base][seed]
+            ratio = run["perplexity"] / ref["perplexity"]
+            ratios.append(ratio)
+            markdown += (
+                f"| {label} | {seed} | {run['perplexity']:.2f} | {ratio:.4f} | {run['step_plus_collate_seconds']:.3f} "
+                f"| {run['step_plus_collate_seconds'] / ref['step_plus_collate_seconds']:.3f} |\n"
+            )
+        mean = math.exp(statistics.fmean(math.log(r) for r in ratios))
+        markdown += f"| {label} | geometric mean | | {mean:.4f} (range {min(ratios):.4f}-{max(ratios):.4f}) | | |\n"
+    markdown += (
+        "\nTargets (issue 25): <= 64 bytes/token for the default setting with held-out ppl within 1% of the float16 "
+        "k=64 cache (3 seeds); training step <= 1.0x; reading >= 1M positions/s on 2 cores.\n"
+    )
+    write_result(
+        "teacher_cache_encodings",
+        markdown,
+        {
+            "sizes": sizes,
+            "write_seconds": write_seconds,
+            "bulk_read_seconds": read_seconds,
+            "collate_seconds": collate_seconds,
+            "row_read_seconds": row_read_seconds,
+            "training": {label: {str(s): r for s, r in runs.items()} for label, runs in training.items()},
+            "num_positions": num_positions,
+            "teacher_forward_seconds": teacher_seconds,
+            "options": vars(options),
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()
