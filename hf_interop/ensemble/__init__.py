@@ -16,7 +16,7 @@ pieces, with `EnsembleForCausalLM.from_members(..., cross_tokenizer=True)` (`gen
 
 from .cache import EnsembleCache
 from .causal_lm import EnsembleForCausalLM
-from .combination import COMBINATIONS, combine_log_probs, contrastive, maximum, mixture, product
+from .combination import COMBINATIONS, arithmetic, combine_log_probs, contrastive, maximum, mixture, product
 from .config import EnsembleConfig
 from .members import LoraAdapterMember, plan_member_placement
 
@@ -27,6 +27,7 @@ __all__ = [
     "EnsembleForCausalLM",
     "EnsembleForSequenceClassification",
     "LoraAdapterMember",
+    "arithmetic",
     "combine_log_probs",
     "contrastive",
     "fit_ensemble_weights",

@@ -30,7 +30,7 @@ from .._compat import cache_argument, output_cache, output_cache_field
 from ..logging_utils import get_logger
 from ..utils import atomic_write_text
 from .cache import EnsembleCache
-from .combination import check_weights, combine_log_probs
+from .combination import check_member_weights, combine_log_probs
 from .config import ENSEMBLE_MODEL_TYPE, EnsembleConfig, load_ensemble_config, write_ensemble_card
 from .members import (
     LoraAdapterMember,
@@ -204,9 +204,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         Args:
             members (`list`): hub ids, local folders, `{"name_or_path", "revision"}` dicts, loaded causal LMs, or
                 `(model, tokenizer)` pairs as returned by :func:`hf_interop.load_causal_lm`.
-            weights (`list[float]`, *optional*): non-negative, one per member; uniform when omitted.
-            combination (`str`, *optional*, defaults to `"mixture"`): `"mixture"`, `"product"`, `"max"` or
-                `"contrastive"`.
+            weights (`list[float]`, *optional*): one per member, >= 0 (signed with `"arithmetic"`); default uniform.
+            combination (`str`, *optional*, defaults to `"mixture"`): `"mixture"`, `"product"`, `"max"`,
+                `"contrastive"` or `"arithmetic"` (proxy-tuning, DExperts; see :class:`EnsembleConfig`).
             tokenizer (*optional*): the shared tokenizer; defaults to the first member's.
             revisions (`list[str | None]`, *optional*): revision per member (for hub ids given as strings).
             member_device_maps (`list`, *optional*): an Accelerate device map per member.
@@ -386,7 +386,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     def set_member_weights(self, weights: Sequence[float] | torch.Tensor) -> None:
         """Replace the member weights (validated, stored normalised in the config)."""
         values = weights.detach().cpu().tolist() if isinstance(weights, torch.Tensor) else list(weights)
-        check_weights(values, self.num_members)
+        check_member_weights(values, self.num_members, self.config.combination)
         total = sum(values)
         self.config.weights = [float(value) / total for value in values]
 
