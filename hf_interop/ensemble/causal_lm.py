@@ -1,14 +1,11 @@
 """`EnsembleForCausalLM`: several causal LMs combined into one model usable with generate().
 
 Members that share a tokenizer are combined at the logit level. Each member keeps its own KV cache inside an
-:class:`EnsembleCache` that `generate()` carries between steps like any other cache, so a step feeds each member only
-the new token: generating T tokens costs about the sum of the members' own generate() instead of re-encoding the whole
-text every step (as DeePEn and UniTE do). Beam search reorders every member's cache; sampling, greedy search and
-streamers work unchanged.
-
-Members whose tokenizers differ are combined over text pieces with `cross_tokenizer=True`: `generate()` then runs the
-engine of :mod:`hf_interop.ensemble.cross_tokenizer` and returns ids of the ensemble's tokenizer; `forward()` refuses
-there (no logits over one vocabulary).
+:class:`EnsembleCache` that `generate()` carries between steps, so a step feeds each member only the new token:
+T tokens cost about the sum of the members' own generate() instead of re-encoding the text every step (as DeePEn and
+UniTE do). Every strategy of generate() works; `proposer=` switches to speculative decoding (:mod:`.speculative`).
+Members whose tokenizers differ are combined over text pieces with `cross_tokenizer=True` (:mod:`.cross_tokenizer`;
+`generate()` only, ids of the ensemble's tokenizer).
 """
 
 from __future__ import annotations
@@ -51,6 +48,7 @@ from .portable import (
     portable_config,
     resolve_member_paths,
 )
+from .speculative import SPECULATIVE_ARGUMENTS, speculative_generate
 
 logger = get_logger(__name__)
 
@@ -588,7 +586,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> Any:
         """`GenerationMixin.generate`, or, for a cross-tokenizer ensemble, generation over pooled text pieces.
 
-        Members that share a tokenizer use transformers' own `generate()` (every strategy, one cache per member).
+        Members that share a tokenizer use transformers' own `generate()` (every strategy, one cache per member); with
+        `proposer=` (and `num_draft_tokens=`) it decodes speculatively (:func:`.speculative.speculative_generate`).
 
         With `cross_tokenizer=True`, `inputs` (or `input_ids`) are ids of the ensemble's tokenizer (`ensemble.tokenizer`,
         a member's), left-padded when batched with their `attention_mask`. Each row is run alone: the member whose
@@ -605,6 +604,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         (beam search, several return sequences, penalties, processors, streamers, scores) raises a `ValueError`
         naming it.
         """
+        if any(name in kwargs for name in SPECULATIVE_ARGUMENTS):
+            return speculative_generate(self, inputs, generation_config, **kwargs)
         if not self.config.cross_tokenizer:
             return super().generate(inputs, generation_config, **kwargs)
         from .cross_tokenizer import _generate_across_tokenizers
@@ -766,9 +767,7 @@ def causal_lm_nll(
 def _dtype_name(dtype: Any) -> str | None:
     if dtype is None:
         return None
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).replace("torch.", "")
-    return str(dtype)
+    return str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else str(dtype)
 
 
 def _generation_config_from(member: nn.Module, tokenizer: Any) -> GenerationConfig:
