@@ -221,8 +221,8 @@ def _resolve_proposer(ensemble: EnsembleForCausalLM, proposer: Any, proposer_tok
         proposer, proposer_tokenizer = proposer
     if proposer is None:
         raise ValueError(
-            "num_draft_tokens was given without proposer: pass proposer=<member index> or a small causal LM that "
-            "shares the ensemble's tokenizer to decode speculatively."
+            "speculative decoding needs a proposer (num_draft_tokens or proposer_tokenizer was given without one): "
+            "pass proposer=<member index> or a small causal LM that shares the ensemble's tokenizer."
         )
     if isinstance(proposer, int) and not isinstance(proposer, bool):
         if not 0 <= proposer < ensemble.num_members:
