@@ -183,10 +183,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default=str(hf_interop_cache_dir() / "bench_ensemble"))
     parser.add_argument("--skip_teacher", action="store_true", help="skip the SmolLM2 generation timing")
+    parser.add_argument(
+        "--parts",
+        default="cache,speculative,proxy_tuning",
+        help="comma-separated: cache (parts 1-2), speculative (part 3), proxy_tuning (part 4, needs apt-get download)",
+    )
     cli = parser.parse_args()
     from pathlib import Path
 
     work_dir = Path(cli.work_dir)
+    parts = set(cli.parts.split(","))
+    if "speculative" in parts or "proxy_tuning" in parts:
+        teacher, teacher_tokenizer = load_default_teacher()
+        students = load_or_distil_students(work_dir, teacher, teacher_tokenizer)
+        if "speculative" in parts:
+            run_speculative(teacher, teacher_tokenizer, students)
+        if "proxy_tuning" in parts:
+            run_proxy_tuning(work_dir, teacher, teacher_tokenizer, students)
+        del teacher, students
+    if "cache" not in parts:
+        return
     torch.manual_seed(0)
     start = time.perf_counter()
     corpus = load_builtin_corpus()
@@ -344,6 +360,256 @@ def main() -> None:
         "learned_below_best_member": min(row["perplexity"] for row in rows if "learned" in row["model"]) < best_member,
     }
     write_result("ensemble", "\n".join(lines), data)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Part 3: speculative ensemble decoding (generate(proposer=...)) on SmolLM2-135M + two students distilled from it
+# Part 4: proxy-tuning with combination="arithmetic" on a second real text domain (the Jargon File)
+# ------------------------------------------------------------------------------------------------------------------
+
+SPECULATIVE_STUDENTS = ((6, 0), (3, 1))  # (decoder layers taken from SmolLM2's 30, seed)
+DISTIL_STEPS = 30
+DISTIL_BATCH = 2
+DISTIL_TOKENS = 64  # tokens of each block used: the shared 2-core machine makes every step slow
+SPECULATIVE_DRAFTS = (4,)
+JARGON_DEB = "jargon-text"  # Debian package: the Jargon File 4.4.7 (public domain), `apt-get download jargon-text`
+LORA_STEPS = 24
+LORA_BATCH = 2
+
+
+def distil_student(teacher, num_layers, seed, blocks, steps=DISTIL_STEPS):
+    """A depth-pruned SmolLM2 (`init_student_from_teacher`, uniform layers) trained briefly on the teacher's logits."""
+    import torch
+
+    from hf_interop import init_student_from_teacher
+
+    torch.manual_seed(seed)
+    student = init_student_from_teacher(teacher, num_layers=num_layers)
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    for step in range(steps):
+        if step % 10 == 0:
+            print(
+                f"  {num_layers}-layer student: KD step {step}/{steps} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
+        rows = blocks[torch.randint(len(blocks), (DISTIL_BATCH,), generator=generator).tolist()]
+        input_ids = torch.tensor(rows["input_ids"])[:, :DISTIL_TOKENS]
+        with torch.no_grad():
+            teacher_log_probs = torch.log_softmax(teacher(input_ids=input_ids).logits.float(), -1)
+        student_log_probs = torch.log_softmax(student(input_ids=input_ids).logits.float(), -1)
+        # forward KL(teacher || student), mean over tokens
+        loss = (teacher_log_probs.exp() * (teacher_log_probs - student_log_probs)).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return student.eval()
+
+
+def load_or_distil_students(work_dir, teacher, tokenizer):
+    """The two students, distilled on the builtin corpus' train split; kept in `work_dir` and reused by later runs."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_interop import load_builtin_corpus, pack_dataset
+    from hf_interop.utils import atomic_directory
+
+    students = []
+    for num_layers, seed in SPECULATIVE_STUDENTS:
+        folder = work_dir / f"smollm2_student_L{num_layers}_seed{seed}_kd{DISTIL_STEPS}x{DISTIL_BATCH}x{DISTIL_TOKENS}"
+        if not (folder / "config.json").is_file():
+            start = time.perf_counter()
+            blocks = pack_dataset(load_builtin_corpus(), tokenizer, block_size=128)["train"]
+            student = distil_student(teacher, num_layers, seed, blocks)
+            with atomic_directory(folder, overwrite=True) as tmp:
+                student.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            print(f"distilled a {num_layers}-layer student ({time.perf_counter() - start:.0f} s)", flush=True)
+        students.append(AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval())
+    return students
+
+
+def run_speculative(teacher, tokenizer, students, rounds=2):
+    """Greedy 128 tokens: plain ensemble generate(), speculative with each student proposing, members' own."""
+    import torch
+
+    from hf_interop import EnsembleForCausalLM, load_builtin_corpus, pack_dataset
+
+    blocks = pack_dataset(load_builtin_corpus(), tokenizer, block_size=128)
+    models = [teacher, *students]
+    ensemble = EnsembleForCausalLM.from_members([(model, tokenizer) for model in models], combination="mixture")
+    prompt = torch.tensor([blocks["test"][0]["input_ids"][:PROMPT_TOKENS]])
+    options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    variants = [("plain", None, None)] + [
+        (f"speculative, student {index} proposes, k={k}", index, k)
+        for index in range(1, len(models))
+        for k in SPECULATIVE_DRAFTS
+    ]
+    times = {name: [] for name, _, _ in variants}
+    member_times = [[] for _ in models]
+    outputs, stats = {}, {}
+
+    def run_variant(name, proposer, k):
+        if proposer is None:
+            outputs[name] = ensemble.generate(prompt, **options)
+            return
+        result = ensemble.generate(
+            prompt, **options, proposer=proposer, num_draft_tokens=k, return_dict_in_generate=True
+        )
+        outputs[name] = result.sequences
+        stats[name] = (result.acceptance_rate, result.num_rounds)
+
+    with torch.no_grad():
+        for name, proposer, k in variants[:2]:  # warm-up
+            run_variant(name, proposer, k)
+        for _ in range(rounds):  # interleaved: every variant and member once per round
+            for name, proposer, k in variants:
+                times[name].append(time_call(lambda n=name, p=proposer, k=k: run_variant(n, p, k), 1, 0))
+            for index, model in enumerate(models):
+                member_times[index].append(
+                    time_call(
+                        lambda m=model: m.generate(prompt, attention_mask=torch.ones_like(prompt), **options), 1, 0
+                    )
+                )
+    plain_s = statistics.median(times["plain"])
+    member_s = [statistics.median(values) for values in member_times]
+    rows = []
+    for name, _, _ in variants:
+        seconds = statistics.median(times[name])
+        acceptance, num_rounds = stats.get(name, (None, NEW_TOKENS))
+        rows.append(
+            {
+                "variant": name,
+                "seconds": seconds,
+                "runs": times[name],
+                "vs_plain": seconds / plain_s,
+                "vs_members_sum": seconds / sum(member_s),
+                "acceptance_rate": acceptance,
+                "rounds": num_rounds,
+                "identical_to_plain": bool(torch.equal(outputs[name], outputs["plain"])),
+            }
+        )
+    sizes = [sum(p.numel() for p in model.parameters()) / 1e6 for model in models]
+    lines = [
+        f"Greedy generation of {NEW_TOKENS} new tokens (min_new_tokens={NEW_TOKENS}) after a {PROMPT_TOKENS}-token "
+        f"prompt of builtin-corpus test text, batch 1, float32. Ensemble: uniform mixture of SmolLM2-135M-Instruct "
+        f"({sizes[0]:.1f}M) and two students built by `init_student_from_teacher` (uniform layer selection: "
+        + ", ".join(
+            f"{layers} layers, {size:.1f}M" for (layers, _), size in zip(SPECULATIVE_STUDENTS, sizes[1:], strict=True)
+        )
+        + f") and distilled for {DISTIL_STEPS} AdamW steps of {DISTIL_BATCH} x {DISTIL_TOKENS} tokens on the teacher's logits "
+        f"(builtin corpus train split). {rounds} interleaved rounds (every variant, then every member), medians.",
+        "",
+        "| variant | s | vs plain ensemble | vs sum of members | acceptance rate | rounds | tokens == plain |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        acceptance = "-" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.2f}"
+        lines.append(
+            f"| {row['variant']} | {row['seconds']:.2f} | {row['vs_plain']:.2f}x | {row['vs_members_sum']:.2f}x | "
+            f"{acceptance} | {row['rounds']} | {row['identical_to_plain']} |"
+        )
+    lines += [
+        "",
+        f"Members' own generate(): {', '.join(f'{s:.2f} s' for s in member_s)} (sum {sum(member_s):.2f} s).",
+        "",
+        "Target: identical greedy tokens and <= 0.8x the plain ensemble's wall time.",
+    ]
+    data = {"rows": rows, "member_s": member_s, "plain_s": plain_s, "params_m": sizes}
+    write_result("ensemble_speculative", "\n".join(lines), data)
+
+
+def jargon_file_text(download_dir):
+    """The Jargon File's entries, from Debian's `jargon-text` package (`apt-get download`, `dpkg-deb -x`)."""
+    import gzip
+    import subprocess
+
+    download_dir.mkdir(parents=True, exist_ok=True)
+    extracted = download_dir / "extracted"
+    text_path = extracted / "usr/share/doc/jargon-text/jargon.txt.gz"
+    if not text_path.is_file():
+        subprocess.run(["apt-get", "download", JARGON_DEB], cwd=download_dir, check=True)
+        deb = next(download_dir.glob(f"{JARGON_DEB}_*.deb"))
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(extracted)], check=True)
+    text = gzip.decompress(text_path.read_bytes()).decode("utf-8", errors="replace")
+    # the body (after the glossary's index) holds the entries; keep paragraphs long enough to be prose
+    paragraphs = [" ".join(block.split()) for block in text.split("\n\n")]
+    return [paragraph for paragraph in paragraphs if len(paragraph) > 200]
+
+
+def run_proxy_tuning(work_dir, teacher, tokenizer, students, max_test_blocks=8):
+    """SmolLM2 steered by (LoRA-tuned small student - small student) on the Jargon File: held-out perplexity."""
+    import copy
+
+    import torch
+    from datasets import Dataset, DatasetDict
+    from peft import LoraConfig, get_peft_model
+
+    from hf_interop import EnsembleForCausalLM, evaluate_perplexity, pack_dataset
+
+    start = time.perf_counter()
+    paragraphs = jargon_file_text(work_dir / "jargon")
+    # every 10th entry is held out (no entry is split between train and test)
+    corpus = DatasetDict(
+        {
+            "train": Dataset.from_dict({"text": [p for i, p in enumerate(paragraphs) if i % 10 != 0]}),
+            "test": Dataset.from_dict({"text": [p for i, p in enumerate(paragraphs) if i % 10 == 0]}),
+        }
+    )
+    blocks = pack_dataset(corpus, tokenizer, block_size=128)
+    test = blocks["test"].select(range(min(max_test_blocks, len(blocks["test"]))))
+    small_base = students[-1]
+    tuned = get_peft_model(
+        copy.deepcopy(small_base),
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            lora_dropout=0.0,
+        ),
+    )
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    tuned.train()
+    for step in range(LORA_STEPS):
+        if step % 20 == 0:
+            print(f"  LoRA step {step}/{LORA_STEPS} ({time.perf_counter() - start:.0f} s)", flush=True)
+        rows = blocks["train"][torch.randint(len(blocks["train"]), (LORA_BATCH,), generator=generator).tolist()]
+        input_ids = torch.tensor(rows["input_ids"])
+        loss = tuned(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    tuned = tuned.merge_and_unload().eval()
+    train_s = time.perf_counter() - start
+
+    def perplexity(model):
+        return evaluate_perplexity(model, test, batch_size=8, show_progress=False)["perplexity"]
+
+    results = {"SmolLM2-135M alone": perplexity(teacher)}
+    results["small student (base, before LoRA)"] = perplexity(small_base)
+    results["small student + LoRA (tuned)"] = perplexity(tuned)
+    for alpha in (1.0,):
+        proxy = EnsembleForCausalLM.from_members(
+            [(teacher, tokenizer), (tuned, tokenizer), (small_base, tokenizer)], [1.0, alpha, -alpha], "arithmetic"
+        )
+        results[f"proxy-tuned SmolLM2, arithmetic [1, {alpha:g}, -{alpha:g}]"] = perplexity(proxy)
+    lines = [
+        f"Held-out perplexity on the Jargon File (Debian package `{JARGON_DEB}` 4.4.7, public domain: `apt-get download "
+        f"{JARGON_DEB}`, `dpkg-deb -x`; entries longer than 200 characters, every 10th held out; {len(test)} test "
+        f"blocks of 128 SmolLM2 tokens). Small model: the {SPECULATIVE_STUDENTS[-1][0]}-layer student of part 3; "
+        f"tuned with LoRA (r=16, all linear layers) for {LORA_STEPS} AdamW steps of {LORA_BATCH} x 128 tokens on the train "
+        f"entries ({train_s:.0f} s with loading the text), then merged. Proxy-tuning "
+        '(https://huggingface.co/papers/2401.08565) is `combination="arithmetic"` over (SmolLM2, tuned small, small '
+        "base).",
+        "",
+        "| model | held-out perplexity |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {value:.2f} |" for name, value in results.items()]
+    lines += ["", "Target: the proxy-tuned combination below SmolLM2 alone on the tuning domain."]
+    write_result("ensemble_proxy_tuning", "\n".join(lines), {"perplexity": results, "train_s": train_s})
 
 
 if __name__ == "__main__":

@@ -58,6 +58,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "CrossTokenizerDistillationConfig": "distill.cross_tokenizer_config",
     "CrossTokenizerDistillationTrainer": "distill.cross_tokenizer_trainer",
     "CrossTokenizerEnsemble": "ensemble.cross_tokenizer",
+    # speculative ensemble decoding
+    "SpeculativeGenerateOutput": "ensemble.speculative",
 }
 
 _SUBMODULES = {

@@ -6,6 +6,7 @@ pieces, with `EnsembleForCausalLM.from_members(..., cross_tokenizer=True)` (`gen
 - :mod:`.config`: :class:`EnsembleConfig` (what both ensembles save and load again).
 - :mod:`.causal_lm`: :class:`EnsembleForCausalLM`, with one KV cache per member in an :class:`EnsembleCache`
   (:mod:`.cache`).
+- :mod:`.speculative`: speculative ensemble decoding, `generate(proposer=..., num_draft_tokens=...)`.
 - :mod:`.cross_tokenizer`: :class:`~hf_interop.ensemble.cross_tokenizer.CrossTokenizerEnsemble`, which generates for
   an ensemble built with `cross_tokenizer=True`.
 - :mod:`.members`: member specs, checks before loading, token-map checks, loading and placement;
@@ -16,9 +17,10 @@ pieces, with `EnsembleForCausalLM.from_members(..., cross_tokenizer=True)` (`gen
 
 from .cache import EnsembleCache
 from .causal_lm import EnsembleForCausalLM
-from .combination import COMBINATIONS, combine_log_probs, contrastive, maximum, mixture, product
+from .combination import COMBINATIONS, arithmetic, combine_log_probs, contrastive, maximum, mixture, product
 from .config import EnsembleConfig
 from .members import LoraAdapterMember, plan_member_placement
+from .speculative import SpeculativeGenerateOutput, speculative_generate
 
 __all__ = [
     "COMBINATIONS",
@@ -27,6 +29,8 @@ __all__ = [
     "EnsembleForCausalLM",
     "EnsembleForSequenceClassification",
     "LoraAdapterMember",
+    "SpeculativeGenerateOutput",
+    "arithmetic",
     "combine_log_probs",
     "contrastive",
     "fit_ensemble_weights",
@@ -34,6 +38,7 @@ __all__ = [
     "mixture",
     "plan_member_placement",
     "product",
+    "speculative_generate",
 ]
 
 

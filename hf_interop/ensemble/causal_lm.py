@@ -1,14 +1,11 @@
 """`EnsembleForCausalLM`: several causal LMs combined into one model usable with generate().
 
 Members that share a tokenizer are combined at the logit level. Each member keeps its own KV cache inside an
-:class:`EnsembleCache` that `generate()` carries between steps like any other cache, so a step feeds each member only
-the new token: generating T tokens costs about the sum of the members' own generate() instead of re-encoding the whole
-text every step (as DeePEn and UniTE do). Beam search reorders every member's cache; sampling, greedy search and
-streamers work unchanged.
-
-Members whose tokenizers differ are combined over text pieces with `cross_tokenizer=True`: `generate()` then runs the
-engine of :mod:`hf_interop.ensemble.cross_tokenizer` and returns ids of the ensemble's tokenizer; `forward()` refuses
-there (no logits over one vocabulary).
+:class:`EnsembleCache` that `generate()` carries between steps, so a step feeds each member only the new token:
+T tokens cost about the sum of the members' own generate() instead of re-encoding the text every step (as DeePEn and
+UniTE do). Every strategy of generate() works; `proposer=` switches to speculative decoding (:mod:`.speculative`).
+Members whose tokenizers differ are combined over text pieces with `cross_tokenizer=True` (:mod:`.cross_tokenizer`;
+`generate()` only, ids of the ensemble's tokenizer).
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from .._compat import cache_argument, output_cache, output_cache_field
 from ..logging_utils import get_logger
 from ..utils import atomic_write_text
 from .cache import EnsembleCache
-from .combination import check_weights, combine_log_probs
+from .combination import check_member_weights, combine_log_probs
 from .config import ENSEMBLE_MODEL_TYPE, EnsembleConfig, load_ensemble_config, write_ensemble_card
 from .members import (
     LoraAdapterMember,
@@ -51,6 +48,7 @@ from .portable import (
     portable_config,
     resolve_member_paths,
 )
+from .speculative import SPECULATIVE_ARGUMENTS, speculative_generate
 
 logger = get_logger(__name__)
 
@@ -204,9 +202,9 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         Args:
             members (`list`): hub ids, local folders, `{"name_or_path", "revision"}` dicts, loaded causal LMs, or
                 `(model, tokenizer)` pairs as returned by :func:`hf_interop.load_causal_lm`.
-            weights (`list[float]`, *optional*): non-negative, one per member; uniform when omitted.
-            combination (`str`, *optional*, defaults to `"mixture"`): `"mixture"`, `"product"`, `"max"` or
-                `"contrastive"`.
+            weights (`list[float]`, *optional*): one per member, >= 0 (signed with `"arithmetic"`); default uniform.
+            combination (`str`, *optional*, defaults to `"mixture"`): `"mixture"`, `"product"`, `"max"`,
+                `"contrastive"` or `"arithmetic"` (proxy-tuning, DExperts; see :class:`EnsembleConfig`).
             tokenizer (*optional*): the shared tokenizer; defaults to the first member's.
             revisions (`list[str | None]`, *optional*): revision per member (for hub ids given as strings).
             member_device_maps (`list`, *optional*): an Accelerate device map per member.
@@ -386,7 +384,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     def set_member_weights(self, weights: Sequence[float] | torch.Tensor) -> None:
         """Replace the member weights (validated, stored normalised in the config)."""
         values = weights.detach().cpu().tolist() if isinstance(weights, torch.Tensor) else list(weights)
-        check_weights(values, self.num_members)
+        check_member_weights(values, self.num_members, self.config.combination)
         total = sum(values)
         self.config.weights = [float(value) / total for value in values]
 
@@ -588,7 +586,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> Any:
         """`GenerationMixin.generate`, or, for a cross-tokenizer ensemble, generation over pooled text pieces.
 
-        Members that share a tokenizer use transformers' own `generate()` (every strategy, one cache per member).
+        Members that share a tokenizer use transformers' own `generate()` (every strategy, one cache per member); with
+        `proposer=` (and `num_draft_tokens=`) it decodes speculatively (:func:`.speculative.speculative_generate`).
 
         With `cross_tokenizer=True`, `inputs` (or `input_ids`) are ids of the ensemble's tokenizer (`ensemble.tokenizer`,
         a member's), left-padded when batched with their `attention_mask`. Each row is run alone: the member whose
@@ -605,6 +604,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         (beam search, several return sequences, penalties, processors, streamers, scores) raises a `ValueError`
         naming it.
         """
+        if any(name in kwargs for name in SPECULATIVE_ARGUMENTS):
+            return speculative_generate(self, inputs, generation_config, **kwargs)
         if not self.config.cross_tokenizer:
             return super().generate(inputs, generation_config, **kwargs)
         from .cross_tokenizer import _generate_across_tokenizers
@@ -766,9 +767,7 @@ def causal_lm_nll(
 def _dtype_name(dtype: Any) -> str | None:
     if dtype is None:
         return None
-    if isinstance(dtype, torch.dtype):
-        return str(dtype).replace("torch.", "")
-    return str(dtype)
+    return str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) else str(dtype)
 
 
 def _generation_config_from(member: nn.Module, tokenizer: Any) -> GenerationConfig:

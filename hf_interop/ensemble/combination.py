@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-COMBINATIONS = ("mixture", "product", "max", "contrastive")
+COMBINATIONS = ("mixture", "product", "max", "contrastive", "arithmetic")
+# Rules whose member weights may be negative (signed coefficients); every other rule takes mixing proportions >= 0.
+SIGNED_COMBINATIONS = ("arithmetic",)
 
 
 def _stack(member_log_probs: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
@@ -80,6 +82,58 @@ def check_weights(weights: Sequence[float] | None, num_members: int, argument: s
         )
     if sum(values) <= 0:
         raise ValueError(f"{argument} are all zero ({values}); give at least one member a positive weight.")
+
+
+def check_coefficients(coefficients: Sequence[float] | None, num_members: int, argument: str = "weights") -> None:
+    """Raise a clear `ValueError` unless `coefficients` are signed weights that define an `"arithmetic"` combination.
+
+    They must be `num_members` finite numbers whose sum is positive: they are divided by that sum, so a sum of zero
+    (only differences of members, no base distribution: `[1, -1]`) or a negative sum (all-negative coefficients,
+    which would favour the tokens the members find least likely) leaves no distribution to steer.
+    """
+    if coefficients is None:
+        raise ValueError(
+            f"combination='arithmetic' needs signed {argument}, one coefficient per member, e.g. [1.0, 1.0, -1.0] "
+            "for proxy-tuning (large base + tuned small - small base); got None."
+        )
+    try:
+        values = [float(value) for value in coefficients]
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{argument} must be a list of numbers, one per member; got {coefficients!r}.") from error
+    if len(values) != num_members:
+        raise ValueError(
+            f"{argument} has {len(values)} entries ({values}) but the ensemble has {num_members} members; "
+            "pass exactly one signed coefficient per member."
+        )
+    if any(math.isnan(value) or math.isinf(value) for value in values):
+        raise ValueError(f"{argument} must be finite numbers; got {values}. Replace NaN/inf by a finite coefficient.")
+    total = sum(values)
+    if all(value <= 0 for value in values):
+        raise ValueError(
+            f"{argument}={values} has no positive coefficient: combination='arithmetic' would favour the tokens every "
+            "member finds least likely. Give the base model(s) a positive coefficient, e.g. [1.0, 1.0, -1.0]."
+        )
+    if abs(total) <= 1e-9 * max(abs(value) for value in values):
+        raise ValueError(
+            f"{argument}={values} sum to zero: the combination is only a difference of members with no base "
+            "distribution, and the coefficients cannot be normalised. Add a base member with coefficient 1 "
+            "(proxy-tuning: [1.0, 1.0, -1.0]), or use combination='contrastive' for expert-minus-amateur decoding."
+        )
+    if total < 0:
+        raise ValueError(
+            f"{argument}={values} sum to {total:g} < 0: normalised by that sum every sign flips and the combination "
+            "would favour unlikely tokens. Make the positive coefficients outweigh the negative ones (sum > 0)."
+        )
+
+
+def check_member_weights(
+    weights: Sequence[float] | None, num_members: int, combination: str, argument: str = "weights"
+) -> None:
+    """`check_coefficients` for the signed rules (`"arithmetic"`), `check_weights` for every other rule."""
+    if combination in SIGNED_COMBINATIONS:
+        check_coefficients(weights, num_members, argument)
+    else:
+        check_weights(weights, num_members, argument)
 
 
 def _broadcast(weights: torch.Tensor, member_log_probs: torch.Tensor) -> torch.Tensor:
@@ -207,6 +261,45 @@ def check_contrastive_settings(alpha: float, amateur_weight: float) -> None:
         raise ValueError(f"contrastive_amateur_weight must be a finite number >= 0; got {amateur_weight!r}.")
 
 
+def arithmetic(
+    member_log_probs: torch.Tensor | Sequence[torch.Tensor], coefficients: torch.Tensor | Sequence[float]
+) -> torch.Tensor:
+    """Signed logit arithmetic: `log_softmax(sum_i c_i log p_i)` with coefficients `c` normalised to sum to one.
+
+    Proxy-tuning (https://huggingface.co/papers/2401.08565) is `[1, 1, -1]` over (large base, tuned small, small
+    base): the large model shifted by what tuning changed in the small one. DExperts
+    (https://huggingface.co/papers/2105.03023) is `[1, alpha, -alpha]` over (base, expert, anti-expert). Since the
+    rows of `log p_i` differ from the members' logits by a constant per position, this equals the softmax of the
+    same sum of raw logits. Coefficients are divided by their sum (`[2, 2, -2]` is `[1, 1, -1]`); a sum <= 0 or no
+    positive coefficient is refused (see :func:`check_coefficients`).
+
+    A token some positive-coefficient member rules out (`-inf`) stays ruled out; a negative-coefficient member's
+    `-inf` is clamped to the log of the smallest normal float (about -87 in float32), so no `+inf` or NaN appears.
+    Members with coefficient 0 are ignored.
+
+    Args:
+        member_log_probs (`torch.Tensor` of shape `(num_members, ..., vocab_size)`): normalised log-probabilities.
+        coefficients (`torch.Tensor` or `list[float]`): one signed coefficient per member, summing to more than 0.
+
+    Returns:
+        `torch.Tensor` of shape `(..., vocab_size)`: normalised log-probabilities.
+    """
+    import torch
+
+    log_probs = _stack(member_log_probs)
+    if not isinstance(coefficients, torch.Tensor):
+        check_coefficients(coefficients, log_probs.shape[0], "coefficients")
+        coefficients = [float(value) for value in coefficients]
+    tensor = torch.as_tensor(coefficients, dtype=log_probs.dtype, device=log_probs.device)
+    check_coefficients(tensor.detach().cpu().tolist(), log_probs.shape[0], "coefficients")
+    tensor = _broadcast(tensor / tensor.sum(), log_probs)
+    # log of the smallest normal float: a bounded stand-in for log(0), so c * log p never overflows for c < 0
+    floor = math.log(torch.finfo(log_probs.dtype).tiny)
+    safe = torch.where(tensor < 0, log_probs.clamp_min(floor), log_probs)
+    weighted = torch.where(tensor != 0, tensor * safe, torch.zeros((), dtype=log_probs.dtype, device=log_probs.device))
+    return torch.log_softmax(weighted.sum(dim=0), dim=-1)
+
+
 def combine_log_probs(
     member_log_probs: torch.Tensor | Sequence[torch.Tensor],
     combination: str = "mixture",
@@ -214,9 +307,10 @@ def combine_log_probs(
     contrastive_alpha: float = 0.1,
     contrastive_amateur_weight: float = 1.0,
 ) -> torch.Tensor:
-    """Apply the rule named `combination` (`"mixture"`, `"product"`, `"max"` or `"contrastive"`).
+    """Apply the rule named `combination` (`"mixture"`, `"product"`, `"max"`, `"contrastive"` or `"arithmetic"`).
 
-    For `"contrastive"` the first member is the expert and the second the amateur (exactly two members).
+    For `"contrastive"` the first member is the expert and the second the amateur (exactly two members). For
+    `"arithmetic"` the `weights` are the signed coefficients (required).
     """
     log_probs = _stack(member_log_probs)
     if combination == "mixture":
@@ -225,6 +319,8 @@ def combine_log_probs(
         return product(log_probs, weights)
     if combination == "max":
         return maximum(log_probs, weights)
+    if combination == "arithmetic":
+        return arithmetic(log_probs, weights)
     if combination == "contrastive":
         if log_probs.shape[0] != 2:
             raise ValueError(

@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import PreTrainedConfig
 
-from .combination import COMBINATIONS, check_contrastive_settings, check_weights
+from .combination import COMBINATIONS, check_contrastive_settings, check_member_weights
 from .members import check_no_remote_code, member_spec
 
 ENSEMBLE_MODEL_TYPE = "hf_interop_ensemble"
@@ -29,11 +29,14 @@ class EnsembleConfig(PreTrainedConfig):
             One `{"name_or_path": str, "revision": str | None}` per member (hub id with a pinned commit, or a local
             folder). Plain strings are accepted and turned into such dicts.
         weights (`list[float]`, *optional*):
-            Non-negative member weights, one per member, normalised to sum to one; uniform when omitted.
+            Non-negative member weights, one per member, normalised to sum to one; uniform when omitted. With
+            `combination="arithmetic"`: signed coefficients (required), also divided by their sum, which must be > 0.
         combination (`str`, *optional*, defaults to `"mixture"`):
             Causal LM rule: `"mixture"` (weighted mean of probabilities), `"product"` (weighted mean of
-            log-probabilities, renormalised), `"max"` (per-token maximum, renormalised) or `"contrastive"` (first
-            member the expert, second the amateur).
+            log-probabilities, renormalised), `"max"` (per-token maximum, renormalised), `"contrastive"` (first
+            member the expert, second the amateur) or `"arithmetic"` (signed weights on log-probabilities, e.g.
+            proxy-tuning's `[1, 1, -1]` over large base, tuned small, small base; see
+            :func:`hf_interop.ensemble.combination.arithmetic`).
         contrastive_alpha (`float`, *optional*, defaults to 0.1):
             Plausibility cut-off of `"contrastive"`: tokens below `alpha` times the expert's top probability are
             dropped. Higher keeps fewer tokens.
@@ -103,7 +106,7 @@ class EnsembleConfig(PreTrainedConfig):
             )
         if self.members is not None:
             self.members = [member_spec(member, index) for index, member in enumerate(self.members)]
-            check_weights(self.weights, len(self.members))
+            check_member_weights(self.weights, len(self.members), self.combination)
             if self.member_device_maps is not None and len(self.member_device_maps) != len(self.members):
                 raise ValueError(
                     f"member_device_maps has {len(self.member_device_maps)} entries but there are "

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..loading import dispatch_loaded_model  # noqa: F401  (one implementation, shared with the loaders)
 from ..logging_utils import get_logger
-from .combination import check_weights
+from .combination import check_member_weights
 
 if TYPE_CHECKING:
     import torch
@@ -427,7 +427,7 @@ def _prepare_members(
     if members is not None and len(members) == 0:
         raise ValueError("members is empty; an ensemble needs at least one member (hub id, path or model).")
     count = len(members) if members is not None else len(specs)
-    check_weights(config.weights, count)
+    check_member_weights(config.weights, count, config.combination)
     if config.combination == "contrastive" and count != 2:
         raise ValueError(
             f"combination='contrastive' needs exactly 2 members (expert first, amateur second); got {count}."

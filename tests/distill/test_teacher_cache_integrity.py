@@ -17,8 +17,7 @@ from helpers import build_tiny_causal_lm
 
 import hf_interop.utils
 from hf_interop import DistillationConfig, DistillationTrainer, TeacherLogitsCache, cache_teacher_logits, logging_utils
-from hf_interop.distill.teacher_cache import teacher_fingerprint
-from hf_interop.distill.teacher_cache.codec import CODES_COLUMN, LOW_BITS_COLUMN
+from hf_interop.distill.teacher_cache import IDS_COLUMN, LOGPROBS_COLUMN, teacher_fingerprint
 
 OVERWRITE_FIX = "Pass overwrite=True (CLI: --overwrite_output_dir) to replace it, or choose another folder."
 KWARGS = dict(top_k=8, batch_size=2, shard_size=4, show_progress=False)  # 24 rows: 6 shards of 2 forwards
@@ -273,14 +272,14 @@ def _trainer(student_dir: Path, cache_dir: Path, rows, tokenizer, output_dir: Pa
     return DistillationTrainer(model=_load(student_dir), args=args, train_dataset=rows, processing_class=tokenizer)
 
 
-@pytest.mark.parametrize("column", [CODES_COLUMN, LOW_BITS_COLUMN])
+@pytest.mark.parametrize("column", [LOGPROBS_COLUMN, IDS_COLUMN])
 def test_training_refuses_a_shard_whose_bytes_changed_and_says_how_to_recompute_it(
     tmp_path, tiny_model_dirs, teacher_dir, corpus_tokenizer, rows, reference, column, one_thread
 ):
     cache_dir = tmp_path / "cache"
     shutil.copytree(reference.path, cache_dir)
     row = 9  # in shard-00002 (rows 8..11)
-    stored = reference.dataset.data.column(column)[row].values.to_numpy()  # as stored: encoded bytes
+    stored = reference.dataset.data.column(column)[row].values.to_numpy()  # as stored: float16 / uint16
     _flip_bytes_of(cache_dir, "shard-00002", stored)
     # same size, valid Arrow: without the checksum the altered targets would be read as the teacher's
     unchecked = TeacherLogitsCache.load(cache_dir, verify_checksums=False)
