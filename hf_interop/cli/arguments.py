@@ -175,10 +175,15 @@ class EnsembleScriptArguments:
         default=None, metadata={"help": "Folder the ensemble (config, tokenizer, card) goes to."}
     )
     weights: list[float] | None = field(
-        default=None, metadata={"help": "Member weights (>= 0, one per member); default uniform."}
+        default=None,
+        metadata={
+            "help": "Member weights (>= 0, one per member); default uniform. With --combination arithmetic: signed "
+            "coefficients with a positive sum, e.g. 1 1 -1 for proxy-tuning."
+        },
     )
     combination: str = field(
-        default="mixture", metadata={"help": "How distributions combine: mixture, product, max or contrastive."}
+        default="mixture",
+        metadata={"help": "How distributions combine: mixture, product, max, contrastive or arithmetic."},
     )
     fit_weights: bool = field(
         default=False, metadata={"help": "Fit the weights by minimising NLL on fit_split (members stay frozen)."}
