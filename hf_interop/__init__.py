@@ -56,6 +56,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "CrossTokenizerDistillationConfig": "distill.cross_tokenizer_config",
     "CrossTokenizerDistillationTrainer": "distill.cross_tokenizer_trainer",
     "CrossTokenizerEnsemble": "ensemble.cross_tokenizer",
+    # merges that fit their own coefficients
+    "fit_merge_coefficients": "merge.fitting",
 }
 
 _SUBMODULES = {
