@@ -17,6 +17,20 @@ Methods (the names mergekit uses):
   (https://huggingface.co/papers/2406.11617).
 - `model_stock`: interpolates between the base and the average of the fine-tunes by a ratio computed from the
   angle between their task vectors, per tensor (https://huggingface.co/papers/2403.19522).
+
+Agreement with mergekit 0.1.5 (tests/merge/test_mergekit_agreement.py): linear, task_arithmetic, ties,
+breadcrumbs, model_stock and slerp give the same tensors within 1e-6. Differences by design:
+
+- DARE and DELLA rescale kept entries by 1 / their keep probability, as both papers do, which keeps each task
+  vector unbiased; mergekit's default rescales the masked task vector to its original L1 norm. With the same masks,
+  our dare_* equals mergekit's with `rescale=False, lambda=1/density` (and `normalize=True` for dare_ties); della
+  has mergekit's keep probabilities and sign election.
+- dare_ties averages the entries that agree with the elected sign (TIES' disjoint mean, as DARE's paper applies
+  DARE before TIES); mergekit's dare_ties sums them by default (`normalize=False`).
+- Trimming (ties, breadcrumbs) keeps `ceil(density * n)` entries (at least the share asked for) and ties in
+  magnitude together; mergekit keeps `int(density * n)`. They agree whenever `density * n` is a whole number.
+- Random drops are seeded per tensor name and model (same result streamed or in memory, any order); mergekit
+  draws from torch's global generator.
 """
 
 from __future__ import annotations
