@@ -163,3 +163,32 @@ def test_fit_on_checkpoints_of_different_shapes_names_the_tensor(merge_family, f
             output_dir=tmp_path / "out",
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_merge_fit_on_writes_the_fitted_merge(merge_family, tmp_path, capsys):
+    from hf_interop.cli import main
+
+    output_dir = tmp_path / "cli_fitted"
+    inputs = ["merge", "--checkpoints", *map(str, merge_family["children"]), "--base", str(merge_family["base"])]
+    args = [
+        *inputs,
+        "--method",
+        "task_arithmetic",
+        "--fit_on",
+        "builtin",
+        "--fit_granularity",
+        "layer",
+        "--fit_steps",
+        "2",
+    ]
+    args += ["--fit_batch_size", "2", "--fit_block_size", "32", "--fit_max_blocks", "4", "--disable_tqdm", "true"]
+    assert main([*args, "--output_dir", str(output_dir)]) == 0
+    lineage = json.loads((output_dir / "hf_interop_lineage.json").read_text())
+    fitted = lineage["extra"]["fitted_coefficients"]
+    assert fitted["granularity"] == "layer" and fitted["num_steps"] == 2
+    assert set(fitted["coefficients"]) == {"layers.0", "layers.1", "model.embed_tokens", "model.norm"}
+    assert all(len(weights) == 3 for weights in fitted["coefficients"].values())
+    # --fit_on only fits methods whose weights are linear in the merge, refused before any work
+    assert main([*inputs, "--method", "ties", "--fit_on", "builtin", "--output_dir", str(tmp_path / "x")]) != 0
+    assert "--fit_on fits the weights of task_arithmetic, linear" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
