@@ -10,6 +10,15 @@ reports the peak resident memory above the process's state after imports:
 
 Run: `python benchmarks/bench_merge.py` (about 2-3 minutes on 2 CPU cores). Target: streamed merges peak at
 <= 1.5x one model's size.
+
+`python benchmarks/bench_merge.py --quality [WORK_DIR]` compares the merge methods on three LoRA fine-tunes of
+SmolLM2-135M-Instruct on real text domains (Python's language reference, Debian's fortunes, the Jargon File; see
+`recipes/smollm2-135m_merge_domains/`), each trained by that recipe's adapt config for a short budget (30 steps of
+4 x 128 tokens). It reports the held-out perplexity on each domain's eval documents and their mean for the base,
+each fine-tune, uniform task arithmetic, TIES, greedy soup, breadcrumbs, DELLA, Model Stock and task arithmetic with
+fitted per-model and per-layer coefficients (fitted, like the greedy soup's selection, on the separate fit
+documents), with the peak RSS of each merge and fit in a fresh process. Fine-tunes are kept in WORK_DIR (default
+/tmp/bench_merge_quality) for reruns. About 25 minutes on 2 shared CPU cores the first time.
 """
 
 from __future__ import annotations
@@ -131,8 +140,216 @@ def main() -> None:
     )
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --quality: merge methods compared on three domain fine-tunes of SmolLM2
+# ----------------------------------------------------------------------------------------------------------------
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m_merge_domains"
+FIT_BLOCKS_PER_DOMAIN = 16
+EVAL_BLOCKS_PER_DOMAIN = 16
+BLOCK_SIZE = 128
+
+
+def _blocks(text_file: Path, tokenizer, max_blocks: int):
+    from hf_interop import load_text_dataset, pack_dataset
+
+    return pack_dataset(
+        load_text_dataset(str(text_file), "all"), tokenizer, block_size=BLOCK_SIZE, max_blocks=max_blocks
+    )
+
+
+def _fit_blocks(texts: dict, tokenizer):
+    from datasets import concatenate_datasets
+
+    parts = [_blocks(files["fit"], tokenizer, FIT_BLOCKS_PER_DOMAIN) for files in texts.values()]
+    return concatenate_datasets(parts).select_columns(["input_ids"])
+
+
+def _quality_child(spec_json: str) -> None:
+    """Runs in a fresh process: one merge, greedy soup or fit, with its peak RSS; prints JSON."""
+    import torch  # noqa: F401 - imported before the baseline so the measurement is the task's own memory
+    import transformers  # noqa: F401
+
+    from hf_interop import fit_merge_coefficients, greedy_soup, load_tokenizer, merge_checkpoints
+
+    spec = json.loads(spec_json)
+    texts = {domain: {part: Path(path) for part, path in files.items()} for domain, files in spec["texts"].items()}
+    fit_set = None
+    if spec["task"] in ("soup", "fit"):
+        fit_set = _fit_blocks(texts, load_tokenizer(spec["checkpoints"][0]))
+    extra: dict = {}
+    start = time.perf_counter()
+    with PeakRSS() as peak:
+        if spec["task"] == "merge":
+            merge_checkpoints(
+                spec["checkpoints"], output_dir=spec["output_dir"], show_progress=False, **spec["options"]
+            )
+        elif spec["task"] == "soup":
+            result = greedy_soup(spec["checkpoints"], fit_set, output_dir=spec["output_dir"], show_progress=False)
+            extra = {"selected": result["selected"]}
+        else:
+            result = fit_merge_coefficients(
+                spec["checkpoints"], fit_set, output_dir=spec["output_dir"], show_progress=False, **spec["options"]
+            )
+            extra = {"coefficients": result["coefficients"], "history": result["history"]}
+    print(json.dumps({"peak_bytes": peak.delta, "seconds": time.perf_counter() - start, **extra}))
+
+
+def _run_quality_child(spec: dict) -> dict:
+    output = subprocess.run(
+        [sys.executable, __file__, "--quality-child", json.dumps(spec)], capture_output=True, text=True
+    )
+    if output.returncode != 0:
+        raise RuntimeError(f"{spec['task']} failed:\n{output.stderr[-3000:]}")
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def quality(work_dir: Path) -> None:
+    import importlib.util
+
+    from hf_interop import default_teacher_path, evaluate_perplexity, load_causal_lm, load_tokenizer
+    from hf_interop.cli import main as cli_main
+
+    spec = importlib.util.spec_from_file_location("prepare_texts", RECIPE_DIR / "prepare_texts.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    texts = prepare.prepare_texts(work_dir / "texts")
+    base = default_teacher_path()
+    model_bytes = (base / "model.safetensors").stat().st_size
+
+    finetunes = []
+    for domain, files in texts.items():
+        output = work_dir / f"lora_{domain}"
+        if not (output / "merged" / "model.safetensors").is_file():
+            args = ["adapt", "--config", str(RECIPE_DIR / f"adapt_{domain}.yaml"), "--dataset", str(files["train"])]
+            args += [
+                "--eval_dataset",
+                str(files["eval"]),
+                "--output_dir",
+                str(output),
+                "--overwrite_output_dir",
+                "true",
+            ]
+            args += ["--disable_tqdm", "true"]
+            start = time.perf_counter()
+            if cli_main(args) != 0:
+                raise RuntimeError(f"the {domain} fine-tune failed")
+            print(f"fine-tune {domain}: {time.perf_counter() - start:.0f} s", flush=True)
+        finetunes.append(str(output / "merged"))
+
+    weights = [1.0, 1.0, 1.0]
+    plans = {
+        "task arithmetic, uniform (1.0 each)": ("merge", dict(method="task_arithmetic", base=str(base))),
+        "linear average (uniform soup)": ("merge", dict(method="linear")),
+        "TIES (density 0.5)": ("merge", dict(method="ties", base=str(base), weights=weights, density=0.5)),
+        "greedy soup": ("soup", {}),
+        "breadcrumbs (density 0.9, gamma 0.01)": (
+            "merge",
+            dict(method="breadcrumbs", base=str(base), weights=weights, density=0.9, gamma=0.01),
+        ),
+        "DELLA (density 0.5, epsilon 0.15)": (
+            "merge",
+            dict(method="della", base=str(base), weights=weights, density=0.5, epsilon=0.15),
+        ),
+        "Model Stock": ("merge", dict(method="model_stock", base=str(base))),
+        "task arithmetic, fitted per model": (
+            "fit",
+            dict(base=str(base), method="task_arithmetic", granularity="model", num_steps=20, learning_rate=0.05),
+        ),
+        "task arithmetic, fitted per layer": (
+            "fit",
+            dict(base=str(base), method="task_arithmetic", granularity="layer", num_steps=20, learning_rate=0.05),
+        ),
+    }
+    text_paths = {domain: {part: str(path) for part, path in files.items()} for domain, files in texts.items()}
+    outputs = {"base (SmolLM2-135M-Instruct)": str(base)}
+    outputs.update({f"fine-tune: {domain}": path for domain, path in zip(texts, finetunes, strict=True)})
+    measurements: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_merge_quality_", dir=work_dir) as tmp:
+        for index, (label, (task, options)) in enumerate(plans.items()):
+            output_dir = str(Path(tmp) / f"merge{index}")
+            measurements[label] = _run_quality_child(
+                {
+                    "task": task,
+                    "checkpoints": finetunes,
+                    "output_dir": output_dir,
+                    "options": options,
+                    "texts": text_paths,
+                }
+            )
+            outputs[label] = output_dir
+            print(f"{label}: {measurements[label]['seconds']:.0f} s", flush=True)
+
+        tokenizer = load_tokenizer(str(base))
+        eval_sets = {
+            domain: _blocks(files["eval"], tokenizer, EVAL_BLOCKS_PER_DOMAIN) for domain, files in texts.items()
+        }
+        perplexities: dict[str, dict[str, float]] = {}
+        for label, folder in outputs.items():
+            model, _ = load_causal_lm(folder, load_tokenizer_too=False)
+            perplexities[label] = {
+                domain: evaluate_perplexity(model, blocks, batch_size=8, show_progress=False)["perplexity"]
+                for domain, blocks in eval_sets.items()
+            }
+            perplexities[label]["mean"] = sum(perplexities[label].values()) / len(eval_sets)
+            del model
+
+    domains = list(texts)
+    lines = [
+        "Three LoRA fine-tunes (r 8, 30 steps of 4 x 128 tokens each, `recipes/smollm2-135m_merge_domains/`) of "
+        f"SmolLM2-135M-Instruct (float32, {model_bytes / MiB:.0f} MiB), one per domain. Perplexity on each domain's "
+        f"held-out eval documents ({EVAL_BLOCKS_PER_DOMAIN} blocks of {BLOCK_SIZE} tokens); greedy soup and the "
+        f"fitted coefficients (20 Adam steps of 4 blocks, lr 0.05) use the separate fit documents "
+        f"({FIT_BLOCKS_PER_DOMAIN} blocks per domain). Peak RSS above the process's state after imports, each merge "
+        "or fit in a fresh process. Shared machine (other jobs ran at the same time; timings are indicative).",
+        "",
+        f"| model | {' | '.join(domains)} | mean | peak RSS (MiB) | x model | seconds |",
+        f"|---|{'---:|' * (len(domains) + 4)}",
+    ]
+    for label, values in perplexities.items():
+        measured = measurements.get(label)
+        memory = (
+            f"{measured['peak_bytes'] / MiB:.0f} | {measured['peak_bytes'] / model_bytes:.2f} | {measured['seconds']:.0f}"
+            if measured
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {label} | {' | '.join(f'{values[d]:.2f}' for d in domains)} | {values['mean']:.2f} | {memory} |"
+        )
+    fitted = min(perplexities[label]["mean"] for label in plans if "fitted" in label)
+    uniform = perplexities["task arithmetic, uniform (1.0 each)"]["mean"]
+    soup = perplexities["greedy soup"]["mean"]
+    fit_peak = max(measurements[label]["peak_bytes"] for label in plans if "fitted" in label)
+    merge_peak = max(measurements[label]["peak_bytes"] for label, (task, _) in plans.items() if task == "merge")
+    targets = {
+        "fitted mean perplexity < uniform task arithmetic": fitted < uniform,
+        "fitted mean perplexity < greedy soup": fitted < soup,
+        "fitting peak RSS <= 2.5x one model": fit_peak <= 2.5 * model_bytes,
+        "merges peak RSS <= 1.5x one model": merge_peak <= 1.5 * model_bytes,
+    }
+    lines += ["", "Targets: " + "; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in targets.items())]
+    for label in plans:
+        if "fitted" in label:
+            coefficients = measurements[label]["coefficients"]
+            shown = {group: [round(value, 3) for value in row] for group, row in list(coefficients.items())[:4]}
+            lines.append(
+                f"\n{label}: coefficients (first groups) {shown}; objective by step "
+                f"{[round(value, 3) for value in measurements[label]['history']]}"
+            )
+    write_result(
+        "merge_quality",
+        "\n".join(lines),
+        {"model_bytes": model_bytes, "perplexities": perplexities, "measurements": measurements, "targets": targets},
+    )
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(sys.argv[2], sys.argv[3:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--quality-child":
+        _quality_child(sys.argv[2])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--quality":
+        quality(Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/bench_merge_quality"))
     else:
         main()

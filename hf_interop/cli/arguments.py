@@ -271,6 +271,9 @@ class MergeScriptArguments:
     fit_max_blocks: int | None = field(default=None, metadata={"help": "Use only the first N fitting blocks."})
 
     def check(self) -> None:
+        from ..loading import resolve_model_alias
+
+        self.base = resolve_model_alias(self.base)  # `default_teacher` names the embedded SmolLM2 as a base
         if self.fit_on is not None:
             from ..data import check_dataset_argument
             from ..merge.fitting import FITTABLE_METHODS
