@@ -24,6 +24,7 @@ documents), with the peak RSS of each merge and fit in a fresh process. Fine-tun
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -145,8 +146,10 @@ def main() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m_merge_domains"
-FIT_BLOCKS_PER_DOMAIN = 16
-EVAL_BLOCKS_PER_DOMAIN = 16
+FIT_BLOCKS_PER_DOMAIN = 4
+EVAL_BLOCKS_PER_DOMAIN = 4
+FIT_STEPS = 6
+FIT_BATCH_SIZE = 2
 BLOCK_SIZE = 128
 
 
@@ -204,7 +207,12 @@ def _run_quality_child(spec: dict) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def quality(work_dir: Path) -> None:
+def _fit_plan(granularity: str, base: Path) -> tuple[str, dict]:
+    options = dict(method="task_arithmetic", granularity=granularity, num_steps=FIT_STEPS, batch_size=FIT_BATCH_SIZE)
+    return "fit", dict(base=str(base), learning_rate=0.05, **options)
+
+
+def quality(work_dir: Path, finetune_steps: int = 30) -> None:
     import importlib.util
 
     from hf_interop import default_teacher_path, evaluate_perplexity, load_causal_lm, load_tokenizer
@@ -218,7 +226,7 @@ def quality(work_dir: Path) -> None:
     base = default_teacher_path()
     model_bytes = (base / "model.safetensors").stat().st_size
 
-    finetunes = []
+    finetunes, finetune_info = [], {}
     for domain, files in texts.items():
         output = work_dir / f"lora_{domain}"
         if not (output / "merged" / "model.safetensors").is_file():
@@ -231,116 +239,122 @@ def quality(work_dir: Path) -> None:
                 "--overwrite_output_dir",
                 "true",
             ]
-            args += ["--disable_tqdm", "true"]
+            args += ["--disable_tqdm", "true", "--max_steps", str(finetune_steps)]
             start = time.perf_counter()
             if cli_main(args) != 0:
                 raise RuntimeError(f"the {domain} fine-tune failed")
-            print(f"fine-tune {domain}: {time.perf_counter() - start:.0f} s", flush=True)
+            info = {"steps": finetune_steps, "seconds": round(time.perf_counter() - start)}
+            (output / "bench_steps.json").write_text(json.dumps(info))
+        finetune_info[domain] = json.loads((output / "bench_steps.json").read_text())
+        print(f"fine-tune {domain}: {finetune_info[domain]}", flush=True)
         finetunes.append(str(output / "merged"))
 
     weights = [1.0, 1.0, 1.0]
-    plans = {
+    plans = {  # most telling first: partial results are written after each row
         "task arithmetic, uniform (1.0 each)": ("merge", dict(method="task_arithmetic", base=str(base))),
-        "linear average (uniform soup)": ("merge", dict(method="linear")),
-        "TIES (density 0.5)": ("merge", dict(method="ties", base=str(base), weights=weights, density=0.5)),
+        "task arithmetic, fitted per layer": _fit_plan("layer", base),
         "greedy soup": ("soup", {}),
-        "breadcrumbs (density 0.9, gamma 0.01)": (
-            "merge",
-            dict(method="breadcrumbs", base=str(base), weights=weights, density=0.9, gamma=0.01),
-        ),
+        "task arithmetic, fitted per model": _fit_plan("model", base),
+        "TIES (density 0.5)": ("merge", dict(method="ties", base=str(base), weights=weights, density=0.5)),
+        "Model Stock": ("merge", dict(method="model_stock", base=str(base))),
         "DELLA (density 0.5, epsilon 0.15)": (
             "merge",
             dict(method="della", base=str(base), weights=weights, density=0.5, epsilon=0.15),
         ),
-        "Model Stock": ("merge", dict(method="model_stock", base=str(base))),
-        "task arithmetic, fitted per model": (
-            "fit",
-            dict(base=str(base), method="task_arithmetic", granularity="model", num_steps=20, learning_rate=0.05),
-        ),
-        "task arithmetic, fitted per layer": (
-            "fit",
-            dict(base=str(base), method="task_arithmetic", granularity="layer", num_steps=20, learning_rate=0.05),
+        "breadcrumbs (density 0.9, gamma 0.01)": (
+            "merge",
+            dict(method="breadcrumbs", base=str(base), weights=weights, density=0.9, gamma=0.01),
         ),
     }
     text_paths = {domain: {part: str(path) for part, path in files.items()} for domain, files in texts.items()}
-    outputs = {"base (SmolLM2-135M-Instruct)": str(base)}
-    outputs.update({f"fine-tune: {domain}": path for domain, path in zip(texts, finetunes, strict=True)})
+    tokenizer = load_tokenizer(str(base))
+    eval_sets = {domain: _blocks(files["eval"], tokenizer, EVAL_BLOCKS_PER_DOMAIN) for domain, files in texts.items()}
+    perplexities: dict[str, dict[str, float]] = {}
     measurements: dict[str, dict] = {}
+
+    def evaluate(label: str, folder: str) -> None:
+        model, _ = load_causal_lm(folder, load_tokenizer_too=False)
+        perplexities[label] = {
+            domain: evaluate_perplexity(model, blocks, batch_size=8, show_progress=False)["perplexity"]
+            for domain, blocks in eval_sets.items()
+        }
+        perplexities[label]["mean"] = sum(perplexities[label].values()) / len(eval_sets)
+        print(f"{label}: {perplexities[label]}", flush=True)
+
+    evaluate("base (SmolLM2-135M-Instruct)", str(base))
+    for domain, path in zip(texts, finetunes, strict=True):
+        evaluate(f"fine-tune: {domain}", path)
     with tempfile.TemporaryDirectory(prefix="bench_merge_quality_", dir=work_dir) as tmp:
         for index, (label, (task, options)) in enumerate(plans.items()):
             output_dir = str(Path(tmp) / f"merge{index}")
-            measurements[label] = _run_quality_child(
-                {
-                    "task": task,
-                    "checkpoints": finetunes,
-                    "output_dir": output_dir,
-                    "options": options,
-                    "texts": text_paths,
-                }
-            )
-            outputs[label] = output_dir
+            spec = {"task": task, "checkpoints": finetunes, "output_dir": output_dir, "options": options}
+            measurements[label] = _run_quality_child({**spec, "texts": text_paths})
             print(f"{label}: {measurements[label]['seconds']:.0f} s", flush=True)
+            evaluate(label, output_dir)
+            shutil.rmtree(output_dir)
+            _write_quality(perplexities, measurements, plans, finetune_info, model_bytes, list(texts))
 
-        tokenizer = load_tokenizer(str(base))
-        eval_sets = {
-            domain: _blocks(files["eval"], tokenizer, EVAL_BLOCKS_PER_DOMAIN) for domain, files in texts.items()
-        }
-        perplexities: dict[str, dict[str, float]] = {}
-        for label, folder in outputs.items():
-            model, _ = load_causal_lm(folder, load_tokenizer_too=False)
-            perplexities[label] = {
-                domain: evaluate_perplexity(model, blocks, batch_size=8, show_progress=False)["perplexity"]
-                for domain, blocks in eval_sets.items()
-            }
-            perplexities[label]["mean"] = sum(perplexities[label].values()) / len(eval_sets)
-            del model
 
-    domains = list(texts)
+def _write_quality(perplexities, measurements, plans, finetune_info, model_bytes, domains) -> None:
+    budgets = ", ".join(
+        f"{domain} {info['steps']} steps ({info['seconds']} s)" for domain, info in finetune_info.items()
+    )
     lines = [
-        "Three LoRA fine-tunes (r 8, 30 steps of 4 x 128 tokens each, `recipes/smollm2-135m_merge_domains/`) of "
-        f"SmolLM2-135M-Instruct (float32, {model_bytes / MiB:.0f} MiB), one per domain. Perplexity on each domain's "
-        f"held-out eval documents ({EVAL_BLOCKS_PER_DOMAIN} blocks of {BLOCK_SIZE} tokens); greedy soup and the "
-        f"fitted coefficients (20 Adam steps of 4 blocks, lr 0.05) use the separate fit documents "
-        f"({FIT_BLOCKS_PER_DOMAIN} blocks per domain). Peak RSS above the process's state after imports, each merge "
-        "or fit in a fresh process. Shared machine (other jobs ran at the same time; timings are indicative).",
+        f"Three LoRA fine-tunes (r 8, 4 x 128 tokens per step; {budgets}; `recipes/smollm2-135m_merge_domains/`) "
+        f"of SmolLM2-135M-Instruct (float32, {model_bytes / MiB:.0f} MiB), one per domain. Perplexity on each "
+        f"domain's held-out eval documents ({EVAL_BLOCKS_PER_DOMAIN} blocks of {BLOCK_SIZE} tokens); greedy soup and "
+        f"the fitted coefficients ({FIT_STEPS} Adam steps of {FIT_BATCH_SIZE} blocks, lr 0.05, from 1.0 each) use "
+        f"the separate fit documents ({FIT_BLOCKS_PER_DOMAIN} blocks per domain). Peak RSS above the process's "
+        "state after imports, each merge or fit in a fresh process. Shared, heavily loaded machine (timings are "
+        "indicative).",
         "",
         f"| model | {' | '.join(domains)} | mean | peak RSS (MiB) | x model | seconds |",
         f"|---|{'---:|' * (len(domains) + 4)}",
     ]
     for label, values in perplexities.items():
         measured = measurements.get(label)
-        memory = (
-            f"{measured['peak_bytes'] / MiB:.0f} | {measured['peak_bytes'] / model_bytes:.2f} | {measured['seconds']:.0f}"
-            if measured
-            else "- | - | -"
-        )
+        memory = "- | - | -"
+        if measured:
+            memory = f"{measured['peak_bytes'] / MiB:.0f} | {measured['peak_bytes'] / model_bytes:.2f} | "
+            memory += f"{measured['seconds']:.0f}"
         lines.append(
             f"| {label} | {' | '.join(f'{values[d]:.2f}' for d in domains)} | {values['mean']:.2f} | {memory} |"
         )
-    fitted = min(perplexities[label]["mean"] for label in plans if "fitted" in label)
-    uniform = perplexities["task arithmetic, uniform (1.0 each)"]["mean"]
-    soup = perplexities["greedy soup"]["mean"]
-    fit_peak = max(measurements[label]["peak_bytes"] for label in plans if "fitted" in label)
-    merge_peak = max(measurements[label]["peak_bytes"] for label, (task, _) in plans.items() if task == "merge")
-    targets = {
-        "fitted mean perplexity < uniform task arithmetic": fitted < uniform,
-        "fitted mean perplexity < greedy soup": fitted < soup,
-        "fitting peak RSS <= 2.5x one model": fit_peak <= 2.5 * model_bytes,
-        "merges peak RSS <= 1.5x one model": merge_peak <= 1.5 * model_bytes,
-    }
+    done = [label for label in plans if label in perplexities]
+    fitted = [perplexities[label]["mean"] for label in done if "fitted" in label]
+    merges = [measurements[label]["peak_bytes"] for label in done if plans[label][0] == "merge"]
+    fits = [measurements[label]["peak_bytes"] for label in done if plans[label][0] == "fit"]
+    targets = {}
+    if fitted:
+        targets["fitted mean perplexity < uniform task arithmetic"] = min(fitted) < perplexities[done[0]]["mean"]
+        if "greedy soup" in perplexities:
+            targets["fitted mean perplexity < greedy soup"] = min(fitted) < perplexities["greedy soup"]["mean"]
+        targets["fitting peak RSS <= 2.5x one model"] = max(fits) <= 2.5 * model_bytes
+    if merges:
+        targets["merges peak RSS <= 1.5x one model"] = max(merges) <= 1.5 * model_bytes
     lines += ["", "Targets: " + "; ".join(f"{name}: {'met' if met else 'NOT met'}" for name, met in targets.items())]
-    for label in plans:
-        if "fitted" in label:
-            coefficients = measurements[label]["coefficients"]
-            shown = {group: [round(value, 3) for value in row] for group, row in list(coefficients.items())[:4]}
-            lines.append(
-                f"\n{label}: coefficients (first groups) {shown}; objective by step "
-                f"{[round(value, 3) for value in measurements[label]['history']]}"
-            )
+    if len(done) < len(plans):
+        lines.append(f"\nPartial: {len(done)} of {len(plans)} rows measured so far.")
+    for label in done:
+        if "coefficients" in measurements[label]:
+            shown = {
+                group: [round(v, 3) for v in row]
+                for group, row in list(measurements[label]["coefficients"].items())[:5]
+            }
+            history = [round(v, 3) for v in measurements[label]["history"]]
+            lines.append(f"\n{label}: coefficients (first groups) {shown}; objective by step {history}")
+        if "selected" in measurements[label]:
+            lines.append(f"\ngreedy soup kept: {[Path(path).parent.name for path in measurements[label]['selected']]}")
     write_result(
         "merge_quality",
         "\n".join(lines),
-        {"model_bytes": model_bytes, "perplexities": perplexities, "measurements": measurements, "targets": targets},
+        {
+            "model_bytes": model_bytes,
+            "finetunes": finetune_info,
+            "perplexities": perplexities,
+            "measurements": measurements,
+            "targets": targets,
+        },
     )
 
 
@@ -350,6 +364,9 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "--quality-child":
         _quality_child(sys.argv[2])
     elif len(sys.argv) > 1 and sys.argv[1] == "--quality":
-        quality(Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/bench_merge_quality"))
+        quality(
+            Path(sys.argv[2]) if len(sys.argv) > 2 else Path("/tmp/bench_merge_quality"),
+            int(sys.argv[3]) if len(sys.argv) > 3 else 30,
+        )
     else:
         main()
