@@ -192,3 +192,28 @@ def test_cli_merge_fit_on_writes_the_fitted_merge(merge_family, tmp_path, capsys
     assert main([*inputs, "--method", "ties", "--fit_on", "builtin", "--output_dir", str(tmp_path / "x")]) != 0
     assert "--fit_on fits the weights of task_arithmetic, linear" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_an_interrupted_fit_leaves_no_output_folder(merge_family, fitting_set, tmp_path, monkeypatch):
+    import hf_interop.merge.fitting as fitting
+
+    real = fitting.merged_objective_and_gradient
+    calls = []
+
+    def interrupted_after_one_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fitting, "merged_objective_and_gradient", interrupted_after_one_step)
+    with pytest.raises(KeyboardInterrupt):
+        fit_merge_coefficients(
+            merge_family["children"],
+            fitting_set,
+            base=merge_family["base"],
+            num_steps=3,
+            output_dir=tmp_path / "out",
+            show_progress=False,
+        )
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
