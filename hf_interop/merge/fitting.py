@@ -207,16 +207,18 @@ def fit_merge_coefficients(
         parameter.requires_grad_(False)
         parameter.data = torch.empty(0, dtype=parameter.dtype)
     first = sources[0]
+    # Aliases of tied weights (lm_head.weight of tied embeddings) are left out: functional_call ties them to the
+    # tensor given for the name they alias, which a checkpoint saving both copies would otherwise contradict.
+    tied_aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()
+    }
     names = [
         name
         for name in sorted(first.shapes)
-        if name in state_names and getattr(torch, first.dtypes[name]).is_floating_point
+        if name in state_names and name not in tied_aliases and getattr(torch, first.dtypes[name]).is_floating_point
     ]
-    missing = sorted(name for name, parameter in model.named_parameters() if name not in first.shapes)
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
-        name for name, _ in model.named_parameters()
-    }
-    if [name for name in missing if name not in tied]:
+    missing = sorted(name for name, _ in model.named_parameters() if name not in first.shapes)
+    if missing:
         raise ValueError(
             f"the checkpoints lack parameters the model has ({missing[:3]}); they do not match its config."
         )
