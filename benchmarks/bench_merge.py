@@ -154,7 +154,8 @@ BLOCK_SIZE = 128
 
 
 def _blocks(text_file: Path, tokenizer, max_blocks: int):
-    from hf_interop import load_text_dataset, pack_dataset
+    from hf_interop import pack_dataset
+    from hf_interop.data import load_text_dataset
 
     return pack_dataset(
         load_text_dataset(str(text_file), "all"), tokenizer, block_size=BLOCK_SIZE, max_blocks=max_blocks
