@@ -251,21 +251,21 @@ def quality(work_dir: Path, finetune_steps: int = 30) -> None:
         finetunes.append(str(output / "merged"))
 
     weights = [1.0, 1.0, 1.0]
-    plans = {  # most telling first: partial results are written after each row
+    plans = {  # most telling and cheapest first: partial results are written after each row
         "task arithmetic, uniform (1.0 each)": ("merge", dict(method="task_arithmetic", base=str(base))),
         "task arithmetic, fitted per layer": _fit_plan("layer", base),
         "greedy soup": ("soup", {}),
-        "task arithmetic, fitted per model": _fit_plan("model", base),
-        "TIES (density 0.5)": ("merge", dict(method="ties", base=str(base), weights=weights, density=0.5)),
         "Model Stock": ("merge", dict(method="model_stock", base=str(base))),
         "DELLA (density 0.5, epsilon 0.15)": (
             "merge",
             dict(method="della", base=str(base), weights=weights, density=0.5, epsilon=0.15),
         ),
+        "TIES (density 0.5)": ("merge", dict(method="ties", base=str(base), weights=weights, density=0.5)),
         "breadcrumbs (density 0.9, gamma 0.01)": (
             "merge",
             dict(method="breadcrumbs", base=str(base), weights=weights, density=0.9, gamma=0.01),
         ),
+        "task arithmetic, fitted per model": _fit_plan("model", base),
     }
     text_paths = {domain: {part: str(path) for part, path in files.items()} for domain, files in texts.items()}
     tokenizer = load_tokenizer(str(base))
