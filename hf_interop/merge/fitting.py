@@ -151,8 +151,8 @@ def fit_merge_coefficients(
         granularity (`str`, *optional*, defaults to `"model"`): `model` (one coefficient per checkpoint) or
             `layer` (one per checkpoint and layer).
         objective (`str`, *optional*, defaults to `"perplexity"`): `perplexity` or `entropy`.
-        initial_weights (`list[float]`, *optional*): starting coefficients, one per checkpoint; defaults to 1.0
-            each for `task_arithmetic` (plain task arithmetic) and equal weights for `linear` (the uniform soup).
+        initial_weights (`list[float]`, *optional*): starting coefficients, one per checkpoint; defaults to 1/N
+            each (the uniform soup, for both methods).
         num_steps (`int`, *optional*, defaults to 20): optimisation steps, one batch each (more: closer fit,
             slower; each step reads every checkpoint twice).
         learning_rate (`float`, *optional*, defaults to 0.05): Adam's step size on the coefficients.
@@ -226,11 +226,12 @@ def fit_merge_coefficients(
     group_index = {name: groups.index(coefficient_group(name, granularity)) for name in names}
 
     count = len(sources)
+    # Both start from the uniform soup (1/N each) unless told otherwise: a point known to be reasonable, where plain
+    # task arithmetic (1.0 each) adds N task vectors and can land far from every fine-tune.
+    start = list(initial_weights) if initial_weights is not None else [1.0 / count] * count
     if method == "task_arithmetic":
-        start = list(initial_weights) if initial_weights is not None else [1.0] * count
         raw = torch.tensor([start] * len(groups), dtype=torch.float64)
     else:
-        start = list(initial_weights) if initial_weights is not None else [1.0] * count
         raw = torch.log(torch.tensor([start] * len(groups), dtype=torch.float64) / sum(start))
     raw.requires_grad_(True)
     optimizer = torch.optim.Adam([raw], lr=learning_rate)
