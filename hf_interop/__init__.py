@@ -60,6 +60,8 @@ _LAZY_IMPORTS: dict[str, str] = {
     "CrossTokenizerEnsemble": "ensemble.cross_tokenizer",
     # speculative ensemble decoding
     "SpeculativeGenerateOutput": "ensemble.speculative",
+    # merges that fit their own coefficients
+    "fit_merge_coefficients": "merge.fitting",
 }
 
 _SUBMODULES = {

@@ -232,7 +232,9 @@ class MergeScriptArguments:
     output_dir: str | None = field(default=None, metadata={"help": "Folder the merged checkpoint is written to."})
     method: str = field(
         default="linear",
-        metadata={"help": "linear, task_arithmetic, ties, dare_linear, dare_ties or slerp."},
+        metadata={
+            "help": "linear, task_arithmetic, ties, dare_linear, dare_ties, slerp, breadcrumbs, della, della_linear or model_stock."
+        },
     )
     weights: list[float] | None = field(default=None, metadata={"help": "One weight per checkpoint; default equal."})
     base: str | None = field(
@@ -248,8 +250,45 @@ class MergeScriptArguments:
         default=False, metadata={"help": "Replace an existing output_dir (otherwise an existing one is an error)."}
     )
     disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    # breadcrumbs / della, and coefficients fitted on held-out text (`fit_merge_coefficients`)
+    gamma: float | None = field(
+        default=None, metadata={"help": "breadcrumbs: share of largest task-vector entries removed (default 0.01)."}
+    )
+    epsilon: float | None = field(
+        default=None, metadata={"help": "della: keep probabilities span density +- epsilon (default 0.15)."}
+    )
+    fit_on: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fit the merge weights on this text (same forms as --dataset: 'builtin', a file or a saved "
+            "dataset; its held-out split fit_split is used) by gradient descent; task_arithmetic or linear only."
+        },
+    )
+    fit_split: str = field(default="validation", metadata={"help": "Split of fit_on the weights are fitted on."})
+    fit_granularity: str = field(default="model", metadata={"help": "model (a weight per checkpoint) or layer."})
+    fit_objective: str = field(
+        default="perplexity", metadata={"help": "perplexity (held-out text) or entropy (unlabelled text)."}
+    )
+    fit_steps: int = field(default=20, metadata={"help": "Fitting steps (more: closer fit, slower)."})
+    fit_learning_rate: float = field(default=0.05, metadata={"help": "Adam step size on the weights."})
+    fit_batch_size: int = field(default=4, metadata={"help": "Blocks per fitting step (more: smoother, more memory)."})
+    fit_block_size: int = field(default=128, metadata={"help": "Tokens per fitting block."})
+    fit_max_blocks: int | None = field(default=None, metadata={"help": "Use only the first N fitting blocks."})
 
     def check(self) -> None:
+        from ..loading import resolve_model_alias
+
+        self.base = resolve_model_alias(self.base)  # `default_teacher` names the embedded SmolLM2 as a base
+        if self.fit_on is not None:
+            from ..data import check_dataset_argument
+            from ..merge.fitting import FITTABLE_METHODS
+
+            check_dataset_argument(self.fit_on)
+            if self.method not in FITTABLE_METHODS:
+                raise ValueError(
+                    f"--fit_on fits the weights of {', '.join(FITTABLE_METHODS)}, not method={self.method!r}; use "
+                    "--method task_arithmetic (with --base) or linear."
+                )
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder the merged checkpoint is written to.")
         if len(self.checkpoints) < 2:

@@ -294,6 +294,8 @@ def run_merge(script_args: MergeScriptArguments) -> dict[str, Any]:
 
     script_args.check()
     check_output_dir(script_args.output_dir, script_args.overwrite_output_dir, fix=OVERWRITE_FLAG_FIX)
+    if script_args.fit_on is not None:
+        return _run_fitted_merge(script_args)
     path = merge_checkpoints(
         script_args.checkpoints,
         script_args.method,
@@ -306,8 +308,42 @@ def run_merge(script_args: MergeScriptArguments) -> dict[str, Any]:
         overwrite=script_args.overwrite_output_dir,
         max_shard_size=script_args.max_shard_size,
         show_progress=not script_args.disable_tqdm,
+        gamma=script_args.gamma,
+        epsilon=script_args.epsilon,
     )
     return {"output_dir": str(path)}
+
+
+def _run_fitted_merge(script_args: MergeScriptArguments) -> dict[str, Any]:
+    """`merge --fit_on DATASET`: pack the held-out text with the checkpoints' tokenizer, fit the weights
+    (:func:`hf_interop.fit_merge_coefficients`) and write the merge with them."""
+    from ..data import load_text_dataset, pack_dataset
+    from ..loading import load_tokenizer
+    from ..merge.fitting import fit_merge_coefficients
+
+    tokenizer = load_tokenizer(script_args.checkpoints[0])
+    text = load_text_dataset(script_args.fit_on, script_args.fit_split)
+    blocks = pack_dataset(
+        text, tokenizer, block_size=script_args.fit_block_size, max_blocks=script_args.fit_max_blocks
+    )
+    result = fit_merge_coefficients(
+        script_args.checkpoints,
+        blocks,
+        base=script_args.base,
+        method=script_args.method,
+        granularity=script_args.fit_granularity,
+        objective=script_args.fit_objective,
+        initial_weights=script_args.weights,
+        num_steps=script_args.fit_steps,
+        learning_rate=script_args.fit_learning_rate,
+        batch_size=script_args.fit_batch_size,
+        seed=script_args.seed,
+        output_dir=script_args.output_dir,
+        overwrite=script_args.overwrite_output_dir,
+        max_shard_size=script_args.max_shard_size,
+        show_progress=not script_args.disable_tqdm,
+    )
+    return {"output_dir": result["output_dir"], "coefficients": result["coefficients"], "history": result["history"]}
 
 
 def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any]:
@@ -410,7 +446,8 @@ RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]]
     "merge": (
         lambda: [MergeScriptArguments],
         run_merge,
-        "Merge checkpoints of one architecture in weight space (linear, task arithmetic, TIES, DARE, SLERP).",
+        "Merge checkpoints of one architecture in weight space (linear, task arithmetic, TIES, DARE, SLERP, "
+        "breadcrumbs, DELLA, Model Stock), optionally with weights fitted on held-out text (--fit_on).",
     ),
     "cache-teacher": (
         lambda: [CacheTeacherScriptArguments],

@@ -22,7 +22,15 @@ import torch
 from ..hub.outputs import write_output_metadata
 from ..logging_utils import get_logger
 from ..utils import atomic_write_json
-from .methods import DEFAULT_DENSITY, MERGE_METHODS, METHODS_NEEDING_BASE, METHODS_USING_DENSITY
+from .methods import (
+    DEFAULT_DENSITY,
+    DEFAULT_EPSILON,
+    DEFAULT_GAMMA,
+    MERGE_METHODS,
+    METHODS_ELECTING_SIGNS,
+    METHODS_NEEDING_BASE,
+    METHODS_USING_DENSITY,
+)
 from .staging import clear_stale_staging, merge_output_dir, naming_output_file
 from .streaming import (
     RowReader,
@@ -75,6 +83,18 @@ def _check_method_arguments(
         )
     if method == "linear" and num_checkpoints < 2:
         raise ValueError(f"method='linear' averages models and needs at least 2 checkpoints, got {num_checkpoints}.")
+    if method == "model_stock":
+        if num_checkpoints < 2:
+            raise ValueError(
+                f"model_stock estimates its ratio from the angle between fine-tunes and needs at least 2 fine-tuned "
+                f"checkpoints besides the base, got {num_checkpoints}; add another fine-tune of the same base, or "
+                "use task_arithmetic."
+            )
+        if weights is not None:
+            raise ValueError(
+                f"model_stock computes its own interpolation ratio and takes no weights (got weights={list(weights)}); "
+                "leave weights out."
+            )
     if num_checkpoints < 1:
         raise ValueError("checkpoints is empty; pass the checkpoint folders to merge.")
     if weights is None:
@@ -91,7 +111,7 @@ def _check_method_arguments(
         weights = [float(w) for w in weights]
     if method == "linear" and abs(sum(weights)) < 1e-12:
         raise ValueError(f"weights={weights} sum to 0, so the linear average is undefined; use weights summing to 1.")
-    if method in ("ties", "dare_ties") and any(w <= 0 for w in weights):
+    if method in METHODS_ELECTING_SIGNS and any(w <= 0 for w in weights):
         raise ValueError(
             f"weights={weights} must be positive for {method!r} (they weigh the sign election and the mean); "
             "use task_arithmetic or dare_linear to subtract a task vector."
@@ -110,6 +130,64 @@ def _check_method_arguments(
     else:
         density = DEFAULT_DENSITY
     return weights, float(density)
+
+
+def _check_sparsity_arguments(
+    method: str, density: float, gamma: float | None, epsilon: float | None
+) -> tuple[float, float]:
+    """Validated `gamma` (breadcrumbs) and `epsilon` (della); raises a `ValueError` naming the value and the fix."""
+
+    def is_number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+    if method == "breadcrumbs":
+        gamma = DEFAULT_GAMMA if gamma is None else gamma
+        if not is_number(gamma) or not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma={gamma!r} must be in [0, 1): the share of largest task-vector entries removed.")
+        if density + gamma > 1.0:
+            raise ValueError(
+                f"density={density} + gamma={gamma} exceeds 1: breadcrumbs keeps a density share of the entries "
+                "below the gamma share of outliers; lower density or gamma."
+            )
+    elif gamma is not None:
+        logger.warning(f"gamma={gamma} is ignored by method {method!r} (used by breadcrumbs).")
+    if method in ("della", "della_linear"):
+        epsilon = DEFAULT_EPSILON if epsilon is None else epsilon
+        if not is_number(epsilon) or epsilon < 0:
+            raise ValueError(f"epsilon={epsilon!r} must be a number >= 0 (the spread of DELLA's keep probabilities).")
+        if density < 1.0 and not (density - epsilon > 0.0 and density + epsilon <= 1.0):
+            raise ValueError(
+                f"density={density} and epsilon={epsilon}: DELLA's keep probabilities span density - epsilon to "
+                "density + epsilon, which must lie in (0, 1]; lower epsilon (e.g. epsilon=min(density, 1 - density) "
+                "/ 2)."
+            )
+    elif epsilon is not None:
+        logger.warning(f"epsilon={epsilon} is ignored by method {method!r} (used by della, della_linear).")
+    return float(DEFAULT_GAMMA if gamma is None else gamma), float(DEFAULT_EPSILON if epsilon is None else epsilon)
+
+
+def _check_tensor_weights(
+    tensor_weights: dict[str, Sequence[float]] | None, num_checkpoints: int, names: Sequence[str]
+) -> dict[str, list[float]] | None:
+    """Validated per-tensor weights (fitted coefficients): one finite weight per checkpoint for known tensors."""
+    if tensor_weights is None:
+        return None
+    unknown = sorted(set(tensor_weights) - set(names))
+    if unknown:
+        raise ValueError(
+            f"tensor_weights names tensors the checkpoints do not hold: {unknown[:3]}; use the checkpoint's names."
+        )
+    checked = {}
+    for name, values in tensor_weights.items():
+        values = list(values)
+        if len(values) != num_checkpoints or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in values
+        ):
+            raise ValueError(
+                f"tensor_weights[{name!r}]={values} must hold {num_checkpoints} finite weights, one per checkpoint."
+            )
+        checked[name] = [float(w) for w in values]
+    return checked
 
 
 def _check_same_tensors(sources: list[_SafetensorsCheckpoint]) -> None:
@@ -196,9 +274,12 @@ def merge_state_dicts(
     density: float | None = None,
     seed: int = 0,
     slerp_t: float = 0.5,
+    gamma: float | None = None,
+    epsilon: float | None = None,
 ) -> dict[str, torch.Tensor]:
-    """In-memory version of :func:`merge_checkpoints` over state dicts (same math, blocks and DARE masks)."""
+    """In-memory version of :func:`merge_checkpoints` over state dicts (same math, blocks and random drops)."""
     weights, density = _check_method_arguments(method, len(state_dicts), weights, base, density, slerp_t)
+    gamma, epsilon = _check_sparsity_arguments(method, density, gamma, epsilon)
 
     def reader_of(tensor: torch.Tensor) -> RowReader:
         # Fresh copies, like reads from disk: the merge works on its blocks in place.
@@ -218,6 +299,8 @@ def merge_state_dicts(
             seed,
             slerp_t,
             blocks.append,
+            gamma=gamma,
+            epsilon=epsilon,
         )
         merged[name] = torch.cat(blocks) if state_dicts[0][name].dim() > 0 else blocks[0]
     return merged
@@ -236,6 +319,10 @@ def merge_checkpoints(
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
     show_progress: bool = True,
+    gamma: float | None = None,
+    epsilon: float | None = None,
+    tensor_weights: dict[str, Sequence[float]] | None = None,
+    fitted_coefficients: dict[str, Any] | None = None,
 ) -> Path:
     """Merge checkpoints of one architecture in weight space, streaming tensor by tensor.
 
@@ -249,7 +336,8 @@ def merge_checkpoints(
     Args:
         checkpoints (`list` of `str` or `os.PathLike`): checkpoint folders with safetensors weights.
         method (`str`, *optional*, defaults to `"linear"`): one of `linear`, `task_arithmetic`, `ties`,
-            `dare_linear`, `dare_ties`, `slerp` (see `hf_interop.merge.methods`).
+            `dare_linear`, `dare_ties`, `slerp`, `breadcrumbs`, `della`, `della_linear`, `model_stock` (see
+            `hf_interop.merge.methods`).
         weights (`list[float]`, *optional*): one per checkpoint; defaults to equal weights (1.0 each, which
             `linear` normalises to an average).
         base (`str` or `os.PathLike`, *optional*): the model the checkpoints were fine-tuned from; required by
@@ -262,6 +350,12 @@ def merge_checkpoints(
         overwrite (`bool`, *optional*, defaults to `False`): replace an existing `output_dir`.
         max_shard_size (`int` or `str`, *optional*, defaults to `"5GB"`): size of output shards.
         show_progress (`bool`, *optional*, defaults to `True`): tqdm progress bar over tensors.
+        gamma (`float`, *optional*, defaults to 0.01): `breadcrumbs`: share of largest task-vector entries removed.
+        epsilon (`float`, *optional*, defaults to 0.15): `della*`: keep probabilities span density +- epsilon.
+        tensor_weights (`dict[str, list[float]]`, *optional*): per-tensor weights overriding `weights` for the
+            tensors named (what :func:`hf_interop.fit_merge_coefficients` writes).
+        fitted_coefficients (`dict`, *optional*): how the coefficients were fitted, recorded in the card and the
+            lineage manifest.
 
     Returns:
         `Path` of the output folder.
@@ -276,6 +370,7 @@ def merge_checkpoints(
         raise ValueError("checkpoints must be a list of checkpoint folders, not a single path.")
     checkpoints = [Path(path) for path in checkpoints]
     weights, density = _check_method_arguments(method, len(checkpoints), weights, base, density, slerp_t)
+    gamma, epsilon = _check_sparsity_arguments(method, density, gamma, epsilon)
     output_dir = Path(output_dir)
     max_shard_bytes = _parse_size(max_shard_size)
     _check_output_dir(output_dir, [*checkpoints, *([Path(base)] if base is not None else [])], overwrite)
@@ -288,6 +383,7 @@ def merge_checkpoints(
 
     first = sources[0]
     names = sorted(first.shapes)
+    tensor_weights = _check_tensor_weights(tensor_weights, len(checkpoints), names)
     shards = _plan_shards(names, first.dtypes, first.shapes, max_shard_bytes)
     logger.info(
         f"Merging {len(checkpoints)} checkpoints with {method!r}: {len(names)} tensors, {len(shards)} shard(s)."
@@ -305,6 +401,9 @@ def merge_checkpoints(
             seed=seed,
             slerp_t=slerp_t,
             show_progress=show_progress,
+            gamma=gamma,
+            epsilon=epsilon,
+            tensor_weights=tensor_weights,
         )
         for file_name in ("config.json", "generation_config.json"):
             if (first.folder / file_name).is_file():
@@ -317,8 +416,11 @@ def merge_checkpoints(
             "weights": weights,
             "base": None if base is None else str(base),
             "density": density if method in METHODS_USING_DENSITY else None,
-            "seed": seed if method.startswith("dare") else None,
+            "seed": seed if method.startswith(("dare", "della")) else None,
             "slerp_t": slerp_t if method == "slerp" else None,
+            "gamma": gamma if method == "breadcrumbs" else None,
+            "epsilon": epsilon if method.startswith("della") else None,
+            "fitted_coefficients": fitted_coefficients,
         }
         with naming_output_file(tmp_dir / "README.md"):  # the card, and the lineage manifest it names
             _write_merge_metadata(tmp_dir, lineage, model_name=output_dir.name)
@@ -351,6 +453,9 @@ def _write_merged_shards(
     seed: int,
     slerp_t: float,
     show_progress: bool,
+    gamma: float = DEFAULT_GAMMA,
+    epsilon: float = DEFAULT_EPSILON,
+    tensor_weights: dict[str, list[float]] | None = None,
 ) -> None:
     """Merge every tensor into the planned shards of `folder` (plus the index of a sharded checkpoint)."""
     from tqdm.auto import tqdm
@@ -383,6 +488,9 @@ def _write_merged_shards(
                 seed,
                 slerp_t,
                 writer.write_block,
+                gamma=gamma,
+                epsilon=epsilon,
+                weights_of=None if tensor_weights is None else (lambda name: tensor_weights.get(name, weights)),
             )
             weight_map[name] = file_name
             progress.update(1)
@@ -419,7 +527,11 @@ def _write_merge_metadata(folder: Path, settings: dict[str, Any], model_name: st
     ]
     card = None
     if model_name is not None:
-        hyperparameters = {key: settings[key] for key in ("density", "seed", "slerp_t") if settings[key] is not None}
+        hyperparameters = {
+            key: settings[key]
+            for key in ("density", "seed", "slerp_t", "gamma", "epsilon", "fitted_coefficients")
+            if settings.get(key) is not None
+        }
         card = {
             "members": members,
             "merge_method": settings["method"],

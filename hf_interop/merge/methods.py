@@ -9,6 +9,28 @@ Methods (the names mergekit uses):
 - `dare_linear` / `dare_ties`: drop task-vector entries at random (keep probability `density`, seeded), rescale
   by 1/density, then combine as task arithmetic / TIES (https://huggingface.co/papers/2311.03099).
 - `slerp`: spherical interpolation of two models, tensor by tensor.
+- `breadcrumbs`: task arithmetic over task vectors with both tails cut: the `gamma` share of largest-magnitude
+  entries (outliers) and the smallest ones, keeping a `density` share (https://huggingface.co/papers/2312.06795).
+- `della` / `della_linear`: MagPrune drops task-vector entries at random with a keep probability that grows with
+  the entry's magnitude rank in its row (`density` +- `epsilon`), rescales kept entries by 1 / their keep
+  probability, then combines as TIES (sign election, disjoint mean) / task arithmetic
+  (https://huggingface.co/papers/2406.11617).
+- `model_stock`: interpolates between the base and the average of the fine-tunes by a ratio computed from the
+  angle between their task vectors, per tensor (https://huggingface.co/papers/2403.19522).
+
+Agreement with mergekit 0.1.5 (tests/merge/test_mergekit_agreement.py): linear, task_arithmetic, ties,
+breadcrumbs, model_stock and slerp give the same tensors within 1e-6. Differences by design:
+
+- DARE and DELLA rescale kept entries by 1 / their keep probability, as both papers do, which keeps each task
+  vector unbiased; mergekit's default rescales the masked task vector to its original L1 norm. With the same masks,
+  our dare_* equals mergekit's with `rescale=False, lambda=1/density` (and `normalize=True` for dare_ties); della
+  has mergekit's keep probabilities and sign election.
+- dare_ties averages the entries that agree with the elected sign (TIES' disjoint mean, as DARE's paper applies
+  DARE before TIES); mergekit's dare_ties sums them by default (`normalize=False`).
+- Trimming (ties, breadcrumbs) keeps `ceil(density * n)` entries (at least the share asked for) and ties in
+  magnitude together; mergekit keeps `int(density * n)`. They agree whenever `density * n` is a whole number.
+- Random drops are seeded per tensor name and model (same result streamed or in memory, any order); mergekit
+  draws from torch's global generator.
 """
 
 from __future__ import annotations
@@ -19,10 +41,34 @@ from collections.abc import Sequence
 
 import torch
 
-MERGE_METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
-METHODS_NEEDING_BASE = ("task_arithmetic", "ties", "dare_linear", "dare_ties")
-METHODS_USING_DENSITY = ("ties", "dare_linear", "dare_ties")
+MERGE_METHODS = (
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "slerp",
+    "breadcrumbs",
+    "della",
+    "della_linear",
+    "model_stock",
+)
+METHODS_NEEDING_BASE = (
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "della",
+    "della_linear",
+    "model_stock",
+)
+METHODS_USING_DENSITY = ("ties", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear")
+# Methods that elect a sign per entry (their weights must be positive).
+METHODS_ELECTING_SIGNS = ("ties", "dare_ties", "della")
 DEFAULT_DENSITY = 0.5
+DEFAULT_GAMMA = 0.01  # breadcrumbs: share of largest-magnitude task-vector entries removed as outliers
+DEFAULT_EPSILON = 0.15  # della: keep probabilities span density - epsilon .. density + epsilon
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,6 +180,131 @@ def slerp(t: float, first: torch.Tensor, second: torch.Tensor, dot_threshold: fl
     return c0 * first + c1 * second
 
 
+def breadcrumbs_thresholds(
+    delta: torch.Tensor, density: float, gamma: float, magnitudes_given: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(low, high)` magnitudes of Model Breadcrumbs' mask: entries with `low <= |delta| < high` are kept.
+
+    `high` is the `floor(gamma * numel)`-th largest magnitude (those at or above it are the outliers removed;
+    `inf` when none is), `low` the `(floor(gamma * numel) + ceil(density * numel))`-th largest, so a `density`
+    share of all entries is kept, just below the outliers. With `magnitudes_given=True`, `delta` already holds
+    absolute values.
+    """
+    magnitudes = (delta if magnitudes_given else delta.abs()).reshape(-1)
+    count = magnitudes.numel()
+    num_outliers = min(count - 1, math.floor(gamma * count))
+    num_kept = min(count - num_outliers, max(1, math.ceil(density * count)))
+    high = _kth_largest(magnitudes, num_outliers) if num_outliers > 0 else magnitudes.new_tensor(math.inf)
+    low = _kth_largest(magnitudes, num_outliers + num_kept)
+    return low, high
+
+
+def breadcrumbs_mask(
+    delta: torch.Tensor,
+    density: float,
+    gamma: float,
+    thresholds: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Model Breadcrumbs' sparsified task vector: zero the `gamma` share of largest-magnitude entries and all but
+    the next `density` share (https://huggingface.co/papers/2312.06795).
+
+    `thresholds` (from :func:`breadcrumbs_thresholds` on the whole tensor) lets a slice be masked as the whole
+    tensor would be.
+    """
+    low, high = thresholds if thresholds is not None else breadcrumbs_thresholds(delta, density, gamma)
+    magnitudes = delta.abs()
+    return torch.where((magnitudes >= low) & (magnitudes < high), delta, torch.zeros_like(delta))
+
+
+def della_keep_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """MagPrune's keep probability of each entry: `density - epsilon + 2 * epsilon * r`, where `r` in [0, 1] is
+    the entry's magnitude rank within its row (0 for the smallest), so larger entries are kept more often
+    (https://huggingface.co/papers/2406.11617).
+
+    Rows are the first dimension of a tensor of 2 or more dimensions (the rest flattened); a 1-D tensor is one
+    row. A row of one entry gets `density`.
+    """
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    row_length = rows.shape[1]
+    if row_length < 2:
+        return torch.full_like(delta, density)
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(delta.dtype)  # 0 = smallest magnitude of the row
+    probabilities = (density - epsilon) + (2 * epsilon / (row_length - 1)) * ranks
+    return probabilities.reshape(delta.shape)
+
+
+def della_prune(delta: torch.Tensor, density: float, epsilon: float, uniforms: torch.Tensor) -> torch.Tensor:
+    """MagPrune: keep each entry with its :func:`della_keep_probabilities` (entry kept where `uniforms` < it),
+    and divide kept entries by their keep probability, so the pruned task vector is unbiased."""
+    if density >= 1.0:
+        return delta
+    probabilities = della_keep_probabilities(delta, density, epsilon)
+    return torch.where(uniforms < probabilities, delta / probabilities, torch.zeros_like(delta))
+
+
+def seeded_uniforms(
+    shape: Sequence[int], seed: int, tensor_name: str, model_index: int, start_row: int = 0, end_row: int | None = None
+) -> torch.Tensor:
+    """Uniform [0, 1) numbers for rows `start_row:end_row` of a tensor of `shape` (DELLA's random drops).
+
+    They are drawn in fixed groups of rows, each seeded by `(seed, tensor_name, model_index, group)`, so any row
+    range gets the same numbers whether the tensor is merged whole or in blocks.
+    """
+    shape = tuple(shape)
+    num_rows = shape[0] if shape else 1
+    end_row = num_rows if end_row is None else end_row
+    row_elements = math.prod(shape[1:]) if shape else 1
+    rows_per_group = max(1, 2**16 // max(1, row_elements))
+    parts = []
+    for group in range(start_row // rows_per_group, (max(end_row, start_row + 1) - 1) // rows_per_group + 1):
+        digest = hashlib.sha256(f"{seed}:{tensor_name}:{model_index}:{group}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+        group_start = group * rows_per_group
+        group_rows = min(num_rows, group_start + rows_per_group) - group_start
+        values = torch.rand((group_rows, row_elements), generator=generator)
+        parts.append(values[max(0, start_row - group_start) : end_row - group_start])
+    uniforms = torch.cat(parts) if parts else torch.empty((0, row_elements))
+    return uniforms.reshape((end_row - start_row, *shape[1:]) if shape else ())
+
+
+def model_stock_ratio(cosine: float, count: int) -> float:
+    """Model Stock's interpolation ratio `t = N cos / (1 + (N - 1) cos)` towards the fine-tunes' average
+    (https://huggingface.co/papers/2403.19522), or 0 (keep the base) where the denominator vanishes."""
+    denominator = 1 + (count - 1) * cosine
+    if abs(denominator) < 1e-6:
+        return 0.0
+    return count * cosine / denominator
+
+
+def model_stock_cosine(dots: dict[tuple[int, int], float], squared_norms: list[float]) -> float:
+    """Mean pairwise cosine between task vectors, from their dot products `dots[(i, j)]` (i < j) and squared
+    norms; a pair where either task vector is zero counts as cosine 0."""
+    cosines = []
+    for (first, second), dot in dots.items():
+        norm_product = math.sqrt(squared_norms[first] * squared_norms[second])
+        cosines.append(0.0 if norm_product == 0 else max(-1.0, min(1.0, dot / norm_product)))
+    return sum(cosines) / len(cosines)
+
+
+def model_stock(tensors: Sequence[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+    """Model Stock of one tensor: `t * mean(tensors) + (1 - t) * base`, `t` from the mean pairwise angle between
+    the task vectors `tensor - base` (needs at least 2 fine-tunes)."""
+    if len(tensors) < 2:
+        raise ValueError(f"model_stock needs at least 2 fine-tuned tensors besides the base, got {len(tensors)}.")
+    deltas = [(tensor - base).double().flatten() for tensor in tensors]
+    dots = {(i, j): float(deltas[i] @ deltas[j]) for i in range(len(deltas)) for j in range(i + 1, len(deltas))}
+    ratio = model_stock_ratio(model_stock_cosine(dots, [float(d @ d) for d in deltas]), len(deltas))
+    return _model_stock_combine(tensors, base, ratio)
+
+
+def _model_stock_combine(tensors: Sequence[torch.Tensor], base: torch.Tensor, ratio: float) -> torch.Tensor:
+    average = tensors[0].clone()
+    for tensor in tensors[1:]:
+        average += tensor
+    average /= len(tensors)
+    return ratio * average + (1 - ratio) * base
+
+
 def merge_tensors(
     method: str,
     tensors: Sequence[torch.Tensor],
@@ -144,6 +315,11 @@ def merge_tensors(
     dare_masks: Sequence[torch.Tensor] | None = None,
     trim_thresholds: Sequence[torch.Tensor] | None = None,
     slerp_weights: tuple[float, float] | None = None,
+    gamma: float = DEFAULT_GAMMA,
+    epsilon: float = DEFAULT_EPSILON,
+    breadcrumbs_bounds: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    della_uniforms: Sequence[torch.Tensor] | None = None,
+    stock_ratio: float | None = None,
 ) -> torch.Tensor:
     """Merge one tensor (or one slice of it) across checkpoints, in the dtype of `tensors`.
 
@@ -161,6 +337,15 @@ def merge_tensors(
             (:func:`trim_threshold`), when `tensors` are slices.
         slerp_weights (`tuple[float, float]`, *optional*): :func:`slerp_coefficients` of whole tensors, when
             `tensors` are slices.
+        gamma (`float`, *optional*, defaults to 0.01): `breadcrumbs`: share of largest-magnitude entries removed.
+        epsilon (`float`, *optional*, defaults to 0.15): `della*`: spread of the keep probabilities around
+            `density`.
+        breadcrumbs_bounds (`list[tuple[torch.Tensor, torch.Tensor]]`, *optional*): per-tensor
+            :func:`breadcrumbs_thresholds` of whole tensors, when `tensors` are slices.
+        della_uniforms (`list[torch.Tensor]`, *optional*): `della*`: uniform [0, 1) numbers deciding the random
+            drops, one tensor per input (:func:`seeded_uniforms`); required by `della*`.
+        stock_ratio (`float`, *optional*): `model_stock`: the ratio of whole tensors, when `tensors` are
+            slices (:func:`model_stock_ratio`).
     """
     if method == "linear":
         total = sum(weights)
@@ -174,7 +359,30 @@ def merge_tensors(
         return slerp_weights[0] * tensors[0] + slerp_weights[1] * tensors[1]
     if base is None:
         raise ValueError(f"merge method {method!r} needs the base model's tensor.")
+    if method == "model_stock":
+        if stock_ratio is None:
+            return model_stock(tensors, base)
+        return _model_stock_combine(tensors, base, stock_ratio)
     deltas = [tensor - base for tensor in tensors]
+    if method == "breadcrumbs":
+        bounds = breadcrumbs_bounds or [None] * len(deltas)
+        merged = base.clone()
+        for weight, delta, bound in zip(weights, deltas, bounds, strict=True):
+            merged += weight * breadcrumbs_mask(delta, density, gamma, bound)
+        return merged
+    if method in ("della", "della_linear"):
+        if della_uniforms is None:
+            raise ValueError(f"merge method {method!r} needs della_uniforms (see seeded_uniforms).")
+        deltas = [
+            della_prune(delta, density, epsilon, uniforms)
+            for delta, uniforms in zip(deltas, della_uniforms, strict=True)
+        ]
+        if method == "della":
+            return base + _disjoint_merge(deltas, list(weights))
+        merged = base.clone()
+        for weight, delta in zip(weights, deltas, strict=True):
+            merged += weight * delta
+        return merged
     if method in ("dare_linear", "dare_ties"):
         if dare_masks is None:
             raise ValueError(f"merge method {method!r} needs dare_masks (see dare_keep_mask).")

@@ -17,7 +17,18 @@ import torch
 
 from ..loading import ModelLoadingError
 from ..safetensors_checks import check_safetensors_checkpoint
-from .methods import dare_keep_mask, merge_tensors, slerp_coefficients, trim_threshold
+from .methods import (
+    DEFAULT_EPSILON,
+    DEFAULT_GAMMA,
+    breadcrumbs_thresholds,
+    dare_keep_mask,
+    merge_tensors,
+    model_stock_cosine,
+    model_stock_ratio,
+    seeded_uniforms,
+    slerp_coefficients,
+    trim_threshold,
+)
 
 _SAFETENSORS_DTYPES = {
     "F64": "float64",
@@ -55,6 +66,9 @@ def _merge_tensor_in_chunks(
     seed: int,
     slerp_t: float,
     emit: Callable[[torch.Tensor], None],
+    gamma: float = DEFAULT_GAMMA,
+    epsilon: float = DEFAULT_EPSILON,
+    weights_of: Callable[[str], list[float]] | None = None,
 ) -> None:
     """Merge tensor `name` block of rows by block of rows, passing each merged block (input dtype) to `emit`.
 
@@ -62,11 +76,18 @@ def _merge_tensor_in_chunks(
 
     Whole-tensor quantities are computed first: TIES thresholds (one input and the base at a time), the SLERP
     angle (accumulated over blocks) and DARE masks (seeded per tensor name), so block-wise results equal
-    whole-tensor results.
+    whole-tensor results. Breadcrumbs thresholds are computed like TIES', DELLA's random numbers are drawn per row
+    range (:func:`seeded_uniforms`) and its ranks are per row (a 1-D tensor, one row, is merged in one block), and
+    Model Stock's angle is accumulated over blocks. `weights_of(name)`, when given, replaces `weights` for this
+    tensor (coefficients fitted per tensor group).
     """
+    if weights_of is not None:
+        weights = weights_of(name)
     num_rows = shape[0] if len(shape) > 0 else 1
     row_elements = max(1, math.prod(shape[1:])) if len(shape) > 0 else 1
     rows_per_chunk = max(1, CHUNK_ELEMENTS // row_elements)
+    if method in ("della", "della_linear") and len(shape) < 2:
+        rows_per_chunk = num_rows  # the ranks of a 1-D tensor are over all of it
     first_block = readers[0](0, min(num_rows, rows_per_chunk))
     output_dtype = first_block.dtype
     if not output_dtype.is_floating_point:  # integer buffers are copied from the first checkpoint, not averaged
@@ -88,6 +109,29 @@ def _merge_tensor_in_chunks(
             thresholds.append(trim_threshold(magnitudes, density, magnitudes_given=True))
             del magnitudes
         del base_full
+    bounds = None
+    if method == "breadcrumbs":
+        base_full = block(base_reader, 0, num_rows)
+        bounds = []
+        for reader in readers:
+            magnitudes = block(reader, 0, num_rows).sub_(base_full).abs_()
+            bounds.append(breadcrumbs_thresholds(magnitudes, density, gamma, magnitudes_given=True))
+            del magnitudes
+        del base_full
+    stock_ratio = None
+    if method == "model_stock":
+        dots = {(i, j): 0.0 for i in range(len(readers)) for j in range(i + 1, len(readers))}
+        squared_norms = [0.0] * len(readers)
+        for start in range(0, num_rows, rows_per_chunk):
+            end = min(num_rows, start + rows_per_chunk)
+            base = block(base_reader, start, end).double()
+            deltas = [block(reader, start, end).double().sub_(base) for reader in readers]
+            for i, delta in enumerate(deltas):
+                squared_norms[i] += float((delta * delta).sum())
+                for j in range(i + 1, len(deltas)):
+                    dots[(i, j)] += float((delta * deltas[j]).sum())
+            del base, deltas
+        stock_ratio = model_stock_ratio(model_stock_cosine(dots, squared_norms), len(readers))
     masks = None
     if method in ("dare_linear", "dare_ties"):
         masks = [dare_keep_mask(shape, density, seed, name, index) for index in range(len(readers))]
@@ -110,6 +154,12 @@ def _merge_tensor_in_chunks(
         block_masks = None
         if masks is not None:
             block_masks = [mask[start:end].reshape(tensors[0].shape) for mask in masks]
+        uniforms = None
+        if method in ("della", "della_linear"):
+            uniforms = [
+                seeded_uniforms(shape, seed, name, index, start, end).reshape(tensors[0].shape)
+                for index in range(len(readers))
+            ]
         merged = merge_tensors(
             method,
             tensors,
@@ -120,6 +170,11 @@ def _merge_tensor_in_chunks(
             dare_masks=block_masks,
             trim_thresholds=thresholds,
             slerp_weights=slerp_weights,
+            gamma=gamma,
+            epsilon=epsilon,
+            breadcrumbs_bounds=bounds,
+            della_uniforms=uniforms,
+            stock_ratio=stock_ratio,
         )
         emit(merged.to(output_dtype))
 

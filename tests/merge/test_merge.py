@@ -346,4 +346,19 @@ def test_greedy_soup_keeps_only_improving_checkpoints(family_checkpoints, packed
 
 
 def test_methods_list_is_documented():
-    assert MERGE_METHODS == ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp")
+    assert MERGE_METHODS == (
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "slerp",
+        "breadcrumbs",
+        "della",
+        "della_linear",
+        "model_stock",
+    )
+    from hf_interop.merge import checkpoints
+
+    for method in MERGE_METHODS:  # each method is named in merge_checkpoints' docstring
+        assert f"`{method}`" in checkpoints.merge_checkpoints.__doc__, method
