@@ -17,6 +17,7 @@ import torch
 
 from ...logging_utils import get_logger
 from ...utils import atomic_directory, atomic_write_json
+from ..served_teacher.capture import connect_served_teacher_for_capture, is_served, served_rows
 from .format import (
     _LEGACY_PLAN_VALUES,
     _SHARD_NAME,
@@ -404,8 +405,8 @@ def cache_teacher_logits(
     # ---- load the teacher (the first expensive step) ----
     # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
     state = PartialState(cpu=not torch.cuda.is_available())
-    if _is_served(teacher):
-        teacher, teacher_id, teacher_revision = _connect_served_teacher(
+    if is_served(teacher):
+        teacher, teacher_id, teacher_revision = connect_served_teacher_for_capture(
             teacher, tokenizer, top_k, served_model, concurrency, teacher_name_or_path, teacher_revision
         )
     else:
@@ -478,7 +479,7 @@ def _check_arguments(
         raise _foreign_output_error(output_dir)
 
     vocab_size = _teacher_vocab_size(teacher) if not isinstance(teacher, (str, os.PathLike)) else None
-    if _is_served(teacher):
+    if is_served(teacher):
         vocab_size = None  # known once the tokenizer is checked against the server
     elif isinstance(teacher, (str, os.PathLike)) and not str(teacher).endswith(".gguf"):
         vocab_size = _config_vocab_size(str(teacher), teacher_revision)
@@ -527,7 +528,7 @@ def _load_teacher(
 
 def _checked_vocab_size(teacher: Any, vocab_size: int | None, top_k: int, teacher_id: str) -> int:
     """The loaded teacher's vocabulary size (else the one read from its config), checked against `top_k`."""
-    loaded = getattr(teacher, "vocab_size", None) if _is_served(teacher) else _teacher_vocab_size(teacher)
+    loaded = getattr(teacher, "vocab_size", None) if is_served(teacher) else _teacher_vocab_size(teacher)
     vocab_size = loaded or vocab_size
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(
@@ -561,9 +562,9 @@ def _cache_plan(
         "teacher_class": type(teacher).__name__,
         # config and sampled weights: a retrained teacher saved to the same folder is another teacher; a served one
         # is named by the model and revision its server reports
-        "teacher_fingerprint": teacher.fingerprint() if _is_served(teacher) else teacher_fingerprint(teacher),
-        "dtype": "served" if _is_served(teacher) else _model_dtype(teacher),
-        **({"served_teacher": dict(teacher.model_info)} if _is_served(teacher) else {}),
+        "teacher_fingerprint": teacher.fingerprint() if is_served(teacher) else teacher_fingerprint(teacher),
+        "dtype": "served" if is_served(teacher) else _model_dtype(teacher),
+        **({"served_teacher": dict(teacher.model_info)} if is_served(teacher) else {}),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "top_k": top_k,
@@ -665,7 +666,7 @@ def _compute_missing_shards(
     done_elsewhere = num_shards - len(todo)
     if done_elsewhere and todo:
         logger.info(f"Resuming {output_dir}: {len(todo)} shard(s) left for this process.", main_process_only=False)
-    served = _is_served(teacher)
+    served = is_served(teacher)
     device = None if served else _model_device(teacher)
     was_training = getattr(teacher, "training", False)
     if hasattr(teacher, "eval"):
@@ -687,7 +688,7 @@ def _compute_missing_shards(
 
             def shard_rows(start: int = start, end: int = end) -> Iterator[tuple[Any, Any]]:
                 if served:
-                    yield from _served_rows(teacher, reading, start, end, progress)
+                    yield from served_rows(teacher, reading, start, end, progress)
                     return
                 for batch_start in range(start, end, batch_size):
                     input_ids, attention_mask = _rows_batch(reading, batch_start, min(batch_start + batch_size, end))
@@ -753,56 +754,3 @@ def _remove_cache_folder_contents(output_dir: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# a teacher behind an inference server
-
-
-def _is_served(teacher: Any) -> bool:
-    from ..served_teacher import ServedTeacher, is_teacher_url
-
-    return isinstance(teacher, ServedTeacher) or is_teacher_url(teacher)
-
-
-def _connect_served_teacher(
-    teacher: Any,
-    tokenizer: PreTrainedTokenizerBase | None,
-    top_k: int,
-    served_model: str | None,
-    concurrency: int,
-    teacher_name_or_path: str | None,
-    teacher_revision: str | None,
-) -> tuple[Any, str, str | None]:
-    """The served teacher, checked against the server and `tokenizer` before anything is written."""
-    from ..served_teacher import ServedTeacher
-
-    if tokenizer is None:
-        raise ValueError(
-            "a served teacher needs tokenizer=<the student's tokenizer> (CLI: --tokenizer), which maps the "
-            "server's tokens to ids and is fingerprinted into the cache."
-        )
-    if not isinstance(teacher, ServedTeacher):
-        teacher = ServedTeacher(str(teacher), model=served_model, top_k=top_k, concurrency=concurrency)
-    elif teacher.top_k != top_k:
-        raise ValueError(f"top_k={top_k} but the ServedTeacher asks for top_k={teacher.top_k}; make them equal.")
-    if teacher.table is None or teacher.tokenizer is not tokenizer:  # not yet checked against this tokenizer
-        teacher.connect(tokenizer)
-    teacher_id = teacher_name_or_path or str(teacher.model)
-    return teacher, teacher_id, teacher_revision or teacher.model_info.get("revision")
-
-
-def _served_rows(teacher: Any, reading: Dataset, start: int, end: int, progress: Any) -> Iterator[tuple[Any, Any]]:
-    """Rows `start..end-1` answered by the server, many in flight, yielded in order as `(ids, logprobs)`."""
-    ids_dtype = np.uint16 if teacher.vocab_size <= 65536 else np.int32
-    started, tokens = time.perf_counter(), 0
-
-    def requests() -> Iterator[tuple[str, list[int]]]:
-        for row in range(start, end):
-            yield f"dataset row {row}", list(reading[row]["input_ids"])
-
-    for row_ids, row_logprobs in teacher.iter_topk(requests()):
-        tokens += row_ids.shape[0] + 1
-        progress.update(1)
-        progress.set_postfix(tokens_per_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}", refresh=False)
-        yield row_ids.astype(ids_dtype), row_logprobs
