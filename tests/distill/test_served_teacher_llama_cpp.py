@@ -33,8 +33,9 @@ from hf_interop.distill.teacher_cache.format import PAD_LOGPROB
 
 pytestmark = pytest.mark.slow
 
-# Measured on the 2-core AMD EPYC machine (benchmarks/bench_served_teacher.py): per kept entry, |served log-prob -
-# in-process log-prob| has mean 0.09 nats and 99th percentile 0.4; the test allows some margin over that.
+# Measured on the 2-core AMD EPYC machine (benchmarks/bench_served_teacher.py, 9,898 kept entries): per kept entry,
+# |served log-prob - in-process log-prob| has mean 0.099 nats, 99th percentile 0.42, max 1.31, top-1 agreement 0.933;
+# the test allows some margin over that.
 MEAN_BOUND, P99_BOUND, TOP1_AGREEMENT = 0.15, 0.75, 0.85
 
 
