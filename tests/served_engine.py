@@ -226,7 +226,7 @@ class ServedEngine:
                     for key, value in zip(keys, corrupted, strict=True)
                 }
             )
-        return _json_safe(answers)
+        return answers
 
     def _echo_logprobs(self, ids: list[int], k: int) -> dict:
         log_probs = self._log_probs(ids)
@@ -256,11 +256,9 @@ class ServedEngine:
             token_logprobs.append(float(distribution[token_id]))
         top_logprobs[0] = None
         token_logprobs[0] = None
-        return _json_safe(
-            {"tokens": tokens, "text_offset": offsets, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs}
-        )
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN and infinities as the bare tokens Python's json writes (`NaN`, `-Infinity`), as some servers do."""
-    return value
+        return {
+            "tokens": tokens,
+            "text_offset": offsets,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+        }

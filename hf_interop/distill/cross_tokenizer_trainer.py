@@ -19,6 +19,7 @@ from .cross_tokenizer_config import CrossTokenizerDistillationConfig
 from .distillation_config import DistillationConfig
 from .distillation_trainer import DistillationTrainer
 from .served_teacher import online as served
+from .served_teacher.client import is_served_teacher
 
 if TYPE_CHECKING:
     import torch
@@ -106,7 +107,7 @@ class CrossTokenizerDistillationTrainer(DistillationTrainer):
             teacher_start_token=args.teacher_start_token or None,
         )
         self._cross_tokenizer_collator = collator
-        if args.teacher_url is not None or served.is_served_teacher(teacher_model):
+        if args.teacher_url is not None or is_served_teacher(teacher_model):
             # a teacher behind a server: checked against its own tokenizer now; the parent only wires it in
             teacher_model = served.connect_cross_tokenizer_teacher(args, teacher_model, teacher_processing_class)
             self._use_teacher_tokenizer(

@@ -56,6 +56,7 @@ from .model_utils import (
 )
 from .preflight import _check_datasets, _check_output_dir, _warn_if_emulated_bf16
 from .served_teacher import online as served
+from .served_teacher.client import is_served_teacher
 from .teacher import (
     _check_teacher_against_student,
     _load_teacher,
@@ -144,7 +145,7 @@ class DistillationTrainer(Trainer):
         self.served_teacher = self.generation_server = None  # a teacher (and a student copy) behind a server
         if args.teacher_logits_path is not None:
             train_dataset = self._use_teacher_cache(model, teacher_model, args, processing_class, train_dataset)
-        elif args.teacher_url is not None or served.is_served_teacher(teacher_model):
+        elif args.teacher_url is not None or is_served_teacher(teacher_model):
             self.served_teacher, self.shared_vocab_size = served.connect_served_teacher(
                 args, teacher_model, processing_class, _vocab_size(model)
             )

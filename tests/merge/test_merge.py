@@ -10,21 +10,11 @@ import shutil
 import pytest
 import torch
 from helpers import build_tiny_causal_lm
+from merge_helpers import perturbed_copy
 from safetensors.torch import load_file
 
 from hf_interop import greedy_soup, load_causal_lm, merge_checkpoints
 from hf_interop.merge import MERGE_METHODS, dare_keep_mask, merge_state_dicts, merge_tensors, slerp
-
-
-def _perturbed_copy(source_dir, target_dir, seed: int, scale: float):
-    model, tokenizer = load_causal_lm(source_dir)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    model.save_pretrained(target_dir)
-    tokenizer.save_pretrained(target_dir)
-    return target_dir
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +22,7 @@ def family_checkpoints(tiny_model_dirs, tmp_path_factory):
     """A base (tiny Llama) and three 'fine-tuned' descendants (base + seeded noise), saved with the tokenizer."""
     root = tmp_path_factory.mktemp("merge_inputs")
     base = tiny_model_dirs["llama"]
-    children = [_perturbed_copy(base, root / f"child{seed}", seed=seed, scale=0.02) for seed in (1, 2, 3)]
+    children = [perturbed_copy(base, root / f"child{seed}", seed=seed, scale=0.02) for seed in (1, 2, 3)]
     return {"base": base, "children": children, "root": root}
 
 
@@ -326,7 +316,7 @@ def test_existing_output_is_not_overwritten_by_default(family_checkpoints, tmp_p
 
 
 def test_greedy_soup_keeps_only_improving_checkpoints(family_checkpoints, packed_corpus, tmp_path):
-    bad = _perturbed_copy(family_checkpoints["base"], family_checkpoints["root"] / "bad", seed=9, scale=0.5)
+    bad = perturbed_copy(family_checkpoints["base"], family_checkpoints["root"] / "bad", seed=9, scale=0.5)
     candidates = [bad, *family_checkpoints["children"]]
     validation = packed_corpus["validation"].select(range(16))
     result = greedy_soup(candidates, validation, output_dir=tmp_path / "soup", show_progress=False)

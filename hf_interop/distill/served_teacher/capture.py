@@ -17,12 +17,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def is_served(teacher: Any) -> bool:
-    from .client import ServedTeacher, is_teacher_url
-
-    return isinstance(teacher, ServedTeacher) or is_teacher_url(teacher)
-
-
 def connect_served_teacher_for_capture(
     teacher: Any,
     tokenizer: PreTrainedTokenizerBase | None,

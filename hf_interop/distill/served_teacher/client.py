@@ -46,9 +46,22 @@ class ServedTeacherError(RuntimeError):
     """The served teacher cannot be used: unreachable, misconfigured, or it keeps failing. Names the URL and the fix."""
 
 
+class _RetriesExhausted(ServedTeacherError):
+    """A request failed on every try (connection errors, timeouts, 429/5xx); `last_error` says how the last one did."""
+
+    def __init__(self, message: str, last_error: str) -> None:
+        super().__init__(message)
+        self.last_error = last_error
+
+
 def is_teacher_url(value: Any) -> bool:
     """Whether `value` names a served teacher (`http://...` / `https://...`)."""
     return isinstance(value, str) and value.startswith(("http://", "https://"))
+
+
+def is_served_teacher(teacher: Any) -> bool:
+    """Whether `teacher` is a served teacher: a `ServedTeacher` or a URL."""
+    return isinstance(teacher, ServedTeacher) or is_teacher_url(teacher)
 
 
 def _api_base(url: str) -> str:
@@ -210,10 +223,11 @@ class ServedTeacher:
             except ValueError:
                 last_error = f"HTTP {response.status_code} with a body that is not JSON: {response.text[:200]!r}"
                 self._sleep_before_retry(attempt, None)
-        raise ServedTeacherError(
+        raise _RetriesExhausted(
             f"the teacher server at {self.url} failed {retries + 1} time(s) on {method} {path}: {last_error}. Check "
             "that the server is running and healthy (its log), or raise timeout / max_retries; finished work is "
-            "kept (a cache capture resumes when rerun with the same arguments)."
+            "kept (a cache capture resumes when rerun with the same arguments).",
+            last_error,
         )
 
     def _sleep_before_retry(self, attempt: int, retry_after: str | None) -> None:
@@ -268,14 +282,12 @@ class ServedTeacher:
     def _check_model(self) -> None:
         try:
             answer = self._request("GET", "/models", retries=min(self.max_retries, 1))
-        except ServedTeacherError as error:
-            if "failed" in str(error):
-                raise ServedTeacherError(
-                    f"cannot reach the teacher server at {self.url} ({str(error).split(': ', 1)[-1]}). Start the "
-                    "server (e.g. `python -m llama_cpp.server --model teacher.gguf --logits_all true` or `vllm serve "
-                    "MODEL --max-logprobs 64`) or fix the URL (--teacher_url)."
-                ) from None
-            raise
+        except _RetriesExhausted as error:
+            raise ServedTeacherError(
+                f"cannot reach the teacher server at {self.url} ({error.last_error}). Start the server (e.g. "
+                "`python -m llama_cpp.server --model teacher.gguf --logits_all true` or `vllm serve MODEL "
+                "--max-logprobs 64`) or fix the URL (--teacher_url)."
+            ) from None
         except _ClientError as error:
             raise ServedTeacherError(
                 f"the server at {self.url} has no OpenAI-compatible /v1/models (HTTP {error.status}); give the base "
@@ -412,12 +424,7 @@ class ServedTeacher:
         choices = answer.get("choices") if isinstance(answer, dict) else None
         if not choices or not isinstance(choices[0], dict):
             raise ServedTeacherAnswerError(f"answer without choices from {self.url}: {str(answer)[:200]}")
-        self._local.usage = answer.get("usage") or {}
         return choices[0]
-
-    @property
-    def _last_usage(self) -> dict:
-        return getattr(self._local, "usage", {}) or {}
 
     def _client_error_message(self, error: _ClientError) -> str:
         text = error.text

@@ -19,16 +19,11 @@ import torch
 
 from ..collators import IGNORE_INDEX, TEACHER_CACHE_COLUMNS
 from ..teacher_cache.format import PAD_LOGPROB, tail_logprob_from_topk
-from .client import ServedTeacher, ServedTeacherError, is_teacher_url
+from .client import ServedTeacher, ServedTeacherError
 from .responses import ServedTeacherAnswerError
 
 #: Key of the pending answers in a batch (popped by the trainer before the student's forward).
 ANSWERS_KEY = "served_teacher_answers"
-
-
-def is_served_teacher(teacher_model: Any) -> bool:
-    """Whether the trainer's `teacher_model` is a served teacher (a URL or a `ServedTeacher`)."""
-    return isinstance(teacher_model, ServedTeacher) or is_teacher_url(teacher_model)
 
 
 class PendingAnswers:

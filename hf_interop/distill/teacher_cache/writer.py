@@ -17,7 +17,8 @@ import torch
 
 from ...logging_utils import get_logger
 from ...utils import atomic_directory, atomic_write_json
-from ..served_teacher.capture import connect_served_teacher_for_capture, is_served, served_rows
+from ..served_teacher.capture import connect_served_teacher_for_capture, served_rows
+from ..served_teacher.client import is_served_teacher
 from .format import (
     _LEGACY_PLAN_VALUES,
     _SHARD_NAME,
@@ -405,7 +406,7 @@ def cache_teacher_logits(
     # ---- load the teacher (the first expensive step) ----
     # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
     state = PartialState(cpu=not torch.cuda.is_available())
-    if is_served(teacher):
+    if is_served_teacher(teacher):
         teacher, teacher_id, teacher_revision = connect_served_teacher_for_capture(
             teacher, tokenizer, top_k, served_model, concurrency, teacher_name_or_path, teacher_revision
         )
@@ -479,7 +480,7 @@ def _check_arguments(
         raise _foreign_output_error(output_dir)
 
     vocab_size = _teacher_vocab_size(teacher) if not isinstance(teacher, (str, os.PathLike)) else None
-    if is_served(teacher):
+    if is_served_teacher(teacher):
         vocab_size = None  # known once the tokenizer is checked against the server
     elif isinstance(teacher, (str, os.PathLike)) and not str(teacher).endswith(".gguf"):
         vocab_size = _config_vocab_size(str(teacher), teacher_revision)
@@ -528,7 +529,7 @@ def _load_teacher(
 
 def _checked_vocab_size(teacher: Any, vocab_size: int | None, top_k: int, teacher_id: str) -> int:
     """The loaded teacher's vocabulary size (else the one read from its config), checked against `top_k`."""
-    loaded = getattr(teacher, "vocab_size", None) if is_served(teacher) else _teacher_vocab_size(teacher)
+    loaded = getattr(teacher, "vocab_size", None) if is_served_teacher(teacher) else _teacher_vocab_size(teacher)
     vocab_size = loaded or vocab_size
     if vocab_size is not None and top_k > vocab_size:
         raise ValueError(
@@ -562,9 +563,9 @@ def _cache_plan(
         "teacher_class": type(teacher).__name__,
         # config and sampled weights: a retrained teacher saved to the same folder is another teacher; a served one
         # is named by the model and revision its server reports
-        "teacher_fingerprint": teacher.fingerprint() if is_served(teacher) else teacher_fingerprint(teacher),
-        "dtype": "served" if is_served(teacher) else _model_dtype(teacher),
-        **({"served_teacher": dict(teacher.model_info)} if is_served(teacher) else {}),
+        "teacher_fingerprint": teacher.fingerprint() if is_served_teacher(teacher) else teacher_fingerprint(teacher),
+        "dtype": "served" if is_served_teacher(teacher) else _model_dtype(teacher),
+        **({"served_teacher": dict(teacher.model_info)} if is_served_teacher(teacher) else {}),
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer) if tokenizer is not None else None,
         "dataset_fingerprint": dataset_fingerprint(dataset),
         "top_k": top_k,
@@ -666,7 +667,7 @@ def _compute_missing_shards(
     done_elsewhere = num_shards - len(todo)
     if done_elsewhere and todo:
         logger.info(f"Resuming {output_dir}: {len(todo)} shard(s) left for this process.", main_process_only=False)
-    served = is_served(teacher)
+    served = is_served_teacher(teacher)
     device = None if served else _model_device(teacher)
     was_training = getattr(teacher, "training", False)
     if hasattr(teacher, "eval"):
