@@ -1,0 +1,327 @@
+"""MultiTeacherDistillationTrainer: routing, mixture/product weights against float64, per-teacher metrics, bad input.
+
+Tiny models share the corpus tokenizer: a 2-layer student and two different 4-layer teachers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import build_tiny_causal_lm
+from helpers import make_distillation_args as make_single_args
+
+from hf_interop import (
+    DistillationTrainer,
+    MultiTeacherDistillationConfig,
+    MultiTeacherDistillationTrainer,
+    combine_teacher_log_probs,
+)
+from hf_interop.distill.multi_teacher import sequence_confidence_scores, teacher_weights_per_example
+
+TEACHER_OVERRIDES = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4}
+
+
+def make_args(output_dir, **overrides):
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    settings.update(overrides)
+    return MultiTeacherDistillationConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def train_rows(packed_corpus):
+    """8 packed 64-token rows, alternately routed to teachers 'a' and 'b'."""
+    rows = packed_corpus["train"].select(range(8))
+    return rows.add_column("teacher", ["a", "b"] * 4)
+
+
+def make_teacher(tokenizer, seed):
+    return build_tiny_causal_lm("llama", len(tokenizer), seed=seed, tokenizer=tokenizer, **TEACHER_OVERRIDES)
+
+
+def make_student(tokenizer, seed=0):
+    return build_tiny_causal_lm("llama", len(tokenizer), seed=seed, tokenizer=tokenizer)
+
+
+def weights(model):
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+class ForwardCounter:
+    """Counts a teacher's forward calls and the rows it saw."""
+
+    def __init__(self, model):
+        self.calls, self.rows = 0, []
+        model.register_forward_pre_hook(self.hook, with_kwargs=True)
+
+    def hook(self, module, args, kwargs):
+        self.calls += 1
+        self.rows.append(kwargs["input_ids"].detach().clone())
+
+
+# ---------------------------------------------------------------------------------------------- the pure math
+
+
+def test_mixture_and_product_match_a_float64_reference():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 2, 5, 11, generator=generator, dtype=torch.float64)  # teachers, batch, positions, vocab
+    log_probs = torch.log_softmax(logits, -1)
+    weights = torch.tensor([[0.2, 0.5, 0.3], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    mixed = combine_teacher_log_probs(log_probs.float(), weights.float(), "mixture")
+    producted = combine_teacher_log_probs(log_probs.float(), weights.float(), "product")
+    probs = log_probs.exp()
+    for row in range(2):
+        expected_mixture = sum(weights[row, k] * probs[k, row] for k in range(3))
+        unnormalised = torch.ones_like(probs[0, row])
+        for k in range(3):
+            unnormalised = unnormalised * probs[k, row] ** weights[row, k]
+        expected_product = unnormalised / unnormalised.sum(-1, keepdim=True)
+        torch.testing.assert_close(mixed[row].double().exp(), expected_mixture, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(producted[row].double().exp(), expected_product, rtol=1e-5, atol=1e-7)
+    # a one-hot row is exactly that teacher's distribution
+    torch.testing.assert_close(mixed[1], log_probs[1, 1].float(), rtol=0, atol=1e-6)
+
+
+def test_confidence_weights_follow_the_documented_formula():
+    generator = torch.Generator().manual_seed(1)
+    log_probs = torch.log_softmax(torch.randn(2, 3, 4, 7, generator=generator, dtype=torch.float64), -1)
+    labels = torch.randint(0, 7, (3, 4), generator=generator)
+    labels[0, :2] = -100
+    scores = sequence_confidence_scores(log_probs, labels)
+    for row in range(3):
+        for teacher in range(2):
+            valid = [i for i in range(4) if labels[row, i] != -100]
+            expected = sum(float(log_probs[teacher, row, i, labels[row, i]]) for i in valid) / len(valid)
+            assert math.isclose(float(scores[row, teacher]), expected, rel_tol=1e-12)
+    prior = [0.25, 0.75]
+    weights = teacher_weights_per_example(3, prior, confidence_scores=scores, confidence_temperature=0.5)
+    for row in range(3):
+        numerators = [prior[k] * math.exp(float(scores[row, k]) / 0.5) for k in range(2)]
+        for k in range(2):
+            assert math.isclose(float(weights[row, k]), numerators[k] / sum(numerators), rel_tol=1e-12)
+    routed = teacher_weights_per_example(3, prior, teacher_index=torch.tensor([1, 0, 1]))
+    assert routed.tolist() == [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+
+
+def test_one_registered_teacher_is_bit_identical_to_teacher_model(tmp_path, corpus_tokenizer, train_rows):
+    rows = train_rows.remove_columns("teacher")
+    results = []
+    for multi in (False, True):
+        student = make_student(corpus_tokenizer)
+        teacher = make_teacher(corpus_tokenizer, seed=1)
+        if multi:
+            args = make_args(tmp_path / "multi", teacher_combination="mixture")
+            trainer = MultiTeacherDistillationTrainer(
+                model=student,
+                teachers={"only": teacher},
+                args=args,
+                train_dataset=rows,
+                processing_class=corpus_tokenizer,
+            )
+        else:
+            trainer = DistillationTrainer(
+                model=student,
+                teacher_model=teacher,
+                args=make_single_args(tmp_path / "single"),
+                train_dataset=rows,
+                processing_class=corpus_tokenizer,
+            )
+        trainer.train()
+        results.append(weights(student))
+    for name in results[0]:
+        assert torch.equal(results[0][name], results[1][name]), name
+
+
+def test_routing_sends_each_example_only_to_its_teacher(tmp_path, corpus_tokenizer, train_rows):
+    teachers = {"a": make_teacher(corpus_tokenizer, 1), "b": make_teacher(corpus_tokenizer, 2)}
+    counters = {name: ForwardCounter(model) for name, model in teachers.items()}
+    student = make_student(corpus_tokenizer)
+    before = weights(student)
+    args = make_args(tmp_path, max_steps=1, per_device_train_batch_size=8)
+    trainer = MultiTeacherDistillationTrainer(
+        model=student, teachers=teachers, args=args, train_dataset=train_rows, processing_class=corpus_tokenizer
+    )
+    trainer.train()
+    assert any(not torch.equal(before[name], tensor) for name, tensor in weights(student).items())
+    expected = {
+        name: {
+            tuple(row)
+            for row, teacher in zip(train_rows["input_ids"], train_rows["teacher"], strict=True)
+            if teacher == name
+        }
+        for name in teachers
+    }
+    for name, counter in counters.items():
+        assert counter.calls == 1
+        seen = {tuple(row.tolist()) for row in counter.rows[0]}
+        assert seen == expected[name]  # its 4 rows, none of the other teacher's
+    logged = trainer.state.log_history[0]
+    for name in teachers:
+        assert logged[f"teacher_share/{name}"] == pytest.approx(0.5)
+        assert logged[f"kd_loss/{name}"] > 0 and 0 <= logged[f"top1_agreement/{name}"] <= 1
+
+
+def test_routed_loss_equals_the_sum_of_single_teacher_losses(tmp_path, corpus_tokenizer, train_rows):
+    """The routed batch's loss is the token-weighted combination of each teacher's loss on its own rows."""
+    teachers = {"a": make_teacher(corpus_tokenizer, 1), "b": make_teacher(corpus_tokenizer, 2)}
+    student = make_student(corpus_tokenizer)
+    args = make_args(tmp_path, per_device_train_batch_size=8, loss_chunk_size=0)
+    trainer = MultiTeacherDistillationTrainer(
+        model=student, teachers=teachers, args=args, train_dataset=train_rows, processing_class=corpus_tokenizer
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(student, batch))
+    total_tokens = 8 * 63
+    expected = 0.0
+    for name, teacher in teachers.items():
+        single = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=make_single_args(tmp_path / name, loss_chunk_size=0),
+            processing_class=corpus_tokenizer,
+        )
+        rows = train_rows.filter(lambda row, name=name: row["teacher"] == name).remove_columns("teacher")
+        sub = single._prepare_inputs(single.data_collator([rows[i] for i in range(len(rows))]))
+        with torch.no_grad():
+            expected += float(single.compute_loss(student, sub)) * (len(rows) * 63) / total_tokens
+    assert loss == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("rule", ["mixture", "product"])
+@pytest.mark.parametrize("weighting", ["static", "confidence"])
+def test_mixed_loss_matches_a_float64_reference(tmp_path, corpus_tokenizer, train_rows, rule, weighting):
+    teachers = {"a": make_teacher(corpus_tokenizer, 1), "b": make_teacher(corpus_tokenizer, 2)}
+    student = make_student(corpus_tokenizer)
+    args = make_args(
+        tmp_path,
+        teacher_combination=rule,
+        teacher_weighting=weighting,
+        teacher_weights={"a": 1.0, "b": 3.0},
+        temperature=2.0,
+        kd_ratio=1.0,
+        loss_chunk_size=16,
+        confidence_temperature=0.5,
+    )
+    rows = train_rows.remove_columns("teacher")
+    trainer = MultiTeacherDistillationTrainer(
+        model=student, teachers=teachers, args=args, train_dataset=rows, processing_class=corpus_tokenizer
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(student, batch))
+        ids = batch["input_ids"]
+        labels = ids[:, 1:]
+        student_lp = torch.log_softmax(student(input_ids=ids).logits[:, :-1].double() / 2.0, -1)
+        teacher_lp = [torch.log_softmax(t(input_ids=ids).logits[:, :-1].double(), -1) for t in teachers.values()]
+    prior = torch.tensor([0.25, 0.75], dtype=torch.float64)
+    if weighting == "confidence":
+        scores = torch.stack([lp.gather(-1, labels[..., None]).squeeze(-1).mean(-1) for lp in teacher_lp], dim=-1)
+        w = torch.softmax(scores / 0.5 + prior.log(), -1)
+    else:
+        w = prior.expand(ids.shape[0], 2)
+    tempered = [torch.log_softmax(lp / 2.0, -1) for lp in teacher_lp]
+    if rule == "mixture":
+        target = sum(w[:, k, None, None] * tempered[k].exp() for k in range(2))
+    else:
+        target = torch.softmax(sum(w[:, k, None, None] * tempered[k] for k in range(2)), -1)
+    kl = (target * (target.log() - student_lp)).sum(-1)  # forward KL, times T^2
+    expected = float(kl.mean()) * 4.0
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_mixture_trains_logs_weights_and_writes_a_card_with_every_teacher(tmp_path, corpus_tokenizer, train_rows):
+    teachers = {"a": make_teacher(corpus_tokenizer, 1), "b": make_teacher(corpus_tokenizer, 2)}
+    student = make_student(corpus_tokenizer)
+    args = make_args(tmp_path, teacher_combination="mixture", teacher_weighting="confidence")
+    trainer = MultiTeacherDistillationTrainer(
+        model=student,
+        teachers=teachers,
+        args=args,
+        train_dataset=train_rows.remove_columns("teacher"),
+        processing_class=corpus_tokenizer,
+    )
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["teacher_weight/a"] + logged["teacher_weight/b"] == pytest.approx(1.0)
+    assert logged["kd_loss/a"] > 0 and logged["kd_loss/b"] > 0
+    trainer.save_model()
+    card = (tmp_path / "README.md").read_text()
+    assert "teacher 'a': mixture, confidence" in card and "teacher 'b': mixture, confidence" in card
+
+
+def test_lazy_teachers_load_on_first_use(tmp_path, corpus_tokenizer, train_rows):
+    folders = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        folders[name] = tmp_path / name
+        make_teacher(corpus_tokenizer, seed).save_pretrained(folders[name])
+        corpus_tokenizer.save_pretrained(folders[name])
+    args = make_args(tmp_path / "out", teachers={k: str(v) for k, v in folders.items()}, lazy_teacher_loading=True)
+    trainer = MultiTeacherDistillationTrainer(
+        model=make_student(corpus_tokenizer),
+        args=args,
+        train_dataset=train_rows.filter(lambda r: r["teacher"] == "a"),
+        processing_class=corpus_tokenizer,
+    )
+    assert trainer.teachers == {"a": None, "b": None}
+    trainer.train()
+    assert trainer.teachers["a"] is not None and trainer.teachers["b"] is None  # 'b' was never needed
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_is_refused_before_training(tmp_path, corpus_tokenizer, train_rows):
+    teachers = {"a": make_teacher(corpus_tokenizer, 1), "b": make_teacher(corpus_tokenizer, 2)}
+    student = make_student(corpus_tokenizer)
+
+    def build(rows=train_rows, teachers=teachers, **overrides):
+        return MultiTeacherDistillationTrainer(
+            model=student,
+            teachers=teachers,
+            args=make_args(tmp_path, **overrides),
+            train_dataset=rows,
+            processing_class=corpus_tokenizer,
+        )
+
+    with pytest.raises(ValueError, match=r"unknown teacher\(s\) \['c'\] in column 'teacher'"):
+        build(rows=train_rows.map(lambda row: {"teacher": "c" if row["teacher"] == "b" else "a"}))
+    with pytest.raises(ValueError, match="has no column 'teacher'"):
+        build(rows=train_rows.remove_columns("teacher"))
+    with pytest.raises(ValueError, match=r"teacher_weights\['b'\]=-1.0 must be a finite number >= 0"):
+        build(teacher_combination="mixture", teacher_weights={"a": 1.0, "b": -1.0})
+    with pytest.raises(ValueError, match=r"no weight for teacher\(s\) \['b'\]"):
+        build(teacher_combination="mixture", teacher_weights={"a": 1.0})
+    with pytest.raises(ValueError, match=r"unknown teacher\(s\) \['z'\]"):
+        build(teacher_combination="mixture", teacher_weights={"a": 1.0, "b": 1.0, "z": 1.0})
+    with pytest.raises(ValueError, match="confidence_temperature=0.0 must be > 0"):
+        make_args(tmp_path, confidence_temperature=0.0)
+    with pytest.raises(ValueError, match="teacher_combination='vote' is not known"):
+        make_args(tmp_path, teacher_combination="vote")
+    with pytest.raises(ValueError, match="teachers=.* must be a non-empty dict"):
+        build(teachers={})
+    with pytest.raises(ValueError, match=r"teacher 'b' \(.*missing.*\) cannot be used"):
+        build(teachers={"a": teachers["a"], "b": str(tmp_path / "missing")})
+    other = build_tiny_causal_lm("llama", 300, seed=3)
+    with pytest.raises(ValueError, match=r"teacher .b. .*cannot be used: .*(cross-tokenizer|CrossTokenizer)"):
+        build(
+            teachers={"a": teachers["a"], "b": other},
+            teacher_combination="mixture",
+            rows=train_rows.remove_columns("teacher"),
+        )
