@@ -325,3 +325,132 @@ def test_bad_input_is_refused_before_training(tmp_path, corpus_tokenizer, train_
             teacher_combination="mixture",
             rows=train_rows.remove_columns("teacher"),
         )
+
+
+# ---------------------------------------------------------------------------------------------- across tokenizers
+
+
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    from hf_interop.loading import load_gpt2_tokenizer
+
+    return load_gpt2_tokenizer()
+
+
+def cross_tokenizer_setup(corpus_tokenizer, gpt2_tokenizer):
+    """A GPT-2-tokenizer student; teacher 'corpus' (the 512-token corpus tokenizer), teacher 'gpt2' (the student's)."""
+    student = build_tiny_causal_lm("gpt2", len(gpt2_tokenizer), seed=1, tokenizer=gpt2_tokenizer)
+    teachers = {
+        "corpus": build_tiny_causal_lm("llama", len(corpus_tokenizer), seed=2, tokenizer=corpus_tokenizer),
+        "gpt2": build_tiny_causal_lm("llama", len(gpt2_tokenizer), seed=3, tokenizer=gpt2_tokenizer),
+    }
+    tokenizers = {"corpus": corpus_tokenizer, "gpt2": gpt2_tokenizer}
+    return student, teachers, tokenizers
+
+
+def test_cross_tokenizer_teachers_combined_on_a_hand_checked_alignment(tmp_path, corpus_tokenizer, gpt2_tokenizer):
+    """'The cat sat.': student The|_cat|_sat|. ; corpus teacher The|_c at|_s at|. -> 2 matched, 2 unmatched spans."""
+    from datasets import Dataset
+
+    from hf_interop.losses.cross_tokenizer import span_aligned_distillation_loss
+    from hf_interop.text_alignment import SpanAlignmentIndex
+
+    student, teachers, tokenizers = cross_tokenizer_setup(corpus_tokenizer, gpt2_tokenizer)
+    assert gpt2_tokenizer.tokenize("The cat sat.") == ["The", "Ġcat", "Ġsat", "."]
+    assert corpus_tokenizer.tokenize("The cat sat.") == ["The", "Ġc", "at", "Ġs", "at", "."]
+    rows = Dataset.from_dict({"text": ["The cat sat."]})
+    args = make_args(
+        tmp_path,
+        cross_tokenizer=True,
+        teacher_combination="mixture",
+        teacher_weights={"corpus": 1.0, "gpt2": 3.0},
+        kd_ratio=0.5,
+        max_length=16,
+        per_device_train_batch_size=1,
+    )
+    trainer = MultiTeacherDistillationTrainer(
+        model=student,
+        teachers=teachers,
+        args=args,
+        train_dataset=rows,
+        processing_class=gpt2_tokenizer,
+        teacher_processing_classes=tokenizers,
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    index = SpanAlignmentIndex.from_batch(batch, prefix="teacher_batch/corpus/alignment_")
+    assert (index.num_matched, index.num_unmatched) == (2, 2)
+    assert SpanAlignmentIndex.from_batch(batch, prefix="teacher_batch/gpt2/alignment_").num_matched == 4
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(student, batch))
+        student_logits = student(input_ids=batch["input_ids"]).logits.double()
+        expected_kd = 0.0
+        for name, weight in (("corpus", 0.25), ("gpt2", 0.75)):
+            teacher_ids = batch[f"teacher_batch/{name}/teacher_input_ids"]
+            teacher_logits = teachers[name](input_ids=teacher_ids).logits.double()
+            index = SpanAlignmentIndex.from_batch(batch, prefix=f"teacher_batch/{name}/alignment_")
+            single = span_aligned_distillation_loss(
+                student_logits, teacher_logits, index, trainer._mappings[name], num_items_in_batch=4
+            ).loss
+            expected_kd += weight * float(single)
+            if name == "gpt2":  # the same tokenizer: the span loss is the plain forward KL at the 4 positions
+                student_lp = torch.log_softmax(student_logits[0, :4], -1)
+                teacher_lp = torch.log_softmax(teacher_logits[0, :4], -1)
+                plain = float((teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1).mean())
+                assert float(single) == pytest.approx(plain, rel=1e-4)
+        labels = batch["labels"][0, 1:]
+        ce = float(torch.nn.functional.cross_entropy(student_logits[0, :-1], labels, ignore_index=-100))
+    assert loss == pytest.approx(0.5 * expected_kd + 0.5 * ce, rel=1e-5)
+
+
+def test_cross_tokenizer_routing_and_training(tmp_path, corpus, corpus_tokenizer, gpt2_tokenizer):
+    from hf_interop.text_alignment import split_texts_into_chunks
+
+    student, teachers, tokenizers = cross_tokenizer_setup(corpus_tokenizer, gpt2_tokenizer)
+    counters = {name: ForwardCounter(model) for name, model in teachers.items()}
+    rows = split_texts_into_chunks(corpus["train"].select(range(2)), gpt2_tokenizer, max_tokens=24).select(range(4))
+    rows = rows.add_column("teacher", ["corpus", "gpt2", "gpt2", "corpus"])
+    before = weights(student)
+    args = make_args(tmp_path, cross_tokenizer=True, max_length=24, max_steps=1)
+    trainer = MultiTeacherDistillationTrainer(
+        model=student,
+        teachers=teachers,
+        args=args,
+        train_dataset=rows,
+        processing_class=gpt2_tokenizer,
+        teacher_processing_classes=tokenizers,
+    )
+    trainer.train()
+    assert any(not torch.equal(before[name], tensor) for name, tensor in weights(student).items())
+    assert counters["corpus"].calls == 1 and counters["gpt2"].calls == 1
+    assert counters["corpus"].rows[0].shape[0] == 2 and counters["gpt2"].rows[0].shape[0] == 2
+    logged = trainer.state.log_history[0]
+    assert logged["kd_loss/corpus"] > 0 and logged["kd_loss/gpt2"] > 0
+    assert 0 <= logged["top1_agreement/gpt2"] <= 1
+
+
+def test_cross_tokenizer_bad_input(tmp_path, corpus, corpus_tokenizer, gpt2_tokenizer, packed_corpus):
+    student, teachers, tokenizers = cross_tokenizer_setup(corpus_tokenizer, gpt2_tokenizer)
+    with pytest.raises(ValueError, match="teacher_combination='product' multiplies distributions over one vocabulary"):
+        make_args(tmp_path, cross_tokenizer=True, teacher_combination="product")
+    with pytest.raises(
+        ValueError, match="loss_type='uld' compares models across tokenizers; set cross_tokenizer=True"
+    ):
+        make_args(tmp_path, loss_type="uld")
+    args = make_args(tmp_path, cross_tokenizer=True, teacher_combination="mixture")
+    with pytest.raises(ValueError, match="no 'text'; with cross_tokenizer=True"):
+        MultiTeacherDistillationTrainer(
+            model=student,
+            teachers=teachers,
+            args=args,
+            train_dataset=packed_corpus["train"],
+            processing_class=gpt2_tokenizer,
+        )
+    # without cross_tokenizer=True, a teacher with another tokenizer is refused and the message says what to set
+    with pytest.raises(ValueError, match=r"teacher 'corpus' .*cannot be used: .*cross_tokenizer=True"):
+        MultiTeacherDistillationTrainer(
+            model=student,
+            teachers=teachers,
+            args=make_args(tmp_path, teacher_combination="mixture"),
+            processing_class=gpt2_tokenizer,
+            teacher_processing_classes=tokenizers,
+        )

@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from ..distillation_config import DistillationConfig
+from ..cross_tokenizer_config import CROSS_TOKENIZER_LOSS_TYPES, CrossTokenizerSettings
+from ..distillation_config import DISTILLATION_LOSS_TYPES, DistillationConfig
 from .combination import TEACHER_COMBINATIONS, TEACHER_WEIGHTINGS, check_teacher_weights
 
 
 @dataclass
-class MultiTeacherDistillationConfig(DistillationConfig):
+class MultiTeacherDistillationConfig(CrossTokenizerSettings, DistillationConfig):
     r"""
     Configuration of [`MultiTeacherDistillationTrainer`]: a [`DistillationConfig`] whose student learns from several
     teachers at once, each example routed to one teacher or taught by a weighted combination of all of them.
@@ -45,6 +46,15 @@ class MultiTeacherDistillationConfig(DistillationConfig):
         lazy_teacher_loading (`bool`, *optional*, defaults to `False`):
             Load a teacher given by name only when the first batch needs it (its config and tokenizer are still
             checked before training starts). Saves memory when a routed run reaches a teacher late or never.
+        cross_tokenizer (`bool`, *optional*, defaults to `False`):
+            Teachers whose tokenizers differ from the student's: the dataset holds raw text (`text_column`), each
+            teacher reads its own tokenisation, and each is compared with the student on aligned spans (the
+            hybrid loss of [`CrossTokenizerDistillationConfig`], whose settings `matched_weight`,
+            `unmatched_weight`, `uld_top_k`, `alignment`, `max_length`, `text_column`, `*_start_token` and
+            `max_vocab_union_size` apply; `loss_type` one of forward_kl / reverse_kl / jsd / gold / uld).
+            Teachers are combined at the loss, `sum_k w_bk D_k(b)` over each teacher's spans of example `b`: for
+            forward KL this has the gradient of KL(mixture || student) wherever the teachers' spans coincide.
+            `"product"` needs one vocabulary and is refused.
         per_teacher_metrics (`bool`, *optional*, defaults to `True`):
             With `"mixture"` / `"product"`: also compute, without gradient, each teacher's own KD loss and top-1
             agreement with the student (one extra loss evaluation per teacher per step). Routing reports them for
@@ -82,10 +92,18 @@ class MultiTeacherDistillationConfig(DistillationConfig):
     lazy_teacher_loading: bool = field(
         default=False, metadata={"help": "Load a teacher given by name when the first batch needs it."}
     )
+    cross_tokenizer: bool = field(
+        default=False,
+        metadata={
+            "help": "Teachers with other tokenizers: raw text in, each teacher aligned to the student by spans."
+        },
+    )
     per_teacher_metrics: bool = field(
         default=True, metadata={"help": "mixture/product: log each teacher's KD loss and top-1 agreement."}
     )
 
+    # same-tokenizer divergences, plus the span losses "gold" and "uld" (with cross_tokenizer=True only)
+    allowed_loss_types: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys([*DISTILLATION_LOSS_TYPES, "gold", "uld"]))
     _VALID_DICT_FIELDS = [*DistillationConfig._VALID_DICT_FIELDS, "teachers", "teacher_weights", "teacher_device_maps"]
 
     def _check_distillation_fields(self) -> None:
@@ -122,6 +140,7 @@ class MultiTeacherDistillationConfig(DistillationConfig):
             )
         if self.teachers is not None:
             self.check_against_teachers(list(self.teachers))
+        self._check_cross_tokenizer_fields()
         unsupported = {
             "teacher_model_name_or_path": self.teacher_model_name_or_path is not None,
             "teacher_logits_path": self.teacher_logits_path is not None,
@@ -136,6 +155,26 @@ class MultiTeacherDistillationConfig(DistillationConfig):
                     f"{name} at its default."
                 )
 
+    def _check_cross_tokenizer_fields(self) -> None:
+        if not self.cross_tokenizer:
+            if self.loss_type in ("gold", "uld"):
+                raise ValueError(
+                    f"loss_type={self.loss_type!r} compares models across tokenizers; set cross_tokenizer=True (raw "
+                    "text in, teachers aligned by spans) or use a same-tokenizer divergence such as 'forward_kl'."
+                )
+            return
+        if self.loss_type not in CROSS_TOKENIZER_LOSS_TYPES:
+            raise ValueError(
+                f"loss_type={self.loss_type!r} is not available across tokenizers; use one of "
+                f"{list(CROSS_TOKENIZER_LOSS_TYPES)} with cross_tokenizer=True."
+            )
+        self._check_cross_tokenizer_settings()
+        if self.teacher_combination == "product":
+            raise ValueError(
+                "teacher_combination='product' multiplies distributions over one vocabulary, which teachers with "
+                "different tokenizers do not share; use 'mixture' or 'route' with cross_tokenizer=True."
+            )
+
     def check_against_teachers(self, names: list[str]) -> None:
         """Settings that name teachers (weights, device maps) checked against the teachers' names."""
         check_teacher_weights(self.teacher_weights, names)
@@ -146,6 +185,8 @@ class MultiTeacherDistillationConfig(DistillationConfig):
     def distillation_hyperparameters(self) -> dict[str, Any]:
         hyperparameters = super().distillation_hyperparameters()
         hyperparameters["teacher_combination"] = self.teacher_combination
+        if self.cross_tokenizer:
+            hyperparameters.update(cross_tokenizer=True, alignment=self.alignment, max_length=self.max_length)
         if self.teacher_combination != "route":
             hyperparameters["teacher_weighting"] = self.teacher_weighting
             if self.teacher_weighting == "confidence":

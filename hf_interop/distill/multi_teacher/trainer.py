@@ -28,8 +28,9 @@ from torch import nn
 from ... import losses
 from ...loading import dispatch_loaded_model, resolve_model_alias
 from ...logging_utils import get_logger
+from ...text_alignment import build_vocabulary_mapping
 from ..distillation_trainer import DistillationTrainer, _statistics
-from ..model_utils import _model_name, _tokenizer_of, _tokenizers_agree, _vocab_size
+from ..model_utils import _model_name, _tokenizer_next_to, _tokenizer_of, _tokenizers_agree, _vocab_size
 from ..served_teacher import online as served
 from ..served_teacher.client import ServedTeacher, is_teacher_url
 from ..teacher import _check_teacher_against_student, _load_teacher, _place_teacher
@@ -41,6 +42,7 @@ from .combination import (
     teacher_weights_per_example,
 )
 from .config import MultiTeacherDistillationConfig, check_teacher_names
+from .cross_tokenizer import MultiTokenizerCollator, cross_tokenizer_loss
 
 logger = get_logger(__name__)
 
@@ -108,6 +110,13 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
         self._teacher_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
         self._batch_routing: torch.Tensor | None = None
         self._batch_answers: dict[str, Any] = {}
+        self._mappings: dict[str, Any] = {}  # cross_tokenizer: each teacher's vocabulary mapping to the student's
+        self._cross = None
+        if args.cross_tokenizer:
+            processing_class = self._cross_tokenizer_inputs(
+                model, args, data_collator, train_dataset, eval_dataset, processing_class
+            )
+            self._cross = data_collator = MultiTokenizerCollator(processing_class, args)
         super().__init__(
             model=model,
             teacher_model=None,
@@ -147,6 +156,31 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
             )
         return args
 
+    @staticmethod
+    def _cross_tokenizer_inputs(
+        model: Any, args: Any, data_collator: Any, train_dataset: Any, eval_dataset: Any, processing_class: Any
+    ) -> Any:
+        """With `cross_tokenizer=True`: the student's tokenizer, after checking the data holds raw text."""
+        if data_collator is not None:
+            raise ValueError(
+                "data_collator is built by the trainer with cross_tokenizer=True (it tokenises raw text for the "
+                "student and every teacher); leave it out and set max_length / text_column in the config."
+            )
+        for argument, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
+            columns = getattr(dataset, "column_names", None)
+            if isinstance(columns, list) and args.text_column not in columns:
+                raise ValueError(
+                    f"{argument} has columns {columns} but no {args.text_column!r}; with cross_tokenizer=True every "
+                    "model tokenises the raw text itself, so pass the untokenised dataset or set text_column."
+                )
+        if processing_class is None and isinstance(model, (str, os.PathLike)):
+            from ...loading import load_tokenizer
+
+            processing_class = load_tokenizer(model)
+        if processing_class is None:
+            raise ValueError("processing_class (the student's tokenizer) is required with cross_tokenizer=True.")
+        return processing_class
+
     def _use_live_teacher(
         self, model: nn.Module, teacher_model: Any, args: Any, processing_class: Any, teacher_processing_class: Any
     ) -> None:
@@ -155,7 +189,10 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
             try:
                 self._register_teacher(name, source, model, processing_class)
             except (OSError, RuntimeError, ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"teacher {name!r} ({_describe(source)}) cannot be used: {error}") from error
+                hint = ""
+                if "tokenizer" in str(error) and not args.cross_tokenizer:
+                    hint = " With several teachers, set cross_tokenizer=True to distil from teachers whose tokenizers differ."
+                raise ValueError(f"teacher {name!r} ({_describe(source)}) cannot be used: {error}{hint}") from error
         only = self.teacher_names[0]
         own_map = only in (args.teacher_device_maps or {})
         if len(self.teacher_names) == 1 and isinstance(self.teachers[only], nn.Module) and not own_map:
@@ -167,6 +204,11 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
     def _register_teacher(self, name: str, source: Any, student: nn.Module, processing_class: Any) -> None:
         args = self._config
         if isinstance(source, ServedTeacher) or (isinstance(source, str) and is_teacher_url(source)):
+            if args.cross_tokenizer:
+                raise ValueError(
+                    "served teachers are not supported with cross_tokenizer=True yet; run that teacher in process, "
+                    "or distil from it alone with CrossTokenizerDistillationTrainer(teacher_model=<url>)."
+                )
             teacher, shared = served.connect_served_teacher(args, source, processing_class, _vocab_size(student))
             self.teachers[name], self._shared_vocab[name] = teacher, shared
             return
@@ -187,8 +229,38 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
                 f"{type(source).__name__} is not a teacher; pass a causal LM, a hub id / folder / .gguf path, or an "
                 "http(s) URL of an OpenAI-compatible server."
             )
-        self._shared_vocab[name] = _check_teacher_against_student(student, teacher, processing_class, tokenizer, args)
+        if args.cross_tokenizer:
+            on_meta = [key for key, parameter in teacher.named_parameters() if parameter.device.type == "meta"]
+            if on_meta:
+                raise ValueError(f"{len(on_meta)} parameters are on the meta device (e.g. {on_meta[0]!r}).")
+            tokenizer = tokenizer if tokenizer is not None else _tokenizer_next_to(teacher)
+            self._use_teacher_tokenizer(name, tokenizer, _vocab_size(teacher), student, processing_class)
+        else:
+            self._shared_vocab[name] = _check_teacher_against_student(
+                student, teacher, processing_class, tokenizer, args
+            )
         self.teachers[name] = teacher
+
+    def _use_teacher_tokenizer(
+        self, name: str, tokenizer: Any, teacher_vocab: int, student: nn.Module, processing_class: Any
+    ) -> None:
+        """Across tokenizers: the collator tokenises for this teacher, its vocabulary is mapped to the student's."""
+        args = self._config
+        if tokenizer is None:
+            raise ValueError(
+                f"its tokenizer is not known (none saved next to its weights); pass "
+                f"teacher_processing_classes={{{name!r}: tokenizer}}."
+            )
+        self._cross.add_teacher(name, tokenizer)
+        self._shared_vocab[name] = None
+        if args.alignment == "spans" and args.loss_type != "uld":
+            self._mappings[name] = build_vocabulary_mapping(
+                processing_class,
+                tokenizer,
+                student_vocab_size=_vocab_size(student),
+                teacher_vocab_size=teacher_vocab,
+                max_vocab_union_size=args.max_vocab_union_size,
+            )
 
     def _load(self, name: str, source: str) -> tuple[nn.Module, Any]:
         """A teacher loaded by name, dispatched by its own device map when `teacher_device_maps` names it."""
@@ -211,25 +283,23 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
 
         from ...loading import load_tokenizer
 
-        folder, gguf = (
-            (os.path.dirname(source) or ".", os.path.basename(source))
-            if source.endswith(".gguf")
-            else (
-                source,
-                None,
-            )
-        )
+        folder, gguf = (source, None)
+        if source.endswith(".gguf"):
+            folder, gguf = os.path.dirname(source) or ".", os.path.basename(source)
         config = AutoConfig.from_pretrained(folder, revision=self._config.teacher_revision, gguf_file=gguf)
-        tokenizer = self._teacher_tokenizers.get(name) or load_tokenizer(
-            source, revision=self._config.teacher_revision
-        )
+        tokenizer = self._teacher_tokenizers.get(name)
+        if tokenizer is None:
+            tokenizer = load_tokenizer(source, revision=self._config.teacher_revision)
+        teacher_vocab = getattr(getattr(config, "text_config", config), "vocab_size", None)
+        if self._config.cross_tokenizer:
+            self._use_teacher_tokenizer(name, tokenizer, teacher_vocab, student, processing_class)
+            return
         student_tokenizer = _tokenizer_of(processing_class) if processing_class is not None else None
         if student_tokenizer is not None and not _tokenizers_agree(student_tokenizer, _tokenizer_of(tokenizer)):
             raise ValueError(
                 "its tokenizer maps tokens to different ids than the student's; use teachers that share the "
-                "student's tokenizer (cross-tokenizer teachers are not supported by this trainer yet)."
+                "student's tokenizer, or set cross_tokenizer=True (raw text, teachers aligned by spans)."
             )
-        teacher_vocab = getattr(getattr(config, "text_config", config), "vocab_size", None)
         student_vocab = _vocab_size(student)
         self._shared_vocab[name] = None if teacher_vocab in (None, student_vocab) else len(_tokenizer_of(tokenizer))
 
@@ -264,8 +334,10 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
     def _set_signature_columns_if_needed(self) -> None:
         # Private hook, overridden so that the Trainer's column pruning keeps the routing column for the collator.
         super()._set_signature_columns_if_needed()
-        if self.routing:
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, self.args.teacher_column]))
+        kept = [self.args.teacher_column] if self.routing else []
+        if self.args.cross_tokenizer:
+            kept.append(self.args.text_column)
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *kept]))
 
     # ---------------------------------------------------------------- the loss
 
@@ -276,6 +348,13 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
         inputs = dict(inputs)
         self._batch_routing = inputs.pop(TEACHER_INDEX_KEY, None)
         self._batch_answers = {key: inputs.pop(key) for key in list(inputs) if key.startswith(SERVED_ANSWERS_PREFIX)}
+        if self.args.cross_tokenizer:
+            mode = "train" if model.training else "eval"
+            try:
+                loss, outputs = cross_tokenizer_loss(self, model, inputs, num_items_in_batch)
+            except ValueError as error:
+                raise ValueError(f"at training step {self.state.global_step} ({mode}): {error}") from error
+            return (loss, outputs) if return_outputs else loss
         return super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
