@@ -153,6 +153,7 @@ def _add_card_results(folder: Path, kind: str, dataset: str, eval_metrics: dict[
         key.removeprefix("eval_"): float(value)
         for key, value in eval_metrics.items()
         if key in ("eval_loss", "eval_ce_loss", "eval_kd_loss", "eval_perplexity", "eval_top1_agreement")
+        or key.endswith("_perplexity")  # per-domain results of distill-multi
     }
     update_card_metrics(folder, kind, metrics, [dataset])
 
@@ -426,12 +427,36 @@ def _distillation_config_class() -> type:
     return DistillationConfig
 
 
+def _multi_teacher_config_class() -> type:
+    from ..distill.multi_teacher.config import MultiTeacherDistillationConfig
+
+    return MultiTeacherDistillationConfig
+
+
+def _multi_teacher_script_arguments() -> type:
+    from .multi_teacher import MultiTeacherScriptArguments
+
+    return MultiTeacherScriptArguments
+
+
+def _run_distill_multi(*parsed: Any) -> dict[str, Any]:
+    from .multi_teacher import run_distill_multi
+
+    return run_distill_multi(*parsed)
+
+
 # name -> (dataclass types (callable for lazy imports), runner, description)
 RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]], str]] = {
     "distill": (
         lambda: [DistillScriptArguments, _distillation_config_class()],
         run_distill,
         "Knowledge distillation of a teacher (or a teacher-logits cache) into a student, with DistillationTrainer.",
+    ),
+    "distill-multi": (
+        lambda: [_multi_teacher_script_arguments(), _multi_teacher_config_class()],
+        lambda *parsed: _run_distill_multi(*parsed),
+        "Distillation of several teachers into one student (each example routed to its teacher, or a mixture), "
+        "with MultiTeacherDistillationTrainer.",
     ),
     "adapt": (
         lambda: [AdaptScriptArguments, _training_arguments_class()],
