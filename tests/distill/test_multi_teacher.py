@@ -454,3 +454,164 @@ def test_cross_tokenizer_bad_input(tmp_path, corpus, corpus_tokenizer, gpt2_toke
             processing_class=gpt2_tokenizer,
             teacher_processing_classes=tokenizers,
         )
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+_DDP_SCRIPT = """
+import os
+import sys
+import torch
+from datasets import load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_interop import MultiTeacherDistillationConfig, MultiTeacherDistillationTrainer
+
+student_dir, teacher_a, teacher_b, data_dir, output_dir, batch_size = sys.argv[1:7]
+tokenizer = AutoTokenizer.from_pretrained(student_dir)
+for combination in ("route", "mixture"):
+    student = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    args = MultiTeacherDistillationConfig(
+        output_dir=output_dir, max_steps=1, per_device_train_batch_size=int(batch_size), optim="sgd",
+        learning_rate=0.5, lr_scheduler_type="constant", max_grad_norm=0.0, loss_chunk_size=16, report_to="none",
+        use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1, seed=0,
+        teachers={"a": teacher_a, "b": teacher_b}, teacher_combination=combination, teacher_weighting="confidence",
+    )
+    trainer = MultiTeacherDistillationTrainer(
+        model=student, args=args, train_dataset=load_from_disk(data_dir), processing_class=tokenizer
+    )
+    trainer.train()
+    if trainer.is_world_process_zero():
+        weights = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+        torch.save(weights, f"{output_dir}/{combination}.pt")
+        torch.save(trainer.state.log_history[0], f"{output_dir}/{combination}_log.pt")
+trainer.accelerator.wait_for_everyone()
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)  # skip interpreter teardown (see tests/distill/test_distillation_trainer.py)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_of_4_equal_one_process_of_8(tmp_path, corpus_tokenizer, train_rows):
+    """Routing and confidence-weighted mixing under DDP over gloo (2 CPU ranks, torchrun) equal one process."""
+    import os
+    import subprocess
+    import sys
+
+    folders = {}
+    for name, model in (
+        ("student", make_student(corpus_tokenizer)),
+        ("a", make_teacher(corpus_tokenizer, 1)),
+        ("b", make_teacher(corpus_tokenizer, 2)),
+    ):
+        folders[name] = tmp_path / name
+        model.save_pretrained(folders[name])
+        corpus_tokenizer.save_pretrained(folders[name])
+    # uneven label masks, so the two ranks hold different numbers of valid tokens
+    rows = train_rows.map(
+        lambda row, index: {"labels": [-100] * (7 * index) + list(row["labels"][7 * index :])}, with_indices=True
+    )
+    rows.save_to_disk(str(tmp_path / "data"))
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    outputs = {}
+    for processes, batch_size in ((2, 4), (1, 8)):
+        output_dir = tmp_path / f"out{processes}"
+        output_dir.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        command += [str(script), str(folders["student"]), str(folders["a"]), str(folders["b"])]
+        command += [str(tmp_path / "data"), str(output_dir), str(batch_size)]
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+        assert completed.returncode == 0, completed.stderr[-6000:]
+        outputs[processes] = output_dir
+    initial = make_student(corpus_tokenizer).state_dict()
+    for combination in ("route", "mixture"):
+        one, two = (torch.load(outputs[n] / f"{combination}.pt") for n in (1, 2))
+        assert any(not torch.equal(initial[name], one[name]) for name in initial)
+        for name in one:
+            torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6)
+        logs = [torch.load(outputs[n] / f"{combination}_log.pt") for n in (1, 2)]
+        for key in ("kd_loss/a", "kd_loss/b", "loss"):
+            assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- served teachers
+
+
+@pytest.fixture(scope="module")
+def served_blocks(corpus, smollm2_tokenizer):
+    from hf_interop import pack_dataset
+
+    blocks = pack_dataset(corpus, smollm2_tokenizer, block_size=24)["train"].select(range(8))
+    return blocks.add_column("teacher", ["a", "a", "b", "a", "b", "b", "a", "b"])
+
+
+def _served_prompts(engine, length):
+    return [
+        tuple(request["body"]["prompt"])
+        for request in engine.requests
+        if request["path"].endswith("/completions") and len(request["body"].get("prompt", [])) == length
+    ]
+
+
+def test_served_teachers_are_asked_only_for_their_rows(tmp_path, smollm2_tokenizer, served_blocks):
+    """Two teachers behind two servers: each is asked only for its rows; the routed loss is the token-weighted sum of
+    each served teacher's single-teacher loss on its rows."""
+    from served_engine import ServedEngine
+
+    from hf_interop import DistillationConfig
+
+    def tiny(seed):
+        return build_tiny_causal_lm("llama", 49152, seed=seed, tokenizer=smollm2_tokenizer)
+
+    student = tiny(0)
+    with ServedEngine(tiny(1), smollm2_tokenizer) as engine_a, ServedEngine(tiny(2), smollm2_tokenizer) as engine_b:
+        urls = {"a": engine_a.url, "b": engine_b.url}
+        args = make_args(tmp_path, per_device_train_batch_size=8, teacher_top_k=8, loss_chunk_size=0)
+        trainer = MultiTeacherDistillationTrainer(
+            model=student, teachers=urls, args=args, train_dataset=served_blocks, processing_class=smollm2_tokenizer
+        )
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        with torch.no_grad():
+            loss = float(trainer.compute_loss(student, batch))
+        for name, engine in (("a", engine_a), ("b", engine_b)):
+            expected = {tuple(r["input_ids"]) for r in served_blocks if r["teacher"] == name}
+            assert set(_served_prompts(engine, 24)) == expected  # only its own rows
+        expected_loss = 0.0
+        total_tokens = 8 * 23
+        for name, url in urls.items():
+            rows = served_blocks.filter(lambda row, name=name: row["teacher"] == name).remove_columns("teacher")
+            single_args = DistillationConfig(
+                output_dir=str(tmp_path / name),
+                teacher_url=url,
+                teacher_top_k=8,
+                loss_chunk_size=0,
+                report_to="none",
+                use_cpu=True,
+                per_device_train_batch_size=len(rows),
+            )
+            single = DistillationTrainer(
+                model=student, args=single_args, train_dataset=rows, processing_class=smollm2_tokenizer
+            )
+            sub = single._prepare_inputs(next(iter(single.get_train_dataloader())))
+            with torch.no_grad():
+                expected_loss += float(single.compute_loss(student, sub)) * int((sub["labels"][:, 1:] != -100).sum())
+        assert loss == pytest.approx(expected_loss / total_tokens, rel=1e-5)
+
+        mixed_args = make_args(
+            tmp_path / "mixed", teacher_combination="mixture", teacher_weighting="confidence", teacher_top_k=8
+        )
+        mixed = MultiTeacherDistillationTrainer(
+            model=tiny(0),
+            teachers=urls,
+            args=mixed_args,
+            train_dataset=served_blocks.remove_columns("teacher"),
+            processing_class=smollm2_tokenizer,
+        )
+        mixed.train()
+        logged = mixed.state.log_history[0]
+        assert logged["teacher_weight/a"] + logged["teacher_weight/b"] == pytest.approx(1.0)
+        assert logged["kd_loss/a"] > 0 and logged["kd_loss/b"] > 0
