@@ -16,7 +16,7 @@ from typing import Any
 from ..loading import resolve_model_alias
 from ..utils import resumable_output_dir
 from .arguments import DistillScriptArguments
-from .recipes import _add_card_results, _load_blocks, _load_student
+from .common import _add_card_results, _load_blocks, _load_student
 
 
 @dataclass

@@ -615,3 +615,63 @@ def test_served_teachers_are_asked_only_for_their_rows(tmp_path, smollm2_tokeniz
         logged = mixed.state.log_history[0]
         assert logged["teacher_weight/a"] + logged["teacher_weight/b"] == pytest.approx(1.0)
         assert logged["kd_loss/a"] > 0 and logged["kd_loss/b"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- cached teachers
+
+
+def test_cached_teachers_route_like_their_single_teacher_caches(tmp_path, corpus_tokenizer, train_rows):
+    """Each teacher read from its own cache (made on its own rows): the routed loss is the token-weighted sum of the
+    single-teacher cached losses; a cache made on other rows is refused naming the teacher."""
+    from hf_interop import cache_teacher_logits
+
+    student = make_student(corpus_tokenizer)
+    caches = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        rows = train_rows.filter(lambda row, name=name: row["teacher"] == name).remove_columns("teacher")
+        cache = cache_teacher_logits(
+            make_teacher(corpus_tokenizer, seed),
+            rows,
+            tmp_path / f"cache_{name}",
+            top_k=16,
+            tokenizer=corpus_tokenizer,
+            show_progress=False,
+        )
+        caches[name] = (str(cache.path), rows)
+    args = make_args(tmp_path / "multi", per_device_train_batch_size=8, loss_chunk_size=0)
+    trainer = MultiTeacherDistillationTrainer(
+        model=student,
+        teachers={name: path for name, (path, _) in caches.items()},
+        args=args,
+        train_dataset=train_rows,
+        processing_class=corpus_tokenizer,
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(student, batch))
+    expected = 0.0
+    for name, (path, rows) in caches.items():
+        single = DistillationTrainer(
+            model=student,
+            args=make_single_args(
+                tmp_path / name, teacher_logits_path=path, loss_chunk_size=0, per_device_train_batch_size=len(rows)
+            ),
+            train_dataset=rows,
+            processing_class=corpus_tokenizer,
+        )
+        sub = single._prepare_inputs(next(iter(single.get_train_dataloader())))
+        with torch.no_grad():
+            expected += float(single.compute_loss(student, sub)) * int((sub["labels"][:, 1:] != -100).sum())
+    assert loss == pytest.approx(expected / int((batch["labels"][:, 1:] != -100).sum()), rel=1e-5)
+    trainer.train()
+    assert trainer.state.log_history[0]["kd_loss/a"] > 0
+
+    swapped = {"a": caches["b"][0], "b": caches["a"][0]}  # each cache made on the other teacher's rows
+    with pytest.raises(ValueError, match="teacher 'a' is a cache made on other rows than the rows of train_dataset"):
+        MultiTeacherDistillationTrainer(
+            model=student,
+            teachers=swapped,
+            args=make_args(tmp_path / "bad"),
+            train_dataset=train_rows,
+            processing_class=corpus_tokenizer,
+        )

@@ -14,9 +14,11 @@ import torch
 
 from ..collators import IGNORE_INDEX
 from ..served_teacher import online as served
+from .cached import CACHE_ROW_PREFIX, cached_answers
 
 TEACHER_INDEX_KEY = "teacher_index"
-# batch key of a served teacher's answers: f"{SERVED_ANSWERS_PREFIX}{name}" -> (rows, pending or resolved answers)
+# batch key of a served (or cached) teacher's answers: f"{SERVED_ANSWERS_PREFIX}{name}" -> (rows, pending or resolved
+# answers)
 SERVED_ANSWERS_PREFIX = "served_teacher_answers/"
 
 
@@ -51,12 +53,14 @@ class MultiTeacherCollator:
         names: Sequence[str],
         routing_column: str | None,
         served_teachers: dict[str, Any],
+        caches: dict[str, Any] | None = None,
     ) -> None:
         self.base = base
         self.names = list(names)
         self.index_of = {name: index for index, name in enumerate(self.names)}
         self.routing_column = routing_column
         self.served_teachers = served_teachers
+        self.caches = caches or {}
         self.batches = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -73,10 +77,21 @@ class MultiTeacherCollator:
                     )
                 routed.append(self.index_of[name])
             teacher_index = torch.tensor(routed, dtype=torch.long)
-            features = [{key: value for key, value in f.items() if key != self.routing_column} for f in features]
-        batch = dict(self.base(features))
+        kept = [
+            {
+                key: value
+                for key, value in f.items()
+                if key != self.routing_column and not key.startswith(CACHE_ROW_PREFIX)
+            }
+            for f in features
+        ]
+        batch = dict(self.base(kept))
         if teacher_index is not None:
             batch[TEACHER_INDEX_KEY] = teacher_index
+        for name, cache in self.caches.items():
+            answers = cached_answers(cache, name, features, batch)
+            if answers is not None:
+                batch[f"{SERVED_ANSWERS_PREFIX}{name}"] = answers
         for name, teacher in self.served_teachers.items():
             rows = torch.arange(batch["input_ids"].shape[0])
             if teacher_index is not None:

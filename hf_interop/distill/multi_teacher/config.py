@@ -146,6 +146,7 @@ class MultiTeacherDistillationConfig(CrossTokenizerSettings, DistillationConfig)
             "teacher_logits_path": self.teacher_logits_path is not None,
             "teacher_url": self.teacher_url is not None,
             "hidden_loss_weight": self.hidden_loss_weight > 0,
+            "sparse_tail": self.sparse_tail != "bucket",
         }
         for name, is_set in unsupported.items():
             if is_set:

@@ -34,6 +34,8 @@ from ..model_utils import _model_name, _tokenizer_next_to, _tokenizer_of, _token
 from ..served_teacher import online as served
 from ..served_teacher.client import ServedTeacher, is_teacher_url
 from ..teacher import _check_teacher_against_student, _load_teacher, _place_teacher
+from ..teacher_cache.reader import TeacherLogitsCache
+from .cached import CACHE_ROW_PREFIX, is_cache_folder, with_cache_rows
 from .collator import SERVED_ANSWERS_PREFIX, TEACHER_INDEX_KEY, MultiTeacherCollator, check_routing_column
 from .combination import (
     check_teacher_weights,
@@ -129,6 +131,15 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
             **kwargs,
         )
         served_teachers = {name: t for name, t in self.teachers.items() if isinstance(t, ServedTeacher)}
+        caches = {name: t for name, t in self.teachers.items() if isinstance(t, TeacherLogitsCache)}
+        for name, cache in caches.items():  # each row's row in each cache, checked by the caches' fingerprints
+            column = args.teacher_column if self.routing else None
+            self.train_dataset = with_cache_rows(self.train_dataset, name, cache, column)
+            if self.eval_dataset is not None and not self.routing:
+                raise ValueError(
+                    f"teacher {name!r} is a cache, which holds no distributions for eval_dataset's rows, so the "
+                    "mixture cannot be formed there; leave eval_dataset out or use in-process or served teachers."
+                )
         if self.teacher_model is None:  # several teachers (one in process takes DistillationTrainer's path)
             for name, teacher in self.teachers.items():
                 if isinstance(teacher, nn.Module):
@@ -138,6 +149,7 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
             self.teacher_names,
             args.teacher_column if self.routing else None,
             served_teachers if self.teacher_model is None else {},
+            caches,
         )
 
     # ---------------------------------------------------------------- construction
@@ -203,6 +215,9 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
 
     def _register_teacher(self, name: str, source: Any, student: nn.Module, processing_class: Any) -> None:
         args = self._config
+        if isinstance(source, TeacherLogitsCache) or is_cache_folder(source):
+            self._use_cache(name, source, student, processing_class)
+            return
         if isinstance(source, ServedTeacher) or (isinstance(source, str) and is_teacher_url(source)):
             if args.cross_tokenizer:
                 raise ValueError(
@@ -240,6 +255,25 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
                 student, teacher, processing_class, tokenizer, args
             )
         self.teachers[name] = teacher
+
+    def _use_cache(self, name: str, source: Any, student: nn.Module, processing_class: Any) -> None:
+        """A teacher read from its teacher-logits cache (checksums verified, tokenizer checked)."""
+        args = self._config
+        if args.cross_tokenizer:
+            raise ValueError(
+                "cached teachers are not supported with cross_tokenizer=True; run the teacher in process."
+            )
+        if self.routing and args.loss_type not in losses.SPARSE_LOSS_TYPES:
+            raise ValueError(
+                f"loss_type={args.loss_type!r} cannot be computed from a top-k teacher cache; use one of "
+                f"{list(losses.SPARSE_LOSS_TYPES)}, or teacher_combination='mixture'."
+            )
+        cache = source if isinstance(source, TeacherLogitsCache) else TeacherLogitsCache.load(source)
+        cache.check_compatible(tokenizer=processing_class)
+        self.teachers[name] = cache
+        self._shared_vocab[name] = None
+        if cache.vocab_size != _vocab_size(student) and processing_class is not None:
+            self._shared_vocab[name] = len(_tokenizer_of(processing_class))
 
     def _use_teacher_tokenizer(
         self, name: str, tokenizer: Any, teacher_vocab: int, student: nn.Module, processing_class: Any
@@ -337,6 +371,7 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
         kept = [self.args.teacher_column] if self.routing else []
         if self.args.cross_tokenizer:
             kept.append(self.args.text_column)
+        kept += [CACHE_ROW_PREFIX + name for name, t in self.teachers.items() if isinstance(t, TeacherLogitsCache)]
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *kept]))
 
     # ---------------------------------------------------------------- the loss
@@ -443,7 +478,7 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
         teacher = self._teacher(name)
         kwargs = {**loss_kwargs, "shared_vocab_size": self._shared_vocab[name]}
         with self._as_the_teacher(name, teacher):
-            if isinstance(teacher, ServedTeacher):
+            if _is_sparse(teacher):
                 columns, missing = self._answers(name, width, shift_labels.device)
                 if missing is not None:
                     shift_labels = shift_labels.masked_fill(missing, -100)
@@ -455,21 +490,26 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
     @contextlib.contextmanager
     def _as_the_teacher(self, name: str, teacher: Any) -> Iterator[None]:
         # DistillationTrainer's loss helpers read the one teacher from these attributes: point them at `name`'s.
-        saved = (self.teacher_model, self.served_teacher, self.shared_vocab_size)
+        saved = (self.teacher_model, self.served_teacher, self.teacher_cache, self.shared_vocab_size)
+        self.teacher_model = self.served_teacher = self.teacher_cache = None
         if isinstance(teacher, ServedTeacher):
-            self.teacher_model, self.served_teacher = None, teacher
+            self.served_teacher = teacher
+        elif isinstance(teacher, TeacherLogitsCache):
+            self.teacher_cache = teacher
         else:
-            self.teacher_model, self.served_teacher = teacher, None
+            self.teacher_model = teacher
         self.shared_vocab_size = self._shared_vocab[name]
         try:
             yield
         finally:
-            self.teacher_model, self.served_teacher, self.shared_vocab_size = saved
+            self.teacher_model, self.served_teacher, self.teacher_cache, self.shared_vocab_size = saved
 
     def _answers(self, name: str, width: int, device: torch.device) -> tuple[dict[str, torch.Tensor], Any]:
         """A served teacher's answers for its rows of this batch, cut to the rows' `width` tokens."""
         entry = self._batch_answers.get(f"{SERVED_ANSWERS_PREFIX}{name}")
         if entry is None:
+            if isinstance(self.teachers[name], TeacherLogitsCache):  # evaluation rows: no cached distributions
+                return {}, None
             raise ValueError(f"the batch holds no answers of served teacher {name!r}; use the trainer's own collator.")
         _, pending = entry
         teacher = self.teachers[name]
@@ -485,7 +525,7 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
         """`(B, S-1, width)` float32 log-probabilities (temperature 1) of teacher `name` on the whole batch."""
         teacher = self._teacher(name)
         device = model_inputs["input_ids"].device
-        if isinstance(teacher, ServedTeacher):
+        if _is_sparse(teacher):
             columns, _ = self._answers(name, model_inputs["input_ids"].shape[1], device)
             dense = served.dense_teacher_log_probs(columns, teacher.vocab_size)[:, :-1]
         else:
@@ -543,8 +583,8 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
 
     def _width(self, name: str) -> int:
         teacher = self._teacher(name)
-        if isinstance(teacher, ServedTeacher):
-            return teacher.vocab_size
+        if _is_sparse(teacher):
+            return self._shared_vocab[name] or teacher.vocab_size
         return self._shared_vocab[name] or _vocab_size(self.accelerator.unwrap_model(teacher))
 
     def _loss_against(
@@ -626,6 +666,10 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
             revision = self.args.teacher_revision
             if isinstance(teacher, ServedTeacher):
                 source, revision = f"{teacher.model} (served at {teacher.url})", teacher.model_info.get("revision")
+            elif isinstance(teacher, TeacherLogitsCache):
+                manifest = teacher.manifest
+                source = f"{manifest.get('teacher') or 'teacher'} (cache {teacher.path})"
+                revision = manifest.get("teacher_revision") or manifest.get("revision")
             elif not isinstance(source, (str, os.PathLike)):
                 source = _model_name(source) or type(source).__name__
             if self.routing:
@@ -637,6 +681,11 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
 
 
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _is_sparse(teacher: Any) -> bool:
+    """A teacher known by its top-k answers (a server or a cache) rather than by a model in this process."""
+    return isinstance(teacher, (ServedTeacher, TeacherLogitsCache))
 
 
 def _describe(source: Any) -> str:
