@@ -675,3 +675,43 @@ def test_cached_teachers_route_like_their_single_teacher_caches(tmp_path, corpus
             train_dataset=train_rows,
             processing_class=corpus_tokenizer,
         )
+
+
+def test_each_teacher_by_path_is_placed_by_its_own_device_map(tmp_path, corpus_tokenizer, train_rows):
+    folders = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        folders[name] = str(tmp_path / name)
+        make_teacher(corpus_tokenizer, seed).save_pretrained(folders[name])
+        corpus_tokenizer.save_pretrained(folders[name])
+    args = make_args(tmp_path / "out", teachers=folders, teacher_device_maps={"a": "auto"}, max_steps=1)
+    trainer = MultiTeacherDistillationTrainer(
+        model=make_student(corpus_tokenizer), args=args, train_dataset=train_rows, processing_class=corpus_tokenizer
+    )
+    # dispatched by Accelerate with its own (inferred) map; a CPU-only machine has one device to put it on
+    assert set(trainer.teachers["a"].hf_device_map.values()) == {"cpu"}
+    assert getattr(trainer.teachers["b"], "hf_device_map", None) is None  # the student's device, as one teacher
+    assert not any(p.requires_grad for teacher in trainer.teachers.values() for p in teacher.parameters())
+    trainer.train()
+    with pytest.raises(ValueError, match=r"teacher_device_maps names unknown teacher\(s\) \['c'\]"):
+        make_args(tmp_path, teachers=folders, teacher_device_maps={"c": "cpu"})
+
+
+@pytest.mark.gpu
+def test_gpu_teachers_on_their_own_devices_mixed_in_bf16(tmp_path, corpus_tokenizer, train_rows):
+    """Teacher 'a' on the last GPU, teacher 'b' on the CPU, the student on cuda:0 in bf16 autocast."""
+    teachers = {"a": make_teacher(corpus_tokenizer, 1), "b": make_teacher(corpus_tokenizer, 2)}
+    last = f"cuda:{torch.cuda.device_count() - 1}"
+    args = make_args(
+        tmp_path, use_cpu=False, bf16=True, teacher_combination="mixture", teacher_device_maps={"a": last, "b": "cpu"}
+    )
+    trainer = MultiTeacherDistillationTrainer(
+        model=make_student(corpus_tokenizer),
+        teachers=teachers,
+        args=args,
+        train_dataset=train_rows.remove_columns("teacher"),
+        processing_class=corpus_tokenizer,
+    )
+    assert str(next(trainer.teachers["a"].parameters()).device) == last
+    assert next(trainer.teachers["b"].parameters()).device.type == "cpu"
+    trainer.train()
+    assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
