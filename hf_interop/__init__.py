@@ -60,6 +60,10 @@ _LAZY_IMPORTS: dict[str, str] = {
     "CrossTokenizerEnsemble": "ensemble.cross_tokenizer",
     # speculative ensemble decoding
     "SpeculativeGenerateOutput": "ensemble.speculative",
+    # several teachers, one student
+    "MultiTeacherDistillationConfig": "distill.multi_teacher.config",
+    "MultiTeacherDistillationTrainer": "distill.multi_teacher.trainer",
+    "combine_teacher_log_probs": "distill.multi_teacher.combination",
     # merges that fit their own coefficients
     "fit_merge_coefficients": "merge.fitting",
 }

@@ -34,11 +34,17 @@ DEFAULT_TEACHER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_TEACHER_ALIAS = "default_teacher"
 
 
+GEMMA3_270M_ALIAS = "gemma3_270m"
+
+
 def resolve_model_alias(name_or_path: str | None) -> str | None:
-    """`"default_teacher"` -> the folder of the embedded SmolLM2-135M-Instruct teacher (converted once); other
-    names unchanged. Lets recipes and the CLI name the default teacher without knowing where it is cached."""
+    """`"default_teacher"` -> the folder of the embedded SmolLM2-135M-Instruct teacher (converted once),
+    `"gemma3_270m"` -> the folder of Gemma-3-270M (converted once from its package); other names unchanged. Lets
+    recipes and the CLI name the packaged models without knowing where they are cached."""
     if name_or_path == DEFAULT_TEACHER_ALIAS:
         return str(default_teacher_path())
+    if name_or_path == GEMMA3_270M_ALIAS:
+        return str(gemma3_270m_path())
     return name_or_path
 
 

@@ -417,7 +417,9 @@ def _recipe_parser(dataclass_types: Sequence[type], prog: str, description: str)
             hint = "" if "--help" in message else f" (`{self.prog} --help` lists the options)"
             self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
-    parser = OneLineErrorParser(list(dataclass_types), prog=prog, description=description)
+    # An option two dataclasses share (distill-multi: `text_column` of the data and of the cross-tokenizer settings)
+    # is one flag; parse_recipe_args hands its value to every dataclass that has the field.
+    parser = OneLineErrorParser(list(dataclass_types), prog=prog, description=description, conflict_handler="resolve")
     parser.add_argument(
         "--config",
         default=None,

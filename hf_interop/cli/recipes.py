@@ -25,28 +25,9 @@ from .arguments import (
     check_model_argument,
     parse_recipe_args,
 )
+from .common import _add_card_results, _load_blocks, _load_student
 
 logger = get_logger(__name__)
-
-
-def _load_blocks(data_args: DataArguments, tokenizer: Any, split: str, max_blocks: int | None) -> Any:
-    """A split as packed blocks (`input_ids`, `attention_mask`, `labels`); already tokenized rows are kept."""
-    from ..data import load_text_dataset, pack_dataset
-
-    dataset = load_text_dataset(
-        data_args.dataset,
-        split,
-        eval_dataset=getattr(data_args, "eval_dataset", None),
-        validation_split_percentage=getattr(data_args, "validation_split_percentage", 5.0),
-        text_column=data_args.text_column,
-    )
-    if "input_ids" in dataset.column_names:
-        if max_blocks is not None:
-            dataset = dataset.select(range(min(max_blocks, len(dataset))))
-        return dataset
-    return pack_dataset(
-        dataset, tokenizer, block_size=data_args.block_size, text_column=data_args.text_column, max_blocks=max_blocks
-    )
 
 
 def _held_out_metrics(model: Any, blocks: Any, batch_size: int, show_progress: bool) -> dict[str, float]:
@@ -122,39 +103,6 @@ def run_distill(script_args: DistillScriptArguments, config: Any) -> dict[str, A
         trainer.accelerator.wait_for_everyone()
     config.output_dir = final_dir
     return {"output_dir": final_dir, "train": train_result.metrics, "eval": eval_metrics, "trainer": trainer}
-
-
-def _load_student(script_args: DistillScriptArguments, init_from: str | None, allow_pickle: bool) -> tuple[Any, Any]:
-    """The student checkpoint, or a student built from the teacher's own layers (`student_num_layers`)."""
-    from ..distill.student_init import init_student_from_teacher
-    from ..loading import load_causal_lm, load_tokenizer
-
-    if script_args.student_model_name_or_path is not None:
-        return load_causal_lm(
-            resolve_model_alias(script_args.student_model_name_or_path),
-            dtype=script_args.model_dtype,
-            allow_pickle=allow_pickle,
-        )
-    student = init_student_from_teacher(
-        init_from,
-        num_layers=script_args.student_num_layers,
-        layer_selection=script_args.student_layer_selection,
-        intermediate_size=script_args.student_intermediate_size,
-        allow_pickle=allow_pickle,
-    )
-    return student, load_tokenizer(init_from)
-
-
-def _add_card_results(folder: Path, kind: str, dataset: str, eval_metrics: dict[str, Any]) -> None:
-    """Re-render the card the trainer wrote with the training data and held-out results, keeping its lineage."""
-    from ..hub.outputs import update_card_metrics
-
-    metrics = {
-        key.removeprefix("eval_"): float(value)
-        for key, value in eval_metrics.items()
-        if key in ("eval_loss", "eval_ce_loss", "eval_kd_loss", "eval_perplexity", "eval_top1_agreement")
-    }
-    update_card_metrics(folder, kind, metrics, [dataset])
 
 
 def run_adapt(script_args: AdaptScriptArguments, training_args: Any) -> dict[str, Any]:
@@ -426,12 +374,36 @@ def _distillation_config_class() -> type:
     return DistillationConfig
 
 
+def _multi_teacher_config_class() -> type:
+    from ..distill.multi_teacher.config import MultiTeacherDistillationConfig
+
+    return MultiTeacherDistillationConfig
+
+
+def _multi_teacher_script_arguments() -> type:
+    from .multi_teacher import MultiTeacherScriptArguments
+
+    return MultiTeacherScriptArguments
+
+
+def _run_distill_multi(*parsed: Any) -> dict[str, Any]:
+    from .multi_teacher import run_distill_multi
+
+    return run_distill_multi(*parsed)
+
+
 # name -> (dataclass types (callable for lazy imports), runner, description)
 RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]], str]] = {
     "distill": (
         lambda: [DistillScriptArguments, _distillation_config_class()],
         run_distill,
         "Knowledge distillation of a teacher (or a teacher-logits cache) into a student, with DistillationTrainer.",
+    ),
+    "distill-multi": (
+        lambda: [_multi_teacher_script_arguments(), _multi_teacher_config_class()],
+        lambda *parsed: _run_distill_multi(*parsed),
+        "Distillation of several teachers into one student (each example routed to its teacher, or a mixture), "
+        "with MultiTeacherDistillationTrainer.",
     ),
     "adapt": (
         lambda: [AdaptScriptArguments, _training_arguments_class()],

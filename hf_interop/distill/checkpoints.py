@@ -124,7 +124,9 @@ def _write_distilled_card(trainer: Any, output_dir: str) -> None:
     from ..hub.outputs import write_output_metadata
 
     teachers = []
-    if trainer.teacher_name_or_path:
+    if hasattr(trainer, "card_teachers"):  # several teachers (MultiTeacherDistillationTrainer): each with its role
+        teachers = trainer.card_teachers()
+    elif trainer.teacher_name_or_path:
         revision = trainer.args.teacher_revision
         if trainer.teacher_cache is not None:
             revision = trainer.teacher_cache.manifest.get("teacher_revision") or trainer.teacher_cache.manifest.get(

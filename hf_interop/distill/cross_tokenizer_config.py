@@ -16,7 +16,66 @@ CROSS_TOKENIZER_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "gold", "uld")
 
 
 @dataclass
-class CrossTokenizerDistillationConfig(DistillationConfig):
+class CrossTokenizerSettings:
+    """The alignment and hybrid-loss settings of distillation across tokenizers (see
+    [`CrossTokenizerDistillationConfig`] for their documentation), shared by the configs that distil across
+    tokenizers."""
+
+    matched_weight: float = field(
+        default=DEFAULT_MATCHED_WEIGHT, metadata={"help": "Weight (>= 0) of the divergence on matched spans."}
+    )
+    unmatched_weight: float = field(
+        default=DEFAULT_UNMATCHED_WEIGHT, metadata={"help": "Weight (>= 0) of the ULD distance on unmatched spans."}
+    )
+    uld_top_k: int | None = field(
+        default=None, metadata={"help": "Exact ULD over the top-k probabilities only (faster); None = exact."}
+    )
+    alignment: str = field(
+        default="spans",
+        metadata={
+            "help": "spans (offset alignment) or positions (no alignment, ULD).",
+            "choices": list(ALIGNMENT_MODES),
+        },
+    )
+    max_length: int = field(default=256, metadata={"help": "Student tokens per row, start token included."})
+    text_column: str = field(default="text", metadata={"help": "Dataset column holding the raw text."})
+    student_start_token: str = field(
+        default="auto", metadata={"help": "Token before each row's student tokens: auto (BOS, else EOS), '' = none."}
+    )
+    teacher_start_token: str = field(
+        default="auto", metadata={"help": "Token before each row's teacher tokens: auto (BOS, else EOS), '' = none."}
+    )
+    max_vocab_union_size: int = field(
+        default=DEFAULT_MAX_VOCAB_UNION_SIZE,
+        metadata={"help": "Largest allowed union of the two vocabularies (memory cap)."},
+    )
+
+    def _check_cross_tokenizer_settings(self) -> None:
+        for name in ("matched_weight", "unmatched_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0; use 0.0 to turn that part off.")
+        if self.uld_top_k is not None and self.uld_top_k < 1:
+            raise ValueError(f"uld_top_k={self.uld_top_k} must be >= 1, or None for the exact ULD distance.")
+        if self.alignment not in ALIGNMENT_MODES:
+            raise ValueError(f"alignment={self.alignment!r} is not supported; use one of {list(ALIGNMENT_MODES)}.")
+        if self.alignment == "positions" and self.loss_type != "uld":
+            raise ValueError(
+                f"alignment='positions' compares unaligned positions, which only the ULD distance can do; set "
+                f"loss_type='uld' (got {self.loss_type!r}) or use alignment='spans'."
+            )
+        if self.max_length < 2:
+            raise ValueError(f"max_length={self.max_length} must be >= 2.")
+        if self.max_vocab_union_size < 1:
+            raise ValueError(f"max_vocab_union_size={self.max_vocab_union_size} must be >= 1.")
+
+    @property
+    def matched_loss_type(self) -> str:
+        """The loss type handed to :func:`span_aligned_distillation_loss` (`"gold"` means JSD on matched spans)."""
+        return "jsd" if self.loss_type == "gold" else self.loss_type
+
+
+@dataclass
+class CrossTokenizerDistillationConfig(CrossTokenizerSettings, DistillationConfig):
     r"""
     Configuration of [`CrossTokenizerDistillationTrainer`]: a [`DistillationConfig`] plus the settings of
     distillation between models with different tokenizers.
@@ -54,38 +113,9 @@ class CrossTokenizerDistillationConfig(DistillationConfig):
             "choices": list(CROSS_TOKENIZER_LOSS_TYPES),
         },
     )
-    matched_weight: float = field(
-        default=DEFAULT_MATCHED_WEIGHT, metadata={"help": "Weight (>= 0) of the divergence on matched spans."}
-    )
-    unmatched_weight: float = field(
-        default=DEFAULT_UNMATCHED_WEIGHT, metadata={"help": "Weight (>= 0) of the ULD distance on unmatched spans."}
-    )
-    uld_top_k: int | None = field(
-        default=None, metadata={"help": "Exact ULD over the top-k probabilities only (faster); None = exact."}
-    )
-    alignment: str = field(
-        default="spans",
-        metadata={
-            "help": "spans (offset alignment) or positions (no alignment, ULD).",
-            "choices": list(ALIGNMENT_MODES),
-        },
-    )
-    max_length: int = field(default=256, metadata={"help": "Student tokens per row, start token included."})
-    text_column: str = field(default="text", metadata={"help": "Dataset column holding the raw text."})
-    student_start_token: str = field(
-        default="auto", metadata={"help": "Token before each row's student tokens: auto (BOS, else EOS), '' = none."}
-    )
-    teacher_start_token: str = field(
-        default="auto", metadata={"help": "Token before each row's teacher tokens: auto (BOS, else EOS), '' = none."}
-    )
     allowed_loss_types: ClassVar[tuple[str, ...]] = CROSS_TOKENIZER_LOSS_TYPES
     # a served teacher's top-k is spread into a full distribution (uniform tail) for the span-aligned loss
     served_teacher_needs_sparse_loss: ClassVar[bool] = False
-
-    max_vocab_union_size: int = field(
-        default=DEFAULT_MAX_VOCAB_UNION_SIZE,
-        metadata={"help": "Largest allowed union of the two vocabularies (memory cap)."},
-    )
 
     def _check_distillation_fields(self) -> None:
         if self.loss_type not in CROSS_TOKENIZER_LOSS_TYPES:
@@ -94,22 +124,7 @@ class CrossTokenizerDistillationConfig(DistillationConfig):
                 f"{list(CROSS_TOKENIZER_LOSS_TYPES)}."
             )
         super()._check_distillation_fields()
-        for name in ("matched_weight", "unmatched_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0; use 0.0 to turn that part off.")
-        if self.uld_top_k is not None and self.uld_top_k < 1:
-            raise ValueError(f"uld_top_k={self.uld_top_k} must be >= 1, or None for the exact ULD distance.")
-        if self.alignment not in ALIGNMENT_MODES:
-            raise ValueError(f"alignment={self.alignment!r} is not supported; use one of {list(ALIGNMENT_MODES)}.")
-        if self.alignment == "positions" and self.loss_type != "uld":
-            raise ValueError(
-                f"alignment='positions' compares unaligned positions, which only the ULD distance can do; set "
-                f"loss_type='uld' (got {self.loss_type!r}) or use alignment='spans'."
-            )
-        if self.max_length < 2:
-            raise ValueError(f"max_length={self.max_length} must be >= 2.")
-        if self.max_vocab_union_size < 1:
-            raise ValueError(f"max_vocab_union_size={self.max_vocab_union_size} must be >= 1.")
+        self._check_cross_tokenizer_settings()
         unsupported = {
             "teacher_logits_path": self.teacher_logits_path is not None,
             "hidden_loss_weight": self.hidden_loss_weight > 0,
@@ -122,11 +137,6 @@ class CrossTokenizerDistillationConfig(DistillationConfig):
                     f"{name}={getattr(self, name)!r} is not supported by cross-tokenizer distillation (the two "
                     f"models see differently tokenised sequences); leave {name} at its default."
                 )
-
-    @property
-    def matched_loss_type(self) -> str:
-        """The loss type handed to :func:`span_aligned_distillation_loss` (`"gold"` means JSD on matched spans)."""
-        return "jsd" if self.loss_type == "gold" else self.loss_type
 
     def distillation_hyperparameters(self) -> dict[str, Any]:
         hyperparameters = super().distillation_hyperparameters()

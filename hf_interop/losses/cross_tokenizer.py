@@ -242,6 +242,7 @@ def span_aligned_distillation_loss(
     unmatched_weight: float = DEFAULT_UNMATCHED_WEIGHT,
     uld_top_k: int | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
+    example_weights: torch.Tensor | None = None,
 ) -> CrossTokenizerLossOutput:
     """Hybrid cross-tokenizer distillation loss on aligned spans.
 
@@ -261,6 +262,8 @@ def span_aligned_distillation_loss(
         unmatched_weight (`float`, *optional*, defaults to 1.0): weight of the ULD part.
         uld_top_k (`int`, *optional*): see :func:`uld_distance` (`None`: exact).
         num_items_in_batch (`int` or `torch.Tensor`, *optional*): global normalizer.
+        example_weights (`torch.Tensor` of shape `(B,)`, *optional*): multiplies every span of row `b` by
+            `example_weights[b]` (several teachers weighted per example; 0 leaves the row out). `None`: all 1.
     """
     _check_temperature(temperature)
     if loss_type not in SPAN_LOSS_TYPES:
@@ -274,25 +277,38 @@ def span_aligned_distillation_loss(
     index = SpanAlignmentIndex(**{name: getattr(index, name).to(device) for name in SpanAlignmentIndex.FIELDS})
     zero = student_flat.sum() * 0.0  # keeps the graph connected (and the loss finite) when a part is empty
     matched_sum = unmatched_sum = zero
+    student_length = student_logits.shape[1] if student_logits.dim() == 3 else 1
+
+    def weighted_sum(values: torch.Tensor, student_rows: torch.Tensor) -> torch.Tensor:
+        if example_weights is None:
+            return values.sum()
+        return (values * example_weights.to(values)[student_rows // student_length]).sum()
+
     if index.num_matched and loss_type == "uld":  # plain ULD: matched spans are compared by ULD too
-        matched_sum = uld_loss(
-            student_flat[index.matched_student_rows],
-            teacher_flat[index.matched_teacher_rows],
-            temperature=temperature,
-            top_k=uld_top_k,
-        ).sum()
+        matched_sum = weighted_sum(
+            uld_loss(
+                student_flat[index.matched_student_rows],
+                teacher_flat[index.matched_teacher_rows],
+                temperature=temperature,
+                top_k=uld_top_k,
+            ),
+            index.matched_student_rows,
+        )
     elif index.num_matched:
         if mapping is None:
             raise ValueError("the batch has matched spans but mapping is None; pass build_vocabulary_mapping(...).")
-        matched_sum = matched_vocabulary_divergence(
-            student_flat[index.matched_student_rows],
-            teacher_flat[index.matched_teacher_rows],
-            mapping,
-            loss_type=loss_type,
-            temperature=temperature,
-            jsd_beta=jsd_beta,
-            scale_by_temperature_squared=scale_by_temperature_squared,
-        ).sum()
+        matched_sum = weighted_sum(
+            matched_vocabulary_divergence(
+                student_flat[index.matched_student_rows],
+                teacher_flat[index.matched_teacher_rows],
+                mapping,
+                loss_type=loss_type,
+                temperature=temperature,
+                jsd_beta=jsd_beta,
+                scale_by_temperature_squared=scale_by_temperature_squared,
+            ),
+            index.matched_student_rows,
+        )
     if index.num_unmatched:
         student_merged = _merged_span_probs(
             student_flat,
@@ -311,7 +327,9 @@ def span_aligned_distillation_loss(
                 index.teacher_continuation_spans,
                 temperature,
             )
-        unmatched_sum = uld_distance(student_merged, teacher_merged, top_k=uld_top_k).sum()
+        unmatched_sum = weighted_sum(
+            uld_distance(student_merged, teacher_merged, top_k=uld_top_k), index.unmatched_student_rows
+        )
     num_spans = index.num_matched + index.num_unmatched
     normalizer = num_items_in_batch if num_items_in_batch is not None else max(num_spans, 1)
     if isinstance(normalizer, torch.Tensor):

@@ -21,6 +21,7 @@ METHODS = {
     "adapt": ("adapt.py", "adapt"),
     "ensemble": ("ensemble.py", "ensemble"),
     "merge": ("merge.py", "merge"),
+    "distill_multi": ("distill_multi.py", "distill-multi"),
 }
 
 
