@@ -33,6 +33,7 @@ from .divergences import (
     _temperature_factor,
 )
 from .heads import _head_parameters, _head_vocab
+from .liger import liger_kd_sum, liger_unavailable
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -501,6 +502,21 @@ def chunked_distillation_loss(
     teacher_flat = teacher_input.detach().reshape(-1, teacher_input.shape[-1])
     if teacher_logits is None:
         teacher_flat = _take_rows(teacher_flat, valid)
+    if backend in ("liger", "auto"):
+        reason = liger_unavailable(
+            loss_type, hidden.device, student_head, teacher_head if teacher_logits is None else None, kd_ratio,
+            shared_vocab_size,
+        )  # fmt: skip
+        if reason is None:
+            return _liger_output(
+                hidden, student_head, teacher_flat, teacher_head, loss_type, temperature, jsd_beta,
+                _temperature_factor(loss_type, temperature, scale_by_temperature_squared), normalizer,
+            )  # fmt: skip
+        if backend == "liger":
+            raise ValueError(
+                f"backend='liger' cannot compute this loss: {reason}. Use backend='auto' (it falls back to the "
+                "compiled kernel) or 'compiled'."
+            )
     rows = padded_rows(num_valid, chunk_size)
     vocab_guess = teacher_logits.shape[-1] if teacher_logits is not None else _head_vocab(teacher_head)
     if use_compiled(backend, rows, vocab_guess, hidden.device):
@@ -598,3 +614,21 @@ def _compiled_chunked_loss(
         runner.teacher_row_sums, "teacher_logits" if teacher_head is None else "the teacher head's logits"
     )
     return runner.output(total_sum, normalizer)
+
+
+def _liger_output(
+    hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    teacher_hidden: Tensor,
+    teacher_head: Callable[[Tensor], Tensor],
+    loss_type: str,
+    temperature: float,
+    jsd_beta: float,
+    factor: float,
+    normalizer: int | Tensor,
+) -> DistillationLossOutput:
+    """The loss through Liger-Kernel (`liger.py`): no statistics (NaN) and no cross-entropy log there."""
+    kd_sum = liger_kd_sum(hidden, student_head, teacher_hidden, teacher_head, loss_type, temperature, jsd_beta, factor)
+    statistics = _Statistics()
+    statistics.top1_matches = statistics.teacher_entropy = statistics.student_entropy = float("nan")
+    return _finish(kd_sum.detach(), None, kd_sum, normalizer, hidden.shape[0], statistics)

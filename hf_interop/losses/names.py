@@ -6,6 +6,6 @@ SPARSE_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "tvd")
 HIDDEN_LOSS_TYPES = ("mse", "cosine")
 # how the chunked losses compute each chunk (`DistillationConfig.loss_backend`; see `losses/compiled.py`)
 LOSS_BACKENDS = ("auto", "eager", "compiled", "liger")
-# the divergences Liger-Kernel fuses with the head matmul (`losses/liger.py`): forward KL and reverse KL as its
-# JSD at beta 0 and 1, JSD, TVD
-LIGER_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+# the divergences Liger-Kernel fuses with the head matmul (`losses/liger.py`): its generalized JSD, which is forward
+# KL at beta 0 and reverse KL at beta 1
+LIGER_LOSS_TYPES = ("forward_kl", "reverse_kl", "jsd")

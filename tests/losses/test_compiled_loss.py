@@ -240,7 +240,7 @@ def test_liger_without_the_package_names_the_extra(tmp_path, monkeypatch):
         DistillationConfig(output_dir=str(tmp_path), report_to="none", loss_backend="liger")
 
 
-@pytest.mark.parametrize("loss_type", sorted(set(DIVERGENCE_TYPES) - {"forward_kl", "reverse_kl", "jsd", "tvd"}))
+@pytest.mark.parametrize("loss_type", sorted(set(DIVERGENCE_TYPES) - {"forward_kl", "reverse_kl", "jsd"}))
 def test_liger_refuses_a_divergence_it_does_not_have(tmp_path, monkeypatch, loss_type):
     import importlib.util
 
@@ -252,3 +252,43 @@ def test_liger_refuses_a_divergence_it_does_not_have(tmp_path, monkeypatch, loss
     )
     with pytest.raises(ValueError, match=rf"loss_backend='liger' has no '{loss_type}' loss"):
         DistillationConfig(output_dir=str(tmp_path), report_to="none", loss_backend="liger", loss_type=loss_type)
+
+
+def test_liger_refuses_what_it_cannot_compute_exactly_and_auto_does_not_insist():
+    """On CPU (or without the package, or with a softcapped head) `liger` names the reason; `auto` computes."""
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = _float32_inputs(seed=48, softcap=5.0)
+    kwargs = {"teacher_hidden": teacher_hidden, "teacher_head": teacher_head, "shared_vocab_size": 80}
+    with pytest.raises(ValueError, match=r"backend='liger' cannot compute this loss: Liger-Kernel.*'auto'"):
+        _chunked("liger", student_hidden, student_head, labels, **kwargs)
+    with pytest.raises(ValueError, match=r"Liger-Kernel has no 'tvd' loss"):
+        _chunked("liger", student_hidden, student_head, labels, loss_type="tvd", **kwargs)
+    auto, eager = (_chunked(backend, student_hidden, student_head, labels, **kwargs) for backend in ("auto", "eager"))
+    torch.testing.assert_close(auto.loss, eager.loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("loss_type", "jsd_beta"), [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.5), ("jsd", 0.3)]
+)
+def test_liger_matches_ours_on_cuda(loss_type, jsd_beta):
+    """Liger's fused linear JSD against our compiled kernel and eager path, bfloat16 heads, within bf16 tolerance."""
+    pytest.importorskip("liger_kernel")
+    device = torch.device("cuda")
+    generator = torch.Generator().manual_seed(49)
+    tokens, hidden_size, vocab = 1024, 256, 8192
+    student_head = torch.nn.Linear(hidden_size, vocab, bias=False).to(device, torch.bfloat16)
+    teacher_head = torch.nn.Linear(hidden_size, vocab, bias=False).to(device, torch.bfloat16).requires_grad_(False)
+    student_hidden = torch.randn(tokens, hidden_size, generator=generator).to(device, torch.bfloat16)
+    teacher_hidden = torch.randn(tokens, hidden_size, generator=generator).to(device, torch.bfloat16)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator).to(device)
+    results = {}
+    for backend in ("liger", "compiled", "eager"):
+        hidden = student_hidden.clone().requires_grad_()
+        student_head.weight.grad = None
+        out = _chunked(backend, hidden, student_head, labels, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
+                       loss_type=loss_type, jsd_beta=jsd_beta, temperature=2.0, compute_ce_loss=False)  # fmt: skip
+        out.loss.backward()
+        results[backend] = (out.loss.float(), hidden.grad.float(), student_head.weight.grad.float())
+    for backend in ("liger", "compiled"):
+        for value, expected in zip(results[backend], results["eager"], strict=True):
+            torch.testing.assert_close(value, expected, rtol=2e-2, atol=2e-3 * expected.abs().max().item())
