@@ -8,7 +8,7 @@ hidden states and head, the whole vocabulary compared and no cross-entropy share
 Liger returns only the loss: the statistics (`top1_agreement`, entropies) are NaN and `ce_loss` is `None` there.
 
 Install with `pip install 'hf_interop[liger-kernel]'`. Results equal ours within bfloat16 tolerance (tested on a
-GPU: `tests/losses/test_compiled_loss.py::test_liger_matches_ours_on_cuda`).
+GPU: `tests/losses/test_compiled_loss.py::test_compiled_and_liger_match_eager_on_cuda`).
 """
 
 from __future__ import annotations
