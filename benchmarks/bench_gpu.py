@@ -99,7 +99,7 @@ SMOKE = {
     "new_tokens": 8,
     "generate_repeats": 1,
 }
-LOSS_METHODS = ("naive", "trl_gkd", "hf_dense", "hf_chunked")
+LOSS_METHODS = ("naive", "trl_gkd", "hf_dense", "hf_chunked", "hf_compiled", "hf_liger")
 MIB = 2**20
 
 
@@ -188,8 +188,9 @@ def loss_inputs(tokens: int, sizes: dict, device, dtype):
 def loss_step(method: str, loss_type: str, inputs):
     """`bench_losses.make_step` (the same naive / TRL / hf_interop steps as the CPU benchmark); `hf_chunked` is its
     `hf_interop`. Returns the loss as a 0-d tensor (no sync)."""
-    from bench_losses import make_step
+    from bench_losses import SETTINGS, make_step
 
+    SETTINGS["compiled_chunk_size"] = 1024
     return make_step("hf_interop" if method == "hf_chunked" else method, loss_type, inputs)
 
 
@@ -232,7 +233,12 @@ def section_losses(sizes: dict, device, budget_s: float) -> tuple[str, dict]:
     import torch
 
     dtype = torch.bfloat16
-    cells = [(t, loss, m) for t in sizes["loss_tokens"] for loss in BETA for m in LOSS_METHODS]
+    import importlib.util
+
+    methods = [m for m in LOSS_METHODS if m != "hf_liger" or importlib.util.find_spec("liger_kernel") is not None]
+    if device.type != "cuda":
+        methods = [m for m in methods if m != "hf_liger"]
+    cells = [(t, loss, m) for t in sizes["loss_tokens"] for loss in BETA for m in methods]
     cells += [(t, loss, "hf_chunked") for t in sizes["loss_tokens_chunked_only"] for loss in BETA]
     results: dict[tuple[int, str, str], dict] = {}
     current: tuple[int, tuple] | None = None
@@ -298,7 +304,9 @@ def section_losses(sizes: dict, device, budget_s: float) -> tuple[str, dict]:
         "and head get gradients, the teacher's none. `naive`: full logits of both, float32 `log_softmax` + "
         "`F.kl_div` (JSD: mixture by `logaddexp`); `trl_gkd`: TRL `GKDTrainer.generalized_jsd_loss` on full logits "
         "(beta 0 = forward KL, 0.5 = JSD); `hf_dense`: `hf_interop.losses.distillation_loss` on full logits; "
-        "`hf_chunked`: `hf_interop.losses.chunked_distillation_loss` (default chunk size, never builds full logits). "
+        "`hf_chunked`: `hf_interop.losses.chunked_distillation_loss` (chunk 1,024, eager per-chunk ops, never builds "
+        "full logits); `hf_compiled`: the same with `backend='compiled'` (one Triton kernel per chunk); `hf_liger`: "
+        "the same with `backend='liger'` (Liger-Kernel's fused linear JSD; only when liger-kernel is installed). "
         "Peak memory: `torch.cuda.max_memory_allocated` above the allocation just before the call (inputs and heads "
         f"excluded, the head's gradient included); time: median of {sizes['loss_repeats']} runs after a warm-up. "
         "Liger-Kernel's anchor: fused linear JSD uses 84% less memory than plain PyTorch at 8,192 tokens, vocab "

@@ -8,7 +8,12 @@ student hidden states (with grad), the same student head (with grad), the same t
 - `trl_gkd`: TRL's `GKDTrainer.generalized_jsd_loss` on those same full logits (beta 0 = forward KL).
 - `trl_chunked`: TRL's `DistillationTrainer` chunked loss (`trl.trainer.distillation_trainer._chunked_divergence_loss`,
   a private function; on CPU it runs its PyTorch tile path).
-- `hf_interop`: `hf_interop.losses.chunked_distillation_loss` (chunk_size 1024, no CE term, fused backward).
+- `hf_interop`: `hf_interop.losses.chunked_distillation_loss` (chunk_size 1024, no CE term, fused backward), eager
+  per-chunk ops (`backend="eager"`).
+- `hf_compiled`: the same loss with `backend="compiled"`: one `torch.compile`d kernel per chunk (inductor C++ on CPU,
+  Triton on CUDA), chunk size `--compiled-chunk-size` (default 256: at 4k tokens that keeps the
+  peak under 10% of naive's). Compiled once in the warm-up.
+- `hf_liger`: the same loss with `backend="liger"` (Liger-Kernel's fused linear JSD; CUDA only, skipped elsewhere).
 
 Peak memory is the process's peak RSS above the start of the call on CPU (`torch.cuda.max_memory_allocated` on
 GPU); time is the wall time of one forward+backward. A dense method whose extrapolated peak exceeds
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import math
 import os
 import sys
@@ -34,7 +40,8 @@ import time
 from _common import PeakRSS, write_result
 
 HIDDEN, VOCAB = 576, 49152
-METHODS = ("naive", "trl_gkd", "trl_chunked", "hf_interop")
+METHODS = ("naive", "trl_gkd", "trl_chunked", "hf_interop", "hf_compiled", "hf_liger")
+SETTINGS = {"compiled_chunk_size": 512}  # set from the command line
 DENSE_METHODS = ("naive", "trl_gkd")
 BETA = {"forward_kl": 0.0, "jsd": 0.5}
 
@@ -127,14 +134,17 @@ def make_step(method: str, loss_type: str, inputs):
             out.loss.backward()
             return out.loss.detach()
 
-    elif method == "hf_interop":
+    elif method in ("hf_interop", "hf_compiled", "hf_liger"):
         from hf_interop.losses import chunked_distillation_loss
+
+        backend = {"hf_interop": "eager", "hf_compiled": "compiled", "hf_liger": "liger"}[method]
+        chunk_size = SETTINGS["compiled_chunk_size"] if method == "hf_compiled" else 1024
 
         def step():
             out = chunked_distillation_loss(
                 student_hidden, student_head, labels, teacher_hidden=teacher_hidden, teacher_head=teacher_head,
-                loss_type=loss_type, jsd_beta=beta if loss_type == "jsd" else 0.5, chunk_size=1024,
-                compute_ce_loss=False,
+                loss_type=loss_type, jsd_beta=beta if loss_type == "jsd" else 0.5, chunk_size=chunk_size,
+                compute_ce_loss=False, backend=backend,
             )  # fmt: skip
             out.loss.backward()
             return out.loss.detach()
@@ -168,6 +178,34 @@ def measure(step, inputs, device) -> tuple[float, float, int, float]:
     return seconds, cpu_seconds, peak.delta, value
 
 
+def profile_table(method: str, loss_types: list[str], num_tokens: int, device) -> str:
+    """Top operators of one more step of `method` per loss type (self CPU time), as markdown."""
+    import torch
+    from torch.profiler import profile
+
+    inputs = build_inputs(num_tokens, device)
+    parts = []
+    for loss_type in loss_types:
+        step = make_step(method, loss_type, inputs)
+        step()  # warm (a compiled method compiles here if its chunk shape is new)
+        inputs[0].grad = inputs[1].weight.grad = None
+        with profile() as prof:
+            step()
+        inputs[0].grad = inputs[1].weight.grad = None
+        total = sum(event.self_cpu_time_total for event in prof.key_averages())
+        rows = [f"Profile of `{method}`, {loss_type}, {num_tokens} tokens (self CPU time, load {os.getloadavg()[0]:.1f}):",
+                "", "| operator | calls | self CPU (s) | share |", "|---|---:|---:|---:|"]  # fmt: skip
+        for event in sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]:
+            rows.append(
+                f"| `{event.key[:70]}` | {event.count} | {event.self_cpu_time_total / 1e6:.2f} | "
+                f"{event.self_cpu_time_total / total:.0%} |"
+            )
+        parts.append("\n".join(rows))
+    del inputs
+    torch.manual_seed(0)
+    return "\n\n".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -176,7 +214,13 @@ def main() -> None:
     parser.add_argument("--memory-budget-gb", type=float, default=3.0, help="skip dense methods predicted above this")
     parser.add_argument("--time-budget-s", type=float, default=480.0, help="skip cells that would overrun this")
     parser.add_argument("--result-name", default="losses", help="results/<name>.md; name partial runs differently")
+    parser.add_argument("--compiled-chunk-size", type=int, default=256, help="hf_compiled's chunk size")
+    parser.add_argument(
+        "--profile", nargs="*", default=[], metavar="METHOD", help="profile one more step of these methods at the "
+        "largest size (PyTorch profiler, top operators by self CPU time appended to the result)",
+    )  # fmt: skip
     args = parser.parse_args()
+    SETTINGS["compiled_chunk_size"] = args.compiled_chunk_size
 
     if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         # every allocation above 64 KiB gets its own mapping and goes back to the OS when freed, so peak RSS
@@ -186,21 +230,26 @@ def main() -> None:
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "hf_liger" in args.methods and (device.type != "cuda" or importlib.util.find_spec("liger_kernel") is None):
+        print("hf_liger skipped: needs CUDA and liger-kernel (pip install 'hf_interop[liger-kernel]')")
+        args.methods = [method for method in args.methods if method != "hf_liger"]
     sizes = sorted(args.tokens)
     smallest = sizes[0]
     # smallest size first (it calibrates the extrapolations), then the largest: the 16k chunked cells matter most
     order = [(smallest, method, loss) for loss in args.losses for method in args.methods]
     for num_tokens in sorted(sizes[1:], reverse=True):
-        for method in ("hf_interop", "trl_chunked", *DENSE_METHODS):
+        for method in ("hf_compiled", "hf_interop", "hf_liger", "trl_chunked", *DENSE_METHODS):
             if method in args.methods:
                 order += [(num_tokens, method, loss) for loss in args.losses]
 
     # warm up every code path on a small input (lazy imports, first-call allocations)
     warm_inputs = build_inputs(64, device)
+    # the compiled kernel compiles for its padded chunk shape: warm it up on one full chunk
+    compiled_warm_inputs = build_inputs(args.compiled_chunk_size, device) if "hf_compiled" in args.methods else None
     for method in args.methods:
         for loss in args.losses:
-            make_step(method, loss, warm_inputs)()
-    del warm_inputs
+            make_step(method, loss, compiled_warm_inputs if method == "hf_compiled" else warm_inputs)()
+    del warm_inputs, compiled_warm_inputs
 
     results: dict[tuple[int, str, str], dict] = {}
     began = time.perf_counter()
@@ -228,23 +277,26 @@ def main() -> None:
             inputs_by_size[num_tokens] = build_inputs(num_tokens, device)
         inputs = inputs_by_size[num_tokens]
         seconds, cpu_seconds, peak_bytes, value = measure(make_step(method, loss, inputs), inputs, device)
+        load = os.getloadavg()[0]
         results[key] = {
             "status": "ok",
             "seconds": seconds,
             "cpu_seconds": cpu_seconds,
             "peak_bytes": peak_bytes,
             "loss": value,
+            "load": load,
         }
         print(
             f"{num_tokens:>6} {loss:<10} {method:<12} {seconds:8.2f} s {cpu_seconds:8.2f} CPU s "
-            f"{peak_bytes / 2**20:9.0f} MiB  loss {value:.6f}"
+            f"{peak_bytes / 2**20:9.0f} MiB  loss {value:.6f}  load {load:.1f}",
+            flush=True,
         )
 
     # the naive reference for the ratios: measured, else extrapolated linearly from the smallest size (marked ~)
     rows = [
         "| tokens | loss | method | peak memory (MiB) | time (s) | CPU time (s) | memory vs naive | time vs naive | "
-        "CPU time vs naive | loss value |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "CPU time vs naive | loss value | load (1 min) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for num_tokens in sizes:
         for loss in args.losses:
@@ -262,7 +314,7 @@ def main() -> None:
                         else "-"
                     )
                     rows.append(
-                        f"| {num_tokens} | {loss} | {method} | {memory} | - | - | - | - | - | {cell['status']} |"
+                        f"| {num_tokens} | {loss} | {method} | {memory} | - | - | - | - | - | {cell['status']} | - |"
                     )
                     continue
                 memory_ratio = f"{naive_mark}{cell['peak_bytes'] / naive_bytes:.2f}" if naive_bytes else "-"
@@ -270,7 +322,8 @@ def main() -> None:
                 cpu_ratio = f"{naive_mark}{cell['cpu_seconds'] / naive_cpu_seconds:.2f}" if naive_cpu_seconds else "-"
                 rows.append(
                     f"| {num_tokens} | {loss} | {method} | {cell['peak_bytes'] / 2**20:.0f} | {cell['seconds']:.2f} | "
-                    f"{cell['cpu_seconds']:.2f} | {memory_ratio} | {time_ratio} | {cpu_ratio} | {cell['loss']:.6f} |"
+                    f"{cell['cpu_seconds']:.2f} | {memory_ratio} | {time_ratio} | {cpu_ratio} | {cell['loss']:.6f} | "
+                    f"{cell['load']:.1f} |"
                 )
     note = (
         f"Forward+backward of the KD loss from hidden states (hidden {HIDDEN}, vocab {VOCAB}); student hidden states "
@@ -282,6 +335,8 @@ def main() -> None:
         "sensitive to the other jobs than the wall time."
     )
     markdown = note + "\n\n" + "\n".join(rows)
+    for method in args.profile:
+        markdown += "\n\n" + profile_table(method, args.losses, sizes[-1], device)
     data = {
         "device": str(device),
         "hidden": HIDDEN,

@@ -29,15 +29,17 @@ WARMUP_STEPS = 1
 TIMED_STEPS = 6
 STUDENT_LAYERS = 4
 ROUNDS = int(os.environ.get("BENCH_TRAINER_ROUNDS", 3))  # interleaved rounds; the best round of each trainer counts
-# (worker kind, loss_chunk_size, precision): TRL, then hf_interop at its default chunk size and at a small one, in
-# float32; then both under bfloat16 autocast (`bf16=True`). Precision is set explicitly for both trainers: TRL's
-# configs default to bf16=True, ours to False, and comparing those defaults would compare precisions, not trainers.
+# (worker kind, loss_chunk_size, precision, loss backend): TRL, then hf_interop with the eager and the compiled
+# per-chunk path, in float32; then the same under bfloat16 autocast (`bf16=True`). Precision is set explicitly for
+# both trainers: TRL's configs default to bf16=True, ours to False, and comparing those defaults would compare
+# precisions, not trainers. `--variants` picks a subset by index.
 VARIANTS = (
-    ("trl", 0, "fp32"),
-    ("hf_interop", 1024, "fp32"),
-    ("hf_interop", 128, "fp32"),
-    ("trl", 0, "bf16"),
-    ("hf_interop", 1024, "bf16"),
+    ("trl", 0, "fp32", "-"),
+    ("hf_interop", 1024, "fp32", "eager"),
+    ("hf_interop", 1024, "fp32", "compiled"),
+    ("trl", 0, "bf16", "-"),
+    ("hf_interop", 1024, "bf16", "eager"),
+    ("hf_interop", 1024, "bf16", "compiled"),
 )
 
 
@@ -94,7 +96,7 @@ def _common_arguments(output_dir: Path, precision: str) -> dict:
     )
 
 
-def worker(kind: str, work_dir: Path, chunk_size: int, precision: str) -> dict:
+def worker(kind: str, work_dir: Path, chunk_size: int, precision: str, backend: str) -> dict:
     import torch
     from datasets import load_from_disk
 
@@ -115,6 +117,7 @@ def worker(kind: str, work_dir: Path, chunk_size: int, precision: str) -> dict:
             kd_ratio=1.0,
             temperature=1.0,
             loss_chunk_size=chunk_size,
+            loss_backend=backend,
             **_common_arguments(work_dir / kind, precision),
         )
         trainer = DistillationTrainer(
@@ -159,7 +162,7 @@ def worker(kind: str, work_dir: Path, chunk_size: int, precision: str) -> dict:
     }
 
 
-def _run_worker(kind: str, chunk_size: int, precision: str, work_dir: Path) -> dict:
+def _run_worker(kind: str, chunk_size: int, precision: str, backend: str, work_dir: Path) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [
         sys.executable,
@@ -170,6 +173,8 @@ def _run_worker(kind: str, chunk_size: int, precision: str, work_dir: Path) -> d
         str(chunk_size),
         "--precision",
         precision,
+        "--backend",
+        backend,
         "--work_dir",
         str(work_dir),
     ]
@@ -186,10 +191,13 @@ def main() -> None:
     parser.add_argument("--worker", choices=["hf_interop", "trl"])
     parser.add_argument("--chunk_size", type=int, default=1024)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--backend", default="eager", help="hf_interop's loss_backend (worker)")
     parser.add_argument("--work_dir", default=None)
+    parser.add_argument("--variants", type=int, nargs="+", default=None, help="indices into VARIANTS (default: all)")
     options = parser.parse_args()
     if options.worker:
-        result = worker(options.worker, Path(options.work_dir), options.chunk_size, options.precision)
+        result = worker(options.worker, Path(options.work_dir), options.chunk_size, options.precision, options.backend)
+        result["load"] = os.getloadavg()[0]
         print("RESULT " + json.dumps(result), flush=True)
         return
 
@@ -199,10 +207,12 @@ def main() -> None:
 
     work_dir = Path(options.work_dir or tempfile.mkdtemp(prefix="bench_trainer_"))
     _student_and_data(work_dir)
-    rounds: dict[tuple[str, int, str], list[dict]] = {variant: [] for variant in VARIANTS}
+    variants = [VARIANTS[index] for index in options.variants] if options.variants else list(VARIANTS)
+    rounds: dict[tuple[str, int, str, str], list[dict]] = {variant: [] for variant in variants}
     for _ in range(ROUNDS):  # interleaved, so a load change on the shared machine hits every variant alike
-        for kind, chunk_size, precision in VARIANTS:
-            rounds[(kind, chunk_size, precision)].append(_run_worker(kind, chunk_size, precision, work_dir))
+        for variant in variants:
+            rounds[variant].append(_run_worker(*variant, work_dir))
+            print(variant, {k: round(v, 3) for k, v in rounds[variant][-1].items()}, flush=True)
     best = {
         variant: {
             **max(runs, key=lambda run: run["samples_per_second"]),
@@ -212,7 +222,7 @@ def main() -> None:
         for variant, runs in rounds.items()
     }
 
-    theirs = {precision: best[variant] for variant in VARIANTS if variant[0] == "trl" for precision in [variant[2]]}
+    theirs = {precision: best[variant] for variant in variants if variant[0] == "trl" for precision in [variant[2]]}
     mib = 2**20
     markdown = (
         f"Off-policy forward-KL distillation, SmolLM2-135M-Instruct teacher (float32) -> {STUDENT_LAYERS}-layer "
@@ -223,21 +233,24 @@ def main() -> None:
         f"{WARMUP_STEPS} warm-up step, each run in a fresh process, {ROUNDS} interleaved rounds (best throughput, "
         f"lowest memory of each); trl {trl.__version__} `GKDTrainer` with `lmbda=0, beta=0`. Timings come from a "
         "2-core machine that other jobs may share, so throughput ratios are rough; memory is not affected.\n\n"
-        "| trainer | precision | loss chunk (tokens) | samples/s | s/step | peak RSS increase during train (MiB) | "
-        "process max RSS (MiB) | first-step loss | throughput vs TRL | memory increase vs TRL |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| trainer | precision | loss chunk (tokens) | loss backend | samples/s | s/step | peak RSS increase during "
+        "train (MiB) | process max RSS (MiB) | first-step loss | throughput vs TRL | memory increase vs TRL | load "
+        "(1 min, at the end of the best run) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     ratios = {}
-    for (kind, chunk_size, precision), result in best.items():
+    for (kind, chunk_size, precision, backend), result in best.items():
         name = "TRL GKDTrainer" if kind == "trl" else "hf_interop DistillationTrainer"
         reference = theirs[precision]
         speed = result["samples_per_second"] / reference["samples_per_second"]
         memory = result["peak_rss_increase_bytes"] / max(reference["peak_rss_increase_bytes"], 1)
-        ratios[f"{kind}_{chunk_size}_{precision}"] = {"throughput": speed, "memory": memory}
+        ratios[f"{kind}_{chunk_size}_{precision}_{backend}"] = {"throughput": speed, "memory": memory}
         markdown += (
-            f"| {name} | {precision} | {chunk_size if kind != 'trl' else 'dense'} | {result['samples_per_second']:.2f} | "
+            f"| {name} | {precision} | {chunk_size if kind != 'trl' else 'dense'} | {backend} | "
+            f"{result['samples_per_second']:.2f} | "
             f"{result['seconds_per_step']:.2f} | {result['peak_rss_increase_bytes'] / mib:.0f} | "
-            f"{result['max_rss_bytes'] / mib:.0f} | {result['first_step_loss']:.4f} | x{speed:.2f} | x{memory:.2f} |\n"
+            f"{result['max_rss_bytes'] / mib:.0f} | {result['first_step_loss']:.4f} | x{speed:.2f} | x{memory:.2f} | "
+            f"{result.get('load', float('nan')):.1f} |\n"
         )
     markdown += (
         "\nWithin one precision, the same first-step loss shows that the runs computed the same forward KL on the "
@@ -246,7 +259,7 @@ def main() -> None:
     write_result(
         "trainer",
         markdown,
-        {"runs": {f"{k}_{c}_{p}": runs for (k, c, p), runs in rounds.items()}, "ratios": ratios},
+        {"runs": {"_".join(map(str, variant)): runs for variant, runs in rounds.items()}, "ratios": ratios},
     )
 
 

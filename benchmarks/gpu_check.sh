@@ -7,6 +7,11 @@
 #
 #     bash benchmarks/gpu_check.sh            # with carry [".whl"]; writes logs and results under $OUT
 #
+# For the Liger-Kernel backend put its wheel in `.whl/` too (`pip download --no-deps -d .whl liger-kernel`; it needs
+# the machine's triton): the gpu tests then compare it with our eager and compiled paths, and bench_gpu.py's loss
+# section adds `hf_liger` rows beside `hf_compiled` (torch.compile, Triton) and `hf_chunked` (eager). Without the
+# wheel those are skipped.
+#
 # `.whl/hf_interop_cache/gpt2-tokenizer-from-openai-whisper/` holds the GPT-2 tokenizer converted by
 # `hf_interop.cross_tokenizer.load_gpt2_tokenizer`, which the cross-tokenizer GPU tests need (openai-whisper, its
 # source, is not installed there). Worst case about 9.5 minutes: tests are cut at 200 s, the benchmark at 320 s.
@@ -31,7 +36,7 @@ import torch
 print("python", __import__("sys").version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "| device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
 for name in ("transformers", "datasets", "evaluate", "trl", "peft", "accelerate", "huggingface_hub", "tokenizers",
-             "safetensors", "pyarrow", "pandas", "fsspec", "dill", "multiprocess", "numpy"):
+             "safetensors", "pyarrow", "pandas", "fsspec", "dill", "multiprocess", "numpy", "triton", "liger_kernel"):
     try:
         module = importlib.import_module(name)
         print(f"{name} {getattr(module, '__version__', '?')} ({module.__file__})")
@@ -41,7 +46,8 @@ EOF
 
 # Only the files that hold gpu-marked tests (the others would be collected and deselected anyway).
 timeout -k 10 200 python3 -m pytest -m gpu -q -p no:cacheprovider \
-    tests/distill/test_distillation_trainer.py tests/losses/test_chunked_loss.py tests/ensemble/test_ensemble_cross_tokenizer.py \
+    tests/distill/test_distillation_trainer.py tests/losses/test_chunked_loss.py tests/losses/test_compiled_loss.py \
+    tests/ensemble/test_ensemble_cross_tokenizer.py \
     tests/ensemble/test_ensemble_causal_lm.py tests/losses/test_cross_tokenizer_losses.py tests/distill/test_multiprocess.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from transformers import TrainingArguments
 
-from ..losses.names import HIDDEN_LOSS_TYPES, LOSS_TYPES
+from ..losses.names import HIDDEN_LOSS_TYPES, LOSS_BACKENDS, LOSS_TYPES
 
 # One list of loss names, shared with the losses (`losses/names.py` is torch-free, so a config imports no math).
 DISTILLATION_LOSS_TYPES = LOSS_TYPES
@@ -63,6 +64,12 @@ class DistillationConfig(TrainingArguments):
             Valid tokens per chunk of the memory-efficient loss, which never builds the full (batch, sequence,
             vocabulary) logits of either model. Larger is a little faster and uses more memory. `0` computes the loss
             from full logits (the dense path).
+        loss_backend (`str`, *optional*, defaults to `"auto"`):
+            How the chunked loss computes each chunk: `"eager"` (PyTorch ops), `"compiled"` (one `torch.compile`d
+            kernel per chunk: the log-softmaxes, divergence, cross-entropy and gradient fused; compiles once per run),
+            `"liger"` (Liger-Kernel's fused linear losses on CUDA, `pip install 'hf_interop[liger-kernel]'`) or
+            `"auto"` (Liger when installed and applicable, else compiled for large chunks, else eager; a failed
+            compilation warns once and runs eagerly). The loss is the same whichever runs.
 
         > Teacher
 
@@ -211,6 +218,14 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Valid tokens per chunk of the memory-efficient loss (no full logits tensor). Larger: faster, more "
             "memory. 0 = dense loss from full logits."
+        },
+    )
+    loss_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "How the chunked loss computes each chunk: eager, compiled (torch.compile), liger (Liger-Kernel, "
+            "CUDA) or auto (the fastest that applies).",
+            "choices": list(LOSS_BACKENDS),
         },
     )
 
@@ -377,6 +392,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"loss_chunk_size={self.loss_chunk_size} must be >= 0; use e.g. 1024 (chunked loss) or 0 (dense loss)."
             )
+        _check_loss_backend(self.loss_backend, self.loss_type)
 
     def _check_generation_fields(self) -> None:
         """On-policy and sequence-level generation: prompt length, new tokens and sampling settings."""
@@ -517,3 +533,24 @@ def _parse_layer_map(value: Any) -> list[list[int]] | None:
             "[[1, 2], [2, 4]]."
         ) from error
     return pairs or None
+
+
+def _check_loss_backend(backend: str, loss_type: str) -> None:
+    """`loss_backend` names a backend; `"liger"` needs its package and a divergence it has (checked here, before any
+    model loads; whether the device is CUDA is only known in the loss, which raises there)."""
+    if backend not in LOSS_BACKENDS:
+        raise ValueError(f"loss_backend={backend!r} is not known; use one of {list(LOSS_BACKENDS)}.")
+    if backend != "liger":
+        return
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ValueError(
+            "loss_backend='liger' needs Liger-Kernel, which is not installed: pip install 'hf_interop[liger-kernel]' "
+            "(or liger-kernel itself); or use loss_backend='auto' (compiled or eager)."
+        )
+    from ..losses.names import LIGER_LOSS_TYPES
+
+    if loss_type not in LIGER_LOSS_TYPES:
+        raise ValueError(
+            f"loss_backend='liger' has no {loss_type!r} loss (Liger-Kernel fuses {list(LIGER_LOSS_TYPES)}); use "
+            "loss_backend='auto', which falls back to the compiled kernel for it."
+        )

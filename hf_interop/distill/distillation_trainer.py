@@ -720,6 +720,7 @@ class DistillationTrainer(Trainer):
                 *shifted,
                 shift_labels,
                 chunk_size=args.loss_chunk_size,
+                backend=args.loss_backend,
                 **sparse_kwargs,
             )
         else:
@@ -760,6 +761,7 @@ class DistillationTrainer(Trainer):
                 shift_labels,
                 **teacher,
                 chunk_size=args.loss_chunk_size,
+                backend=args.loss_backend,
                 **loss_kwargs,
             )
         else:

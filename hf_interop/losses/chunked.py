@@ -17,6 +17,7 @@ from torch import nn
 
 from hf_interop.logging_utils import get_logger
 
+from .compiled import KernelChunks, _check_backend, padded_rows, use_compiled
 from .dense import _ALL_IGNORED_WARNING, DistillationLossOutput, _entropy_from_logits, _finish, _Statistics, _zero_loss
 from .divergences import (
     _check_cross_entropy_needed,
@@ -29,8 +30,10 @@ from .divergences import (
     _resolve_vocab,
     _row_dot,
     _select_valid,
+    _temperature_factor,
 )
-from .heads import _head_parameters
+from .heads import _head_parameters, _head_vocab
+from .liger import liger_kd_sum, liger_unavailable
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -152,6 +155,55 @@ class _ChunkRunner:
         return total, grad
 
 
+class _KernelRunner(_ChunkRunner):
+    """A `_ChunkRunner` whose chunks go through a compiled kernel (`compiled.py`) on chunks padded to one shape:
+    `kernel_chunk(logits, start, end)` gives `(grad, kd, ce, student entropy, teacher entropy, student argmax,
+    teacher argmax, teacher row sums or None)` for every row of the padded chunk; padded rows are zero."""
+
+    def __init__(
+        self,
+        valid_labels: Tensor,
+        chunk_size: int,
+        kd_ratio: float,
+        compute_ce_loss: bool,
+        num_valid: int,
+        kernel_chunk: Callable[[Tensor, int, int], tuple],
+    ) -> None:
+        super().__init__(valid_labels, chunk_size, kd_ratio, compute_ce_loss, None)
+        self.num_valid = num_valid
+        self.kernel_chunk = kernel_chunk
+        self.teacher_row_sums: list[Tensor] = []
+
+    @torch.no_grad()
+    def loss_and_logit_grad(
+        self, student_logits: Tensor, start: int, end: int, need_grad: bool, record: bool = True
+    ) -> tuple[Tensor, Tensor | None]:
+        logits = student_logits.detach().to(_compute_dtype(student_logits))
+        if self.compute_ce_loss and not self.labels_checked:
+            _check_labels_in_vocab(self.valid_labels, logits.shape[-1])
+            self.labels_checked = True
+        grad, kd, ce, student_entropy, teacher_entropy, student_argmax, teacher_argmax, row_sums = self.kernel_chunk(
+            logits, start, end
+        )
+        kd = kd.sum()
+        total = kd
+        if self.compute_ce_loss:
+            ce = ce.sum()
+            if self.kd_ratio != 1.0:
+                total = self.kd_ratio * kd + (1.0 - self.kd_ratio) * ce
+        if record:
+            real = max(0, min(end, self.num_valid) - start)
+            self.kd_sum = self.kd_sum + kd
+            if self.compute_ce_loss:
+                self.ce_sum = self.ce_sum + ce
+            if row_sums is not None:
+                self.teacher_row_sums.append(row_sums[:real])
+            self.statistics.add_precomputed(
+                student_argmax[:real], teacher_argmax[:real], teacher_entropy[:real], student_entropy[:real]
+            )
+        return total, grad if need_grad else None
+
+
 class _FusedChunkedLoss(torch.autograd.Function):
     """Chunk loop that computes each chunk's gradients right away (w.r.t. the hidden chunk and the head's
     parameters) and keeps only those: the student's logits never outlive their chunk, and backward is a scale."""
@@ -163,8 +215,14 @@ class _FusedChunkedLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden_grad else None
         parameter_grads: list[Tensor | None] = [None] * len(parameters)
         total = None
+        linear = _plain_linear(head, hidden, parameters)
         for start, end in runner.chunk_bounds(hidden.shape[0]):
             hidden_chunk = hidden[start:end].detach()
+            if linear is not None:
+                chunk_total = _linear_chunk(linear, hidden_chunk, runner, start, end, grad_hidden, parameters,
+                                            parameter_grads)  # fmt: skip
+                total = chunk_total if total is None else total + chunk_total
+                continue
             if need_hidden_grad:
                 hidden_chunk.requires_grad_(True)
             with torch.enable_grad():
@@ -205,6 +263,58 @@ class _FusedChunkedLoss(torch.autograd.Function):
         ]
         ctx.grad_hidden = ctx.parameter_grads = None
         return (grad_hidden, None, None, None, *parameter_grads)
+
+
+def _plain_linear(head: Callable, hidden: Tensor, parameters: list[Tensor]) -> nn.Linear | None:
+    """The head's `nn.Linear` when the head is just that (no scaling, no softcapping) in float32/float64 without
+    autocast: its gradients then come from two in-place BLAS calls per chunk instead of autograd."""
+    from .heads import OutputHead
+
+    if type(head) is OutputHead and not (head.multiplier or head.divisor or head.softcap):
+        head = head.output_embeddings
+    if type(head) is not nn.Linear or torch.is_autocast_enabled(hidden.device.type):
+        return None
+    dtype = head.weight.dtype
+    if dtype not in (torch.float32, torch.float64) or hidden.dtype != dtype:
+        return None
+    if any(parameter is not head.weight and parameter is not head.bias for parameter in parameters):
+        return None
+    return head
+
+
+def _linear_chunk(
+    linear: nn.Linear,
+    hidden_chunk: Tensor,
+    runner: _ChunkRunner,
+    start: int,
+    end: int,
+    grad_hidden: Tensor | None,
+    parameters: list[Tensor],
+    parameter_grads: list[Tensor | None],
+) -> Tensor:
+    """One chunk through a plain linear head: logits without a graph, then `dL/dh = g W` written into its rows of
+    `grad_hidden` and `dL/dW += g^T h` accumulated in place (no per-chunk `(vocab, hidden)` gradient tensor)."""
+    with torch.no_grad():
+        logits = F.linear(hidden_chunk, linear.weight, linear.bias)
+        chunk_total, logit_grad = runner.loss_and_logit_grad(logits, start, end, need_grad=True)
+        del logits
+        if logit_grad is None:
+            return chunk_total
+        logit_grad = logit_grad.to(linear.weight.dtype)
+        if grad_hidden is not None:
+            torch.mm(logit_grad, linear.weight, out=grad_hidden[start:end])
+        for index, parameter in enumerate(parameters):
+            if parameter is linear.weight:
+                if parameter_grads[index] is None:
+                    parameter_grads[index] = logit_grad.t() @ hidden_chunk
+                else:
+                    parameter_grads[index].addmm_(logit_grad.t(), hidden_chunk)
+            else:  # the bias
+                chunk_bias_grad = logit_grad.sum(0)
+                parameter_grads[index] = (
+                    chunk_bias_grad if parameter_grads[index] is None else parameter_grads[index].add_(chunk_bias_grad)
+                )
+    return chunk_total
 
 
 class _ChunkLogitsLoss(torch.autograd.Function):
@@ -332,6 +442,7 @@ def chunked_distillation_loss(
     num_items_in_batch: int | Tensor | None = None,
     compute_ce_loss: bool = True,
     fused_backward: bool = True,
+    backend: str = "auto",
 ) -> DistillationLossOutput:
     """Memory-efficient [`distillation_loss`] from final hidden states and output heads.
 
@@ -363,6 +474,12 @@ def chunked_distillation_loss(
             `False` uses `torch.utils.checkpoint` per chunk instead (the head and the teacher chunk run again in
             backward): use it when the head's parameters are sharded and only materialised inside a module call
             (DeepSpeed ZeRO-3, FSDP).
+        backend (`str`, *optional*, defaults to `"auto"`):
+            How each chunk's divergence, cross-entropy and gradient are computed: `"eager"` (PyTorch ops),
+            `"compiled"` (one `torch.compile`d kernel per chunk, chunks padded to one shape so it compiles once;
+            raises if compilation fails), `"liger"` (Liger-Kernel's fused linear losses on CUDA; see
+            `losses/liger.py`) or `"auto"` (Liger where it applies, else the compiled kernel for large chunks, else
+            eager; a failed compilation warns once and runs eagerly). Same values either way (float32 rounding).
         shared_vocab_size, loss_type, temperature, jsd_beta, skew_alpha, scale_by_temperature_squared, kd_ratio,
         ignore_index, num_items_in_batch, compute_ce_loss:
             As in [`distillation_loss`].
@@ -372,6 +489,7 @@ def chunked_distillation_loss(
     """
     _check_loss_arguments(loss_type, temperature, jsd_beta, skew_alpha, kd_ratio)
     _check_chunk_size(chunk_size)
+    _check_backend(backend)
     _check_cross_entropy_needed(kd_ratio, compute_ce_loss)
     teacher_input = _checked_teacher_input(student_hidden, teacher_hidden, teacher_head, teacher_logits)
     valid, valid_labels = _select_valid(labels, student_hidden.shape[:-1], "student_hidden", ignore_index)
@@ -384,6 +502,29 @@ def chunked_distillation_loss(
     teacher_flat = teacher_input.detach().reshape(-1, teacher_input.shape[-1])
     if teacher_logits is None:
         teacher_flat = _take_rows(teacher_flat, valid)
+    if backend in ("liger", "auto"):
+        reason = liger_unavailable(
+            loss_type, hidden.device, student_head, teacher_head if teacher_logits is None else None, kd_ratio,
+            shared_vocab_size,
+        )  # fmt: skip
+        if reason is None:
+            return _liger_output(
+                hidden, student_head, teacher_flat, teacher_head, loss_type, temperature, jsd_beta,
+                _temperature_factor(loss_type, temperature, scale_by_temperature_squared), normalizer,
+            )  # fmt: skip
+        if backend == "liger":
+            raise ValueError(
+                f"backend='liger' cannot compute this loss: {reason}. Use backend='auto' (it falls back to the "
+                "compiled kernel) or 'compiled'."
+            )
+    rows = padded_rows(num_valid, chunk_size)
+    vocab_guess = teacher_logits.shape[-1] if teacher_logits is not None else _head_vocab(teacher_head)
+    if use_compiled(backend, rows, vocab_guess, hidden.device):
+        return _compiled_chunked_loss(
+            hidden, student_head, teacher_flat, teacher_head if teacher_logits is None else None, valid,
+            valid_labels, rows, normalizer, shared_vocab_size, loss_type, temperature, jsd_beta, skew_alpha,
+            scale_by_temperature_squared, kd_ratio, compute_ce_loss, fused_backward, backend,
+        )  # fmt: skip
     teacher_row_sums: list[Tensor] = []
 
     def kd_value_and_grad(
@@ -415,3 +556,79 @@ def chunked_distillation_loss(
         teacher_row_sums, "teacher_logits" if teacher_logits is not None else "the teacher head's logits"
     )
     return runner.output(total_sum, normalizer)
+
+
+def _pad_rows(tensor: Tensor, rows: int) -> Tensor:
+    """`tensor` with its last row repeated up to `rows` rows (finite padding: masked rows must not produce NaN)."""
+    missing = rows - tensor.shape[0]
+    if missing == 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
+
+
+def _compiled_chunked_loss(
+    hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    teacher_flat: Tensor,
+    teacher_head: Callable[[Tensor], Tensor] | None,
+    valid: Tensor,
+    valid_labels: Tensor,
+    rows: int,
+    normalizer: int | Tensor,
+    shared_vocab_size: int | None,
+    loss_type: str,
+    temperature: float,
+    jsd_beta: float,
+    skew_alpha: float,
+    scale_by_temperature_squared: bool | None,
+    kd_ratio: float,
+    compute_ce_loss: bool,
+    fused_backward: bool,
+    backend: str,
+) -> DistillationLossOutput:
+    """[`chunked_distillation_loss`] through the compiled kernel: every chunk padded to `rows` rows."""
+    num_valid = hidden.shape[0]
+    padded = -(-num_valid // rows) * rows
+    hidden = F.pad(hidden, (0, 0, 0, padded - num_valid))
+    if teacher_head is not None:
+        teacher_rows = _pad_rows(teacher_flat, padded)
+    else:
+        teacher_rows = _pad_rows(valid, padded)  # indices into the teacher's logits
+    chunks = KernelChunks(
+        backend, loss_type, temperature, jsd_beta, skew_alpha,
+        _temperature_factor(loss_type, temperature, scale_by_temperature_squared), kd_ratio, compute_ce_loss,
+        num_valid, _pad_rows(valid_labels, padded),
+    )  # fmt: skip
+
+    def kernel_chunk(student_logits: Tensor, start: int, end: int) -> tuple:
+        if teacher_head is not None:
+            teacher = teacher_head(teacher_rows[start:end])
+        else:
+            teacher = teacher_flat.index_select(0, teacher_rows[start:end])
+        vocab = _resolve_vocab(student_logits.shape[-1], teacher.shape[-1], shared_vocab_size)
+        return chunks.run(student_logits, teacher.to(student_logits.dtype), start, end, vocab)
+
+    runner = _KernelRunner(valid_labels, rows, kd_ratio, compute_ce_loss, num_valid, kernel_chunk)
+    total_sum = _run_chunks(hidden, runner, student_head, fused_backward)
+    _check_finite_teacher_rows(
+        runner.teacher_row_sums, "teacher_logits" if teacher_head is None else "the teacher head's logits"
+    )
+    return runner.output(total_sum, normalizer)
+
+
+def _liger_output(
+    hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    teacher_hidden: Tensor,
+    teacher_head: Callable[[Tensor], Tensor],
+    loss_type: str,
+    temperature: float,
+    jsd_beta: float,
+    factor: float,
+    normalizer: int | Tensor,
+) -> DistillationLossOutput:
+    """The loss through Liger-Kernel (`liger.py`): no statistics (NaN) and no cross-entropy log there."""
+    kd_sum = liger_kd_sum(hidden, student_head, teacher_hidden, teacher_head, loss_type, temperature, jsd_beta, factor)
+    statistics = _Statistics()
+    statistics.top1_matches = statistics.teacher_entropy = statistics.student_entropy = float("nan")
+    return _finish(kd_sum.detach(), None, kd_sum, normalizer, hidden.shape[0], statistics)

@@ -105,3 +105,12 @@ def _head_parameters(head: Callable[[Tensor], Tensor]) -> list[nn.Parameter]:
         if parameter.requires_grad:
             unique.setdefault(id(parameter), parameter)
     return list(unique.values())
+
+
+def _head_vocab(head: Callable[[Tensor], Tensor]) -> int:
+    """The vocabulary a head maps to, read from its modules without running it (0 when it cannot tell)."""
+    if not isinstance(head, nn.Module):
+        return 0
+    sizes = [module.out_features for module in head.modules() if isinstance(module, nn.Linear)]
+    sizes += [module.num_embeddings for module in head.modules() if isinstance(module, nn.Embedding)]
+    return max(sizes, default=0)

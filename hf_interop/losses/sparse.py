@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from .chunked import _check_chunk_size, _ChunkRunner, _run_chunks, _take_rows, _zero_output
+from .chunked import _check_chunk_size, _ChunkRunner, _KernelRunner, _pad_rows, _run_chunks, _take_rows, _zero_output
+from .compiled import KernelChunks, _check_backend, padded_rows, use_compiled
 from .dense import DistillationLossOutput, _all_ignored_output, _finish, _Statistics, _with_cross_entropy
 from .divergences import (
     _check_cross_entropy_needed,
@@ -31,6 +32,7 @@ from .divergences import (
     _select_valid,
     _temperature_factor,
 )
+from .heads import _head_vocab
 from .names import SPARSE_LOSS_TYPES
 
 if TYPE_CHECKING:
@@ -518,6 +520,7 @@ def chunked_sparse_distillation_loss(
     compute_ce_loss: bool = True,
     fused_backward: bool = True,
     teacher_tail_prior_logprobs: Tensor | None = None,
+    backend: str = "auto",
 ) -> DistillationLossOutput:
     """Memory-efficient [`sparse_distillation_loss`] from the student's final hidden states and output head.
 
@@ -529,8 +532,8 @@ def chunked_sparse_distillation_loss(
             Final hidden states of the student, aligned with `labels`.
         student_head (`Callable`):
             hidden -> logits, usually `output_logits_fn(student)`.
-        chunk_size, fused_backward:
-            As in [`chunked_distillation_loss`].
+        chunk_size, fused_backward, backend:
+            As in [`chunked_distillation_loss`] (Liger has no sparse form: `"liger"` is refused, `"auto"` compiles).
         teacher_topk_ids, teacher_topk_logprobs, teacher_tail_logprob, labels, teacher_tail_prior_logprobs, and
         the other keyword arguments:
             As in [`sparse_distillation_loss`].
@@ -540,6 +543,7 @@ def chunked_sparse_distillation_loss(
     """
     _check_sparse_arguments(loss_type, temperature, cache_temperature, jsd_beta, kd_ratio)
     _check_chunk_size(chunk_size)
+    _check_sparse_backend(backend)
     _check_cross_entropy_needed(kd_ratio, compute_ce_loss)
     leading_shape = student_hidden.shape[:-1]
     ids, topk_logprobs, tail_logprob = _flatten_sparse_teacher(
@@ -555,6 +559,13 @@ def chunked_sparse_distillation_loss(
     ids = ids.index_select(0, valid).long()
     topk_logprobs = topk_logprobs.index_select(0, valid)
     tail_logprob = tail_logprob.index_select(0, valid)
+    rows = padded_rows(num_valid, chunk_size)
+    if use_compiled(backend, rows, shared_vocab_size or _head_vocab(student_head), hidden.device):
+        return _compiled_sparse_loss(
+            hidden, student_head, ids, topk_logprobs, tail_logprob, valid_labels, rows, normalizer, loss_type,
+            temperature, cache_temperature, jsd_beta, scale_by_temperature_squared, kd_ratio, shared_vocab_size,
+            teacher_vocab_size, compute_ce_loss, fused_backward, teacher_tail_prior_logprobs, backend,
+        )  # fmt: skip
     resolved: dict[str, int] = {}
     resolved_prior: list[Tensor | None] = []
 
@@ -583,5 +594,83 @@ def chunked_sparse_distillation_loss(
         return divergence.values, grad, teacher_argmax, teacher_entropy, divergence.student_entropy, vocab
 
     runner = _ChunkRunner(valid_labels, chunk_size, kd_ratio, compute_ce_loss, kd_value_and_grad)
+    total_sum = _run_chunks(hidden, runner, student_head, fused_backward)
+    return runner.output(total_sum, normalizer)
+
+
+def _check_sparse_backend(backend: str) -> None:
+    _check_backend(backend)
+    if backend == "liger":
+        raise ValueError(
+            "backend='liger' has no sparse (cached teacher) form: Liger-Kernel's fused losses need the teacher's "
+            "full logits. Use backend='auto' or 'compiled' for the sparse losses."
+        )
+
+
+def _compiled_sparse_loss(
+    hidden: Tensor,
+    student_head: Callable[[Tensor], Tensor],
+    ids: Tensor,
+    topk_logprobs: Tensor,
+    tail_logprob: Tensor,
+    valid_labels: Tensor,
+    rows: int,
+    normalizer: int | Tensor,
+    loss_type: str,
+    temperature: float,
+    cache_temperature: float,
+    jsd_beta: float,
+    scale_by_temperature_squared: bool | None,
+    kd_ratio: float,
+    shared_vocab_size: int | None,
+    teacher_vocab_size: int | None,
+    compute_ce_loss: bool,
+    fused_backward: bool,
+    teacher_tail_prior_logprobs: Tensor | None,
+    backend: str,
+) -> DistillationLossOutput:
+    """[`chunked_sparse_distillation_loss`] through the compiled kernels, every chunk padded to `rows` rows: the
+    bucket kernel, or (with a tail prior) the dense kernel on the teacher spread over the vocabulary."""
+    num_valid = hidden.shape[0]
+    padded = -(-num_valid // rows) * rows
+    hidden = F.pad(hidden, (0, 0, 0, padded - num_valid))
+    ids, topk_logprobs, tail_logprob = (_pad_rows(tensor, padded) for tensor in (ids, topk_logprobs, tail_logprob))
+    factor = _temperature_factor(loss_type, temperature, scale_by_temperature_squared)
+    chunks = KernelChunks(
+        backend, loss_type, temperature, jsd_beta, 0.0, factor, kd_ratio, compute_ce_loss, num_valid,
+        _pad_rows(valid_labels, padded), teacher_normalized=True, teacher_statistics=False,
+    )  # fmt: skip
+    resolved: dict[str, Any] = {}
+
+    def kernel_chunk(student_logits: Tensor, start: int, end: int) -> tuple:
+        if not resolved:
+            vocab, vocab_t = _resolve_sparse_vocab(
+                student_logits.shape[-1], shared_vocab_size, teacher_vocab_size, ids.shape[-1]
+            )
+            _check_sparse_teacher(ids[:num_valid], topk_logprobs[:num_valid], tail_logprob[:num_valid], vocab)
+            prior = _resolve_tail_prior(teacher_tail_prior_logprobs, vocab, ids.shape[-1])
+            resolved.update(vocab=vocab, teacher_vocab_size=vocab_t, prior=prior)
+        vocab, prior = resolved["vocab"], resolved["prior"]
+        chunk_ids, chunk_logprobs, chunk_tail = ids[start:end], topk_logprobs[start:end], tail_logprob[start:end]
+        dtype = student_logits.dtype
+        teacher_argmax, teacher_entropy = _sparse_teacher_statistics(chunk_ids, chunk_logprobs, chunk_tail, dtype)
+        if prior is not None:
+            teacher = _teacher_dense_log_probs(
+                chunk_ids, chunk_logprobs, chunk_tail, prior, temperature, cache_temperature, dtype
+            )
+            grad, kd, ce, student_entropy, _, student_argmax, _, _ = chunks.run(
+                student_logits, teacher, start, end, vocab
+            )
+        else:
+            teacher_buckets = _teacher_bucket_log_probs(
+                chunk_logprobs, chunk_tail, temperature, cache_temperature, resolved["teacher_vocab_size"], dtype
+            )
+            top_index = chunk_logprobs.argmax(-1, keepdim=True)
+            grad, kd, ce, student_entropy, student_argmax = chunks.run_sparse(
+                student_logits, chunk_ids, _kept(chunk_logprobs), top_index, teacher_buckets, start, end, vocab
+            )
+        return grad, kd, ce, student_entropy, teacher_entropy, student_argmax, teacher_argmax, None
+
+    runner = _KernelRunner(valid_labels, rows, kd_ratio, compute_ce_loss, num_valid, kernel_chunk)
     total_sum = _run_chunks(hidden, runner, student_head, fused_backward)
     return runner.output(total_sum, normalizer)
