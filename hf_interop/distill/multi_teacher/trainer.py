@@ -606,6 +606,7 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
                 shift_labels,
                 teacher_logits=teacher_logits,
                 chunk_size=self.args.loss_chunk_size,
+                backend=self.args.loss_backend,
                 **kwargs,
             )
         return losses.distillation_loss(outputs.logits[:, :-1], teacher_logits, shift_labels, **kwargs)
