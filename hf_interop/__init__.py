@@ -62,6 +62,10 @@ _LAZY_IMPORTS: dict[str, str] = {
     "SpeculativeGenerateOutput": "ensemble.speculative",
     # merges that fit their own coefficients
     "fit_merge_coefficients": "merge.fitting",
+    # multi-task training with weighted losses
+    "MultiTaskConfig": "multitask.config",
+    "MultiTaskTrainer": "multitask.trainer",
+    "MultiTaskModel": "multitask.heads",
 }
 
 _SUBMODULES = {
@@ -76,6 +80,7 @@ _SUBMODULES = {
     "evaluation",
     "ensemble",
     "merge",
+    "multitask",
     "adapters",
     "student_init",
     "teacher_cache",
