@@ -25,6 +25,7 @@ from .arguments import (
     check_model_argument,
     parse_recipe_args,
 )
+from .multitask import MultiTaskScriptArguments, run_multitask
 
 logger = get_logger(__name__)
 
@@ -426,6 +427,12 @@ def _distillation_config_class() -> type:
     return DistillationConfig
 
 
+def _multitask_config_class() -> type:
+    from ..multitask.config import MultiTaskConfig
+
+    return MultiTaskConfig
+
+
 # name -> (dataclass types (callable for lazy imports), runner, description)
 RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]], str]] = {
     "distill": (
@@ -453,6 +460,12 @@ RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]]
         lambda: [CacheTeacherScriptArguments],
         run_cache_teacher,
         "Run a teacher once over the packed training set and store its top-k log-probabilities for distill.",
+    ),
+    "multitask": (
+        lambda: [MultiTaskScriptArguments, _multitask_config_class()],
+        run_multitask,
+        "Train one model on several text domains plus a domain classifier, with weighted task losses "
+        "(MultiTaskTrainer: proportional / temperature / round-robin sampling; static, uncertainty or PCGrad).",
     ),
 }
 
