@@ -1,22 +1,35 @@
 """Multi-task training with weighted losses: `MultiTaskConfig` + `MultiTaskTrainer`, the shared-backbone
-`MultiTaskModel`, task sampling (`sampling.py`) and task weighting (`weighting.py`, pure functions)."""
+`MultiTaskModel`, task sampling (`sampling.py`) and task weighting (`weighting.py`, pure functions).
 
-from .config import MultiTaskConfig
-from .heads import MultiTaskModel
-from .sampling import TASK_SAMPLING_STRATEGIES, TaskBatchSampler, task_probabilities, task_schedule
-from .trainer import MultiTaskTrainer
-from .weighting import TASK_WEIGHTING_METHODS, pcgrad_combine, static_weighted_sum, uncertainty_weighted_sum
+Names are imported on first use, so the pure `weighting` module (which the distillation losses share) loads without
+transformers' Trainer.
+"""
 
-__all__ = [
-    "TASK_SAMPLING_STRATEGIES",
-    "TASK_WEIGHTING_METHODS",
-    "MultiTaskConfig",
-    "MultiTaskModel",
-    "MultiTaskTrainer",
-    "TaskBatchSampler",
-    "pcgrad_combine",
-    "static_weighted_sum",
-    "task_probabilities",
-    "task_schedule",
-    "uncertainty_weighted_sum",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY_IMPORTS = {
+    "MultiTaskConfig": "config",
+    "MultiTaskModel": "heads",
+    "MultiTaskTrainer": "trainer",
+    "TASK_SAMPLING_STRATEGIES": "sampling",
+    "TaskBatchSampler": "sampling",
+    "task_probabilities": "sampling",
+    "task_schedule": "sampling",
+    "TASK_WEIGHTING_METHODS": "weighting",
+    "pcgrad_combine": "weighting",
+    "static_weighted_sum": "weighting",
+    "uncertainty_weighted_sum": "weighting",
+}
+
+__all__ = sorted(_LAZY_IMPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY_IMPORTS:
+        value = getattr(importlib.import_module(f".{_LAZY_IMPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'hf_interop.multitask' has no attribute {name!r}")
