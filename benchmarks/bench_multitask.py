@@ -11,7 +11,9 @@ come from `recipes/smollm2-135m_merge_domains/prepare_texts.py` (train / eval do
    uncertainty weighting and PCGrad (`task_sampling="all"`: PCGrad's steps hold a batch of every task, so it sees 3x
    the rows of the others at the same step count). Held-out: perplexity per LM domain, accuracy of the classifier.
 
-Run: `python benchmarks/bench_multitask.py [TEXTS_DIR]` (a few minutes on 2 idle CPU cores; `BENCH_MULTITASK_STEPS`).
+Run: `python benchmarks/bench_multitask.py [TEXTS_DIR]` (a few minutes on 2 idle CPU cores; `BENCH_MULTITASK_STEPS`,
+`BENCH_MULTITASK_ROUNDS`; `BENCH_MULTITASK_PARTS=overhead` skips the quality study; `BENCH_MULTITASK_MODEL=tiny`
+times a 2-layer Llama on the same tokenizer and text, where the trainer's own per-step cost weighs most).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ STEPS = int(os.environ.get("BENCH_MULTITASK_STEPS", 24))
 BATCH, BLOCK, CLASS_TOKENS = 4, 64, 48
 OVERHEAD_ROUNDS = int(os.environ.get("BENCH_MULTITASK_ROUNDS", 6))
 TASKS = ("python_docs", "fortunes", "domain")
+MODEL = os.environ.get("BENCH_MULTITASK_MODEL", "smollm2")  # "tiny": a 2-layer Llama on SmolLM2's tokenizer
+PARTS = os.environ.get("BENCH_MULTITASK_PARTS", "overhead,quality")
 
 
 def _load_tasks(texts: Path, tokenizer):
@@ -166,12 +170,34 @@ def main() -> None:
         subprocess.run([sys.executable, str(script), str(texts)], check=True)
     torch.manual_seed(0)
     base, tokenizer = load_default_teacher(dtype=torch.float32)
+    if MODEL == "tiny":  # the same tokenizer and text on a 2-layer, hidden-64 Llama: the trainer's own cost shows most
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=base.config.vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+        )
+        base = LlamaForCausalLM(config)
     train, evals = _load_tasks(texts, tokenizer)
     load_before = _load_average()
     cost = overhead(base, tokenizer, train)
     print(cost, flush=True)
-    rows = quality(base, tokenizer, train, evals)
+    rows = quality(base, tokenizer, train, evals) if "quality" in PARTS else []
     load_after = _load_average()
+    if not rows:
+        write_result(
+            f"multitask_overhead_{MODEL}",
+            f"Load average before: {load_before}; after: {load_after}. Model: {MODEL}. Median of {OVERHEAD_ROUNDS} "
+            f"interleaved rounds, batch {BATCH}x{BLOCK}: Trainer {cost['Trainer']:.4f} s, MultiTaskTrainer "
+            f"{cost['MultiTaskTrainer']:.4f} s, ratio {cost['ratio']:.3f}.",
+            {"overhead": cost, "model": MODEL, "load": [load_before, load_after]},
+        )
+        return
     singles = {task: next(r[task] for r in rows if r["variant"] == f"{task} alone") for task in TASKS}
 
     def cell(row, task):
