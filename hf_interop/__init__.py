@@ -66,6 +66,10 @@ _LAZY_IMPORTS: dict[str, str] = {
     "combine_teacher_log_probs": "distill.multi_teacher.combination",
     # merges that fit their own coefficients
     "fit_merge_coefficients": "merge.fitting",
+    # multi-task training with weighted losses
+    "MultiTaskConfig": "multitask.config",
+    "MultiTaskTrainer": "multitask.trainer",
+    "MultiTaskModel": "multitask.heads",
 }
 
 _SUBMODULES = {
@@ -80,6 +84,7 @@ _SUBMODULES = {
     "evaluation",
     "ensemble",
     "merge",
+    "multitask",
     "adapters",
     "student_init",
     "teacher_cache",

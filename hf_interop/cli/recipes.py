@@ -26,6 +26,7 @@ from .arguments import (
     parse_recipe_args,
 )
 from .common import _add_card_results, _load_blocks, _load_student
+from .multitask import MultiTaskScriptArguments, run_multitask
 
 logger = get_logger(__name__)
 
@@ -392,6 +393,12 @@ def _run_distill_multi(*parsed: Any) -> dict[str, Any]:
     return run_distill_multi(*parsed)
 
 
+def _multitask_config_class() -> type:
+    from ..multitask.config import MultiTaskConfig
+
+    return MultiTaskConfig
+
+
 # name -> (dataclass types (callable for lazy imports), runner, description)
 RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]], str]] = {
     "distill": (
@@ -425,6 +432,12 @@ RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]]
         lambda: [CacheTeacherScriptArguments],
         run_cache_teacher,
         "Run a teacher once over the packed training set and store its top-k log-probabilities for distill.",
+    ),
+    "multitask": (
+        lambda: [MultiTaskScriptArguments, _multitask_config_class()],
+        run_multitask,
+        "Train one model on several text domains plus a domain classifier, with weighted task losses "
+        "(MultiTaskTrainer: proportional / temperature / round-robin sampling; static, uncertainty or PCGrad).",
     ),
 }
 

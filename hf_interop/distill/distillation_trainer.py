@@ -1,12 +1,11 @@
 """`DistillationTrainer`: knowledge distillation from a teacher causal LM into a student, as a `transformers.Trainer`.
 
 The student learns `kd_ratio * KD + (1 - kd_ratio) * CE (+ hidden_loss_weight * hidden)` where KD is a token-level
-divergence (see :mod:`hf_interop.losses`) between the teacher's and the student's next-token distributions. By
-default the loss is computed in chunks of valid tokens from each model's final hidden states and output head, so
-neither model's full (batch, sequence, vocabulary) logits tensor is ever built. Every term is normalised by the
-number of valid target tokens of the whole accumulated (and, across processes, global) batch, which the Trainer
-passes to `compute_loss` as `num_items_in_batch`: the result does not depend on how a batch is split into
-gradient-accumulation steps or processes.
+divergence (see :mod:`hf_interop.losses`) between the teacher's and the student's next-token distributions. By default
+the loss is computed in chunks of valid tokens from each model's final hidden states and output head, so neither
+model's full (batch, sequence, vocabulary) logits tensor is ever built. Every term is normalised by the number of valid
+target tokens of the whole accumulated, global batch, which the Trainer passes to `compute_loss` as
+`num_items_in_batch`: the result does not depend on how a batch is split into gradient-accumulation steps or processes.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import losses
 from ..logging_utils import get_logger
+from ..multitask.weighting import static_weighted_sum
 from .checkpoints import _no_half_checkpoint, _resume_target, _write_distilled_card
 from .collators import (
     IGNORE_INDEX,
@@ -680,7 +680,7 @@ class DistillationTrainer(Trainer):
                 shift_labels,
                 num_items_in_batch,
             )
-            loss = loss + args.hidden_loss_weight * hidden_loss
+            loss = static_weighted_sum([loss, hidden_loss], [1.0, args.hidden_loss_weight])
             statistics["hidden_loss"] = hidden_loss.detach()
         return loss, outputs, statistics
 

@@ -29,10 +29,16 @@ if TYPE_CHECKING:
 
 logger = get_logger(__name__)
 
-CARD_KINDS = ("distilled", "lora", "merged", "ensemble", "finetuned")
+CARD_KINDS = ("distilled", "lora", "merged", "ensemble", "finetuned", "multitask")
 BASE_MODEL_RELATIONS = ("finetune", "adapter", "merge", "quantized")
 # What the Hub should show as the relation to `base_model` when the caller does not say.
-_DEFAULT_RELATION = {"distilled": "finetune", "lora": "adapter", "merged": "merge", "finetuned": "finetune"}
+_DEFAULT_RELATION = {
+    "distilled": "finetune",
+    "lora": "adapter",
+    "merged": "merge",
+    "finetuned": "finetune",
+    "multitask": "finetune",
+}
 # A LoRA output is a PEFT adapter folder (adapter_config.json): the Hub's loading snippet for it is PEFT's.
 _DEFAULT_LIBRARY = {"lora": "peft"}
 PROJECT_TAG = "hf_interop"
@@ -59,6 +65,7 @@ METADATA_KEYS = (
     "combination",
     "adapter",
     "lineage_manifest",
+    "tasks",
 )
 
 _REQUIRED_COMMENT = re.compile(r"\{#-?\s*required:\s*([^#]*?)\s*-?#\}")
@@ -77,6 +84,10 @@ def _templates_folder():
     """The shipped templates as an importlib.resources Traversable (works in wheels and editable installs)."""
     from importlib.resources import files
 
+    # A source checkout's own templates first: an editable install may map the package to another checkout.
+    checkout = Path(__file__).resolve().parents[2] / "model_cards"
+    if (checkout / "_sources.md").is_file():
+        return checkout
     try:
         return files("hf_interop.model_cards")
     except ModuleNotFoundError:  # a source checkout that is not installed
@@ -264,7 +275,7 @@ def build_card_data(kind: str, metadata: Mapping[str, Any]):
         lineage["teachers"] = teachers
     if members:
         lineage["members"] = members
-    for key in ("merge_method", "combination", "hyperparameters", "adapter"):
+    for key in ("merge_method", "combination", "hyperparameters", "adapter", "tasks"):
         if metadata.get(key):  # None and empty dicts say nothing
             lineage[key] = _plain(metadata[key])
     if base_models and base_models != hub_base_models:

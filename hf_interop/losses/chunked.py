@@ -17,6 +17,7 @@ from torch import nn
 
 from hf_interop.logging_utils import get_logger
 
+from ..multitask.weighting import static_weighted_sum
 from .compiled import KernelChunks, _check_backend, padded_rows, use_compiled
 from .dense import _ALL_IGNORED_WARNING, DistillationLossOutput, _entropy_from_logits, _finish, _Statistics, _zero_loss
 from .divergences import (
@@ -131,7 +132,7 @@ class _ChunkRunner:
                 student_log_probs = F.log_softmax(logits, dim=-1)
             ce = -student_log_probs.gather(-1, labels.unsqueeze(-1)).sum()
             if self.kd_ratio != 1.0:
-                total = self.kd_ratio * kd + (1.0 - self.kd_ratio) * ce
+                total = static_weighted_sum([kd, ce], [self.kd_ratio, 1.0 - self.kd_ratio])
                 if need_grad:
                     ce_grad = student_log_probs.exp()
                     ce_grad[torch.arange(len(labels), device=labels.device), labels] -= 1.0

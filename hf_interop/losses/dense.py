@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from hf_interop.logging_utils import get_logger
 
+from ..multitask.weighting import static_weighted_sum
 from .divergences import (
     _check_cross_entropy_needed,
     _check_labels_in_vocab,
@@ -166,7 +167,8 @@ def _with_cross_entropy(
     ce_sum = None
     if compute_ce_loss:
         ce_sum = F.cross_entropy(student_logits.to(_compute_dtype(student_logits)), valid_labels, reduction="sum")
-    total_sum = kd_sum if kd_ratio == 1.0 else kd_ratio * kd_sum + (1.0 - kd_ratio) * ce_sum
+    # the same static weighting as multi-task training: KD and CE are two tasks weighted kd_ratio and 1 - kd_ratio
+    total_sum = static_weighted_sum([kd_sum, ce_sum], [kd_ratio, 1.0 - kd_ratio])
     return ce_sum, total_sum
 
 

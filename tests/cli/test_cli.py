@@ -15,7 +15,18 @@ from helpers import build_tiny_causal_lm
 
 from hf_interop.cli import EXIT_BAD_INPUT, EXIT_OK, build_parser, main
 
-SUBCOMMANDS = ("distill", "distill-multi", "adapt", "ensemble", "merge", "cache-teacher", "compare", "card", "demo")
+SUBCOMMANDS = (
+    "distill",
+    "distill-multi",
+    "adapt",
+    "ensemble",
+    "merge",
+    "cache-teacher",
+    "multitask",
+    "compare",
+    "card",
+    "demo",
+)
 
 
 @pytest.fixture(scope="module")

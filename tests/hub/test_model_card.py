@@ -31,8 +31,18 @@ KIND_METADATA = {
     "merged": dict(members=MEMBERS, merge_method="linear"),
     "ensemble": dict(members=MEMBERS, combination="mixture"),
     "finetuned": dict(base_model="HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "multitask": dict(
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        tasks=[{"name": "python_docs", "type": "causal_lm", "weight": 1.0, "result": "perplexity 12.5"}],
+    ),
 }
-EXPECTED_RELATION = {"distilled": "finetune", "lora": "adapter", "merged": "merge", "finetuned": "finetune"}
+EXPECTED_RELATION = {
+    "distilled": "finetune",
+    "lora": "adapter",
+    "merged": "merge",
+    "finetuned": "finetune",
+    "multitask": "finetune",
+}
 COMMON = dict(
     datasets=["pydoc_data/topics"],
     hyperparameters={"learning_rate": 1e-3, "temperature": 2.0, "max_steps": 10},
