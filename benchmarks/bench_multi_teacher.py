@@ -15,13 +15,22 @@ perplexity on the eval documents and the mean of the two domains for:
   `MultiTeacherDistillationTrainer`, `teacher_combination="route"`), and a mixture of both specialists with
   per-example confidence weights (`"mixture"`, `teacher_weighting="confidence"`).
 
-Each student variant trains in its own process (memory back to the system between variants). Specialists, merges,
-the initial student and the trained students are kept in WORK_DIR (default /tmp/bench_multi_teacher) so that a
-rerun skips what is done; the result table is rewritten after every step.
+Each variant trains in its own single-threaded process, side by side with the others (load hits them alike; on a
+heavily shared 2-core machine several single-threaded processes lose less time at intra-op barriers than one
+two-threaded one). Specialists, merges, the initial student, the trained students and every evaluation are kept in
+WORK_DIR (default /tmp/bench_multi_teacher) so that a rerun skips what is done (a rerun while students still train
+waits for them instead of starting them twice); the result table is rewritten after every row.
 
-Run: `python benchmarks/bench_multi_teacher.py [WORK_DIR]` (about 25 minutes on 2 shared CPU cores the first time).
-Environment overrides (the table states what ran): BENCH_MT_SPECIALIST_STEPS (40), BENCH_MT_STUDENT_STEPS (60),
-BENCH_MT_STUDENT_LAYERS (10), BENCH_MT_EVAL_BLOCKS (16 per domain), BENCH_MT_CONFIDENCE_TEMPERATURE (0.1).
+Run: `python benchmarks/bench_multi_teacher.py [WORK_DIR]`: about 50 minutes on the 2-core machine at load average
+10-20 (specialists 8 minutes, the three students 21-37 minutes side by side); not timed on an idle machine.
+Environment overrides (the table states what ran): BENCH_MT_SPECIALIST_STEPS (10), BENCH_MT_STUDENT_STEPS (30),
+BENCH_MT_STUDENT_LAYERS (10), BENCH_MT_EVAL_BLOCKS (8 per domain), BENCH_MT_CONFIDENCE_TEMPERATURE (0.1),
+BENCH_MT_CHILD_THREADS (1).
+
+`python benchmarks/bench_multi_teacher.py --fusion [WORK_DIR]` (BENCH_MT_FUSION_STEPS, 40): SmolLM2-135M and
+Gemma-3-270M (two tokenizers) fused into a GPT-2-tokenizer student (`cross_tokenizer=True`, confidence-weighted
+mixture) vs CE-only and vs distilling from each teacher alone, same rows and steps: held-out bits per byte. Both
+parts write their section of `results/multi_teacher.md`.
 
 Target (issue 18): the routed or mixed student beats the best weight merge on the mean of the two domains' held-out
 perplexities. The merges keep all 135M parameters; the student has fewer, so the table also gives the gain of each
@@ -324,8 +333,12 @@ def main(work_dir: Path) -> None:
     for variant, label in STUDENTS.items():
         run = json.loads((_student_dir(work_dir, variant) / "bench_run.json").read_text())
         note = f"{run['steps']} steps, {run['seconds']:.0f} s ({run['seconds'] / run['steps']:.1f} s/step), "
-        note += f"load {run['load_at_start']}"
-        weights = {key: round(value, 3) for key, value in run["last_log"].items() if key.startswith("teacher_")}
+        note += f"load at start {run['load_at_start']}"
+        weights = {
+            key: round(value, 3)
+            for key, value in run["last_log"].items()
+            if key.startswith(("teacher_share/", "teacher_weight/"))
+        }
         if weights:
             note += f"; last log {weights}"
         evaluate(label, _student_dir(work_dir, variant), note)
