@@ -426,6 +426,9 @@ def test_cross_tokenizer_routing_and_training(tmp_path, corpus, corpus_tokenizer
     logged = trainer.state.log_history[0]
     assert logged["kd_loss/corpus"] > 0 and logged["kd_loss/gpt2"] > 0
     assert 0 <= logged["top1_agreement/gpt2"] <= 1
+    # the student's own tokenizer: every span matched; the corpus tokenizer cuts some spans differently
+    assert logged["matched_span_fraction/gpt2"] == 1.0
+    assert 0 < logged["matched_span_fraction/corpus"] < 1
 
 
 def test_cross_tokenizer_bad_input(tmp_path, corpus, corpus_tokenizer, gpt2_tokenizer, packed_corpus):

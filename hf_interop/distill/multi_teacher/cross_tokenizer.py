@@ -189,7 +189,11 @@ def cross_tokenizer_loss(
         tokens = int(row_tokens[rows].sum())
         agreeing, compared = matched_top1(student_logits.detach(), teacher_logits[name], index, mapping, rows)
         statistics = {"kd_loss": alone, "top1_agreement": agreeing / compared if compared else None}
-        trainer._record(model, name, statistics, tokens, num_items_in_batch)
+        length = student_logits.shape[1]
+        matched = int(torch.isin(index.matched_student_rows.to(device) // length, rows).sum())
+        unmatched = int(torch.isin(index.unmatched_student_rows.to(device) // length, rows).sum())
+        spans_of_rows = (matched, matched + unmatched)  # this teacher's rows only (routing leaves others out)
+        trainer._record(model, name, statistics, tokens, num_items_in_batch, spans_of_rows)
 
     normalizer = num_items_in_batch.to(device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
     ce_sum = torch.nn.functional.cross_entropy(

@@ -48,6 +48,9 @@ from .cross_tokenizer import MultiTokenizerCollator, cross_tokenizer_loss
 
 logger = get_logger(__name__)
 
+# per teacher: tokens, KD sum, top-1 sum, weight sum, matched spans, all spans
+_SLOTS = 6
+
 
 class MultiTeacherDistillationTrainer(DistillationTrainer):
     """A [`DistillationTrainer`] whose student learns from several teachers (see the module docstring).
@@ -614,15 +617,25 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
     # ---------------------------------------------------------------- per-teacher metrics and the model card
 
     def _record(
-        self, model: nn.Module, name: str, statistics: dict[str, Any], num_tokens: int, normalizer: Any
+        self,
+        model: nn.Module,
+        name: str,
+        statistics: dict[str, Any],
+        num_tokens: int,
+        normalizer: Any,
+        spans: tuple[int, int] | None = None,
     ) -> None:
-        sums = self._teacher_sums["train" if model.training else "eval"].setdefault(name, [0.0, 0.0, 0.0, 0.0])
+        """Adds one group's statistics to teacher `name`'s sums (`spans`: its matched and all aligned spans)."""
+        sums = self._teacher_sums["train" if model.training else "eval"].setdefault(name, [0.0] * _SLOTS)
         kd_loss, top1 = statistics.get("kd_loss"), statistics.get("top1_agreement")
         sums[0] += num_tokens
         if kd_loss is not None:  # kd_loss is (sum over these tokens) / normalizer: keep the sum
             sums[1] += float(kd_loss) * float(normalizer)
         if top1 is not None:
             sums[2] += float(top1) * num_tokens
+        if spans is not None:
+            sums[4] += spans[0]
+            sums[5] += spans[1]
 
     def _weight_sums(self, model: nn.Module, weights: torch.Tensor, shift_labels: torch.Tensor) -> None:
         """Token-weighted mean weight of each teacher, logged as `teacher_weight/<name>`."""
@@ -630,23 +643,27 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
         per_teacher = (weights * tokens[:, None]).sum(0).tolist()
         mode = "train" if model.training else "eval"
         for name, value in zip(self.teacher_names, per_teacher, strict=True):
-            self._teacher_sums[mode].setdefault(name, [0.0, 0.0, 0.0, 0.0])[3] += value
+            self._teacher_sums[mode].setdefault(name, [0.0] * _SLOTS)[3] += value
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds `kd_loss/<name>`, `top1_agreement/<name>` and the share of tokens (routing) or mean weight (mixing)
-        of every teacher, token-weighted over the steps since the last log and over processes."""
+        of every teacher (across tokenizers also `matched_span_fraction/<name>`), token-weighted over the steps since
+        the last log and over processes."""
         mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
         sums = self._teacher_sums[mode]
         values = torch.tensor(
-            [sums.get(name, [0.0] * 4) for name in self.teacher_names],
+            [sums.get(name, [0.0] * _SLOTS) for name in self.teacher_names],
             dtype=torch.float64,
             device=self.accelerator.device,
         )
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, reduction="sum")
         total_tokens = float(values[:, 0].sum()) if self.routing else None
-        for name, (tokens, kd_sum, top1_sum, weight_sum) in zip(self.teacher_names, values.tolist(), strict=True):
+        for name, row in zip(self.teacher_names, values.tolist(), strict=True):
+            tokens, kd_sum, top1_sum, weight_sum, matched_spans, all_spans = row
+            if all_spans > 0:  # across tokenizers: the share of this teacher's spans compared exactly
+                logs[f"{prefix}matched_span_fraction/{name}"] = matched_spans / all_spans
             if tokens <= 0:
                 continue
             logs[f"{prefix}kd_loss/{name}"] = kd_sum / tokens
