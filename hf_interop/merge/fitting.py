@@ -4,10 +4,11 @@ fitted by gradient descent on held-out perplexity or on the entropy of the predi
 
 Memory: no model is held but the merged one. Each step builds the merged tensors from the checkpoint files one
 tensor at a time (`base * (1 - sum(c)) + sum(c_i * theta_i)`), runs a functional forward
-(`torch.func.functional_call`) of a skeleton model whose own weights are freed, and, as each merged tensor's
-gradient arrives in the backward pass, turns it into the coefficients' gradient (`<grad, theta_i - base>`, with
-`theta_i` and `base` read again from disk) and frees it. Peak memory is about one model, its activations and one
-tensor's gradient; the price is reading every checkpoint twice per step.
+(`torch.func.functional_call`) of a skeleton model whose parameters are on the meta device, one block of the
+batch at a time, and, as each merged tensor's gradient arrives in the backward pass, turns it into the
+coefficients' gradient (`<grad, theta_i - base>`, with `theta_i` and `base` read again from disk) and frees it.
+Peak memory is about one model, one block's activations and one tensor's gradient; the price is reading every
+checkpoint once to build the merge and once more per block of each step.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 
 from ..logging_utils import get_logger
 from .checkpoints import _check_same_tensors, _check_same_tokenizers, merge_checkpoints
-from .streaming import _SafetensorsCheckpoint
+from .streaming import CHUNK_ELEMENTS, _SafetensorsCheckpoint
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -175,8 +176,6 @@ def fit_merge_coefficients(
     """
     from tqdm.auto import tqdm
 
-    from ..loading import load_causal_lm
-
     _check_fit_arguments(
         checkpoints,
         base,
@@ -199,13 +198,8 @@ def fit_merge_coefficients(
     _check_same_tensors([*sources, *([base_source] if base_source else [])])
     _check_same_tokenizers([*sources, *([base_source] if base_source else [])])
 
-    # A skeleton to run forwards through: its weights are freed and replaced by merged tensors in each forward.
-    model, _ = load_causal_lm(base if base is not None else checkpoints[0], load_tokenizer_too=False)
-    model.eval()
+    model = _skeleton(base if base is not None else checkpoints[0])
     state_names = set(model.state_dict())
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-        parameter.data = torch.empty(0, dtype=parameter.dtype)
     first = sources[0]
     # Aliases of tied weights (lm_head.weight of tied embeddings) are left out: functional_call ties them to the
     # tensor given for the name they alias, which a checkpoint saving both copies would otherwise contradict.
@@ -297,8 +291,37 @@ def fit_merge_coefficients(
     return result
 
 
-def _read(source: _SafetensorsCheckpoint, name: str) -> torch.Tensor:
-    return source.get(name).to(torch.float32)
+def _skeleton(folder: Path | str) -> torch.nn.Module:
+    """The model of `folder`'s config with its parameters on the meta device (no memory; merged tensors replace them
+    in each forward) and its buffers (rotary frequencies) real, in eval mode (no dropout)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # not done on meta parameters by from_config; tied aliases are told apart below
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
+def _row_length(shape: Sequence[int]) -> int:
+    return math.prod(shape[1:]) if len(shape) > 0 else 1
+
+
+def _row_blocks(shape: Sequence[int]) -> list[tuple[int, int]]:
+    """Row ranges of about `CHUNK_ELEMENTS` entries: merged tensors are built and gradients folded block by block,
+    so the only full-size tensors are the merged ones and the gradient being folded (and the allocator, reusing
+    same-size blocks, keeps few freed holes)."""
+    num_rows = shape[0] if len(shape) > 0 else 1
+    rows_per_block = max(1, CHUNK_ELEMENTS // max(1, _row_length(shape)))
+    return [(start, min(num_rows, start + rows_per_block)) for start in range(0, num_rows, rows_per_block)]
+
+
+def _read_rows(source: _SafetensorsCheckpoint, name: str, start: int, end: int) -> torch.Tensor:
+    """Rows `start:end` of tensor `name`, flattened, in float32."""
+    return source.reader(name)(start, end).to(torch.float32).reshape(-1)
 
 
 def merged_objective_and_gradient(
@@ -322,11 +345,13 @@ def merged_objective_and_gradient(
 
     def fold_gradient(name: str) -> Any:
         def hook(tensor: torch.Tensor) -> None:
-            gradient = tensor.grad.reshape(-1)
-            base_dot = 0.0 if base_source is None else float(gradient @ _read(base_source, name).reshape(-1))
-            for index, source in enumerate(sources):
-                dot = float(gradient @ _read(source, name).reshape(-1))
-                mixing_gradient[group_index[name], index] += dot - base_dot
+            gradient = tensor.grad
+            for start, end in _row_blocks(gradient.shape):
+                rows = gradient[start:end].reshape(-1)
+                base_dot = 0.0 if base_source is None else float(rows @ _read_rows(base_source, name, start, end))
+                for index, source in enumerate(sources):
+                    dot = float(rows @ _read_rows(source, name, start, end))
+                    mixing_gradient[group_index[name], index] += dot - base_dot
             tensor.grad = None
 
         return hook
@@ -334,18 +359,28 @@ def merged_objective_and_gradient(
     merged: dict[str, torch.Tensor] = {}
     for name in names:
         row = mixing[group_index[name]]
-        tensor = None
-        if base_source is not None:
-            tensor = _read(base_source, name).mul_(float(1.0 - row.sum()))
-        for index, source in enumerate(sources):
-            contribution = _read(source, name).mul_(float(row[index]))
-            tensor = contribution if tensor is None else tensor.add_(contribution)
-            del contribution
+        tensor = torch.empty(sources[0].shapes[name], dtype=torch.float32)
+        for start, end in _row_blocks(tensor.shape):
+            part = None
+            if base_source is not None:
+                part = _read_rows(base_source, name, start, end).mul_(float(1.0 - row.sum()))
+            for index, source in enumerate(sources):
+                contribution = _read_rows(source, name, start, end).mul_(float(row[index]))
+                part = contribution if part is None else part.add_(contribution)
+                del contribution
+            tensor.reshape(-1)[start * _row_length(tensor.shape) : end * _row_length(tensor.shape)] = part
+            del part
         tensor.requires_grad_(True)
         tensor.register_post_accumulate_grad_hook(fold_gradient(name))
         merged[name] = tensor
-    logits = torch.func.functional_call(model, merged, args=(), kwargs={"input_ids": input_ids}).logits
-    loss = objective_loss(logits, input_ids, objective)
-    del logits
-    loss.backward()
-    return float(loss.detach()), mixing_gradient
+    total = 0.0
+    # One block per forward and backward: activation memory is one block's whatever the batch size (the blocks are
+    # of equal length, so the mean of the blocks' losses is the batch's mean loss). The price is folding (and so
+    # reading the checkpoints) once per block.
+    for block in input_ids.split(1):
+        logits = torch.func.functional_call(model, merged, args=(), kwargs={"input_ids": block}).logits
+        loss = objective_loss(logits, block, objective) / len(input_ids)
+        del logits
+        loss.backward()
+        total += float(loss.detach())
+    return total, mixing_gradient

@@ -79,37 +79,117 @@ DEFAULT_EPSILON = 0.15  # della: keep probabilities span density - epsilon .. de
 def trim_threshold(delta: torch.Tensor, density: float, magnitudes_given: bool = False) -> torch.Tensor:
     """Magnitude of the `ceil(density * numel)`-th largest entry of `delta` (TIES keeps entries at or above it).
 
-    With `magnitudes_given=True`, `delta` already holds absolute values (saves a copy of a large tensor).
+    With `magnitudes_given=True`, `delta` already holds absolute values. Either way no full-size copy is made: the
+    magnitudes are taken block by block (:class:`KthLargest`).
+    """
+    selector = KthLargest([_trim_rank(delta.numel(), density)], delta.numel(), delta.dtype)
+    return _select_in_memory(selector, delta, magnitudes_given)[0]
+
+
+def _trim_rank(count: int, density: float) -> int:
+    return max(1, math.ceil(density * count))
+
+
+def _select_in_memory(selector: KthLargest, values: torch.Tensor, magnitudes_given: bool) -> list[torch.Tensor]:
+    flat = values.reshape(-1)
+    while not selector.done:
+        for start in range(0, flat.numel(), KthLargest.BLOCK_ELEMENTS):
+            block = flat[start : start + KthLargest.BLOCK_ELEMENTS]
+            selector.update(block if magnitudes_given else block.abs())
+        selector.finish_pass()
+    return selector.values()
+
+
+class KthLargest:
+    """Exact k-th largest entries (several `ranks` at once) of a float tensor fed block by block, never whole.
+
+    Radix selection: floats are mapped to integers of the same width that sort like them, and each pass over the
+    blocks fixes 16 more bits of each answer from a 65536-bin histogram of the entries that share the bits fixed
+    so far (2 passes for float32, 4 for float64, 1 for 16-bit floats). The answer is the same entry
+    `torch.kthvalue` picks, bit for bit, while memory is a few blocks: this is what lets a streamed TIES or
+    breadcrumbs merge find whole-tensor thresholds without holding a whole task vector.
+
+    Use: `while not selector.done: (selector.update(block) for every block); selector.finish_pass()`, then
+    `selector.values()` (one 0-dim tensor per rank, in the order given).
     """
 
-    keep = max(1, math.ceil(density * delta.numel()))
-    magnitudes = (delta if magnitudes_given else delta.abs()).reshape(-1)
-    return _kth_largest(magnitudes, keep)
+    DIGIT_BITS = 16
+    BLOCK_ELEMENTS = 2**20  # the in-memory helpers feed a large tensor in slices of this many entries
 
+    def __init__(self, ranks: Sequence[int], count: int, dtype: torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"KthLargest selects among floats, got dtype {dtype}; pass a floating-point tensor.")
+        bad = [rank for rank in ranks if not 1 <= rank <= count]
+        if bad:
+            raise ValueError(f"ranks {bad} are outside 1..{count} (the number of entries); pass ranks within it.")
+        self.dtype = dtype
+        self.bits = torch.finfo(dtype).bits
+        self._integer_dtype = {16: torch.int16, 32: torch.int32, 64: torch.int64}[self.bits]
+        self._magnitude_mask = 2 ** (self.bits - 1) - 1
+        self._num_passes = self.bits // self.DIGIT_BITS
+        self._pass = 0
+        self._prefixes: list[int] = [0] * len(ranks)  # the answer's integer key, bits fixed so far (high first)
+        self._remaining = list(ranks)  # the answer's rank from the top among entries sharing its prefix
+        self._histograms: dict[int, torch.Tensor] = {}
 
-def _kth_largest(values: torch.Tensor, k: int, sample_size: int = 2**16, margin: float = 0.01) -> torch.Tensor:
-    """Exact k-th largest entry of a 1-D tensor without sorting (or copying) all of it.
+    @property
+    def done(self) -> bool:
+        return self._pass == self._num_passes
 
-    A seeded random sample brackets the answer between two values; two counting passes confirm the bracket, and
-    only the entries inside it (about `2 * margin` of the tensor) go through `kthvalue`. If the bracket misses
-    (very unlikely), the whole tensor goes through `kthvalue`.
-    """
-    count = values.numel()
-    if count <= 4 * sample_size:
-        return torch.kthvalue(values, count - k + 1).values
-    generator = torch.Generator().manual_seed(0)
-    sample = values[torch.randint(0, count, (sample_size,), generator=generator)].sort().values
-    below = (count - k) / count  # fraction of entries below the answer
-    low_index = math.floor((below - margin) * sample_size)
-    high_index = math.ceil((below + margin) * sample_size)
-    low = sample[low_index] if low_index >= 0 else values.new_tensor(-math.inf)
-    high = sample[high_index] if high_index < sample_size else values.new_tensor(math.inf)
-    num_above_high = int((values > high).sum())
-    if int((values >= low).sum()) >= k > num_above_high:
-        inside = values[(values >= low) & (values <= high)]
-        rank = k - num_above_high  # the answer's rank from the top among the entries inside the bracket
-        return torch.kthvalue(inside, inside.numel() - rank + 1).values
-    return torch.kthvalue(values, count - k + 1).values
+    def _keys(self, block: torch.Tensor) -> torch.Tensor:
+        """Integers that sort like the floats: negative floats get their magnitude bits flipped."""
+        integers = block.contiguous().reshape(-1).view(self._integer_dtype)
+        return integers ^ ((integers >> (self.bits - 1)) & self._magnitude_mask)
+
+    def update(self, block: torch.Tensor) -> None:
+        """Count one block of the tensor's entries (any shape, `dtype`) into this pass's histograms."""
+        if block.dtype != self.dtype:
+            raise ValueError(f"block dtype {block.dtype} != the selector's {self.dtype}; convert it first.")
+        if self.done:
+            raise RuntimeError("every pass is finished; read values().")
+        keys = self._keys(block)
+        shift = self.bits - self.DIGIT_BITS * (self._pass + 1)
+        high = keys >> shift
+        del keys
+        if self._pass == 0:  # the top digit carries the sign: offset it so bins sort like the floats
+            self._add(0, high.long() + 2 ** (self.DIGIT_BITS - 1))
+            return
+        for prefix in set(self._prefixes):
+            self._add(prefix, (high[(high >> self.DIGIT_BITS) == prefix] & (2**self.DIGIT_BITS - 1)).long())
+
+    def _add(self, prefix: int, digits: torch.Tensor) -> None:
+        counts = torch.bincount(digits, minlength=2**self.DIGIT_BITS)
+        if prefix in self._histograms:
+            self._histograms[prefix] += counts
+        else:
+            self._histograms[prefix] = counts
+
+    def finish_pass(self) -> None:
+        """Fix the next 16 bits of each answer from the histograms of the pass just fed."""
+        for index, (prefix, remaining) in enumerate(zip(self._prefixes, self._remaining, strict=True)):
+            counts = self._histograms.get(prefix)
+            if counts is None:
+                raise RuntimeError("finish_pass() before any update() of this pass; feed every block first.")
+            from_top = counts.flip(0).cumsum(0)  # entries at or above each digit, highest digit first
+            position = int(torch.searchsorted(from_top, remaining))
+            if position >= from_top.numel():
+                raise RuntimeError(f"the blocks fed hold fewer than {remaining} entries; feed the whole tensor.")
+            digit = 2**self.DIGIT_BITS - 1 - position
+            self._remaining[index] = remaining - int(from_top[position] - counts[digit])
+            if self._pass == 0:
+                self._prefixes[index] = digit - 2 ** (self.DIGIT_BITS - 1)
+            else:
+                self._prefixes[index] = (prefix << self.DIGIT_BITS) | digit
+        self._histograms = {}
+        self._pass += 1
+
+    def values(self) -> list[torch.Tensor]:
+        """The k-th largest entry for each rank (0-dim tensors of `dtype`), once every pass is finished."""
+        if not self.done:
+            raise RuntimeError(f"{self._num_passes - self._pass} more pass(es) over the blocks are needed.")
+        keys = torch.tensor(self._prefixes, dtype=self._integer_dtype)
+        floats = (keys ^ ((keys >> (self.bits - 1)) & self._magnitude_mask)).view(self.dtype)
+        return list(floats.unbind())
 
 
 def magnitude_trim(delta: torch.Tensor, density: float, threshold: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,15 +268,24 @@ def breadcrumbs_thresholds(
     `high` is the `floor(gamma * numel)`-th largest magnitude (those at or above it are the outliers removed;
     `inf` when none is), `low` the `(floor(gamma * numel) + ceil(density * numel))`-th largest, so a `density`
     share of all entries is kept, just below the outliers. With `magnitudes_given=True`, `delta` already holds
-    absolute values.
+    absolute values. No full-size copy is made (:class:`KthLargest`).
     """
-    magnitudes = (delta if magnitudes_given else delta.abs()).reshape(-1)
-    count = magnitudes.numel()
+    ranks = _breadcrumbs_ranks(delta.numel(), density, gamma)
+    selector = KthLargest([rank for rank in ranks if rank > 0], delta.numel(), delta.dtype)
+    return _breadcrumbs_bounds(ranks, _select_in_memory(selector, delta, magnitudes_given))
+
+
+def _breadcrumbs_ranks(count: int, density: float, gamma: float) -> tuple[int, int]:
+    """Ranks from the top of `(low, high)`; high's rank is 0 (no outlier removed) when `gamma * count` < 1."""
     num_outliers = min(count - 1, math.floor(gamma * count))
     num_kept = min(count - num_outliers, max(1, math.ceil(density * count)))
-    high = _kth_largest(magnitudes, num_outliers) if num_outliers > 0 else magnitudes.new_tensor(math.inf)
-    low = _kth_largest(magnitudes, num_outliers + num_kept)
-    return low, high
+    return num_outliers + num_kept, num_outliers
+
+
+def _breadcrumbs_bounds(ranks: tuple[int, int], selected: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(low, high)` from the values :class:`KthLargest` selected for the positive ones of `ranks`."""
+    low = selected[0]
+    return low, selected[1] if ranks[1] > 0 else low.new_tensor(math.inf)
 
 
 def breadcrumbs_mask(

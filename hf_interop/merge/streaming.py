@@ -20,14 +20,16 @@ from ..safetensors_checks import check_safetensors_checkpoint
 from .methods import (
     DEFAULT_EPSILON,
     DEFAULT_GAMMA,
-    breadcrumbs_thresholds,
+    KthLargest,
+    _breadcrumbs_bounds,
+    _breadcrumbs_ranks,
+    _trim_rank,
     dare_keep_mask,
     merge_tensors,
     model_stock_cosine,
     model_stock_ratio,
     seeded_uniforms,
     slerp_coefficients,
-    trim_threshold,
 )
 
 _SAFETENSORS_DTYPES = {
@@ -74,9 +76,10 @@ def _merge_tensor_in_chunks(
 
     `readers` must return fresh tensors (they are modified in place).
 
-    Whole-tensor quantities are computed first: TIES thresholds (one input and the base at a time), the SLERP
-    angle (accumulated over blocks) and DARE masks (seeded per tensor name), so block-wise results equal
-    whole-tensor results. Breadcrumbs thresholds are computed like TIES', DELLA's random numbers are drawn per row
+    Whole-tensor quantities are computed first: TIES and breadcrumbs thresholds (exact k-th largest magnitudes
+    found by radix-selection passes over row blocks, :func:`_whole_tensor_magnitude_ranks`), the SLERP angle
+    (accumulated over blocks) and DARE masks (seeded per tensor name), so block-wise results equal whole-tensor
+    results, and no whole task vector is ever held. DELLA's random numbers are drawn per row
     range (:func:`seeded_uniforms`) and its ranks are per row (a 1-D tensor, one row, is merged in one block), and
     Model Stock's angle is accumulated over blocks. `weights_of(name)`, when given, replaces `weights` for this
     tensor (coefficients fitted per tensor group).
@@ -100,24 +103,20 @@ def _merge_tensor_in_chunks(
     def block(reader: RowReader, start: int, end: int) -> torch.Tensor:
         return reader(start, end).to(compute_dtype)
 
-    thresholds = None
+    thresholds = bounds = None
     if method == "ties" and density < 1.0:
-        base_full = block(base_reader, 0, num_rows)
-        thresholds = []
-        for reader in readers:  # one whole input at a time; the delta's magnitudes are taken in place
-            magnitudes = block(reader, 0, num_rows).sub_(base_full).abs_()
-            thresholds.append(trim_threshold(magnitudes, density, magnitudes_given=True))
-            del magnitudes
-        del base_full
-    bounds = None
+        rank = _trim_rank(math.prod(shape), density)
+        selected = _whole_tensor_magnitude_ranks(
+            readers, base_reader, block, shape, rows_per_chunk, [rank], compute_dtype
+        )
+        thresholds = [values[0] for values in selected]
     if method == "breadcrumbs":
-        base_full = block(base_reader, 0, num_rows)
-        bounds = []
-        for reader in readers:
-            magnitudes = block(reader, 0, num_rows).sub_(base_full).abs_()
-            bounds.append(breadcrumbs_thresholds(magnitudes, density, gamma, magnitudes_given=True))
-            del magnitudes
-        del base_full
+        ranks = _breadcrumbs_ranks(math.prod(shape), density, gamma)
+        positive = [rank for rank in ranks if rank > 0]
+        selected = _whole_tensor_magnitude_ranks(
+            readers, base_reader, block, shape, rows_per_chunk, positive, compute_dtype
+        )
+        bounds = [_breadcrumbs_bounds(ranks, values) for values in selected]
     stock_ratio = None
     if method == "model_stock":
         dots = {(i, j): 0.0 for i in range(len(readers)) for j in range(i + 1, len(readers))}
@@ -177,6 +176,40 @@ def _merge_tensor_in_chunks(
             stock_ratio=stock_ratio,
         )
         emit(merged.to(output_dtype))
+
+
+def _whole_tensor_magnitude_ranks(
+    readers: list[RowReader],
+    base_reader: RowReader,
+    block: Callable[[RowReader, int, int], torch.Tensor],
+    shape: tuple[int, ...],
+    rows_per_chunk: int,
+    ranks: list[int],
+    dtype: torch.dtype,
+) -> list[list[torch.Tensor]]:
+    """For each input, the k-th largest magnitudes of its whole task vector `|theta_i - base|` for every k in
+    `ranks` (TIES' and breadcrumbs' thresholds), found by passes over row blocks (:class:`KthLargest`), so no task
+    vector is ever held whole. A tensor that fits in one block is read once; a larger one once per pass (2 for
+    float32), the base once per block for all inputs."""
+    num_rows = shape[0] if len(shape) > 0 else 1
+    selectors = [KthLargest(ranks, math.prod(shape), dtype) for _ in readers]
+    cached: list[torch.Tensor] | None = None
+    while not selectors[0].done:
+        for start in range(0, num_rows, rows_per_chunk):
+            end = min(num_rows, start + rows_per_chunk)
+            magnitudes = cached
+            if magnitudes is None:
+                base = block(base_reader, start, end)
+                magnitudes = [block(reader, start, end).sub_(base).abs_() for reader in readers]
+                del base
+                if end - start == num_rows:  # one block: keep it for the next pass instead of reading it again
+                    cached = magnitudes
+            for selector, values in zip(selectors, magnitudes, strict=True):
+                selector.update(values)
+            del magnitudes
+        for selector in selectors:
+            selector.finish_pass()
+    return [selector.values() for selector in selectors]
 
 
 # ----------------------------------------------------------------------------------------------------------------
