@@ -148,8 +148,9 @@ def main() -> None:
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes" / "smollm2-135m_merge_domains"
 FIT_BLOCKS_PER_DOMAIN = 4
 EVAL_BLOCKS_PER_DOMAIN = 4
-FIT_STEPS = 6
-FIT_BATCH_SIZE = 2
+FIT_STEPS = 20
+FIT_BATCH_SIZE = 4
+FIT_LEARNING_RATE = 0.1
 BLOCK_SIZE = 128
 
 
@@ -179,7 +180,7 @@ def _quality_child(spec_json: str) -> None:
     spec = json.loads(spec_json)
     texts = {domain: {part: Path(path) for part, path in files.items()} for domain, files in spec["texts"].items()}
     fit_set = None
-    if spec["task"] in ("soup", "fit"):
+    if spec["task"] in ("soup", "fit", "soup_fit"):
         fit_set = _fit_blocks(texts, load_tokenizer(spec["checkpoints"][0]))
     extra: dict = {}
     start = time.perf_counter()
@@ -191,6 +192,20 @@ def _quality_child(spec_json: str) -> None:
         elif spec["task"] == "soup":
             result = greedy_soup(spec["checkpoints"], fit_set, output_dir=spec["output_dir"], show_progress=False)
             extra = {"selected": result["selected"]}
+        elif spec["task"] == "soup_fit":  # warm start: the fit starts from the greedy soup's choice
+            soup = greedy_soup(spec["checkpoints"], fit_set, show_progress=False)
+            chosen = {str(Path(path).resolve()) for path in soup["selected"]}
+            flags = [str(Path(path).resolve()) in chosen for path in spec["checkpoints"]]
+            initial = [1.0 / sum(flags) if flag else 0.0 for flag in flags]
+            result = fit_merge_coefficients(
+                spec["checkpoints"],
+                fit_set,
+                output_dir=spec["output_dir"],
+                show_progress=False,
+                initial_weights=initial,
+                **spec["options"],
+            )
+            extra = {"selected": soup["selected"], "initial": initial, "coefficients": result["coefficients"]}
         else:
             result = fit_merge_coefficients(
                 spec["checkpoints"], fit_set, output_dir=spec["output_dir"], show_progress=False, **spec["options"]
@@ -208,9 +223,9 @@ def _run_quality_child(spec: dict) -> dict:
     return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def _fit_plan(granularity: str, base: Path) -> tuple[str, dict]:
+def _fit_plan(granularity: str, base: Path, task: str = "fit") -> tuple[str, dict]:
     options = dict(method="task_arithmetic", granularity=granularity, num_steps=FIT_STEPS, batch_size=FIT_BATCH_SIZE)
-    return "fit", dict(base=str(base), learning_rate=0.05, **options)
+    return task, dict(base=str(base), learning_rate=FIT_LEARNING_RATE, **options)
 
 
 def quality(work_dir: Path, finetune_steps: int = 30) -> None:
@@ -259,6 +274,7 @@ def quality(work_dir: Path, finetune_steps: int = 30) -> None:
         ),
         "task arithmetic, fitted per layer": _fit_plan("layer", base),
         "greedy soup": ("soup", {}),
+        "task arithmetic, fitted per layer from the greedy soup": _fit_plan("layer", base, "soup_fit"),
         "Model Stock": ("merge", dict(method="model_stock", base=str(base))),
         "DELLA (density 0.5, epsilon 0.15)": (
             "merge",
@@ -308,7 +324,7 @@ def _write_quality(perplexities, measurements, plans, finetune_info, model_bytes
         f"Three LoRA fine-tunes (r 8, 4 x 128 tokens per step; {budgets}; `recipes/smollm2-135m_merge_domains/`) "
         f"of SmolLM2-135M-Instruct (float32, {model_bytes / MiB:.0f} MiB), one per domain. Perplexity on each "
         f"domain's held-out eval documents ({EVAL_BLOCKS_PER_DOMAIN} blocks of {BLOCK_SIZE} tokens); greedy soup and "
-        f"the fitted coefficients ({FIT_STEPS} Adam steps of {FIT_BATCH_SIZE} blocks, lr 0.05, from 1/3 each) use "
+        f"the fitted coefficients ({FIT_STEPS} Adam steps of {FIT_BATCH_SIZE} blocks, lr {FIT_LEARNING_RATE}, from 1/3 each, or from the greedy soup's choice) use "
         f"the separate fit documents ({FIT_BLOCKS_PER_DOMAIN} blocks per domain). Peak RSS above the process's "
         "state after imports, each merge or fit in a fresh process. Shared, heavily loaded machine (timings are "
         "indicative).",
