@@ -67,6 +67,34 @@ class EnsembleTrainingConfig(TrainingArguments):
         super().__post_init__()
 
 
+def lora_config_for(model: nn.Module, args: EnsembleTrainingConfig, task: str) -> Any:
+    """The members' `peft.LoraConfig`, its target modules checked against the base before any member trains.
+
+    (`hf_interop.adapters.build_lora_config` sits in a layer above the ensembles, so the check is repeated here.)
+    """
+    from peft import LoraConfig
+
+    targets = args.lora_target_modules
+    if targets:
+        names = [name for name, _ in model.named_modules() if name]
+        missing = [target for target in targets if not any(n == target or n.endswith(f".{target}") for n in names)]
+        if missing:
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(
+                f"lora_target_modules entries {missing} match no module of {type(model).__name__}, so peft cannot wrap "
+                f"it as asked; its linear layers are {linear}. Pass some of those, or None for all of them."
+            )
+    if not isinstance(args.lora_r, int) or args.lora_r < 1:
+        raise ValueError(f"lora_r={args.lora_r!r} must be a positive integer (the LoRA rank), e.g. 8.")
+    return LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=list(targets) if targets else "all-linear",
+        task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS",
+    )
+
+
 def infer_task(dataset: Any, task: str | None) -> str:
     """The task of `dataset`: integer `label`/`labels` per example means a classifier, token lists a causal LM."""
     if task is not None:
@@ -140,17 +168,7 @@ class EnsembleMemberTrainer:
         self._base: nn.Module | None = None
         self.lora_config = None
         if args.use_lora:
-            # LoRA targets are checked against the real base before any member trains.
-            from ..adapters import build_lora_config
-
-            self.lora_config = build_lora_config(
-                r=args.lora_r,
-                lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                target_modules=args.lora_target_modules,
-                task_type="CAUSAL_LM" if self.task == "causal_lm" else "SEQ_CLS",
-                model=self.base_model(),
-            )
+            self.lora_config = lora_config_for(self.base_model(), args, self.task)
 
     # ----------------------------------------------------------------------------------------------------------
     # Members
