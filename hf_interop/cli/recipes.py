@@ -25,6 +25,13 @@ from .arguments import (
     check_model_argument,
     parse_recipe_args,
 )
+from .ensemble_training import (
+    EnsembleTrainingScriptArguments,
+    bagging_config_class,
+    boosting_config_class,
+    run_bag,
+    run_boost,
+)
 
 logger = get_logger(__name__)
 
@@ -449,6 +456,18 @@ RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]]
         "Merge checkpoints of one architecture in weight space (linear, task arithmetic, TIES, DARE, SLERP, "
         "breadcrumbs, DELLA, Model Stock), optionally with weights fitted on held-out text (--fit_on).",
     ),
+    "bag": (
+        lambda: [EnsembleTrainingScriptArguments, bagging_config_class()],
+        run_bag,
+        "Train a bagged ensemble (members on bootstrap resamples, LoRA on one base) of causal LMs or classifiers, "
+        "with out-of-bag scores.",
+    ),
+    "boost": (
+        lambda: [EnsembleTrainingScriptArguments, boosting_config_class()],
+        run_boost,
+        "Train a boosted ensemble: SAMME for classifiers; loss reweighting or additive product-of-experts for "
+        "causal LMs.",
+    ),
     "cache-teacher": (
         lambda: [CacheTeacherScriptArguments],
         run_cache_teacher,
@@ -483,10 +502,16 @@ def report_recipe_result(name: str, result: dict[str, Any]) -> None:
     for key in ("train", "eval"):
         metrics = result.get(key) or {}
         shown = {
-            k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and ("loss" in k or "perplex" in k)
+            k: round(v, 4)
+            for k, v in metrics.items()
+            if isinstance(v, float) and ("loss" in k or "perplex" in k or "accuracy" in k)
         }
         if shown:
             print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    if result.get("oob"):
+        print("  out of bag: " + ", ".join(f"{k}={v:.4g}" for k, v in result["oob"].items()))
+    if "estimator_weights" in result:
+        print("  member weights: " + ", ".join(f"{w:.3f}" for w in result["estimator_weights"]))
     if "fitted_weights" in result:
         print("  fitted weights: " + ", ".join(f"{w:.3f}" for w in result["fitted_weights"]))
 

@@ -386,3 +386,61 @@ def test_causal_lm_boosting_builds_a_reloadable_ensemble(method, base_dir, block
     reloaded = EnsembleForCausalLM.from_pretrained(tmp_path / method)
     ids = torch.tensor([blocks[0]["input_ids"]])
     torch.testing.assert_close(reloaded(input_ids=ids).logits, ensemble(input_ids=ids).logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI and recipes
+# ----------------------------------------------------------------------------------------------------------------
+
+RECIPE_DIR = "recipes/smollm2-135m_bagging_boosting"
+
+
+@pytest.mark.parametrize(
+    ("recipe", "config"),
+    [
+        ("bag", "bag_lm.yaml"),
+        ("bag", "bag_domains.yaml"),
+        ("boost", "boost_domains.yaml"),
+        ("boost", "boost_lm_additive.yaml"),
+    ],
+)
+def test_recipe_configs_parse_and_name_their_command(recipe, config):
+    import re
+    from pathlib import Path
+
+    from hf_interop.cli import RECIPES, parse_recipe_args
+
+    path = Path(__file__).resolve().parents[2] / RECIPE_DIR / config
+    script_args, ensemble_config = parse_recipe_args(RECIPES[recipe][0](), ["--config", str(path)], prog=recipe)
+    assert type(ensemble_config).__name__ == ("BaggingConfig" if recipe == "bag" else "BoostingConfig")
+    text = path.read_text()
+    assert f"hf-interop {recipe} --config {RECIPE_DIR}/{config}" in text.split("\n\n")[0]
+    for line in text.splitlines():
+        match = re.match(r"^([a-z_0-9]+):(.*)$", line)
+        if match and match.group(2).strip():
+            assert "#" in line, f"{config}: option {match.group(1)!r} has no inline note"
+
+
+def test_cli_bag_and_boost_classifiers_from_label_files(base_dir, corpus, tmp_path, capsys):
+    from hf_interop import EnsembleForSequenceClassification
+    from hf_interop.cli import main
+
+    files = []
+    for label, split in enumerate(("train", "validation")):
+        paragraphs = [t.strip() for t in corpus[split]["text"][:6] if t.strip()]
+        path = tmp_path / f"class{label}.txt"
+        path.write_text("\n\n".join(p[:200] for p in paragraphs for _ in range(2)))
+        files.append(str(path))
+    common = ["--model_name_or_path", str(base_dir), "--label_files", *files, "--eval_label_files", *files]
+    common += ["--max_steps", "2", "--per_device_train_batch_size", "4", "--n_estimators", "2", "--max_length", "16"]
+    common += ["--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "--disable_tqdm", "true"]
+    assert main(["bag", *common, "--output_dir", str(tmp_path / "bag")]) == 0
+    output = capsys.readouterr().out
+    assert "wrote" in output and "out of bag: oob_accuracy=" in output and "eval_accuracy" in output
+    assert EnsembleForSequenceClassification.from_pretrained(tmp_path / "bag").config.voting == "soft"
+    assert main(["boost", *common, "--output_dir", str(tmp_path / "boost")]) == 0
+    assert "member weights:" in capsys.readouterr().out
+    assert read_training_record(tmp_path / "boost")["method"] == "boosting (samme)"
+    # a finished ensemble is not silently replaced
+    assert main(["bag", *common, "--output_dir", str(tmp_path / "bag")]) != 0
+    assert "overwrite_output_dir" in capsys.readouterr().err
