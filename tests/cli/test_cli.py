@@ -15,7 +15,7 @@ from helpers import build_tiny_causal_lm
 
 from hf_interop.cli import EXIT_BAD_INPUT, EXIT_OK, build_parser, main
 
-SUBCOMMANDS = ("distill", "adapt", "ensemble", "merge", "cache-teacher", "compare", "card", "demo")
+SUBCOMMANDS = ("distill", "adapt", "ensemble", "merge", "cache-teacher", "compare", "card", "demo", "bag", "boost")
 
 
 @pytest.fixture(scope="module")

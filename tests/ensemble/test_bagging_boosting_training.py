@@ -444,3 +444,31 @@ def test_cli_bag_and_boost_classifiers_from_label_files(base_dir, corpus, tmp_pa
     # a finished ensemble is not silently replaced
     assert main(["bag", *common, "--output_dir", str(tmp_path / "bag")]) != 0
     assert "overwrite_output_dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_weighted_loss_is_normalised_across_processes(tmp_path):
+    """2 processes x 2 accumulation steps x 2 examples take the same step as one process with a batch of 8."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from multiprocess_weighted_loss import train_one_step
+
+    tests_dir = Path(__file__).resolve().parents[1]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    out = tmp_path / "two_processes.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir.parent), os.environ.get("PYTHONPATH", "")])}
+    command = [torchrun, "--standalone", "--nproc_per_node", "2", str(tests_dir / "multiprocess_weighted_loss.py")]
+    result = subprocess.run([*command, str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two_processes = torch.load(out)
+    one_process = train_one_step(str(tmp_path / "one"), batch_size=8, accumulation=1).model
+    start = dict(__import__("multiprocess_weighted_loss").build_classifier().named_parameters())
+    moved = 0
+    for name, value in one_process.named_parameters():
+        torch.testing.assert_close(two_processes[name], value.detach(), atol=1e-6, rtol=1e-5)
+        moved += int(not torch.equal(value.detach(), start[name].detach()))
+    assert moved > 0
