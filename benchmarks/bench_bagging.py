@@ -30,10 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS_DIR, write_result
-
-import numpy as np
 import torch
+from _common import RESULTS_DIR, write_result
 
 
 def load_average() -> str:
@@ -48,7 +46,9 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     for low, high in zip(edges[:-1], edges[1:], strict=True):
         inside = (confidence > low) & (confidence <= high)
         if inside.any():
-            error += inside.double().mean().item() * abs(correct[inside].mean().item() - confidence[inside].mean().item())
+            error += inside.double().mean().item() * abs(
+                correct[inside].mean().item() - confidence[inside].mean().item()
+            )
     return error
 
 
@@ -60,7 +60,9 @@ def train_tokenizer(texts: list[str], directory: Path):
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=["<|endoftext|>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=1024,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
@@ -199,7 +201,9 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
 
     domains = ("python_docs", "fortunes", "jargon")
     train = labelled_paragraphs([str(texts / d / "train.txt") for d in domains], tokenizer, 64, options.per_class)
-    held_out = labelled_paragraphs([str(texts / d / "eval.txt") for d in domains], tokenizer, 64, options.per_class // 2)
+    held_out = labelled_paragraphs(
+        [str(texts / d / "eval.txt") for d in domains], tokenizer, 64, options.per_class // 2
+    )
     members, steps = options.members, options.steps
     total = members * steps
     rows, staged = {}, {}
@@ -210,7 +214,9 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
     ]
     for name, config_class, fields, member_steps in variants:
         args = config_class(
-            **common_args(work / ("cls_" + name.replace(" ", "_")), member_steps, 16, options.cls_lr, options.use_lora),
+            **common_args(
+                work / ("cls_" + name.replace(" ", "_")), member_steps, 16, options.cls_lr, options.use_lora
+            ),
             **fields,
         )
         trainer_class = BaggingTrainer if config_class is BaggingConfig else BoostingTrainer
@@ -254,7 +260,9 @@ def staged_plot(staged: dict, path: Path) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--members", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per member (one model: members x steps)")
+    parser.add_argument(
+        "--steps", type=int, default=40, help="optimizer steps per member (one model: members x steps)"
+    )
     parser.add_argument("--lm_blocks", type=int, default=256)
     parser.add_argument("--per_class", type=int, default=200)
     parser.add_argument("--lm_lr", type=float, default=3e-3)
@@ -309,7 +317,9 @@ def main() -> None:
             "|---|---|---|---|---|---|---|---|",
         ]
         for name, row in lm["rows"].items():
-            oob = f"{row['oob_perplexity']:.2f} (coverage {row['oob_coverage']:.2f})" if "oob_perplexity" in row else "-"
+            oob = (
+                f"{row['oob_perplexity']:.2f} (coverage {row['oob_coverage']:.2f})" if "oob_perplexity" in row else "-"
+            )
             lines.append(
                 f"| {name} | {row['perplexity']:.2f} | {row['perplexity'] / single['perplexity']:.3f} | "
                 f"{row['ece']:.4f} | {oob} | {row.get('weights', '-')} | {row['seconds_per_step']:.3f} | {row['load']} |"
@@ -333,7 +343,13 @@ def main() -> None:
                 f"{row['load']} |"
             )
         staged = cls["staged"]
-        lines += ["", "SAMME staged accuracy after each member:", "", "| members | train | held-out |", "|---|---|---|"]
+        lines += [
+            "",
+            "SAMME staged accuracy after each member:",
+            "",
+            "| members | train | held-out |",
+            "|---|---|---|",
+        ]
         for index, (train_score, held) in enumerate(zip(staged["train"], staged["held_out"], strict=False)):
             lines.append(f"| {index + 1} | {train_score:.3f} | {held:.3f} |")
         png = RESULTS_DIR / "bagging_staged_samme.png"

@@ -109,6 +109,8 @@ class BoostingTrainer(EnsembleMemberTrainer):
         self.staged_train_score_: list[float] = []
         self.stopped_early_: str | None = None
         self.sample_weight_ = self.initial_sample_weight.copy()
+        # Each member's predicted classes on the training set (SAMME), for the staged training accuracy.
+        self._member_predictions: dict[int, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------------------------------
 
@@ -206,7 +208,6 @@ class BoostingTrainer(EnsembleMemberTrainer):
             self.estimator_weights_.append(result.estimator_weight)
             self.estimator_errors_.append(result.estimator_error)
             self.sample_weight_ = result.sample_weight
-            self._member_predictions = getattr(self, "_member_predictions", {})
             self._member_predictions[index] = predictions
             staged = self.staged_predict_from(self._train_predictions(index), np.asarray(self.estimator_weights_))
             self.staged_train_score_.append(float((staged[-1] == labels).mean()))
@@ -217,14 +218,12 @@ class BoostingTrainer(EnsembleMemberTrainer):
                 break
 
     def _train_predictions(self, upto: int) -> np.ndarray:
-        cache = getattr(self, "_member_predictions", {})
         rows = []
         for index in range(upto + 1):
-            if index not in cache:
+            if index not in self._member_predictions:
                 probabilities = self.member_outputs([self.load_member(index)], self.train_dataset)["probabilities"]
-                cache[index] = probabilities[0].argmax(-1).numpy()
-            rows.append(cache[index])
-        self._member_predictions = cache
+                self._member_predictions[index] = probabilities[0].argmax(-1).numpy()
+            rows.append(self._member_predictions[index])
         return np.stack(rows)
 
     def staged_predict_from(self, member_predictions: np.ndarray, weights: np.ndarray) -> np.ndarray:

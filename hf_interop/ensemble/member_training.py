@@ -217,7 +217,6 @@ class EnsembleMemberTrainer:
         args = copy.deepcopy(self.args)
         args.output_dir = str(self.members_dir / f".work-member_{index:03d}")
         args.seed = self.args.seed + index
-        args.disable_tqdm = self.args.disable_tqdm
         return args
 
     def train_member(
