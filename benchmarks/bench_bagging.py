@@ -93,6 +93,31 @@ def build_base(tokenizer, directory: Path) -> str:
     return str(directory)
 
 
+def pretrain_base(base: str, tokenizer, directory: Path, steps: int) -> str:
+    """The small base trained `steps` steps on the training blocks (the members then start from a trained model)."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
+
+    from hf_interop import load_builtin_corpus, pack_dataset
+
+    blocks = pack_dataset(load_builtin_corpus()["train"], tokenizer, block_size=64)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    args = TrainingArguments(
+        output_dir=str(directory / "work"),
+        max_steps=steps,
+        per_device_train_batch_size=8,
+        learning_rate=3e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator).train()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 def common_args(output_dir: Path, steps: int, batch: int, learning_rate: float, use_lora: bool) -> dict:
     return dict(
         output_dir=str(output_dir),
@@ -270,6 +295,13 @@ def main() -> None:
     parser.add_argument("--texts", default="outputs/texts", help="output folder of prepare_texts.py")
     parser.add_argument("--model", default=None, help="a real base checkpoint instead of the small Llama")
     parser.add_argument("--use_lora", action="store_true", help="members as LoRA adapters (with --model)")
+    parser.add_argument(
+        "--pretrain_steps",
+        type=int,
+        default=0,
+        help="first train the small base this many steps on all training blocks of the corpus (a pretrained base)",
+    )
+    parser.add_argument("--result_name", default="bagging", help="benchmarks/results/<name>.md")
     parser.add_argument("--skip_lm", action="store_true")
     parser.add_argument("--skip_classifier", action="store_true")
     options = parser.parse_args()
@@ -296,7 +328,14 @@ def main() -> None:
                 sample.append((texts / domain / "train.txt").read_text(encoding="utf-8")[:400_000])
         tokenizer = train_tokenizer(sample, work / "tokenizer")
         base = build_base(tokenizer, work / "base")
-        model_line = "small Llama (hidden 128, 2 layers, 1024-token BPE), one random initialisation, full members"
+        kind = "LoRA r=8 members" if options.use_lora else "full members"
+        model_line = f"small Llama (hidden 128, 2 layers, 1024-token BPE), one random initialisation, {kind}"
+        if options.pretrain_steps:
+            base = pretrain_base(base, tokenizer, work / "pretrained", options.pretrain_steps)
+            model_line = (
+                f"small Llama (hidden 128, 2 layers, 1024-token BPE) first trained {options.pretrain_steps} steps on "
+                f"the corpus' training blocks, then {kind}"
+            )
     results = {"members": options.members, "steps_per_member": options.steps, "model": model_line}
     lines = [
         f"Base: {model_line}. {options.members} members x {options.steps} optimizer steps against one model trained "
@@ -356,7 +395,7 @@ def main() -> None:
         RESULTS_DIR.mkdir(exist_ok=True)
         if staged_plot(staged, png):
             lines += ["", f"![SAMME staged accuracy]({png.name})"]
-    write_result("bagging", "\n".join(lines), results)
+    write_result(options.result_name, "\n".join(lines), results)
 
 
 if __name__ == "__main__":
