@@ -1,12 +1,14 @@
 """`hf-interop bag` and `hf-interop boost` (= `recipes/bag.py`, `recipes/boost.py`): train a bagged or boosted
 ensemble of causal LMs (on packed text) or of sequence classifiers (one text file per class, a paragraph per
 example), with LoRA members on one base by default. Rerunning the same command resumes after the last finished member.
+`recipes.py` registers them and passes its block loader in (`load_blocks`), so this module does not import it back.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,7 +83,9 @@ def labelled_paragraphs(files: list[str], tokenizer: Any, max_length: int, limit
     return Dataset.from_dict({"input_ids": encoded["input_ids"], "label": labels})
 
 
-def _prepare(script_args: EnsembleTrainingScriptArguments, config: Any) -> tuple[str, Any, Any, Any]:
+def _prepare(
+    script_args: EnsembleTrainingScriptArguments, config: Any, load_blocks: Callable[..., Any]
+) -> tuple[str, Any, Any, Any]:
     from ..loading import load_tokenizer
     from ..utils import check_output_dir
 
@@ -102,12 +106,10 @@ def _prepare(script_args: EnsembleTrainingScriptArguments, config: Any) -> tuple
             evaluation = labelled_paragraphs(script_args.eval_label_files, tokenizer, script_args.max_length)
         config.num_labels = len(script_args.label_files)
         return model, tokenizer, train, evaluation
-    from .recipes import _load_blocks
-
-    train = _load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
+    train = load_blocks(script_args, tokenizer, script_args.train_split, script_args.max_train_blocks)
     evaluation = None
     if script_args.eval_split is not None:
-        evaluation = _load_blocks(script_args, tokenizer, script_args.eval_split, script_args.max_eval_blocks)
+        evaluation = load_blocks(script_args, tokenizer, script_args.eval_split, script_args.max_eval_blocks)
     return model, tokenizer, train, evaluation
 
 
@@ -130,22 +132,26 @@ def _evaluate(ensemble: Any, dataset: Any, trainer: Any) -> dict[str, float]:
     return {"eval_accuracy": correct / len(dataset)}
 
 
-def run_bag(script_args: EnsembleTrainingScriptArguments, config: Any) -> dict[str, Any]:
+def run_bag(
+    script_args: EnsembleTrainingScriptArguments, config: Any, load_blocks: Callable[..., Any]
+) -> dict[str, Any]:
     """Train a bagged ensemble (`hf-interop bag`), report its out-of-bag and held-out scores."""
     from ..ensemble.bagging import BaggingTrainer
 
-    model, tokenizer, train, evaluation = _prepare(script_args, config)
+    model, tokenizer, train, evaluation = _prepare(script_args, config, load_blocks)
     trainer = BaggingTrainer(model, config, train, eval_dataset=evaluation, processing_class=tokenizer)
     ensemble = trainer.train()
     metrics = _evaluate(ensemble, evaluation, trainer)
     return {"output_dir": config.output_dir, "eval": metrics, "oob": trainer.oob_scores_, "ensemble": ensemble}
 
 
-def run_boost(script_args: EnsembleTrainingScriptArguments, config: Any) -> dict[str, Any]:
+def run_boost(
+    script_args: EnsembleTrainingScriptArguments, config: Any, load_blocks: Callable[..., Any]
+) -> dict[str, Any]:
     """Train a boosted ensemble (`hf-interop boost`), report member weights and held-out scores."""
     from ..ensemble.boosting import BoostingTrainer
 
-    model, tokenizer, train, evaluation = _prepare(script_args, config)
+    model, tokenizer, train, evaluation = _prepare(script_args, config, load_blocks)
     trainer = BoostingTrainer(model, config, train, eval_dataset=evaluation, processing_class=tokenizer)
     ensemble = trainer.train()
     metrics = _evaluate(ensemble, evaluation, trainer)

@@ -458,13 +458,13 @@ RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]]
     ),
     "bag": (
         lambda: [EnsembleTrainingScriptArguments, bagging_config_class()],
-        run_bag,
+        lambda script_args, config: run_bag(script_args, config, _load_blocks),
         "Train a bagged ensemble (members on bootstrap resamples, LoRA on one base) of causal LMs or classifiers, "
         "with out-of-bag scores.",
     ),
     "boost": (
         lambda: [EnsembleTrainingScriptArguments, boosting_config_class()],
-        run_boost,
+        lambda script_args, config: run_boost(script_args, config, _load_blocks),
         "Train a boosted ensemble: SAMME for classifiers; loss reweighting or additive product-of-experts for "
         "causal LMs.",
     ),

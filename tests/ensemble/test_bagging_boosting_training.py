@@ -444,6 +444,13 @@ def test_cli_bag_and_boost_classifiers_from_label_files(base_dir, corpus, tmp_pa
     # a finished ensemble is not silently replaced
     assert main(["bag", *common, "--output_dir", str(tmp_path / "bag")]) != 0
     assert "overwrite_output_dir" in capsys.readouterr().err
+    # causal LMs on packed text (the builtin corpus), additive boosting with the share fitted on held-out blocks
+    lm = ["--model_name_or_path", str(base_dir), "--block_size", "24", "--max_train_blocks", "8"]
+    lm += ["--max_eval_blocks", "2", "--max_steps", "1", "--per_device_train_batch_size", "4", "--n_estimators", "2"]
+    lm += ["--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", "--disable_tqdm", "true"]
+    assert main(["boost", *lm, "--boosting", "additive", "--output_dir", str(tmp_path / "lm")]) == 0
+    assert "eval_perplexity" in capsys.readouterr().out
+    assert read_training_record(tmp_path / "lm")["method"] == "boosting (additive)"
 
 
 @pytest.mark.slow
