@@ -30,6 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from _common import RESULTS_DIR, write_result
 
@@ -262,6 +263,48 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
     return {"rows": rows, "staged": staged, "train_examples": len(train), "held_out_examples": len(held_out)}
 
 
+def part_additive_cost(base: str, tokenizer, repeats: int = 5) -> dict:
+    """Seconds of one training step (forward + backward, batch 8 x 64) of a new member against m frozen members,
+    m = 0..3, interleaved so that the machine's load hits every m alike; full members and LoRA members on one base."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_interop import EnsembleForCausalLM, load_builtin_corpus, pack_dataset
+    from hf_interop.ensemble.boosting_math import additive_token_losses
+    from hf_interop.ensemble.weighted_trainer import WeightedExampleCollator
+
+    blocks = pack_dataset(load_builtin_corpus()["train"], tokenizer, block_size=64, max_blocks=8)
+    batch = WeightedExampleCollator(tokenizer.pad_token_id, "causal_lm")([blocks[i] for i in range(8)])
+    new_member = AutoModelForCausalLM.from_pretrained(base)
+    frozen = {0: None}
+    for count in (1, 2, 3):
+        frozen[count] = EnsembleForCausalLM.from_members(
+            [AutoModelForCausalLM.from_pretrained(base) for _ in range(count)], combination="product"
+        )
+
+    def step(count: int) -> float:
+        start = time.perf_counter()
+        logits = new_member(input_ids=batch["input_ids"]).logits
+        if count == 0:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten())
+        else:
+            with torch.no_grad():
+                frozen_log_probs = frozen[count](input_ids=batch["input_ids"], use_cache=False).logits
+            losses, mask = additive_token_losses(frozen_log_probs[:, :-1], logits[:, :-1], batch["labels"][:, 1:], 0.5)
+            loss = losses.sum() / mask.sum()
+        loss.backward()
+        new_member.zero_grad()
+        return time.perf_counter() - start
+
+    for count in frozen:
+        step(count)
+    times = {count: [] for count in frozen}
+    for _ in range(repeats):
+        for count in frozen:
+            times[count].append(step(count))
+    median = {count: float(np.median(values)) for count, values in times.items()}
+    return {"seconds": median, "ratio": {count: median[count] / median[0] for count in median}, "load": load_average()}
+
+
 def staged_plot(staged: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -302,6 +345,7 @@ def main() -> None:
         help="first train the small base this many steps on all training blocks of the corpus (a pretrained base)",
     )
     parser.add_argument("--result_name", default="bagging", help="benchmarks/results/<name>.md")
+    parser.add_argument("--additive_cost", action="store_true", help="only time additive steps vs frozen members")
     parser.add_argument("--skip_lm", action="store_true")
     parser.add_argument("--skip_classifier", action="store_true")
     options = parser.parse_args()
@@ -336,6 +380,20 @@ def main() -> None:
                 f"small Llama (hidden 128, 2 layers, 1024-token BPE) first trained {options.pretrain_steps} steps on "
                 f"the corpus' training blocks, then {kind}"
             )
+    if options.additive_cost:
+        cost = part_additive_cost(base, tokenizer)
+        lines = [
+            f"Base: {model_line}. One training step (forward + backward, batch 8 x 64 tokens) of a new member "
+            "against m frozen members (their product-of-experts log-probabilities under no_grad), median of 5, "
+            f"interleaved; load average {cost['load']}.",
+            "",
+            "| frozen members m | seconds per step | vs plain step |",
+            "|---|---|---|",
+        ]
+        for count, seconds in cost["seconds"].items():
+            lines.append(f"| {count} | {seconds:.3f} | {cost['ratio'][count]:.2f}x |")
+        write_result(options.result_name, "\n".join(lines), cost)
+        return
     results = {"members": options.members, "steps_per_member": options.steps, "model": model_line}
     lines = [
         f"Base: {model_line}. {options.members} members x {options.steps} optimizer steps against one model trained "
