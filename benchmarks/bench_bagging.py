@@ -346,6 +346,9 @@ def main() -> None:
     )
     parser.add_argument("--result_name", default="bagging", help="benchmarks/results/<name>.md")
     parser.add_argument("--additive_cost", action="store_true", help="only time additive steps vs frozen members")
+    parser.add_argument(
+        "--classifier_variants", default="all", choices=("all", "one", "bagging", "boosting"), help="which to run"
+    )
     parser.add_argument("--skip_lm", action="store_true")
     parser.add_argument("--skip_classifier", action="store_true")
     options = parser.parse_args()
@@ -439,7 +442,7 @@ def main() -> None:
                 f"| {name} | {row['accuracy']:.3f} | {row['ece']:.4f} | {oob} | {weights} | {row['seconds']:.0f} | "
                 f"{row['load']} |"
             )
-        staged = cls["staged"]
+        staged = cls["staged"] or {"train": [], "held_out": []}
         lines += [
             "",
             "SAMME staged accuracy after each member:",
