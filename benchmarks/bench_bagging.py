@@ -238,6 +238,7 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
         ("bagging", BaggingConfig, dict(n_estimators=members), steps),
         ("boosting (SAMME)", BoostingConfig, dict(n_estimators=members, boosting="samme"), steps),
     ]
+    variants = [variant for variant in variants if options.classifier_variants in ("all", variant[0].split()[0])]
     for name, config_class, fields, member_steps in variants:
         args = config_class(
             **common_args(
