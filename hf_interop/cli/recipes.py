@@ -26,6 +26,13 @@ from .arguments import (
     parse_recipe_args,
 )
 from .common import _add_card_results, _load_blocks, _load_student
+from .ensemble_training import (
+    EnsembleTrainingScriptArguments,
+    bagging_config_class,
+    boosting_config_class,
+    run_bag,
+    run_boost,
+)
 from .multitask import MultiTaskScriptArguments, run_multitask
 
 logger = get_logger(__name__)
@@ -428,6 +435,18 @@ RECIPES: dict[str, tuple[Callable[[], list[type]], Callable[..., dict[str, Any]]
         "Merge checkpoints of one architecture in weight space (linear, task arithmetic, TIES, DARE, SLERP, "
         "breadcrumbs, DELLA, Model Stock), optionally with weights fitted on held-out text (--fit_on).",
     ),
+    "bag": (
+        lambda: [EnsembleTrainingScriptArguments, bagging_config_class()],
+        lambda script_args, config: run_bag(script_args, config, _load_blocks),
+        "Train a bagged ensemble (members on bootstrap resamples, LoRA on one base) of causal LMs or classifiers, "
+        "with out-of-bag scores.",
+    ),
+    "boost": (
+        lambda: [EnsembleTrainingScriptArguments, boosting_config_class()],
+        lambda script_args, config: run_boost(script_args, config, _load_blocks),
+        "Train a boosted ensemble: SAMME for classifiers; loss reweighting or additive product-of-experts for "
+        "causal LMs.",
+    ),
     "cache-teacher": (
         lambda: [CacheTeacherScriptArguments],
         run_cache_teacher,
@@ -468,10 +487,16 @@ def report_recipe_result(name: str, result: dict[str, Any]) -> None:
     for key in ("train", "eval"):
         metrics = result.get(key) or {}
         shown = {
-            k: round(v, 4) for k, v in metrics.items() if isinstance(v, float) and ("loss" in k or "perplex" in k)
+            k: round(v, 4)
+            for k, v in metrics.items()
+            if isinstance(v, float) and ("loss" in k or "perplex" in k or "accuracy" in k)
         }
         if shown:
             print(f"  {key}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+    if result.get("oob"):
+        print("  out of bag: " + ", ".join(f"{k}={v:.4g}" for k, v in result["oob"].items()))
+    if "estimator_weights" in result:
+        print("  member weights: " + ", ".join(f"{w:.3f}" for w in result["estimator_weights"]))
     if "fitted_weights" in result:
         print("  fitted weights: " + ", ".join(f"{w:.3f}" for w in result["fitted_weights"]))
 

@@ -13,6 +13,10 @@ pieces, with `EnsembleForCausalLM.from_members(..., cross_tokenizer=True)` (`gen
   :class:`LoraAdapterMember`.
 - :mod:`.weights`: :func:`fit_ensemble_weights` (member weights by held-out NLL, PackLLM-style initialisation).
 - :mod:`.classification`: :class:`EnsembleForSequenceClassification`.
+- Ensembles trained as ensembles: :mod:`.bagging` (:class:`BaggingConfig`, :class:`BaggingTrainer`), :mod:`.boosting`
+  (:class:`BoostingConfig`, :class:`BoostingTrainer`: SAMME, loss reweighting, additive product of experts), their
+  pure math in :mod:`.resampling` and :mod:`.boosting_math`, the members' Trainer subclasses in
+  :mod:`.weighted_trainer` and what both share in :mod:`.member_training`.
 """
 
 from .cache import EnsembleCache

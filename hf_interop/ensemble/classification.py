@@ -3,6 +3,7 @@ meta-model, over sequence classifiers that share a tokenizer and a label set."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 logger = get_logger(__name__)
 
 STACKING_HEAD_FILE = "stacking_head.safetensors"
+# Written beside a classification LoRA adapter: the size (and names) of the label set its head predicts.
+LABELS_FILE = "hf_interop_labels.json"
 # Margin that makes the tie-break winner the argmax of hard-vote logits without visibly changing the vote shares.
 _TIE_MARGIN = 1e-6
 
@@ -181,6 +184,46 @@ class EnsembleForSequenceClassification(PreTrainedModel):
             )
         config = EnsembleConfig(members=specs, weights=list(weights) if weights is not None else None, voting=voting)
         return cls(config, members=members, tokenizer=tokenizer)
+
+    @classmethod
+    def from_lora_adapters(
+        cls,
+        base_model: str | os.PathLike,
+        adapters: Sequence[str | os.PathLike],
+        voting: str = "soft",
+        weights: Sequence[float] | None = None,
+        *,
+        tokenizer: Any = None,
+        base_revision: str | None = None,
+    ) -> EnsembleForSequenceClassification:
+        """Several peft LoRA adapters (task `SEQ_CLS`) of one base classifier as members, one copy of the base weights.
+
+        Each member activates its adapter (and its own classification head, saved with the adapter) before running
+        the shared `PeftModel`.
+        """
+        adapters = [str(adapter) for adapter in adapters]
+        if not adapters:
+            raise ValueError("adapters is empty; pass at least one LoRA adapter folder.")
+        for index, adapter in enumerate(adapters):
+            check_member_path({"name_or_path": adapter}, index)
+            if os.path.isdir(adapter) and not (Path(adapter) / "adapter_config.json").is_file():
+                raise ValueError(
+                    f"adapters[{index}] {adapter!r} has no adapter_config.json; pass folders written by "
+                    "PeftModel.save_pretrained."
+                )
+        base_spec = member_spec(str(base_model), 0, base_revision)
+        check_member_path(base_spec, 0)
+        if voting == "weighted" and weights is None:
+            raise ValueError(
+                "voting='weighted' needs weights=[...] (one per member); use voting='hard' for equal votes."
+            )
+        config = EnsembleConfig(
+            members=[{"name_or_path": adapter, "revision": None} for adapter in adapters],
+            weights=list(weights) if weights is not None else None,
+            voting=voting,
+            lora_base_model=base_spec,
+        )
+        return cls(config, tokenizer=tokenizer)
 
     def get_input_embeddings(self) -> None:
         return None
@@ -364,6 +407,8 @@ def _prepare_classifiers(
 
     from ..loading import load_tokenizer
 
+    if members is None and config.lora_base_model:
+        return _load_lora_classifiers(config)
     entries = list(members) if members is not None else list(config.members or [])
     if not entries:
         raise ValueError("members is empty; an ensemble needs at least one classifier.")
@@ -390,3 +435,46 @@ def _prepare_classifiers(
         loaded.append(model)
         tokenizers.append(tokenizer)
     return loaded, tokenizers, names
+
+
+def _load_lora_classifiers(config: EnsembleConfig) -> tuple[list[nn.Module], list[Any], list[str]]:
+    """Load the base classifier once, attach every adapter (with its own head) and return one view per adapter."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from ..loading import load_tokenizer
+    from .members import LoraAdapterMember, check_adapter_weights
+
+    check_weights(config.weights, len(config.members))
+    for index, spec in enumerate(config.members):
+        check_member_path(spec, index)
+        check_adapter_weights(spec["name_or_path"], index, allow_pickle=False)
+    spec = config.lora_base_model
+    check_member_path(spec, 0)
+    adapters = [member["name_or_path"] for member in config.members]
+    labels = _saved_labels(adapters[0])
+    base_model = AutoModelForSequenceClassification.from_pretrained(
+        spec["name_or_path"], revision=spec.get("revision"), trust_remote_code=False, use_safetensors=True, **labels
+    )
+    tokenizer = load_tokenizer(spec["name_or_path"], revision=spec.get("revision"))
+    if base_model.config.pad_token_id is None:
+        base_model.config.pad_token_id = tokenizer.pad_token_id
+    names = [f"member_{index}" for index in range(len(adapters))]
+    peft_model = PeftModel.from_pretrained(base_model, adapters[0], adapter_name=names[0], is_trainable=False)
+    for name, adapter in zip(names[1:], adapters[1:], strict=True):
+        peft_model.load_adapter(adapter, adapter_name=name, is_trainable=False)
+    peft_model.eval()
+    members = [LoraAdapterMember(peft_model, name) for name in names]
+    return members, [tokenizer] * len(members), adapters
+
+
+def _saved_labels(adapter: str) -> dict[str, Any]:
+    """`num_labels` and `id2label` an adapter's classification head was trained for (:data:`LABELS_FILE` beside it)."""
+    path = Path(adapter) / LABELS_FILE
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    labels: dict[str, Any] = {"num_labels": int(data["num_labels"])}
+    if data.get("id2label"):
+        labels["id2label"] = {int(key): value for key, value in data["id2label"].items()}
+    return labels

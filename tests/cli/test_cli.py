@@ -26,6 +26,8 @@ SUBCOMMANDS = (
     "compare",
     "card",
     "demo",
+    "bag",
+    "boost",
 )
 
 

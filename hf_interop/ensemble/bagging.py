@@ -1,0 +1,193 @@
+"""Bagging for Transformers models: [`BaggingConfig`] and [`BaggingTrainer`].
+
+Every member trains on its own resample of the training set (bootstrap: drawn with replacement), then the members
+are averaged: a mixture of next-token distributions for causal LMs, a soft vote for classifiers. Each example's
+members that did not draw it score it out of bag (`oob_score_`), an estimate of held-out quality that costs no
+held-out data. As scikit-learn's `BaggingClassifier`, with LoRA members that share one copy of the base weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..logging_utils import get_logger
+from .member_training import EnsembleMemberTrainer, EnsembleTrainingConfig, label_column
+from .resampling import (
+    check_n_estimators,
+    member_sample_indices,
+    oob_classification_score,
+    oob_language_model_score,
+    out_of_bag_mask,
+    resolve_max_samples,
+)
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class BaggingConfig(EnsembleTrainingConfig):
+    r"""Configuration of [`BaggingTrainer`]: [`EnsembleTrainingConfig`] (member training, LoRA) plus the resampling.
+
+    Args:
+        n_estimators (`int`, *optional*, defaults to 4):
+            Members to train (>= 1). More members average out more variance and cost one training run each.
+        max_samples (`float` or `int`, *optional*, defaults to 1.0):
+            Examples each member draws: a fraction in (0, 1] of the training set, or a count (int, at most its size).
+        bootstrap (`bool`, *optional*, defaults to `True`):
+            Draw with replacement (classic bagging, about 63% distinct examples per member at `max_samples=1.0`);
+            `False` draws without replacement (pasting), which needs `max_samples` < 1 to leave examples out of bag.
+        random_state (`int`, *optional*, defaults to 0):
+            Seed of the resamples; member `i`'s draw depends only on `(random_state, i)`.
+        oob_score (`bool`, *optional*, defaults to `True`):
+            Score every training example with the members that did not draw it (accuracy for classifiers, perplexity
+            and bits per byte for causal LMs). Costs one forward pass of every member over the training set.
+        combination (`str`, *optional*, defaults to `"mixture"`): rule of a causal-LM ensemble (see `EnsembleConfig`).
+        voting (`str`, *optional*, defaults to `"soft"`): rule of a classifier ensemble.
+    """
+
+    n_estimators: int = field(default=4, metadata={"help": "Members to train (>= 1)."})
+    max_samples: float = field(default=1.0, metadata={"help": "Fraction in (0, 1] or count of examples per member."})
+    bootstrap: bool = field(default=True, metadata={"help": "Draw with replacement (False: pasting)."})
+    random_state: int = field(default=0, metadata={"help": "Seed of the resamples."})
+    oob_score: bool = field(default=True, metadata={"help": "Compute out-of-bag scores after training."})
+    combination: str = field(default="mixture", metadata={"help": "Causal-LM combination rule."})
+    voting: str = field(default="soft", metadata={"help": "Classifier voting rule."})
+
+    def __post_init__(self):
+        check_n_estimators(self.n_estimators)
+        if isinstance(self.max_samples, float) and self.max_samples.is_integer() and self.max_samples > 1:
+            self.max_samples = int(self.max_samples)  # a count given on the command line as "200.0"
+        if isinstance(self.max_samples, bool) or not isinstance(self.max_samples, (int, float)):
+            raise ValueError(f"max_samples={self.max_samples!r} must be a fraction in (0, 1] or a count of examples.")
+        if isinstance(self.max_samples, float) and not 0.0 < self.max_samples <= 1.0:
+            raise ValueError(
+                f"max_samples={self.max_samples!r} as a fraction must lie in (0, 1]; use e.g. 0.8, or an int count."
+            )
+        if isinstance(self.max_samples, int) and self.max_samples < 1:
+            raise ValueError(f"max_samples={self.max_samples!r} as a count must be >= 1.")
+        if isinstance(self.random_state, bool) or not isinstance(self.random_state, int) or self.random_state < 0:
+            raise ValueError(f"random_state={self.random_state!r} must be an integer >= 0.")
+        super().__post_init__()
+
+
+class BaggingTrainer(EnsembleMemberTrainer):
+    """Trains a bagged ensemble of causal LMs or sequence classifiers.
+
+    Args:
+        model (`str` or `os.PathLike`): folder or hub id of the base checkpoint every member starts from.
+        args ([`BaggingConfig`]): the resampling and the training of every member.
+        train_dataset (`datasets.Dataset`): tokenized `input_ids` (+ `label` for a classifier, optional `labels`
+            for a causal LM).
+        eval_dataset (`datasets.Dataset`, *optional*): not used for training; kept for the caller's evaluation.
+        processing_class (`PreTrainedTokenizerBase`, *optional*): the base's tokenizer (loaded when omitted).
+
+    After [`train`]: `estimators_samples_` (one sorted index array per member), `oob_score_` and `oob_scores_`
+    (every out-of-bag number), and the returned ensemble, also saved to `args.output_dir`.
+    """
+
+    method = "bagging"
+
+    def __init__(self, model: Any, args: BaggingConfig, train_dataset: Any, **kwargs: Any):
+        if not isinstance(args, BaggingConfig):
+            raise ValueError(f"args must be a BaggingConfig, got {type(args).__name__}.")
+        # Bad sizes are refused before the base model is loaded.
+        if train_dataset is None or len(train_dataset) == 0:
+            raise ValueError("train_dataset is empty; bagging needs at least one tokenized example.")
+        resolve_max_samples(args.max_samples, len(train_dataset))
+        super().__init__(model, args, train_dataset, **kwargs)
+        num_examples = len(train_dataset)
+        self.estimators_samples_ = [
+            member_sample_indices(num_examples, index, args.max_samples, args.bootstrap, args.random_state)
+            for index in range(args.n_estimators)
+        ]
+        self.oob_score_: float | None = None
+        self.oob_scores_: dict[str, float] = {}
+
+    def train(self) -> Any:
+        """Train (or resume) every member, compute the out-of-bag scores, save and return the ensemble."""
+        args = self.args
+        progress = tqdm(range(args.n_estimators), desc="bagging members", disable=args.disable_tqdm)
+        for index in progress:
+            if self.member_is_saved(index):
+                logger.info(f"member {index} is already trained ({self.member_dir(index)}); resuming after it.")
+                continue
+            subset = self.train_dataset.select(self.estimators_samples_[index].tolist())
+            self.train_member(index, subset)
+        indices = list(range(args.n_estimators))
+        if args.oob_score:
+            self.compute_oob_score()
+        ensemble = self.build_ensemble(indices, None, args.combination, args.voting)
+        self.save_ensemble(ensemble, self.record(), self.card())
+        return ensemble
+
+    def compute_oob_score(self) -> dict[str, float]:
+        """`oob_score_` from each training example's out-of-bag members (accuracy, or perplexity for causal LMs)."""
+        num_examples = len(self.train_dataset)
+        mask = out_of_bag_mask(self.estimators_samples_, num_examples)
+        if not mask.any():
+            logger.warning("every member drew every example: no out-of-bag estimate (use max_samples < 1).")
+        models = [self.load_member(index) for index in range(self.args.n_estimators)]
+        outputs = self.member_outputs(models, self.train_dataset)
+        if self.task == "sequence_classification":
+            import torch
+
+            labels = torch.tensor(self.train_dataset[label_column(self.train_dataset)])
+            scores = oob_classification_score(outputs["probabilities"], mask, labels)
+            self.oob_score_ = scores["oob_accuracy"]
+        else:
+            scores = oob_language_model_score(
+                outputs["target_log_probs"], mask, outputs["target_mask"], outputs["num_bytes"]
+            )
+            self.oob_score_ = scores["oob_perplexity"]
+        self.oob_scores_ = scores
+        return scores
+
+    def record(self) -> dict[str, Any]:
+        args = self.args
+        return {
+            "method": "bagging",
+            "task": self.task,
+            "base_model": self.model_name_or_path,
+            "n_estimators": args.n_estimators,
+            "max_samples": args.max_samples,
+            "bootstrap": args.bootstrap,
+            "random_state": args.random_state,
+            "num_train_examples": len(self.train_dataset),
+            "members": [str(self.member_dir(index)) for index in range(args.n_estimators)],
+            "estimators_samples_": [indices.tolist() for indices in self.estimators_samples_],
+            "oob_score_": self.oob_score_,
+            "oob_scores_": self.oob_scores_,
+        }
+
+    def card(self) -> dict[str, Any]:
+        args = self.args
+        distinct = [int(np.unique(indices).size) for indices in self.estimators_samples_]
+        rule = f"`{args.combination}`" if self.task == "causal_lm" else f"{args.voting} voting"
+        description = (
+            f"A bagged ensemble of {args.n_estimators} members trained by hf_interop's `BaggingTrainer`: each member "
+            f"trained on its own {'bootstrap resample (with replacement)' if args.bootstrap else 'subsample'} of "
+            f"{len(self.train_dataset)} training examples, combined by {rule}. The exact example indices of every "
+            f"member (`estimators_samples_`) are in `ensemble_training.json`."
+        )
+        hyperparameters = {
+            "method": "bagging",
+            "n_estimators": args.n_estimators,
+            "max_samples": args.max_samples,
+            "bootstrap": args.bootstrap,
+            "random_state": args.random_state,
+            "draws per member": len(self.estimators_samples_[0]),
+            "distinct examples per member": ", ".join(str(count) for count in distinct),
+            **self.hyperparameters(),
+        }
+        metrics = {name: value for name, value in self.oob_scores_.items() if np.isfinite(value)}
+        return {
+            "description": description,
+            "combination": rule,
+            "hyperparameters": hyperparameters,
+            "metrics": metrics or None,
+            "eval_dataset": "the training set, out of bag" if metrics else None,
+        }
