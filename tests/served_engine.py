@@ -74,7 +74,10 @@ class ServedEngine:
                 engine._handle(self, "POST")
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        # request threads are joined when the server closes: one still running the model (a delayed answer nobody
+        # waits for any more) at interpreter exit aborts the process in torch's thread teardown
+        self._server.daemon_threads = False
+        self._server.block_on_close = True
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 

@@ -240,8 +240,9 @@ def test_transient_errors_are_retried(engine, smollm2_tokenizer, blocks, tmp_pat
 
 
 def test_slow_answers_time_out_and_stop_with_a_clear_error(engine, smollm2_tokenizer, blocks, tmp_path):
-    client = ServedTeacher(engine.url, top_k=TOP_K, timeout=0.3, max_retries=1, retry_backoff=0.01)
-    client.connect(smollm2_tokenizer)
+    client = ServedTeacher(engine.url, top_k=TOP_K, timeout=60.0, max_retries=1, retry_backoff=0.01)
+    client.connect(smollm2_tokenizer)  # start-up checks at a generous timeout: a loaded machine answers late
+    client.timeout = 0.3
     engine.faults["delay"] = 1.0
     with pytest.raises(ServedTeacherError, match="ReadTimeout"):
         cache_teacher_logits(
