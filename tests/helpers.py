@@ -74,8 +74,9 @@ def transformers_log():
         transformers_logger.removeHandler(handler)
 
 
-def make_distillation_args(output_dir, **overrides):
-    """A small CPU `DistillationConfig` for trainer tests (2 steps, no saving, no reports); `overrides` win."""
+def make_distillation_args(output_dir, config_class=None, **overrides):
+    """A small CPU `DistillationConfig` (or `config_class`, a subclass) for trainer tests (2 steps, no saving, no
+    reports); `overrides` win."""
     from hf_interop import DistillationConfig
 
     settings = dict(
@@ -92,4 +93,4 @@ def make_distillation_args(output_dir, **overrides):
         seed=0,
     )
     settings.update(overrides)
-    return DistillationConfig(**settings)
+    return (config_class or DistillationConfig)(**settings)

@@ -24,21 +24,7 @@ TEACHER_OVERRIDES = {"hidden_size": 96, "intermediate_size": 192, "num_hidden_la
 
 
 def make_args(output_dir, **overrides):
-    settings = dict(
-        output_dir=str(output_dir),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    settings.update(overrides)
-    return MultiTeacherDistillationConfig(**settings)
+    return make_single_args(output_dir, config_class=MultiTeacherDistillationConfig, **overrides)
 
 
 @pytest.fixture(scope="module")

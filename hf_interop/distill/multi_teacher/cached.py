@@ -52,15 +52,15 @@ def with_cache_rows(
 
 
 def cached_answers(
-    cache: Any, name: str, features: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor]
+    cache: Any, table: Any, name: str, features: Sequence[dict[str, Any]], batch: dict[str, torch.Tensor]
 ) -> tuple[torch.Tensor, tuple[dict[str, torch.Tensor], torch.Tensor]] | None:
     """The cache's distributions for the batch rows that have a cache row, shaped like a served teacher's answers
-    `(rows, (columns (n, S-1, k), positions without a distribution (n, S-1)))`; their labels there become -100."""
+    `(rows, (columns (n, S-1, k), positions without a distribution (n, S-1)))`; their labels there become -100.
+    `table` is `cache.dataset` in numpy format (made once by the caller, not per batch)."""
     column = CACHE_ROW_PREFIX + name
     picked = [(row, int(feature[column])) for row, feature in enumerate(features) if int(feature.get(column, -1)) >= 0]
     if not picked:
         return None
-    table = cache.dataset.with_format("numpy")
     columns = cache.collate([table[cache_row] for _, cache_row in picked])
     positions = batch["input_ids"].shape[1] - 1
     width = columns[IDS_COLUMN].shape[1]

@@ -61,6 +61,7 @@ class MultiTeacherCollator:
         self.routing_column = routing_column
         self.served_teachers = served_teachers
         self.caches = caches or {}
+        self.cache_tables = {name: cache.dataset.with_format("numpy") for name, cache in self.caches.items()}
         self.batches = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -89,7 +90,7 @@ class MultiTeacherCollator:
         if teacher_index is not None:
             batch[TEACHER_INDEX_KEY] = teacher_index
         for name, cache in self.caches.items():
-            answers = cached_answers(cache, name, features, batch)
+            answers = cached_answers(cache, self.cache_tables[name], name, features, batch)
             if answers is not None:
                 batch[f"{SERVED_ANSWERS_PREFIX}{name}"] = answers
         for name, teacher in self.served_teachers.items():

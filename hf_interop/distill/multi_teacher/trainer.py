@@ -111,7 +111,6 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
         self._teacher_tokenizers = dict(teacher_processing_classes or {})
         self.teachers: dict[str, Any] = {}  # name -> placed model, ServedTeacher, or None until loaded (lazy)
         self._shared_vocab: dict[str, int | None] = {}
-        self._placed: set[str] = set()
         self._teacher_sums: dict[str, dict[str, list[float]]] = {"train": {}, "eval": {}}
         self._batch_routing: torch.Tensor | None = None
         self._batch_answers: dict[str, Any] = {}
@@ -350,7 +349,6 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
                 teacher = dispatch_loaded_model(teacher, device_maps[name], None)
         else:
             teacher = _place_teacher(self, teacher, self.args)
-        self._placed.add(name)
         return teacher
 
     def _teacher(self, name: str) -> Any:
