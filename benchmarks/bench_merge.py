@@ -205,7 +205,12 @@ def _quality_child(spec_json: str) -> None:
                 initial_weights=initial,
                 **spec["options"],
             )
-            extra = {"selected": soup["selected"], "initial": initial, "coefficients": result["coefficients"]}
+            extra = {
+                "selected": soup["selected"],
+                "initial": initial,
+                "coefficients": result["coefficients"],
+                "history": result["history"],
+            }
         else:
             result = fit_merge_coefficients(
                 spec["checkpoints"], fit_set, output_dir=spec["output_dir"], show_progress=False, **spec["options"]

@@ -27,7 +27,7 @@ from .._compat import cache_argument, output_cache, output_cache_field
 from ..logging_utils import get_logger
 from ..utils import atomic_write_text
 from .cache import EnsembleCache
-from .combination import check_member_weights, combine_log_probs
+from .combination import causal_lm_nll, check_member_weights, combine_log_probs
 from .config import ENSEMBLE_MODEL_TYPE, EnsembleConfig, load_ensemble_config, write_ensemble_card
 from .members import (
     LoraAdapterMember,
@@ -451,8 +451,11 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         past_key_values: EnsembleCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
+        only: Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, list[Cache | None]]:
         """Each member's normalised log-probabilities over the shared vocabulary, stacked on the combine device.
+
+        `only` runs just those member indices (in that order); the result then stacks those members alone.
 
         Returns:
             `(log_probs, caches)`: `log_probs` of shape `(num_members, batch, positions, vocab_size)` in float32 and
@@ -463,7 +466,8 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         vocab_size = self.config.vocab_size
         combine_device = self._combine_device
         log_probs, caches = [], []
-        for index, member in enumerate(self.members):
+        for index in range(self.num_members) if only is None else only:
+            member = self.members[index]
             device = input_device(member)
             kwargs: dict[str, Any] = {
                 "input_ids": input_ids.to(device),
@@ -744,24 +748,6 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
 # ----------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def causal_lm_nll(
-    log_probs: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
-) -> torch.Tensor:
-    """Mean negative log-likelihood of `labels` (shifted: position t predicts label t+1, -100 ignored)."""
-    shift_log_probs = log_probs[:, :-1, :]
-    shift_labels = labels[:, 1:]
-    nll = torch.nn.functional.nll_loss(
-        shift_log_probs.reshape(-1, shift_log_probs.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
-    )
-    count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum().clamp_min(1)
-    if isinstance(count, torch.Tensor):
-        count = count.to(nll.device)
-    return nll / count
 
 
 def _dtype_name(dtype: Any) -> str | None:

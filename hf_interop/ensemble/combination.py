@@ -329,3 +329,23 @@ def combine_log_probs(
             )
         return contrastive(log_probs[0], log_probs[1], contrastive_alpha, contrastive_amateur_weight)
     raise ValueError(f"combination {combination!r} is not a combination rule; use one of {', '.join(COMBINATIONS)}.")
+
+
+def causal_lm_nll(
+    log_probs: torch.Tensor, labels: torch.LongTensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean negative log-likelihood of `labels` (shifted: position t predicts label t+1, -100 ignored)."""
+    import torch
+
+    shift_log_probs = log_probs[:, :-1, :]
+    shift_labels = labels[:, 1:]
+    nll = torch.nn.functional.nll_loss(
+        shift_log_probs.reshape(-1, shift_log_probs.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+    count = num_items_in_batch if num_items_in_batch is not None else (shift_labels != -100).sum().clamp_min(1)
+    if isinstance(count, torch.Tensor):
+        count = count.to(nll.device)
+    return nll / count

@@ -19,11 +19,15 @@ caches equal to a fresh encoding of the accepted text. Logits processors of `gen
 min_new_tokens, repetition penalty, ...) apply to both `p` and `q` with the right prefix for every position.
 
 The cost per round: `k` one-token proposer steps plus one `(k + 1)`-token forward per member, instead of `k + 1`
-one-token forwards per member. It pays when the proposer is much cheaper than the ensemble and agrees with it often.
+one-token forwards per member. When the proposer is a member, its drafting steps already computed its own scores
+for the first `k` positions: it shares its cache with the ensemble and verifies with a one-token forward (the last
+draft) instead of `k + 1` tokens. It pays when the proposer is much cheaper than the rest of the ensemble and agrees
+with it often.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +135,7 @@ def speculative_generate(
                 f"and keeps its own caches. Drop {name}, or drop proposer to use transformers' generate()."
             )
     check_num_draft_tokens(num_draft_tokens)
-    proposer_model = _resolve_proposer(ensemble, proposer, proposer_tokenizer)
+    proposer_model, proposer_index = _resolve_proposer(ensemble, proposer, proposer_tokenizer)
     input_ids = kwargs.pop("input_ids", None) if inputs is None else inputs
     attention_mask = kwargs.pop("attention_mask", None)
     if input_ids is None or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
@@ -177,7 +181,7 @@ def speculative_generate(
     eos_ids = set()
     if config._eos_token_tensor is not None:
         eos_ids = {int(token) for token in config._eos_token_tensor.reshape(-1).tolist()}
-    decoder = _SpeculativeDecoder(ensemble, proposer_model, processors, bool(config.do_sample), device)
+    decoder = _SpeculativeDecoder(ensemble, proposer_model, processors, bool(config.do_sample), device, proposer_index)
     sequence = input_ids[0].tolist()
     with torch.no_grad():
         generated = decoder.run(sequence, max_new_tokens, num_draft_tokens, eos_ids)
@@ -213,8 +217,11 @@ def _check_generation_config(config: GenerationConfig) -> None:
             )
 
 
-def _resolve_proposer(ensemble: EnsembleForCausalLM, proposer: Any, proposer_tokenizer: Any) -> nn.Module:
-    """The proposer as a module, after checking it shares the ensemble's vocabulary (before any forward)."""
+def _resolve_proposer(
+    ensemble: EnsembleForCausalLM, proposer: Any, proposer_tokenizer: Any
+) -> tuple[nn.Module, int | None]:
+    """The proposer as a module and its member index (`None` for a separate model), after checking it shares the
+    ensemble's vocabulary (before any forward)."""
     if isinstance(proposer, tuple):
         if len(proposer) != 2:
             raise ValueError(f"proposer as a tuple must be (model, tokenizer); got {len(proposer)} items.")
@@ -230,7 +237,10 @@ def _resolve_proposer(ensemble: EnsembleForCausalLM, proposer: Any, proposer_tok
                 f"proposer={proposer} is not a member index; the ensemble has {ensemble.num_members} members "
                 f"(0 to {ensemble.num_members - 1}), or pass a model."
             )
-        return ensemble.members[proposer]
+        return ensemble.members[proposer], proposer
+    for index, member in enumerate(ensemble.members):
+        if proposer is member:  # a member passed as a model: share its forwards all the same
+            return member, index
     if not isinstance(proposer, nn.Module):
         raise ValueError(
             f"proposer must be a member index, a causal LM or a (model, tokenizer) pair; got {type(proposer).__name__}."
@@ -255,23 +265,40 @@ def _resolve_proposer(ensemble: EnsembleForCausalLM, proposer: Any, proposer_tok
             "proposer tokenizer was given to show they share ids. Pass proposer=(model, tokenizer). "
             f"{PROPOSER_TOKENIZER_HINT}"
         )
-    return proposer
+    return proposer, None
 
 
 class _SpeculativeDecoder:
     """The draft-verify-rollback loop for one sequence; keeps the members' and the proposer's caches."""
 
-    def __init__(self, ensemble: Any, proposer: nn.Module, processors: Any, do_sample: bool, device: torch.device):
+    def __init__(
+        self,
+        ensemble: Any,
+        proposer: nn.Module,
+        processors: Any,
+        do_sample: bool,
+        device: torch.device,
+        proposer_index: int | None = None,
+    ):
         self.ensemble = ensemble
         self.proposer = proposer
         self.processors = processors
         self.do_sample = do_sample
         self.device = device
         self.vocab_size = ensemble.config.vocab_size
+        # A member that proposes keeps one cache (the proposer's) and is left out of the members' verification
+        # forward: its drafting steps already gave its log-probs at the drafts' positions.
+        self.proposer_index = proposer_index
+        self.verifiers = [index for index in range(ensemble.num_members) if index != proposer_index]
         self.ensemble_cache = ensemble.new_cache()
-        self.ensemble_length = 0  # tokens of the sequence inside the members' caches
+        self.ensemble_length = 0  # tokens of the sequence inside the verifying members' caches
         self.proposer_cache = None
         self.proposer_length = 0
+        self.draft_log_probs: list[torch.Tensor] = []  # the proposer's log-probs at each draft's position
+        if proposer_index is not None:
+            self.keep_one = {"logits_to_keep": 1} if ensemble._logits_to_keep_support[proposer_index] else {}
+        else:
+            self.keep_one = {"logits_to_keep": 1} if _accepts_logits_to_keep(proposer) else {}
         self.num_drafted = self.num_accepted = self.num_rounds = 0
 
     def run(self, sequence: list[int], max_new_tokens: int, num_draft_tokens: int, eos_ids: set[int]) -> list[int]:
@@ -306,42 +333,58 @@ class _SpeculativeDecoder:
     def _draft(self, prefix: list[int], count: int) -> tuple[list[int], list[torch.Tensor | None]]:
         drafts: list[int] = []
         draft_probs: list[torch.Tensor | None] = []
-        device = input_device(self.proposer)
+        self.draft_log_probs = []
         for _ in range(count):
-            pending = (prefix + drafts)[self.proposer_length :]
-            outputs = self.proposer(
-                input_ids=torch.tensor([pending], dtype=torch.long, device=device),
-                use_cache=True,
-                return_dict=True,
-                **{cache_argument(): self.proposer_cache},
-            )
-            self.proposer_cache = output_cache(outputs)
-            self.proposer_length += len(pending)
-            logits = outputs.logits[0, -1, : self.vocab_size].to(self.device)
-            scores = self._processed(prefix + drafts, torch.log_softmax(logits.float(), dim=-1))
-            token, probs = self._choose(scores)
+            log_probs = self._proposer_step(prefix + drafts)
+            self.draft_log_probs.append(log_probs)
+            token, probs = self._choose(self._processed(prefix + drafts, log_probs))
             drafts.append(token)
             draft_probs.append(probs)
         return drafts, draft_probs
 
+    def _proposer_step(self, sequence: list[int]) -> torch.Tensor:
+        """The proposer's normalised log-probabilities for the token after `sequence` (feeding what it has not seen)."""
+        pending = sequence[self.proposer_length :]
+        outputs = self.proposer(
+            input_ids=torch.tensor([pending], dtype=torch.long, device=input_device(self.proposer)),
+            use_cache=True,
+            return_dict=True,
+            **self.keep_one,
+            **{cache_argument(): self.proposer_cache},
+        )
+        self.proposer_cache = output_cache(outputs)
+        self.proposer_length += len(pending)
+        logits = outputs.logits[0, -1, : self.vocab_size].to(device=self.device, dtype=torch.float32)
+        return torch.log_softmax(logits, dim=-1)
+
     def _verify(self, prefix: list[int], drafts: list[int]) -> list[torch.Tensor]:
         """The ensemble's processed scores for the position of every draft and the one after the last."""
-        pending = (prefix + drafts)[self.ensemble_length :]
-        member_log_probs, caches = self.ensemble.member_log_probs(
-            torch.tensor([pending], dtype=torch.long, device=self.device),
-            past_key_values=self.ensemble_cache,
-            use_cache=True,
-            logits_to_keep=len(drafts) + 1,
-        )
-        self.ensemble_cache.member_caches = caches
-        self.ensemble_length += len(pending)
-        if self.num_rounds == 0 and not self.ensemble_cache.is_croppable:
+        positions = len(drafts) + 1
+        full = prefix + drafts
+        scores: dict[int, torch.Tensor] = {}
+        if self.verifiers:
+            member_log_probs, caches = self.ensemble.member_log_probs(
+                torch.tensor([full[self.ensemble_length :]], dtype=torch.long, device=self.device),
+                past_key_values=self.ensemble_cache,
+                use_cache=True,
+                logits_to_keep=positions,
+                only=self.verifiers,
+            )
+            for index, cache, log_probs in zip(self.verifiers, caches, member_log_probs, strict=True):
+                self.ensemble_cache.member_caches[index] = cache
+                scores[index] = log_probs[0, -positions:]
+            self.ensemble_length = len(full)
+        if self.proposer_index is not None:
+            # the drafts' positions come from drafting; one more step (the last draft) gives the position after it
+            own = [*self.draft_log_probs, self._proposer_step(full)]
+            scores[self.proposer_index] = torch.stack(own).to(self.device)
+        if self.num_rounds == 0 and not (self.ensemble_cache.is_croppable and _croppable(self.proposer_cache)):
             raise ValueError(
                 "a member's cache cannot be cropped (e.g. a sliding-window or static cache), so rejected drafts "
                 "could not be rolled back; drop proposer to generate without speculative decoding."
             )
-        combined = self.ensemble.combine(member_log_probs)[0, -(len(drafts) + 1) :]
-        full = prefix + drafts
+        member_log_probs = torch.stack([scores[index] for index in range(self.ensemble.num_members)])[:, None]
+        combined = self.ensemble.combine(member_log_probs)[0]
         return [self._processed(full[: len(prefix) + index], combined[index]) for index in range(len(drafts) + 1)]
 
     def _accept(
@@ -374,3 +417,14 @@ class _SpeculativeDecoder:
         if self.proposer_cache is not None and self.proposer_length > keep:
             self.proposer_cache.crop(keep - self.proposer_length)
             self.proposer_length = keep
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _croppable(cache: Any) -> bool:
+    return cache is None or getattr(cache, "is_croppable", True)

@@ -96,23 +96,29 @@ def test_generation_stops_at_eos_like_plain_generate(members, tokenizer):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_caches_after_rollback_equal_a_fresh_encode(members, tokenizer, separate_proposer):
+@pytest.mark.parametrize("proposer_kind", ["separate", "member"])
+def test_caches_after_rollback_equal_a_fresh_encode(members, tokenizer, separate_proposer, proposer_kind):
     ensemble = EnsembleForCausalLM.from_members([(m, tokenizer) for m in members], combination="mixture")
     prompt = _prompt_ids(tokenizer)[0].tolist()
     processors = ensemble._get_logits_processor(
         generation_config=ensemble.generation_config, input_ids_seq_length=len(prompt), device=ensemble.device
     )
+    proposer, index = (separate_proposer, None) if proposer_kind == "separate" else (members[1], 1)
     # sampling from near-uniform tiny models: most drafts are rejected, so caches are cropped in most rounds
-    decoder = speculative._SpeculativeDecoder(ensemble, separate_proposer, processors, True, ensemble.device)
+    decoder = speculative._SpeculativeDecoder(ensemble, proposer, processors, True, ensemble.device, index)
     torch.manual_seed(0)
     with torch.no_grad():
         generated = decoder.run(prompt, max_new_tokens=20, num_draft_tokens=4, eos_ids=set())
     assert decoder.num_accepted < decoder.num_drafted, "the check needs rejected drafts to roll back"
     text = prompt + generated
+    verifiers = [i for i in range(len(members)) if i != index]
     assert decoder.ensemble_length == decoder.ensemble_cache.get_seq_length() == len(text) - 1
-    models = [*members, separate_proposer]
-    caches = [*decoder.ensemble_cache.member_caches, decoder.proposer_cache]
-    lengths = [decoder.ensemble_length] * len(members) + [decoder.proposer_length]
+    models = [members[i] for i in verifiers] + [proposer]
+    caches = [decoder.ensemble_cache.member_caches[i] for i in verifiers] + [decoder.proposer_cache]
+    lengths = [decoder.ensemble_length] * len(verifiers) + [decoder.proposer_length]
+    if index is not None:  # a member proposing keeps one cache: the proposer's
+        assert decoder.ensemble_cache.member_caches[index] is None
+        assert decoder.proposer_length == len(text) - 1
     for model, cache, length in zip(models, caches, lengths, strict=True):
         assert cache.get_seq_length() == length
         with torch.no_grad():
@@ -121,6 +127,31 @@ def test_caches_after_rollback_equal_a_fresh_encode(members, tokenizer, separate
         for kept, reference in zip(cache.layers, fresh.layers, strict=True):
             torch.testing.assert_close(kept.keys, reference.keys, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(kept.values, reference.values, atol=1e-5, rtol=1e-5)
+
+
+def test_a_member_proposing_runs_each_token_once(members, tokenizer):
+    """The proposing member verifies with its drafting steps: it sees every kept token once and every rejected draft
+    once (the plain loop would run it over each round's tokens a second time to verify)."""
+    ensemble = EnsembleForCausalLM.from_members([(m, tokenizer) for m in members], combination="mixture")
+    fed = []
+    handle = members[1].register_forward_pre_hook(
+        lambda module, args, kwargs: fed.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            result = ensemble.generate(
+                _prompt_ids(tokenizer), max_new_tokens=20, do_sample=True, proposer=1, num_draft_tokens=3,
+                return_dict_in_generate=True,
+            )  # fmt: skip
+    finally:
+        handle.remove()
+    rejected = result.num_drafted - result.num_accepted
+    assert rejected > 0 and result.num_accepted > 0, "the check needs both kept and rejected drafts"
+    # the last round's new tokens are never fed (generation ends), every other token exactly once
+    new_in_last_round = result.sequences.shape[1] - sum(fed) + rejected
+    assert 1 <= new_in_last_round <= 4
+    assert max(fed[1:]) <= 4  # after the prompt: the last round's new tokens, or one draft
 
 
 # ----------------------------------------------------------------------------------------------------------------
