@@ -270,7 +270,7 @@ class MergeScriptArguments:
         default="perplexity", metadata={"help": "perplexity (held-out text) or entropy (unlabelled text)."}
     )
     fit_steps: int = field(default=20, metadata={"help": "Fitting steps (more: closer fit, slower)."})
-    fit_learning_rate: float = field(default=0.05, metadata={"help": "Adam step size on the weights."})
+    fit_learning_rate: float = field(default=0.1, metadata={"help": "Adam step size on the weights."})
     fit_batch_size: int = field(default=4, metadata={"help": "Blocks per fitting step (more: smoother, more memory)."})
     fit_block_size: int = field(default=128, metadata={"help": "Tokens per fitting block."})
     fit_max_blocks: int | None = field(default=None, metadata={"help": "Use only the first N fitting blocks."})
