@@ -14,6 +14,12 @@ the drafts are accepted by the exact rule:
   from the proposer's `q` is kept with probability `min(1, p(d) / q(d))`; the first rejected one is replaced by a
   sample of `max(p - q, 0)` (renormalised), so each token is distributed exactly as the ensemble's `p`.
 
+The proposer may also be `"prompt_lookup"`: drafts copied from the text itself (the tokens that followed the most
+recent earlier occurrence of the last 3, 2 or 1 tokens, as transformers' prompt lookup decoding and vLLM's n-gram
+speculator do). It costs no forward at all; its draft distribution is a point mass, for which the rejection rule
+stays exact; a round with no match drafts nothing and is one plain decoding step. It pays on text that repeats
+itself (code, extraction, edits, the loops greedy search falls into) and costs nothing when it finds no match.
+
 Rejected drafts are dropped from every member's cache and the proposer's (`crop`), so the next round continues from
 caches equal to a fresh encoding of the accepted text. Logits processors of `generate()` (temperature, top-k, top-p,
 min_new_tokens, repetition penalty, ...) apply to both `p` and `q` with the right prefix for every position.
@@ -44,6 +50,8 @@ if TYPE_CHECKING:
     from .causal_lm import EnsembleForCausalLM
 
 SPECULATIVE_ARGUMENTS = ("proposer", "num_draft_tokens", "proposer_tokenizer")
+PROMPT_LOOKUP = "prompt_lookup"
+PROMPT_LOOKUP_MAX_NGRAM = 3  # longest n-gram matched first, down to one token
 PROPOSER_TOKENIZER_HINT = (
     "The proposer drafts token ids that the ensemble verifies, so it must share the ensemble's tokenizer. To combine "
     "models whose tokenizers differ, build a cross-tokenizer ensemble instead "
@@ -61,7 +69,7 @@ _UNSUPPORTED_OPTIONS = {
     "output_hidden_states": (False, "hidden states are not collected"),
     "stop_strings": (None, "only eos_token_id and the length limits stop generation"),
     "max_time": (None, "only eos_token_id and the length limits stop generation"),
-    "prompt_lookup_num_tokens": (None, "prompt lookup is another drafting method"),
+    "prompt_lookup_num_tokens": (None, 'prompt lookup drafting is proposer="prompt_lookup" here'),
 }
 _UNSUPPORTED_KWARGS = (
     "assistant_model",
@@ -117,8 +125,9 @@ def speculative_generate(
         ensemble (`EnsembleForCausalLM`): members that share a tokenizer (not `cross_tokenizer=True`).
         inputs (`torch.LongTensor` of shape `(1, prompt_length)`): prompt ids (or pass `input_ids=`).
         generation_config (`GenerationConfig`, *optional*): as in `generate()`; keyword options override it.
-        proposer (`int`, `nn.Module` or `(model, tokenizer)`): the index of the member that drafts, or a separate
-            causal LM sharing the ensemble's tokenizer (the smaller and the more often it agrees, the faster).
+        proposer (`int`, `nn.Module`, `(model, tokenizer)` or `"prompt_lookup"`): the index of the member that
+            drafts, a separate causal LM sharing the ensemble's tokenizer (the smaller and the more often it agrees,
+            the faster), or `"prompt_lookup"` (drafts copied from earlier in the text, no model).
         num_draft_tokens (`int`, *optional*, defaults to 4): tokens drafted per round (`k >= 1`). Higher saves more
             member forwards when drafts are accepted and wastes more proposer steps when they are not.
         proposer_tokenizer (*optional*): the proposer's tokenizer, checked against the ensemble's.
@@ -219,13 +228,20 @@ def _check_generation_config(config: GenerationConfig) -> None:
 
 def _resolve_proposer(
     ensemble: EnsembleForCausalLM, proposer: Any, proposer_tokenizer: Any
-) -> tuple[nn.Module, int | None]:
+) -> tuple[nn.Module | _PromptLookup, int | None]:
     """The proposer as a module and its member index (`None` for a separate model), after checking it shares the
     ensemble's vocabulary (before any forward)."""
     if isinstance(proposer, tuple):
         if len(proposer) != 2:
             raise ValueError(f"proposer as a tuple must be (model, tokenizer); got {len(proposer)} items.")
         proposer, proposer_tokenizer = proposer
+    if isinstance(proposer, str):
+        if proposer != PROMPT_LOOKUP:
+            raise ValueError(
+                f"proposer={proposer!r} is not a drafting method; the one by name is {PROMPT_LOOKUP!r} (drafts copied "
+                "from earlier in the text), or pass a member index or a causal LM."
+            )
+        return _PromptLookup(PROMPT_LOOKUP_MAX_NGRAM), None
     if proposer is None:
         raise ValueError(
             "speculative decoding needs a proposer (num_draft_tokens or proposer_tokenizer was given without one): "
@@ -243,7 +259,8 @@ def _resolve_proposer(
             return member, index
     if not isinstance(proposer, nn.Module):
         raise ValueError(
-            f"proposer must be a member index, a causal LM or a (model, tokenizer) pair; got {type(proposer).__name__}."
+            f"proposer must be a member index, a causal LM, a (model, tokenizer) pair or {PROMPT_LOOKUP!r}; got "
+            f"{type(proposer).__name__}."
         )
     if proposer_tokenizer is not None and ensemble.tokenizer is not None:
         check_tokenizers_compatible(
@@ -295,10 +312,11 @@ class _SpeculativeDecoder:
         self.proposer_cache = None
         self.proposer_length = 0
         self.draft_log_probs: list[torch.Tensor] = []  # the proposer's log-probs at each draft's position
+        self.lookup = proposer if isinstance(proposer, _PromptLookup) else None
         if proposer_index is not None:
             self.keep_one = {"logits_to_keep": 1} if ensemble._logits_to_keep_support[proposer_index] else {}
         else:
-            self.keep_one = {"logits_to_keep": 1} if _accepts_logits_to_keep(proposer) else {}
+            self.keep_one = {"logits_to_keep": 1} if self.lookup is None and _accepts_logits_to_keep(proposer) else {}
         self.num_drafted = self.num_accepted = self.num_rounds = 0
 
     def run(self, sequence: list[int], max_new_tokens: int, num_draft_tokens: int, eos_ids: set[int]) -> list[int]:
@@ -334,6 +352,9 @@ class _SpeculativeDecoder:
         drafts: list[int] = []
         draft_probs: list[torch.Tensor | None] = []
         self.draft_log_probs = []
+        if self.lookup is not None:  # a point mass on each copied token: `_accept` reads `None` as that
+            drafts = self.lookup.draft(prefix, count)
+            return drafts, [None] * len(drafts)
         for _ in range(count):
             log_probs = self._proposer_step(prefix + drafts)
             self.draft_log_probs.append(log_probs)
@@ -399,6 +420,9 @@ class _SpeculativeDecoder:
                 continue
             target = torch.softmax(target_scores[index], dim=-1)
             proposal = draft_probs[index]
+            if proposal is None:  # a copied draft: q is a point mass on it
+                proposal = torch.zeros_like(target)
+                proposal[draft] = 1.0
             # keep with probability min(1, p(d) / q(d)); q(d) > 0 since d was drawn from q
             if torch.rand((), device=target.device) * proposal[draft] >= target[draft]:
                 residual = (target - proposal).clamp_min(0)
@@ -417,6 +441,23 @@ class _SpeculativeDecoder:
         if self.proposer_cache is not None and self.proposer_length > keep:
             self.proposer_cache.crop(keep - self.proposer_length)
             self.proposer_length = keep
+
+
+class _PromptLookup:
+    """Drafts copied from the text: what followed the most recent earlier occurrence of its last n tokens."""
+
+    def __init__(self, max_ngram: int):
+        self.max_ngram = max_ngram
+
+    def draft(self, sequence: list[int], count: int) -> list[int]:
+        if count < 1:
+            return []
+        for size in range(min(self.max_ngram, len(sequence) - 1), 0, -1):
+            tail = sequence[-size:]
+            for start in range(len(sequence) - size - 1, -1, -1):  # most recent first
+                if sequence[start : start + size] == tail:
+                    return sequence[start + size : start + size + count]
+        return []
 
 
 def _accepts_logits_to_keep(model: nn.Module) -> bool:

@@ -69,6 +69,35 @@ def test_greedy_speculative_tokens_equal_plain_generate(
     assert torch.equal(again, plain)
 
 
+@pytest.mark.parametrize("combination", ["mixture", "product", "arithmetic"])
+def test_prompt_lookup_drafts_give_the_tokens_of_plain_generate(members, tokenizer, combination):
+    weights = [1.0, 0.6, -0.6] if combination == "arithmetic" else [0.5, 0.3, 0.2]
+    ensemble = EnsembleForCausalLM.from_members([(m, tokenizer) for m in members], weights, combination)
+    # a prompt that repeats itself, so the copied drafts are right some of the time and wrong some of the time
+    ids = tokenizer(" ".join([PROMPT] * 3), return_tensors="pt").input_ids
+    options = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    plain = ensemble.generate(ids, **options)
+    output = ensemble.generate(
+        ids, **options, proposer="prompt_lookup", num_draft_tokens=4, return_dict_in_generate=True
+    )
+    assert torch.equal(output.sequences, plain)
+    assert output.num_drafted > 0
+    assert output.num_accepted + output.num_rounds == plain.shape[1] - ids.shape[1]
+    assert 0 < output.num_accepted < output.num_drafted, "the check needs kept and rejected copies"
+
+
+def test_prompt_lookup_copies_what_followed_the_latest_longest_match():
+    lookup = speculative._PromptLookup(max_ngram=3)
+    #          0  1  2  3  4  5  6  7  8  9
+    sequence = [5, 6, 7, 1, 6, 7, 2, 9, 6, 7]
+    # "6 7" (2-gram; no earlier "9 6 7") last seen at 4-5, followed by 2 9 6
+    assert lookup.draft(sequence, 3) == [2, 9, 6]
+    assert lookup.draft([5, 6, 7, 8, 5, 6, 7], 2) == [8, 5]  # the 3-gram wins
+    assert lookup.draft([1, 2, 3, 4], 4) == []  # nothing repeats: no draft, the round is a plain step
+    assert lookup.draft([4, 4], 5) == [4]  # never copies past the text's end
+    assert lookup.draft([4, 1, 4], 0) == []
+
+
 def test_a_member_proposing_for_itself_accepts_every_draft(members, tokenizer):
     ensemble = EnsembleForCausalLM.from_members([(members[0], tokenizer)])
     output = ensemble.generate(
@@ -235,6 +264,46 @@ def test_sampled_tokens_follow_the_ensemble_distribution(combination, temperatur
     assert total_variation < 0.25 * (0.5 * (proposer_joint - joint).abs().sum().item())
 
 
+def test_prompt_lookup_sampling_follows_the_ensemble_distribution():
+    """A copied draft is a point-mass proposal: kept with probability p(d), else a sample of p without d."""
+    members = [_peaked_tiny_lm(seed, 3.0) for seed in (1, 2)]
+    ensemble = EnsembleForCausalLM.from_members(members, combination="mixture")
+    with torch.no_grad():
+        # a prompt "0 a b a": the lookup drafts b; pick b so the ensemble keeps it sometimes, not always
+        candidates = []
+        for a, b in itertools.product(range(1, SMALL_VOCAB), repeat=2):
+            prompt = torch.tensor([[0, a, b, a]])
+            p_b = torch.softmax(ensemble(input_ids=prompt).logits[0, -1], -1)[b].item()
+            candidates.append((abs(p_b - 0.5), a, b))
+        _, a, b = min(candidates)
+        prompt = torch.tensor([[0, a, b, a]])
+        both = torch.cat([prompt.repeat(SMALL_VOCAB, 1), torch.arange(SMALL_VOCAB)[:, None]], dim=1)
+        first = torch.softmax(ensemble(input_ids=prompt).logits[0, -1].double(), -1)
+        second = torch.softmax(ensemble(input_ids=both).logits[:, -1].double(), -1)
+        joint = (first[:, None] * second).reshape(-1)
+    assert 0.2 < first[b] < 0.8
+    num_samples = 1000
+    torch.manual_seed(0)
+    counts = torch.zeros(SMALL_VOCAB * SMALL_VOCAB, dtype=torch.float64)
+    drafted = accepted = 0
+    for _ in range(num_samples):
+        output = ensemble.generate(
+            prompt, do_sample=True, max_new_tokens=2, proposer="prompt_lookup", num_draft_tokens=2,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+        first_token, second_token = output.sequences[0, -2:].tolist()
+        counts[first_token * SMALL_VOCAB + second_token] += 1
+        drafted, accepted = drafted + output.num_drafted, accepted + output.num_accepted
+    assert drafted == num_samples and 0.1 < accepted / drafted < 0.9
+    _, p_value = _chi_square_p_value(counts, joint * num_samples)
+    assert p_value > 1e-3, f"prompt-lookup samples do not follow the ensemble distribution (p={p_value:.2e})"
+    # power: always keeping the copied token (a wrong rule) would put all mass on first token b
+    wrong = torch.zeros_like(joint)
+    wrong[b * SMALL_VOCAB : (b + 1) * SMALL_VOCAB] = second[b]
+    _, p_wrong = _chi_square_p_value(wrong * num_samples, joint * num_samples)
+    assert p_wrong < 1e-6
+
+
 def test_seeded_sampling_is_reproducible(members, tokenizer):
     ensemble = EnsembleForCausalLM.from_members([(m, tokenizer) for m in members])
     ids = _prompt_ids(tokenizer)
@@ -284,7 +353,8 @@ def test_bad_speculative_arguments_are_refused_before_generation(
         (dict(proposer=5), "proposer=5 is not a member index"),
         (dict(num_draft_tokens=3), "needs a proposer"),
         (dict(proposer=None), "needs a proposer"),
-        (dict(proposer="members[0]"), "proposer must be a member index"),
+        (dict(proposer="members[0]"), "proposer='members\\[0\\]' is not a drafting method.*'prompt_lookup'"),
+        (dict(proposer=1.5), "proposer must be a member index"),
         (dict(proposer=0, streamer=object()), "does not take streamer="),
         (dict(proposer=0, no_such_option=1), r"options it does not know: \['no_such_option'\]"),
         (dict(proposer=0, max_length=3), "nothing to generate"),
