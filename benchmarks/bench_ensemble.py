@@ -368,13 +368,13 @@ def main() -> None:
 # ------------------------------------------------------------------------------------------------------------------
 
 SPECULATIVE_STUDENTS = ((6, 0), (3, 1))  # (decoder layers taken from SmolLM2's 30, seed)
-DISTIL_STEPS = 30
-DISTIL_BATCH = 2
-DISTIL_TOKENS = 64  # tokens of each block used: the shared 2-core machine makes every step slow
-SPECULATIVE_DRAFTS = (4,)
+DISTIL_STEPS = 150
+DISTIL_BATCH = 4
+DISTIL_TOKENS = 128  # tokens of each block used
 JARGON_DEB = "jargon-text"  # Debian package: the Jargon File 4.4.7 (public domain), `apt-get download jargon-text`
-LORA_STEPS = 24
-LORA_BATCH = 2
+LORA_STEPS = 100
+LORA_BATCH = 4
+PROXY_ALPHAS = (0.1, 0.25, 0.5, 1.0)
 
 
 def distil_student(teacher, num_layers, seed, blocks, steps=DISTIL_STEPS):
@@ -430,8 +430,21 @@ def load_or_distil_students(work_dir, teacher, tokenizer):
     return students
 
 
+SPECULATIVE_PROMPTS = 3  # the first PROMPT_TOKENS tokens of test blocks 0, 1, 2
+# (label, proposer, k): a member index, "prompt_lookup" (drafts copied from the text), or a separate model
+SPECULATIVE_VARIANTS = (
+    ("prompt lookup, k=4", "prompt_lookup", 4),
+    ("prompt lookup, k=8", "prompt_lookup", 8),
+    ("SmolLM2 (member 0) proposes, k=4", 0, 4),
+    ("3-layer student (member 2) proposes, k=3", 2, 3),
+    ("6-layer student (member 1) proposes, k=3", 1, 3),
+)
+
+
 def run_speculative(teacher, tokenizer, students, rounds=2):
-    """Greedy 128 tokens: plain ensemble generate(), speculative with each student proposing, members' own."""
+    """Greedy 128 tokens after each of three prompts: plain ensemble generate(), speculative variants, members' own."""
+    import os
+
     import torch
 
     from hf_interop import EnsembleForCausalLM, load_builtin_corpus, pack_dataset
@@ -439,84 +452,110 @@ def run_speculative(teacher, tokenizer, students, rounds=2):
     blocks = pack_dataset(load_builtin_corpus(), tokenizer, block_size=128)
     models = [teacher, *students]
     ensemble = EnsembleForCausalLM.from_members([(model, tokenizer) for model in models], combination="mixture")
-    prompt = torch.tensor([blocks["test"][0]["input_ids"][:PROMPT_TOKENS]])
+    prompts = [torch.tensor([blocks["test"][i]["input_ids"][:PROMPT_TOKENS]]) for i in range(SPECULATIVE_PROMPTS)]
     options = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-    variants = [("plain", None, None)] + [
-        (f"speculative, student {index} proposes, k={k}", index, k)
-        for index in range(1, len(models))
-        for k in SPECULATIVE_DRAFTS
-    ]
-    times = {name: [] for name, _, _ in variants}
-    member_times = [[] for _ in models]
+    variants = [("plain", None, None), *SPECULATIVE_VARIANTS]
+    times = {(name, i): [] for name, _, _ in variants for i in range(len(prompts))}
+    member_times = {(m, i): [] for m in range(len(models)) for i in range(len(prompts))}
     outputs, stats = {}, {}
 
-    def run_variant(name, proposer, k):
+    def run_variant(name, proposer, k, i):
         if proposer is None:
-            outputs[name] = ensemble.generate(prompt, **options)
+            outputs[name, i] = ensemble.generate(prompts[i], **options)
             return
         result = ensemble.generate(
-            prompt, **options, proposer=proposer, num_draft_tokens=k, return_dict_in_generate=True
+            prompts[i], **options, proposer=proposer, num_draft_tokens=k, return_dict_in_generate=True
         )
-        outputs[name] = result.sequences
-        stats[name] = (result.acceptance_rate, result.num_rounds)
+        outputs[name, i] = result.sequences
+        stats[name, i] = (result.num_accepted, result.num_drafted, result.num_rounds)
 
+    loads = []
     with torch.no_grad():
-        for name, proposer, k in variants[:2]:  # warm-up
-            run_variant(name, proposer, k)
-        for _ in range(rounds):  # interleaved: every variant and member once per round
-            for name, proposer, k in variants:
-                times[name].append(time_call(lambda n=name, p=proposer, k=k: run_variant(n, p, k), 1, 0))
-            for index, model in enumerate(models):
-                member_times[index].append(
-                    time_call(
-                        lambda m=model: m.generate(prompt, attention_mask=torch.ones_like(prompt), **options), 1, 0
+        run_variant("plain", None, None, 0)  # warm-up
+        for _ in range(rounds):  # interleaved: every prompt, variant and member once per round
+            loads.append(os.getloadavg()[0])
+            for i in range(len(prompts)):
+                for name, proposer, k in variants:
+                    times[name, i].append(
+                        time_call(lambda n=name, p=proposer, k=k, i=i: run_variant(n, p, k, i), 1, 0)
                     )
-                )
-    plain_s = statistics.median(times["plain"])
-    member_s = [statistics.median(values) for values in member_times]
+                for m, model in enumerate(models):
+                    member_times[m, i].append(
+                        time_call(
+                            lambda m=model, i=i: m.generate(
+                                prompts[i], attention_mask=torch.ones_like(prompts[i]), **options
+                            ),
+                            1,
+                            0,
+                        )
+                    )
+    median = {key: statistics.median(values) for key, values in times.items()}
+    member_s = [sum(statistics.median(member_times[m, i]) for i in range(len(prompts))) for m in range(len(models))]
+    plain_total = sum(median["plain", i] for i in range(len(prompts)))
     rows = []
     for name, _, _ in variants:
-        seconds = statistics.median(times[name])
-        acceptance, num_rounds = stats.get(name, (None, NEW_TOKENS))
+        per_prompt = [median[name, i] for i in range(len(prompts))]
+        accepted = sum(stats.get((name, i), (0, 0, 0))[0] for i in range(len(prompts)))
+        drafted = sum(stats.get((name, i), (0, 0, 0))[1] for i in range(len(prompts)))
         rows.append(
             {
                 "variant": name,
-                "seconds": seconds,
-                "runs": times[name],
-                "vs_plain": seconds / plain_s,
-                "vs_members_sum": seconds / sum(member_s),
-                "acceptance_rate": acceptance,
-                "rounds": num_rounds,
-                "identical_to_plain": bool(torch.equal(outputs[name], outputs["plain"])),
+                "seconds": sum(per_prompt),
+                "per_prompt_s": per_prompt,
+                "per_prompt_vs_plain": [t / median["plain", i] for i, t in enumerate(per_prompt)],
+                "per_prompt_acceptance": [
+                    stats[name, i][0] / stats[name, i][1] if (name, i) in stats and stats[name, i][1] else None
+                    for i in range(len(prompts))
+                ],
+                "vs_plain": sum(per_prompt) / plain_total,
+                "vs_members_sum": sum(per_prompt) / sum(member_s),
+                "acceptance_rate": accepted / drafted if drafted else None,
+                "rounds": sum(stats.get((name, i), (0, 0, NEW_TOKENS))[2] for i in range(len(prompts))),
+                "identical_to_plain": all(
+                    bool(torch.equal(outputs[name, i], outputs["plain", i])) for i in range(len(prompts))
+                ),
             }
         )
     sizes = [sum(p.numel() for p in model.parameters()) / 1e6 for model in models]
+    continuations = [
+        repr(tokenizer.decode(outputs["plain", i][0, PROMPT_TOKENS : PROMPT_TOKENS + 24])) for i in range(len(prompts))
+    ]
     lines = [
-        f"Greedy generation of {NEW_TOKENS} new tokens (min_new_tokens={NEW_TOKENS}) after a {PROMPT_TOKENS}-token "
-        f"prompt of builtin-corpus test text, batch 1, float32. Ensemble: uniform mixture of SmolLM2-135M-Instruct "
-        f"({sizes[0]:.1f}M) and two students built by `init_student_from_teacher` (uniform layer selection: "
+        f"Greedy generation of {NEW_TOKENS} new tokens (min_new_tokens={NEW_TOKENS}) after each of {len(prompts)} "
+        f"prompts ({PROMPT_TOKENS} tokens of builtin-corpus test blocks 0-{len(prompts) - 1}), batch 1, float32. "
+        f"Ensemble: uniform mixture of SmolLM2-135M-Instruct ({sizes[0]:.1f}M) and two students built by "
+        "`init_student_from_teacher` (uniform layer selection: "
         + ", ".join(
             f"{layers} layers, {size:.1f}M" for (layers, _), size in zip(SPECULATIVE_STUDENTS, sizes[1:], strict=True)
         )
-        + f") and distilled for {DISTIL_STEPS} AdamW steps of {DISTIL_BATCH} x {DISTIL_TOKENS} tokens on the teacher's logits "
-        f"(builtin corpus train split). {rounds} interleaved rounds (every variant, then every member), medians.",
+        + f") and distilled for {DISTIL_STEPS} AdamW steps of {DISTIL_BATCH} x {DISTIL_TOKENS} tokens on the teacher's "
+        f"logits (builtin corpus train split). {rounds} interleaved rounds (every prompt: every variant, then every "
+        f"member), medians per prompt, summed over prompts. Load average (1 min) at each round's start: {loads}.",
         "",
-        "| variant | s | vs plain ensemble | vs sum of members | acceptance rate | rounds | tokens == plain |",
+        "| variant | s (3 prompts) | vs plain ensemble | per prompt vs plain | acceptance rate (per prompt) | rounds | "
+        "tokens == plain |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         acceptance = "-" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.2f}"
+        if row["acceptance_rate"] is not None:
+            acceptance += (
+                " (" + ", ".join("-" if a is None else f"{a:.2f}" for a in row["per_prompt_acceptance"]) + ")"
+            )
         lines.append(
-            f"| {row['variant']} | {row['seconds']:.2f} | {row['vs_plain']:.2f}x | {row['vs_members_sum']:.2f}x | "
-            f"{acceptance} | {row['rounds']} | {row['identical_to_plain']} |"
+            f"| {row['variant']} | {row['seconds']:.2f} | {row['vs_plain']:.2f}x | "
+            + ", ".join(f"{r:.2f}x" for r in row["per_prompt_vs_plain"])
+            + f" | {acceptance} | {row['rounds']} | {row['identical_to_plain']} |"
         )
     lines += [
         "",
-        f"Members' own generate(): {', '.join(f'{s:.2f} s' for s in member_s)} (sum {sum(member_s):.2f} s).",
+        f"Members' own generate() (3 prompts): {', '.join(f'{s:.2f} s' for s in member_s)} (sum {sum(member_s):.2f} s).",
+        "",
+        "Plain ensemble continuations (first 24 tokens): " + "; ".join(continuations),
         "",
         "Target: identical greedy tokens and <= 0.8x the plain ensemble's wall time.",
     ]
-    data = {"rows": rows, "member_s": member_s, "plain_s": plain_s, "params_m": sizes}
+    data = {"rows": rows, "member_s": member_s, "plain_s": plain_total, "params_m": sizes, "loads": loads}
     write_result("ensemble_speculative", "\n".join(lines), data)
 
 
@@ -550,15 +589,17 @@ def run_proxy_tuning(work_dir, teacher, tokenizer, students, max_test_blocks=8):
 
     start = time.perf_counter()
     paragraphs = jargon_file_text(work_dir / "jargon")
-    # every 10th entry is held out (no entry is split between train and test)
+    # every 10th entry is held out for the test, the 10th after the 5th for choosing alpha (no entry is split)
     corpus = DatasetDict(
         {
-            "train": Dataset.from_dict({"text": [p for i, p in enumerate(paragraphs) if i % 10 != 0]}),
+            "train": Dataset.from_dict({"text": [p for i, p in enumerate(paragraphs) if i % 10 not in (0, 5)]}),
+            "validation": Dataset.from_dict({"text": [p for i, p in enumerate(paragraphs) if i % 10 == 5]}),
             "test": Dataset.from_dict({"text": [p for i, p in enumerate(paragraphs) if i % 10 == 0]}),
         }
     )
     blocks = pack_dataset(corpus, tokenizer, block_size=128)
     test = blocks["test"].select(range(min(max_test_blocks, len(blocks["test"]))))
+    validation = blocks["validation"].select(range(min(max_test_blocks, len(blocks["validation"]))))
     small_base = students[-1]
     tuned = get_peft_model(
         copy.deepcopy(small_base),
@@ -584,20 +625,26 @@ def run_proxy_tuning(work_dir, teacher, tokenizer, students, max_test_blocks=8):
     tuned = tuned.merge_and_unload().eval()
     train_s = time.perf_counter() - start
 
-    def perplexity(model):
-        return evaluate_perplexity(model, test, batch_size=8, show_progress=False)["perplexity"]
+    def perplexity(model, blocks=test):
+        return evaluate_perplexity(model, blocks, batch_size=8, show_progress=False)["perplexity"]
 
     results = {"SmolLM2-135M alone": perplexity(teacher)}
     results["small student (base, before LoRA)"] = perplexity(small_base)
     results["small student + LoRA (tuned)"] = perplexity(tuned)
-    for alpha in (1.0,):
+    validation_perplexity = {}
+    for alpha in PROXY_ALPHAS:  # DExperts' alpha: how hard the small model's change steers the large one
         proxy = EnsembleForCausalLM.from_members(
             [(teacher, tokenizer), (tuned, tokenizer), (small_base, tokenizer)], [1.0, alpha, -alpha], "arithmetic"
         )
+        validation_perplexity[alpha] = perplexity(proxy, validation)
         results[f"proxy-tuned SmolLM2, arithmetic [1, {alpha:g}, -{alpha:g}]"] = perplexity(proxy)
+    chosen = min(validation_perplexity, key=validation_perplexity.get)
+    results[f"proxy-tuned SmolLM2, alpha chosen on validation ({chosen:g})"] = results[
+        f"proxy-tuned SmolLM2, arithmetic [1, {chosen:g}, -{chosen:g}]"
+    ]
     lines = [
         f"Held-out perplexity on the Jargon File (Debian package `{JARGON_DEB}` 4.4.7, public domain: `apt-get download "
-        f"{JARGON_DEB}`, `dpkg-deb -x`; entries longer than 200 characters, every 10th held out; {len(test)} test "
+        f"{JARGON_DEB}`, `dpkg-deb -x`; entries longer than 200 characters, every 10th held out for the test, every 10th from the 5th for choosing alpha; {len(test)} test "
         f"blocks of 128 SmolLM2 tokens). Small model: the {SPECULATIVE_STUDENTS[-1][0]}-layer student of part 3; "
         f"tuned with LoRA (r=16, all linear layers) for {LORA_STEPS} AdamW steps of {LORA_BATCH} x 128 tokens on the train "
         f"entries ({train_s:.0f} s with loading the text), then merged. Proxy-tuning "
@@ -608,8 +655,15 @@ def run_proxy_tuning(work_dir, teacher, tokenizer, students, max_test_blocks=8):
         "|---|---|",
     ]
     lines += [f"| {name} | {value:.2f} |" for name, value in results.items()]
-    lines += ["", "Target: the proxy-tuned combination below SmolLM2 alone on the tuning domain."]
-    write_result("ensemble_proxy_tuning", "\n".join(lines), {"perplexity": results, "train_s": train_s})
+    lines += [
+        "",
+        "Validation perplexity by alpha (the chosen one is the lowest): "
+        + ", ".join(f"{alpha:g}: {value:.2f}" for alpha, value in validation_perplexity.items()),
+        "",
+        "Target: the proxy-tuned combination below SmolLM2 alone on the tuning domain.",
+    ]
+    data = {"perplexity": results, "validation_perplexity": validation_perplexity, "alpha": chosen, "train_s": train_s}
+    write_result("ensemble_proxy_tuning", "\n".join(lines), data)
 
 
 if __name__ == "__main__":
