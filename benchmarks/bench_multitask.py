@@ -6,10 +6,12 @@ come from `recipes/smollm2-135m_merge_domains/prepare_texts.py` (train / eval do
 
 1. Overhead: one training step (forward + backward) of `MultiTaskTrainer` (static weighting, the drawn task's batch)
    vs `transformers.Trainer` on the same LoRA model and the same batch, interleaved, median of the rounds.
-2. Quality at equal total steps: every variant starts from the same base and LoRA initialisation and trains STEPS
-   optimizer steps (batch 4): each task alone, then all three with static weights (temperature sampling, T=2),
-   uncertainty weighting and PCGrad (`task_sampling="all"`: PCGrad's steps hold a batch of every task, so it sees 3x
-   the rows of the others at the same step count). Held-out: perplexity per LM domain, accuracy of the classifier.
+2. Quality: every variant starts from the same base and LoRA initialisation and trains STEPS optimizer steps
+   (batch 4): each task alone, then all three with static weights (temperature sampling, T=2), uncertainty weighting
+   and PCGrad (`task_sampling="all"`: PCGrad's steps hold a batch of every task, so it sees 3x the rows of the
+   others at the same step count: the three single-task runs' total). Then static and uncertainty weighting with
+   round-robin sampling for 3 x STEPS steps: each task gets exactly the steps it had alone, and the total equals the
+   three single-task runs together. Held-out: perplexity per LM domain, accuracy of the classifier.
 
 Run: `python benchmarks/bench_multitask.py [TEXTS_DIR]` (a few minutes on 2 idle CPU cores; `BENCH_MULTITASK_STEPS`,
 `BENCH_MULTITASK_ROUNDS`; `BENCH_MULTITASK_PARTS=overhead` skips the quality study; `BENCH_MULTITASK_MODEL=tiny`
@@ -127,6 +129,22 @@ def quality(base, tokenizer, train, evals) -> list[dict]:
         ("static (T=2)", list(TASKS), dict(task_sampling="temperature", sampling_temperature=2.0)),
         ("uncertainty (T=2)", list(TASKS), dict(task_sampling="temperature", task_weighting="uncertainty")),
         ("pcgrad (all tasks)", list(TASKS), dict(task_sampling="all", task_weighting="pcgrad")),
+        # equal total steps with the three single-task runs together: every task gets its STEPS, one task per step
+        (
+            f"static, round robin, {len(TASKS)} x {STEPS} steps",
+            list(TASKS),
+            dict(task_sampling="round_robin", max_steps=len(TASKS) * STEPS, logging_steps=len(TASKS) * STEPS),
+        ),
+        (
+            f"uncertainty, round robin, {len(TASKS)} x {STEPS} steps",
+            list(TASKS),
+            dict(
+                task_sampling="round_robin",
+                task_weighting="uncertainty",
+                max_steps=len(TASKS) * STEPS,
+                logging_steps=len(TASKS) * STEPS,
+            ),
+        ),
     ]
     results = []
     for name, tasks, options in variants:
@@ -220,7 +238,7 @@ def main() -> None:
         f"| transformers.Trainer | {cost['Trainer']:.3f} | 1.00 |",
         f"| MultiTaskTrainer | {cost['MultiTaskTrainer']:.3f} | {cost['ratio']:.3f} |",
         "",
-        f"### Held-out scores at equal total steps ({STEPS} optimizer steps each)",
+        f"### Held-out scores ({STEPS} optimizer steps per variant unless the name says otherwise)",
         "",
         "Perplexity (lower is better; change vs. that task trained alone) and domain accuracy (higher is better; "
         "difference vs. alone). Steps per task drawn by the sampler in brackets of the JSON.",
