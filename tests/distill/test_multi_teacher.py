@@ -190,6 +190,54 @@ def test_routed_loss_equals_the_sum_of_single_teacher_losses(tmp_path, corpus_to
     assert loss == pytest.approx(expected, rel=1e-5)
 
 
+def test_per_domain_kd_weights_scale_each_domains_rows(tmp_path, corpus_tokenizer, train_rows):
+    """One teacher registered under two domain names: route_weights weigh each domain's rows like static task weights
+    (float64 sum of the single-teacher losses on each domain's rows times its weight)."""
+    teacher = make_teacher(corpus_tokenizer, 1)
+    student = make_student(corpus_tokenizer)
+    rows = train_rows.map(lambda row: {"teacher": {"a": "code", "b": "prose"}[row["teacher"]]})
+    route_weights = {"code": 1.0, "prose": 0.25}
+    args = make_args(tmp_path, per_device_train_batch_size=8, loss_chunk_size=0, route_weights=route_weights)
+    trainer = MultiTeacherDistillationTrainer(
+        model=student,
+        teachers={"code": teacher, "prose": teacher},
+        args=args,
+        train_dataset=rows,
+        processing_class=corpus_tokenizer,
+    )
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(student, batch))
+    single = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=make_single_args(tmp_path / "single", loss_chunk_size=0),
+        processing_class=corpus_tokenizer,
+    )
+    shares = {}  # each domain's single-teacher loss on its rows, as a share of the whole batch's tokens
+    for domain in route_weights:
+        own = rows.filter(lambda row, domain=domain: row["teacher"] == domain).remove_columns("teacher")
+        sub = single._prepare_inputs(single.data_collator([own[i] for i in range(len(own))]))
+        with torch.no_grad():
+            shares[domain] = float(single.compute_loss(student, sub)) * (len(own) * 63) / (8 * 63)
+    expected = sum(route_weights[domain] * share for domain, share in shares.items())
+    assert loss == pytest.approx(expected, rel=1e-5)
+    assert abs(loss - sum(shares.values())) > 1e-3  # the weights changed the loss
+    assert trainer.args.distillation_hyperparameters()["route_weights"] == route_weights
+    # a weight of 0 leaves that domain's rows out: the loss is the other domain's share alone
+    args = make_args(tmp_path, per_device_train_batch_size=8, loss_chunk_size=0, route_weights='{"prose": 0}')
+    only_code = MultiTeacherDistillationTrainer(
+        model=student,
+        teachers={"code": teacher, "prose": teacher},
+        args=args,
+        train_dataset=rows,
+        processing_class=corpus_tokenizer,
+    )
+    with torch.no_grad():
+        code_share = float(only_code.compute_loss(student, batch))
+    assert code_share == pytest.approx(shares["code"], rel=1e-5)
+
+
 @pytest.mark.parametrize("rule", ["mixture", "product"])
 @pytest.mark.parametrize("weighting", ["static", "confidence"])
 def test_mixed_loss_matches_a_float64_reference(tmp_path, corpus_tokenizer, train_rows, rule, weighting):
@@ -296,6 +344,12 @@ def test_bad_input_is_refused_before_training(tmp_path, corpus_tokenizer, train_
         build(teacher_combination="mixture", teacher_weights={"a": 1.0})
     with pytest.raises(ValueError, match=r"unknown teacher\(s\) \['z'\]"):
         build(teacher_combination="mixture", teacher_weights={"a": 1.0, "b": 1.0, "z": 1.0})
+    with pytest.raises(ValueError, match=r"route_weights names unknown teacher\(s\) \['z'\]"):
+        build(route_weights={"a": 1.0, "z": 2.0})
+    with pytest.raises(ValueError, match=r"route_weights\['b'\]=nan must be a finite number >= 0"):
+        build(route_weights={"b": float("nan")})
+    with pytest.raises(ValueError, match="route_weights=.* weighs routed rows.*use teacher_weights"):
+        make_args(tmp_path, teacher_combination="mixture", route_weights={"a": 2.0})
     with pytest.raises(ValueError, match="confidence_temperature=0.0 must be > 0"):
         make_args(tmp_path, confidence_temperature=0.0)
     with pytest.raises(ValueError, match="teacher_combination='vote' is not known"):

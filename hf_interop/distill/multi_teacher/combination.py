@@ -29,6 +29,34 @@ TEACHER_COMBINATIONS = ("route", "mixture", "product")
 TEACHER_WEIGHTINGS = ("static", "confidence")
 
 
+def check_route_weights(weights: Mapping[str, float] | None, teacher_names: Sequence[str]) -> list[float]:
+    """Routed rows' loss weights in the order of `teacher_names` (1 for names left out, not normalised).
+
+    Raises `ValueError` naming the value and the fix for unknown names, negative, NaN/infinite or non-numbers.
+    """
+    names = list(teacher_names)
+    if weights is None:
+        return [1.0] * len(names)
+    if not isinstance(weights, Mapping):
+        raise ValueError(
+            f"route_weights={weights!r} must be a dict of teacher name -> weight, e.g. {{{names[0]!r}: 0.5}}."
+        )
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"route_weights names unknown teacher(s) {unknown}; the routed names are {names}.")
+    values = []
+    for name in names:
+        value = weights.get(name, 1.0)
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"route_weights[{name!r}]={value!r} is not a number.") from error
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"route_weights[{name!r}]={value} must be a finite number >= 0 (0 leaves its rows out).")
+        values.append(value)
+    return values
+
+
 def check_teacher_weights(weights: Mapping[str, float] | None, teacher_names: Sequence[str]) -> list[float]:
     """Static weights as a list in the order of `teacher_names` (uniform when `None`), normalised to sum to one.
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from ..cross_tokenizer_config import CROSS_TOKENIZER_LOSS_TYPES, CrossTokenizerSettings
 from ..distillation_config import DISTILLATION_LOSS_TYPES, DistillationConfig
-from .combination import TEACHER_COMBINATIONS, TEACHER_WEIGHTINGS, check_teacher_weights
+from .combination import TEACHER_COMBINATIONS, TEACHER_WEIGHTINGS, check_route_weights, check_teacher_weights
 
 
 @dataclass
@@ -37,6 +37,11 @@ class MultiTeacherDistillationConfig(CrossTokenizerSettings, DistillationConfig)
             `hf_interop.distill.multi_teacher.combination`).
         teacher_weights (`dict[str, float]`, *optional*):
             Teacher name -> non-negative weight, normalised to sum to one; uniform when omitted.
+        route_weights (`dict[str, float]`, *optional*):
+            With `"route"`: teacher name -> the weight of the loss on the rows routed to it (KD and cross-entropy
+            of those rows), as static task weights in `MultiTaskTrainer` (`multitask.weighting.static_weighted_sum`),
+            not normalised; names left out weigh 1. Per-domain KD weights: name the routing column's values after
+            the domains and register the same teacher under each (`teachers={"code": t, "prose": t}`).
         confidence_temperature (`float`, *optional*, defaults to `1.0`):
             Divides the confidence scores (nats per token) before the softmax: larger is closer to the static
             weights, smaller closer to routing each example to its most confident teacher.
@@ -83,6 +88,10 @@ class MultiTeacherDistillationConfig(CrossTokenizerSettings, DistillationConfig)
     teacher_weights: dict[str, float] | str | None = field(
         default=None, metadata={"help": "Teacher name -> weight (>= 0, normalised); uniform when omitted."}
     )
+    route_weights: dict[str, float] | str | None = field(
+        default=None,
+        metadata={"help": "route: routed name -> weight of its rows' loss (>= 0, not normalised); 1 when omitted."},
+    )
     confidence_temperature: float = field(
         default=1.0, metadata={"help": "Divides the confidence scores before the softmax over teachers (> 0)."}
     )
@@ -104,11 +113,17 @@ class MultiTeacherDistillationConfig(CrossTokenizerSettings, DistillationConfig)
 
     # same-tokenizer divergences, plus the span losses "gold" and "uld" (with cross_tokenizer=True only)
     allowed_loss_types: ClassVar[tuple[str, ...]] = tuple(dict.fromkeys([*DISTILLATION_LOSS_TYPES, "gold", "uld"]))
-    _VALID_DICT_FIELDS = [*DistillationConfig._VALID_DICT_FIELDS, "teachers", "teacher_weights", "teacher_device_maps"]
+    _VALID_DICT_FIELDS = [
+        *DistillationConfig._VALID_DICT_FIELDS,
+        "teachers",
+        "teacher_weights",
+        "route_weights",
+        "teacher_device_maps",
+    ]
 
     def _check_distillation_fields(self) -> None:
         super()._check_distillation_fields()
-        for name in ("teachers", "teacher_weights", "teacher_device_maps"):
+        for name in ("teachers", "teacher_weights", "route_weights", "teacher_device_maps"):
             value = getattr(self, name)
             if isinstance(value, str):
                 try:
@@ -133,6 +148,12 @@ class MultiTeacherDistillationConfig(CrossTokenizerSettings, DistillationConfig)
         if self.teacher_weighting not in TEACHER_WEIGHTINGS:
             raise ValueError(
                 f"teacher_weighting={self.teacher_weighting!r} is not known; use one of {list(TEACHER_WEIGHTINGS)}."
+            )
+        if self.route_weights is not None and self.teacher_combination != "route":
+            raise ValueError(
+                f"route_weights={self.route_weights!r} weighs routed rows, but teacher_combination="
+                f"{self.teacher_combination!r} mixes every teacher on every row; use teacher_weights for that, or "
+                "teacher_combination='route'."
             )
         if not self.confidence_temperature > 0:
             raise ValueError(
@@ -179,6 +200,7 @@ class MultiTeacherDistillationConfig(CrossTokenizerSettings, DistillationConfig)
     def check_against_teachers(self, names: list[str]) -> None:
         """Settings that name teachers (weights, device maps) checked against the teachers' names."""
         check_teacher_weights(self.teacher_weights, names)
+        check_route_weights(self.route_weights, names)
         unknown = sorted(set(self.teacher_device_maps or {}) - set(names))
         if unknown:
             raise ValueError(f"teacher_device_maps names unknown teacher(s) {unknown}; the teachers are {names}.")
@@ -186,6 +208,8 @@ class MultiTeacherDistillationConfig(CrossTokenizerSettings, DistillationConfig)
     def distillation_hyperparameters(self) -> dict[str, Any]:
         hyperparameters = super().distillation_hyperparameters()
         hyperparameters["teacher_combination"] = self.teacher_combination
+        if self.route_weights:
+            hyperparameters["route_weights"] = dict(self.route_weights)
         if self.cross_tokenizer:
             hyperparameters.update(cross_tokenizer=True, alignment=self.alignment, max_length=self.max_length)
         if self.teacher_combination != "route":

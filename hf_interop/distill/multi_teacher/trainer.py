@@ -28,6 +28,7 @@ from torch import nn
 from ... import losses
 from ...loading import dispatch_loaded_model, resolve_model_alias
 from ...logging_utils import get_logger
+from ...multitask.weighting import static_weighted_sum
 from ...text_alignment import build_vocabulary_mapping
 from ..distillation_trainer import DistillationTrainer, _statistics
 from ..model_utils import _model_name, _tokenizer_next_to, _tokenizer_of, _tokenizers_agree, _vocab_size
@@ -38,6 +39,7 @@ from ..teacher_cache.reader import TeacherLogitsCache
 from .cached import CACHE_ROW_PREFIX, is_cache_folder, with_cache_rows
 from .collator import SERVED_ANSWERS_PREFIX, TEACHER_INDEX_KEY, MultiTeacherCollator, check_routing_column
 from .combination import (
+    check_route_weights,
     check_teacher_weights,
     combine_teacher_log_probs,
     sequence_confidence_scores,
@@ -106,6 +108,7 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
             check_routing_column(train_dataset, args.teacher_column, self.teacher_names, "train_dataset")
             check_routing_column(eval_dataset, args.teacher_column, self.teacher_names, "eval_dataset")
         self.static_weights = check_teacher_weights(args.teacher_weights, self.teacher_names)
+        self.route_weights = check_route_weights(args.route_weights, self.teacher_names)
         self._teacher_sources = dict(teachers)
         self._config = args  # read while the teachers are registered, before Trainer.__init__ sets self.args
         self._teacher_tokenizers = dict(teacher_processing_classes or {})
@@ -441,14 +444,14 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
         chunked: bool,
         loss_kwargs: dict[str, Any],
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Each teacher's single-teacher loss on its own rows; the sum is the whole batch's loss."""
+        """Each teacher's single-teacher loss on its own rows; their (route-weighted) sum is the batch's loss."""
         if self._batch_routing is None:
             raise ValueError(
                 f"the batch has no {TEACHER_INDEX_KEY}: with teacher_combination='route' every row needs its "
                 f"teacher in column {self.args.teacher_column!r} (and the trainer's own collator wraps yours)."
             )
         routing = self._batch_routing.to(shift_labels.device)
-        total, parts = None, []
+        losses, weights, parts = [], [], []
         for position, name in enumerate(self.teacher_names):
             rows = (routing == position).nonzero().flatten()
             if rows.numel() == 0:
@@ -461,8 +464,9 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
             num_tokens = int((sub_labels != -100).sum())
             self._record(model, name, statistics, num_tokens, loss_kwargs["num_items_in_batch"])
             parts.append((statistics, num_tokens))
-            total = result.loss if total is None else total + result.loss
-        return total, _summed_statistics(parts)
+            losses.append(result.loss)
+            weights.append(self.route_weights[position])
+        return static_weighted_sum(losses, weights), _summed_statistics(parts)
 
     def _one_teacher_loss(
         self,
