@@ -37,14 +37,18 @@ REPLAY_K = 64
 # (label, cache_teacher_logits options); the first is today's format, the reference of every ratio
 SETTINGS = {
     "float16 k=64 (format 1)": dict(top_k=64, encoding="float16"),
-    "compact k=64 top_p=1 8-bit": dict(top_k=64, top_p=1.0, logprob_bits=8),
-    "compact k=64 top_p=0.95 8-bit": dict(top_k=64, top_p=0.95, logprob_bits=8),
-    "compact k=32 top_p=0.95 8-bit": dict(top_k=32, top_p=0.95, logprob_bits=8),
-    "compact k=32 top_p=0.95 6-bit": dict(top_k=32, top_p=0.95, logprob_bits=6),
-    "compact k=32 top_p=0.95 4-bit": dict(top_k=32, top_p=0.95, logprob_bits=4),
-    "compact k=24 top_p=0.95 8-bit": dict(top_k=24, top_p=0.95, logprob_bits=8),
-    "compact k=32 top_p=0.95 6-bit, zstd": dict(top_k=32, top_p=0.95, logprob_bits=6, compression="zstd"),
-    "compact k=32 top_p=0.95 6-bit, lz4": dict(top_k=32, top_p=0.95, logprob_bits=6, compression="lz4"),
+    "compact k=64 top_p=1 8-bit": dict(encoding="compact", top_k=64, top_p=1.0, logprob_bits=8),
+    "compact k=64 top_p=0.95 8-bit": dict(encoding="compact", top_k=64, top_p=0.95, logprob_bits=8),
+    "compact k=32 top_p=0.95 8-bit": dict(encoding="compact", top_k=32, top_p=0.95, logprob_bits=8),
+    "compact k=32 top_p=0.95 6-bit": dict(encoding="compact", top_k=32, top_p=0.95, logprob_bits=6),
+    "compact k=32 top_p=0.95 4-bit": dict(encoding="compact", top_k=32, top_p=0.95, logprob_bits=4),
+    "compact k=24 top_p=0.95 8-bit": dict(encoding="compact", top_k=24, top_p=0.95, logprob_bits=8),
+    "compact k=32 top_p=0.95 6-bit, zstd": dict(
+        encoding="compact", top_k=32, top_p=0.95, logprob_bits=6, compression="zstd"
+    ),
+    "compact k=32 top_p=0.95 6-bit, lz4": dict(
+        encoding="compact", top_k=32, top_p=0.95, logprob_bits=6, compression="lz4"
+    ),
 }
 TRAINED = (
     "float16 k=64 (format 1)",
