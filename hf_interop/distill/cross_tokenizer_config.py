@@ -50,6 +50,18 @@ class CrossTokenizerSettings:
         metadata={"help": "Largest allowed union of the two vocabularies (memory cap)."},
     )
 
+    def span_loss_kwargs(self) -> dict[str, Any]:
+        """The settings of the span-aligned hybrid loss (matched spans by divergence, the rest by ULD)."""
+        return dict(
+            loss_type=self.matched_loss_type,
+            temperature=self.temperature,
+            jsd_beta=self.jsd_beta,
+            scale_by_temperature_squared=self.scale_by_temperature_squared,
+            matched_weight=self.matched_weight,
+            unmatched_weight=self.unmatched_weight,
+            uld_top_k=self.uld_top_k,
+        )
+
     def _check_cross_tokenizer_settings(self) -> None:
         for name in ("matched_weight", "unmatched_weight"):
             if not getattr(self, name) >= 0:

@@ -215,13 +215,7 @@ class CrossTokenizerDistillationTrainer(DistillationTrainer):
                 self.vocabulary_mapping,
                 kd_ratio=args.kd_ratio,
                 num_items_in_batch=num_items_in_batch,
-                loss_type=args.matched_loss_type,
-                temperature=args.temperature,
-                jsd_beta=args.jsd_beta,
-                scale_by_temperature_squared=args.scale_by_temperature_squared,
-                matched_weight=args.matched_weight,
-                unmatched_weight=args.unmatched_weight,
-                uld_top_k=args.uld_top_k,
+                **args.span_loss_kwargs(),
             )
         except ValueError as error:
             raise ValueError(f"at training step {self.state.global_step} ({mode}): {error}") from error

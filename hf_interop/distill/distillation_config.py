@@ -483,6 +483,11 @@ class DistillationConfig(TrainingArguments):
                 f"teacher (teacher_url={self.teacher_url!r}) does not return; set hidden_loss_weight=0."
             )
 
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The divergence settings every loss path of the distillation trainers passes on (dense, chunked, sparse)."""
+        names = ("loss_type", "temperature", "jsd_beta", "skew_alpha", "scale_by_temperature_squared", "kd_ratio")
+        return {name: getattr(self, name) for name in names}
+
     def distillation_hyperparameters(self) -> dict[str, Any]:
         """The distillation settings (no generic training arguments), for model cards and logs."""
         names = ["loss_type", "temperature", "kd_ratio", "loss_chunk_size"]

@@ -644,27 +644,13 @@ class DistillationTrainer(Trainer):
         """The loss of one micro-batch, the student's outputs and the statistics to log."""
         args = self.args
         want_layers = args.hidden_loss_weight > 0
-        loss_kwargs = dict(
-            loss_type=args.loss_type,
-            temperature=args.temperature,
-            jsd_beta=args.jsd_beta,
-            scale_by_temperature_squared=args.scale_by_temperature_squared,
-            kd_ratio=args.kd_ratio,
-            num_items_in_batch=num_items_in_batch,
-        )
-        student_kwargs: dict[str, Any] = {"use_cache": False}
-        if chunked:
-            # only the last position's logits (cheap); the loss applies the head to valid tokens chunk by chunk
-            student_kwargs.update(output_hidden_states=True, logits_to_keep=1)
-        elif want_layers:
-            student_kwargs["output_hidden_states"] = True
-        outputs = model(**model_inputs, **student_kwargs)
+        loss_kwargs = {**args.loss_kwargs(), "num_items_in_batch": num_items_in_batch}
+        outputs = self._run_student(model, model_inputs, chunked, want_layers)
 
         if self.teacher_cache is not None or self.served_teacher is not None:
             loss, statistics = self._cached_teacher_loss(model, outputs, shift_labels, cached, chunked, loss_kwargs)
             return loss, outputs, statistics
 
-        loss_kwargs["skew_alpha"] = args.skew_alpha
         loss_kwargs["shared_vocab_size"] = self.shared_vocab_size
         teacher_outputs, result = self._live_teacher_loss(
             model, model_inputs, outputs, shift_labels, chunked, want_layers, loss_kwargs
@@ -683,6 +669,16 @@ class DistillationTrainer(Trainer):
             loss = static_weighted_sum([loss, hidden_loss], [1.0, args.hidden_loss_weight])
             statistics["hidden_loss"] = hidden_loss.detach()
         return loss, outputs, statistics
+
+    def _run_student(self, model: nn.Module, inputs: dict[str, Any], chunked: bool, want_layers: bool = False) -> Any:
+        """The student's forward: with a chunked loss only the last position's logits (the loss applies the head to
+        valid tokens chunk by chunk); hidden states where a loss reads them."""
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if chunked:
+            kwargs.update(output_hidden_states=True, logits_to_keep=1)
+        elif want_layers:
+            kwargs["output_hidden_states"] = True
+        return model(**inputs, **kwargs)
 
     def _cached_teacher_loss(
         self,
@@ -706,7 +702,6 @@ class DistillationTrainer(Trainer):
         manifest = self.teacher_cache.manifest if self.teacher_cache is not None else {}
         sparse_kwargs = {
             **loss_kwargs,
-            "skew_alpha": args.skew_alpha,
             "cache_temperature": float(manifest.get("temperature", 1.0)),
             "teacher_vocab_size": manifest.get("vocab_size") or getattr(self.served_teacher, "vocab_size", None),
             "shared_vocab_size": self.shared_vocab_size,

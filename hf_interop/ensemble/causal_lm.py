@@ -10,7 +10,6 @@ Members whose tokenizers differ are combined over text pieces with `cross_tokeni
 
 from __future__ import annotations
 
-import inspect
 import os
 import tempfile
 from collections.abc import Sequence
@@ -30,13 +29,15 @@ from .cache import EnsembleCache
 from .combination import causal_lm_nll, check_member_weights, combine_log_probs
 from .config import ENSEMBLE_MODEL_TYPE, EnsembleConfig, load_ensemble_config, write_ensemble_card
 from .members import (
-    LoraAdapterMember,
+    LoraAdapterMember,  # noqa: F401  (its old import path)
     _load_lora_members,
     _prepare_members,
     _spec_of_loaded,
+    accepts_argument,
     check_member_path,
     check_no_remote_code,
     check_tokenizers_compatible,
+    generation_model,
     input_device,
     member_spec,
     shared_vocab_size,
@@ -57,18 +58,6 @@ CAUSAL_LM_CROSS_TOKENIZER_HINT = (
     "(cross-tokenizer ensembling at the level of text pieces, UniTE-style, https://huggingface.co/papers/2410.03777: "
     "generate() only, combination='mixture'), or pick members that share a tokenizer."
 )
-
-
-def _generation_model(member: nn.Module) -> nn.Module:
-    return member.generation_model() if isinstance(member, LoraAdapterMember) else member
-
-
-def _accepts(module: nn.Module, argument: str) -> bool:
-    target = _generation_model(module)
-    try:
-        return argument in inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _output_vocab_size(member: nn.Module) -> int | None:
@@ -159,7 +148,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                 hint=CAUSAL_LM_CROSS_TOKENIZER_HINT,
             )
             self._set_shared_vocab_size(tokenizer, names)
-        self._logits_to_keep_support = [_accepts(member, "logits_to_keep") for member in self.members]
+        self._logits_to_keep_support = [accepts_argument(member, "logits_to_keep") for member in self.members]
         # Special-token ids come from the member whose ids the ensemble reads and writes (the first one's by default).
         generation_source = self.members[self._tokenizer_member_index or 0]
         self.generation_config = _generation_config_from(generation_source, tokenizer)
@@ -434,7 +423,7 @@ class EnsembleForCausalLM(PreTrainedModel, GenerationMixin):
             return
         caches: list[Cache | None] = []
         for member in self.members:
-            model = _generation_model(member)
+            model = generation_model(member)
             member_kwargs: dict[str, Any] = {}
             if isinstance(model, GenerationMixin) and hasattr(model, "_prepare_cache_for_generation"):
                 model._prepare_cache_for_generation(
@@ -757,7 +746,7 @@ def _dtype_name(dtype: Any) -> str | None:
 
 
 def _generation_config_from(member: nn.Module, tokenizer: Any) -> GenerationConfig:
-    source = getattr(_generation_model(member), "generation_config", None)
+    source = getattr(generation_model(member), "generation_config", None)
     values: dict[str, Any] = {}
     for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
         value = getattr(source, key, None) if source is not None else None

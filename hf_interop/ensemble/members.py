@@ -3,6 +3,7 @@ and loading the members of a causal LM ensemble (LoRA adapters of one base inclu
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -229,6 +230,19 @@ def shared_vocab_size(
 # --------------------------------------------------------------------------------------------------------------
 # Devices and placement
 # --------------------------------------------------------------------------------------------------------------
+
+
+def generation_model(member: nn.Module) -> nn.Module:
+    """The module that generates for `member`: a LoRA adapter member's base model with its adapter, else itself."""
+    return member.generation_model() if isinstance(member, LoraAdapterMember) else member
+
+
+def accepts_argument(module: nn.Module, argument: str) -> bool:
+    """Whether the forward of `module` (its generation model, for a LoRA adapter member) takes `argument`."""
+    try:
+        return argument in inspect.signature(generation_model(module).forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def input_device(model: torch.nn.Module) -> torch.device:

@@ -33,7 +33,6 @@ with it often.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +41,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from .._compat import cache_argument, output_cache
-from .members import check_tokenizers_compatible, input_device
+from .members import accepts_argument, check_tokenizers_compatible, input_device
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -313,10 +312,8 @@ class _SpeculativeDecoder:
         self.proposer_length = 0
         self.draft_log_probs: list[torch.Tensor] = []  # the proposer's log-probs at each draft's position
         self.lookup = proposer if isinstance(proposer, _PromptLookup) else None
-        if proposer_index is not None:
-            self.keep_one = {"logits_to_keep": 1} if ensemble._logits_to_keep_support[proposer_index] else {}
-        else:
-            self.keep_one = {"logits_to_keep": 1} if self.lookup is None and _accepts_logits_to_keep(proposer) else {}
+        keeps_one = self.lookup is None and accepts_argument(proposer, "logits_to_keep")
+        self.keep_one = {"logits_to_keep": 1} if keeps_one else {}
         self.num_drafted = self.num_accepted = self.num_rounds = 0
 
     def run(self, sequence: list[int], max_new_tokens: int, num_draft_tokens: int, eos_ids: set[int]) -> list[int]:
@@ -458,13 +455,6 @@ class _PromptLookup:
                 if sequence[start : start + size] == tail:
                     return sequence[start + size : start + size + count]
         return []
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _croppable(cache: Any) -> bool:

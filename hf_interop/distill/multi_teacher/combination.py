@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ...multitask.weighting import check_task_weights
+
 TEACHER_COMBINATIONS = ("route", "mixture", "product")
 TEACHER_WEIGHTINGS = ("static", "confidence")
 
@@ -44,17 +46,8 @@ def check_route_weights(weights: Mapping[str, float] | None, teacher_names: Sequ
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ValueError(f"route_weights names unknown teacher(s) {unknown}; the routed names are {names}.")
-    values = []
-    for name in names:
-        value = weights.get(name, 1.0)
-        try:
-            value = float(value)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"route_weights[{name!r}]={value!r} is not a number.") from error
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"route_weights[{name!r}]={value} must be a finite number >= 0 (0 leaves its rows out).")
-        values.append(value)
-    return values
+    check_task_weights(weights, names, "route_weights")  # the values: static task weights, each a number >= 0
+    return [float(weights.get(name, 1.0)) for name in names]
 
 
 def check_teacher_weights(weights: Mapping[str, float] | None, teacher_names: Sequence[str]) -> list[float]:

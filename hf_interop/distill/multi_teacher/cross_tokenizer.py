@@ -158,16 +158,7 @@ def cross_tokenizer_loss(
         )
         trainer._weight_sums(model, weights, shift_labels)
 
-    span_kwargs = dict(
-        loss_type=args.matched_loss_type,
-        temperature=args.temperature,
-        jsd_beta=args.jsd_beta,
-        scale_by_temperature_squared=args.scale_by_temperature_squared,
-        matched_weight=args.matched_weight,
-        unmatched_weight=args.unmatched_weight,
-        uld_top_k=args.uld_top_k,
-        num_items_in_batch=num_items_in_batch,
-    )
+    span_kwargs = {**args.span_loss_kwargs(), "num_items_in_batch": num_items_in_batch}
     kd_loss = student_logits.sum() * 0.0
     row_tokens = (shift_labels != -100).sum(-1)
     for position, name in enumerate(trainer.teacher_names):

@@ -415,20 +415,8 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
                 model, self.teacher_names[0], statistics, int((shift_labels != -100).sum()), num_items_in_batch
             )
             return loss, outputs, statistics
-        args = self.args
-        loss_kwargs = dict(
-            loss_type=args.loss_type,
-            temperature=args.temperature,
-            jsd_beta=args.jsd_beta,
-            skew_alpha=args.skew_alpha,
-            scale_by_temperature_squared=args.scale_by_temperature_squared,
-            kd_ratio=args.kd_ratio,
-            num_items_in_batch=num_items_in_batch,
-        )
-        student_kwargs: dict[str, Any] = {"use_cache": False}
-        if chunked:
-            student_kwargs.update(output_hidden_states=True, logits_to_keep=1)
-        outputs = model(**model_inputs, **student_kwargs)
+        loss_kwargs = {**self.args.loss_kwargs(), "num_items_in_batch": num_items_in_batch}
+        outputs = self._run_student(model, model_inputs, chunked)
         if self.routing:
             loss, statistics = self._routed_loss(model, model_inputs, outputs, shift_labels, chunked, loss_kwargs)
         else:
