@@ -185,19 +185,22 @@ def main() -> None:
     parser.add_argument("--skip_teacher", action="store_true", help="skip the SmolLM2 generation timing")
     parser.add_argument(
         "--parts",
-        default="cache,speculative,proxy_tuning",
-        help="comma-separated: cache (parts 1-2), speculative (part 3), proxy_tuning (part 4, needs apt-get download)",
+        default="cache,speculative,verify_cost,proxy_tuning",
+        help="comma-separated: cache (parts 1-2), speculative (part 3), verify_cost (what a k-token verification "
+        "forward costs), proxy_tuning (part 4, needs apt-get download)",
     )
     cli = parser.parse_args()
     from pathlib import Path
 
     work_dir = Path(cli.work_dir)
     parts = set(cli.parts.split(","))
-    if "speculative" in parts or "proxy_tuning" in parts:
+    if "speculative" in parts or "proxy_tuning" in parts or "verify_cost" in parts:
         teacher, teacher_tokenizer = load_default_teacher()
         students = load_or_distil_students(work_dir, teacher, teacher_tokenizer)
         if "speculative" in parts:
             run_speculative(teacher, teacher_tokenizer, students)
+        if "verify_cost" in parts:
+            run_verify_cost([teacher, *students])
         if "proxy_tuning" in parts:
             run_proxy_tuning(work_dir, teacher, teacher_tokenizer, students)
         del teacher, students
@@ -557,6 +560,45 @@ def run_speculative(teacher, tokenizer, students, rounds=2):
     ]
     data = {"rows": rows, "member_s": member_s, "plain_s": plain_total, "params_m": sizes, "loads": loads}
     write_result("ensemble_speculative", "\n".join(lines), data)
+
+
+def run_verify_cost(models, context=100, repeats=15):
+    """Milliseconds of one cached forward over n new tokens (n = 1..7) after a 100-token context, per model: what a
+    speculative round's verification costs against a one-token decoding step. Sizes interleaved, medians."""
+    import random
+
+    import torch
+
+    from hf_interop._compat import cache_argument
+
+    names = ["SmolLM2-135M", *[f"{layers}-layer student" for layers, _ in SPECULATIVE_STUDENTS]]
+    sizes = (1, 2, 3, 4, 5, 7)
+    generator = torch.Generator().manual_seed(0)
+    rows = {}
+    with torch.no_grad():
+        for name, model in zip(names, models, strict=True):
+            cache = model(input_ids=torch.randint(0, 40000, (1, context), generator=generator), use_cache=True)
+            cache = cache.past_key_values
+            times = {n: [] for n in sizes}
+            order = [n for n in sizes for _ in range(repeats)]
+            random.Random(0).shuffle(order)
+            for n in order:
+                ids = torch.randint(0, 40000, (1, n), generator=generator)
+                start = time.perf_counter()
+                model(input_ids=ids, use_cache=True, logits_to_keep=n, **{cache_argument(): cache})
+                times[n].append(time.perf_counter() - start)
+                cache.crop(-n)
+            rows[name] = {n: 1000 * statistics.median(values) for n, values in times.items()}
+    lines = [
+        f"One cached forward over n new tokens after a {context}-token context (`logits_to_keep=n`), float32, batch 1; "
+        f"sizes interleaved in a seeded order, {repeats} runs each, median milliseconds (x the one-token step).",
+        "",
+        "| model | " + " | ".join(f"n={n}" for n in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for name, row in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[n]:.1f} ({row[n] / row[1]:.2f}x)" for n in sizes) + " |")
+    write_result("ensemble_verify_cost", "\n".join(lines), {"ms": rows, "context": context})
 
 
 def jargon_file_text(download_dir):
