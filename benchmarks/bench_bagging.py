@@ -187,7 +187,12 @@ def part_causal_lm(base: str, tokenizer, work: Path, options) -> dict:
     from hf_interop.ensemble.boosting import BoostingConfig, BoostingTrainer
 
     corpus = load_builtin_corpus()
-    train = pack_dataset(corpus["train"], tokenizer, block_size=64, max_blocks=options.lm_blocks)
+    pool = pack_dataset(corpus["train"], tokenizer, block_size=64, max_blocks=options.lm_blocks + 64)
+    # the same-pool held-out blocks: a random 64 of the training documents' blocks, never trained on (what an
+    # out-of-bag score estimates: new examples from the training distribution); `test` = other documents
+    order = np.random.default_rng(0).permutation(len(pool))
+    pool_test = pool.select(sorted(order[:64].tolist()))
+    train = pool.select(sorted(order[64:].tolist()))
     fit = pack_dataset(corpus["validation"], tokenizer, block_size=64, max_blocks=32)
     test = pack_dataset(corpus["test"], tokenizer, block_size=64, max_blocks=64)
     members, steps = options.members, options.steps
@@ -199,6 +204,7 @@ def part_causal_lm(base: str, tokenizer, work: Path, options) -> dict:
         ("boosting (reweight)", BoostingConfig, dict(n_estimators=members, boosting="reweight"), steps),
         ("boosting (additive)", BoostingConfig, dict(n_estimators=members, boosting="additive"), steps),
     ]
+    variants = [variant for variant in variants if variant[0].split()[0] in options.lm_variants]
     for name, config_class, fields, member_steps in variants:
         args = config_class(
             **common_args(work / name.replace(" ", "_"), member_steps, 8, options.lm_lr, options.use_lora), **fields
@@ -208,6 +214,8 @@ def part_causal_lm(base: str, tokenizer, work: Path, options) -> dict:
         load = load_average()
         ensemble, seconds = timed_train(trainer)
         metrics = causal_lm_metrics(ensemble, test, trainer.collator)
+        same_pool = causal_lm_metrics(ensemble, pool_test, trainer.collator)
+        metrics.update(pool_perplexity=same_pool["perplexity"], pool_ece=same_pool["ece"])
         metrics.update(seconds=seconds, seconds_per_step=seconds / total, load=load)
         if name == "bagging":
             metrics["oob_perplexity"] = trainer.oob_scores_["oob_perplexity"]
@@ -217,7 +225,13 @@ def part_causal_lm(base: str, tokenizer, work: Path, options) -> dict:
             extra[name] = {"train_perplexity_after_each_member": trainer.staged_train_score_}
         rows[name] = metrics
         print(name, json.dumps(metrics), flush=True)
-    return {"rows": rows, "extra": extra, "train_blocks": len(train), "test_blocks": len(test)}
+    return {
+        "rows": rows,
+        "extra": extra,
+        "train_blocks": len(train),
+        "test_blocks": len(test),
+        "pool_blocks": len(pool_test),
+    }
 
 
 def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> dict:
@@ -226,7 +240,19 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
     from hf_interop.ensemble.boosting import BoostingConfig, BoostingTrainer
 
     domains = ("python_docs", "fortunes", "jargon")
-    train = labelled_paragraphs([str(texts / d / "train.txt") for d in domains], tokenizer, 64, options.per_class)
+    pool = labelled_paragraphs(
+        [str(texts / d / "train.txt") for d in domains], tokenizer, 64, options.per_class + options.per_class // 4
+    )
+    # same-pool held-out paragraphs: a random fifth of each class's training-file paragraphs (what out-of-bag
+    # accuracy estimates); `held_out` = the eval files' paragraphs, from other documents
+    rng = np.random.default_rng(0)
+    labels = np.asarray(pool["label"])
+    pool_indices = []
+    for label in np.unique(labels):
+        members_of = rng.permutation(np.flatnonzero(labels == label))
+        pool_indices += members_of[: len(members_of) // 5].tolist()
+    pool_test = pool.select(sorted(pool_indices))
+    train = pool.select(sorted(set(range(len(pool))) - set(pool_indices)))
     held_out = labelled_paragraphs(
         [str(texts / d / "eval.txt") for d in domains], tokenizer, 64, options.per_class // 2
     )
@@ -251,17 +277,29 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
         load = load_average()
         ensemble, seconds = timed_train(trainer)
         metrics = classifier_metrics(ensemble, held_out, trainer.collator)
+        same_pool = classifier_metrics(ensemble, pool_test, trainer.collator)
+        metrics.update(pool_accuracy=same_pool["accuracy"], pool_ece=same_pool["ece"])
         metrics.update(seconds=seconds, load=load)
         if name == "bagging":
             metrics["oob_accuracy"] = trainer.oob_score_
         if name.startswith("boosting"):
             metrics["weights"] = [round(w, 3) for w in trainer.estimator_weights_]
             metrics["errors"] = [round(e, 3) for e in trainer.estimator_errors_]
-            staged = {"train": trainer.staged_train_score_, "held_out": trainer.staged_score(held_out)}
+            staged = {
+                "train": trainer.staged_train_score_,
+                "held_out": trainer.staged_score(held_out),
+                "same_pool": trainer.staged_score(pool_test),
+            }
             metrics["stopped_early"] = trainer.stopped_early_
         rows[name] = metrics
         print(name, json.dumps(metrics, default=str), flush=True)
-    return {"rows": rows, "staged": staged, "train_examples": len(train), "held_out_examples": len(held_out)}
+    return {
+        "rows": rows,
+        "staged": staged,
+        "train_examples": len(train),
+        "held_out_examples": len(held_out),
+        "pool_examples": len(pool_test),
+    }
 
 
 def part_additive_cost(base: str, tokenizer, repeats: int = 5) -> dict:
@@ -350,6 +388,13 @@ def main() -> None:
     parser.add_argument(
         "--classifier_variants", default="all", choices=("all", "one", "bagging", "boosting"), help="which to run"
     )
+    parser.add_argument(
+        "--lm_variants",
+        nargs="+",
+        default=["one", "bagging", "boosting"],
+        choices=("one", "bagging", "boosting"),
+        help="causal-LM variants to run ('one' is the reference of every ratio: keep it)",
+    )
     parser.add_argument("--skip_lm", action="store_true")
     parser.add_argument("--skip_classifier", action="store_true")
     options = parser.parse_args()
@@ -366,7 +411,10 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="bench_bagging_"))
     if options.model:
-        base, tokenizer = options.model, load_tokenizer(options.model)
+        from hf_interop.loading import resolve_model_alias
+
+        base = resolve_model_alias(options.model)  # "default_teacher": the embedded SmolLM2-135M-Instruct
+        tokenizer = load_tokenizer(base)
         model_line = f"base {options.model}, members {'LoRA r=8' if options.use_lora else 'full'}"
     else:
         corpus = load_builtin_corpus()
@@ -402,7 +450,7 @@ def main() -> None:
     lines = [
         f"Base: {model_line}. {options.members} members x {options.steps} optimizer steps against one model trained "
         f"{options.members * options.steps} steps (equal total steps, same learning rate and batch). Load average "
-        "(1/5/15 min) at the start of each variant beside it: 2 cores shared by 4 engineers.",
+        "(1/5/15 min) at the start of each variant beside it.",
         "",
     ]
     if not options.skip_lm:
@@ -411,11 +459,12 @@ def main() -> None:
         single = lm["rows"]["one model"]
         lines += [
             f"### Causal LM: builtin corpus, {lm['train_blocks']} training blocks of 64 tokens, "
-            f"{lm['test_blocks']} test blocks",
+            f"{lm['test_blocks']} test blocks from other documents (the corpus' test split), {lm['pool_blocks']} "
+            "same-pool blocks (a random 64 of the training documents' blocks, held out of training)",
             "",
-            "| variant | test perplexity | vs one model | next-token ECE | out-of-bag perplexity | member weights "
-            "| s / optimizer step | load |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | test perplexity | vs one model | next-token ECE | same-pool perplexity | vs one model | "
+            "same-pool ECE | out-of-bag perplexity | member weights | s / optimizer step | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in lm["rows"].items():
             oob = (
@@ -423,7 +472,9 @@ def main() -> None:
             )
             lines.append(
                 f"| {name} | {row['perplexity']:.2f} | {row['perplexity'] / single['perplexity']:.3f} | "
-                f"{row['ece']:.4f} | {oob} | {row.get('weights', '-')} | {row['seconds_per_step']:.3f} | {row['load']} |"
+                f"{row['ece']:.4f} | {row['pool_perplexity']:.2f} | "
+                f"{row['pool_perplexity'] / single['pool_perplexity']:.3f} | {row['pool_ece']:.4f} | {oob} | "
+                f"{row.get('weights', '-')} | {row['seconds_per_step']:.3f} | {row['load']} |"
             )
         lines.append("")
     if not options.skip_classifier:
@@ -431,16 +482,20 @@ def main() -> None:
         results["classifier"] = cls
         lines += [
             f"### Classifier: which source a paragraph comes from (3 classes), {cls['train_examples']} training and "
-            f"{cls['held_out_examples']} held-out paragraphs",
+            f"{cls['held_out_examples']} held-out paragraphs from other documents (the eval files), "
+            f"{cls['pool_examples']} same-pool paragraphs (a random fifth of the training files' paragraphs per class, "
+            "held out of training)",
             "",
-            "| variant | held-out accuracy | held-out ECE | out-of-bag accuracy | member weights (errors) | seconds | load |",
-            "|---|---|---|---|---|---|---|",
+            "| variant | held-out accuracy | held-out ECE | same-pool accuracy | same-pool ECE | out-of-bag accuracy | "
+            "member weights (errors) | seconds | load |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in cls["rows"].items():
             oob = f"{row['oob_accuracy']:.3f}" if row.get("oob_accuracy") is not None else "-"
             weights = f"{row['weights']} ({row['errors']})" if "weights" in row else "-"
             lines.append(
-                f"| {name} | {row['accuracy']:.3f} | {row['ece']:.4f} | {oob} | {weights} | {row['seconds']:.0f} | "
+                f"| {name} | {row['accuracy']:.3f} | {row['ece']:.4f} | {row['pool_accuracy']:.3f} | "
+                f"{row['pool_ece']:.4f} | {oob} | {weights} | {row['seconds']:.0f} | "
                 f"{row['load']} |"
             )
         staged = cls["staged"] or {"train": [], "held_out": []}
@@ -448,11 +503,13 @@ def main() -> None:
             "",
             "SAMME staged accuracy after each member:",
             "",
-            "| members | train | held-out |",
-            "|---|---|---|",
+            "| members | train | held-out (other documents) | same-pool |",
+            "|---|---|---|---|",
         ]
-        for index, (train_score, held) in enumerate(zip(staged["train"], staged["held_out"], strict=False)):
-            lines.append(f"| {index + 1} | {train_score:.3f} | {held:.3f} |")
+        for index, (train_score, held, pool_score) in enumerate(
+            zip(staged["train"], staged["held_out"], staged.get("same_pool", []), strict=False)
+        ):
+            lines.append(f"| {index + 1} | {train_score:.3f} | {held:.3f} | {pool_score:.3f} |")
         png = RESULTS_DIR / "bagging_staged_samme.png"
         RESULTS_DIR.mkdir(exist_ok=True)
         if staged_plot(staged, png):

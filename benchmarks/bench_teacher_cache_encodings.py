@@ -58,6 +58,51 @@ TRAINED = (
 )
 
 
+# `--settings frontier`: quality against size, from today's k=64 down to the settings under 64 bytes/token (all trained)
+FRONTIER = {
+    "float16 k=64 (format 1)": dict(top_k=64, encoding="float16"),
+    "compact k=64 top_p=0.99 8-bit": dict(encoding="compact", top_k=64, top_p=0.99, logprob_bits=8),
+    "compact k=64 top_p=0.98 6-bit": dict(encoding="compact", top_k=64, top_p=0.98, logprob_bits=6),
+    "compact k=64 top_p=0.95 6-bit": dict(encoding="compact", top_k=64, top_p=0.95, logprob_bits=6),
+    "compact k=48 top_p=0.98 8-bit": dict(encoding="compact", top_k=48, top_p=0.98, logprob_bits=8),
+    "compact k=48 top_p=0.98 6-bit": dict(encoding="compact", top_k=48, top_p=0.98, logprob_bits=6),
+    "compact k=40 top_p=0.98 6-bit": dict(encoding="compact", top_k=40, top_p=0.98, logprob_bits=6),
+    "compact k=32 top_p=0.98 8-bit": dict(encoding="compact", top_k=32, top_p=0.98, logprob_bits=8),
+}
+
+
+def id_coding_bits(ids, logprobs, vocab_size: int, sizes=(16, 24, 32, 48, 64)) -> dict[int, dict[str, float]]:
+    """Bits per id of the `n` most probable ids of each position under Elias-Fano codes: the cache's (universe =
+    the vocabulary, low width `floor(log2(vocab / n))`), the best low width per position (+4 bits to store it), and
+    the best width over frequency ranks (ids renumbered by how often they are among the top-32 ids of the first half
+    of the positions; measured on the second half). What a frequency-ranked id code could save."""
+    import numpy as np
+
+    order = np.argsort(-logprobs, axis=1, kind="stable")
+    ids = np.take_along_axis(ids.astype(np.int64), order, 1)
+    half = ids.shape[0] // 2
+    frequency = np.bincount(ids[:half, :32].ravel(), minlength=vocab_size)
+    rank_of = np.empty(vocab_size, dtype=np.int64)
+    rank_of[np.argsort(-frequency, kind="stable")] = np.arange(vocab_size)
+
+    def elias_fano_bits(sorted_ids, low_width):
+        return sorted_ids.shape[1] * (low_width + 1) + (sorted_ids[:, -1] >> low_width)
+
+    out = {}
+    for n in sizes:
+        if n > ids.shape[1]:
+            continue
+        by_id = np.sort(ids[half:, :n], 1)
+        by_rank = np.sort(rank_of[ids[half:, :n]], 1)
+        widths = range(16)
+        out[n] = {
+            "vocabulary": float(elias_fano_bits(by_id, int(np.log2(vocab_size / n))).mean() / n),
+            "best_width": float(np.min([elias_fano_bits(by_id, w) for w in widths], 0).mean() / n + 4 / n),
+            "frequency_ranks": float(np.min([elias_fano_bits(by_rank, w) for w in widths], 0).mean() / n + 4 / n),
+        }
+    return out
+
+
 class _ReplayTeacher:
     """The real teacher's top-k log-probs per row, computed once, returned as logits with the same top-k
     log-softmax and the rest of the mass spread evenly (so every cache of the run holds the same distribution)."""
@@ -131,7 +176,15 @@ def main() -> None:
     parser.add_argument("--sample_rows", type=int, default=4, help="blocks for KL(full || sparse)")
     parser.add_argument("--repeats", type=int, default=3, help="timing repetitions (interleaved)")
     parser.add_argument("--work_dir", default=None)
+    parser.add_argument(
+        "--settings", choices=["encodings", "frontier"], default="encodings",
+        help="encodings: the encoding choices, 4 trained (results/teacher_cache_encodings.md); frontier: student "
+        "quality against size, every setting trained (results/teacher_cache_frontier.md)",
+    )  # fmt: skip
     options = parser.parse_args()
+    global SETTINGS, TRAINED
+    if options.settings == "frontier":
+        SETTINGS, TRAINED = FRONTIER, tuple(FRONTIER)
 
     import numpy as np
     import torch
@@ -186,6 +239,14 @@ def main() -> None:
         }
         print(label, sizes[label], flush=True)
     teacher_seconds = replay.forward_seconds
+    reference_cache = caches["float16 k=64 (format 1)"]
+    decoded = list(reference_cache.decoded_batches())
+    id_bits = id_coding_bits(
+        np.concatenate([ids.numpy() for ids, _ in decoded]),
+        np.concatenate([logprobs.numpy() for _, logprobs in decoded]),
+        teacher.config.vocab_size,
+    )
+    print("id bits:", id_bits, flush=True)
     print(f"teacher forward: {teacher_seconds:.1f} s for {options.blocks} blocks", flush=True)
 
     # ---- 3: write and read throughput ----
@@ -368,8 +429,16 @@ def main() -> None:
         "\nTargets (issue 25): <= 64 bytes/token for the default setting with held-out ppl within 1% of the float16 "
         "k=64 cache (3 seeds); training step <= 1.0x; reading >= 1M positions/s on 2 cores.\n"
     )
+    markdown += (
+        "\n**Id codes** (bits per id of each position's n most probable ids, float16 k=64 cache, second half of the "
+        "positions): the cache's Elias-Fano code over the vocabulary; with the best low width per position (+4 bits "
+        "to store it); over frequency ranks (ids renumbered by how often they are among the top-32 of the first "
+        "half).\n\n| n | vocabulary (the cache's) | best width | frequency ranks |\n|---|---|---|---|\n"
+    )
+    for n, bits in id_bits.items():
+        markdown += f"| {n} | {bits['vocabulary']:.2f} | {bits['best_width']:.2f} | {bits['frequency_ranks']:.2f} |\n"
     write_result(
-        "teacher_cache_encodings",
+        "teacher_cache_encodings" if options.settings == "encodings" else "teacher_cache_frontier",
         markdown,
         {
             "sizes": sizes,
@@ -381,6 +450,7 @@ def main() -> None:
             "num_positions": num_positions,
             "teacher_forward_seconds": teacher_seconds,
             "options": vars(options),
+            "id_coding_bits": id_bits,
         },
     )
 

@@ -348,18 +348,18 @@ class CacheTeacherScriptArguments(DataArguments):
         default="float16",
         metadata={
             "help": "'float16' (format 1: all top_k float16 log-probs, 4 bytes per entry) or 'compact' (format 2: "
-            "adaptive k, quantised log-probs, Elias-Fano ids; 0.62x of 'float16' at its defaults).",
+            "adaptive k, quantised log-probs, Elias-Fano ids; 0.47x of 'float16' at its defaults).",
             "choices": ["compact", "float16"],
         },
     )
     top_p: float | None = field(
         default=None,
         metadata={
-            "help": "compact: keep per position the fewest entries reaching this mass, in (0, 1] (default 1.0: all)."
+            "help": "compact: keep per position the fewest entries reaching this mass, in (0, 1] (default 0.98; 1.0: all)."
         },
     )
     logprob_bits: int | None = field(
-        default=None, metadata={"help": "compact: bits per stored log-prob: 8 (default), 6, 4 or 16 (float16)."}
+        default=None, metadata={"help": "compact: bits per stored log-prob: 6 (default), 8, 4 or 16 (float16)."}
     )
     compression: str | None = field(
         default=None, metadata={"help": "Arrow IPC compression of the shards: zstd or lz4 (loads into memory)."}

@@ -233,8 +233,8 @@ def test_round_trip_keeps_the_teachers_top_p_entries_within_the_bound(tmp_path, 
     teacher, tokenizer = sharp_teacher
     monkeypatch.setattr(cache_writer, "_FLUSH_BYTES", 1)  # one Arrow record batch per row: offsets across batches
     cache = cache_teacher_logits(
-        teacher, rows, tmp_path / "cache", top_k=16, top_p=0.9, batch_size=4, shard_size=5, tokenizer=tokenizer,
-        show_progress=False,
+        teacher, rows, tmp_path / "cache", top_k=16, top_p=0.9, logprob_bits=8, batch_size=4, shard_size=5,
+        tokenizer=tokenizer, show_progress=False,
     )  # fmt: skip
     assert cache.is_compact and cache.manifest["format_version"] == 2 and cache.manifest["top_p"] == 0.9
     assert cache.manifest["shards"][0]["num_entries"] > 0
@@ -262,8 +262,8 @@ def test_round_trip_keeps_the_teachers_top_p_entries_within_the_bound(tmp_path, 
 
     # compression changes the bytes on disk, not what is read
     zstd = cache_teacher_logits(
-        teacher, rows, tmp_path / "zstd", top_k=16, top_p=0.9, batch_size=4, shard_size=5, tokenizer=tokenizer,
-        show_progress=False, compression="zstd",
+        teacher, rows, tmp_path / "zstd", top_k=16, top_p=0.9, logprob_bits=8, batch_size=4, shard_size=5,
+        tokenizer=tokenizer, show_progress=False, compression="zstd",
     )  # fmt: skip
     for index in (0, 11):
         for key, value in cache.row(index).items():
@@ -449,3 +449,27 @@ def test_the_cache_teacher_command_takes_the_encoding_options(tiny_model_dirs, t
     cache = TeacherLogitsCache.load(tmp_path / "cache")
     assert (cache.manifest["encoding"], cache.manifest["top_p"], cache.logprob_bits) == ("compact", 0.5, 4)
     assert cache.manifest["compression"] == "lz4"
+
+
+def test_compact_defaults_are_the_benchmarks_choice(tmp_path, sharp_teacher, rows):
+    """Unset top_p / logprob_bits take the defaults chosen by the frontier benchmark: top_p 0.98, 6-bit codes, and
+    every stored log-prob is within the 6-bit step below the teacher's (never above)."""
+    teacher, tokenizer = sharp_teacher
+    cache = cache_teacher_logits(
+        teacher, rows.select(range(4)), tmp_path / "cache", top_k=16, encoding="compact", tokenizer=tokenizer,
+        show_progress=False,
+    )
+    assert (cache.manifest["top_p"], cache.logprob_bits) == (0.98, 6)
+    full = _reference(teacher, rows, [1])
+    row = cache.row(1)
+    kept = row[LOGPROBS_COLUMN] > PAD_LOGPROB
+    for position in range(row[IDS_COLUMN].shape[0]):
+        n = int(kept[position].sum())
+        values = full[0, position].topk(16).values
+        mass = values.double().exp().cumsum(0)
+        assert n == min(int((mass < 0.98).sum()) + 1, 16) or abs(float(mass[n - 1]) - 0.98) < 1e-3
+        true = full[0, position, row[IDS_COLUMN][position, :n]]
+        stored = row[LOGPROBS_COLUMN][position, :n]
+        # the step (top - smallest) / 62, plus the row source's float16 rounding toward -inf (<= 0.004 at |x| < 8)
+        step = (float(true.max()) - float(true.min())) / 62 + 0.01
+        assert (stored <= true + 1e-6).all() and float((true - stored).max()) < step

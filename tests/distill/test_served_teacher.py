@@ -452,13 +452,13 @@ def test_served_answers_in_a_compact_cache(teacher, smollm2_tokenizer, blocks, t
 
     native = cache_teacher_logits(
         teacher, blocks, tmp_path / "native", top_k=TOP_K, tokenizer=smollm2_tokenizer, encoding="compact",
-        show_progress=False,
+        top_p=1.0, logprob_bits=8, show_progress=False,
     )  # fmt: skip
     with ServedEngine(teacher, smollm2_tokenizer, style="echo", convention="next") as served:
         client = _fast(served.url, position_convention="next")
         cache = cache_teacher_logits(
             client, blocks, tmp_path / "served", top_k=TOP_K, tokenizer=smollm2_tokenizer, encoding="compact",
-            show_progress=False,
+            top_p=1.0, logprob_bits=8, show_progress=False,
         )  # fmt: skip
     assert cache.is_compact
     for index in range(3):

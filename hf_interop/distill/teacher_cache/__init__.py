@@ -18,10 +18,11 @@ output_dir/
   manifest.json          written last, by the main process, once every shard exists
 ```
 
-Encodings. `encoding="compact"` (the default, format version 2, `codec.py`): per position the fewest of the top-k
-entries reaching `top_p` of the mass (all by default), ids Elias-Fano coded, log-probs as 8-bit (or 6/4-bit) codes
-under a per-position scale, rounded down; 0.62x of the float16 size by default, 0.27x with `top_k=32, top_p=0.95`
-(`benchmarks/bench_teacher_cache_encodings.py`), decoded in `collate`. `encoding="float16"` (format version 1) is described below; both load, any other version is
+Encodings. `encoding="compact"` (opt-in, format version 2, `codec.py`): per position the fewest of the top-k
+entries reaching `top_p` of the mass (0.98 by default), ids Elias-Fano coded, log-probs as 6-bit (or 8/4-bit) codes
+under a per-position scale, rounded down; 0.47x of the float16 size by default, 0.27x with `top_k=32, top_p=0.95`
+(`benchmarks/bench_teacher_cache_encodings.py`), decoded in `collate`. `encoding="float16"` (the default, format
+version 1) is described below; both load, any other version is
 refused. `manifest.json` and `cache_plan.json` record `format_version`, `encoding`, `top_p`, `logprob_bits`,
 `compression`.
 

@@ -32,12 +32,12 @@ ENCODINGS = ("compact", "float16")
 COMPRESSIONS = (None, "zstd", "lz4")
 # what a plan written before encodings existed (format version 1) means by the keys it lacks
 _LEGACY_PLAN_VALUES = {"encoding": "float16", "top_p": None, "logprob_bits": 16, "compression": None}
-# cache_teacher_logits' defaults for the compact encoding (chosen by benchmarks/bench_teacher_cache.py)
-# top_p 1.0 (keep all top_k): in the benchmark every setting small enough for <= 64 bytes/token (top_k 32 or 24 with
-# top_p 0.95) cost the student 2-16% of held-out perplexity, while 8-bit codes and Elias-Fano ids at top_k 64 left
-# KL(full || sparse) within 0.2% of float16's at 0.62x its size.
-DEFAULT_TOP_P = 1.0
-DEFAULT_LOGPROB_BITS = 8
+# cache_teacher_logits' defaults for the compact encoding, chosen by `bench_teacher_cache_encodings.py --settings
+# frontier` (results/teacher_cache_frontier.md): with top_k 64, top_p 0.98 and 6-bit codes the students' held-out
+# perplexity matched the float16 k=64 cache's (0.998x, 3 seeds) at 0.47x its size; top_p 1.0 with 8-bit codes took
+# 0.62x for the same quality, and every setting under 64 bytes/token cost 1.7-7% of perplexity.
+DEFAULT_TOP_P = 0.98
+DEFAULT_LOGPROB_BITS = 6
 IDS_COLUMN = "teacher_topk_ids"
 LOGPROBS_COLUMN = "teacher_topk_logprobs"
 TAIL_COLUMN = "teacher_tail_logprob"
@@ -485,8 +485,8 @@ def _checked_encoding(
         not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not (0 < top_p <= 1) or math.isnan(top_p)
     ):
         raise ValueError(
-            f"top_p must be a number in (0, 1], got {top_p!r}; 1.0 (the default) keeps all top_k, 0.95 the fewest "
-            "entries holding 95% of a position's probability."
+            f"top_p must be a number in (0, 1], got {top_p!r}; {DEFAULT_TOP_P} (the default) keeps the fewest "
+            "entries holding 98% of a position's probability, 1.0 all top_k."
         )
     from .codec import LOGPROB_BITS
 

@@ -378,17 +378,18 @@ def cache_teacher_logits(
             For a teacher URL: requests in flight at once.
         encoding (`str`, *optional*, defaults to `"float16"`):
             `"compact"` (format version 2, see `teacher_cache.codec`): per position the fewest of the top-k entries
-            whose probability reaches `top_p` (all of them by default), their ids Elias-Fano coded (about 11 bits each for SmolLM2's 49,152
-            tokens), their log-probs as `logprob_bits`-bit codes under a per-position scale, rounded so that no
+            whose probability reaches `top_p` (0.98 by default), their ids Elias-Fano coded (about 11 bits each for
+            SmolLM2's 49,152 tokens), their log-probs as `logprob_bits`-bit codes under a per-position scale, rounded so that no
             stored probability exceeds the teacher's. `"float16"`: format version 1 (`4 * top_k` bytes per
             position), as hf_interop wrote before encodings existed.
         top_p (`float`, *optional*):
             `"compact"` only: the probability mass a position's kept entries must reach (at most `top_k` entries
-            are kept); in (0, 1]. Defaults to 1.0: all `top_k` (`top_k=32, top_p=0.95` stores about 68 bytes per
-            token for SmolLM2, at some cost in the student's perplexity: `benchmarks/RESULTS.md`).
+            are kept); in (0, 1]. Defaults to 0.98 (with the default `top_k=64` and 6-bit codes, 0.47x the float16
+            cache's bytes for SmolLM2 at the same student perplexity; 1.0 keeps all `top_k`; `top_k=32, top_p=0.98`
+            stores about 75 bytes per token at 1.7% of perplexity: `benchmarks/results/teacher_cache_frontier.md`).
         logprob_bits (`int`, *optional*):
-            `"compact"` only: 8 (the default; error below the position's step `(top - smallest kept) / 254`), 4
-            (16 levels, coarse) or 16 (the float16 values themselves). `"float16"` stores 16.
+            `"compact"` only: 6 (the default; error below the position's step `(top - smallest kept) / 62`), 8
+            (step `/ 254`), 4 (16 levels, coarse) or 16 (the float16 values themselves). `"float16"` stores 16.
         compression (`str`, *optional*):
             Arrow IPC buffer compression of the shards: `"zstd"`, `"lz4"` or `None` (default). A compressed cache
             is decompressed into memory when it loads instead of being memory-mapped.
