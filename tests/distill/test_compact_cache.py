@@ -456,7 +456,12 @@ def test_compact_defaults_are_the_benchmarks_choice(tmp_path, sharp_teacher, row
     every stored log-prob is within the 6-bit step below the teacher's (never above)."""
     teacher, tokenizer = sharp_teacher
     cache = cache_teacher_logits(
-        teacher, rows.select(range(4)), tmp_path / "cache", top_k=16, encoding="compact", tokenizer=tokenizer,
+        teacher,
+        rows.select(range(4)),
+        tmp_path / "cache",
+        top_k=16,
+        encoding="compact",
+        tokenizer=tokenizer,
         show_progress=False,
     )
     assert (cache.manifest["top_p"], cache.logprob_bits) == (0.98, 6)
