@@ -53,7 +53,8 @@ class BoostingConfig(EnsembleTrainingConfig):
         boosting_learning_rate (`float`, *optional*, defaults to 1.0): SAMME's shrinkage of every member weight
             (scikit-learn's `learning_rate`; `learning_rate` here is the optimizer's). Lower needs more members.
         reweight_temperature (`float`, *optional*, defaults to 1.0): `"reweight"`: blocks get
-            `softmax(ensemble_loss / temperature)` weights (mean 1). Higher is closer to uniform.
+            `softmax(ensemble_loss / temperature)` weights (mean 1), the loss being the ensemble's mean NLL per target
+            token of the block (nats). Higher is closer to uniform.
         fit_weights_on_eval (`bool`, *optional*, defaults to `True`): causal LMs: fit member weights (reweight) or
             each new member's share (additive) on `eval_dataset`; without one, uniform weights / `1 / (m + 1)`.
     """
@@ -258,7 +259,9 @@ class BoostingTrainer(EnsembleMemberTrainer):
                 model = self._train_or_load(index, self._weighted_dataset(self.initial_sample_weight))
                 share = 1.0
             elif args.boosting == "reweight":
-                losses = self._ensemble_block_losses(list(range(index)))
+                # per target token, so the temperature is in nats per token whatever the block length (a summed
+                # 64-token NLL over temperature 1 put all the weight on one block and sent the member's loss to NaN)
+                losses = self._ensemble_block_losses(list(range(index))) / self._block_targets()
                 self.sample_weight_ = loss_reweighting(losses, args.reweight_temperature) / len(losses)
                 model = self._train_or_load(index, self._weighted_dataset(self.sample_weight_))
                 share = 1.0 / (index + 1)
@@ -284,6 +287,13 @@ class BoostingTrainer(EnsembleMemberTrainer):
             if args.boosting == "reweight" and self.eval_dataset is not None and args.fit_weights_on_eval:
                 self.estimator_weights_ = self._fit_mixture_weights(index)
             nll = float(np.sum(self._ensemble_block_losses(list(range(index + 1)))))
+            if not math.isfinite(nll):
+                raise FloatingPointError(
+                    f"boosting member {index} left the ensemble's training NLL at {nll}: the member diverged (its "
+                    f"weights hold NaN or inf). The earlier members stay saved in {self.members_dir}; delete "
+                    f"{self.member_dir(index)} and rerun with a lower learning_rate (or a higher reweight_temperature): "
+                    "the rerun resumes at this member."
+                )
             self.estimator_errors_.append(nll / max(1, self._num_train_targets()))
             self.staged_train_score_.append(math.exp(self.estimator_errors_[-1]))
             self._save_state()
@@ -292,7 +302,11 @@ class BoostingTrainer(EnsembleMemberTrainer):
         return self.load_member(index) if self.member_is_saved(index) else self.train_member(index, dataset)
 
     def _num_train_targets(self) -> int:
-        return int(sum(max(0, len(ids) - 1) for ids in self.train_dataset["input_ids"]))
+        return int(self._block_targets().sum())
+
+    def _block_targets(self) -> np.ndarray:
+        """Target tokens of every training block (at least 1, so a per-token mean is defined)."""
+        return np.asarray([max(1, len(ids) - 1) for ids in self.train_dataset["input_ids"]], dtype=np.float64)
 
     @torch.no_grad()
     def _ensemble_block_losses(self, indices: list[int]) -> np.ndarray:

@@ -1,9 +1,11 @@
 """The Trainer subclasses that train one member of a boosted ensemble.
 
 - :class:`SampleWeightedTrainer`: multiplies a `sample_weight` column into each example's loss (classifiers: the
-  example's cross-entropy; causal LMs: each target token of the example), normalised by the weight sum of the whole
-  optimizer batch (all gradient-accumulation steps, all processes), so one batch of 8 and four accumulation steps of
-  2 give the same gradient.
+  example's cross-entropy; causal LMs: each target token of the example), normalised by the item count of the whole
+  optimizer batch (all gradient-accumulation steps, all processes) times the training set's mean item weight, so one
+  batch of 8 and four accumulation steps of 2 give the same gradient, and every step is an unbiased estimate of the
+  weighted training objective `sum(w * loss) / sum(w)`: a batch of low-weight examples moves the model little (a
+  batch's own weight sum as the normaliser would give it a full step, and 0 / 0 for an all-zero batch).
 - :class:`AdditiveBoostingTrainer`: trains a new causal LM, the earlier members frozen, on the cross-entropy of their
   product-of-experts combination (:func:`~hf_interop.ensemble.boosting_math.additive_token_losses`).
 - :class:`WeightedExampleCollator`: pads token ids, labels and `sample_weight` for both tasks.
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from .boosting_math import additive_token_losses, weighted_loss
+from .boosting_math import additive_token_losses, check_sample_weight, weighted_loss
 
 TASKS = ("causal_lm", "sequence_classification")
 
@@ -72,8 +74,29 @@ def per_item_losses(
     return losses, row_weights.to(losses)[:, None] * mask
 
 
+def mean_item_weight(dataset: Any, task: str) -> float:
+    """The mean weight of the items of `dataset` (examples; causal LMs: target tokens, each with its example's
+    weight), 1.0 without a `sample_weight` column. Raises when the weights are not finite, negative or all zero."""
+    if dataset is None or "sample_weight" not in getattr(dataset, "column_names", ()):
+        return 1.0
+    import numpy as np
+
+    weights = check_sample_weight(dataset["sample_weight"], len(dataset), "train_dataset column 'sample_weight'")
+    if task == "causal_lm":
+        labels = dataset["labels"] if "labels" in dataset.column_names else None
+        if labels is None:
+            counts = np.asarray([max(0, len(ids) - 1) for ids in dataset["input_ids"]], dtype=np.float64)
+        else:
+            counts = np.asarray([sum(1 for t in row[1:] if t != -100) for row in labels], dtype=np.float64)
+        if counts.sum() <= 0:
+            raise ValueError("the training set holds no target token; causal-LM examples need >= 2 tokens.")
+        return float((weights * counts).sum() / counts.sum())
+    return float(weights.mean())
+
+
 class SampleWeightedTrainer(Trainer):
-    """A `Trainer` whose loss is `sum(w_i * loss_i) / sum(w_i)` over the whole optimizer batch.
+    """A `Trainer` whose optimizer step minimises `sum(w_i * loss_i) / (n * mean_w)` over the whole optimizer batch
+    (`n` items, `mean_w` the training set's mean item weight): in expectation the weighted training objective.
 
     Args:
         task (`str`, *optional*, defaults to `"sequence_classification"`): `"sequence_classification"` (one loss per
@@ -86,7 +109,8 @@ class SampleWeightedTrainer(Trainer):
             raise ValueError(f"task={task!r} must be one of {TASKS}.")
         self.task = task
         super().__init__(*args, **kwargs)
-        # The loss is already divided by the weight sum of every accumulation step; Trainer must not divide again.
+        self.mean_item_weight = mean_item_weight(self.train_dataset, task)
+        # The loss is already divided by the normaliser of every accumulation step; Trainer must not divide again.
         self.loss_is_scaled_for_ga = True
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -97,19 +121,19 @@ class SampleWeightedTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         # Overridden (private hook, the one Trainer consults for the loss normaliser of an optimizer step): the
-        # normaliser is the weight sum of the items of every batch of the step, summed over processes.
+        # normaliser is the item count of every batch of the step, summed over processes, times the training set's
+        # mean item weight (a count, so it never depends on which examples a batch drew, and is never zero).
         total = torch.zeros((), dtype=torch.float64)
         for batch in batch_samples:
             labels = batch["labels"]
-            weights = batch.get("sample_weight")
-            weights = torch.ones(labels.shape[0], dtype=torch.float64) if weights is None else weights.double().cpu()
             if self.task == "causal_lm":
-                weights = weights * (labels[:, 1:] != -100).sum(-1).double().cpu()
-            total += weights.sum()
+                total += (labels[:, 1:] != -100).sum().double().cpu()
+            else:
+                total += labels.shape[0]
         total = total.to(device)
         if self.args.world_size > 1:
             total = self.accelerator.gather(total.reshape(1)).sum()
-        return total
+        return (total * self.mean_item_weight).clamp_min(torch.finfo(torch.float64).tiny)
 
     def compute_loss(
         self,

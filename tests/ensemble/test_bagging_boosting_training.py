@@ -134,6 +134,47 @@ def test_sample_weights_change_the_loss_as_a_float64_reference(task, base_dir, l
     assert abs(unweighted.item() - loss.item()) > 1e-3  # the weights really reach the loss
 
 
+@pytest.mark.parametrize("task", ["sequence_classification", "causal_lm"])
+def test_a_training_step_is_normalised_by_the_training_sets_mean_weight(task, base_dir, labelled, blocks, tmp_path):
+    """The optimizer step's loss is sum(w * loss) / (items * the training set's mean item weight): a batch of
+    zero-weight examples gives exactly 0 (not 0 / 0 = NaN), a batch of light examples a small step (not a full one)."""
+    from transformers import AutoModelForCausalLM
+
+    data = (labelled if task == "sequence_classification" else blocks).select(range(8))
+    weights = [0.0, 0.0, 0.0, 0.0, 1e-30, 2.0, 4.0, 3.0]
+    data = data.add_column("sample_weight", weights)
+    model = (
+        _classifier(base_dir) if task == "sequence_classification" else AutoModelForCausalLM.from_pretrained(base_dir)
+    )
+    collator = WeightedExampleCollator(1, task)
+    trainer = SampleWeightedTrainer(
+        model=model, args=_args(BaggingConfig, tmp_path), data_collator=collator, task=task, train_dataset=data
+    )
+    items = [1.0] * 8 if task == "sequence_classification" else [len(data[i]["input_ids"]) - 1.0 for i in range(8)]
+    mean_weight = sum(w * n for w, n in zip(weights, items, strict=True)) / sum(items)
+    assert trainer.mean_item_weight == pytest.approx(mean_weight, rel=1e-12)
+    for rows in ([0, 1, 2, 3], [4, 5, 6, 7], [3, 4]):
+        batch = collator([data[i] for i in rows])
+        normaliser = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+        assert float(normaliser) == pytest.approx(sum(items[i] for i in rows) * mean_weight, rel=1e-12)
+        loss = trainer.compute_loss(model, dict(batch), num_items_in_batch=normaliser)
+        assert torch.isfinite(loss)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+        total = 0.0
+        for row, index in enumerate(rows):
+            if task == "sequence_classification":
+                total += weights[index] * -torch.log_softmax(logits[row], -1)[batch["labels"][row]].item()
+                continue
+            targets = batch["labels"][row, 1:]
+            picked = torch.log_softmax(logits[row, :-1], -1).gather(-1, targets.clamp_min(0)[:, None]).squeeze(-1)
+            total += weights[index] * -(picked * (targets != -100)).sum().item()
+        reference = total / (sum(items[i] for i in rows) * mean_weight)
+        assert loss.item() == pytest.approx(reference, rel=1e-5, abs=1e-12)
+        if rows == [0, 1, 2, 3]:
+            assert loss.item() == 0.0
+
+
 def test_one_batch_of_8_equals_4_accumulation_steps_of_2(base_dir, labelled, tmp_path):
     data = labelled.select(range(8)).add_column("sample_weight", [0.0, 1.0, 2.0, 0.5, 3.0, 1.0, 0.25, 1.0])
     results = []
@@ -371,6 +412,37 @@ def test_samme_stops_naming_the_round_of_a_member_no_better_than_chance(base_dir
     trainer.train()
     assert len(trainer.estimator_weights_) == 1 and "SAMME round 1" in trainer.stopped_early_
     assert "SAMME round 1" in (tmp_path / "b" / "README.md").read_text()
+
+
+def test_reweighting_uses_the_per_token_loss_and_a_diverged_member_is_named(base_dir, blocks, monkeypatch, tmp_path):
+    """The next member's block weights are softmax(per-token ensemble NLL / temperature) (a summed block NLL put all
+    the weight on one block); a member that leaves the training NLL non-finite stops boosting with its name, the
+    earlier members kept."""
+    from hf_interop.ensemble import boosting
+
+    args = _args(BoostingConfig, tmp_path / "r", boosting="reweight", n_estimators=2, fit_weights_on_eval=False)
+    trainer = BoostingTrainer(str(base_dir), args, blocks)
+    trainer.train()
+    losses = trainer._ensemble_block_losses([0]) / np.asarray([len(ids) - 1 for ids in blocks["input_ids"]])
+    expected = np.exp((losses - losses.max()) / args.reweight_temperature)
+    expected /= expected.sum()
+    np.testing.assert_allclose(trainer.sample_weight_, expected, rtol=1e-6)
+    assert trainer.sample_weight_.max() < 0.5  # no single block takes the member
+
+    calls = []
+    original = boosting.BoostingTrainer._ensemble_block_losses
+
+    def diverged(self, indices):
+        calls.append(indices)
+        losses = original(self, indices)
+        return losses * np.nan if len(indices) == 2 else losses
+
+    monkeypatch.setattr(boosting.BoostingTrainer, "_ensemble_block_losses", diverged)
+    failing = BoostingTrainer(str(base_dir), _args(BoostingConfig, tmp_path / "nan", boosting="reweight",
+                                                  n_estimators=2, fit_weights_on_eval=False), blocks)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"boosting member 1 left the ensemble's training NLL at nan"):
+        failing.train()
+    assert failing.member_is_saved(0) and not (tmp_path / "nan" / "config.json").exists()
 
 
 @pytest.mark.parametrize("method", ["reweight", "additive"])
