@@ -137,9 +137,10 @@ def weighted_loss(
 ) -> torch.Tensor:
     """`sum(item_weight * per_item_loss) / normaliser`, the weighted mean when `normaliser` is the weight sum.
 
-    Items are examples (classification) or target tokens carrying their example's weight (causal LMs). A trainer
-    passes the weight sum of the *whole* optimizer batch (every accumulation step, every process) as `normaliser`,
-    so the gradient does not depend on how that batch is split.
+    Items are examples (classification) or target tokens carrying their example's weight (causal LMs).
+    `SampleWeightedTrainer` passes the item count of the *whole* optimizer batch (every accumulation step, every
+    process) times the training set's mean item weight as `normaliser`, so the gradient does not depend on how that
+    batch is split and estimates the weighted objective of the whole training set.
     """
     weights = item_weight.to(per_item_loss.dtype)
     total = (weights * per_item_loss).sum()
