@@ -34,7 +34,7 @@ from .boosting_math import (
 )
 from .member_training import EnsembleMemberTrainer, EnsembleTrainingConfig, label_column
 from .resampling import check_n_estimators
-from .weighted_trainer import AdditiveBoostingTrainer
+from .weighted_trainer import AdditiveBoostingTrainer, target_counts
 
 logger = get_logger(__name__)
 
@@ -108,6 +108,7 @@ class BoostingTrainer(EnsembleMemberTrainer):
         self.estimator_weights_: list[float] = []
         self.estimator_errors_: list[float] = []
         self.staged_train_score_: list[float] = []
+        self._targets: np.ndarray | None = None  # target tokens per training block (causal LMs), read once
         self.stopped_early_: str | None = None
         self.sample_weight_ = self.initial_sample_weight.copy()
         # Each member's predicted classes on the training set (SAMME), for the staged training accuracy.
@@ -261,7 +262,7 @@ class BoostingTrainer(EnsembleMemberTrainer):
             elif args.boosting == "reweight":
                 # per target token, so the temperature is in nats per token whatever the block length (a summed
                 # 64-token NLL over temperature 1 put all the weight on one block and sent the member's loss to NaN)
-                losses = self._ensemble_block_losses(list(range(index))) / self._block_targets()
+                losses = self._ensemble_block_losses(list(range(index))) / np.maximum(self._block_targets(), 1.0)
                 self.sample_weight_ = loss_reweighting(losses, args.reweight_temperature) / len(losses)
                 model = self._train_or_load(index, self._weighted_dataset(self.sample_weight_))
                 share = 1.0 / (index + 1)
@@ -305,8 +306,10 @@ class BoostingTrainer(EnsembleMemberTrainer):
         return int(self._block_targets().sum())
 
     def _block_targets(self) -> np.ndarray:
-        """Target tokens of every training block (at least 1, so a per-token mean is defined)."""
-        return np.asarray([max(1, len(ids) - 1) for ids in self.train_dataset["input_ids"]], dtype=np.float64)
+        """Target tokens of every training block (`weighted_trainer.target_counts`), read once."""
+        if self._targets is None:
+            self._targets = target_counts(self.train_dataset)
+        return self._targets
 
     @torch.no_grad()
     def _ensemble_block_losses(self, indices: list[int]) -> np.ndarray:

@@ -74,20 +74,24 @@ def per_item_losses(
     return losses, row_weights.to(losses)[:, None] * mask
 
 
+def target_counts(dataset: Any):
+    """Target tokens of every causal-LM example (float64 array): its `labels` past the first that are not -100, or
+    `len(input_ids) - 1` without a labels column (what the collator and the losses count)."""
+    import numpy as np
+
+    if "labels" in dataset.column_names:
+        return np.asarray([sum(1 for t in row[1:] if t != -100) for row in dataset["labels"]], dtype=np.float64)
+    return np.asarray([max(0, len(ids) - 1) for ids in dataset["input_ids"]], dtype=np.float64)
+
+
 def mean_item_weight(dataset: Any, task: str) -> float:
     """The mean weight of the items of `dataset` (examples; causal LMs: target tokens, each with its example's
     weight), 1.0 without a `sample_weight` column. Raises when the weights are not finite, negative or all zero."""
     if dataset is None or "sample_weight" not in getattr(dataset, "column_names", ()):
         return 1.0
-    import numpy as np
-
     weights = check_sample_weight(dataset["sample_weight"], len(dataset), "train_dataset column 'sample_weight'")
     if task == "causal_lm":
-        labels = dataset["labels"] if "labels" in dataset.column_names else None
-        if labels is None:
-            counts = np.asarray([max(0, len(ids) - 1) for ids in dataset["input_ids"]], dtype=np.float64)
-        else:
-            counts = np.asarray([sum(1 for t in row[1:] if t != -100) for row in labels], dtype=np.float64)
+        counts = target_counts(dataset)
         if counts.sum() <= 0:
             raise ValueError("the training set holds no target token; causal-LM examples need >= 2 tokens.")
         return float((weights * counts).sum() / counts.sum())

@@ -379,8 +379,8 @@ def cache_teacher_logits(
         encoding (`str`, *optional*, defaults to `"float16"`):
             `"compact"` (format version 2, see `teacher_cache.codec`): per position the fewest of the top-k entries
             whose probability reaches `top_p` (0.98 by default), their ids Elias-Fano coded (about 11 bits each for
-            SmolLM2's 49,152 tokens), their log-probs as `logprob_bits`-bit codes under a per-position scale, rounded so that no
-            stored probability exceeds the teacher's. `"float16"`: format version 1 (`4 * top_k` bytes per
+            SmolLM2's 49,152 tokens), their log-probs as `logprob_bits`-bit codes under a per-position scale,
+            rounded so that no stored probability exceeds the teacher's. `"float16"`: format version 1 (`4 * top_k` bytes per
             position), as hf_interop wrote before encodings existed.
         top_p (`float`, *optional*):
             `"compact"` only: the probability mass a position's kept entries must reach (at most `top_k` entries
