@@ -71,6 +71,19 @@ FRONTIER = {
 }
 
 
+# `--settings sampled`: the sampled encoding (draw counts) beside today's format and the compact default; a sampled
+# setting's student of data-order seed s trains on the cache drawn with sample_seed s (so the 3 seeds also cover 3
+# draws of the cache)
+SAMPLED = {
+    "float16 k=64 (format 1)": dict(top_k=64, encoding="float16"),
+    "compact k=64 top_p=0.98 6-bit": dict(encoding="compact", top_k=64, top_p=0.98, logprob_bits=6),
+    "sampled k=64 32 draws": dict(encoding="sampled", top_k=64, sample_draws=32),
+    "sampled k=64 64 draws": dict(encoding="sampled", top_k=64, sample_draws=64),
+    "sampled k=64 96 draws": dict(encoding="sampled", top_k=64, sample_draws=96),
+    "sampled k=64 128 draws": dict(encoding="sampled", top_k=64, sample_draws=128),
+}
+
+
 def id_coding_bits(ids, logprobs, vocab_size: int, sizes=(16, 24, 32, 48, 64)) -> dict[int, dict[str, float]]:
     """Bits per id of the `n` most probable ids of each position under Elias-Fano codes: the cache's (universe =
     the vocabulary, low width `floor(log2(vocab / n))`), the best low width per position (+4 bits to store it), and
@@ -177,14 +190,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timing repetitions (interleaved)")
     parser.add_argument("--work_dir", default=None)
     parser.add_argument(
-        "--settings", choices=["encodings", "frontier"], default="encodings",
+        "--settings", choices=["encodings", "frontier", "sampled"], default="encodings",
         help="encodings: the encoding choices, 4 trained (results/teacher_cache_encodings.md); frontier: student "
-        "quality against size, every setting trained (results/teacher_cache_frontier.md)",
+        "quality against size, every setting trained (results/teacher_cache_frontier.md); sampled: the sampled "
+        "encoding's draws against float16 and the compact default (results/teacher_cache_sampled.md)",
     )  # fmt: skip
     options = parser.parse_args()
     global SETTINGS, TRAINED
-    if options.settings == "frontier":
-        SETTINGS, TRAINED = FRONTIER, tuple(FRONTIER)
+    if options.settings in ("frontier", "sampled"):
+        SETTINGS = FRONTIER if options.settings == "frontier" else SAMPLED
+        TRAINED = tuple(SETTINGS)
 
     import numpy as np
     import torch
@@ -238,6 +253,15 @@ def main() -> None:
             "kl_buckets": report["kl_buckets"],
         }
         print(label, sizes[label], flush=True)
+    # a sampled setting's other draws (sample_seed = the training seed), for the training runs
+    seed_caches = {}
+    for label, settings in SETTINGS.items():
+        for seed in options.seeds if settings.get("encoding") == "sampled" else ():
+            seed_caches[label, seed] = caches[label] if seed == 0 else cache_teacher_logits(
+                replay, train_rows, work_dir / f"cache_{list(SETTINGS).index(label)}_seed{seed}", batch_size=8,
+                shard_size=64, tokenizer=tokenizer, teacher_name_or_path=DEFAULT_TEACHER_HUB_ID, show_progress=False,
+                sample_seed=seed, **settings,
+            )  # fmt: skip
     teacher_seconds = replay.forward_seconds
     reference_cache = caches["float16 k=64 (format 1)"]
     decoded = list(reference_cache.decoded_batches())
@@ -345,7 +369,7 @@ def main() -> None:
 
             args = DistillationConfig(
                 output_dir=str(work_dir / "runs" / f"{seed}_{TRAINED.index(label)}"),
-                teacher_logits_path=str(caches[label].path),
+                teacher_logits_path=str(seed_caches.get((label, seed), caches[label]).path),
                 loss_type="forward_kl", kd_ratio=1.0, temperature=1.0,
                 max_steps=options.steps, per_device_train_batch_size=BATCH_SIZE,
                 learning_rate=options.learning_rate, lr_scheduler_type="constant", logging_steps=1,
@@ -377,7 +401,14 @@ def main() -> None:
         f"Teacher SmolLM2-135M-Instruct (float32, vocabulary 49,152), builtin corpus: {options.blocks} training blocks "
         f"of {BLOCK_SIZE} tokens ({num_tokens} tokens), every cache made from one teacher pass (top-{REPLAY_K} "
         "replayed). 2-core machine shared with other jobs (load from other engineers varies; ratios come from one "
-        "run, settings interleaved).\n\n"
+        "run, settings interleaved)."
+        + (
+            " Sampled settings: the student of data-order seed s trains on the cache drawn with sample_seed s (three "
+            "draws of the cache); sizes and throughput are sample_seed 0's."
+            if options.settings == "sampled"
+            else ""
+        )
+        + "\n\n"
         "**Size and fidelity.** Bytes of the whole cache folder per dataset token; kept = entries per position "
         "(mean; 10th/50th/90th percentile); KL(full‖sparse) = real teacher vs stored entries + tail spread evenly "
         f"(nats/position, {options.sample_rows} blocks); bucket KL = storage error only.\n\n"
@@ -438,7 +469,11 @@ def main() -> None:
     for n, bits in id_bits.items():
         markdown += f"| {n} | {bits['vocabulary']:.2f} | {bits['best_width']:.2f} | {bits['frequency_ranks']:.2f} |\n"
     write_result(
-        "teacher_cache_encodings" if options.settings == "encodings" else "teacher_cache_frontier",
+        {
+            "encodings": "teacher_cache_encodings",
+            "frontier": "teacher_cache_frontier",
+            "sampled": "teacher_cache_sampled",
+        }[options.settings],
         markdown,
         {
             "sizes": sizes,

@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--top_k", type=int, default=8)
     parser.add_argument("--batch_size", type=int, default=2)
     parser.add_argument("--shard_size", type=int, default=4)
+    parser.add_argument("--encoding", default="float16")
     args = parser.parse_args()
 
     # One thread everywhere, so every process computes bit-identical logits (the tests compare bytes).
@@ -59,6 +60,7 @@ def main() -> None:
         tokenizer=tokenizer,
         teacher_name_or_path="tiny-llama",
         show_progress=False,
+        encoding=args.encoding,
     )
 
 

@@ -347,9 +347,10 @@ class CacheTeacherScriptArguments(DataArguments):
     encoding: str = field(
         default="float16",
         metadata={
-            "help": "'float16' (format 1: all top_k float16 log-probs, 4 bytes per entry) or 'compact' (format 2: "
-            "adaptive k, quantised log-probs, Elias-Fano ids; 0.47x of 'float16' at its defaults).",
-            "choices": ["compact", "float16"],
+            "help": "'float16' (format 1: all top_k float16 log-probs, 4 bytes per entry), 'compact' (format 2: "
+            "adaptive k, quantised log-probs, Elias-Fano ids; 0.47x of 'float16' at its defaults) or 'sampled' "
+            "(format 3: counts of --sample_draws tokens drawn from the teacher per position, an unbiased estimate).",
+            "choices": ["compact", "float16", "sampled"],
         },
     )
     top_p: float | None = field(
@@ -364,6 +365,10 @@ class CacheTeacherScriptArguments(DataArguments):
     compression: str | None = field(
         default=None, metadata={"help": "Arrow IPC compression of the shards: zstd or lz4 (loads into memory)."}
     )
+    sample_draws: int | None = field(
+        default=None, metadata={"help": "sampled: tokens drawn per position, 1 to 65536 (default 64)."}
+    )
+    sample_seed: int | None = field(default=None, metadata={"help": "sampled: seed of the draws (default 0)."})
 
     def check(self) -> None:
         super().check()
@@ -386,7 +391,9 @@ class CacheTeacherScriptArguments(DataArguments):
             )
         from ..distill.teacher_cache.format import _checked_encoding
 
-        _checked_encoding(self.encoding, self.top_p, self.logprob_bits, self.compression)
+        _checked_encoding(
+            self.encoding, self.top_p, self.logprob_bits, self.compression, self.sample_draws, self.sample_seed
+        )
         check_model_argument("teacher_model_name_or_path", self.teacher_model_name_or_path)
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder the cache is written to.")

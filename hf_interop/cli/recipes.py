@@ -348,6 +348,8 @@ def run_cache_teacher(script_args: CacheTeacherScriptArguments) -> dict[str, Any
         top_p=script_args.top_p,
         logprob_bits=script_args.logprob_bits,
         compression=script_args.compression,
+        sample_draws=script_args.sample_draws,
+        sample_seed=script_args.sample_seed,
     )
     return {"output_dir": str(output_dir), "cache": cache, "num_rows": len(train_blocks)}
 

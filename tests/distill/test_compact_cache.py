@@ -334,7 +334,7 @@ def test_resume_after_a_crash_gives_the_same_compact_shards(tmp_path, sharp_teac
         ({"top_p": float("nan")}, r"top_p must be a number in \(0, 1\], got nan"),
         ({"logprob_bits": 5}, r"logprob_bits must be one of \(4, 6, 8, 16\) .*got 5"),
         ({"logprob_bits": True}, r"logprob_bits must be one of"),
-        ({"encoding": "zip"}, r"encoding must be one of \('compact', 'float16'\), got 'zip'"),
+        ({"encoding": "zip"}, r"encoding must be one of \('compact', 'float16', 'sampled'\), got 'zip'"),
         ({"compression": "gzip"}, r"compression must be one of \(None, 'zstd', 'lz4'\), got 'gzip'"),
         ({"encoding": "float16", "top_p": 0.9}, r"encoding='float16' stores all top_k .*top_p=0.9"),
         ({"top_k": 513, "top_p": 0.9}, r"top_k=513 is larger than the teacher's vocabulary \(512\)"),
@@ -361,9 +361,9 @@ def test_an_unknown_format_version_is_refused_and_version_1_still_loads(tmp_path
     copy = tmp_path / "future"
     shutil.copytree(small_cache.path, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["format_version"] = 3
+    manifest["format_version"] = 4
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"has format_version 3 .*reads versions \[1, 2\]\. Upgrade hf_interop"):
+    with pytest.raises(ValueError, match=r"has format_version 4 .*reads versions \[1, 2, 3\]\. Upgrade hf_interop"):
         TeacherLogitsCache.load(copy)
 
     # a cache written before encodings existed: format 1, a plan without the encoding keys; it loads and resumes

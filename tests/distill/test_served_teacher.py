@@ -163,6 +163,19 @@ def test_served_cache_equals_the_in_process_cache_and_gives_the_same_loss(
     assert abs(float(loss_served) - float(loss_native)) <= 1e-6
 
 
+def test_a_sampled_cache_from_a_server_equals_the_in_process_one(engine, teacher, smollm2_tokenizer, blocks, tmp_path):
+    """The sampled encoding draws from the rows a server returns exactly as from an in-process teacher's (same rows,
+    same seed: the same draws)."""
+    kwargs = dict(top_k=TOP_K, tokenizer=smollm2_tokenizer, shard_size=5, show_progress=False, encoding="sampled",
+                  sample_draws=16)  # fmt: skip
+    served = cache_teacher_logits(engine.url, blocks, tmp_path / "served", **kwargs)
+    native = cache_teacher_logits(teacher, blocks, tmp_path / "native", **kwargs)
+    assert served.manifest["format_version"] == native.manifest["format_version"] == 3
+    for row in range(len(blocks)):
+        for name, value in native.row(row).items():
+            torch.testing.assert_close(served.row(row)[name], value, rtol=0, atol=0)
+
+
 def test_echo_server_cache_matches_where_it_answers(teacher, smollm2_tokenizer, blocks, tmp_path):
     native = cache_teacher_logits(
         teacher, blocks, tmp_path / "native", top_k=TOP_K, tokenizer=smollm2_tokenizer, show_progress=False

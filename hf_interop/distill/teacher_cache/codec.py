@@ -19,6 +19,17 @@ Pure numpy, vectorised over every position of a batch of rows; the writer encode
   part `id >> l` in unary (a one at `high + rank`), about `l + 2` bits per id where uint16 takes 16.
 
 Every byte stream is byte-aligned per row, so a row decodes on its own.
+
+The sampled encoding (format version 3) stores the same columns without the top and scale: per position,
+`sample_draws` (`N`) tokens are drawn from the row source's distribution (its top-k entries, the mass outside them
+being one more outcome, the tail), with a generator seeded by `(sample_seed, row index)` so a resumed or
+multi-process capture writes the same bytes; the distinct drawn ids are kept (Elias-Fano, as above) and, per kept
+id, its draw count `c` as the code `c - 1` in `bit_length(N - 1)` bits; the stored log-prob is `log(c / N)`. The
+stored probabilities are an unbiased estimate of the teacher's (`E[c / N] = p`), so the forward-KL gradient a
+student gets from them is unbiased too (the idea of Sparse Logit Sampling, Anshumann et al. 2025,
+https://huggingface.co/papers/2503.16870); the draws in the tail are the derived tail's mass. Unlike the compact
+encoding, a single stored probability may exceed the teacher's (it is an estimate); all of them plus the tail sum
+to 1.
 """
 
 from __future__ import annotations
@@ -39,14 +50,26 @@ HIGH_BITS_COLUMN = "teacher_topk_id_high_bits"
 LOGPROB_BITS = (4, 6, 8, 16)
 
 
-def compact_columns(logprob_bits: int) -> tuple[str, ...]:
-    """The stored columns of a format-2 cache, in order."""
-    scaled = (TOP_COLUMN, SCALE_COLUMN) if logprob_bits != 16 else ()
+def compact_columns(logprob_bits: int | None, sample_draws: int | None = None) -> tuple[str, ...]:
+    """The stored columns of a format-2 cache (or, with `sample_draws`, a sampled format-3 one), in order."""
+    scaled = (TOP_COLUMN, SCALE_COLUMN) if logprob_bits != 16 and sample_draws is None else ()
     return (COUNTS_COLUMN, *scaled, CODES_COLUMN, LOW_BITS_COLUMN, HIGH_BITS_COLUMN)
 
 
 def counts_dtype(top_k: int) -> np.dtype:
     return np.dtype(np.uint8) if top_k <= 255 else np.dtype(np.uint16)
+
+
+def count_code_bits(sample_draws: int) -> int:
+    """Bits of a sampled cache's count code `c - 1` (`1 <= c <= sample_draws`)."""
+    return max(1, (int(sample_draws) - 1).bit_length())
+
+
+def count_logprobs(sample_draws: int) -> np.ndarray:
+    """`log(c / sample_draws)` for the codes `c - 1 = 0 .. 2**bits - 1` (float32; codes past `sample_draws`, which
+    no writer produces, map to 0, and `decode_dense` refuses them)."""
+    counts = np.arange(1, 2 ** count_code_bits(sample_draws) + 1, dtype=np.float64)
+    return np.log(np.minimum(counts, sample_draws) / sample_draws).astype(np.float32)
 
 
 class DamagedCacheError(ValueError):
@@ -121,6 +144,36 @@ def kept_counts(logprobs: np.ndarray, top_p: float | None) -> np.ndarray:
     return np.minimum(reached, finite)
 
 
+def draw_counts(
+    logprobs: np.ndarray, positions_per_row: np.ndarray, sample_draws: int, sample_seed: int, first_row: int
+) -> np.ndarray:
+    """Per position, how often each of its entries comes up in `sample_draws` draws from its distribution.
+
+    `logprobs` `(P, k)` (float16 or float32, `-inf` = missing) are the rows' positions one after the other; the mass
+    the entries leave (`1 - sum p`, the tail) is one more outcome, whose draws are not returned. Row `r` (the
+    `first_row + r`-th of the cache) draws its uniforms from `numpy.random.default_rng((sample_seed, first_row + r))`,
+    so the counts depend only on the row, the seed and its entries (not on batching, sharding or processes).
+    Inverse-CDF sampling, vectorised over every position and draw at once. Returns `(P, k)` int64.
+    """
+    num_positions, width = logprobs.shape
+    cumulative = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=-1)  # exp(-inf) = 0: never drawn
+    uniforms = np.empty((num_positions, sample_draws), dtype=np.float64)
+    start = 0
+    for offset, positions in enumerate(positions_per_row.tolist()):
+        generator = np.random.default_rng((int(sample_seed), int(first_row) + offset))
+        uniforms[start : start + positions] = generator.random((positions, sample_draws))
+        start += positions
+    # a draw u lands on entry j when cumulative[j - 1] <= u < cumulative[j], past the last one in the tail (j = k).
+    # Position i's values are moved to [2i, 2i + 1] so one searchsorted serves every position: the count of values
+    # <= u + 2i is i * k (earlier positions) plus j.
+    lift = 2.0 * np.arange(num_positions, dtype=np.float64)[:, None]
+    found = np.searchsorted((cumulative + lift).reshape(-1), (uniforms + lift).reshape(-1), side="right")
+    landed = found.reshape(num_positions, sample_draws) - width * np.arange(num_positions)[:, None]
+    slots = (landed + (width + 1) * np.arange(num_positions)[:, None]).reshape(-1)
+    counts = np.bincount(slots, minlength=num_positions * (width + 1)).reshape(num_positions, width + 1)
+    return counts[:, :width].astype(np.int64, copy=False)
+
+
 def _float16_up(values: np.ndarray) -> np.ndarray:
     """`values` (>= 0) as float16, rounded toward +inf."""
     half = values.astype(np.float16)
@@ -129,11 +182,20 @@ def _float16_up(values: np.ndarray) -> np.ndarray:
 
 
 def encode_rows(
-    rows: list[tuple[Any, Any]], top_p: float | None, logprob_bits: int, vocab_size: int, top_k: int
+    rows: list[tuple[Any, Any]],
+    top_p: float | None,
+    logprob_bits: int | None,
+    vocab_size: int,
+    top_k: int,
+    sample_draws: int | None = None,
+    sample_seed: int = 0,
+    first_row: int = 0,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Encode rows `(ids (P, k), logprobs (P, k) float16 <= 0, -inf = missing)`.
 
-    Returns, per stored column, `(row offsets (rows + 1,) int64, flat values)`.
+    With `sample_draws`, the sampled encoding (`top_p` and `logprob_bits` unused; `first_row` is the index of
+    `rows[0]` in the cache, which seeds its draws with `sample_seed`). Returns, per stored column, `(row offsets
+    (rows + 1,) int64, flat values)`.
     """
     positions_per_row = np.asarray([ids.shape[0] for ids, _ in rows], dtype=np.int64)
     width = max(ids.shape[1] for ids, _ in rows)
@@ -150,8 +212,14 @@ def encode_rows(
     order = np.argsort(-logprobs.astype(np.float32), axis=-1, kind="stable")
     logprobs = np.take_along_axis(logprobs, order, axis=-1)
     ids = np.take_along_axis(ids, order, axis=-1)
-    counts = kept_counts(logprobs, top_p)
-    kept = np.arange(width)[None, :] < counts[:, None]
+    draws = None
+    if sample_draws is None:
+        counts = kept_counts(logprobs, top_p)
+        kept = np.arange(width)[None, :] < counts[:, None]
+    else:
+        draws = draw_counts(logprobs, positions_per_row, sample_draws, sample_seed, first_row)
+        kept = draws > 0
+        counts = kept.sum(-1)
     if kept.any() and int(ids[kept].max()) >= vocab_size:
         raise ValueError(f"a row source gave token id {int(ids[kept].max())} >= vocab_size {vocab_size}.")
     # kept entries in increasing id order (what the Elias-Fano code needs); the rest after them
@@ -159,6 +227,9 @@ def encode_rows(
     order = np.argsort(sort_key, axis=-1, kind="stable")
     ids = np.take_along_axis(ids, order, axis=-1)
     logprobs = np.take_along_axis(logprobs, order, axis=-1)
+    kept = np.arange(width)[None, :] < counts[:, None]
+    if draws is not None:
+        draws = np.take_along_axis(draws, order, axis=-1)
     if kept.any() and (np.diff(np.where(kept, ids, vocab_size + np.arange(width)), axis=-1) == 0).any():
         raise ValueError("a row source gave the same token id twice at one position; ids must be distinct.")
 
@@ -172,7 +243,12 @@ def encode_rows(
     position_of_entry = np.repeat(np.arange(counts.shape[0]), counts)
 
     # ---- log-probs ----
-    if logprob_bits == 16:
+    if draws is not None:  # draw counts c as codes c - 1
+        code = draws[kept] - 1
+        widths = np.full(code.shape[0], count_code_bits(sample_draws), dtype=np.int64)
+        offsets, row_bytes = _row_aligned_offsets(widths, entries_per_row)
+        columns[CODES_COLUMN] = (row_bytes, _pack(code, widths, offsets, int(row_bytes[-1])))
+    elif logprob_bits == 16:
         codes = flat_logprobs.astype(np.float16).view(np.uint8)
         columns[CODES_COLUMN] = (_exclusive_cumsum(entries_per_row * 2), codes)
     else:
@@ -235,12 +311,14 @@ def _low_width(counts: np.ndarray, vocab_size: int) -> np.ndarray:
 
 def decode_dense(
     columns: dict[str, tuple[np.ndarray, np.ndarray]],
-    logprob_bits: int,
+    logprob_bits: int | None,
     vocab_size: int,
     width: int | None = None,
     fill_logprob: float = -np.inf,
+    sample_draws: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Decode rows encoded by :func:`encode_rows` (per column: row offsets `(rows + 1,)` and flat values).
+    """Decode rows encoded by :func:`encode_rows` (per column: row offsets `(rows + 1,)` and flat values; for a
+    sampled cache `sample_draws` and no `logprob_bits`).
 
     Returns `(counts (P,) int64, ids (P, width) int64, logprobs (P, width) float32)` for the `P` positions of the
     rows, one after the other. Position `p`'s kept entries come first, in increasing id order; its other slots
@@ -297,7 +375,15 @@ def decode_dense(
     # ---- log-probs ----
     code_offsets, codes = columns[CODES_COLUMN]
     codes = codes.astype(np.uint8, copy=False)
-    if logprob_bits == 16:
+    if sample_draws is not None:
+        bits = count_code_bits(sample_draws)
+        if not np.array_equal(np.diff(code_offsets), (entries_per_row * bits + 7) // 8):
+            raise DamagedCacheError("the draw-count code stream has another length than the counts give")
+        code = _unpack_codes(codes, code_offsets, entry_starts, row_first_position, row_of_position, counts, bits)
+        if num_entries and int(code.max()) >= sample_draws:
+            raise DamagedCacheError(f"a draw count exceeds the cache's sample_draws {sample_draws}")
+        logprobs = count_logprobs(sample_draws)[code]
+    elif logprob_bits == 16:
         if not np.array_equal(np.diff(code_offsets), 2 * entries_per_row):
             raise DamagedCacheError("the log-prob stream has another length than the counts give")
         logprobs = codes.view(np.float16).astype(np.float32)
@@ -308,15 +394,9 @@ def decode_dense(
             expected = (entries_per_row * logprob_bits + 7) // 8
         if not np.array_equal(np.diff(code_offsets), expected):
             raise DamagedCacheError("the log-prob code stream has another length than the counts give")
-        if logprob_bits == 8:
-            code = codes
-        else:
-            # rows byte-aligned: entry e's code starts at bit 8 * row start + bits * (e - row's first entry)
-            row_of_entry = np.repeat(row_of_position, counts)
-            code_bit_offsets = (code_offsets[:-1] * 8 - entry_starts[row_first_position] * logprob_bits)[
-                row_of_entry
-            ] + entry_index * logprob_bits
-            code = _unpack_short(codes, code_bit_offsets, logprob_bits)
+        code = _unpack_codes(
+            codes, code_offsets, entry_starts, row_first_position, row_of_position, counts, logprob_bits
+        )
         top = np.repeat(columns[TOP_COLUMN][1].astype(np.float32), counts)
         scale = np.repeat(columns[SCALE_COLUMN][1].astype(np.float32), counts)
         logprobs = top - code.astype(np.float32) * scale
@@ -331,6 +411,25 @@ def decode_dense(
     dense_logprobs = np.full(num_positions * width, fill_logprob, dtype=np.float32)
     dense_logprobs[flat_index] = logprobs
     return counts, dense_ids.reshape(num_positions, width), dense_logprobs.reshape(num_positions, width)
+
+
+def _unpack_codes(
+    codes: np.ndarray,
+    code_offsets: np.ndarray,
+    entry_starts: np.ndarray,
+    row_first_position: np.ndarray,
+    row_of_position: np.ndarray,
+    counts: np.ndarray,
+    bits: int,
+) -> np.ndarray:
+    """Every entry's `bits`-bit code from a stream whose rows start on a byte."""
+    if bits == 8:
+        return codes
+    # entry e's code starts at bit 8 * (its row's first byte) + bits * (e - its row's first entry)
+    row_of_entry = np.repeat(row_of_position, counts)
+    entry_index = np.arange(int(entry_starts[-1]), dtype=np.int64)
+    row_base = code_offsets[:-1] * 8 - entry_starts[row_first_position] * bits
+    return _unpack_short(codes, row_base[row_of_entry] + entry_index * bits, bits)
 
 
 def _unpack_short(buffer: np.ndarray, bit_offsets: np.ndarray, widths: np.ndarray | int) -> np.ndarray:

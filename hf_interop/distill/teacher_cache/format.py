@@ -23,21 +23,35 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 # 1: float16 log-probs and uint16/int32 ids, `top_k` per position (`encoding="float16"`); 2: the compact encoding of
-# `codec.py` (`encoding="compact"`, adaptive k, quantised log-probs, Elias-Fano ids). A reader refuses any other.
+# `codec.py` (`encoding="compact"`, adaptive k, quantised log-probs, Elias-Fano ids); 3: `codec.py`'s sampled encoding
+# (`encoding="sampled"`: draw counts of `sample_draws` draws, Elias-Fano ids). A reader refuses any other.
 FLOAT16_FORMAT_VERSION = 1
 COMPACT_FORMAT_VERSION = 2
-CACHE_FORMAT_VERSION = COMPACT_FORMAT_VERSION
-READABLE_FORMAT_VERSIONS = (FLOAT16_FORMAT_VERSION, COMPACT_FORMAT_VERSION)
-ENCODINGS = ("compact", "float16")
+SAMPLED_FORMAT_VERSION = 3
+CACHE_FORMAT_VERSION = SAMPLED_FORMAT_VERSION
+READABLE_FORMAT_VERSIONS = (FLOAT16_FORMAT_VERSION, COMPACT_FORMAT_VERSION, SAMPLED_FORMAT_VERSION)
+ENCODED_FORMAT_VERSIONS = (COMPACT_FORMAT_VERSION, SAMPLED_FORMAT_VERSION)  # decoded by codec.decode_dense
+ENCODINGS = ("compact", "float16", "sampled")
 COMPRESSIONS = (None, "zstd", "lz4")
-# what a plan written before encodings existed (format version 1) means by the keys it lacks
-_LEGACY_PLAN_VALUES = {"encoding": "float16", "top_p": None, "logprob_bits": 16, "compression": None}
+# what a plan written before encodings existed (format version 1) means by the keys it lacks; a format-2 plan lacks
+# the sampling keys
+_LEGACY_PLAN_VALUES = {
+    "encoding": "float16",
+    "top_p": None,
+    "logprob_bits": 16,
+    "compression": None,
+    "sample_draws": None,
+    "sample_seed": None,
+}
 # cache_teacher_logits' defaults for the compact encoding, chosen by `bench_teacher_cache_encodings.py --settings
 # frontier` (results/teacher_cache_frontier.md): with top_k 64, top_p 0.98 and 6-bit codes the students' held-out
 # perplexity matched the float16 k=64 cache's (0.998x, 3 seeds) at 0.47x its size; top_p 1.0 with 8-bit codes took
 # 0.62x for the same quality, and every setting under 64 bytes/token cost 1.7-7% of perplexity.
 DEFAULT_TOP_P = 0.98
 DEFAULT_LOGPROB_BITS = 6
+# the sampled encoding's draws per position: PLACEHOLDER
+DEFAULT_SAMPLE_DRAWS = 64
+MAX_SAMPLE_DRAWS = 2**16
 IDS_COLUMN = "teacher_topk_ids"
 LOGPROBS_COLUMN = "teacher_topk_logprobs"
 TAIL_COLUMN = "teacher_tail_logprob"
@@ -373,11 +387,11 @@ def kept_entries(topk_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def _cache_format_version(encoding: str) -> int:
-    return COMPACT_FORMAT_VERSION if encoding == "compact" else FLOAT16_FORMAT_VERSION
+    return {"compact": COMPACT_FORMAT_VERSION, "sampled": SAMPLED_FORMAT_VERSION}.get(encoding, FLOAT16_FORMAT_VERSION)
 
 
-def _compact_schema(top_k: int, logprob_bits: int):
-    """Arrow schema of a format-2 shard: one list per row and stored column (see `codec.py`)."""
+def _compact_schema(top_k: int, logprob_bits: int | None, sample_draws: int | None = None):
+    """Arrow schema of a format-2 or -3 shard: one list per row and stored column (see `codec.py`)."""
     import pyarrow as pa
 
     from .codec import COUNTS_COLUMN, SCALE_COLUMN, TOP_COLUMN, compact_columns, counts_dtype
@@ -387,7 +401,9 @@ def _compact_schema(top_k: int, logprob_bits: int):
         TOP_COLUMN: pa.float16(),
         SCALE_COLUMN: pa.float16(),
     }
-    return pa.schema([(name, pa.large_list(types.get(name, pa.uint8()))) for name in compact_columns(logprob_bits)])
+    return pa.schema(
+        [(name, pa.large_list(types.get(name, pa.uint8()))) for name in compact_columns(logprob_bits, sample_draws)]
+    )
 
 
 def _cache_features(ids_dtype: str):
@@ -465,11 +481,21 @@ def _padded_batch(
 
 
 def _checked_encoding(
-    encoding: str, top_p: float | None, logprob_bits: int | None, compression: str | None
+    encoding: str,
+    top_p: float | None,
+    logprob_bits: int | None,
+    compression: str | None,
+    sample_draws: int | None = None,
+    sample_seed: int | None = None,
 ) -> dict[str, Any]:
     """The plan keys of the encoding (`None`: the encoding's default), checked before anything is loaded."""
     if encoding not in ENCODINGS:
         raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}; 'float16' is the default.")
+    if encoding != "sampled" and (sample_draws is not None or sample_seed is not None):
+        raise ValueError(
+            f"sample_draws={sample_draws!r} and sample_seed={sample_seed!r} apply to encoding='sampled' only; leave "
+            f"them unset with encoding={encoding!r}, or use encoding='sampled'."
+        )
     if encoding == "float16":
         if top_p not in (None, 1, 1.0) or logprob_bits not in (None, 16):
             raise ValueError(
@@ -478,6 +504,26 @@ def _checked_encoding(
                 "encoding='compact'."
             )
         top_p, logprob_bits = None, 16
+    elif encoding == "sampled":
+        if top_p is not None or logprob_bits is not None:
+            raise ValueError(
+                f"encoding='sampled' stores draw counts, not top-p entries or log-prob codes; top_p={top_p!r} and "
+                f"logprob_bits={logprob_bits!r} apply to encoding='compact'. Leave them unset (the size is set by "
+                "sample_draws), or use encoding='compact'."
+            )
+        sample_draws = DEFAULT_SAMPLE_DRAWS if sample_draws is None else sample_draws
+        sample_seed = 0 if sample_seed is None else sample_seed
+        if (
+            not isinstance(sample_draws, int)
+            or isinstance(sample_draws, bool)
+            or not (1 <= sample_draws <= MAX_SAMPLE_DRAWS)
+        ):
+            raise ValueError(
+                f"sample_draws must be an integer in [1, {MAX_SAMPLE_DRAWS}], got {sample_draws!r}; "
+                f"{DEFAULT_SAMPLE_DRAWS} (the default) draws {DEFAULT_SAMPLE_DRAWS} tokens per position."
+            )
+        if not isinstance(sample_seed, int) or isinstance(sample_seed, bool) or sample_seed < 0:
+            raise ValueError(f"sample_seed must be a non-negative integer, got {sample_seed!r}.")
     else:
         top_p = DEFAULT_TOP_P if top_p is None else top_p
         logprob_bits = DEFAULT_LOGPROB_BITS if logprob_bits is None else logprob_bits
@@ -490,7 +536,7 @@ def _checked_encoding(
         )
     from .codec import LOGPROB_BITS
 
-    if logprob_bits not in LOGPROB_BITS or isinstance(logprob_bits, bool):
+    if encoding != "sampled" and (logprob_bits not in LOGPROB_BITS or isinstance(logprob_bits, bool)):
         raise ValueError(
             f"logprob_bits must be one of {LOGPROB_BITS} (the log-prob code widths the cache format supports), got "
             f"{logprob_bits!r}; {DEFAULT_LOGPROB_BITS} is the default."
@@ -502,13 +548,16 @@ def _checked_encoding(
 
         if not pa.Codec.is_available(compression):
             raise ValueError(f"compression={compression!r} is not available in this pyarrow build; use None.")
-    return {
+    plan = {
         "format_version": _cache_format_version(encoding),
         "encoding": encoding,
         "top_p": None if top_p is None else float(top_p),
-        "logprob_bits": int(logprob_bits),
+        "logprob_bits": None if logprob_bits is None else int(logprob_bits),
         "compression": compression,
     }
+    if encoding == "sampled":  # (a format-1 or -2 plan has no such keys; resumes compare plans key by key)
+        plan.update(sample_draws=int(sample_draws), sample_seed=int(sample_seed))
+    return plan
 
 
 def _shard_encoding(plan: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from ...logging_utils import get_logger
 from .codec import COUNTS_COLUMN, DamagedCacheError, compact_columns, decode_dense
 from .format import (
-    COMPACT_FORMAT_VERSION,
+    ENCODED_FORMAT_VERSIONS,
     IDS_COLUMN,
     LOGPROBS_COLUMN,
     MANIFEST_FILE,
@@ -77,12 +77,21 @@ class TeacherLogitsCache:
 
     @property
     def is_compact(self) -> bool:
-        """Whether the cache uses the compact encoding (format version 2: adaptive k, quantised, Elias-Fano ids)."""
-        return int(self.manifest["format_version"]) == COMPACT_FORMAT_VERSION
+        """Whether the cache is encoded by `codec.py` (format version 2, compact: adaptive k, quantised log-probs,
+        Elias-Fano ids; or 3, sampled: draw counts, Elias-Fano ids), decoded per batch by :meth:`collate`."""
+        return int(self.manifest["format_version"]) in ENCODED_FORMAT_VERSIONS
 
     @property
-    def logprob_bits(self) -> int:
-        return int(self.manifest.get("logprob_bits", 16))
+    def logprob_bits(self) -> int | None:
+        """Bits per stored log-prob code (16: float16 values); `None` for a sampled cache (it stores counts)."""
+        value = self.manifest.get("logprob_bits", 16)
+        return None if value is None else int(value)
+
+    @property
+    def sample_draws(self) -> int | None:
+        """Draws per position of a sampled cache (`encoding="sampled"`), else `None`."""
+        value = self.manifest.get("sample_draws")
+        return None if value is None else int(value)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -162,7 +171,7 @@ class TeacherLogitsCache:
                     f"{part.column_names}, expected {shard['num_rows']} rows of {expected_columns}; "
                     f"{_recompute(path, shard)}."
                 )
-            if int(manifest["format_version"]) == COMPACT_FORMAT_VERSION:
+            if int(manifest["format_version"]) in ENCODED_FORMAT_VERSIONS:
                 _check_compact_counts(path, shard, part, int(manifest["top_k"]))
             parts.append(part)
         dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
@@ -391,7 +400,9 @@ class TeacherLogitsCache:
 
     def _decode(self, columns: dict[str, Any], width: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         try:
-            return decode_dense(columns, self.logprob_bits, self.vocab_size, width, PAD_LOGPROB)
+            return decode_dense(
+                columns, self.logprob_bits, self.vocab_size, width, PAD_LOGPROB, sample_draws=self.sample_draws
+            )
         except DamagedCacheError as error:
             raise ValueError(
                 f"cache {str(self.path)!r} is corrupt: a row does not decode ({error}). TeacherLogitsCache.load "
@@ -607,8 +618,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 
 
 def _stored_columns(manifest: dict[str, Any]) -> tuple[str, ...]:
-    if int(manifest["format_version"]) == COMPACT_FORMAT_VERSION:
-        return compact_columns(int(manifest["logprob_bits"]))
+    if int(manifest["format_version"]) in ENCODED_FORMAT_VERSIONS:
+        return compact_columns(manifest.get("logprob_bits"), manifest.get("sample_draws"))
     return (IDS_COLUMN, LOGPROBS_COLUMN)
 
 

@@ -76,6 +76,8 @@ _PLAN_KEYS = (
     "top_p",
     "logprob_bits",
     "compression",
+    "sample_draws",
+    "sample_seed",
 )
 
 
@@ -226,9 +228,9 @@ def _write_shard(
     import pyarrow as pa
 
     encoding = encoding or dict(_LEGACY_PLAN_VALUES)
-    compact = encoding["encoding"] == "compact"
+    compact = encoding["encoding"] in ("compact", "sampled")
     schema = (
-        _compact_schema(encoding["top_k"], encoding["logprob_bits"])
+        _compact_schema(encoding["top_k"], encoding["logprob_bits"], encoding["sample_draws"])
         if compact
         else _cache_features(ids_dtype).arrow_schema
     )
@@ -251,6 +253,9 @@ def _write_shard(
                         encoding["logprob_bits"],
                         encoding["vocab_size"],
                         encoding["top_k"],
+                        sample_draws=encoding["sample_draws"],
+                        sample_seed=encoding["sample_seed"] or 0,
+                        first_row=start + num_rows - len(buffered),  # the index of buffered[0] in the cache
                     )
                     columns = [
                         pa.LargeListArray.from_arrays(pa.array(offsets, type=pa.int64()), pa.array(values))
@@ -320,6 +325,8 @@ def cache_teacher_logits(
     top_p: float | None = None,
     logprob_bits: int | None = None,
     compression: str | None = None,
+    sample_draws: int | None = None,
+    sample_seed: int | None = None,
 ) -> TeacherLogitsCache:
     """Run a teacher once over a tokenized dataset and store its top-k next-token log-probabilities.
 
@@ -380,8 +387,14 @@ def cache_teacher_logits(
             `"compact"` (format version 2, see `teacher_cache.codec`): per position the fewest of the top-k entries
             whose probability reaches `top_p` (0.98 by default), their ids Elias-Fano coded (about 11 bits each for
             SmolLM2's 49,152 tokens), their log-probs as `logprob_bits`-bit codes under a per-position scale,
-            rounded so that no stored probability exceeds the teacher's. `"float16"`: format version 1 (`4 * top_k` bytes per
-            position), as hf_interop wrote before encodings existed.
+            rounded so that no stored probability exceeds the teacher's. `"sampled"` (format version 3): per
+            position `sample_draws` tokens drawn from the teacher's top-k distribution (the mass outside it being one
+            more outcome), the distinct drawn ids Elias-Fano coded and how often each was drawn; the stored
+            probabilities (count / draws) are an unbiased estimate of the teacher's, so the forward-KL gradient is
+            too (Sparse Logit Sampling, https://huggingface.co/papers/2503.16870). At 64 draws about 14 ids per
+            position for SmolLM2 on the builtin corpus: the smallest cache at the float16 cache's student
+            perplexity (`benchmarks/results/teacher_cache_frontier.md`). `"float16"`: format version 1 (`4 * top_k`
+            bytes per position), as hf_interop wrote before encodings existed.
         top_p (`float`, *optional*):
             `"compact"` only: the probability mass a position's kept entries must reach (at most `top_k` entries
             are kept); in (0, 1]. Defaults to 0.98 (with the default `top_k=64` and 6-bit codes, 0.47x the float16
@@ -393,6 +406,12 @@ def cache_teacher_logits(
         compression (`str`, *optional*):
             Arrow IPC buffer compression of the shards: `"zstd"`, `"lz4"` or `None` (default). A compressed cache
             is decompressed into memory when it loads instead of being memory-mapped.
+        sample_draws (`int`, *optional*):
+            `"sampled"` only: tokens drawn per position, 1 to 65,536 (default 64); a count takes
+            `bit_length(sample_draws - 1)` bits. More draws: a closer estimate and more distinct ids stored.
+        sample_seed (`int`, *optional*):
+            `"sampled"` only: seed of the draws (default 0). Row `r` draws from `numpy.random.default_rng((sample_seed,
+            r))`, so a resumed or multi-process capture writes the same bytes as a single uninterrupted one.
 
     Returns:
         :class:`TeacherLogitsCache`: the finished cache, loaded memory-mapped (on every process).
@@ -402,7 +421,7 @@ def cache_teacher_logits(
     output_dir, state_of_dir, vocab_size, lengths = _check_arguments(
         teacher, dataset, output_dir, top_k, temperature, batch_size, shard_size, teacher_revision
     )
-    encoding_plan = _checked_encoding(encoding, top_p, logprob_bits, compression)
+    encoding_plan = _checked_encoding(encoding, top_p, logprob_bits, compression, sample_draws, sample_seed)
 
     # ---- load the teacher (the first expensive step) ----
     # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
