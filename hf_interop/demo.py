@@ -40,7 +40,9 @@ class DemoSettings:
     block_size: int = field(default=128, metadata={"help": "Tokens per block."})
     num_train_blocks: int = field(default=160, metadata={"help": "Training blocks the teacher is cached on."})
     num_eval_blocks: int = field(default=32, metadata={"help": "Held-out (validation) blocks behind the table."})
-    top_k: int = field(default=32, metadata={"help": "Cached teacher log-probabilities per position."})
+    sample_draws: int = field(
+        default=64, metadata={"help": "Tokens drawn from the teacher per cached position (a sampled cache)."}
+    )
     student_num_layers: int = field(default=8, metadata={"help": "Teacher layers the student keeps (evenly spread)."})
     train_steps: int = field(
         default=40, metadata={"help": "Optimizer steps of each student run (CE-only, distilled)."}
@@ -220,12 +222,12 @@ def _cache_teacher(run: _DemoRun, teacher: Any) -> None:
     from .loading import DEFAULT_TEACHER_HUB_ID
 
     settings = run.settings
-    run.step(f"2. Caching the teacher's top-{settings.top_k} log-probabilities on {len(run.train)} training blocks")
+    run.step(f"2. Caching the teacher's next-token distributions on {len(run.train)} training blocks")
     cache_teacher_logits(
         teacher,
         run.train,
         run.cache_dir,
-        top_k=settings.top_k,
+        sample_draws=settings.sample_draws,
         batch_size=settings.eval_batch_size,
         tokenizer=run.tokenizer,
         teacher_name_or_path=DEFAULT_TEACHER_HUB_ID if settings.teacher is None else run.teacher_dir,

@@ -344,8 +344,8 @@ class CacheTeacherScriptArguments(DataArguments):
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata={"help": "With --teacher_url: environment variable holding the API key."}
     )
-    encoding: str = field(
-        default="float16",
+    encoding: str | None = field(
+        default=None,
         metadata={
             "help": "'float16' (format 1: all top_k float16 log-probs, 4 bytes per entry), 'compact' (format 2: "
             "adaptive k, quantised log-probs, Elias-Fano ids; 0.47x of 'float16' at its defaults) or 'sampled' "
@@ -366,7 +366,7 @@ class CacheTeacherScriptArguments(DataArguments):
         default=None, metadata={"help": "Arrow IPC compression of the shards: zstd or lz4 (loads into memory)."}
     )
     sample_draws: int | None = field(
-        default=None, metadata={"help": "sampled: tokens drawn per position, 1 to 65536 (default 64)."}
+        default=None, metadata={"help": "sampled: tokens drawn per position, 1 to 4096 (default 64)."}
     )
     sample_seed: int | None = field(default=None, metadata={"help": "sampled: seed of the draws (default 0)."})
 
@@ -392,8 +392,9 @@ class CacheTeacherScriptArguments(DataArguments):
         from ..distill.teacher_cache.format import _checked_encoding
 
         _checked_encoding(
-            self.encoding, self.top_p, self.logprob_bits, self.compression, self.sample_draws, self.sample_seed
-        )
+            self.encoding, self.top_p, self.logprob_bits, self.compression, self.sample_draws, self.sample_seed,
+            served=self.teacher_url is not None,
+        )  # fmt: skip
         check_model_argument("teacher_model_name_or_path", self.teacher_model_name_or_path)
         if not self.output_dir:
             raise ValueError("output_dir is required: the folder the cache is written to.")

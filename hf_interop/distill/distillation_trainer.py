@@ -254,6 +254,7 @@ class DistillationTrainer(Trainer):
         # every shard's sha256 is checked before training reads it (a changed byte would train on altered targets)
         self.teacher_cache = TeacherLogitsCache.load(args.teacher_logits_path, verify_checksums=True)
         self.teacher_cache.check_compatible(tokenizer=processing_class, dataset=train_dataset)
+        self.teacher_cache.check_loss(args.loss_type, args.temperature)
         if train_dataset is not None:
             train_dataset = self.teacher_cache.attach(train_dataset)
         manifest = self.teacher_cache.manifest

@@ -38,7 +38,7 @@ def tiny_demo(tmp_path_factory, tiny_model_dirs, corpus):
         block_size=32,
         num_train_blocks=16,
         num_eval_blocks=8,
-        top_k=8,
+        sample_draws=8,
         student_num_layers=1,
         train_steps=3,
         batch_size=4,

@@ -644,7 +644,7 @@ def test_teacher_logits_cache_replaces_the_teacher(tmp_path, corpus_tokenizer, t
     # to float16 storage (the compact encoding, read through its collate)
     teacher_cache.cache_teacher_logits(
         teacher, train_rows, tmp_path / "cache", top_k=vocab, tokenizer=corpus_tokenizer, show_progress=False,
-        top_p=1.0, logprob_bits=16,
+        encoding="compact", top_p=1.0, logprob_bits=16,
     )  # fmt: skip
     live = DistillationTrainer(
         model=make_student(corpus_tokenizer),
@@ -722,8 +722,9 @@ def test_bf16_runs_the_teacher_and_heads_under_autocast_and_keeps_the_loss(
 def test_sparse_tail_teacher_marginal_uses_the_cache_prior(tmp_path, corpus_tokenizer, teacher, train_rows):
     teacher_cache = pytest.importorskip("hf_interop.distill.teacher_cache")
     cache = teacher_cache.cache_teacher_logits(
-        teacher, train_rows, tmp_path / "cache", top_k=8, tokenizer=corpus_tokenizer, show_progress=False
-    )
+        teacher, train_rows, tmp_path / "cache", top_k=8, tokenizer=corpus_tokenizer, show_progress=False,
+        encoding="float16",
+    )  # fmt: skip
 
     def trainer_with(sparse_tail, chunk):
         return DistillationTrainer(

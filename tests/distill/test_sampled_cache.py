@@ -1,13 +1,15 @@
 """The sampled teacher cache (format version 3): per position, counts of `sample_draws` draws from the teacher.
 
-Checked against float64 references (the draws are an unbiased estimate of the teacher's top-k probabilities and the
-tail; a decoded row is exactly `log(count / draws)` over the drawn ids), for reproducibility (a row's draws depend on
+Checked against float64 references (the draws are an unbiased estimate of the teacher's probabilities: over its whole
+vocabulary in process, over a served teacher's top-k and the tail; a decoded row is exactly `log(count / draws)` over
+the drawn ids), for reproducibility (a row's draws depend on
 its index and the seed only, not on batching, shards, a crash and resume), end to end through
 `cache_teacher_logits` with training, and by its refusals: bad arguments before any forward, damaged counts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 
@@ -53,6 +55,26 @@ def test_draws_are_an_unbiased_estimate_of_the_entries_and_the_tail():
     assert (np.abs(estimate - probs) <= 5 * standard_error + 1e-12).all(), estimate
     tail = 1 - estimate.sum(-1)
     assert abs(tail[0] - 0.15) <= 5 * math.sqrt(0.15 * 0.85 / (draws * seeds)) and abs(tail[1]) < 1e-9
+
+
+def test_draws_from_logits_are_an_unbiased_estimate_over_the_whole_vocabulary():
+    """An in-process teacher's draws come from its whole softmax (at the cache's temperature): over many uniforms each
+    token's share of the draws is its probability, within 5 standard errors; counts sit at the first of each run."""
+    from hf_interop.distill.teacher_cache.sampling import draw_from_logits
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 50, generator=generator) * 2
+    logits[1, 7] = -float("inf")  # a token without mass
+    probs = torch.softmax(logits.double() / 1.5, -1).numpy()
+    draws = 20_000
+    ids, counts = draw_from_logits(logits, 1.5, np.random.default_rng(0).random((3, draws)))
+    assert ids.shape == counts.shape == (3, draws) and (np.diff(ids, axis=-1) >= 0).all()
+    assert (counts.sum(-1) == draws).all() and 7 not in ids[1][counts[1] > 0]
+    share = np.zeros_like(probs)
+    for position in range(3):
+        np.add.at(share[position], ids[position], counts[position])
+    share /= draws
+    assert (np.abs(share - probs) <= 5 * np.sqrt(probs * (1 - probs) / draws) + 1e-12).all()
 
 
 def test_a_rows_draws_depend_on_its_index_and_the_seed_only():
@@ -144,23 +166,28 @@ def test_a_sampled_cache_round_trips_resumes_and_trains(tmp_path, sharp_teacher,
         (straight.path / "manifest.json").unlink()
         cache_teacher_logits(teacher, rows, straight.path, shard_size=4, **{**kwargs, "sample_draws": 16})
 
-    # every stored id is among the teacher's top 16, each count a whole number of the 32 draws
+    # against a reference drawn naively, one position and one draw at a time, from the teacher's whole vocabulary
+    # (its float32 softmax, float64 edges): the same ids, each with log(count / 32), and no tail
     full = _reference(teacher, rows, [3])
     row = resumed.row(3)
     kept = row[LOGPROBS_COLUMN] > PAD_LOGPROB
     counts = torch.where(kept, row[LOGPROBS_COLUMN].double().exp() * 32, 0.0)
-    torch.testing.assert_close(counts, counts.round(), rtol=0, atol=1e-4)
-    for position in range(0, row[IDS_COLUMN].shape[0], 5):
-        top = set(full[0, position].topk(16).indices.tolist())
-        assert set(row[IDS_COLUMN][position][kept[position]].tolist()) <= top
-    torch.testing.assert_close(row[TAIL_COLUMN].double().exp(), 1 - counts.sum(-1) / 32, rtol=1e-5, atol=1e-6)
-    assert (
-        resumed.report(sample_rows=2)["bytes_on_disk"]
-        < 0.5
-        * cache_teacher_logits(
-            teacher, rows, tmp_path / "float16", top_k=16, batch_size=4, tokenizer=tokenizer, show_progress=False
-        ).report(sample_rows=2)["bytes_on_disk"]
+    uniforms = np.random.default_rng((0, 3)).random((row[IDS_COLUMN].shape[0], 32))
+    for position in range(row[IDS_COLUMN].shape[0]):
+        edges = np.cumsum(full[0, position].exp().double().numpy())
+        expected: dict[int, int] = {}
+        for u in uniforms[position]:
+            token = int(np.searchsorted(edges / edges[-1], u, side="right"))
+            expected[token] = expected.get(token, 0) + 1
+        got = row[IDS_COLUMN][position][kept[position]].tolist()
+        assert got == sorted(expected), position
+        assert counts[position][kept[position]].round().long().tolist() == [expected[token] for token in got]
+    assert float(row[TAIL_COLUMN].double().exp().max()) < 1e-6
+    # smaller than today's float16 cache at the default top_k=64
+    float16 = cache_teacher_logits(
+        teacher, rows, tmp_path / "float16", tokenizer=tokenizer, show_progress=False, encoding="float16"
     )
+    assert resumed.report(sample_rows=2)["bytes_on_disk"] < 0.3 * float16.report(sample_rows=2)["bytes_on_disk"]
 
     student, _ = load_causal_lm(tiny_model_dirs["qwen2"], dtype="float32")
     args = DistillationConfig(
@@ -168,6 +195,12 @@ def test_a_sampled_cache_round_trips_resumes_and_trains(tmp_path, sharp_teacher,
         kd_ratio=1.0, max_steps=2, per_device_train_batch_size=2, report_to="none", use_cpu=True,
         save_strategy="no", disable_tqdm=True, logging_steps=1,
     )  # fmt: skip
+    for change, named in (({"loss_type": "jsd"}, "loss_type='jsd'"), ({"temperature": 2.0}, "temperature=2.0")):
+        refused = dataclasses.replace(args, **change)
+        with pytest.raises(
+            ValueError, match=rf"is a sampled cache .*forward KL at that temperature only; got .*{named}"
+        ):
+            DistillationTrainer(model=student, args=refused, train_dataset=rows, processing_class=tokenizer)
     trainer = DistillationTrainer(model=student, args=args, train_dataset=rows, processing_class=tokenizer)
     trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -212,8 +245,8 @@ def test_two_processes_write_the_same_sampled_shards_as_one(tmp_path, tiny_model
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"sample_draws": 0}, r"sample_draws must be an integer in \[1, 65536\], got 0"),
-        ({"sample_draws": 70000}, r"sample_draws must be an integer in \[1, 65536\], got 70000"),
+        ({"sample_draws": 0}, r"sample_draws must be an integer in \[1, 4096\], got 0"),
+        ({"sample_draws": 5000}, r"sample_draws must be an integer in \[1, 4096\], got 5000"),
         ({"sample_draws": 2.5}, r"sample_draws must be an integer .*got 2.5"),
         ({"sample_draws": True}, r"sample_draws must be an integer .*got True"),
         ({"sample_seed": -1}, r"sample_seed must be a non-negative integer, got -1"),
@@ -253,7 +286,7 @@ def test_the_cache_teacher_command_writes_a_sampled_cache(tiny_model_dirs, tmp_p
     argv += ["--max_train_blocks", "4", "--eval_split", "none", "--disable_tqdm", "true", "--top_k", "8"]
     argv += ["--encoding", "sampled"]
     assert main([*argv, "--output_dir", str(tmp_path / "bad"), "--sample_draws", "0"]) == EXIT_BAD_INPUT
-    assert "sample_draws must be an integer in [1, 65536], got 0" in capsys.readouterr().err
+    assert "sample_draws must be an integer in [1, 4096], got 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     assert (
         main([*argv, "--output_dir", str(tmp_path / "cache"), "--sample_draws", "20", "--sample_seed", "4"]) == EXIT_OK

@@ -163,17 +163,33 @@ def test_served_cache_equals_the_in_process_cache_and_gives_the_same_loss(
     assert abs(float(loss_served) - float(loss_native)) <= 1e-6
 
 
-def test_a_sampled_cache_from_a_server_equals_the_in_process_one(engine, teacher, smollm2_tokenizer, blocks, tmp_path):
-    """The sampled encoding draws from the rows a server returns exactly as from an in-process teacher's (same rows,
-    same seed: the same draws)."""
-    kwargs = dict(top_k=TOP_K, tokenizer=smollm2_tokenizer, shard_size=5, show_progress=False, encoding="sampled",
-                  sample_draws=16)  # fmt: skip
-    served = cache_teacher_logits(engine.url, blocks, tmp_path / "served", **kwargs)
-    native = cache_teacher_logits(teacher, blocks, tmp_path / "native", **kwargs)
-    assert served.manifest["format_version"] == native.manifest["format_version"] == 3
+def test_a_sampled_cache_from_a_server_draws_from_its_top_k_and_the_tail(
+    engine, teacher, smollm2_tokenizer, blocks, tmp_path
+):
+    """A server gives its top-k only: the draws come from those entries and the mass they leave (the tail), exactly
+    as the codec draws from the same rows of an in-process float16 cache (same seed, same row indices)."""
+    from hf_interop.distill.teacher_cache import codec
+
+    served = cache_teacher_logits(
+        engine.url, blocks, tmp_path / "served", top_k=TOP_K, tokenizer=smollm2_tokenizer, shard_size=5,
+        show_progress=False, encoding="sampled", sample_draws=16,
+    )  # fmt: skip
+    native = cache_teacher_logits(
+        teacher, blocks, tmp_path / "native", top_k=TOP_K, tokenizer=smollm2_tokenizer, show_progress=False
+    )
+    assert served.manifest["format_version"] == 3 and served.sample_draws == 16
+    tails = []
     for row in range(len(blocks)):
-        for name, value in native.row(row).items():
-            torch.testing.assert_close(served.row(row)[name], value, rtol=0, atol=0)
+        reference = native.row(row)
+        rows = [(reference["teacher_topk_ids"].numpy(), reference["teacher_topk_logprobs"].numpy().astype("float16"))]
+        encoded = codec.encode_rows(rows, None, None, 49152, TOP_K, sample_draws=16, sample_seed=0, first_row=row)
+        counts, ids, logprobs = codec.decode_dense(encoded, None, 49152, 16, -1.0e4, sample_draws=16)
+        got = served.row(row)
+        width = got["teacher_topk_ids"].shape[-1]
+        assert torch.equal(got["teacher_topk_ids"], torch.from_numpy(ids[:, :width]))
+        assert torch.equal(got["teacher_topk_logprobs"], torch.from_numpy(logprobs[:, :width]))
+        tails.append(got["teacher_tail_logprob"].exp())
+    assert float(torch.cat(tails).max()) > 0.05  # some draws landed outside the top 8: the stored tail
 
 
 def test_echo_server_cache_matches_where_it_answers(teacher, smollm2_tokenizer, blocks, tmp_path):

@@ -15,7 +15,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_interop import TeacherLogitsCache, cache_teacher_logits, load_causal_lm
+from hf_interop import TeacherLogitsCache, load_causal_lm
+from hf_interop import cache_teacher_logits as _cache_teacher_logits
 from hf_interop.distill.teacher_cache import (
     IDS_COLUMN,
     LOGPROBS_COLUMN,
@@ -27,6 +28,13 @@ from hf_interop.distill.teacher_cache import (
     tokenizer_fingerprint,
 )
 from hf_interop.distill.teacher_cache import writer as cache_writer
+
+
+def cache_teacher_logits(*args, **kwargs):
+    """Format version 1 (float16) unless a test names another encoding: what this file tests."""
+    kwargs.setdefault("encoding", "float16")
+    return _cache_teacher_logits(*args, **kwargs)
+
 
 WORKER = Path(__file__).resolve().parents[1] / "cache_worker.py"  # tests/cache_worker.py
 ONE_FP16_STEP = 2.0**-10  # relative spacing of float16 values (10 mantissa bits)

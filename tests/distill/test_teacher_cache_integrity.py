@@ -16,8 +16,16 @@ import torch
 from helpers import build_tiny_causal_lm
 
 import hf_interop.utils
-from hf_interop import DistillationConfig, DistillationTrainer, TeacherLogitsCache, cache_teacher_logits, logging_utils
+from hf_interop import DistillationConfig, DistillationTrainer, TeacherLogitsCache, logging_utils
+from hf_interop import cache_teacher_logits as _cache_teacher_logits
 from hf_interop.distill.teacher_cache import IDS_COLUMN, LOGPROBS_COLUMN, teacher_fingerprint
+
+
+def cache_teacher_logits(*args, **kwargs):
+    """Format version 1 (float16) unless a test names another encoding: what this file tests."""
+    kwargs.setdefault("encoding", "float16")
+    return _cache_teacher_logits(*args, **kwargs)
+
 
 OVERWRITE_FIX = "Pass overwrite=True (CLI: --overwrite_output_dir) to replace it, or choose another folder."
 KWARGS = dict(top_k=8, batch_size=2, shard_size=4, show_progress=False)  # 24 rows: 6 shards of 2 forwards

@@ -7,8 +7,16 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_interop import TeacherLogitsCache, cache_teacher_logits, load_causal_lm
+from hf_interop import TeacherLogitsCache, load_causal_lm
+from hf_interop import cache_teacher_logits as _cache_teacher_logits
 from hf_interop.distill.teacher_cache import IDS_COLUMN, LOGPROBS_COLUMN, PAD_LOGPROB, TAIL_COLUMN
+
+
+def cache_teacher_logits(*args, **kwargs):
+    """Format version 1 (float16) unless a test names another encoding: what this file tests."""
+    kwargs.setdefault("encoding", "float16")
+    return _cache_teacher_logits(*args, **kwargs)
+
 
 TOP_K = 8
 

@@ -18,13 +18,16 @@ output_dir/
   manifest.json          written last, by the main process, once every shard exists
 ```
 
-Encodings. `encoding="compact"` (opt-in, format version 2, `codec.py`): per position the fewest of the top-k
-entries reaching `top_p` of the mass (0.98 by default), ids Elias-Fano coded, log-probs as 6-bit (or 8/4-bit) codes
-under a per-position scale, rounded down; 0.47x of the float16 size by default, 0.27x with `top_k=32, top_p=0.95`
-(`benchmarks/bench_teacher_cache_encodings.py`), decoded in `collate`. `encoding="float16"` (the default, format
-version 1) is described below; both load, any other version is
+Encodings. `encoding="sampled"` (format version 3, the default for an in-process teacher, `sampling.py` and
+`codec.py`): per position the distinct ids of `sample_draws` (64) draws from the teacher's whole distribution,
+Elias-Fano coded, with their counts; an unbiased estimate for forward KL at the cache's temperature (about 50 bytes
+per token for SmolLM2, `benchmarks/results/teacher_cache_sampled.md`). `encoding="compact"` (format version 2, the
+default for a served teacher, `codec.py`): per position the fewest of the top-k entries reaching `top_p` of the mass
+(0.98 by default), ids Elias-Fano coded, log-probs as 6-bit (or 8/4-bit) codes under a per-position scale, rounded
+down; 0.47x of the float16 size by default (`benchmarks/bench_teacher_cache_encodings.py`). Both are decoded in
+`collate`. `encoding="float16"` (format version 1) is described below; all three load, any other version is
 refused. `manifest.json` and `cache_plan.json` record `format_version`, `encoding`, `top_p`, `logprob_bits`,
-`compression`.
+`compression` (and `sample_draws`, `sample_seed`).
 
 Size (format version 1). Each row stores two flat lists of `(S - 1) * top_k` values (one list offset per row, none per token), so
 the payload is `4 * top_k` bytes per prediction (256 at k=64) and Arrow adds a few bytes per row. The tail

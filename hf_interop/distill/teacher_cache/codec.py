@@ -21,15 +21,13 @@ Pure numpy, vectorised over every position of a batch of rows; the writer encode
 Every byte stream is byte-aligned per row, so a row decodes on its own.
 
 The sampled encoding (format version 3) stores the same columns without the top and scale: per position,
-`sample_draws` (`N`) tokens are drawn from the row source's distribution (its top-k entries, the mass outside them
-being one more outcome, the tail), with a generator seeded by `(sample_seed, row index)` so a resumed or
-multi-process capture writes the same bytes; the distinct drawn ids are kept (Elias-Fano, as above) and, per kept
-id, its draw count `c` as the code `c - 1` in `bit_length(N - 1)` bits; the stored log-prob is `log(c / N)`. The
-stored probabilities are an unbiased estimate of the teacher's (`E[c / N] = p`), so the forward-KL gradient a
-student gets from them is unbiased too (the idea of Sparse Logit Sampling, Anshumann et al. 2025,
-https://huggingface.co/papers/2503.16870); the draws in the tail are the derived tail's mass. Unlike the compact
-encoding, a single stored probability may exceed the teacher's (it is an estimate); all of them plus the tail sum
-to 1.
+`sample_draws` (`N`) tokens are drawn from the teacher (`sampling.py`: an in-process teacher's whole vocabulary, a
+served teacher's top-k and the mass outside it), the distinct drawn ids are kept (Elias-Fano, as above) and, per
+kept id, its draw count `c` as the code `c - 1` in `bit_length(N - 1)` bits; the stored log-prob is `log(c / N)`.
+The stored probabilities are an unbiased estimate of the teacher's (`E[c / N] = p`), so the forward-KL gradient a
+student gets from them is unbiased too; draws outside a served teacher's top-k are the derived tail's mass. Unlike
+the compact encoding, a single stored probability may exceed the teacher's (it is an estimate); all of them plus
+the tail sum to 1.
 """
 
 from __future__ import annotations
@@ -37,6 +35,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from .sampling import draw_counts
 
 # `format.PAD_LOGPROB`: at or below it an entry holds no mass (format.py imports this module, so it is repeated here)
 _NO_MASS_LOGPROB = -1.0e4
@@ -54,6 +54,12 @@ def compact_columns(logprob_bits: int | None, sample_draws: int | None = None) -
     """The stored columns of a format-2 cache (or, with `sample_draws`, a sampled format-3 one), in order."""
     scaled = (TOP_COLUMN, SCALE_COLUMN) if logprob_bits != 16 and sample_draws is None else ()
     return (COUNTS_COLUMN, *scaled, CODES_COLUMN, LOW_BITS_COLUMN, HIGH_BITS_COLUMN)
+
+
+def max_entries(top_k: int, sample_draws: int | None) -> int:
+    """The most entries a position keeps: `top_k`, or for a sampled cache `sample_draws` (an in-process teacher's
+    draws come from its whole vocabulary)."""
+    return int(top_k) if sample_draws is None else int(sample_draws)
 
 
 def counts_dtype(top_k: int) -> np.dtype:
@@ -144,36 +150,6 @@ def kept_counts(logprobs: np.ndarray, top_p: float | None) -> np.ndarray:
     return np.minimum(reached, finite)
 
 
-def draw_counts(
-    logprobs: np.ndarray, positions_per_row: np.ndarray, sample_draws: int, sample_seed: int, first_row: int
-) -> np.ndarray:
-    """Per position, how often each of its entries comes up in `sample_draws` draws from its distribution.
-
-    `logprobs` `(P, k)` (float16 or float32, `-inf` = missing) are the rows' positions one after the other; the mass
-    the entries leave (`1 - sum p`, the tail) is one more outcome, whose draws are not returned. Row `r` (the
-    `first_row + r`-th of the cache) draws its uniforms from `numpy.random.default_rng((sample_seed, first_row + r))`,
-    so the counts depend only on the row, the seed and its entries (not on batching, sharding or processes).
-    Inverse-CDF sampling, vectorised over every position and draw at once. Returns `(P, k)` int64.
-    """
-    num_positions, width = logprobs.shape
-    cumulative = np.cumsum(np.exp(logprobs.astype(np.float64)), axis=-1)  # exp(-inf) = 0: never drawn
-    uniforms = np.empty((num_positions, sample_draws), dtype=np.float64)
-    start = 0
-    for offset, positions in enumerate(positions_per_row.tolist()):
-        generator = np.random.default_rng((int(sample_seed), int(first_row) + offset))
-        uniforms[start : start + positions] = generator.random((positions, sample_draws))
-        start += positions
-    # a draw u lands on entry j when cumulative[j - 1] <= u < cumulative[j], past the last one in the tail (j = k).
-    # Position i's values are moved to [2i, 2i + 1] so one searchsorted serves every position: the count of values
-    # <= u + 2i is i * k (earlier positions) plus j.
-    lift = 2.0 * np.arange(num_positions, dtype=np.float64)[:, None]
-    found = np.searchsorted((cumulative + lift).reshape(-1), (uniforms + lift).reshape(-1), side="right")
-    landed = found.reshape(num_positions, sample_draws) - width * np.arange(num_positions)[:, None]
-    slots = (landed + (width + 1) * np.arange(num_positions)[:, None]).reshape(-1)
-    counts = np.bincount(slots, minlength=num_positions * (width + 1)).reshape(num_positions, width + 1)
-    return counts[:, :width].astype(np.int64, copy=False)
-
-
 def _float16_up(values: np.ndarray) -> np.ndarray:
     """`values` (>= 0) as float16, rounded toward +inf."""
     half = values.astype(np.float16)
@@ -193,53 +169,63 @@ def encode_rows(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Encode rows `(ids (P, k), logprobs (P, k) float16 <= 0, -inf = missing)`.
 
-    With `sample_draws`, the sampled encoding (`top_p` and `logprob_bits` unused; `first_row` is the index of
-    `rows[0]` in the cache, which seeds its draws with `sample_seed`). Returns, per stored column, `(row offsets
-    (rows + 1,) int64, flat values)`.
+    With `sample_draws`, the sampled encoding (`top_p` and `logprob_bits` unused): rows of log-probs are drawn from
+    (`sampling.draw_counts`; `first_row` is the index of `rows[0]` in the cache, which seeds its draws with
+    `sample_seed`), and rows `(ids (P, w), counts (P, w) integer)` are already drawn (`sampling.draw_from_logits`:
+    the ids with a count > 0 are kept, each with its count). Returns, per stored column, `(row offsets (rows + 1,)
+    int64, flat values)`.
     """
     positions_per_row = np.asarray([ids.shape[0] for ids, _ in rows], dtype=np.int64)
     width = max(ids.shape[1] for ids, _ in rows)
+    predrawn = sample_draws is not None and np.issubdtype(np.asarray(rows[0][1]).dtype, np.integer)
     ids = np.zeros((int(positions_per_row.sum()), width), dtype=np.int64)
-    logprobs = np.full(ids.shape, -np.inf, dtype=np.float16)
+    values = np.zeros(ids.shape, dtype=np.int64) if predrawn else np.full(ids.shape, -np.inf, dtype=np.float16)
     start = 0
-    for row_ids, row_logprobs in rows:
+    for row_ids, row_values in rows:
         ids[start : start + row_ids.shape[0], : row_ids.shape[1]] = row_ids
-        logprobs[start : start + row_ids.shape[0], : row_ids.shape[1]] = row_logprobs
+        values[start : start + row_ids.shape[0], : row_ids.shape[1]] = row_values
         start += row_ids.shape[0]
-    # a NaN is no probability either, nor an entry at PAD_LOGPROB (-1e4: a served teacher's slot it could not fill)
-    logprobs = np.where(np.isnan(logprobs) | (logprobs <= _NO_MASS_LOGPROB), np.float16(-np.inf), logprobs)
-    # decreasing log-prob (the order top-p counts in), missing entries last
-    order = np.argsort(-logprobs.astype(np.float32), axis=-1, kind="stable")
-    logprobs = np.take_along_axis(logprobs, order, axis=-1)
-    ids = np.take_along_axis(ids, order, axis=-1)
     draws = None
-    if sample_draws is None:
-        counts = kept_counts(logprobs, top_p)
-        kept = np.arange(width)[None, :] < counts[:, None]
-    else:
-        draws = draw_counts(logprobs, positions_per_row, sample_draws, sample_seed, first_row)
+    if predrawn:
+        draws, logprobs = values, None
+        if (draws < 0).any() or (draws.sum(-1) > sample_draws).any():
+            raise ValueError(f"a row source gave draw counts that are negative or sum to more than {sample_draws}.")
         kept = draws > 0
         counts = kept.sum(-1)
+    else:
+        # a NaN is no probability either, nor an entry at PAD_LOGPROB (-1e4: a served teacher's unfilled slot)
+        logprobs = np.where(np.isnan(values) | (values <= _NO_MASS_LOGPROB), np.float16(-np.inf), values)
+        # decreasing log-prob (the order top-p counts in), missing entries last
+        order = np.argsort(-logprobs.astype(np.float32), axis=-1, kind="stable")
+        logprobs = np.take_along_axis(logprobs, order, axis=-1)
+        ids = np.take_along_axis(ids, order, axis=-1)
+        if sample_draws is None:
+            counts = kept_counts(logprobs, top_p)
+            kept = np.arange(width)[None, :] < counts[:, None]
+        else:
+            draws = draw_counts(logprobs, positions_per_row, sample_draws, sample_seed, first_row)
+            kept = draws > 0
+            counts = kept.sum(-1)
     if kept.any() and int(ids[kept].max()) >= vocab_size:
         raise ValueError(f"a row source gave token id {int(ids[kept].max())} >= vocab_size {vocab_size}.")
     # kept entries in increasing id order (what the Elias-Fano code needs); the rest after them
     sort_key = np.where(kept, ids, np.iinfo(np.int64).max)
     order = np.argsort(sort_key, axis=-1, kind="stable")
     ids = np.take_along_axis(ids, order, axis=-1)
-    logprobs = np.take_along_axis(logprobs, order, axis=-1)
     kept = np.arange(width)[None, :] < counts[:, None]
     if draws is not None:
         draws = np.take_along_axis(draws, order, axis=-1)
+    else:
+        logprobs = np.take_along_axis(logprobs, order, axis=-1)
     if kept.any() and (np.diff(np.where(kept, ids, vocab_size + np.arange(width)), axis=-1) == 0).any():
         raise ValueError("a row source gave the same token id twice at one position; ids must be distinct.")
 
     columns: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     position_offsets = _exclusive_cumsum(positions_per_row)
-    columns[COUNTS_COLUMN] = (position_offsets, counts.astype(counts_dtype(top_k)))
+    columns[COUNTS_COLUMN] = (position_offsets, counts.astype(counts_dtype(max_entries(top_k, sample_draws))))
     entry_starts = _exclusive_cumsum(counts)
     entries_per_row = entry_starts[position_offsets[1:]] - entry_starts[position_offsets[:-1]]
     flat_ids = ids[kept]
-    flat_logprobs = logprobs[kept]
     position_of_entry = np.repeat(np.arange(counts.shape[0]), counts)
 
     # ---- log-probs ----
@@ -249,7 +235,7 @@ def encode_rows(
         offsets, row_bytes = _row_aligned_offsets(widths, entries_per_row)
         columns[CODES_COLUMN] = (row_bytes, _pack(code, widths, offsets, int(row_bytes[-1])))
     elif logprob_bits == 16:
-        codes = flat_logprobs.astype(np.float16).view(np.uint8)
+        codes = logprobs[kept].astype(np.float16).view(np.uint8)
         columns[CODES_COLUMN] = (_exclusive_cumsum(entries_per_row * 2), codes)
     else:
         with np.errstate(invalid="ignore"):
@@ -261,7 +247,7 @@ def encode_rows(
         # one code to spare for the bump below, so the smallest kept value always has a code
         scale = _float16_up((top.astype(np.float64) - smallest) / (levels - 1))
         top32, scale32 = top.astype(np.float32)[position_of_entry], scale.astype(np.float32)[position_of_entry]
-        target = flat_logprobs.astype(np.float32)
+        target = logprobs[kept].astype(np.float32)
         with np.errstate(divide="ignore", invalid="ignore"):
             raw = np.ceil((top32.astype(np.float64) - target.astype(np.float64)) / scale32.astype(np.float64))
         code = np.where(scale32 > 0, raw, 0.0).clip(0, levels).astype(np.int64)

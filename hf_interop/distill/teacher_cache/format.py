@@ -51,7 +51,7 @@ DEFAULT_TOP_P = 0.98
 DEFAULT_LOGPROB_BITS = 6
 # the sampled encoding's draws per position: PLACEHOLDER
 DEFAULT_SAMPLE_DRAWS = 64
-MAX_SAMPLE_DRAWS = 2**16
+MAX_SAMPLE_DRAWS = 4096  # a row's draws are held as (positions, draws) int64 while it is encoded
 IDS_COLUMN = "teacher_topk_ids"
 LOGPROBS_COLUMN = "teacher_topk_logprobs"
 TAIL_COLUMN = "teacher_tail_logprob"
@@ -394,10 +394,10 @@ def _compact_schema(top_k: int, logprob_bits: int | None, sample_draws: int | No
     """Arrow schema of a format-2 or -3 shard: one list per row and stored column (see `codec.py`)."""
     import pyarrow as pa
 
-    from .codec import COUNTS_COLUMN, SCALE_COLUMN, TOP_COLUMN, compact_columns, counts_dtype
+    from .codec import COUNTS_COLUMN, SCALE_COLUMN, TOP_COLUMN, compact_columns, counts_dtype, max_entries
 
     types = {
-        COUNTS_COLUMN: pa.from_numpy_dtype(counts_dtype(top_k)),
+        COUNTS_COLUMN: pa.from_numpy_dtype(counts_dtype(max_entries(top_k, sample_draws))),
         TOP_COLUMN: pa.float16(),
         SCALE_COLUMN: pa.float16(),
     }
@@ -480,17 +480,31 @@ def _padded_batch(
     return ids_tensor, mask_tensor
 
 
+def default_encoding(served: bool) -> str:
+    """`cache_teacher_logits`' encoding when none is given: `"sampled"` for an in-process teacher (the smallest cache
+    and the best students in `benchmarks/results/teacher_cache_sampled.md`), `"compact"` for a served one (a server
+    returns its top-k only, and draws from a top-k and its tail trained worse students than top-p truncation)."""
+    return "compact" if served else "sampled"
+
+
 def _checked_encoding(
-    encoding: str,
+    encoding: str | None,
     top_p: float | None,
     logprob_bits: int | None,
     compression: str | None,
     sample_draws: int | None = None,
     sample_seed: int | None = None,
+    served: bool = False,
 ) -> dict[str, Any]:
-    """The plan keys of the encoding (`None`: the encoding's default), checked before anything is loaded."""
+    """The plan keys of the encoding (`None`: the encoding's default; for `encoding` itself, the default for an
+    in-process or a `served` teacher), checked before anything is loaded."""
+    if encoding is None:
+        encoding = default_encoding(served)
     if encoding not in ENCODINGS:
-        raise ValueError(f"encoding must be one of {ENCODINGS}, got {encoding!r}; 'float16' is the default.")
+        raise ValueError(
+            f"encoding must be one of {ENCODINGS}, got {encoding!r}; leave it unset for the default ('sampled' for an "
+            "in-process teacher, 'compact' for a served one)."
+        )
     if encoding != "sampled" and (sample_draws is not None or sample_seed is not None):
         raise ValueError(
             f"sample_draws={sample_draws!r} and sample_seed={sample_seed!r} apply to encoding='sampled' only; leave "

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ...logging_utils import get_logger
-from .codec import COUNTS_COLUMN, DamagedCacheError, compact_columns, decode_dense
+from .codec import COUNTS_COLUMN, DamagedCacheError, compact_columns, decode_dense, max_entries
 from .format import (
     ENCODED_FORMAT_VERSIONS,
     IDS_COLUMN,
@@ -107,6 +107,11 @@ class TeacherLogitsCache:
         return int(self.manifest["top_k"])
 
     @property
+    def max_entries(self) -> int:
+        """The most entries a position holds: `top_k`, or a sampled cache's `sample_draws`."""
+        return max_entries(self.top_k, self.sample_draws)
+
+    @property
     def temperature(self) -> float:
         return float(self.manifest["temperature"])
 
@@ -172,7 +177,9 @@ class TeacherLogitsCache:
                     f"{_recompute(path, shard)}."
                 )
             if int(manifest["format_version"]) in ENCODED_FORMAT_VERSIONS:
-                _check_compact_counts(path, shard, part, int(manifest["top_k"]))
+                _check_compact_counts(
+                    path, shard, part, max_entries(int(manifest["top_k"]), manifest.get("sample_draws"))
+                )
             parts.append(part)
         dataset = concatenate_datasets(parts) if len(parts) > 1 else parts[0]
         if len(dataset) != manifest["num_rows"]:
@@ -236,6 +243,19 @@ class TeacherLogitsCache:
                 + "; ".join(problems)
                 + ". Recompute the cache for this teacher/tokenizer/dataset (hf_interop.cache_teacher_logits) or use "
                 "the matching ones."
+            )
+
+    def check_loss(self, loss_type: str, temperature: float) -> None:
+        """Refuse what a sampled cache cannot estimate: its stored probabilities are draw frequencies, an unbiased
+        estimate of the teacher for forward KL at the cache's temperature only (reverse KL, JSD and TVD are not
+        linear in the teacher's distribution; re-tempering frequencies is not the teacher at another temperature).
+        Other caches take every sparse loss at any temperature."""
+        if self.sample_draws is not None and (loss_type != "forward_kl" or temperature != self.temperature):
+            raise ValueError(
+                f"{str(self.path)!r} is a sampled cache (frequencies of {self.sample_draws} draws at temperature "
+                f"{self.temperature}): they estimate the teacher without bias for forward KL at that temperature only;"
+                f" got loss_type={loss_type!r}, temperature={temperature}. Use loss_type='forward_kl' and "
+                f"temperature={self.temperature}, or a compact or float16 cache."
             )
 
     def _teacher_problems(self, teacher: Any) -> list[str]:
@@ -382,8 +402,9 @@ class TeacherLogitsCache:
 
     def decoded_batches(self) -> Any:
         """Yield the whole cache, one stored record batch at a time, as `(ids (P, top_k) int64, logprobs (P, top_k)
-        float32)` tensors over its `P` positions; entries a compact cache did not keep hold `PAD_LOGPROB`."""
-        k = self.top_k
+        float32)` tensors over its `P` positions (a sampled cache: `(P, sample_draws)`); entries a compact or sampled
+        cache did not keep hold `PAD_LOGPROB`."""
+        k = self.max_entries
         for batch in self.dataset.data.to_batches():
             if not self.is_compact:
                 ids = batch.column(IDS_COLUMN).flatten().to_numpy(zero_copy_only=False).astype(np.int64)
@@ -624,7 +645,7 @@ def _stored_columns(manifest: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _check_compact_counts(path: Path, shard: dict[str, Any], part: Any, top_k: int) -> None:
-    """A compact shard's kept counts: none above `top_k`, summing to the entries its writer recorded (cheap: one
+    """A compact shard's kept counts: none above `top_k` (a sampled one's: `sample_draws`), summing to the entries its writer recorded (cheap: one
     byte per position; the checksum covers every byte, this catches a shard that decodes to other rows)."""
     counts = part.data.column(COUNTS_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     largest = int(counts.max(initial=0))
@@ -632,7 +653,7 @@ def _check_compact_counts(path: Path, shard: dict[str, Any], part: Any, top_k: i
     if largest > top_k or total != shard.get("num_entries", total):
         raise ValueError(
             f"shard {shard['name']} of cache {str(path)!r} is corrupt: its positions keep {total} entries (at most "
-            f"{largest} per position), its shard.json says {shard.get('num_entries')} (at most top_k={top_k}); "
+            f"{largest} per position), its shard.json says {shard.get('num_entries')} (at most {top_k}); "
             f"{_recompute(path, shard)}."
         )
 

@@ -46,6 +46,7 @@ from .format import (
     tokenizer_fingerprint,
 )
 from .reader import TeacherLogitsCache
+from .sampling import draw_from_logits, row_uniforms
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -181,8 +182,11 @@ def _teacher_topk(
     device: torch.device,
     vocab_size: int,
     ids_dtype: str,
+    sampling: tuple[int, int, int] | None = None,
 ) -> list[tuple[Any, Any]]:
-    """Forward one batch; return per row `(ids (L-1, k) numpy in ids_dtype, logprobs (L-1, k) float16 numpy)`."""
+    """Forward one batch; return per row `(ids (L-1, k) numpy in ids_dtype, logprobs (L-1, k) float16 numpy)`, or
+    with `sampling = (sample_draws, sample_seed, index of the batch's first row)` the row's draws from the whole
+    vocabulary `(ids (L-1, N), counts (L-1, N) int32)` (`sampling.draw_from_logits`)."""
     lengths = [len(row) for row in input_ids]
     ids_tensor, mask_tensor = _padded_batch(input_ids, attention_mask)
     rows = []
@@ -200,9 +204,16 @@ def _teacher_topk(
             )
         for index, length in enumerate(lengths):
             row_ids, row_logprobs = [], []
+            if sampling is not None:
+                uniforms = row_uniforms(sampling[1], sampling[2] + index, length - 1, sampling[0])
             # float32 log-softmax over a few positions at a time: no (batch, sequence, vocab) float32 copy
             for start in range(0, length - 1, _POSITIONS_PER_CHUNK):
                 piece = logits[index, start : min(start + _POSITIONS_PER_CHUNK, length - 1)].float()
+                if sampling is not None:
+                    ids, counts = draw_from_logits(piece, temperature, uniforms[start : start + piece.shape[0]])
+                    row_ids.append(ids.astype(ids_dtype))
+                    row_logprobs.append(counts)
+                    continue
                 values, ids = torch.log_softmax(piece / temperature, dim=-1).topk(top_k, dim=-1)
                 row_logprobs.append(logprobs_to_float16_round_down(values).cpu().numpy())
                 row_ids.append(ids.cpu().numpy().astype(ids_dtype))
@@ -321,20 +332,22 @@ def cache_teacher_logits(
     dtype: Any = None,
     served_model: str | None = None,
     concurrency: int = 4,
-    encoding: str = "float16",
+    encoding: str | None = None,
     top_p: float | None = None,
     logprob_bits: int | None = None,
     compression: str | None = None,
     sample_draws: int | None = None,
     sample_seed: int | None = None,
 ) -> TeacherLogitsCache:
-    """Run a teacher once over a tokenized dataset and store its top-k next-token log-probabilities.
+    """Run a teacher once over a tokenized dataset and store its next-token distributions, sparsely.
 
     For row `r` with `S` tokens, cache row `r` holds `S - 1` positions: position `i` is the teacher's
     distribution after reading `input_ids[: i + 1]`, i.e. its prediction of `input_ids[i + 1]` (the trainer's
-    causal shift, `labels[:, 1:]`). Per position: the `top_k` largest log-probabilities at `temperature`
-    (rounded toward -inf) and their token ids, stored by `encoding`: `"float16"` (the default) keeps all as float16
-    with uint16 ids (int32 above 65,536 tokens), `"compact"` keeps the fewest reaching `top_p` and quantises them. The tail log-mass `log(1 - sum p)` is derived on read (:func:`tail_logprob_from_topk`).
+    causal shift, `labels[:, 1:]`), at `temperature`, stored by `encoding`: `"sampled"` (the default for an
+    in-process teacher) keeps the distinct ids of `sample_draws` draws with their counts, `"compact"` (the default
+    for a served teacher) the fewest of the `top_k` largest log-probabilities reaching `top_p`, quantised, and
+    `"float16"` all `top_k` as float16 (rounded toward -inf) with uint16 ids (int32 above 65,536 tokens). The tail
+    log-mass `log(1 - sum p)` is derived on read (:func:`tail_logprob_from_topk`).
 
     Writing is robust: rows are cut into shards of `shard_size` rows, each written to a temporary folder and
     renamed into place, so no half shard is ever visible. Calling again with the same arguments after an
@@ -357,7 +370,7 @@ def cache_teacher_logits(
             Folder of the cache. Must be new, empty, or an earlier cache of the same job (resumed).
         top_k (`int`, *optional*, defaults to 64):
             Log-probabilities kept per position. Higher covers more teacher mass and costs `4 * top_k` bytes per
-            position.
+            position. `encoding="sampled"` uses it with a served teacher only (the entries asked for).
         temperature (`float`, *optional*, defaults to 1.0):
             Softmax temperature of the stored distribution (`log_softmax(logits / temperature)`); the trainer
             re-tempers when training at another temperature.
@@ -383,17 +396,22 @@ def cache_teacher_logits(
             For a teacher URL: the served model's name (defaults to the one the server lists).
         concurrency (`int`, *optional*, defaults to 4):
             For a teacher URL: requests in flight at once.
-        encoding (`str`, *optional*, defaults to `"float16"`):
+        encoding (`str`, *optional*):
+            Defaults to `"sampled"` for an in-process teacher and `"compact"` for a served one (its server returns
+            the top-k only; `default_encoding`). Measured on SmolLM2-135M (`benchmarks/results/teacher_cache_sampled.md`):
+            `"sampled"` with 64 draws stores 50 bytes per token (0.20x `"float16"` at k=64) and trained students 3%
+            better than `"float16"` k=64 did; it serves forward KL at the cache's temperature only (the trainer
+            refuses other losses), where `"compact"` and `"float16"` serve every sparse loss at any temperature.
             `"compact"` (format version 2, see `teacher_cache.codec`): per position the fewest of the top-k entries
             whose probability reaches `top_p` (0.98 by default), their ids Elias-Fano coded (about 11 bits each for
             SmolLM2's 49,152 tokens), their log-probs as `logprob_bits`-bit codes under a per-position scale,
             rounded so that no stored probability exceeds the teacher's. `"sampled"` (format version 3): per
-            position `sample_draws` tokens drawn from the teacher's top-k distribution (the mass outside it being one
-            more outcome), the distinct drawn ids Elias-Fano coded and how often each was drawn; the stored
-            probabilities (count / draws) are an unbiased estimate of the teacher's, so the forward-KL gradient is
-            too (Sparse Logit Sampling, https://huggingface.co/papers/2503.16870). At 64 draws about 14 ids per
-            position for SmolLM2 on the builtin corpus: the smallest cache at the float16 cache's student
-            perplexity (`benchmarks/results/teacher_cache_frontier.md`). `"float16"`: format version 1 (`4 * top_k`
+            position `sample_draws` tokens drawn from the teacher's whole vocabulary (a served teacher: from its
+            `top_k` entries, the mass outside them being one more outcome), the distinct drawn ids Elias-Fano coded
+            and how often each was drawn; the stored probabilities (count / draws) are an unbiased estimate of the
+            teacher's, so the forward-KL gradient is too (Sparse Logit Sampling,
+            https://huggingface.co/papers/2503.16870). At 64 draws about 20 ids per position for SmolLM2 on the
+            builtin corpus (`benchmarks/results/teacher_cache_sampled.md`). `"float16"`: format version 1 (`4 * top_k`
             bytes per position), as hf_interop wrote before encodings existed.
         top_p (`float`, *optional*):
             `"compact"` only: the probability mass a position's kept entries must reach (at most `top_k` entries
@@ -407,7 +425,7 @@ def cache_teacher_logits(
             Arrow IPC buffer compression of the shards: `"zstd"`, `"lz4"` or `None` (default). A compressed cache
             is decompressed into memory when it loads instead of being memory-mapped.
         sample_draws (`int`, *optional*):
-            `"sampled"` only: tokens drawn per position, 1 to 65,536 (default 64); a count takes
+            `"sampled"` only: tokens drawn per position, 1 to 4,096 (default 64); a count takes
             `bit_length(sample_draws - 1)` bits. More draws: a closer estimate and more distinct ids stored.
         sample_seed (`int`, *optional*):
             `"sampled"` only: seed of the draws (default 0). Row `r` draws from `numpy.random.default_rng((sample_seed,
@@ -421,7 +439,9 @@ def cache_teacher_logits(
     output_dir, state_of_dir, vocab_size, lengths = _check_arguments(
         teacher, dataset, output_dir, top_k, temperature, batch_size, shard_size, teacher_revision
     )
-    encoding_plan = _checked_encoding(encoding, top_p, logprob_bits, compression, sample_draws, sample_seed)
+    encoding_plan = _checked_encoding(
+        encoding, top_p, logprob_bits, compression, sample_draws, sample_seed, served=is_served_teacher(teacher)
+    )
 
     # ---- load the teacher (the first expensive step) ----
     # Without a GPU, Accelerate only sees the ranks of a `torchrun` launch when asked for CPU processes (gloo).
@@ -703,6 +723,7 @@ def _compute_missing_shards(
         disable=not show_progress or not state.is_main_process,
     )
     reading = dataset.select_columns(_token_columns(dataset))
+    sampling = (plan["sample_draws"], plan["sample_seed"]) if plan.get("encoding") == "sampled" else None
     try:
         for shard in todo:
             start, end = shard * shard_size, min((shard + 1) * shard_size, len(dataset))
@@ -714,8 +735,9 @@ def _compute_missing_shards(
                 for batch_start in range(start, end, batch_size):
                     input_ids, attention_mask = _rows_batch(reading, batch_start, min(batch_start + batch_size, end))
                     yield from _teacher_topk(
-                        teacher, input_ids, attention_mask, top_k, temperature, device, vocab_size, ids_dtype
-                    )
+                        teacher, input_ids, attention_mask, top_k, temperature, device, vocab_size, ids_dtype,
+                        None if sampling is None else (*sampling, batch_start),
+                    )  # fmt: skip
                     progress.update(1)
 
             _write_shard(output_dir, shard, start, end, shard_rows(), ids_dtype, _shard_encoding(plan))
