@@ -411,6 +411,8 @@ def _write(work_dir: Path, perplexities: dict, sizes: dict, notes: dict, eval_se
 SECTIONS = {
     "specialists": "Two SmolLM2 specialists: routed / mixed student vs weight merges",
     "fusion": "SmolLM2 + Gemma-3-270M fused into a GPT-2-tokenizer student",
+    # an earlier fusion run kept beside a later one (its section file renamed by hand)
+    "fusion_bucket": "The same fusion with unmatched_vocabulary='bucket' (the default; the earlier run)",
 }
 
 
@@ -436,6 +438,9 @@ FUSION_TOKENS = 64  # student tokens per training row (the start token comes on 
 FUSION_LEARNING_RATE = 3e-3
 FUSION_EVAL_TEXTS = 32
 FUSION_TEACHERS = {"smollm2": "default_teacher", "gemma": "gemma3_270m"}
+# `unmatched_vocabulary` of the KD runs: bucket (the default) or prefix (teacher tokens GPT-2 lacks count for their
+# longest GPT-2 prefix; Gemma-3 puts 22% of its mass on such tokens here)
+FUSION_UNMATCHED = os.environ.get("BENCH_MT_FUSION_UNMATCHED", "bucket")
 FUSION_VARIANTS = {  # variant -> (label, teachers)
     "ce": ("student, cross-entropy only", []),
     "smollm2": ("student, KD from SmolLM2-135M alone", ["smollm2"]),
@@ -504,6 +509,7 @@ def _fusion_child(spec_json: str) -> None:
             cross_tokenizer=True,
             max_length=FUSION_TOKENS + 1,
             uld_top_k=64,
+            unmatched_vocabulary=FUSION_UNMATCHED,
             loss_type="forward_kl",
             kd_ratio=KD_RATIO,
             **training,
@@ -573,7 +579,8 @@ def fusion(work_dir: Path) -> None:
         f"{FUSION_STEPS} steps of {BATCH_SIZE} x {FUSION_TOKENS} student tokens of the builtin corpus's train split, "
         f"lr {FUSION_LEARNING_RATE} (cosine), same rows and seed for every run. KD runs: "
         "`MultiTeacherDistillationTrainer(cross_tokenizer=True)`, each teacher reading the raw text in its own tokens, "
-        f"aligned by spans (forward KL on matched spans, ULD top-64 on the others), kd_ratio {KD_RATIO}; the fusion "
+        f"aligned by spans (forward KL on matched spans with unmatched_vocabulary={FUSION_UNMATCHED!r}, ULD top-64 on "
+        f"the others), kd_ratio {KD_RATIO}; the fusion "
         "mixes both teachers with per-example confidence weights (temperature 1). Held-out: "
         f"{len(eval_texts)} validation pieces, {eval_bytes:,} bytes, in bits per byte (the unit that compares "
         "tokenizers). One torch thread per process, the four students trained side by side; a shared 2-core machine.",

@@ -140,6 +140,9 @@ class VocabularyMapping:
     teacher_vocab_size: int
     union_size: int
     _masks: dict = field(default_factory=dict, repr=False)
+    #: `(V_t,)` with `unmatched="prefix"`: for every teacher id, the student id of the same string, else of its
+    #: longest prefix that is a student token; -1 where none is (a special token without a same-named one)
+    teacher_to_student: torch.Tensor | None = None
 
     @property
     def num_matched(self) -> int:
@@ -157,6 +160,10 @@ class VocabularyMapping:
         return self._masks[key]
 
 
+#: `build_vocabulary_mapping(unmatched=...)`: what teacher tokens without a same-string student token become
+UNMATCHED_VOCABULARY = ("bucket", "prefix")
+
+
 def build_vocabulary_mapping(
     student_tokenizer: PreTrainedTokenizerBase,
     teacher_tokenizer: PreTrainedTokenizerBase,
@@ -164,6 +171,7 @@ def build_vocabulary_mapping(
     student_vocab_size: int | None = None,
     teacher_vocab_size: int | None = None,
     max_vocab_union_size: int = DEFAULT_MAX_VOCAB_UNION_SIZE,
+    unmatched: str = "bucket",
 ) -> VocabularyMapping:
     """Match the two vocabularies by byte string, once (a sparse id-to-id map, not a dense matrix).
 
@@ -179,7 +187,15 @@ def build_vocabulary_mapping(
         teacher_vocab_size (`int`, *optional*): the same for the teacher.
         max_vocab_union_size (`int`, *optional*, defaults to `DEFAULT_MAX_VOCAB_UNION_SIZE` = 2**20):
             Refuse vocabulary pairs whose union is larger (see the constant's note on memory).
+        unmatched (`str`, *optional*, defaults to `"bucket"`):
+            What the divergence on matched spans does with teacher tokens that have no same-string student token:
+            `"bucket"` pools them into one rest bucket (against the student's own unmatched tokens); `"prefix"`
+            also builds `teacher_to_student`, which gives each its longest student-token prefix (a teacher token
+            `" function("` counts for the student's `" function"`), so the teacher's whole distribution lands on
+            the student's vocabulary.
     """
+    if unmatched not in UNMATCHED_VOCABULARY:
+        raise ValueError(f"unmatched must be one of {UNMATCHED_VOCABULARY}, got {unmatched!r}.")
     student_vocab_size = student_vocab_size or len(student_tokenizer)
     teacher_vocab_size = teacher_vocab_size or len(teacher_tokenizer)
     upper_bound = student_vocab_size + teacher_vocab_size
@@ -214,7 +230,22 @@ def build_vocabulary_mapping(
         )
     student_ids = torch.tensor(sorted(pairs), dtype=torch.long)
     teacher_ids = torch.tensor([pairs[i] for i in sorted(pairs)], dtype=torch.long)
-    return VocabularyMapping(student_ids, teacher_ids, student_vocab_size, teacher_vocab_size, union_size)
+    mapping = VocabularyMapping(student_ids, teacher_ids, student_vocab_size, teacher_vocab_size, union_size)
+    if unmatched == "prefix":
+        projection = torch.full((teacher_vocab_size,), -1, dtype=torch.long)
+        projection[teacher_ids] = student_ids
+        longest = max((len(piece) for piece in student_index), default=0)
+        specials = special_token_ids(teacher_tokenizer)
+        for token_id, piece in enumerate(teacher_bytes[:teacher_vocab_size]):
+            if projection[token_id] >= 0 or piece is None or token_id in specials:
+                continue
+            for end in range(min(len(piece), longest), 0, -1):
+                student_id = student_index.get(piece[:end])
+                if student_id is not None:
+                    projection[token_id] = student_id
+                    break
+        mapping.teacher_to_student = projection
+    return mapping
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -165,6 +165,7 @@ class CrossTokenizerDistillationTrainer(DistillationTrainer):
                 student_vocab_size=_vocab_size(student),
                 teacher_vocab_size=teacher_vocab_size,
                 max_vocab_union_size=args.max_vocab_union_size,
+                unmatched=args.unmatched_vocabulary,
             )
             logger.info(
                 f"{self.vocabulary_mapping.num_matched} token strings are shared by the student "

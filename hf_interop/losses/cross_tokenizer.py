@@ -126,7 +126,10 @@ def matched_vocabulary_divergence(
 
     Each distribution (at temperature T) is reduced to the matched vocabulary (`mapping`, in the same order on
     both sides) plus one *rest* bucket holding its probability of every unmatched token, and the divergence is
-    taken between these two distributions. When one side has no unmatched column (its vocabulary lies inside the
+    taken between these two distributions. A mapping built with `unmatched="prefix"` instead moves every teacher
+    token's probability onto the student token of its longest prefix (`mapping.teacher_to_student`) and compares
+    that with the student's whole distribution (forward KL and JSD; reverse KL is refused: infinite wherever the
+    student puts mass the projected teacher has none on). When one side has no unmatched column (its vocabulary lies inside the
     other's), the rest bucket is dropped and both sides are renormalised over the matched vocabulary. With two
     identical tokenizers every token is matched and this is exactly the same-tokenizer divergence.
 
@@ -163,12 +166,30 @@ def matched_vocabulary_divergence(
     if mapping.num_matched == 0:
         raise ValueError("the two vocabularies share no token string, so no position can be matched; use ULD only.")
     device = student_logits.device
-    student_unmatched, teacher_unmatched = mapping.unmatched_masks(device)
-    with_rest = bool(student_unmatched.any()) and bool(teacher_unmatched.any())
     student_log_probs = torch.log_softmax(_upcast(student_logits) / temperature, dim=-1)
-    teacher_log_probs = torch.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
-    log_s = _matched_bucket_log_probs(student_log_probs, mapping.student_ids.to(device), student_unmatched, with_rest)
-    log_t = _matched_bucket_log_probs(teacher_log_probs, mapping.teacher_ids.to(device), teacher_unmatched, with_rest)
+    if mapping.teacher_to_student is not None:  # the teacher's whole distribution moved onto the student's tokens
+        if loss_type == "reverse_kl" or (loss_type == "jsd" and jsd_beta == 1.0):
+            raise ValueError(
+                "reverse KL is infinite wherever the student puts mass on a token the projected teacher gives none; "
+                "use forward_kl or jsd (beta < 1) with unmatched='prefix', or unmatched='bucket'."
+            )
+        projection = mapping.teacher_to_student.to(device)
+        projected = projection >= 0
+        teacher_probs = torch.softmax(_upcast(teacher_logits) / temperature, dim=-1)[:, projected]
+        moved = torch.zeros_like(student_log_probs).index_add_(-1, projection[projected], teacher_probs)
+        # what a teacher token without a student prefix held (an unpaired special token) is left out
+        log_t = (moved / moved.sum(-1, keepdim=True)).log()
+        log_s = student_log_probs
+    else:
+        student_unmatched, teacher_unmatched = mapping.unmatched_masks(device)
+        with_rest = bool(student_unmatched.any()) and bool(teacher_unmatched.any())
+        teacher_log_probs = torch.log_softmax(_upcast(teacher_logits) / temperature, dim=-1)
+        log_s = _matched_bucket_log_probs(
+            student_log_probs, mapping.student_ids.to(device), student_unmatched, with_rest
+        )
+        log_t = _matched_bucket_log_probs(
+            teacher_log_probs, mapping.teacher_ids.to(device), teacher_unmatched, with_rest
+        )
     if loss_type == "forward_kl" or (loss_type == "jsd" and jsd_beta == 0.0):
         divergence = _kl_from_log_probs(log_t, log_s)
     elif loss_type == "reverse_kl" or (loss_type == "jsd" and jsd_beta == 1.0):

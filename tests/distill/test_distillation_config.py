@@ -131,3 +131,25 @@ def test_cross_tokenizer_loss_types_point_to_the_cross_tokenizer_config(tmp_path
     assert config.loss_type == "uld"
     with pytest.raises(ValueError, match="not available across tokenizers"):
         CrossTokenizerDistillationConfig(output_dir=str(tmp_path), loss_type="tvd")
+
+
+def test_unmatched_vocabulary_is_checked_before_training(tmp_path):
+    from hf_interop import CrossTokenizerDistillationConfig, MultiTeacherDistillationConfig
+
+    config = CrossTokenizerDistillationConfig(output_dir=str(tmp_path), unmatched_vocabulary="prefix")
+    assert config.unmatched_vocabulary == "prefix"
+    with pytest.raises(
+        ValueError, match=r"unmatched_vocabulary='drop' is not supported; use one of \['bucket', 'prefix'\]"
+    ):
+        CrossTokenizerDistillationConfig(output_dir=str(tmp_path), unmatched_vocabulary="drop")
+    with pytest.raises(ValueError, match="reverse KL is infinite on every token it leaves empty"):
+        CrossTokenizerDistillationConfig(
+            output_dir=str(tmp_path), unmatched_vocabulary="prefix", loss_type="reverse_kl"
+        )
+    with pytest.raises(ValueError, match="unmatched_vocabulary='drop' is not supported"):
+        MultiTeacherDistillationConfig(
+            output_dir=str(tmp_path),
+            teachers={"a": "default_teacher"},
+            cross_tokenizer=True,
+            unmatched_vocabulary="drop",
+        )

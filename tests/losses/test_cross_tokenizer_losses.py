@@ -112,6 +112,63 @@ def test_matched_vocabulary_divergence_matches_float64_reference(loss_type, corp
     assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
 
 
+def test_prefix_projection_gives_each_teacher_token_its_longest_student_prefix(corpus_tokenizer, gpt2_tokenizer):
+    """Student = the 512-token corpus tokenizer, teacher = GPT-2 (50,257 tokens, most without a same-string student
+    token): every teacher id maps to the longest student token its bytes start with, checked by brute force."""
+    from hf_interop.text_alignment import token_byte_strings
+
+    mapping = build_vocabulary_mapping(corpus_tokenizer, gpt2_tokenizer, unmatched="prefix")
+    assert mapping.teacher_to_student.shape == (50257,)
+    student_bytes = {piece: i for i, piece in reversed(list(enumerate(token_byte_strings(corpus_tokenizer)))) if piece}
+    teacher_bytes = token_byte_strings(gpt2_tokenizer)
+    for teacher_id in [*range(0, 50257, 997), *mapping.teacher_ids[:20].tolist(), 50256]:
+        piece = teacher_bytes[teacher_id]
+        prefixes = [
+            student_bytes[piece[:end]] for end in range(len(piece or b""), 0, -1) if piece[:end] in student_bytes
+        ]
+        expected = prefixes[0] if prefixes and teacher_id != 50256 else -1
+        if teacher_id in mapping.teacher_ids.tolist():  # a same-string pair keeps its pairing
+            expected = mapping.student_ids[mapping.teacher_ids.tolist().index(teacher_id)].item()
+        assert mapping.teacher_to_student[teacher_id].item() == expected, (teacher_id, piece)
+    assert (mapping.teacher_to_student >= 0).float().mean() > 0.99  # byte-level BPE: every string has a prefix
+    with pytest.raises(ValueError, match="unmatched must be one of"):
+        build_vocabulary_mapping(corpus_tokenizer, gpt2_tokenizer, unmatched="drop")
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "jsd"])
+def test_prefix_projected_divergence_matches_float64_reference(loss_type, corpus_tokenizer, gpt2_tokenizer):
+    mapping = build_vocabulary_mapping(corpus_tokenizer, gpt2_tokenizer, unmatched="prefix")
+    torch.manual_seed(3)
+    student = (torch.randn(3, 512) * 3).requires_grad_()
+    teacher = torch.randn(3, 50257) * 3
+    value = matched_vocabulary_divergence(student, teacher, mapping, loss_type=loss_type, temperature=2.0)
+    projection = mapping.teacher_to_student.tolist()
+    p_s = (student.detach().double() / 2.0).softmax(-1)
+    p_t = (teacher.double() / 2.0).softmax(-1)
+    expected = []
+    for row_s, row_t in zip(p_s.tolist(), p_t.tolist(), strict=True):
+        moved = [0.0] * 512
+        for teacher_id, target in enumerate(projection):
+            if target >= 0:
+                moved[target] += row_t[teacher_id]
+        total = sum(moved)
+        q = [x / total for x in moved]
+
+        def kl(x, y):
+            return sum(xi * math.log(xi / yi) for xi, yi in zip(x, y, strict=True) if xi > 0)
+
+        if loss_type == "forward_kl":
+            expected.append(kl(q, row_s) * 4.0)
+        else:
+            m = [0.5 * a + 0.5 * b for a, b in zip(q, row_s, strict=True)]
+            expected.append(0.5 * kl(q, m) + 0.5 * kl(row_s, m))
+    torch.testing.assert_close(value.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    value.sum().backward()
+    assert torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="reverse KL is infinite"):
+        matched_vocabulary_divergence(student, teacher, mapping, loss_type="reverse_kl")
+
+
 @pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd"])
 def test_identical_tokenizers_hybrid_equals_same_tokenizer_kd(loss_type, corpus, corpus_tokenizer):
     collator = CrossTokenizerDistillationCollator(corpus_tokenizer, corpus_tokenizer, max_length=24)

@@ -299,6 +299,7 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
                 student_vocab_size=_vocab_size(student),
                 teacher_vocab_size=teacher_vocab,
                 max_vocab_union_size=args.max_vocab_union_size,
+                unmatched=args.unmatched_vocabulary,
             )
 
     def _load(self, name: str, source: str) -> tuple[nn.Module, Any]:
