@@ -679,6 +679,7 @@ def test_cached_teachers_route_like_their_single_teacher_caches(tmp_path, corpus
             top_k=16,
             tokenizer=corpus_tokenizer,
             show_progress=False,
+            encoding="float16",
         )
         caches[name] = (str(cache.path), rows)
     args = make_args(tmp_path / "multi", per_device_train_batch_size=8, loss_chunk_size=0)

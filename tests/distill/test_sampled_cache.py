@@ -293,3 +293,16 @@ def test_the_cache_teacher_command_writes_a_sampled_cache(tiny_model_dirs, tmp_p
     )
     cache = TeacherLogitsCache.load(tmp_path / "cache")
     assert (cache.manifest["encoding"], cache.sample_draws, cache.manifest["sample_seed"]) == ("sampled", 20, 4)
+
+
+def test_the_default_encoding_is_sampled_for_an_in_process_teacher(tmp_path, sharp_teacher, rows):
+    """No `encoding`: an in-process teacher gets the sampled cache with 64 draws (the benchmark's choice); a served
+    one gets the compact cache (tests/distill/test_served_teacher.py)."""
+    from hf_interop.distill.teacher_cache.format import default_encoding
+
+    teacher, tokenizer = sharp_teacher
+    cache = cache_teacher_logits(
+        teacher, rows.select(range(2)), tmp_path / "cache", tokenizer=tokenizer, show_progress=False
+    )
+    assert (cache.manifest["encoding"], cache.sample_draws, cache.manifest["format_version"]) == ("sampled", 64, 3)
+    assert (default_encoding(served=False), default_encoding(served=True)) == ("sampled", "compact")

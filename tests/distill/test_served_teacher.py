@@ -20,12 +20,18 @@ from hf_interop import (
     ServedTeacher,
     ServedTeacherError,
     TeacherLogitsCache,
-    cache_teacher_logits,
     losses,
     pack_dataset,
 )
+from hf_interop import cache_teacher_logits as _cache_teacher_logits
 
 TOP_K = 8
+
+
+def cache_teacher_logits(*args, **kwargs):
+    """Format version 1 (float16: the served answers exactly) unless a test names an encoding (`None`: the default)."""
+    kwargs.setdefault("encoding", "float16")
+    return _cache_teacher_logits(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +151,11 @@ def test_served_cache_equals_the_in_process_cache_and_gives_the_same_loss(
         show_progress=False,
     )  # fmt: skip
     assert served.manifest["teacher"] == "tiny-teacher"
+    unset = cache_teacher_logits(
+        engine.url, blocks.select(range(2)), tmp_path / "unset", top_k=TOP_K, tokenizer=smollm2_tokenizer,
+        show_progress=False, encoding=None,
+    )  # fmt: skip
+    assert unset.manifest["encoding"] == "compact"  # a served teacher's default: it answers its top-k only
     assert served.manifest["teacher_revision"] == "org/tiny-teacher@0123abc"
     assert served.manifest["served_teacher"]["url"] == engine.url
     for key in ("format_version", "top_k", "vocab_size", "ids_dtype", "num_rows", "tokenizer_fingerprint"):

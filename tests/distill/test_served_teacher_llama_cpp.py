@@ -92,10 +92,11 @@ def test_kd_from_the_served_teacher_trains_a_student_as_well_as_the_in_process_t
     model, tokenizer = smollm2
     train, held_out = split_blocks["train"].select(range(16)), split_blocks["validation"].select(range(8))
     served = cache_teacher_logits(
-        llama_server.url, train, tmp_path / "served", top_k=16, tokenizer=tokenizer, show_progress=False
-    )
+        llama_server.url, train, tmp_path / "served", top_k=16, tokenizer=tokenizer, show_progress=False,
+        encoding="float16",
+    )  # fmt: skip
     native = cache_teacher_logits(
-        model, train, tmp_path / "native", top_k=16, tokenizer=tokenizer, show_progress=False
+        model, train, tmp_path / "native", top_k=16, tokenizer=tokenizer, show_progress=False, encoding="float16"
     )
     perplexities = {}
     for name, cache in (("served", served), ("native", native)):
