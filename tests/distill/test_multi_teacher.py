@@ -471,6 +471,36 @@ def test_cross_tokenizer_routing_and_training(tmp_path, corpus, corpus_tokenizer
     assert 0 < logged["matched_span_fraction/corpus"] < 1
 
 
+def test_prefix_projection_reaches_each_cross_tokenizer_teachers_loss(
+    tmp_path, corpus, corpus_tokenizer, gpt2_tokenizer
+):
+    """`unmatched_vocabulary="prefix"` builds every cross-tokenizer teacher's projection, and the matched-span loss
+    changes with it (the 512-token corpus tokenizer lacks most GPT-2 strings, so the rest bucket held most mass)."""
+    from hf_interop.text_alignment import split_texts_into_chunks
+
+    rows = split_texts_into_chunks(corpus["train"].select(range(2)), gpt2_tokenizer, max_tokens=24).select(range(4))
+    losses_of = {}
+    for unmatched in ("bucket", "prefix"):
+        student, teachers, tokenizers = cross_tokenizer_setup(corpus_tokenizer, gpt2_tokenizer)
+        args = make_args(
+            tmp_path / unmatched, cross_tokenizer=True, max_length=24, max_steps=1, teacher_combination="mixture"
+        )
+        args.unmatched_vocabulary = unmatched
+        trainer = MultiTeacherDistillationTrainer(
+            model=student,
+            teachers={"corpus": teachers["corpus"]},
+            args=args,
+            train_dataset=rows,
+            processing_class=gpt2_tokenizer,
+            teacher_processing_classes={"corpus": tokenizers["corpus"]},
+        )
+        trainer.train()
+        mapping = trainer._mappings["corpus"]
+        assert (mapping.teacher_to_student is not None) == (unmatched == "prefix")
+        losses_of[unmatched] = trainer.state.log_history[0]["kd_loss/corpus"]
+    assert math.isfinite(losses_of["prefix"]) and losses_of["prefix"] != losses_of["bucket"]
+
+
 def test_cross_tokenizer_bad_input(tmp_path, corpus, corpus_tokenizer, gpt2_tokenizer, packed_corpus):
     student, teachers, tokenizers = cross_tokenizer_setup(corpus_tokenizer, gpt2_tokenizer)
     with pytest.raises(ValueError, match="teacher_combination='product' multiplies distributions over one vocabulary"):
