@@ -70,7 +70,7 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         from ..demo import run_demo
 
         values = {s.name: getattr(args, s.name) for s in dataclasses.fields(DemoSettings) if "help" in s.metadata}
-        for name in ("num_train_blocks", "num_eval_blocks", "top_k", "student_num_layers", "train_steps"):
+        for name in ("num_train_blocks", "num_eval_blocks", "sample_draws", "student_num_layers", "train_steps"):
             if values[name] < 1:
                 raise ValueError(f"--{name} must be >= 1, got {values[name]}.")
         run_demo(DemoSettings(**values, show_progress=not args.no_progress))

@@ -72,3 +72,9 @@ def test_cache_of_a_different_job_names_the_flag(tiny_model_dirs, tmp_path, caps
     assert "Pass overwrite=True (CLI: --overwrite_output_dir) to replace it" in line
     assert main([*argv, "--top_k", "8", "--overwrite_output_dir"]) == EXIT_OK
     assert (output_dir / "manifest.json").is_file()
+
+
+@pytest.mark.parametrize("option", ["--sample_draws", "--train_steps", "--num_train_blocks"])
+def test_demo_knobs_below_one_are_refused_by_name_before_anything_loads(option, capsys):
+    assert main(["demo", option, "0", "--output_dir", "/nonexistent/never-written"]) == EXIT_BAD_INPUT
+    assert f"{option} must be >= 1, got 0." in capsys.readouterr().err
