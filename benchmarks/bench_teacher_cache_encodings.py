@@ -210,6 +210,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timing repetitions (interleaved)")
     parser.add_argument("--work_dir", default=None)
     parser.add_argument("--result_name", default=None, help="results/<name>.md (default: from --settings)")
+    parser.add_argument("--only", nargs="+", default=None, help="train and time only these settings (and the first)")
     parser.add_argument(
         "--settings", choices=["encodings", "frontier", "sampled"], default="encodings",
         help="encodings: the encoding choices, 4 trained (results/teacher_cache_encodings.md); frontier: student "
@@ -221,6 +222,13 @@ def main() -> None:
     if options.settings in ("frontier", "sampled"):
         SETTINGS = FRONTIER if options.settings == "frontier" else SAMPLED
         TRAINED = tuple(SETTINGS)
+    if options.only:  # a subset (the first setting, the reference of every ratio, always kept)
+        unknown = [label for label in options.only if label not in SETTINGS]
+        if unknown:
+            raise SystemExit(f"--only: {unknown} are not settings of --settings {options.settings}: {list(SETTINGS)}")
+        first = next(iter(SETTINGS))
+        SETTINGS = {label: SETTINGS[label] for label in SETTINGS if label == first or label in options.only}
+        TRAINED = tuple(label for label in TRAINED if label in SETTINGS)
 
     import numpy as np
     import torch
