@@ -751,6 +751,30 @@ def test_cached_teachers_route_like_their_single_teacher_caches(tmp_path, corpus
         )
 
 
+def test_a_sampled_cache_teacher_is_refused_where_frequencies_would_bias_the_loss(
+    tmp_path, corpus_tokenizer, train_rows
+):
+    from hf_interop import cache_teacher_logits
+
+    rows = train_rows.remove_columns("teacher")
+    cache = cache_teacher_logits(
+        make_teacher(corpus_tokenizer, 1), rows, tmp_path / "sampled", tokenizer=corpus_tokenizer, show_progress=False
+    )
+    assert cache.sample_draws == 64  # the default for an in-process teacher
+    for overrides, message in (
+        ({"teacher_combination": "mixture", "loss_type": "jsd"}, r"is a sampled cache .*got loss_type='jsd'"),
+        ({"teacher_combination": "product"}, r"teacher 'a' is a sampled cache \(draw frequencies\): a product"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            MultiTeacherDistillationTrainer(
+                model=make_student(corpus_tokenizer),
+                teachers={"a": str(cache.path)},
+                args=make_args(tmp_path / "out", **overrides),
+                train_dataset=rows,
+                processing_class=corpus_tokenizer,
+            )
+
+
 def test_each_teacher_by_path_is_placed_by_its_own_device_map(tmp_path, corpus_tokenizer, train_rows):
     folders = {}
     for name, seed in (("a", 1), ("b", 2)):

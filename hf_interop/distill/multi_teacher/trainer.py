@@ -275,6 +275,12 @@ class MultiTeacherDistillationTrainer(DistillationTrainer):
             )
         cache = source if isinstance(source, TeacherLogitsCache) else TeacherLogitsCache.load(source)
         cache.check_compatible(tokenizer=processing_class)
+        cache.check_loss(args.loss_type, args.temperature)  # a sampled cache: forward KL at its temperature only
+        if cache.sample_draws is not None and args.teacher_combination == "product":
+            raise ValueError(
+                f"teacher {name!r} is a sampled cache (draw frequencies): a product of distributions is not linear in "
+                "them, so it would be biased; use teacher_combination='route' or 'mixture', or a compact cache."
+            )
         self.teachers[name] = cache
         self._shared_vocab[name] = None
         if cache.vocab_size != _vocab_size(student) and processing_class is not None:
