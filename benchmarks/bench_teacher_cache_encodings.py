@@ -135,9 +135,9 @@ class _ReplayTeacher:
     def eval(self):
         return self
 
-    def __call__(self, input_ids, attention_mask=None):
+    def _memoised(self, input_ids) -> list[tuple[int, ...]]:
+        """Run the teacher on the rows not seen yet, store `self._kept(logits)` of each; return every row's key."""
         import torch
-        from transformers.modeling_outputs import CausalLMOutput
 
         keys = [tuple(row.tolist()) for row in input_ids]
         missing = [index for index, key in enumerate(keys) if key not in self.memo]
@@ -145,13 +145,24 @@ class _ReplayTeacher:
             start = time.perf_counter()
             with torch.no_grad():
                 logits = self.teacher(input_ids=input_ids[missing]).logits.float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            values, ids = logprobs.topk(self.k, dim=-1)
-            tail = (1.0 - values.double().exp().sum(-1)).clamp(min=1e-30)
-            fill = (tail / (logits.shape[-1] - self.k)).log().float()
-            for offset, index in enumerate(missing):
-                self.memo[keys[index]] = (values[offset], ids[offset], fill[offset])
+            for offset, kept in enumerate(self._kept(logits)):
+                self.memo[keys[missing[offset]]] = kept
             self.forward_seconds += time.perf_counter() - start
+        return keys
+
+    def _kept(self, logits) -> list:
+        import torch
+
+        values, ids = torch.log_softmax(logits, dim=-1).topk(self.k, dim=-1)
+        tail = (1.0 - values.double().exp().sum(-1)).clamp(min=1e-30)
+        fill = (tail / (logits.shape[-1] - self.k)).log().float()
+        return list(zip(values, ids, fill, strict=True))
+
+    def __call__(self, input_ids, attention_mask=None):
+        import torch
+        from transformers.modeling_outputs import CausalLMOutput
+
+        keys = self._memoised(input_ids)
         vocab = self.config.vocab_size
         out = torch.empty(len(keys), input_ids.shape[1], vocab)
         for index, key in enumerate(keys):
@@ -165,20 +176,14 @@ class _FullReplay(_ReplayTeacher):
     """The real teacher's whole logits per row, computed once (float32, 25 MB per 128-token row): what a sampled cache
     draws from (every token of the vocabulary, not the top-64 and an even tail)."""
 
+    def _kept(self, logits) -> list:
+        return [row.clone() for row in logits]
+
     def __call__(self, input_ids, attention_mask=None):
         import torch
         from transformers.modeling_outputs import CausalLMOutput
 
-        keys = [tuple(row.tolist()) for row in input_ids]
-        missing = [index for index, key in enumerate(keys) if key not in self.memo]
-        if missing:
-            start = time.perf_counter()
-            with torch.no_grad():
-                logits = self.teacher(input_ids=input_ids[missing]).logits.float()
-            for offset, index in enumerate(missing):
-                self.memo[keys[index]] = logits[offset].clone()
-            self.forward_seconds += time.perf_counter() - start
-        return CausalLMOutput(logits=torch.stack([self.memo[key] for key in keys]))
+        return CausalLMOutput(logits=torch.stack([self.memo[key] for key in self._memoised(input_ids)]))
 
 
 def _median_interleaved(functions: dict[str, callable], repeats: int) -> dict[str, float]:
