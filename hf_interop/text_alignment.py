@@ -148,6 +148,16 @@ class VocabularyMapping:
     def num_matched(self) -> int:
         return int(self.student_ids.numel())
 
+    def projection(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """`teacher_to_student` as `(teacher ids that have a student token, or None when all do; their student ids)`
+        on `device`, computed once per device."""
+        key = ("projection", str(device))
+        if key not in self._masks:
+            projected = self.teacher_to_student >= 0
+            teacher_ids = None if bool(projected.all()) else projected.nonzero().squeeze(-1).to(device)
+            self._masks[key] = (teacher_ids, self.teacher_to_student[projected].to(device))
+        return self._masks[key]
+
     def unmatched_masks(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean masks `(student (V_s,), teacher (V_t,))`, `True` on ids outside the matched vocabulary."""
         key = str(device)
@@ -232,8 +242,9 @@ def build_vocabulary_mapping(
     teacher_ids = torch.tensor([pairs[i] for i in sorted(pairs)], dtype=torch.long)
     mapping = VocabularyMapping(student_ids, teacher_ids, student_vocab_size, teacher_vocab_size, union_size)
     if unmatched == "prefix":
-        projection = torch.full((teacher_vocab_size,), -1, dtype=torch.long)
-        projection[teacher_ids] = student_ids
+        projection = [-1] * teacher_vocab_size  # a list: per-element tensor writes are slow over 262k ids
+        for student_id, teacher_id in pairs.items():
+            projection[teacher_id] = student_id
         longest = max((len(piece) for piece in student_index), default=0)
         specials = special_token_ids(teacher_tokenizer)
         for token_id, piece in enumerate(teacher_bytes[:teacher_vocab_size]):
@@ -244,7 +255,7 @@ def build_vocabulary_mapping(
                 if student_id is not None:
                     projection[token_id] = student_id
                     break
-        mapping.teacher_to_student = projection
+        mapping.teacher_to_student = torch.tensor(projection, dtype=torch.long)
     return mapping
 
 

@@ -173,10 +173,11 @@ def matched_vocabulary_divergence(
                 "reverse KL is infinite wherever the student puts mass on a token the projected teacher gives none; "
                 "use forward_kl or jsd (beta < 1) with unmatched='prefix', or unmatched='bucket'."
             )
-        projection = mapping.teacher_to_student.to(device)
-        projected = projection >= 0
-        teacher_probs = torch.softmax(_upcast(teacher_logits) / temperature, dim=-1)[:, projected]
-        moved = torch.zeros_like(student_log_probs).index_add_(-1, projection[projected], teacher_probs)
+        teacher_ids, student_ids = mapping.projection(device)
+        teacher_probs = torch.softmax(_upcast(teacher_logits) / temperature, dim=-1)
+        if teacher_ids is not None:
+            teacher_probs = teacher_probs.index_select(-1, teacher_ids)
+        moved = torch.zeros_like(student_log_probs).index_add_(-1, student_ids, teacher_probs)
         # what a teacher token without a student prefix held (an unpaired special token) is left out
         log_t = (moved / moved.sum(-1, keepdim=True)).log()
         log_s = student_log_probs

@@ -306,3 +306,40 @@ def test_the_default_encoding_is_sampled_for_an_in_process_teacher(tmp_path, sha
     )
     assert (cache.manifest["encoding"], cache.sample_draws, cache.manifest["format_version"]) == ("sampled", 64, 3)
     assert (default_encoding(served=False), default_encoding(served=True)) == ("sampled", "compact")
+
+
+def test_a_full_disk_mid_shard_keeps_finished_sampled_shards_and_the_capture_resumes(
+    tmp_path, sharp_teacher, rows, monkeypatch
+):
+    """`OSError(ENOSPC)` while shard 1 is written: shard 0 stays, nothing half-written is visible, and the rerun
+    writes only the rest, byte for byte what an uninterrupted sampled capture writes."""
+    import errno
+
+    import pyarrow
+    from test_teacher_cache_integrity import _DiskFillsUp
+
+    teacher, tokenizer = sharp_teacher
+    kwargs = dict(encoding="sampled", batch_size=2, shard_size=4, tokenizer=tokenizer, show_progress=False,
+                  teacher_name_or_path="sharp")  # fmt: skip
+    real_os_file = pyarrow.OSFile
+
+    def shard_file(path, mode="r", **options):
+        if "shard-00001" in str(path) and "w" in mode:
+            return pyarrow.PythonFile(_DiskFillsUp(str(path), capacity=1000), mode="w")
+        return real_os_file(path, mode, **options)
+
+    monkeypatch.setattr(pyarrow, "OSFile", shard_file)
+    with pytest.raises(OSError) as full:
+        cache_teacher_logits(teacher, rows, tmp_path / "cache", **kwargs)
+    assert full.value.errno == errno.ENOSPC and "shard-00001" in str(full.value)
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == ["cache_plan.json", "shard-00000"]
+    first = (tmp_path / "cache" / "shard-00000" / "data.arrow").read_bytes()
+
+    monkeypatch.setattr(pyarrow, "OSFile", real_os_file)
+    counting = SharpTeacher(teacher.model, scale=4.0)
+    resumed = cache_teacher_logits(counting, rows, tmp_path / "cache", **kwargs)
+    assert counting.calls == 4  # shards 1 and 2 only
+    assert (resumed.path / "shard-00000" / "data.arrow").read_bytes() == first
+    straight = cache_teacher_logits(teacher, rows, tmp_path / "straight", **kwargs)
+    for name in ("shard-00000", "shard-00001", "shard-00002"):
+        assert (resumed.path / name / "data.arrow").read_bytes() == (straight.path / name / "data.arrow").read_bytes()

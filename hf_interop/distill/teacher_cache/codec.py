@@ -190,8 +190,6 @@ def encode_rows(
         draws, logprobs = values, None
         if (draws < 0).any() or (draws.sum(-1) > sample_draws).any():
             raise ValueError(f"a row source gave draw counts that are negative or sum to more than {sample_draws}.")
-        kept = draws > 0
-        counts = kept.sum(-1)
     else:
         # a NaN is no probability either, nor an entry at PAD_LOGPROB (-1e4: a served teacher's unfilled slot)
         logprobs = np.where(np.isnan(values) | (values <= _NO_MASS_LOGPROB), np.float16(-np.inf), values)
@@ -204,8 +202,9 @@ def encode_rows(
             kept = np.arange(width)[None, :] < counts[:, None]
         else:
             draws = draw_counts(logprobs, positions_per_row, sample_draws, sample_seed, first_row)
-            kept = draws > 0
-            counts = kept.sum(-1)
+    if draws is not None:  # the drawn ids, each with its count
+        kept = draws > 0
+        counts = kept.sum(-1)
     if kept.any() and int(ids[kept].max()) >= vocab_size:
         raise ValueError(f"a row source gave token id {int(ids[kept].max())} >= vocab_size {vocab_size}.")
     # kept entries in increasing id order (what the Elias-Fano code needs); the rest after them

@@ -645,8 +645,9 @@ def _stored_columns(manifest: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _check_compact_counts(path: Path, shard: dict[str, Any], part: Any, top_k: int) -> None:
-    """A compact shard's kept counts: none above `top_k` (a sampled one's: `sample_draws`), summing to the entries its writer recorded (cheap: one
-    byte per position; the checksum covers every byte, this catches a shard that decodes to other rows)."""
+    """An encoded shard's kept counts: none above `top_k` (a sampled one's: `sample_draws`), summing to the entries
+    its writer recorded (cheap: one byte per position; the checksum covers every byte, this catches a shard that
+    decodes to other rows)."""
     counts = part.data.column(COUNTS_COLUMN).combine_chunks().flatten().to_numpy(zero_copy_only=False)
     largest = int(counts.max(initial=0))
     total = int(counts.sum(dtype=np.int64))

@@ -75,11 +75,11 @@ def draw_from_logits(logits: Any, temperature: float, uniforms: np.ndarray) -> t
     # the first edge above u: token j when cumulative[j - 1] <= u < cumulative[j] (a token without mass never)
     ids = torch.searchsorted(cumulative, targets, right=True).clamp_(max=probs.shape[-1] - 1).cpu().numpy()
     ids.sort(axis=-1)
-    num_positions, draws = ids.shape
+    # a run of equal ids starts where the id changes (and at every position's first draw); its length is the distance
+    # to the next start in row-major order
     starts = np.ones(ids.shape, dtype=bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    # rows lifted apart so one searchsorted over the flattened draws finds where each run ends
-    flat = (ids + np.arange(num_positions, dtype=np.int64)[:, None] * (probs.shape[-1] + 1)).reshape(-1)
-    run_end = np.searchsorted(flat, flat, side="right").reshape(ids.shape)
-    lengths = run_end - np.arange(num_positions * draws, dtype=np.int64).reshape(ids.shape)
-    return ids, np.where(starts, lengths, 0).astype(np.int32)
+    first = np.flatnonzero(starts)
+    counts = np.zeros(ids.shape, dtype=np.int32)
+    counts.reshape(-1)[first] = np.diff(first, append=ids.size)
+    return ids, counts
