@@ -34,6 +34,7 @@ import gc
 import importlib.util
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -214,7 +215,10 @@ def main() -> None:
     parser.add_argument("--memory-budget-gb", type=float, default=3.0, help="skip dense methods predicted above this")
     parser.add_argument("--time-budget-s", type=float, default=480.0, help="skip cells that would overrun this")
     parser.add_argument("--result-name", default="losses", help="results/<name>.md; name partial runs differently")
-    parser.add_argument("--compiled-chunk-size", type=int, default=256, help="hf_compiled's chunk size")
+    parser.add_argument("--compiled-chunk-size", type=int, default=512, help="hf_compiled's chunk size")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="timed runs per cell: the table shows the median time (and the range)"
+    )
     parser.add_argument(
         "--profile", nargs="*", default=[], metavar="METHOD", help="profile one more step of these methods at the "
         "largest size (PyTorch profiler, top operators by self CPU time appended to the result)",
@@ -276,11 +280,14 @@ def main() -> None:
             gc.collect()
             inputs_by_size[num_tokens] = build_inputs(num_tokens, device)
         inputs = inputs_by_size[num_tokens]
-        seconds, cpu_seconds, peak_bytes, value = measure(make_step(method, loss, inputs), inputs, device)
+        runs = [measure(make_step(method, loss, inputs), inputs, device) for _ in range(args.repeats)]
+        seconds, cpu_seconds = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+        peak_bytes, value = max(r[2] for r in runs), runs[0][3]
         load = os.getloadavg()[0]
         results[key] = {
             "status": "ok",
             "seconds": seconds,
+            "seconds_range": (min(r[0] for r in runs), max(r[0] for r in runs)),
             "cpu_seconds": cpu_seconds,
             "peak_bytes": peak_bytes,
             "loss": value,
@@ -288,7 +295,8 @@ def main() -> None:
         }
         print(
             f"{num_tokens:>6} {loss:<10} {method:<12} {seconds:8.2f} s {cpu_seconds:8.2f} CPU s "
-            f"{peak_bytes / 2**20:9.0f} MiB  loss {value:.6f}  load {load:.1f}",
+            f"{peak_bytes / 2**20:9.0f} MiB  loss {value:.6f}  load {load:.1f}  runs "
+            f"{' '.join(f'{r[0]:.2f}' for r in runs)}",
             flush=True,
         )
 
@@ -320,8 +328,10 @@ def main() -> None:
                 memory_ratio = f"{naive_mark}{cell['peak_bytes'] / naive_bytes:.2f}" if naive_bytes else "-"
                 time_ratio = f"{naive_mark}{cell['seconds'] / naive_seconds:.2f}" if naive_seconds else "-"
                 cpu_ratio = f"{naive_mark}{cell['cpu_seconds'] / naive_cpu_seconds:.2f}" if naive_cpu_seconds else "-"
+                low, high = cell["seconds_range"]
+                spread = f" ({low:.2f}-{high:.2f})" if args.repeats > 1 else ""
                 rows.append(
-                    f"| {num_tokens} | {loss} | {method} | {cell['peak_bytes'] / 2**20:.0f} | {cell['seconds']:.2f} | "
+                    f"| {num_tokens} | {loss} | {method} | {cell['peak_bytes'] / 2**20:.0f} | {cell['seconds']:.2f}{spread} | "
                     f"{cell['cpu_seconds']:.2f} | {memory_ratio} | {time_ratio} | {cpu_ratio} | {cell['loss']:.6f} | "
                     f"{cell['load']:.1f} |"
                 )
@@ -329,7 +339,13 @@ def main() -> None:
         f"Forward+backward of the KD loss from hidden states (hidden {HIDDEN}, vocab {VOCAB}); student hidden states "
         "and head get gradients, the teacher none. Peak memory: "
         + ("CUDA max allocated above the start." if device.type == "cuda" else "peak RSS above the start (CPU).")
-        + " One timed run per cell after a small warm-up. `~` = ratio against the naive cost extrapolated linearly "
+        + (
+            f" Time: median of {args.repeats} timed runs per cell (their range in brackets; CPU time and ratios use "
+            "medians), after a small warm-up."
+            if args.repeats > 1
+            else " One timed run per cell after a small warm-up."
+        )
+        + " `~` = ratio against the naive cost extrapolated linearly "
         "from the smallest size (the naive case was not run there). Timings taken on a machine shared with other "
         "jobs: compare ratios within one run, not absolute seconds; the process CPU time (all threads) is less "
         "sensitive to the other jobs than the wall time."

@@ -84,10 +84,85 @@ def _row_sum(x: Tensor) -> Tensor:
     return x.sum(-1)
 
 
+def _moments(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Row statistics of `z` as reductions only: `(max, sum of exp(z - max), sum of exp(z - max) * (z - max))`,
+    each `(rows, 1)`. Written this way inductor computes all three in two reading passes and stores no shifted copy
+    of `z` (its log-softmax decomposition materialises `z - max` and reads it back)."""
+    top = z.amax(-1, keepdim=True)
+    shifted = z - top
+    e = shifted.exp()
+    return top, e.sum(-1, keepdim=True), torch.where(e > 0, e * shifted, 0.0).sum(-1, keepdim=True)
+
+
+def _forward_kl_kernel(spec: _KernelSpec, logits: Tensor, teacher: Tensor, labels: Tensor, mask: Tensor, scalars):
+    """Forward KL (the default loss) in reduction form: per row `KL = sum_v p_v (y_v - x_v) - lse(y) + lse(x)` with
+    `x, y` the tempered logits, so one pass reads both chunks for the maxima (and the argmaxes, row sums), one for
+    the sums, and one writes the gradient `softmax(x) - softmax(y)`: three passes and one written buffer, where the
+    log-softmax form makes about eight passes and writes three (the difference is most of the kernel's time on a
+    CPU). Same values and outputs as `_chunk_kernel`."""
+    inv_t, factor, kd_ratio = scalars[_INV_T], scalars[_FACTOR], scalars[_KD_RATIO]
+    compared = logits[:, : spec.vocab]
+    teacher = teacher[:, : spec.vocab]
+    x = compared * inv_t
+    y = teacher * inv_t
+    x_top, x_sum, x_weighted = _moments(x)  # x_weighted is dead code (dropped by inductor) unless temperature is 1
+    y_top = y.amax(-1, keepdim=True)
+    y_shifted = y - y_top
+    p_unnormalized = y_shifted.exp()
+    y_sum = p_unnormalized.sum(-1, keepdim=True)
+    x_lse = x_top + x_sum.log()
+    y_lse = y_top + y_sum.log()
+    # sum_v p_v ((y_v - y_top) - (x_v - x_top)): the shifted differences stay small where the two agree
+    cross = torch.where(p_unnormalized > 0, p_unnormalized * (y_shifted - (x - x_top)), 0.0).sum(-1, keepdim=True)
+    values = (cross / y_sum - y_sum.log() + x_sum.log()).squeeze(-1)
+    grad = (x - x_lse).exp() - (y - y_lse).exp()
+    values = values * factor * mask
+    grad = grad * (factor * inv_t)
+    if spec.vocab < logits.shape[-1]:
+        grad = F.pad(grad, (0, logits.shape[-1] - spec.vocab))
+    # statistics at temperature 1: reuse the sums above when the divergence ran at temperature 1
+    if spec.unit_temperature:
+        s_top, s_sum, s_weighted = x_top, x_sum, x_weighted
+    else:
+        s_top, s_sum, s_weighted = _moments(compared)
+    student_entropy = (s_sum.log() - s_weighted / s_sum).squeeze(-1)
+    if spec.teacher_statistics:
+        if spec.unit_temperature:
+            t_weighted = torch.where(p_unnormalized > 0, p_unnormalized * y_shifted, 0.0).sum(-1, keepdim=True)
+            t_sum = y_sum
+        else:
+            _, t_sum, t_weighted = _moments(teacher)
+        teacher_entropy = (t_sum.log() - t_weighted / t_sum).squeeze(-1)
+        teacher_argmax = teacher.argmax(-1)
+    else:
+        teacher_entropy = values.new_zeros(values.shape)
+        teacher_argmax = labels
+    ce = values.new_zeros(values.shape)
+    if spec.compute_ce or spec.mix_ce:
+        if spec.vocab == logits.shape[-1]:
+            full_lse = s_top + s_sum.log()
+        else:
+            full_top = logits.amax(-1, keepdim=True)
+            full_lse = full_top + (logits - full_top).exp().sum(-1, keepdim=True).log()
+        if spec.compute_ce:
+            ce = (full_lse.squeeze(-1) - logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)) * mask
+            if spec.mix_ce:
+                one_hot = torch.arange(logits.shape[-1], device=logits.device) == labels.unsqueeze(-1)
+                grad = kd_ratio * grad + (1.0 - kd_ratio) * ((logits - full_lse).exp() - one_hot.to(logits.dtype))
+        else:
+            grad = kd_ratio * grad
+    return (
+        grad * mask.unsqueeze(-1), values, ce, student_entropy, teacher_entropy, compared.argmax(-1), teacher_argmax,
+        _row_sum(teacher),
+    )  # fmt: skip
+
+
 def _chunk_kernel(spec: _KernelSpec, logits: Tensor, teacher: Tensor, labels: Tensor, mask: Tensor, scalars: Tensor):
     """One chunk: `(grad w.r.t. logits, kd, ce, student entropy, teacher entropy, student argmax, teacher argmax,
     teacher row sums)`. Same math as `divergences._divergence_and_logit_grad` and `_ChunkRunner`'s cross-entropy;
     rows where `mask` is 0 get zero values and gradients."""
+    if spec.loss_type == "forward_kl" and not spec.teacher_normalized:
+        return _forward_kl_kernel(spec, logits, teacher, labels, mask, scalars)
     inv_t, factor, beta, alpha, kd_ratio = (scalars[i] for i in range(5))
     compared = logits[:, : spec.vocab]
     teacher = teacher[:, : spec.vocab]
