@@ -194,6 +194,7 @@ def main() -> None:
     parser.add_argument("--backend", default="eager", help="hf_interop's loss_backend (worker)")
     parser.add_argument("--work_dir", default=None)
     parser.add_argument("--variants", type=int, nargs="+", default=None, help="indices into VARIANTS (default: all)")
+    parser.add_argument("--result_name", default="trainer", help="benchmarks/results/<name>.md")
     options = parser.parse_args()
     if options.worker:
         result = worker(options.worker, Path(options.work_dir), options.chunk_size, options.precision, options.backend)
@@ -257,7 +258,7 @@ def main() -> None:
         "same batch.\n"
     )
     write_result(
-        "trainer",
+        options.result_name,
         markdown,
         {"runs": {"_".join(map(str, variant)): runs for variant, runs in rounds.items()}, "ratios": ratios},
     )
