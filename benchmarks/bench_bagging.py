@@ -188,6 +188,18 @@ def timed_train(trainer) -> tuple[object, float]:
     return ensemble, time.perf_counter() - start
 
 
+def _selected(name: str, chosen: list[str]) -> bool:
+    """Whether variant `name` ("one model", "boosting (reweight)", ...) is among `chosen` ("all", "one", "boosting",
+    "reweight", ...)."""
+    words = name.replace("(", "").replace(")", "").lower().split()
+    return "all" in chosen or words[0] in chosen or words[-1] in chosen
+
+
+def bag_size(options, steps: int, batch: int, examples: int) -> float | int:
+    """Each bagged member's draw: `--max_samples` as a fraction, or "read" = what a member reads (steps x batch)."""
+    return min(steps * batch, examples) if options.max_samples == "read" else float(options.max_samples)
+
+
 def part_causal_lm(base: str, tokenizer, work: Path, options) -> dict:
     from hf_interop import load_builtin_corpus, pack_dataset
     from hf_interop.ensemble.bagging import BaggingConfig, BaggingTrainer
@@ -207,11 +219,16 @@ def part_causal_lm(base: str, tokenizer, work: Path, options) -> dict:
     rows, extra = {}, {}
     variants = [
         ("one model", BaggingConfig, dict(n_estimators=1, bootstrap=False, oob_score=False), total),
-        ("bagging", BaggingConfig, dict(n_estimators=members), steps),
+        (
+            "bagging",
+            BaggingConfig,
+            dict(n_estimators=members, max_samples=bag_size(options, steps, 8, len(train))),
+            steps,
+        ),
         ("boosting (reweight)", BoostingConfig, dict(n_estimators=members, boosting="reweight"), steps),
         ("boosting (additive)", BoostingConfig, dict(n_estimators=members, boosting="additive"), steps),
     ]
-    variants = [variant for variant in variants if variant[0].split()[0] in options.lm_variants]
+    variants = [variant for variant in variants if _selected(variant[0], options.lm_variants)]
     for name, config_class, fields, member_steps in variants:
         args = config_class(
             **common_args(work / name.replace(" ", "_"), member_steps, 8, options.lm_lr, options.use_lora), **fields
@@ -268,10 +285,15 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
     rows, staged = {}, {}
     variants = [
         ("one model", BaggingConfig, dict(n_estimators=1, bootstrap=False, oob_score=False), total),
-        ("bagging", BaggingConfig, dict(n_estimators=members), steps),
+        (
+            "bagging",
+            BaggingConfig,
+            dict(n_estimators=members, max_samples=bag_size(options, steps, 16, len(train))),
+            steps,
+        ),
         ("boosting (SAMME)", BoostingConfig, dict(n_estimators=members, boosting="samme"), steps),
     ]
-    variants = [variant for variant in variants if options.classifier_variants in ("all", variant[0].split()[0])]
+    variants = [variant for variant in variants if _selected(variant[0], options.classifier_variants)]
     for name, config_class, fields, member_steps in variants:
         args = config_class(
             **common_args(
@@ -393,14 +415,24 @@ def main() -> None:
     parser.add_argument("--result_name", default="bagging", help="benchmarks/results/<name>.md")
     parser.add_argument("--additive_cost", action="store_true", help="only time additive steps vs frozen members")
     parser.add_argument(
-        "--classifier_variants", default="all", choices=("all", "one", "bagging", "boosting"), help="which to run"
+        "--classifier_variants",
+        nargs="+",
+        default=["all"],
+        choices=("all", "one", "bagging", "boosting", "samme"),
+        help="which to run",
     )
     parser.add_argument(
         "--lm_variants",
         nargs="+",
         default=["one", "bagging", "boosting"],
-        choices=("one", "bagging", "boosting"),
-        help="causal-LM variants to run ('one' is the reference of every ratio: keep it)",
+        choices=("one", "bagging", "boosting", "reweight", "additive"),
+        help="causal-LM variants to run ('one' is the reference of every ratio: keep it; 'boosting' = both forms)",
+    )
+    parser.add_argument(
+        "--max_samples",
+        default="1.0",
+        help="each bagged member's draw as a fraction of the training set, or 'read': what a member reads in its "
+        "steps (steps x batch; then every unread example is out of bag)",
     )
     parser.add_argument("--skip_lm", action="store_true")
     parser.add_argument("--skip_classifier", action="store_true")
@@ -453,11 +485,20 @@ def main() -> None:
             lines.append(f"| {count} | {seconds:.3f} | {cost['ratio'][count]:.2f}x |")
         write_result(options.result_name, "\n".join(lines), cost)
         return
-    results = {"members": options.members, "steps_per_member": options.steps, "model": model_line}
+    results = {
+        "members": options.members,
+        "steps_per_member": options.steps,
+        "model": model_line,
+        "lm_lr": options.lm_lr,
+        "cls_lr": options.cls_lr,
+        "max_samples": options.max_samples,
+    }
     lines = [
         f"Base: {model_line}. {options.members} members x {options.steps} optimizer steps against one model trained "
-        f"{options.members * options.steps} steps (equal total steps, same learning rate and batch). Load average "
-        "(1/5/15 min) at the start of each variant beside it.",
+        f"{options.members * options.steps} steps (equal total steps, same learning rate and batch; learning rate "
+        f"{options.lm_lr:g} for the causal LMs, {options.cls_lr:g} for the classifiers, constant; bagged members draw "
+        f"{'what they read (steps x batch)' if options.max_samples == 'read' else options.max_samples + ' of the set'}"
+        "). Load average (1/5/15 min) at the start of each variant beside it.",
         "",
     ]
     if not options.skip_lm:

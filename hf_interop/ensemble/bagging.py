@@ -106,6 +106,22 @@ class BaggingTrainer(EnsembleMemberTrainer):
         ]
         self.oob_score_: float | None = None
         self.oob_scores_: dict[str, float] = {}
+        self._warn_if_bags_are_not_read(len(self.estimators_samples_[0]))
+
+    def _warn_if_bags_are_not_read(self, bag_size: int) -> None:
+        """A member stopped by `max_steps` before one pass over its resample reads only part of it: the rest counts
+        as in bag, so each example has fewer out-of-bag members than it could (a noisier `oob_score_`)."""
+        args = self.args
+        if not args.oob_score or args.max_steps is None or args.max_steps <= 0:
+            return
+        read = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        read *= max(1, args.world_size)
+        if read < bag_size:
+            logger.warning(
+                f"each member trains {args.max_steps} steps = {read} examples but draws {bag_size}: the "
+                f"{bag_size - read} it never reads count as in bag, which leaves fewer out-of-bag members per example. "
+                f"Set max_samples={read} to draw what a member reads."
+            )
 
     def train(self) -> Any:
         """Train (or resume) every member, compute the out-of-bag scores, save and return the ensemble."""

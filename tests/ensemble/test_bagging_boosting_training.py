@@ -353,6 +353,21 @@ def test_bad_input_is_refused_before_training(base_dir, labelled, tmp_path):
     assert not (tmp_path / "trained_members").exists()
 
 
+def test_a_member_that_cannot_read_its_whole_bag_is_warned_about(base_dir, labelled, tmp_path, caplog):
+    """3 steps of 8 read 24 of the 64 drawn examples: the warning names both and the max_samples that fixes it;
+    drawing what a member reads is quiet."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        BaggingTrainer(str(base_dir), _args(BaggingConfig, tmp_path), labelled)
+    assert "trains 3 steps = 24 examples but draws 64" in caplog.text
+    assert "max_samples=24" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        BaggingTrainer(str(base_dir), _args(BaggingConfig, tmp_path, max_samples=24), labelled)
+    assert "draws" not in caplog.text
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Boosting
 # ----------------------------------------------------------------------------------------------------------------
