@@ -108,11 +108,11 @@ def _forward_kl_kernel(spec: _KernelSpec, logits: Tensor, teacher: Tensor, label
     teacher = teacher[:, : spec.vocab]
     x = compared * inv_t
     y = teacher * inv_t
-    x_top, x_sum, x_weighted = _moments(x)  # x_weighted is dead code (dropped by inductor) unless temperature is 1
-    y_top = y.amax(-1, keepdim=True)
+    # the weighted sums feed the entropies at temperature 1; otherwise they are dead code, dropped by inductor
+    x_top, x_sum, x_weighted = _moments(x)
+    y_top, y_sum, y_weighted = _moments(y)
     y_shifted = y - y_top
-    p_unnormalized = y_shifted.exp()
-    y_sum = p_unnormalized.sum(-1, keepdim=True)
+    p_unnormalized = y_shifted.exp()  # the same expression as in `_moments`: inductor computes it once per pass
     x_lse = x_top + x_sum.log()
     y_lse = y_top + y_sum.log()
     # sum_v p_v ((y_v - y_top) - (x_v - x_top)): the shifted differences stay small where the two agree
@@ -131,8 +131,7 @@ def _forward_kl_kernel(spec: _KernelSpec, logits: Tensor, teacher: Tensor, label
     student_entropy = (s_sum.log() - s_weighted / s_sum).squeeze(-1)
     if spec.teacher_statistics:
         if spec.unit_temperature:
-            t_weighted = torch.where(p_unnormalized > 0, p_unnormalized * y_shifted, 0.0).sum(-1, keepdim=True)
-            t_sum = y_sum
+            t_sum, t_weighted = y_sum, y_weighted
         else:
             _, t_sum, t_weighted = _moments(teacher)
         teacher_entropy = (t_sum.log() - t_weighted / t_sum).squeeze(-1)
