@@ -316,19 +316,12 @@ def test_a_full_disk_mid_shard_keeps_finished_sampled_shards_and_the_capture_res
     import errno
 
     import pyarrow
-    from test_teacher_cache_integrity import _DiskFillsUp
+    from test_teacher_cache_integrity import fill_the_disk_while_writing
 
     teacher, tokenizer = sharp_teacher
     kwargs = dict(encoding="sampled", batch_size=2, shard_size=4, tokenizer=tokenizer, show_progress=False,
                   teacher_name_or_path="sharp")  # fmt: skip
-    real_os_file = pyarrow.OSFile
-
-    def shard_file(path, mode="r", **options):
-        if "shard-00001" in str(path) and "w" in mode:
-            return pyarrow.PythonFile(_DiskFillsUp(str(path), capacity=1000), mode="w")
-        return real_os_file(path, mode, **options)
-
-    monkeypatch.setattr(pyarrow, "OSFile", shard_file)
+    real_os_file = fill_the_disk_while_writing(monkeypatch, "shard-00001")
     with pytest.raises(OSError) as full:
         cache_teacher_logits(teacher, rows, tmp_path / "cache", **kwargs)
     assert full.value.errno == errno.ENOSPC and "shard-00001" in str(full.value)

@@ -355,17 +355,24 @@ class _DiskFillsUp:
         self.closed = True
 
 
-def test_a_full_disk_while_writing_a_shard_names_it_and_the_capture_resumes(
-    tmp_path, teacher_dir, corpus_tokenizer, rows, reference, monkeypatch, one_thread
-):
+def fill_the_disk_while_writing(monkeypatch, shard: str, capacity: int = 1000):
+    """Patch pyarrow so writing `shard`'s files fails as a full disk after `capacity` bytes; returns the real
+    `pyarrow.OSFile`, to put back when the space is freed."""
     real_os_file = pyarrow.OSFile
 
     def shard_file(path, mode="r", **kwargs):
-        if "shard-00002" in str(path) and "w" in mode:
-            return pyarrow.PythonFile(_DiskFillsUp(str(path), capacity=1000), mode="w")
+        if shard in str(path) and "w" in mode:
+            return pyarrow.PythonFile(_DiskFillsUp(str(path), capacity=capacity), mode="w")
         return real_os_file(path, mode, **kwargs)
 
     monkeypatch.setattr(pyarrow, "OSFile", shard_file)
+    return real_os_file
+
+
+def test_a_full_disk_while_writing_a_shard_names_it_and_the_capture_resumes(
+    tmp_path, teacher_dir, corpus_tokenizer, rows, reference, monkeypatch, one_thread
+):
+    real_os_file = fill_the_disk_while_writing(monkeypatch, "shard-00002")
     output = tmp_path / "cache"
     model = _load(teacher_dir)
     with pytest.raises(OSError) as full:
