@@ -41,23 +41,11 @@ import numpy as np
 import torch
 from _common import RESULTS_DIR, write_result
 
+from hf_interop.ensemble.calibration import expected_calibration_error
+
 
 def load_average() -> str:
     return ", ".join(f"{value:.1f}" for value in os.getloadavg())
-
-
-def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
-    """Sum over equal-width confidence bins of |accuracy - mean confidence| weighted by the bin's share."""
-    confidence, correct = confidence.double().flatten(), correct.double().flatten()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    error = 0.0
-    for low, high in zip(edges[:-1], edges[1:], strict=True):
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            error += inside.double().mean().item() * abs(
-                correct[inside].mean().item() - confidence[inside].mean().item()
-            )
-    return error
 
 
 def train_tokenizer(texts: list[str], directory: Path):
@@ -175,10 +163,11 @@ def classifier_metrics(ensemble, dataset, collator) -> dict[str, float]:
         probabilities = torch.softmax(logits.float(), -1)
         confidences.append(probabilities.max(-1).values)
         corrects.append(probabilities.argmax(-1) == batch["labels"])
-    correct = torch.cat(corrects)
+    correct, confidence = torch.cat(corrects), torch.cat(confidences)
     return {
         "accuracy": correct.double().mean().item(),
-        "ece": expected_calibration_error(torch.cat(confidences), correct),
+        "ece": expected_calibration_error(confidence, correct),
+        "confidence": confidence.double().mean().item(),
     }
 
 
@@ -288,7 +277,11 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
         (
             "bagging",
             BaggingConfig,
-            dict(n_estimators=members, max_samples=bag_size(options, steps, 16, len(train))),
+            dict(
+                n_estimators=members,
+                max_samples=bag_size(options, steps, 16, len(train)),
+                calibrate_vote=options.calibrate_vote,
+            ),
             steps,
         ),
         ("boosting (SAMME)", BoostingConfig, dict(n_estimators=members, boosting="samme"), steps),
@@ -305,12 +298,21 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
         trainer = trainer_class(base, args, train, processing_class=tokenizer)
         load = load_average()
         ensemble, seconds = timed_train(trainer)
-        metrics = classifier_metrics(ensemble, held_out, trainer.collator)
-        same_pool = classifier_metrics(ensemble, pool_test, trainer.collator)
-        metrics.update(pool_accuracy=same_pool["accuracy"], pool_ece=same_pool["ece"])
-        metrics.update(seconds=seconds, load=load)
-        if name == "bagging":
-            metrics["oob_accuracy"] = trainer.oob_score_
+        temperature = getattr(trainer, "vote_temperature_", 1.0)
+        # a calibrated vote is scored twice: as trained (temperature 1) and with the out-of-bag temperature
+        for temperature_label, vote_temperature in (("", 1.0), (" (out-of-bag temperature)", temperature)):
+            if temperature_label and not (name == "bagging" and options.calibrate_vote):
+                continue
+            ensemble.config.vote_temperature = vote_temperature
+            metrics = classifier_metrics(ensemble, held_out, trainer.collator)
+            same_pool = classifier_metrics(ensemble, pool_test, trainer.collator)
+            metrics.update(pool_accuracy=same_pool["accuracy"], pool_ece=same_pool["ece"])
+            metrics.update(pool_confidence=same_pool["confidence"], seconds=seconds, load=load)
+            if name == "bagging":
+                metrics["oob_accuracy"] = trainer.oob_score_
+                metrics["oob_scores"] = trainer.oob_scores_
+            rows[name + temperature_label] = metrics
+            print(name + temperature_label, json.dumps(metrics, default=str), flush=True)
         if name.startswith("boosting"):
             metrics["weights"] = [round(w, 3) for w in trainer.estimator_weights_]
             metrics["errors"] = [round(e, 3) for e in trainer.estimator_errors_]
@@ -320,8 +322,8 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
                 "same_pool": trainer.staged_score(pool_test),
             }
             metrics["stopped_early"] = trainer.stopped_early_
-        rows[name] = metrics
-        print(name, json.dumps(metrics, default=str), flush=True)
+            rows[name] = metrics
+            print(name, json.dumps(metrics, default=str), flush=True)
     return {
         "rows": rows,
         "staged": staged,
@@ -434,6 +436,11 @@ def main() -> None:
         help="each bagged member's draw as a fraction of the training set, or 'read': what a member reads in its "
         "steps (steps x batch; then every unread example is out of bag)",
     )
+    parser.add_argument(
+        "--calibrate_vote",
+        action="store_true",
+        help="bagged classifiers fit their vote's temperature out of bag (scored with and without it)",
+    )
     parser.add_argument("--skip_lm", action="store_true")
     parser.add_argument("--skip_classifier", action="store_true")
     options = parser.parse_args()
@@ -534,34 +541,49 @@ def main() -> None:
             f"{cls['pool_examples']} same-pool paragraphs (a random fifth of the training files' paragraphs per class, "
             "held out of training)",
             "",
-            "| variant | held-out accuracy | held-out ECE | same-pool accuracy | same-pool ECE | out-of-bag accuracy | "
-            "member weights (errors) | seconds | load |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| variant | held-out accuracy | held-out ECE | held-out mean confidence | same-pool accuracy | "
+            "same-pool ECE | same-pool mean confidence | out-of-bag accuracy | member weights (errors) | seconds | "
+            "load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in cls["rows"].items():
             oob = f"{row['oob_accuracy']:.3f}" if row.get("oob_accuracy") is not None else "-"
             weights = f"{row['weights']} ({row['errors']})" if "weights" in row else "-"
             lines.append(
-                f"| {name} | {row['accuracy']:.3f} | {row['ece']:.4f} | {row['pool_accuracy']:.3f} | "
-                f"{row['pool_ece']:.4f} | {oob} | {weights} | {row['seconds']:.0f} | "
-                f"{row['load']} |"
+                f"| {name} | {row['accuracy']:.3f} | {row['ece']:.4f} | {row['confidence']:.3f} | "
+                f"{row['pool_accuracy']:.3f} | {row['pool_ece']:.4f} | {row['pool_confidence']:.3f} | {oob} | "
+                f"{weights} | {row['seconds']:.0f} | {row['load']} |"
             )
+        scores = next(
+            (row["oob_scores"] for row in cls["rows"].values() if "vote_temperature" in row.get("oob_scores", {})),
+            None,
+        )
+        if scores:
+            lines += [
+                "",
+                f"Out-of-bag vote temperature {scores['vote_temperature']:.3f} (fitted on {scores['oob_examples']:.0f} "
+                f"out-of-bag votes): their log loss {scores['oob_log_loss']:.4f} -> "
+                f"{scores['oob_log_loss_calibrated']:.4f}, ECE {scores['oob_ece']:.4f} -> "
+                f"{scores['oob_ece_calibrated']:.4f} (fitted on the same votes, so optimistic; the held-out columns "
+                "are the test).",
+            ]
         staged = cls["staged"] or {"train": [], "held_out": []}
-        lines += [
-            "",
-            "SAMME staged accuracy after each member:",
-            "",
-            "| members | train | held-out (other documents) | same-pool |",
-            "|---|---|---|---|",
-        ]
-        for index, (train_score, held, pool_score) in enumerate(
-            zip(staged["train"], staged["held_out"], staged.get("same_pool", []), strict=False)
-        ):
-            lines.append(f"| {index + 1} | {train_score:.3f} | {held:.3f} | {pool_score:.3f} |")
-        png = RESULTS_DIR / "bagging_staged_samme.png"
-        RESULTS_DIR.mkdir(exist_ok=True)
-        if staged_plot(staged, png):
-            lines += ["", f"![SAMME staged accuracy]({png.name})"]
+        if staged["train"]:
+            lines += [
+                "",
+                "SAMME staged accuracy after each member:",
+                "",
+                "| members | train | held-out (other documents) | same-pool |",
+                "|---|---|---|---|",
+            ]
+            for index, (train_score, held, pool_score) in enumerate(
+                zip(staged["train"], staged["held_out"], staged.get("same_pool", []), strict=False)
+            ):
+                lines.append(f"| {index + 1} | {train_score:.3f} | {held:.3f} | {pool_score:.3f} |")
+            png = RESULTS_DIR / "bagging_staged_samme.png"
+            RESULTS_DIR.mkdir(exist_ok=True)
+            if staged_plot(staged, png):
+                lines += ["", f"![SAMME staged accuracy]({png.name})"]
     write_result(options.result_name, "\n".join(lines), results)
 
 

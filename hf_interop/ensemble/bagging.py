@@ -15,12 +15,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..logging_utils import get_logger
-from .member_training import EnsembleMemberTrainer, EnsembleTrainingConfig, label_column
+from .member_training import EnsembleMemberTrainer, EnsembleTrainingConfig, infer_task, label_column
 from .resampling import (
     check_n_estimators,
     member_sample_indices,
     oob_classification_score,
     oob_language_model_score,
+    oob_vote,
     out_of_bag_mask,
     resolve_max_samples,
 )
@@ -47,6 +48,13 @@ class BaggingConfig(EnsembleTrainingConfig):
             and bits per byte for causal LMs). Costs one forward pass of every member over the training set.
         combination (`str`, *optional*, defaults to `"mixture"`): rule of a causal-LM ensemble (see `EnsembleConfig`).
         voting (`str`, *optional*, defaults to `"soft"`): rule of a classifier ensemble.
+        calibrate_vote (`bool`, *optional*, defaults to `False`):
+            Classifiers with soft voting: fit the vote's temperature (`EnsembleConfig.vote_temperature`) on the
+            out-of-bag votes, so that the ensemble's confidence matches its accuracy without held-out data. Averaging
+            members flattens the vote; one temperature undoes that and never changes a predicted class. Needs
+            `oob_score=True` and members that leave examples out of bag (the out-of-bag vote of few members is
+            sharper than the full vote, so the fit is best when each example is out of bag for most members: a small
+            `max_samples`).
     """
 
     n_estimators: int = field(default=4, metadata={"help": "Members to train (>= 1)."})
@@ -56,6 +64,9 @@ class BaggingConfig(EnsembleTrainingConfig):
     oob_score: bool = field(default=True, metadata={"help": "Compute out-of-bag scores after training."})
     combination: str = field(default="mixture", metadata={"help": "Causal-LM combination rule."})
     voting: str = field(default="soft", metadata={"help": "Classifier voting rule."})
+    calibrate_vote: bool = field(
+        default=False, metadata={"help": "Fit the soft vote's temperature on the out-of-bag votes (classifiers)."}
+    )
 
     def __post_init__(self):
         check_n_estimators(self.n_estimators)
@@ -71,6 +82,16 @@ class BaggingConfig(EnsembleTrainingConfig):
             raise ValueError(f"max_samples={self.max_samples!r} as a count must be >= 1.")
         if isinstance(self.random_state, bool) or not isinstance(self.random_state, int) or self.random_state < 0:
             raise ValueError(f"random_state={self.random_state!r} must be an integer >= 0.")
+        if self.calibrate_vote and not self.oob_score:
+            raise ValueError(
+                "calibrate_vote=True fits the vote's temperature on the out-of-bag votes, which oob_score=False turns "
+                "off; set oob_score=True or calibrate_vote=False."
+            )
+        if self.calibrate_vote and self.voting != "soft":
+            raise ValueError(
+                f"calibrate_vote=True rescales the soft vote's probabilities; voting={self.voting!r} has none. Use "
+                "voting='soft' or calibrate_vote=False."
+            )
         super().__post_init__()
 
 
@@ -98,6 +119,11 @@ class BaggingTrainer(EnsembleMemberTrainer):
         if train_dataset is None or len(train_dataset) == 0:
             raise ValueError("train_dataset is empty; bagging needs at least one tokenized example.")
         resolve_max_samples(args.max_samples, len(train_dataset))
+        if args.calibrate_vote and infer_task(train_dataset, args.task) != "sequence_classification":
+            raise ValueError(
+                "calibrate_vote=True calibrates a classifier's soft vote, but the training data is for a causal LM "
+                "(no integer `label` column); set calibrate_vote=False."
+            )
         super().__init__(model, args, train_dataset, **kwargs)
         num_examples = len(train_dataset)
         self.estimators_samples_ = [
@@ -105,6 +131,7 @@ class BaggingTrainer(EnsembleMemberTrainer):
             for index in range(args.n_estimators)
         ]
         self.oob_score_: float | None = None
+        self.vote_temperature_: float = 1.0
         self.oob_scores_: dict[str, float] = {}
         self._warn_if_bags_are_not_read(len(self.estimators_samples_[0]))
 
@@ -137,6 +164,7 @@ class BaggingTrainer(EnsembleMemberTrainer):
         if args.oob_score:
             self.compute_oob_score()
         ensemble = self.build_ensemble(indices, None, args.combination, args.voting)
+        ensemble.config.vote_temperature = self.vote_temperature_ if self.task == "sequence_classification" else 1.0
         self.save_ensemble(ensemble, self.record(), self.card())
         return ensemble
 
@@ -154,6 +182,8 @@ class BaggingTrainer(EnsembleMemberTrainer):
             labels = torch.tensor(self.train_dataset[label_column(self.train_dataset)])
             scores = oob_classification_score(outputs["probabilities"], mask, labels)
             self.oob_score_ = scores["oob_accuracy"]
+            if self.args.calibrate_vote:
+                scores.update(self._calibrate_vote(outputs["probabilities"], mask, labels))
         else:
             scores = oob_language_model_score(
                 outputs["target_log_probs"], mask, outputs["target_mask"], outputs["num_bytes"]
@@ -161,6 +191,28 @@ class BaggingTrainer(EnsembleMemberTrainer):
             self.oob_score_ = scores["oob_perplexity"]
         self.oob_scores_ = scores
         return scores
+
+    def _calibrate_vote(self, probabilities: Any, mask: np.ndarray, labels: Any) -> dict[str, float]:
+        """`vote_temperature_` fitted on the out-of-bag votes, and their log loss and ECE once rescaled by it."""
+        import torch
+
+        from .calibration import expected_calibration_error, fit_temperature
+
+        votes, covered = oob_vote(probabilities, mask)
+        if not covered.any():
+            logger.warning("calibrate_vote: no example is out of bag for any member; the vote stays uncalibrated.")
+            return {}
+        log_votes = votes[covered].clamp_min(1e-300).log()
+        covered_labels = labels.to(log_votes.device)[covered]
+        self.vote_temperature_ = fit_temperature(log_votes, covered_labels)
+        rescaled = torch.log_softmax(log_votes / self.vote_temperature_, dim=-1)
+        correct = rescaled.argmax(-1) == covered_labels
+        logger.info(f"calibrate_vote: vote temperature {self.vote_temperature_:.4f} fitted on out-of-bag votes.")
+        return {
+            "vote_temperature": self.vote_temperature_,
+            "oob_log_loss_calibrated": float(-rescaled.gather(1, covered_labels[:, None]).mean()),
+            "oob_ece_calibrated": expected_calibration_error(rescaled.amax(-1).exp(), correct),
+        }
 
     def record(self) -> dict[str, Any]:
         args = self.args
@@ -176,6 +228,8 @@ class BaggingTrainer(EnsembleMemberTrainer):
             "members": [str(self.member_dir(index)) for index in range(args.n_estimators)],
             "estimators_samples_": [indices.tolist() for indices in self.estimators_samples_],
             "oob_score_": self.oob_score_,
+            "calibrate_vote": args.calibrate_vote,
+            "vote_temperature_": self.vote_temperature_,
             "oob_scores_": self.oob_scores_,
         }
 
@@ -195,6 +249,11 @@ class BaggingTrainer(EnsembleMemberTrainer):
             "max_samples": args.max_samples,
             "bootstrap": args.bootstrap,
             "random_state": args.random_state,
+            **(
+                {"vote temperature (fitted out of bag)": round(self.vote_temperature_, 4)}
+                if args.calibrate_vote
+                else {}
+            ),
             "draws per member": len(self.estimators_samples_[0]),
             "distinct examples per member": ", ".join(str(count) for count in distinct),
             **self.hyperparameters(),

@@ -269,7 +269,9 @@ class EnsembleForSequenceClassification(PreTrainedModel):
         """Ensemble logits from stacked member logits under `config.voting`."""
         voting = self.config.voting
         if voting == "soft":
-            return soft_vote(member_logits, self.config.weights)
+            vote = soft_vote(member_logits, self.config.weights)
+            temperature = float(getattr(self.config, "vote_temperature", 1.0))
+            return vote if temperature == 1.0 else torch.log_softmax(vote / temperature, dim=-1)
         if voting == "hard":
             return hard_vote(member_logits)[0]
         if voting == "weighted":

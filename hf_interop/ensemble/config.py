@@ -5,6 +5,7 @@ and :class:`EnsembleForSequenceClassification`, build on this module.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,10 @@ class EnsembleConfig(PreTrainedConfig):
         voting (`str`, *optional*, defaults to `"soft"`):
             Classification rule of :class:`EnsembleForSequenceClassification`: `"soft"`, `"hard"`, `"weighted"` or
             `"stacking"`.
+        vote_temperature (`float`, *optional*, defaults to 1.0):
+            With `voting="soft"`: the soft vote's log-probabilities are divided by it and renormalised (above 1
+            softer, below 1 sharper; the predicted class never changes). Fitted on out-of-bag votes by
+            `BaggingConfig(calibrate_vote=True)`, or by hand with :func:`hf_interop.ensemble.calibration.fit_temperature`.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Must stay `False`: ensembles never run code shipped with a checkpoint. Present so that a config asking
             for it is refused with a clear error.
@@ -93,6 +98,7 @@ class EnsembleConfig(PreTrainedConfig):
     cross_tokenizer_look_behind: int = 8
     allow_vocab_padding: bool = False
     voting: str = "soft"
+    vote_temperature: float = 1.0
     trust_remote_code: bool = False
     use_cache: bool = True
     tie_word_embeddings: bool = False
@@ -122,6 +128,7 @@ class EnsembleConfig(PreTrainedConfig):
         _check_cross_tokenizer_settings(self)
         if self.voting not in VOTING_RULES:
             raise ValueError(f"voting {self.voting!r} is not supported; use one of {', '.join(VOTING_RULES)}.")
+        _check_vote_temperature(self.vote_temperature, self.voting)
         super().__post_init__(**kwargs)
 
 
@@ -191,4 +198,16 @@ def _check_cross_tokenizer_settings(config: EnsembleConfig) -> None:
         raise ValueError(
             "cross_tokenizer=True with LoRA adapters of one base: the adapters share the base's tokenizer, so drop "
             "cross_tokenizer (the logit-level ensemble is exact and faster)."
+        )
+
+
+def _check_vote_temperature(temperature: Any, voting: str) -> None:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise ValueError(f"vote_temperature={temperature!r} must be a positive number (1.0 leaves the vote as it is).")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"vote_temperature={temperature!r} must be finite and > 0 (1.0 leaves the vote as it is).")
+    if temperature != 1.0 and voting != "soft":
+        raise ValueError(
+            f"vote_temperature={temperature!r} applies to voting='soft' only (it rescales the averaged probabilities); "
+            f"voting={voting!r} has no probabilities to rescale. Use voting='soft' or vote_temperature=1.0."
         )

@@ -128,15 +128,40 @@ def oob_classification_score(
             f"oob_mask has shape {tuple(mask.shape)} but member_probabilities has {tuple(member_probabilities.shape)}; "
             "they need the same (num_members, num_examples)."
         )
-    summed = (member_probabilities.double() * mask.unsqueeze(-1)).sum(0)
-    covered = mask.any(0)
-    correct = (summed.argmax(-1) == labels.to(summed.device)) & covered
+    vote, covered = oob_vote(member_probabilities, mask)
+    labels = labels.to(vote.device)
+    correct = (vote.argmax(-1) == labels) & covered
     count = int(covered.sum())
-    return {
+    result = {
         "oob_accuracy": float(correct.sum()) / count if count else float("nan"),
         "oob_coverage": count / mask.shape[1],
         "oob_examples": float(count),
+        "oob_log_loss": float("nan"),
+        "oob_ece": float("nan"),
     }
+    if count:
+        from .calibration import expected_calibration_error
+
+        picked = vote[covered].gather(1, labels[covered][:, None]).squeeze(1)
+        result["oob_log_loss"] = float(-picked.clamp_min(1e-300).log().mean())
+        result["oob_ece"] = expected_calibration_error(vote[covered].amax(-1), correct[covered])
+    return result
+
+
+def oob_vote(
+    member_probabilities: torch.Tensor, oob_mask: np.ndarray | torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's soft vote among its out-of-bag members only: `(votes, covered)`.
+
+    `votes` `(num_examples, num_labels)` float64 is the mean class probability over the members that did not draw
+    the example (zeros where every member drew it); `covered` `(num_examples,)` marks the examples that have one.
+    """
+    import torch
+
+    mask = torch.as_tensor(np.asarray(oob_mask), device=member_probabilities.device)
+    counts = mask.sum(0).double()
+    summed = (member_probabilities.double() * mask.unsqueeze(-1)).sum(0)
+    return summed / counts.clamp_min(1.0)[:, None], counts > 0
 
 
 def oob_language_model_score(
