@@ -28,6 +28,10 @@ from .resampling import (
 
 logger = get_logger(__name__)
 
+# Fitted vote temperatures outside this range are not applied: they come from out-of-bag votes that are (nearly)
+# separable, where the likelihood keeps improving as the vote sharpens or flattens without bound.
+SANE_TEMPERATURES = (0.05, 20.0)
+
 
 @dataclass
 class BaggingConfig(EnsembleTrainingConfig):
@@ -204,7 +208,26 @@ class BaggingTrainer(EnsembleMemberTrainer):
             return {}
         log_votes = votes[covered].clamp_min(1e-300).log()
         covered_labels = labels.to(log_votes.device)[covered]
-        self.vote_temperature_ = fit_temperature(log_votes, covered_labels)
+        if bool((log_votes.argmax(-1) == covered_labels).all()):
+            # every out-of-bag vote right: the likelihood rises without bound as the vote sharpens
+            logger.warning(
+                "calibrate_vote: every out-of-bag vote is right, so no finite temperature fits them (the likelihood "
+                "keeps rising as the vote sharpens). The vote stays uncalibrated (temperature 1); use more training "
+                "examples or a smaller max_samples so that more of them are out of bag."
+            )
+            return {}
+        temperature = fit_temperature(log_votes, covered_labels)
+        if not SANE_TEMPERATURES[0] <= temperature <= SANE_TEMPERATURES[1]:
+            # votes that are (nearly) all right with room to spare: the likelihood keeps rising as the vote sharpens,
+            # and a fitted temperature near zero would make every prediction certain on new data
+            logger.warning(
+                f"calibrate_vote: the fitted vote temperature {temperature:.3g} lies outside "
+                f"[{SANE_TEMPERATURES[0]}, {SANE_TEMPERATURES[1]}]: the out-of-bag votes are (nearly) separable, too "
+                "few to fit a temperature on. The vote stays uncalibrated (temperature 1); use more training examples "
+                "or a smaller max_samples so that more of them are out of bag."
+            )
+            return {"vote_temperature_fitted": temperature}
+        self.vote_temperature_ = temperature
         rescaled = torch.log_softmax(log_votes / self.vote_temperature_, dim=-1)
         correct = rescaled.argmax(-1) == covered_labels
         logger.info(f"calibrate_vote: vote temperature {self.vote_temperature_:.4f} fitted on out-of-bag votes.")

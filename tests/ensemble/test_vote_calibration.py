@@ -140,3 +140,30 @@ def test_bagging_fits_the_vote_temperature_on_out_of_bag_votes(base_dir, labelle
         reference = torch.log_softmax(member_probabilities.mean(0).log() / temperature, -1)
         for model in (ensemble, reloaded):
             torch.testing.assert_close(model(**inputs).logits.double(), reference, atol=1e-5, rtol=0)
+
+
+def test_separable_out_of_bag_votes_leave_the_vote_uncalibrated(caplog):
+    """Votes that are all right have no finite best temperature (sharper is always likelier): the trainer warns and
+    keeps temperature 1."""
+    import logging
+    from types import SimpleNamespace
+
+    probabilities = torch.tensor([[[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.05, 0.05, 0.9]]] * 2)
+    mask = np.ones((2, 3), dtype=bool)
+    holder = SimpleNamespace(vote_temperature_=1.0)
+    with caplog.at_level(logging.WARNING):
+        scores = BaggingTrainer._calibrate_vote(holder, probabilities, mask, torch.tensor([0, 1, 2]))
+    assert holder.vote_temperature_ == 1.0 and scores == {}
+    assert "every out-of-bag vote is right" in caplog.text and "stays uncalibrated" in caplog.text
+    # one wrong vote among confident ones: a finite temperature inside the range is applied
+    labels = torch.tensor([0, 1, 0])
+    scores = BaggingTrainer._calibrate_vote(holder, probabilities, mask, labels)
+    assert holder.vote_temperature_ == scores["vote_temperature"] and 0.05 <= holder.vote_temperature_ <= 20
+    # confident votes that are right a third of the time (chance): the best temperature flattens them to uniform,
+    # far outside the range a vote is rescaled by; the trainer keeps 1 and records the fitted value
+    holder.vote_temperature_ = 1.0
+    chance = torch.tensor([[[0.9, 0.05, 0.05]] * 3] * 2)
+    with caplog.at_level(logging.WARNING):
+        scores = BaggingTrainer._calibrate_vote(holder, chance, mask, torch.tensor([0, 1, 2]))
+    assert holder.vote_temperature_ == 1.0 and scores["vote_temperature_fitted"] > 20
+    assert "lies outside" in caplog.text
