@@ -184,13 +184,17 @@ class EnsembleMemberTrainer:
             else:
                 from transformers import AutoModelForSequenceClassification
 
-                self._base = AutoModelForSequenceClassification.from_pretrained(
-                    self.model_name_or_path,
-                    num_labels=self.num_labels,
-                    trust_remote_code=False,
-                    use_safetensors=True,
-                    dtype=torch.float32,
-                )
+                # The new classification head is drawn here: seeded by args.seed, and without touching the global
+                # generator, so the same config gives the same head in any process (a resumed run included).
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.args.seed)
+                    self._base = AutoModelForSequenceClassification.from_pretrained(
+                        self.model_name_or_path,
+                        num_labels=self.num_labels,
+                        trust_remote_code=False,
+                        use_safetensors=True,
+                        dtype=torch.float32,
+                    )
             if self._base.config.pad_token_id is None:
                 self._base.config.pad_token_id = self.tokenizer.pad_token_id
         return self._base

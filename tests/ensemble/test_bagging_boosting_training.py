@@ -279,6 +279,21 @@ def test_bagged_lora_classifiers_save_load_and_score_out_of_bag(base_dir, labell
     assert len(peft_models) == 1  # one copy of the base weights
 
 
+def test_a_classifiers_new_head_depends_on_the_seed_not_on_what_ran_before(base_dir, labelled, tmp_path):
+    """The base classifier's head is drawn when the base loads: the same config gives the same head whatever the
+    process drew before (so a resumed run trains its later members from the head of the earlier ones), another seed
+    another head, and the global generator is left as it was."""
+    heads = []
+    for seed, noise in ((3, 0), (3, 1000), (4, 0)):
+        torch.rand(noise)
+        trainer = BaggingTrainer(str(base_dir), _args(BaggingConfig, tmp_path, seed=seed, oob_score=False), labelled)
+        state = torch.get_rng_state()
+        heads.append(trainer.base_model().score.weight.detach().clone())
+        assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], heads[2])
+
+
 def test_bagged_causal_lms_generate_and_report_oob_perplexity(base_dir, blocks, tmp_path):
     from hf_interop import EnsembleForCausalLM
 
