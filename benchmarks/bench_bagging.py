@@ -171,6 +171,27 @@ def classifier_metrics(ensemble, dataset, collator) -> dict[str, float]:
     }
 
 
+def seed_summary(runs: list[dict], seeds: list[int]) -> list[str]:
+    """Mean and standard error over seeds of every classifier variant's accuracy, ECE and mean confidence."""
+    metrics = ("accuracy", "ece", "confidence", "pool_accuracy", "pool_ece", "pool_confidence")
+    lines = [
+        f"Mean over seeds {', '.join(map(str, seeds))} (+- standard error of the mean):",
+        "",
+        "| variant | learning rate | held-out accuracy | held-out ECE | held-out mean confidence | same-pool accuracy | "
+        "same-pool ECE | same-pool mean confidence |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in runs[0]["rows"]:
+        rows = [run["rows"][name] for run in runs]
+        cells = []
+        for metric in metrics:
+            values = np.asarray([row[metric] for row in rows], dtype=np.float64)
+            error = values.std(ddof=1) / math.sqrt(len(values))
+            cells.append(f"{values.mean():.3f} +- {error:.3f}")
+        lines.append(f"| {name} | {rows[0]['learning_rate']:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def timed_train(trainer) -> tuple[object, float]:
     start = time.perf_counter()
     ensemble = trainer.train()
@@ -247,7 +268,9 @@ def part_causal_lm(base: str, tokenizer, work: Path, options) -> dict:
     }
 
 
-def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> dict:
+def part_classifier(base: str, tokenizer, work: Path, texts: Path, options, seed: int = 0) -> dict:
+    """Every selected classifier variant trained once; `seed` moves the training seeds (members: 42 + 100 seed + i)
+    and the bagging draws (random_state = seed); the splits stay the same."""
     from hf_interop.cli.ensemble_training import labelled_paragraphs
     from hf_interop.ensemble.bagging import BaggingConfig, BaggingTrainer
     from hf_interop.ensemble.boosting import BoostingConfig, BoostingTrainer
@@ -288,10 +311,14 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
     ]
     variants = [variant for variant in variants if _selected(variant[0], options.classifier_variants)]
     for name, config_class, fields, member_steps in variants:
+        learning_rate = options.cls_lr_one if name == "one model" and options.cls_lr_one else options.cls_lr
+        if config_class is BaggingConfig:
+            fields = {**fields, "random_state": seed}
         args = config_class(
             **common_args(
-                work / ("cls_" + name.replace(" ", "_")), member_steps, 16, options.cls_lr, options.use_lora
+                work / f"cls_seed{seed}_{name.replace(' ', '_')}", member_steps, 16, learning_rate, options.use_lora
             ),
+            seed=42 + 100 * seed,
             **fields,
         )
         trainer_class = BaggingTrainer if config_class is BaggingConfig else BoostingTrainer
@@ -308,6 +335,7 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options) -> d
             same_pool = classifier_metrics(ensemble, pool_test, trainer.collator)
             metrics.update(pool_accuracy=same_pool["accuracy"], pool_ece=same_pool["ece"])
             metrics.update(pool_confidence=same_pool["confidence"], seconds=seconds, load=load)
+            metrics.update(learning_rate=learning_rate, seed=seed)
             if name == "bagging":
                 metrics["oob_accuracy"] = trainer.oob_score_
                 metrics["oob_scores"] = trainer.oob_scores_
@@ -405,6 +433,12 @@ def main() -> None:
     parser.add_argument("--per_class", type=int, default=200)
     parser.add_argument("--lm_lr", type=float, default=3e-3)
     parser.add_argument("--cls_lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--cls_lr_one", type=float, default=None, help="the single classifier's own rate (default: --cls_lr)"
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="classifier runs: one per seed, then mean and standard error"
+    )
     parser.add_argument("--texts", default="outputs/texts", help="output folder of prepare_texts.py")
     parser.add_argument("--model", default=None, help="a real base checkpoint instead of the small Llama")
     parser.add_argument("--use_lora", action="store_true", help="members as LoRA adapters (with --model)")
@@ -498,12 +532,16 @@ def main() -> None:
         "model": model_line,
         "lm_lr": options.lm_lr,
         "cls_lr": options.cls_lr,
+        "cls_lr_one": options.cls_lr_one,
+        "seeds": options.seeds,
         "max_samples": options.max_samples,
     }
     lines = [
         f"Base: {model_line}. {options.members} members x {options.steps} optimizer steps against one model trained "
-        f"{options.members * options.steps} steps (equal total steps, same learning rate and batch; learning rate "
-        f"{options.lm_lr:g} for the causal LMs, {options.cls_lr:g} for the classifiers, constant; bagged members draw "
+        f"{options.members * options.steps} steps (equal total steps, same batch; learning rate "
+        f"{options.lm_lr:g} for the causal LMs, {options.cls_lr:g} for the classifiers"
+        f"{f' ({options.cls_lr_one:g} for the single classifier)' if options.cls_lr_one else ''}, constant; "
+        "bagged members draw "
         f"{'what they read (steps x batch)' if options.max_samples == 'read' else options.max_samples + ' of the set'}"
         "). Load average (1/5/15 min) at the start of each variant beside it.",
         "",
@@ -533,7 +571,12 @@ def main() -> None:
             )
         lines.append("")
     if not options.skip_classifier:
-        cls = part_classifier(base, tokenizer, work, texts, options)
+        runs = [part_classifier(base, tokenizer, work, texts, options, seed) for seed in options.seeds]
+        cls = runs[0]
+        if len(runs) > 1:  # one row per variant and seed, then the mean table
+            cls = {**runs[0], "rows": {}, "per_seed": runs}
+            for run, seed in zip(runs, options.seeds, strict=True):
+                cls["rows"].update({f"{name}, seed {seed}": row for name, row in run["rows"].items()})
         results["classifier"] = cls
         lines += [
             f"### Classifier: which source a paragraph comes from (3 classes), {cls['train_examples']} training and "
@@ -554,15 +597,18 @@ def main() -> None:
                 f"{row['pool_accuracy']:.3f} | {row['pool_ece']:.4f} | {row['pool_confidence']:.3f} | {oob} | "
                 f"{weights} | {row['seconds']:.0f} | {row['load']} |"
             )
-        scores = next(
-            (row["oob_scores"] for row in cls["rows"].values() if "vote_temperature" in row.get("oob_scores", {})),
-            None,
-        )
-        if scores:
+        if len(runs) > 1:
+            lines += ["", *seed_summary(runs, options.seeds)]
+        # both rows of a calibrated bagging run carry its out-of-bag scores: one line per seed
+        calibrated = {
+            row["seed"]: row for row in cls["rows"].values() if "vote_temperature" in row.get("oob_scores", {})
+        }
+        for row in calibrated.values():
+            scores = row["oob_scores"]
             lines += [
                 "",
-                f"Out-of-bag vote temperature {scores['vote_temperature']:.3f} (fitted on {scores['oob_examples']:.0f} "
-                f"out-of-bag votes): their log loss {scores['oob_log_loss']:.4f} -> "
+                f"Seed {row['seed']}: out-of-bag vote temperature {scores['vote_temperature']:.3f} (fitted on "
+                f"{scores['oob_examples']:.0f} out-of-bag votes): their log loss {scores['oob_log_loss']:.4f} -> "
                 f"{scores['oob_log_loss_calibrated']:.4f}, ECE {scores['oob_ece']:.4f} -> "
                 f"{scores['oob_ece_calibrated']:.4f} (fitted on the same votes, so optimistic; the held-out columns "
                 "are the test).",
