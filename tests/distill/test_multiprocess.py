@@ -143,6 +143,14 @@ def fsdp_torchrun_runs(tmp_path_factory, tiny_model_dirs, student_dir, one_proce
     return {**_launch(command, root), "one_process": one_process_dense, "student_dir": student_dir}
 
 
+def _differing_share(runs: dict, above: float) -> float:
+    """Share of all saved weights whose |two ranks - one process| exceeds `above`."""
+    two = load_file(str(runs["root"] / "two_processes" / "model.safetensors"))
+    one = load_file(str(runs["one_process"]["output_dir"] / "model.safetensors"))
+    differing = sum(int(((two[name] - one[name]).abs() > above).sum()) for name in one)
+    return differing / sum(tensor.numel() for tensor in one.values())
+
+
 def _max_weight_difference(runs: dict) -> float:
     """Largest |two ranks - one process| over all saved weights, after checking that training moved them at all."""
     two = load_file(str(runs["root"] / "two_processes" / "model.safetensors"))
@@ -229,11 +237,16 @@ def test_fsdp2_weights_match_single_process_and_the_gathered_model_loads(fsdp_ru
     from transformers import AutoModelForCausalLM
 
     _assert_same_losses_and_gradient_norms(fsdp_runs)
-    # Against one process with the same (dense) loss, measured max |difference| 2e-8: float32 rounding of a different
-    # summation order (reduce-scatter of shards vs one backward). The chunked loss of the DDP reference alone moves
-    # the weights by 3e-6 from the dense one after 3 Adam steps, hence the dense reference and the tighter bound.
-    difference = _max_weight_difference(fsdp_runs)
-    assert difference <= 1e-6, difference
+    # Against one process with the same (dense) loss: float32 rounding of a different summation order (reduce-scatter
+    # of shards vs one backward). Adam divides each gradient by its own running size, so a weight whose gradient is
+    # near zero turns a rounding difference into a visible update difference: measured max 2e-8 on an AMD EPYC (AVX2)
+    # and 4.3e-6 on an Intel Xeon (AVX-512), where 13 of the 106,816 weights differ by more than 1e-7 (the chunked
+    # loss of the DDP reference differs from the dense one in 36 of them, max 3e-6). Gradients that were not reduced
+    # across ranks (each rank stepping on its half of the batch) would move nearly every weight: hence a bound on the
+    # share of differing weights beside a loose one on the largest difference. The losses and gradient norms above
+    # catch gradients reduced with the wrong scale, which Adam's update alone would hide.
+    assert _max_weight_difference(fsdp_runs) <= 2e-5
+    assert _differing_share(fsdp_runs, above=1e-7) <= 1e-3
     folder = fsdp_runs["root"] / "two_processes"
     model, info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
@@ -252,8 +265,9 @@ def test_fsdp2_through_training_arguments_under_torchrun(fsdp_torchrun_runs):
         assert report["distributed_type"] == "FSDP" and report["is_fsdp2"] and report["student_sharded"], rank
         assert not report["teacher_sharded"] and not report["teacher_requires_grad"], rank
     _assert_same_losses_and_gradient_norms(fsdp_torchrun_runs)
-    difference = _max_weight_difference(fsdp_torchrun_runs)  # measured: 2e-8, as with fsdp_cpu.yaml
-    assert difference <= 1e-6, difference
+    # the same bounds as with fsdp_cpu.yaml, for the same reason
+    assert _max_weight_difference(fsdp_torchrun_runs) <= 2e-5
+    assert _differing_share(fsdp_torchrun_runs, above=1e-7) <= 1e-3
     _assert_only_main_process_logs_and_saves(fsdp_torchrun_runs)
 
 
