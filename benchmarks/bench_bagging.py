@@ -340,7 +340,6 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options, seed
                 metrics["oob_accuracy"] = trainer.oob_score_
                 metrics["oob_scores"] = trainer.oob_scores_
             rows[name + temperature_label] = metrics
-            print(name + temperature_label, json.dumps(metrics, default=str), flush=True)
         if name.startswith("boosting"):
             metrics["weights"] = [round(w, 3) for w in trainer.estimator_weights_]
             metrics["errors"] = [round(e, 3) for e in trainer.estimator_errors_]
@@ -350,8 +349,8 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options, seed
                 "same_pool": trainer.staged_score(pool_test),
             }
             metrics["stopped_early"] = trainer.stopped_early_
-            rows[name] = metrics
-            print(name, json.dumps(metrics, default=str), flush=True)
+        for row_name in [row_name for row_name in rows if row_name.startswith(name)]:
+            print(row_name, json.dumps(rows[row_name], default=str), flush=True)
     return {
         "rows": rows,
         "staged": staged,

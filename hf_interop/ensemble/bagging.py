@@ -168,7 +168,7 @@ class BaggingTrainer(EnsembleMemberTrainer):
         if args.oob_score:
             self.compute_oob_score()
         ensemble = self.build_ensemble(indices, None, args.combination, args.voting)
-        ensemble.config.vote_temperature = self.vote_temperature_ if self.task == "sequence_classification" else 1.0
+        ensemble.config.vote_temperature = self.vote_temperature_  # 1.0 unless calibrate_vote (classifiers only)
         self.save_ensemble(ensemble, self.record(), self.card())
         return ensemble
 

@@ -270,7 +270,7 @@ class EnsembleForSequenceClassification(PreTrainedModel):
         voting = self.config.voting
         if voting == "soft":
             vote = soft_vote(member_logits, self.config.weights)
-            temperature = float(getattr(self.config, "vote_temperature", 1.0))
+            temperature = self.config.vote_temperature
             return vote if temperature == 1.0 else torch.log_softmax(vote / temperature, dim=-1)
         if voting == "hard":
             return hard_vote(member_logits)[0]
