@@ -192,6 +192,21 @@ def seed_summary(runs: list[dict], seeds: list[int]) -> list[str]:
     return lines
 
 
+@torch.no_grad()
+def dump_member_probabilities(trainer, path: Path, splits: dict) -> None:
+    """Every member's class probabilities on every split, its draw and the labels, for offline analysis of vote
+    rules (e.g. calibration) on the same trained members."""
+    models = [trainer.load_member(index) for index in range(trainer.args.n_estimators)]
+    arrays = {}
+    for split, dataset in splits.items():
+        arrays[f"{split}_probabilities"] = trainer.member_outputs(models, dataset)["probabilities"].double().numpy()
+        arrays[f"{split}_labels"] = np.asarray(dataset["label"])
+    for index, draw in enumerate(getattr(trainer, "estimators_samples_", [])):
+        arrays[f"draw_{index}"] = np.asarray(draw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **arrays)
+
+
 def timed_train(trainer) -> tuple[object, float]:
     start = time.perf_counter()
     ensemble = trainer.train()
@@ -325,9 +340,15 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options, seed
         trainer = trainer_class(base, args, train, processing_class=tokenizer)
         load = load_average()
         ensemble, seconds = timed_train(trainer)
+        if options.dump_probs and name in ("one model", "bagging"):
+            dump_member_probabilities(
+                trainer,
+                Path(options.dump_probs) / f"seed{seed}_{name.replace(' ', '_')}.npz",
+                {"train": train, "held_out": held_out, "same_pool": pool_test},
+            )
         temperature = getattr(trainer, "vote_temperature_", 1.0)
         # a calibrated vote is scored twice: as trained (temperature 1) and with the out-of-bag temperature
-        for temperature_label, vote_temperature in (("", 1.0), (" (out-of-bag temperature)", temperature)):
+        for temperature_label, vote_temperature in (("", 1.0), (" (temperature out of every bag)", temperature)):
             if temperature_label and not (name == "bagging" and options.calibrate_vote):
                 continue
             ensemble.config.vote_temperature = vote_temperature
@@ -474,6 +495,9 @@ def main() -> None:
         action="store_true",
         help="bagged classifiers fit their vote's temperature out of bag (scored with and without it)",
     )
+    parser.add_argument(
+        "--dump_probs", default=None, help="folder: save each classifier member's probabilities per split (npz)"
+    )
     parser.add_argument("--skip_lm", action="store_true")
     parser.add_argument("--skip_classifier", action="store_true")
     options = parser.parse_args()
@@ -606,11 +630,11 @@ def main() -> None:
             scores = row["oob_scores"]
             lines += [
                 "",
-                f"Seed {row['seed']}: out-of-bag vote temperature {scores['vote_temperature']:.3f} (fitted on "
-                f"{scores['oob_examples']:.0f} out-of-bag votes): their log loss {scores['oob_log_loss']:.4f} -> "
-                f"{scores['oob_log_loss_calibrated']:.4f}, ECE {scores['oob_ece']:.4f} -> "
-                f"{scores['oob_ece_calibrated']:.4f} (fitted on the same votes, so optimistic; the held-out columns "
-                "are the test).",
+                f"Seed {row['seed']}: vote temperature {scores['vote_temperature']:.3f}, fitted on the full vote of "
+                f"the {scores['calibration_examples']:.0f} training examples no member drew: their log loss "
+                f"{scores['calibration_log_loss']:.4f} -> {scores['calibration_log_loss_calibrated']:.4f}, ECE "
+                f"{scores['calibration_ece']:.4f} -> {scores['calibration_ece_calibrated']:.4f} (fitted on the same "
+                "examples, so optimistic; the held-out columns are the test).",
             ]
         staged = cls["staged"] or {"train": [], "held_out": []}
         if staged["train"]:

@@ -8,6 +8,7 @@ held-out data. As scikit-learn's `BaggingClassifier`, with LoRA members that sha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,16 +22,48 @@ from .resampling import (
     member_sample_indices,
     oob_classification_score,
     oob_language_model_score,
-    oob_vote,
     out_of_bag_mask,
     resolve_max_samples,
 )
 
 logger = get_logger(__name__)
 
+# Fewer examples out of every bag than this give a warning: the vote temperature is fitted on them alone.
+MIN_CALIBRATION_EXAMPLES = 100
+
 # Fitted vote temperatures outside this range are not applied: they come from out-of-bag votes that are (nearly)
 # separable, where the likelihood keeps improving as the vote sharpens or flattens without bound.
 SANE_TEMPERATURES = (0.05, 20.0)
+
+
+def check_calibration_examples(estimators_samples: list[np.ndarray], num_examples: int, args: Any) -> int:
+    """The examples no member draws (what `calibrate_vote` fits on): refuse none, warn below
+    `MIN_CALIBRATION_EXAMPLES`. Returns their count."""
+    count = int(out_of_bag_mask(estimators_samples, num_examples).all(0).sum())
+    if count >= MIN_CALIBRATION_EXAMPLES:
+        return count
+    target = min(MIN_CALIBRATION_EXAMPLES, max(1, num_examples // 5))
+    # the largest draw that leaves about `target` examples out of every bag (its expected count)
+    members = args.n_estimators
+    if args.bootstrap:
+        largest = (
+            math.log(target / num_examples) / (members * math.log1p(-1.0 / num_examples)) if num_examples > 1 else 0
+        )
+    else:
+        largest = num_examples * (1.0 - (target / num_examples) ** (1.0 / members))
+    advice = (
+        f"max_samples={int(largest)} (or fewer members)"
+        if int(largest) >= 1
+        else "more training examples (or calibrate on held-out data with calibrate_vote=False)"
+    )
+    message = (
+        f"calibrate_vote=True fits the vote's temperature on the training examples that no member draws, and the "
+        f"draws of n_estimators={members} x max_samples={args.max_samples!r} leave {count} of {num_examples}"
+    )
+    if not count:
+        raise ValueError(f"{message}: nothing to fit on. Use {advice}, or calibrate_vote=False.")
+    logger.warning(f"{message} (a noisy fit below {MIN_CALIBRATION_EXAMPLES}); {advice} leaves more.")
+    return count
 
 
 @dataclass
@@ -54,11 +87,13 @@ class BaggingConfig(EnsembleTrainingConfig):
         voting (`str`, *optional*, defaults to `"soft"`): rule of a classifier ensemble.
         calibrate_vote (`bool`, *optional*, defaults to `False`):
             Classifiers with soft voting: fit the vote's temperature (`EnsembleConfig.vote_temperature`) on the
-            out-of-bag votes, so that the ensemble's confidence matches its accuracy without held-out data. Averaging
-            members flattens the vote; one temperature undoes that and never changes a predicted class. Needs
-            `oob_score=True` and members that leave examples out of bag (the out-of-bag vote of few members is
-            sharper than the full vote, so the fit is best when each example is out of bag for most members: a small
-            `max_samples`).
+            training examples that no member drew, so that the ensemble's confidence matches its accuracy without
+            held-out data. Averaging members flattens the vote; one temperature undoes that and never changes a
+            predicted class. Only the examples out of every bag see the vote that is deployed (all members): an
+            example's out-of-bag vote averages fewer members, is sharper than the full vote, and a temperature fitted
+            on it leaves the full vote underconfident. Needs `oob_score=True` and draws that leave examples out of
+            every bag: refused before training when none is (use a smaller `max_samples`; at least
+            `MIN_CALIBRATION_EXAMPLES` = 100 are advised, fewer give a warning).
     """
 
     n_estimators: int = field(default=4, metadata={"help": "Members to train (>= 1)."})
@@ -69,7 +104,8 @@ class BaggingConfig(EnsembleTrainingConfig):
     combination: str = field(default="mixture", metadata={"help": "Causal-LM combination rule."})
     voting: str = field(default="soft", metadata={"help": "Classifier voting rule."})
     calibrate_vote: bool = field(
-        default=False, metadata={"help": "Fit the soft vote's temperature on the out-of-bag votes (classifiers)."}
+        default=False,
+        metadata={"help": "Fit the soft vote's temperature on the examples no member drew (classifiers)."},
     )
 
     def __post_init__(self):
@@ -88,7 +124,7 @@ class BaggingConfig(EnsembleTrainingConfig):
             raise ValueError(f"random_state={self.random_state!r} must be an integer >= 0.")
         if self.calibrate_vote and not self.oob_score:
             raise ValueError(
-                "calibrate_vote=True fits the vote's temperature on the out-of-bag votes, which oob_score=False turns "
+                "calibrate_vote=True fits the vote's temperature in the out-of-bag pass, which oob_score=False turns "
                 "off; set oob_score=True or calibrate_vote=False."
             )
         if self.calibrate_vote and self.voting != "soft":
@@ -128,12 +164,15 @@ class BaggingTrainer(EnsembleMemberTrainer):
                 "calibrate_vote=True calibrates a classifier's soft vote, but the training data is for a causal LM "
                 "(no integer `label` column); set calibrate_vote=False."
             )
-        super().__init__(model, args, train_dataset, **kwargs)
         num_examples = len(train_dataset)
+        # the draws depend only on the sizes and the seed: known (and checked) before the base model is loaded
         self.estimators_samples_ = [
             member_sample_indices(num_examples, index, args.max_samples, args.bootstrap, args.random_state)
             for index in range(args.n_estimators)
         ]
+        if args.calibrate_vote:
+            check_calibration_examples(self.estimators_samples_, num_examples, args)
+        super().__init__(model, args, train_dataset, **kwargs)
         self.oob_score_: float | None = None
         self.vote_temperature_: float = 1.0
         self.oob_scores_: dict[str, float] = {}
@@ -197,44 +236,59 @@ class BaggingTrainer(EnsembleMemberTrainer):
         return scores
 
     def _calibrate_vote(self, probabilities: Any, mask: np.ndarray, labels: Any) -> dict[str, float]:
-        """`vote_temperature_` fitted on the out-of-bag votes, and their log loss and ECE once rescaled by it."""
+        """`vote_temperature_` fitted on the full soft vote of the examples out of every bag, and the log loss and
+        ECE of that vote there before and after (fitted on the same examples, so the "after" is optimistic)."""
         import torch
 
         from .calibration import expected_calibration_error, fit_temperature
 
-        votes, covered = oob_vote(probabilities, mask)
-        if not covered.any():
-            logger.warning("calibrate_vote: no example is out of bag for any member; the vote stays uncalibrated.")
+        untouched = torch.as_tensor(np.asarray(mask).all(0), device=probabilities.device)
+        count = int(untouched.sum())
+        if not count:  # refused before training; reachable only through a direct call
+            logger.warning("calibrate_vote: no example is out of every bag; the vote stays uncalibrated.")
             return {}
-        log_votes = votes[covered].clamp_min(1e-300).log()
-        covered_labels = labels.to(log_votes.device)[covered]
-        if bool((log_votes.argmax(-1) == covered_labels).all()):
-            # every out-of-bag vote right: the likelihood rises without bound as the vote sharpens
+        # the vote the ensemble deploys (every member, uniform weights), in float64
+        log_votes = probabilities[:, untouched].double().mean(0).clamp_min(1e-300).log()
+        held_labels = labels.to(log_votes.device)[untouched]
+        before = torch.log_softmax(log_votes, dim=-1)
+        scores = {
+            "calibration_examples": float(count),
+            "calibration_log_loss": float(-before.gather(1, held_labels[:, None]).mean()),
+            "calibration_ece": expected_calibration_error(before.amax(-1).exp(), before.argmax(-1) == held_labels),
+        }
+        if bool((log_votes.argmax(-1) == held_labels).all()):
+            # every vote right: the likelihood rises without bound as the vote sharpens
             logger.warning(
-                "calibrate_vote: every out-of-bag vote is right, so no finite temperature fits them (the likelihood "
-                "keeps rising as the vote sharpens). The vote stays uncalibrated (temperature 1); use more training "
-                "examples or a smaller max_samples so that more of them are out of bag."
+                f"calibrate_vote: the vote is right on all {count} examples out of every bag, so no finite temperature "
+                "fits them (the likelihood keeps rising as the vote sharpens). The vote stays uncalibrated "
+                "(temperature 1); use more training examples or a smaller max_samples so that more of them are out of "
+                "every bag."
             )
-            return {}
-        temperature = fit_temperature(log_votes, covered_labels)
+            return scores
+        temperature = fit_temperature(log_votes, held_labels)
         if not SANE_TEMPERATURES[0] <= temperature <= SANE_TEMPERATURES[1]:
             # votes that are (nearly) all right with room to spare: the likelihood keeps rising as the vote sharpens,
             # and a fitted temperature near zero would make every prediction certain on new data
             logger.warning(
                 f"calibrate_vote: the fitted vote temperature {temperature:.3g} lies outside "
-                f"[{SANE_TEMPERATURES[0]}, {SANE_TEMPERATURES[1]}]: the out-of-bag votes are (nearly) separable, too "
-                "few to fit a temperature on. The vote stays uncalibrated (temperature 1); use more training examples "
-                "or a smaller max_samples so that more of them are out of bag."
+                f"[{SANE_TEMPERATURES[0]}, {SANE_TEMPERATURES[1]}]: the {count} votes out of every bag are (nearly) "
+                "separable, too few to fit a temperature on. The vote stays uncalibrated (temperature 1); use more "
+                "training examples or a smaller max_samples so that more of them are out of every bag."
             )
-            return {"vote_temperature_fitted": temperature}
+            return {**scores, "vote_temperature_fitted": temperature}
         self.vote_temperature_ = temperature
         rescaled = torch.log_softmax(log_votes / self.vote_temperature_, dim=-1)
-        correct = rescaled.argmax(-1) == covered_labels
-        logger.info(f"calibrate_vote: vote temperature {self.vote_temperature_:.4f} fitted on out-of-bag votes.")
+        logger.info(
+            f"calibrate_vote: vote temperature {self.vote_temperature_:.4f} fitted on the {count} examples no member "
+            "drew."
+        )
         return {
+            **scores,
             "vote_temperature": self.vote_temperature_,
-            "oob_log_loss_calibrated": float(-rescaled.gather(1, covered_labels[:, None]).mean()),
-            "oob_ece_calibrated": expected_calibration_error(rescaled.amax(-1).exp(), correct),
+            "calibration_log_loss_calibrated": float(-rescaled.gather(1, held_labels[:, None]).mean()),
+            "calibration_ece_calibrated": expected_calibration_error(
+                rescaled.amax(-1).exp(), rescaled.argmax(-1) == held_labels
+            ),
         }
 
     def record(self) -> dict[str, Any]:
@@ -273,7 +327,7 @@ class BaggingTrainer(EnsembleMemberTrainer):
             "bootstrap": args.bootstrap,
             "random_state": args.random_state,
             **(
-                {"vote temperature (fitted out of bag)": round(self.vote_temperature_, 4)}
+                {"vote temperature (fitted out of every bag)": round(self.vote_temperature_, 4)}
                 if args.calibrate_vote
                 else {}
             ),

@@ -1,6 +1,6 @@
 """Calibration of an ensemble's class probabilities: expected calibration error, and one temperature fitted by
 maximum likelihood (temperature scaling, https://arxiv.org/abs/1706.04599) on predictions the members did not train
-on, such as a bagged ensemble's out-of-bag votes.
+on, such as the training examples no member of a bagged ensemble drew.
 
 Averaging members' probabilities changes how confident the vote is without changing what it is confident about:
 members that disagree make the mean flatter than any of them. One temperature on the vote's log-probabilities

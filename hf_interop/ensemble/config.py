@@ -74,8 +74,8 @@ class EnsembleConfig(PreTrainedConfig):
             `"stacking"`.
         vote_temperature (`float`, *optional*, defaults to 1.0):
             With `voting="soft"`: the soft vote's log-probabilities are divided by it and renormalised (above 1
-            softer, below 1 sharper; the predicted class never changes). Fitted on out-of-bag votes by
-            `BaggingConfig(calibrate_vote=True)`, or by hand with :func:`hf_interop.ensemble.calibration.fit_temperature`.
+            softer, below 1 sharper; the predicted class never changes). Fitted on the training examples no
+            member drew by `BaggingConfig(calibrate_vote=True)`, or by hand with :func:`hf_interop.ensemble.calibration.fit_temperature`.
         trust_remote_code (`bool`, *optional*, defaults to `False`):
             Must stay `False`: ensembles never run code shipped with a checkpoint. Present so that a config asking
             for it is refused with a clear error.

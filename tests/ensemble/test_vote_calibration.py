@@ -1,6 +1,7 @@
 """Calibrating a classifier ensemble's soft vote (`ensemble/calibration.py`, `EnsembleConfig.vote_temperature`,
 `BaggingConfig(calibrate_vote=True)`): the temperature fit against a float64 search, the ECE against a hand count,
-the rescaled vote against a float64 reference, the out-of-bag fit against a naive recomputation, bad input."""
+the rescaled vote against a float64 reference, the fit on the examples out of every bag against a naive
+recomputation, bad input."""
 
 from __future__ import annotations
 
@@ -95,40 +96,78 @@ def test_calibrate_vote_is_refused_where_it_cannot_apply(base_dir, labelled, tmp
     blocks = labelled.remove_columns("label")
     with pytest.raises(ValueError, match="training data is for a causal LM"):
         BaggingTrainer(str(base_dir), _args(BaggingConfig, tmp_path, calibrate_vote=True), blocks)
+    # draws that leave no example out of every bag: nothing to fit the full vote on, refused before loading
+    full = _args(BaggingConfig, tmp_path, calibrate_vote=True, n_estimators=3, max_samples=1.0, bootstrap=False)
+    with pytest.raises(
+        ValueError, match=r"leave 0 of 64: nothing to fit on\. Use max_samples=\d+ \(or fewer members\)"
+    ):
+        BaggingTrainer(str(base_dir), full, labelled)
     assert not (tmp_path / "trained_members").exists()
 
 
-def test_bagging_fits_the_vote_temperature_on_out_of_bag_votes(base_dir, labelled, tmp_path):  # noqa: F811
-    """The fitted temperature equals a fit on the out-of-bag votes recomputed naively from the saved members; the
+def test_calibration_advice_leaves_examples_out_of_every_bag(labelled, caplog):  # noqa: F811
+    """The max_samples the refusal advises leaves about the examples it promises out of every bag; fewer than
+    MIN_CALIBRATION_EXAMPLES (but some) give a warning that names the count."""
+    import logging
+    import re
+    from types import SimpleNamespace
+
+    from hf_interop.ensemble.bagging import MIN_CALIBRATION_EXAMPLES, check_calibration_examples
+    from hf_interop.ensemble.resampling import member_sample_indices
+
+    for bootstrap in (True, False):
+        args = SimpleNamespace(n_estimators=4, max_samples=1.0 if bootstrap else 0.6, bootstrap=bootstrap)
+        draws = [member_sample_indices(1000, i, args.max_samples, bootstrap, 0) for i in range(4)]
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            count = check_calibration_examples(draws, 1000, args)
+        assert 0 < count < MIN_CALIBRATION_EXAMPLES and f"leave {count} of 1000" in caplog.text
+        advised = int(re.search(r"max_samples=(\d+) \(or fewer members\)", caplog.text).group(1))
+        # the advised draw, over seeds, leaves MIN_CALIBRATION_EXAMPLES out of every bag on average
+        counts = [
+            check_calibration_examples(
+                [member_sample_indices(1000, i, advised, bootstrap, seed) for i in range(4)], 1000, args
+            )
+            for seed in range(20)
+        ]
+        assert abs(np.mean(counts) - MIN_CALIBRATION_EXAMPLES) < 10
+
+
+def test_bagging_fits_the_vote_temperature_on_examples_out_of_every_bag(base_dir, labelled, tmp_path, caplog):  # noqa: F811
+    """The fitted temperature equals a fit of the full soft vote (every member) on the examples no member drew,
+    recomputed naively from the saved members (not the out-of-bag vote of fewer members, which is sharper); the
     saved ensemble's logits are the float64 soft vote divided by it; the record and the card carry it."""
+    import logging
+
     from hf_interop import EnsembleForSequenceClassification
 
-    args = _args(BaggingConfig, tmp_path / "bag", n_estimators=3, max_samples=24, random_state=3, calibrate_vote=True)
-    trainer = BaggingTrainer(str(base_dir), args, labelled)
+    args = _args(BaggingConfig, tmp_path / "bag", n_estimators=3, max_samples=12, random_state=3, calibrate_vote=True)
+    with caplog.at_level(logging.WARNING):
+        trainer = BaggingTrainer(str(base_dir), args, labelled)
+    untouched = [e for e in range(len(labelled)) if all(e not in set(d.tolist()) for d in trainer.estimators_samples_)]
+    assert 20 < len(untouched) < 64 and f"leave {len(untouched)} of 64 (a noisy fit below 100)" in caplog.text
     ensemble = trainer.train()
     models = [trainer.load_member(index) for index in range(3)]
     probabilities = trainer.member_outputs(models, labelled)["probabilities"].double()
-    votes, vote_labels = [], []
-    for example in range(len(labelled)):
-        oob = [m for m in range(3) if example not in set(trainer.estimators_samples_[m].tolist())]
-        if oob:
-            votes.append(torch.stack([probabilities[m, example] for m in oob]).mean(0))
-            vote_labels.append(labelled[example]["label"])
-    log_votes, vote_labels = torch.stack(votes).log(), torch.tensor(vote_labels)
+    log_votes = torch.stack([probabilities[:, example].mean(0) for example in untouched]).log()
+    vote_labels = torch.tensor([labelled[example]["label"] for example in untouched])
+    assert not bool((log_votes.argmax(-1) == vote_labels).all())  # some wrong votes: a finite temperature exists
     temperature = trainer.vote_temperature_
     assert temperature != 1.0
     assert temperature == pytest.approx(_grid_search_temperature(log_votes, vote_labels), rel=2e-5)
-    assert trainer.oob_scores_["vote_temperature"] == temperature
-    assert trainer.oob_scores_["oob_log_loss_calibrated"] == pytest.approx(
+    scores = trainer.oob_scores_
+    assert scores["vote_temperature"] == temperature and scores["calibration_examples"] == len(untouched)
+    assert scores["calibration_log_loss"] == pytest.approx(_mean_cross_entropy(log_votes, vote_labels, 1.0), rel=1e-9)
+    assert scores["calibration_log_loss_calibrated"] == pytest.approx(
         _mean_cross_entropy(log_votes, vote_labels, temperature), rel=1e-9
     )
-    assert trainer.oob_scores_["oob_log_loss_calibrated"] <= trainer.oob_scores_["oob_log_loss"] + 1e-12
+    assert scores["calibration_log_loss_calibrated"] <= scores["calibration_log_loss"] + 1e-12
 
     saved = json.loads((tmp_path / "bag" / "config.json").read_text())
     assert saved["vote_temperature"] == pytest.approx(temperature)
     record = json.loads((tmp_path / "bag" / "ensemble_training.json").read_text())
     assert record["calibrate_vote"] is True and record["vote_temperature_"] == pytest.approx(temperature)
-    assert "vote temperature (fitted out of bag)" in (tmp_path / "bag" / "README.md").read_text()
+    assert "vote temperature (fitted out of every bag)" in (tmp_path / "bag" / "README.md").read_text()
 
     inputs = WeightedExampleCollator(1, "sequence_classification")([labelled[i] for i in range(6)])
     inputs.pop("labels")
@@ -142,7 +181,7 @@ def test_bagging_fits_the_vote_temperature_on_out_of_bag_votes(base_dir, labelle
             torch.testing.assert_close(model(**inputs).logits.double(), reference, atol=1e-5, rtol=0)
 
 
-def test_separable_out_of_bag_votes_leave_the_vote_uncalibrated(caplog):
+def test_separable_votes_leave_the_vote_uncalibrated(caplog):
     """Votes that are all right have no finite best temperature (sharper is always likelier): the trainer warns and
     keeps temperature 1."""
     import logging
@@ -153,15 +192,20 @@ def test_separable_out_of_bag_votes_leave_the_vote_uncalibrated(caplog):
     holder = SimpleNamespace(vote_temperature_=1.0)
     with caplog.at_level(logging.WARNING):
         scores = BaggingTrainer._calibrate_vote(holder, probabilities, mask, torch.tensor([0, 1, 2]))
-    assert holder.vote_temperature_ == 1.0 and scores == {}
-    assert "every out-of-bag vote is right" in caplog.text and "stays uncalibrated" in caplog.text
+    assert holder.vote_temperature_ == 1.0 and "vote_temperature" not in scores and scores["calibration_examples"] == 3
+    assert "right on all 3 examples" in caplog.text and "stays uncalibrated" in caplog.text
     # one wrong vote among confident ones: a finite temperature inside the range is applied
     labels = torch.tensor([0, 1, 0])
     scores = BaggingTrainer._calibrate_vote(holder, probabilities, mask, labels)
     assert holder.vote_temperature_ == scores["vote_temperature"] and 0.05 <= holder.vote_temperature_ <= 20
+    # only the examples out of every bag count: an example one member drew does not enter the fit
+    partial = mask.copy()
+    partial[0, 2] = False  # member 0 drew example 2, the wrong one: the two left are both right
+    holder.vote_temperature_ = 1.0
+    scores = BaggingTrainer._calibrate_vote(holder, probabilities, partial, labels)
+    assert holder.vote_temperature_ == 1.0 and scores["calibration_examples"] == 2
     # confident votes that are right a third of the time (chance): the best temperature flattens them to uniform,
     # far outside the range a vote is rescaled by; the trainer keeps 1 and records the fitted value
-    holder.vote_temperature_ = 1.0
     chance = torch.tensor([[[0.9, 0.05, 0.05]] * 3] * 2)
     with caplog.at_level(logging.WARNING):
         scores = BaggingTrainer._calibrate_vote(holder, chance, mask, torch.tensor([0, 1, 2]))
