@@ -250,12 +250,14 @@ class BaggingTrainer(EnsembleMemberTrainer):
         # the vote the ensemble deploys (every member, uniform weights), in float64
         log_votes = probabilities[:, untouched].double().mean(0).clamp_min(1e-300).log()
         held_labels = labels.to(log_votes.device)[untouched]
-        before = torch.log_softmax(log_votes, dim=-1)
-        scores = {
-            "calibration_examples": float(count),
-            "calibration_log_loss": float(-before.gather(1, held_labels[:, None]).mean()),
-            "calibration_ece": expected_calibration_error(before.amax(-1).exp(), before.argmax(-1) == held_labels),
-        }
+
+        def log_loss_and_ece(scaled: Any) -> tuple[float, float]:
+            log_probs = torch.log_softmax(scaled, dim=-1)
+            loss = float(-log_probs.gather(1, held_labels[:, None]).mean())
+            return loss, expected_calibration_error(log_probs.amax(-1).exp(), log_probs.argmax(-1) == held_labels)
+
+        log_loss, ece = log_loss_and_ece(log_votes)
+        scores = {"calibration_examples": float(count), "calibration_log_loss": log_loss, "calibration_ece": ece}
         if bool((log_votes.argmax(-1) == held_labels).all()):
             # every vote right: the likelihood rises without bound as the vote sharpens
             logger.warning(
@@ -277,7 +279,7 @@ class BaggingTrainer(EnsembleMemberTrainer):
             )
             return {**scores, "vote_temperature_fitted": temperature}
         self.vote_temperature_ = temperature
-        rescaled = torch.log_softmax(log_votes / self.vote_temperature_, dim=-1)
+        log_loss, ece = log_loss_and_ece(log_votes / self.vote_temperature_)
         logger.info(
             f"calibrate_vote: vote temperature {self.vote_temperature_:.4f} fitted on the {count} examples no member "
             "drew."
@@ -285,10 +287,8 @@ class BaggingTrainer(EnsembleMemberTrainer):
         return {
             **scores,
             "vote_temperature": self.vote_temperature_,
-            "calibration_log_loss_calibrated": float(-rescaled.gather(1, held_labels[:, None]).mean()),
-            "calibration_ece_calibrated": expected_calibration_error(
-                rescaled.amax(-1).exp(), rescaled.argmax(-1) == held_labels
-            ),
+            "calibration_log_loss_calibrated": log_loss,
+            "calibration_ece_calibrated": ece,
         }
 
     def record(self) -> dict[str, Any]:
