@@ -304,6 +304,20 @@ def part_classifier(base: str, tokenizer, work: Path, texts: Path, options, seed
         pool_indices += members_of[: len(members_of) // 5].tolist()
     pool_test = pool.select(sorted(pool_indices))
     train = pool.select(sorted(set(range(len(pool))) - set(pool_indices)))
+    if options.train_per_class:
+        # a smaller training set from the same remaining paragraphs (the same for every seed); the held-out and
+        # same-pool sets keep the size --per_class gives them, so the scores stay comparable across sizes
+        train_labels = np.asarray(train["label"])
+        kept = []
+        for label in np.unique(train_labels):
+            of_label = np.random.default_rng(1).permutation(np.flatnonzero(train_labels == label))
+            if len(of_label) < options.train_per_class:
+                raise SystemExit(
+                    f"--train_per_class {options.train_per_class} exceeds the {len(of_label)} training paragraphs "
+                    f"of class {label}; raise --per_class or lower --train_per_class."
+                )
+            kept += of_label[: options.train_per_class].tolist()
+        train = train.select(sorted(kept))
     held_out = labelled_paragraphs(
         [str(texts / d / "eval.txt") for d in domains], tokenizer, 64, options.per_class // 2
     )
@@ -451,6 +465,13 @@ def main() -> None:
     )
     parser.add_argument("--lm_blocks", type=int, default=256)
     parser.add_argument("--per_class", type=int, default=200)
+    parser.add_argument(
+        "--train_per_class",
+        type=int,
+        default=None,
+        help="train the classifiers on only this many paragraphs per class (held-out sets stay as --per_class makes "
+        "them): the small-data regime, where one model trained for all the steps overfits",
+    )
     parser.add_argument("--lm_lr", type=float, default=3e-3)
     parser.add_argument("--cls_lr", type=float, default=1e-3)
     parser.add_argument(
