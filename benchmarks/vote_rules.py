@@ -8,7 +8,9 @@ model of the same seed. Rules: the soft vote (mean of probabilities) uncalibrate
 example's out-of-bag vote (the rule before `calibrate_vote` fitted on the examples out of every bag), and with the
 temperature fitted on the full vote of the examples no member drew (`calibrate_vote` now); the geometric vote (mean of
 log-probabilities, renormalised), uncalibrated and with a temperature fitted out of every bag; and members calibrated
-one by one on their own out-of-bag examples, then averaged (and that vote's temperature out of every bag).
+one by one on their own out-of-bag examples, then averaged (and that vote's temperature out of every bag). A seed
+with fewer than `MIN_CALIBRATION_EXAMPLES` training examples out of every bag (small training sets, where bootstrap
+draws leave almost none) skips the rules fitted on them: its table says so instead of scoring a fit on a handful.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 from _common import write_result
 
+from hf_interop.ensemble.bagging import MIN_CALIBRATION_EXAMPLES
 from hf_interop.ensemble.calibration import expected_calibration_error, fit_temperature
 from hf_interop.ensemble.resampling import oob_vote, out_of_bag_mask
 
@@ -60,14 +63,18 @@ def seed_rules(bagging: dict, one: dict) -> tuple[dict, dict]:
         rescaled = [torch.softmax(probabilities[m].log() / member_temperatures[m], -1) for m in range(members)]
         return torch.stack(rescaled).mean(0).log()
 
-    temperatures = {
-        "out-of-bag votes": fit_temperature(votes[covered].log(), labels[covered]),
-        "out of every bag": fit_temperature(train[:, untouched].mean(0).log(), labels[untouched]),
-        "geometric, out of every bag": fit_temperature(geometric(train[:, untouched]), labels[untouched]),
-        "calibrated members, out of every bag": fit_temperature(
-            members_calibrated(train[:, untouched]), labels[untouched]
-        ),
-    }
+    temperatures = {"out-of-bag votes": fit_temperature(votes[covered].log(), labels[covered])}
+    every_bag = int(untouched.sum()) >= MIN_CALIBRATION_EXAMPLES
+    if every_bag:
+        temperatures.update(
+            {
+                "out of every bag": fit_temperature(train[:, untouched].mean(0).log(), labels[untouched]),
+                "geometric, out of every bag": fit_temperature(geometric(train[:, untouched]), labels[untouched]),
+                "calibrated members, out of every bag": fit_temperature(
+                    members_calibrated(train[:, untouched]), labels[untouched]
+                ),
+            }
+        )
     rules = {
         "one model": (one, lambda p: p[0].log()),
         "soft vote": (bagging, lambda p: p.mean(0).log()),
@@ -90,6 +97,8 @@ def seed_rules(bagging: dict, one: dict) -> tuple[dict, dict]:
             lambda p: members_calibrated(p) / temperatures["calibrated members, out of every bag"],
         ),
     }
+    if not every_bag:
+        rules = {name: rule for name, rule in rules.items() if "out of every bag" not in name}
     results = {}
     for name, (source, rule) in rules.items():
         row = []
@@ -123,11 +132,21 @@ def main() -> None:
         f"| rule | {header} |",
         "|---" * (1 + len(SPLITS) * len(METRICS)) + "|",
     ]
-    for name in next(iter(per_seed.values())):
-        values = np.asarray([per_seed[seed][name] for seed in per_seed])
+    names = list(dict.fromkeys(name for rules in per_seed.values() for name in rules))
+    for name in names:
+        scored = [seed for seed in per_seed if name in per_seed[seed]]
+        values = np.asarray([per_seed[seed][name] for seed in scored])
         error = values.std(0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.zeros(values.shape[1])
         cells = " | ".join(f"{m:.3f} +- {e:.3f}" for m, e in zip(values.mean(0), error, strict=True))
-        lines.append(f"| {name} | {cells} |")
+        seeds_note = "" if len(scored) == len(per_seed) else f" ({', '.join(scored)} only)"
+        lines.append(f"| {name}{seeds_note} | {cells} |")
+    skipped = [seed for seed, fit in fits.items() if "out of every bag" not in fit]
+    if skipped:
+        lines += [
+            "",
+            f"Rules fitted out of every bag are left out for {', '.join(skipped)}: fewer than "
+            f"{MIN_CALIBRATION_EXAMPLES} training examples out of every bag (counts below).",
+        ]
     lines += ["", "Fitted temperatures per seed:", ""]
     for seed, fit in fits.items():
         lines.append(
