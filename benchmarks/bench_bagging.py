@@ -661,7 +661,7 @@ def main() -> None:
         if staged["train"]:
             lines += [
                 "",
-                "SAMME staged accuracy after each member:",
+                f"SAMME staged accuracy after each member (seed {options.seeds[0]}):",
                 "",
                 "| members | train | held-out (other documents) | same-pool |",
                 "|---|---|---|---|",
@@ -670,7 +670,17 @@ def main() -> None:
                 zip(staged["train"], staged["held_out"], staged.get("same_pool", []), strict=False)
             ):
                 lines.append(f"| {index + 1} | {train_score:.3f} | {held:.3f} | {pool_score:.3f} |")
-            png = RESULTS_DIR / "bagging_staged_samme.png"
+            if len(cls.get("per_seed", [])) > 1:
+                lines += ["", "Staged training accuracy of every seed:", ""]
+                lines += [
+                    f"- seed {run['rows'][name]['seed']}: " + ", ".join(f"{v:.3f}" for v in run["staged"]["train"])
+                    for run in cls["per_seed"]
+                    for name in run["rows"]
+                    if name.startswith("boosting") and run["staged"]
+                ]
+            # one picture per result (the default name keeps the first run's file name)
+            stem = "bagging" if options.result_name == "bagging" else options.result_name
+            png = RESULTS_DIR / f"{stem}_staged_samme.png"
             RESULTS_DIR.mkdir(exist_ok=True)
             if staged_plot(staged, png):
                 lines += ["", f"![SAMME staged accuracy]({png.name})"]
