@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from _common import RESULTS_DIR, write_result
 
-from hf_interop.ensemble.calibration import expected_calibration_error
+from hf_interop.ensemble.calibration import classification_scores, expected_calibration_error
 
 
 def load_average() -> str:
@@ -156,19 +156,13 @@ def causal_lm_metrics(ensemble, blocks, collator) -> dict[str, float]:
 
 @torch.no_grad()
 def classifier_metrics(ensemble, dataset, collator) -> dict[str, float]:
-    confidences, corrects = [], []
+    logits, labels = [], []
     for start in range(0, len(dataset), 32):
         batch = collator([dataset[i] for i in range(start, min(len(dataset), start + 32))])
-        logits = ensemble(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        probabilities = torch.softmax(logits.float(), -1)
-        confidences.append(probabilities.max(-1).values)
-        corrects.append(probabilities.argmax(-1) == batch["labels"])
-    correct, confidence = torch.cat(corrects), torch.cat(confidences)
-    return {
-        "accuracy": correct.double().mean().item(),
-        "ece": expected_calibration_error(confidence, correct),
-        "confidence": confidence.double().mean().item(),
-    }
+        logits.append(ensemble(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float())
+        labels.append(batch["labels"])
+    scores = classification_scores(torch.cat(logits), torch.cat(labels))
+    return {key: scores[key] for key in ("accuracy", "ece", "confidence")}
 
 
 def seed_summary(runs: list[dict], seeds: list[int]) -> list[str]:

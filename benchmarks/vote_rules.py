@@ -23,7 +23,7 @@ import torch
 from _common import write_result
 
 from hf_interop.ensemble.bagging import MIN_CALIBRATION_EXAMPLES
-from hf_interop.ensemble.calibration import expected_calibration_error, fit_temperature
+from hf_interop.ensemble.calibration import classification_scores, fit_temperature
 from hf_interop.ensemble.resampling import oob_vote, out_of_bag_mask
 
 SPLITS = ("held_out", "same_pool")
@@ -31,15 +31,8 @@ METRICS = ("accuracy", "ECE", "mean confidence", "log loss")
 
 
 def scores(log_vote: torch.Tensor, labels: torch.Tensor) -> list[float]:
-    log_probs = torch.log_softmax(log_vote, -1)
-    confidence, predicted = log_probs.exp().max(-1)
-    correct = predicted == labels
-    return [
-        correct.double().mean().item(),
-        expected_calibration_error(confidence, correct),
-        confidence.double().mean().item(),
-        -log_probs.gather(1, labels[:, None]).mean().item(),
-    ]
+    values = classification_scores(log_vote, labels)
+    return [values[key] for key in ("accuracy", "ece", "confidence", "log_loss")]
 
 
 def geometric(probabilities: torch.Tensor) -> torch.Tensor:

@@ -240,7 +240,7 @@ class BaggingTrainer(EnsembleMemberTrainer):
         ECE of that vote there before and after (fitted on the same examples, so the "after" is optimistic)."""
         import torch
 
-        from .calibration import expected_calibration_error, fit_temperature
+        from .calibration import classification_scores, fit_temperature
 
         untouched = torch.as_tensor(np.asarray(mask).all(0), device=probabilities.device)
         count = int(untouched.sum())
@@ -250,14 +250,12 @@ class BaggingTrainer(EnsembleMemberTrainer):
         # the vote the ensemble deploys (every member, uniform weights), in float64
         log_votes = probabilities[:, untouched].double().mean(0).clamp_min(1e-300).log()
         held_labels = labels.to(log_votes.device)[untouched]
-
-        def log_loss_and_ece(scaled: Any) -> tuple[float, float]:
-            log_probs = torch.log_softmax(scaled, dim=-1)
-            loss = float(-log_probs.gather(1, held_labels[:, None]).mean())
-            return loss, expected_calibration_error(log_probs.amax(-1).exp(), log_probs.argmax(-1) == held_labels)
-
-        log_loss, ece = log_loss_and_ece(log_votes)
-        scores = {"calibration_examples": float(count), "calibration_log_loss": log_loss, "calibration_ece": ece}
+        before = classification_scores(log_votes, held_labels)
+        scores = {
+            "calibration_examples": float(count),
+            "calibration_log_loss": before["log_loss"],
+            "calibration_ece": before["ece"],
+        }
         if bool((log_votes.argmax(-1) == held_labels).all()):
             # every vote right: the likelihood rises without bound as the vote sharpens
             logger.warning(
@@ -279,7 +277,7 @@ class BaggingTrainer(EnsembleMemberTrainer):
             )
             return {**scores, "vote_temperature_fitted": temperature}
         self.vote_temperature_ = temperature
-        log_loss, ece = log_loss_and_ece(log_votes / self.vote_temperature_)
+        after = classification_scores(log_votes / self.vote_temperature_, held_labels)
         logger.info(
             f"calibrate_vote: vote temperature {self.vote_temperature_:.4f} fitted on the {count} examples no member "
             "drew."
@@ -287,8 +285,8 @@ class BaggingTrainer(EnsembleMemberTrainer):
         return {
             **scores,
             "vote_temperature": self.vote_temperature_,
-            "calibration_log_loss_calibrated": log_loss,
-            "calibration_ece_calibrated": ece,
+            "calibration_log_loss_calibrated": after["log_loss"],
+            "calibration_ece_calibrated": after["ece"],
         }
 
     def record(self) -> dict[str, Any]:

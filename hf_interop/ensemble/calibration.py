@@ -48,6 +48,27 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     return total
 
 
+def classification_scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy, expected calibration error, mean confidence and mean log loss of `softmax(logits)` against
+    `labels`, in float64.
+
+    Args:
+        logits (`torch.Tensor`): `(num_examples, num_labels)` logits or log-probabilities (any shift per row).
+        labels (`torch.Tensor`): `(num_examples,)` class ids.
+    """
+    log_probs = torch.log_softmax(logits.detach().double(), dim=-1)
+    labels = labels.to(log_probs.device).long()
+    top, predicted = log_probs.max(-1)
+    correct = predicted == labels
+    confidence = top.exp()
+    return {
+        "accuracy": correct.double().mean().item(),
+        "ece": expected_calibration_error(confidence, correct),
+        "confidence": confidence.mean().item(),
+        "log_loss": -log_probs.gather(1, labels[:, None]).mean().item(),
+    }
+
+
 def fit_temperature(log_probs: torch.Tensor, labels: torch.Tensor, max_iterations: int = 100) -> float:
     """The temperature `T` that minimises the mean cross-entropy of `labels` under `softmax(log_probs / T)`.
 

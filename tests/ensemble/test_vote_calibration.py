@@ -76,6 +76,33 @@ def test_expected_calibration_error_equals_a_hand_count():
         expected_calibration_error(confidence, correct[:3])
 
 
+def test_classification_scores_equal_a_naive_float64_loop():
+    from hf_interop.ensemble.calibration import classification_scores
+
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(200, 4, generator=generator) * 3).float()
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    accuracy = confidence_sum = log_loss = 0.0
+    confidences, corrects = [], []
+    for row, label in zip(logits.tolist(), labels.tolist(), strict=True):
+        exps = [math.exp(value - max(row)) for value in row]
+        probabilities = [value / sum(exps) for value in exps]
+        best = max(range(4), key=probabilities.__getitem__)
+        accuracy += best == label
+        confidence_sum += probabilities[best]
+        log_loss -= math.log(probabilities[label])
+        confidences.append(probabilities[best])
+        corrects.append(best == label)
+    scores = classification_scores(logits, labels)
+    assert scores["accuracy"] == pytest.approx(accuracy / 200, abs=1e-12)
+    assert scores["confidence"] == pytest.approx(confidence_sum / 200, rel=1e-6)
+    assert scores["log_loss"] == pytest.approx(log_loss / 200, rel=1e-6)
+    reference_ece = expected_calibration_error(torch.tensor(confidences, dtype=torch.float64), torch.tensor(corrects))
+    assert scores["ece"] == pytest.approx(reference_ece, abs=1e-6)
+    # a shift of each row's logits changes nothing (log-probabilities and logits score alike)
+    assert classification_scores(logits + 5.0, labels) == pytest.approx(scores, rel=1e-6)
+
+
 def test_vote_temperature_is_validated():
     from hf_interop.ensemble.config import EnsembleConfig
 
