@@ -672,9 +672,8 @@ def main() -> None:
                     for name in run["rows"]
                     if name.startswith("boosting") and run["staged"]
                 ]
-            # one picture per result (the default name keeps the first run's file name)
-            stem = "bagging" if options.result_name == "bagging" else options.result_name
-            png = RESULTS_DIR / f"{stem}_staged_samme.png"
+            # one picture per result (the default result name "bagging" keeps the first run's file name)
+            png = RESULTS_DIR / f"{options.result_name}_staged_samme.png"
             RESULTS_DIR.mkdir(exist_ok=True)
             if staged_plot(staged, png):
                 lines += ["", f"![SAMME staged accuracy]({png.name})"]
